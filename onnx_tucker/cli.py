@@ -1,0 +1,203 @@
+"""Command line: ``onnx-tucker IN OUT --ratio R`` (compress), ``inspect``.
+
+The CLI parses and prints; the work is in the modules it calls. Every
+``OnnxTuckerError`` becomes one line on stderr and its exit code (2: usage,
+1: a model or data that cannot be processed); no traceback reaches the user.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from onnx_tucker import __version__
+from onnx_tucker.errors import OnnxTuckerError, UsageError
+
+SUBCOMMANDS = ("compress", "inspect")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, like every other usage error
+        raise UsageError(message)
+
+
+def _ratio(text: str) -> float:
+    from onnx_tucker.pipeline import check_ratio
+
+    return check_ratio(text)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise UsageError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise UsageError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="onnx-tucker",
+        description="Compress ONNX CNNs by Tucker-2 decomposition of their Conv layers. "
+        "'onnx-tucker IN.onnx OUT.onnx --ratio R' is short for 'onnx-tucker compress ...'.",
+    )
+    parser.add_argument("--version", action="version", version=f"onnx-tucker {__version__}")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+
+    c = sub.add_parser("compress", help="replace each profitable Conv by a Tucker-2 chain of three Convs")
+    c.add_argument("input", help="input .onnx model")
+    c.add_argument("output", help="output .onnx model (written atomically; never the input)")
+    c.add_argument("--ratio", type=_ratio, default=0.5, help="rank ratio R in (0, 1]: R_in=int(R*C_in), R_out=int(R*C_out) (default 0.5)")
+    c.add_argument("--force", action="store_true", help="decompose every eligible conv, even where MACs would not fall")
+    c.add_argument("--rank-multiple", type=_positive_int, default=1, metavar="N", help="round ranks to multiples of N")
+    c.add_argument("--iterations", type=int, default=None, metavar="N", help="HOOI iterations after the SVD start (default 10)")
+    c.add_argument("--method", choices=("eig", "tensorly"), default="eig", help="decomposition routine (default: eig, our fast HOOI; tensorly: partial_tucker)")
+    c.add_argument("--inputs", metavar="FILE.npz", help="inputs for the self-check (one array per model input)")
+    c.add_argument("--no-check", action="store_true", help="skip the onnxruntime self-check of the output")
+    c.add_argument("--check-batch", type=_positive_int, default=8, metavar="N", help="batch size of the random self-check inputs (default 8)")
+    c.add_argument("--report", metavar="PATH", help="write the per-layer report as JSON")
+    c.add_argument("--external-data", action="store_true", help="store the output's weights in OUT.data (automatic above 1.8 GB)")
+    c.add_argument("-q", "--quiet", action="store_true", help="print only the final PASSED/FAILED line")
+
+    i = sub.add_parser("inspect", help="list the Conv layers, their MACs and what each ratio would save")
+    i.add_argument("input", help="input .onnx model")
+    i.add_argument("--ratios", default="0.25,0.5,0.75", help="comma-separated ratios to show (default 0.25,0.5,0.75)")
+    i.add_argument("--json", metavar="PATH", help="write the listing as JSON")
+    return parser
+
+
+def cmd_compress(args) -> int:
+    from onnx_tucker.io import check_output_path, external_data_files, load_model, model_size, PROTOBUF_LIMIT, save_model
+    from onnx_tucker.pipeline import compress
+    from onnx_tucker.runtime import load_inputs, random_inputs
+    from onnx_tucker.validate import as_dicts, compare_models, summary
+
+    out = check_output_path(args.input, args.output)
+    if args.report:
+        check_output_path(args.input, args.report)
+    model = load_model(args.input)
+    options = {"force": args.force, "rank_multiple": args.rank_multiple, "method": args.method}
+    if args.iterations is not None:
+        options["n_iter_max"] = args.iterations
+    feeds = load_inputs(args.inputs, model) if args.inputs else None
+    if feeds is None and not args.no_check:
+        feeds = random_inputs(model, batch=args.check_batch, seed=0)
+    new_model, report = compress(model, ratio=args.ratio, **options)
+    say = (lambda *a: None) if args.quiet else print
+    checked_in_memory = False
+    if not args.no_check and model_size(new_model) <= PROTOBUF_LIMIT and model_size(model) <= PROTOBUF_LIMIT:
+        agreements = compare_models(model, new_model, feeds)
+        report.check = {"inputs": args.inputs or f"random, seed 0, batch {args.check_batch}", "outputs": as_dicts(agreements)}
+        checked_in_memory = True
+    protected = [Path(args.input)] + external_data_files(model, Path(args.input).parent)
+    data_file = save_model(new_model, out, external_data=args.external_data or None, protected=protected)
+    if not args.no_check and not checked_in_memory:
+        agreements = compare_models(Path(args.input), out, feeds)
+        report.check = {"inputs": args.inputs or f"random, seed 0, batch {args.check_batch}", "outputs": as_dicts(agreements)}
+    if args.report:
+        Path(args.report).write_text(report.to_json())
+    say(report.table())
+    t = report.totals()
+    say(f"wrote {out}" + (f" (+ {data_file.name})" if data_file else ""))
+    if report.check:
+        say("self-check (onnxruntime CPU): " + summary(agreements))
+    print(
+        f"PASSED: {t['decomposed']}/{t['convs']} convs decomposed, MACs {t['macs_reduction']:.2f}x fewer, "
+        f"params {t['params_reduction']:.2f}x fewer"
+    )
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from onnx_tucker.io import load_model
+    from onnx_tucker.pipeline import check_ratio, infer_shapes
+    from onnx_tucker.ranks import ratio_ranks
+    from onnx_tucker.decompose import max_ranks
+    import onnx_graphsurgeon as gs
+    from onnx_tucker.rewrite import find_candidates
+
+    try:
+        ratios = [check_ratio(r) for r in args.ratios.split(",") if r.strip()]
+    except UsageError as exc:
+        raise UsageError(f"--ratios: {exc}") from None
+    if args.json:
+        from onnx_tucker.io import check_output_path
+
+        check_output_path(args.input, args.json)
+    model = load_model(args.input)
+    candidates = find_candidates(gs.import_onnx(model), infer_shapes(model))
+    rows, listing = [], []
+    total_before = 0
+    total_after = {r: 0 for r in ratios}
+    for cand in candidates:
+        entry = {"layer": cand.name, "op_shape": None, "macs": None, "eligible": cand.eligible, "reason": cand.reason, "ratios": {}}
+        s = cand.shape
+        if s is not None:
+            entry["op_shape"] = [s.c_out, s.c_in // s.group, *s.kernel]
+            entry["macs"] = s.macs()
+            total_before += s.macs()
+        for r in ratios:
+            after = s.macs() if s is not None else 0
+            if cand.eligible:
+                mo, mi = max_ranks(cand.weight.shape)
+                ro, ri = ratio_ranks(s.c_out, s.c_in, r)
+                chain = s.chain_macs(min(ro, mo), min(ri, mi))
+                entry["ratios"][str(r)] = {"ranks": [min(ro, mo), min(ri, mi)], "macs": chain, "profitable": chain < s.macs()}
+                after = min(after, chain)
+            total_after[r] += after
+        listing.append(entry)
+        cells = [cand.name, "x".join(map(str, entry["op_shape"])) if entry["op_shape"] else "?", f"{entry['macs']:,}" if entry["macs"] is not None else "?"]
+        for r in ratios:
+            info = entry["ratios"].get(str(r))
+            cells.append(f"{s.macs() / info['macs']:.2f}x" if info and info["profitable"] else "-")
+        cells.append("" if cand.eligible else cand.reason)
+        rows.append(cells)
+    if not candidates:
+        print("no Conv layers")
+        return 0
+    headers = ["layer", "weight", "MACs"] + [f"x{r:g}" for r in ratios] + ["note"]
+    rows.append(["TOTAL", "", f"{total_before:,}"] + [f"{total_before / max(1, total_after[r]):.2f}x" for r in ratios] + [""])
+    widths = [max(len(str(row[i])) for row in rows + [headers]) for i in range(len(headers))]
+    print("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip())
+    for row in rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+    print("xR: MAC reduction of that layer (and of the model) at ratio R, with unprofitable layers left alone")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"layers": listing, "macs_total": total_before}, indent=2))
+    return 0
+
+
+COMMANDS = {"compress": cmd_compress, "inspect": cmd_inspect}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # 'onnx-tucker IN OUT ...' means 'onnx-tucker compress IN OUT ...'.
+    if argv and argv[0] not in SUBCOMMANDS and not argv[0].startswith("-"):
+        argv.insert(0, "compress")
+    try:
+        args = build_parser().parse_args(argv)
+        if not args.command:
+            build_parser().print_help()
+            return 2
+        return COMMANDS[args.command](args)
+    except OnnxTuckerError as exc:
+        print(f"onnx-tucker: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("onnx-tucker: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug of ours: still one line, unless debugging
+        if os.environ.get("ONNX_TUCKER_DEBUG"):
+            raise
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"onnx-tucker: internal error: {type(exc).__name__}: {text} (set ONNX_TUCKER_DEBUG=1 for a traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

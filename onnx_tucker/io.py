@@ -1,0 +1,158 @@
+"""Loading and saving ONNX models: external data aware, atomic, never touching the input."""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import onnx
+from onnx import external_data_helper
+
+from onnx_tucker.errors import ModelError, UsageError
+
+# Protobuf cannot serialise a message over 2 GiB; above this the output's weights go to a data file.
+PROTOBUF_LIMIT = 2**31 - 1
+DEFAULT_EXTERNAL_THRESHOLD = int(1.8 * 2**30)
+
+
+def external_data_files(model: onnx.ModelProto, base_dir: Path) -> list[Path]:
+    """The resolved data files a model's external tensors point to, refusing any outside ``base_dir``."""
+    base = base_dir.resolve()
+    files = []
+    for tensor in external_data_helper._get_all_tensors(model):
+        if not external_data_helper.uses_external_data(tensor):
+            continue
+        info = external_data_helper.ExternalDataInfo(tensor)
+        location = Path(info.location)
+        target = (base / location).resolve()
+        if location.is_absolute() or base not in target.parents:
+            raise ModelError(
+                f"tensor '{tensor.name}' points to external data outside the model's folder ({info.location}): refused"
+            )
+        if not target.is_file():
+            raise ModelError(f"tensor '{tensor.name}' needs external data file '{info.location}', which does not exist")
+        if target not in files:
+            files.append(target)
+    return files
+
+
+def load_model(path: str | os.PathLike, check: bool = True) -> onnx.ModelProto:
+    """Load and check a model file; every failure is a one-line :class:`ModelError`/:class:`UsageError`."""
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(f"input model not found: {path}")
+    if not path.is_file():
+        raise UsageError(f"input model is not a file: {path}")
+    if path.stat().st_size == 0:
+        raise ModelError(f"input model is an empty file: {path}")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf raises DecodeError, RuntimeWarning, ValueError...
+        raise ModelError(f"{path} is not a valid ONNX model (cannot parse it: {_first_line(exc)})") from None
+    if not model.graph.node and not model.graph.input and not model.graph.output:
+        raise ModelError(f"{path} is not a valid ONNX model (it has no graph)")
+    external_data_files(model, path.parent)
+    try:
+        external_data_helper.load_external_data_for_model(model, str(path.parent))
+    except Exception as exc:
+        raise ModelError(f"cannot read the external data of {path}: {_first_line(exc)}") from None
+    if check:
+        check_model(model, path)
+    return model
+
+
+def check_model(model: onnx.ModelProto, path: Path | None = None) -> None:
+    """``onnx.checker`` as a one-line error; models too large for protobuf are checked from their file."""
+    try:
+        if path is not None and model_size(model) > PROTOBUF_LIMIT:
+            onnx.checker.check_model(str(path))
+        else:
+            onnx.checker.check_model(model)
+    except Exception as exc:
+        where = f"{path}" if path is not None else "the model"
+        raise ModelError(f"{where} fails the ONNX checker: {_first_line(exc)}") from None
+
+
+def model_size(model: onnx.ModelProto) -> int:
+    """Approximate serialised size in bytes, without serialising (which fails above 2 GiB)."""
+    weights = sum(len(t.raw_data) or _tensor_nbytes(t) for t in external_data_helper._get_all_tensors(model))
+    return weights + 1024 * len(model.graph.node)
+
+
+def _tensor_nbytes(tensor: onnx.TensorProto) -> int:
+    count = 1
+    for d in tensor.dims:
+        count *= d
+    return count * 4
+
+
+def check_output_path(input_path: str | os.PathLike | None, output_path: str | os.PathLike) -> Path:
+    """Refuse output paths that would fail or destroy something, before any work is done."""
+    out = Path(output_path)
+    if out.is_dir():
+        raise UsageError(f"output path is a folder, not a file: {out}")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise UsageError(f"output folder does not exist: {parent}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"output folder is not writable: {parent}")
+    if input_path is not None:
+        inp = Path(input_path)
+        if inp.exists() and (out.resolve() == inp.resolve() or (out.exists() and os.path.samefile(out, inp))):
+            raise UsageError("output path is the input path: refusing to overwrite the input model")
+    return out
+
+
+def save_model(
+    model: onnx.ModelProto,
+    path: str | os.PathLike,
+    external_data: bool | None = None,
+    external_threshold: int = DEFAULT_EXTERNAL_THRESHOLD,
+    protected: list[Path] | tuple = (),
+) -> Path | None:
+    """Write ``model`` to ``path`` atomically; returns the external data file written, if any.
+
+    The model is written into a temporary folder beside the target and renamed into
+    place, so a failure leaves nothing behind. With external data (forced, or
+    automatically above ``external_threshold`` bytes) the weights go to
+    ``<name>.data`` next to the output, written fresh (never appended to), and never
+    to a file in ``protected`` (the input's own model and data files).
+    Saving with external data rewrites the tensors of ``model`` in place.
+    """
+    out = Path(path)
+    if external_data is None:
+        external_data = model_size(model) > external_threshold
+    data_name = out.name + ".data"
+    data_path = out.parent / data_name
+    for p in protected:
+        if Path(p).resolve() in (data_path.resolve(), out.resolve()):
+            raise UsageError(f"refusing to write over the input's file {p}")
+    tmp_dir = Path(tempfile.mkdtemp(prefix=".onnx-tucker-", dir=out.parent))
+    try:
+        tmp_model = tmp_dir / out.name
+        if external_data:
+            onnx.save_model(
+                model, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
+                location=data_name, size_threshold=1024,
+            )
+            os.replace(tmp_dir / data_name, data_path)
+        else:
+            with open(tmp_model, "wb") as f:
+                f.write(model.SerializeToString(deterministic=True))
+        os.replace(tmp_model, out)
+    except OnnxTuckerErrorTypes:
+        raise
+    except Exception as exc:
+        raise ModelError(f"cannot write {out}: {_first_line(exc)}") from None
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return data_path if external_data else None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]
+
+
+OnnxTuckerErrorTypes = (UsageError, ModelError)

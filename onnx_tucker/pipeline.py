@@ -1,0 +1,140 @@
+"""``compress``: the one place that orders the steps (candidates -> ranks -> decompose -> rewrite)."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from onnx_tucker import __version__
+from onnx_tucker.decompose import DEFAULT_ITERATIONS, max_ranks, tucker2
+from onnx_tucker.errors import ModelError, UsageError
+from onnx_tucker.io import PROTOBUF_LIMIT, load_model, model_size
+from onnx_tucker.ranks import ratio_ranks, round_to_multiple
+from onnx_tucker.report import LayerRecord, Report
+from onnx_tucker.rewrite import export, find_candidates, replace_conv, taken_names, unique_name
+
+
+@dataclass
+class Options:
+    ratio: float = 0.5
+    force: bool = False
+    rank_multiple: int = 1
+    n_iter_max: int = DEFAULT_ITERATIONS
+    method: str = "eig"
+    ranks: dict = field(default_factory=dict)  # layer name -> (R_out, R_in), overrides the rule
+
+
+def check_ratio(ratio) -> float:
+    try:
+        value = float(ratio)
+    except (TypeError, ValueError):
+        raise UsageError(f"ratio must be a number in (0, 1], got {ratio!r}") from None
+    if not (0.0 < value <= 1.0) or not np.isfinite(value):
+        raise UsageError(f"ratio must be in (0, 1], got {ratio}")
+    return value
+
+
+def infer_shapes(model: onnx.ModelProto) -> dict[str, tuple]:
+    """Tensor name -> shape (ints where known, batch taken as 1) from ONNX shape inference."""
+    if model_size(model) > PROTOBUF_LIMIT:
+        return {}  # shape inference serialises the model; the cost model falls back to parameters
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+    except Exception:
+        return {}
+    shapes = {}
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+        t = vi.type.tensor_type
+        if not t.HasField("shape"):
+            continue
+        dims = []
+        for i, d in enumerate(t.shape.dim):
+            if d.HasField("dim_value"):
+                dims.append(d.dim_value)
+            else:
+                dims.append(1 if i == 0 else None)  # batch 1 for the cost model
+        shapes[vi.name] = tuple(dims)
+    return shapes
+
+
+def compress(model, ratio: float = 0.5, **options) -> tuple[onnx.ModelProto, Report]:
+    """Replace every profitable eligible Conv of ``model`` by its Tucker-2 chain.
+
+    ``model`` is an ``onnx.ModelProto`` (left unmodified) or a path. Options:
+    ``force`` (decompose every eligible conv, profitable or not), ``rank_multiple``
+    (round ranks to multiples of N), ``n_iter_max`` (HOOI iterations),
+    ``method`` ("eig" or "tensorly"), ``ranks`` ({layer: (R_out, R_in)}).
+    Returns ``(new_model, report)``; raises :class:`ModelError` when nothing can be done.
+    """
+    opts = Options(ratio=check_ratio(ratio), **options)
+    if isinstance(model, (str, os.PathLike)):
+        model = load_model(Path(model))
+    if not isinstance(model, onnx.ModelProto):
+        raise UsageError(f"expected an onnx.ModelProto or a path, got {type(model).__name__}")
+    shapes = infer_shapes(model)
+    try:
+        graph = gs.import_onnx(model)
+    except Exception as exc:
+        raise ModelError(f"cannot import the graph: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    candidates = find_candidates(graph, shapes)
+    if not candidates:
+        raise ModelError("the model has no Conv node: nothing to compress")
+    report = Report(ratio=opts.ratio, force=opts.force, tool_version=__version__)
+    taken = taken_names(graph)
+    shared: dict[tuple, tuple[gs.Constant, gs.Constant, gs.Constant, float]] = {}
+    for cand in candidates:
+        record = LayerRecord.from_candidate(cand)
+        report.layers.append(record)
+        if not cand.eligible:
+            continue
+        shape = cand.shape
+        r_out, r_in = opts.ranks.get(cand.name) or ratio_ranks(shape.c_out, shape.c_in, opts.ratio)
+        max_out, max_in = max_ranks(cand.weight.shape)
+        r_out = round_to_multiple(min(r_out, max_out), opts.rank_multiple, max_out)
+        r_in = round_to_multiple(min(r_in, max_in), opts.rank_multiple, max_in)
+        record.ranks = (r_out, r_in)
+        record.params_after = shape.chain_params(r_out, r_in)
+        record.macs_after = shape.chain_macs(r_out, r_in)
+        if record.macs_after >= record.macs_before and not opts.force:
+            record.reason = f"chain would not reduce MACs ({record.macs_before:,} -> {record.macs_after:,})"
+            record.params_after, record.macs_after = record.params_before, record.macs_before
+            continue
+        key = (cand.weight_key, r_out, r_in)
+        if key not in shared:
+            factors = tucker2(cand.weight, r_out, r_in, n_iter_max=opts.n_iter_max, method=opts.method)
+            dtype = cand.weight.dtype
+            nd = cand.weight.ndim - 2
+            base = cand.name
+            first = gs.Constant(unique_name(f"{base}_tucker_in_W", taken), factors.first.reshape(factors.first.shape + (1,) * nd).astype(dtype))
+            core = gs.Constant(unique_name(f"{base}_tucker_core_W", taken), factors.core.astype(dtype))
+            last = gs.Constant(unique_name(f"{base}_tucker_out_W", taken), factors.last.reshape(factors.last.shape + (1,) * nd).astype(dtype))
+            shared[key] = (first, core, last, factors.relative_error)
+        first, core, last, error = shared[key]
+        record.relative_error = error
+        replace_conv(graph, cand, first, core, last, taken)
+        record.decomposed = True
+    if not report.decomposed:
+        raise ModelError(
+            "no Conv was decomposed: " + "; ".join(sorted({r.reason for r in report.layers if r.reason}))
+        )
+    new_model = export(graph, model)
+    _set_metadata(new_model, report)
+    return new_model, report
+
+
+def _set_metadata(model: onnx.ModelProto, report: Report) -> None:
+    entries = {
+        "onnx_tucker.version": report.tool_version,
+        "onnx_tucker.ratio": repr(report.ratio),
+        "onnx_tucker.ranks": json.dumps({r.layer: list(r.ranks) for r in report.layers if r.decomposed}, sort_keys=True),
+    }
+    keep = [p for p in model.metadata_props if p.key not in entries]
+    del model.metadata_props[:]
+    model.metadata_props.extend(keep)
+    for key, value in entries.items():
+        model.metadata_props.add(key=key, value=value)

@@ -1,0 +1,57 @@
+"""Rank rules and the MAC cost model: pure functions, no graph, no linear algebra libraries."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+def ratio_ranks(c_out: int, c_in: int, ratio: float) -> tuple[int, int]:
+    """The seed's rule: R_out = max(1, int(ratio*C_out)), R_in = max(1, int(ratio*C_in))."""
+    # round() first guards against 0.7*10 = 6.999... truncating to 6.
+    return max(1, int(round(ratio * c_out, 9))), max(1, int(round(ratio * c_in, 9)))
+
+
+def round_to_multiple(rank: int, multiple: int, limit: int) -> int:
+    """Round ``rank`` to the nearest multiple of ``multiple`` (at least one multiple), capped at ``limit``."""
+    if multiple <= 1:
+        return min(rank, limit)
+    rounded = max(multiple, int(math.floor(rank / multiple + 0.5)) * multiple)
+    return min(rounded, limit)
+
+
+@dataclass(frozen=True)
+class ConvShape:
+    """What the cost model needs of one Conv (batch 1). Spatial sizes are None when unknown."""
+
+    c_out: int
+    c_in: int
+    kernel: tuple[int, ...]
+    group: int = 1
+    in_spatial: tuple[int, ...] | None = None
+    out_spatial: tuple[int, ...] | None = None
+
+    @property
+    def known(self) -> bool:
+        return self.in_spatial is not None and self.out_spatial is not None
+
+    def params(self) -> int:
+        return self.c_out * (self.c_in // self.group) * math.prod(self.kernel)
+
+    def macs(self) -> int:
+        """Multiply-accumulates of the original conv; falls back to params (one output pixel) if unknown."""
+        pixels = math.prod(self.out_spatial) if self.out_spatial is not None else 1
+        return self.params() * pixels
+
+    def chain_params(self, rank_out: int, rank_in: int) -> int:
+        return rank_in * self.c_in + rank_out * rank_in * math.prod(self.kernel) + self.c_out * rank_out
+
+    def chain_macs(self, rank_out: int, rank_in: int) -> int:
+        """MACs of 1x1 (at input resolution) -> kxk core -> 1x1 (at output resolution)."""
+        if not self.known:
+            return self.chain_params(rank_out, rank_in)
+        in_pixels, out_pixels = math.prod(self.in_spatial), math.prod(self.out_spatial)
+        return (
+            rank_in * self.c_in * in_pixels
+            + rank_out * rank_in * math.prod(self.kernel) * out_pixels
+            + self.c_out * rank_out * out_pixels
+        )

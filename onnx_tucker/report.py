@@ -1,0 +1,119 @@
+"""Per-layer records -> terminal table and JSON."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class LayerRecord:
+    layer: str
+    kernel: list  # weight shape, OIHW
+    ranks: tuple = ()
+    params_before: int = 0
+    params_after: int = 0
+    macs_before: int = 0
+    macs_after: int = 0
+    macs_known: bool = False
+    relative_error: float | None = None
+    decomposed: bool = False
+    reason: str = ""
+
+    @classmethod
+    def from_candidate(cls, cand) -> "LayerRecord":
+        kernel = list(cand.weight.shape) if cand.weight is not None else []
+        rec = cls(layer=cand.name, kernel=kernel, reason=cand.reason)
+        if cand.shape is not None:
+            rec.kernel = kernel or [cand.shape.c_out, cand.shape.c_in // cand.shape.group, *cand.shape.kernel]
+            rec.params_before = rec.params_after = cand.shape.params()
+            rec.macs_before = rec.macs_after = cand.shape.macs()
+            rec.macs_known = cand.shape.known
+        return rec
+
+
+@dataclass
+class Report:
+    ratio: float
+    force: bool
+    tool_version: str
+    layers: list = field(default_factory=list)
+    check: dict | None = None
+    accuracy: dict | None = None
+
+    @property
+    def decomposed(self) -> list:
+        return [r for r in self.layers if r.decomposed]
+
+    def totals(self) -> dict:
+        t = {
+            "convs": len(self.layers),
+            "decomposed": len(self.decomposed),
+            "params_before": sum(r.params_before for r in self.layers),
+            "params_after": sum(r.params_after for r in self.layers),
+            "macs_before": sum(r.macs_before for r in self.layers),
+            "macs_after": sum(r.macs_after for r in self.layers),
+            "macs_known": all(r.macs_known for r in self.layers),
+        }
+        t["macs_reduction"] = t["macs_before"] / t["macs_after"] if t["macs_after"] else math.inf
+        t["params_reduction"] = t["params_before"] / t["params_after"] if t["params_after"] else math.inf
+        return t
+
+    def to_dict(self) -> dict:
+        return {
+            "tool_version": self.tool_version,
+            "ratio": self.ratio,
+            "force": self.force,
+            "layers": [asdict(r) | {"ranks": list(r.ranks)} for r in self.layers],
+            "totals": self.totals(),
+            "check": self.check,
+            "accuracy": self.accuracy,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False)
+
+    def table(self) -> str:
+        return format_table(self)
+
+
+def _n(value: int) -> str:
+    if value >= 10**9:
+        return f"{value / 1e9:.2f}G"
+    if value >= 10**6:
+        return f"{value / 1e6:.2f}M"
+    if value >= 10**3:
+        return f"{value / 1e3:.1f}k"
+    return str(value)
+
+
+def format_table(report: Report) -> str:
+    headers = ["layer", "kernel", "ranks", "params", "MACs", "rel.err", "note"]
+    rows = []
+    for r in report.layers:
+        kernel = "x".join(str(k) for k in r.kernel) if r.kernel else "?"
+        if r.decomposed:
+            rows.append([
+                r.layer, kernel, f"{r.ranks[0]},{r.ranks[1]}",
+                f"{_n(r.params_before)} -> {_n(r.params_after)}",
+                f"{_n(r.macs_before)} -> {_n(r.macs_after)}" + ("" if r.macs_known else "*"),
+                f"{r.relative_error:.4f}", "decomposed",
+            ])
+        else:
+            rows.append([r.layer, kernel, "-", _n(r.params_before), _n(r.macs_before), "-", r.reason])
+    t = report.totals()
+    rows.append([
+        "TOTAL (convs)", "", f"{t['decomposed']}/{t['convs']}",
+        f"{_n(t['params_before'])} -> {_n(t['params_after'])}",
+        f"{_n(t['macs_before'])} -> {_n(t['macs_after'])} ({t['macs_reduction']:.2f}x)",
+        "", "",
+    ])
+    widths = [max(len(str(row[i])) for row in rows + [headers]) for i in range(len(headers))]
+    widths[-1] = min(widths[-1], 60)
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]
+    lines.append("  ".join("-" * w for w in widths))
+    for row in rows:
+        lines.append("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+    if not t["macs_known"]:
+        lines.append("* spatial sizes unknown for some layers: MACs counted per output pixel (= parameters)")
+    return "\n".join(lines)

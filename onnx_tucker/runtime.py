@@ -1,0 +1,127 @@
+"""onnxruntime sessions and model inputs, shared by validate, calibrate and bench."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from onnx_tucker.errors import DataError, ModelError
+
+_ONNX_TO_NUMPY = {
+    onnx.TensorProto.FLOAT: np.float32,
+    onnx.TensorProto.FLOAT16: np.float16,
+    onnx.TensorProto.DOUBLE: np.float64,
+    onnx.TensorProto.INT64: np.int64,
+    onnx.TensorProto.INT32: np.int32,
+    onnx.TensorProto.INT8: np.int8,
+    onnx.TensorProto.UINT8: np.uint8,
+    onnx.TensorProto.BOOL: np.bool_,
+}
+
+PROVIDER_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+
+
+def make_session(model, provider: str = "cpu", threads: int | None = None, provider_options: dict | None = None):
+    """An InferenceSession for a path or ModelProto on one provider ('cpu', 'cuda', 'tensorrt')."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = int(threads)
+        options.inter_op_num_threads = 1
+    name = PROVIDER_NAMES.get(provider, provider)
+    providers = [(name, provider_options or {})]
+    if name != "CPUExecutionProvider":
+        providers.append(("CPUExecutionProvider", {}))
+    source = str(model) if isinstance(model, (str, os.PathLike)) else model.SerializeToString()
+    try:
+        return ort.InferenceSession(source, options, providers=providers)
+    except Exception as exc:
+        raise ModelError(f"onnxruntime cannot load the model: {_first_line(exc)}") from None
+
+
+def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """The real inputs: graph inputs that are not initializers."""
+    inits = {i.name for i in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in inits]
+
+
+def input_spec(value_info: onnx.ValueInfoProto) -> tuple[list, type]:
+    t = value_info.type.tensor_type
+    dtype = _ONNX_TO_NUMPY.get(t.elem_type)
+    if dtype is None:
+        raise ModelError(f"input '{value_info.name}' has an element type this tool cannot feed ({t.elem_type})")
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+    return dims, dtype
+
+
+def random_inputs(model: onnx.ModelProto, batch: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
+    """Seeded random inputs for every graph input; unknown batch dims become ``batch``."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for vi in graph_inputs(model):
+        dims, dtype = input_spec(vi)
+        shape = []
+        for i, d in enumerate(dims):
+            if d is None or d <= 0:
+                if i != 0:
+                    raise ModelError(
+                        f"input '{vi.name}' has an unknown dimension {i}: pass real inputs with --inputs FILE.npz"
+                    )
+                d = batch
+            shape.append(d)
+        if np.issubdtype(dtype, np.floating):
+            feeds[vi.name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype is np.bool_:
+            feeds[vi.name] = np.zeros(shape, dtype=dtype)
+        else:
+            feeds[vi.name] = np.zeros(shape, dtype=dtype)
+    return feeds
+
+
+def load_inputs(path: str | os.PathLike, model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Inputs from an .npz: one array per input name, or one array for a single-input model.
+
+    A keras-layout labelled file (``x_test``/``x_train``/``x``) also works for a single-input model.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"inputs file not found: {path}")
+    try:
+        data = np.load(path, allow_pickle=False)
+        arrays = {k: data[k] for k in data.files}
+    except Exception as exc:
+        raise DataError(f"cannot read inputs file {path}: {_first_line(exc)}") from None
+    inputs = graph_inputs(model)
+    names = [i.name for i in inputs]
+    if all(n in arrays for n in names):
+        chosen = {n: arrays[n] for n in names}
+    elif len(names) == 1:
+        for key in ("x_test", "x_train", "x", "inputs"):
+            if key in arrays:
+                chosen = {names[0]: arrays[key]}
+                break
+        else:
+            if len(arrays) != 1:
+                raise DataError(f"{path} has arrays {sorted(arrays)}; expected one named '{names[0]}' (or x/x_test)")
+            chosen = {names[0]: next(iter(arrays.values()))}
+    else:
+        raise DataError(f"{path} must hold one array per model input: {', '.join(names)}")
+    feeds = {}
+    for vi in inputs:
+        dims, dtype = input_spec(vi)
+        value = chosen[vi.name]
+        if value.ndim != len(dims) or any(d and d != s for d, s in zip(dims[1:], value.shape[1:])):
+            raise DataError(
+                f"inputs for '{vi.name}' have shape {list(value.shape)}, the model expects {['N' if d is None else d for d in dims]}"
+            )
+        feeds[vi.name] = value.astype(dtype)
+    return feeds
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]

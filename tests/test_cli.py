@@ -1,0 +1,175 @@
+"""The command line, run as a user runs it: exit codes, one-line errors, nothing left behind."""
+import hashlib
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+
+from conftest import conv_model, residual_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*args, cwd=None):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "onnx_tucker", *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def assert_clean_failure(result, code, needle, folder: Path, before: set):
+    assert result.returncode == code, result.stderr
+    err = result.stderr.strip()
+    assert "Traceback" not in result.stderr
+    assert len(err.splitlines()) == 1, err
+    assert needle.lower() in err.lower(), err
+    assert set(folder.iterdir()) == before  # no output, no temporary file left
+
+
+def test_bare_form_compresses_and_checks(saved_residual, tmp_path):
+    out = tmp_path / "out.onnx"
+    report = tmp_path / "report.json"
+    r = cli(saved_residual, out, "--ratio", "0.5", "--report", report)
+    assert r.returncode == 0, r.stderr
+    assert "PASSED" in r.stdout and "self-check" in r.stdout and "block_conv" in r.stdout
+    onnx.checker.check_model(onnx.load(str(out)))
+    data = json.loads(report.read_text())
+    assert data["totals"]["decomposed"] == 3 and data["check"]["outputs"][0]["name"] == "logits"
+    assert {layer["layer"] for layer in data["layers"]} == {"stem", "block_conv", "down", "grouped", "pointwise"}
+
+
+def test_full_rank_self_check_is_exact(saved_residual, tmp_path):
+    r = cli("compress", saved_residual, tmp_path / "o.onnx", "--ratio", "1.0", "--force", "--report", tmp_path / "r.json")
+    assert r.returncode == 0, r.stderr
+    check = json.loads((tmp_path / "r.json").read_text())["check"]["outputs"][0]
+    assert check["relative_error"] < 1e-4 and check["top1_agreement"] == 1.0
+
+
+def test_same_input_and_options_give_identical_bytes(saved_residual, tmp_path):
+    cli(saved_residual, tmp_path / "a.onnx", "--no-check")
+    cli(saved_residual, tmp_path / "b.onnx", "--no-check")
+    assert digest(tmp_path / "a.onnx") == digest(tmp_path / "b.onnx")
+
+
+def test_inspect_lists_layers_without_writing(saved_residual, tmp_path):
+    before = set(tmp_path.iterdir())
+    r = cli("inspect", saved_residual)
+    assert r.returncode == 0, r.stderr
+    assert "block_conv" in r.stdout and "grouped conv" in r.stdout and "TOTAL" in r.stdout
+    assert set(tmp_path.iterdir()) == before
+
+
+@pytest.mark.parametrize(
+    "make_input, args, code, needle",
+    [
+        (lambda d: d / "missing.onnx", [], 2, "not found"),
+        (lambda d: d, [], 2, "not a file"),
+        (lambda d: write(d / "empty.onnx", b""), [], 1, "empty"),
+        (lambda d: write(d / "noise.onnx", random.Random(0).randbytes(4096)), [], 1, "not a valid ONNX model"),
+    ],
+    ids=["missing", "folder", "empty", "random-bytes"],
+)
+def test_unreadable_inputs(tmp_path, make_input, args, code, needle):
+    work = tmp_path / "work"
+    work.mkdir()
+    src = make_input(work)
+    before = set(work.iterdir())
+    r = cli(src, work / "out.onnx", *args)
+    assert_clean_failure(r, code, needle, work, before)
+
+
+def test_truncated_model(tmp_path, saved_residual):
+    data = saved_residual.read_bytes()
+    bad = tmp_path / "truncated.onnx"
+    bad.write_bytes(data[: len(data) // 2])
+    before = set(tmp_path.iterdir())
+    r = cli(bad, tmp_path / "out.onnx")
+    assert_clean_failure(r, 1, "ONNX", tmp_path, before)
+
+
+def test_model_without_conv(tmp_path):
+    g = onnx.helper.make_graph(
+        [onnx.helper.make_node("Relu", ["x"], ["y"])], "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 3])],
+    )
+    path = tmp_path / "relu.onnx"
+    onnx.save(onnx.helper.make_model(g), str(path))
+    before = set(tmp_path.iterdir())
+    assert_clean_failure(cli(path, tmp_path / "out.onnx"), 1, "no Conv", tmp_path, before)
+
+
+def test_model_failing_the_checker(tmp_path):
+    model = conv_model()
+    model.graph.node[0].input[1] = "does_not_exist"
+    path = tmp_path / "broken.onnx"
+    path.write_bytes(model.SerializeToString())
+    before = set(tmp_path.iterdir())
+    assert_clean_failure(cli(path, tmp_path / "out.onnx"), 1, "checker", tmp_path, before)
+
+
+@pytest.mark.parametrize("ratio", ["0", "-0.5", "1.5", "abc", "nan"])
+def test_bad_ratio(saved_residual, tmp_path, ratio):
+    before = set(tmp_path.iterdir())
+    assert_clean_failure(cli(saved_residual, tmp_path / "out.onnx", f"--ratio={ratio}"), 2, "ratio", tmp_path, before)
+
+
+def test_output_folder_missing(saved_residual, tmp_path):
+    before = set(tmp_path.iterdir())
+    assert_clean_failure(cli(saved_residual, tmp_path / "nope" / "out.onnx"), 2, "does not exist", tmp_path, before)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
+def test_output_folder_not_writable(saved_residual, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    r = cli(saved_residual, locked / "out.onnx")
+    assert r.returncode == 2 and "not writable" in r.stderr
+
+
+def test_output_folder_not_writable_is_refused_as_usage(saved_residual, tmp_path, monkeypatch):
+    from onnx_tucker import UsageError
+    from onnx_tucker.io import check_output_path
+
+    monkeypatch.setattr(os, "access", lambda *a, **k: False)
+    with pytest.raises(UsageError, match="not writable"):
+        check_output_path(saved_residual, tmp_path / "out.onnx")
+
+
+def test_output_equal_to_input(saved_residual, tmp_path):
+    before = set(tmp_path.iterdir())
+    original = digest(saved_residual)
+    r = cli(saved_residual, saved_residual)
+    assert_clean_failure(r, 2, "input", tmp_path, before)
+    assert digest(saved_residual) == original
+    r = cli(saved_residual, tmp_path / "." / saved_residual.name)
+    assert r.returncode == 2 and digest(saved_residual) == original
+
+
+def test_unknown_option_is_one_line_usage_error(saved_residual, tmp_path):
+    before = set(tmp_path.iterdir())
+    assert_clean_failure(cli(saved_residual, tmp_path / "o.onnx", "--bogus"), 2, "unrecognized", tmp_path, before)
+
+
+def test_input_untouched_after_success(saved_residual, tmp_path):
+    original = digest(saved_residual)
+    assert cli(saved_residual, tmp_path / "o.onnx").returncode == 0
+    assert digest(saved_residual) == original
+
+
+def test_help_does_not_import_tensorflow():
+    code = "import sys; from onnx_tucker.cli import build_parser; build_parser(); print('tensorflow' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert r.stdout.strip() == "False"

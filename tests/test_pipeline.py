@@ -1,0 +1,251 @@
+"""compress(): exact at full rank for every Conv attribute combination, shapes by the rank rule at 0.5."""
+import json
+
+import numpy as np
+import onnx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import conv_model, relative_error, residual_model, run_model
+from onnx_tucker import ModelError, UsageError, compress
+from onnx_tucker.runtime import random_inputs
+
+
+def assert_exact(model, batch=2, tol=1e-4):
+    new, report = compress(model, ratio=1.0, force=True)
+    onnx.checker.check_model(new)
+    feeds = random_inputs(model, batch=batch, seed=1)
+    for a, b in zip(run_model(model, feeds), run_model(new, feeds)):
+        assert a.shape == b.shape
+        assert relative_error(a, b) <= tol
+    return new, report
+
+
+NAMED_2D = {
+    "default": {},
+    "pads_symmetric": {"pads": [1, 1, 1, 1]},
+    "pads_asymmetric": {"pads": [0, 1, 2, 1]},
+    "auto_pad_same_upper": {"auto_pad": "SAME_UPPER"},
+    "auto_pad_same_lower_stride": {"auto_pad": "SAME_LOWER", "strides": [2, 2]},
+    "auto_pad_valid": {"auto_pad": "VALID"},
+    "auto_pad_notset": {"auto_pad": "NOTSET", "pads": [1, 0, 1, 0]},
+    "strides": {"strides": [2, 3], "pads": [1, 1, 1, 1]},
+    "dilations": {"dilations": [2, 2], "pads": [2, 2, 2, 2]},
+    "dilation_stride_mix": {"dilations": [1, 2], "strides": [2, 1]},
+    "explicit_kernel_shape": {"kernel_shape": [3, 3]},
+}
+
+
+@pytest.mark.parametrize("attrs", NAMED_2D.values(), ids=NAMED_2D.keys())
+@pytest.mark.parametrize("bias", [True, False])
+def test_full_rank_reproduces_outputs_2d(attrs, bias):
+    assert_exact(conv_model(attrs=attrs, bias=bias))
+
+
+@pytest.mark.parametrize("kernel", [(1, 3), (5, 2), (3, 1)])
+def test_full_rank_non_square_kernels(kernel):
+    assert_exact(conv_model(kernel=kernel, attrs={"pads": [1, 1, 1, 1]}))
+
+
+def test_full_rank_conv1d():
+    assert_exact(conv_model(kernel=(5,), spatial=(20,), attrs={"pads": [2, 1], "strides": [2]}))
+
+
+def test_full_rank_conv3d():
+    assert_exact(conv_model(c_in=4, c_out=6, kernel=(3, 3, 3), spatial=(6, 7, 5), attrs={"pads": [1] * 6}))
+
+
+@pytest.mark.parametrize("opset", [9, 11, 13, 17, 21])
+def test_full_rank_across_opsets(opset):
+    new, _ = assert_exact(conv_model(opset=opset))
+    assert new.opset_import[0].version == opset
+
+
+@pytest.mark.parametrize("ir_version", [3, 4, 7, 10])
+def test_full_rank_keeps_ir_version(ir_version):
+    model = conv_model(opset=9, ir_version=ir_version, weight_as_input=ir_version < 4)
+    new, _ = assert_exact(model)
+    assert new.ir_version == ir_version
+
+
+def test_initializer_listed_as_input_in_new_ir_is_decomposed():
+    model = conv_model(weight_as_input=True)
+    new, report = assert_exact(model)
+    assert report.decomposed
+
+
+def test_weight_from_constant_node():
+    new, report = assert_exact(conv_model(weight_via_constant=True))
+    assert len(report.decomposed) == 1
+
+
+def test_dynamic_batch_stays_dynamic():
+    model = conv_model(batch="N")
+    new, _ = compress(model, ratio=0.5, force=True)
+    assert new.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "N"
+    for batch in (1, 5):
+        feeds = random_inputs(new, batch=batch)
+        assert run_model(new, feeds)[0].shape[0] == batch
+
+
+def test_residual_chain_full_rank():
+    new, report = assert_exact(residual_model())
+    reasons = {r.layer: r.reason for r in report.layers}
+    assert "grouped conv" in reasons["grouped"]
+    assert "1x1" in reasons["pointwise"]
+
+
+def test_float16_weights_keep_their_dtype_and_outputs():
+    model = conv_model(dtype=np.float16)
+    new, report = compress(model, ratio=1.0, force=True)
+    assert {i.data_type for i in new.graph.initializer} == {onnx.TensorProto.FLOAT16}
+    feeds = random_inputs(model, batch=2)
+    a, b = run_model(model, feeds)[0], run_model(new, feeds)[0]
+    assert relative_error(a, b) <= 1e-2  # float16 storage of the factors
+
+
+def test_float64_weights_keep_their_dtype_and_reconstruct():
+    from onnx_tucker.decompose import reconstruct
+
+    model = conv_model(dtype=np.float64)  # onnxruntime has no float64 Conv: check the weights instead
+    new, _ = compress(model, ratio=1.0, force=True)
+    onnx.checker.check_model(new)
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in new.graph.initializer}
+    assert all(v.dtype == np.float64 for v in inits.values())
+    w = reconstruct(inits["conv_tucker_in_W"][:, :, 0, 0], inits["conv_tucker_core_W"], inits["conv_tucker_out_W"][:, :, 0, 0])
+    original = onnx.numpy_helper.to_array(model.graph.initializer[0])
+    assert np.allclose(w, original, atol=1e-12)
+
+
+def test_ratio_half_rank_rule_and_three_convs(residual):
+    new, report = compress(residual, ratio=0.5)
+    convs = [n for n in new.graph.node if n.op_type == "Conv"]
+    inits = {i.name: i for i in new.graph.initializer}
+    decomposed = {r.layer: r for r in report.decomposed}
+    assert set(decomposed) == {"stem", "block_conv", "down"}  # grouped/1x1: left alone
+    for layer, (c_out, c_in) in {"stem": (16, 3), "block_conv": (16, 16), "down": (32, 16)}.items():
+        chain = [n for n in convs if n.name.startswith(layer + "_tucker_")]
+        assert [n.name for n in chain] == [f"{layer}_tucker_in", f"{layer}_tucker_core", f"{layer}_tucker_out"]
+        shapes = [tuple(inits[n.input[1]].dims) for n in chain]
+        r_out, r_in = max(1, int(0.5 * c_out)), max(1, int(0.5 * c_in))
+        assert shapes == [(r_in, c_in, 1, 1), (r_out, r_in, 3, 3), (c_out, r_out, 1, 1)]
+        assert decomposed[layer].ranks == (r_out, r_in)
+    assert {"grouped", "pointwise"} <= {n.name for n in convs}  # untouched originals
+    t = report.totals()
+    assert t["macs_after"] < t["macs_before"]
+
+
+def test_core_carries_stride_pads_and_last_carries_bias(residual):
+    new, _ = compress(residual, ratio=0.5)
+    nodes = {n.name: n for n in new.graph.node}
+    core = {a.name: onnx.helper.get_attribute_value(a) for a in nodes["down_tucker_core"].attribute}
+    assert core["strides"] == [2, 2] and core["pads"] == [1, 1, 1, 1]
+    first = {a.name: onnx.helper.get_attribute_value(a) for a in nodes["down_tucker_in"].attribute}
+    assert first == {"kernel_shape": [1, 1]}
+    assert len(nodes["block_conv_tucker_out"].input) == 3 and nodes["block_conv_tucker_out"].input[2] == "B2"
+    assert len(nodes["block_conv_tucker_in"].input) == 2
+
+
+def test_output_is_valid_sorted_and_clean(residual):
+    new, _ = compress(residual, ratio=0.5)
+    onnx.checker.check_model(new, full_check=True)
+    produced = {i.name for i in new.graph.input} | {i.name for i in new.graph.initializer}
+    for node in new.graph.node:  # topological order
+        assert all(name in produced or name == "" for name in node.input)
+        produced.update(node.output)
+    used = {name for n in new.graph.node for name in n.input}
+    assert all(i.name in used for i in new.graph.initializer)  # no dangling initializers
+    assert [i.name for i in new.graph.input] == ["x"] and [o.name for o in new.graph.output] == ["logits"]
+
+
+def test_metadata_records_version_ratio_and_ranks(residual):
+    new, _ = compress(residual, ratio=0.5)
+    meta = {p.key: p.value for p in new.metadata_props}
+    assert meta["onnx_tucker.ratio"] == "0.5"
+    assert json.loads(meta["onnx_tucker.ranks"]) == {"stem": [8, 1], "block_conv": [8, 8], "down": [16, 8]}
+    assert "onnx_tucker.version" in meta
+
+
+def test_unprofitable_layer_left_alone_unless_forced():
+    model = conv_model(c_in=3, c_out=64)  # the seed's first layer: a chain costs more MACs
+    with pytest.raises(ModelError, match="no Conv was decomposed"):
+        compress(model, ratio=0.5)
+    _, report = compress(model, ratio=0.5, force=True)
+    assert report.decomposed
+
+
+def test_shared_weight_decomposed_once_and_correct():
+    rng = np.random.default_rng(0)
+    w = onnx.numpy_helper.from_array(rng.standard_normal((8, 8, 3, 3)).astype(np.float32), "W")
+    nodes = [
+        onnx.helper.make_node("Conv", ["x", "W"], ["a"], name="c1", pads=[1, 1, 1, 1]),
+        onnx.helper.make_node("Conv", ["a", "W"], ["y"], name="c2", pads=[1, 1, 1, 1]),
+    ]
+    g = onnx.helper.make_graph(
+        nodes, "shared", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 8, 6, 6])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 8, 6, 6])], [w],
+    )
+    model = onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    new, report = assert_exact(model)
+    assert len(new.graph.initializer) == 3  # one set of factors, shared by both chains
+    assert len(report.decomposed) == 2
+
+
+def test_conv_output_that_is_graph_output_and_has_two_consumers():
+    model = conv_model()
+    model.graph.output.append(onnx.helper.make_tensor_value_info("c", onnx.TensorProto.FLOAT, ["N", 16, 10, 10]))
+    model.graph.node.append(onnx.helper.make_node("Sigmoid", ["c"], ["z"], name="second_consumer"))
+    model.graph.output.append(onnx.helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, ["N", 16, 10, 10]))
+    new, _ = assert_exact(model)
+    assert [o.name for o in new.graph.output] == ["y", "c", "z"]
+
+
+def test_no_conv_is_a_model_error():
+    g = onnx.helper.make_graph(
+        [onnx.helper.make_node("Relu", ["x"], ["y"])], "relu",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 3])],
+    )
+    with pytest.raises(ModelError, match="no Conv"):
+        compress(onnx.helper.make_model(g), ratio=0.5)
+
+
+@pytest.mark.parametrize("ratio", [0, -0.5, 1.5, "abc", float("nan")])
+def test_bad_ratio_is_a_usage_error(residual, ratio):
+    with pytest.raises(UsageError, match="ratio"):
+        compress(residual, ratio=ratio)
+
+
+def test_input_model_not_modified(residual):
+    before = residual.SerializeToString()
+    compress(residual, ratio=0.5)
+    assert residual.SerializeToString() == before
+
+
+def test_same_options_byte_identical(residual):
+    a, _ = compress(residual, ratio=0.5)
+    b, _ = compress(residual_model(), ratio=0.5)
+    assert a.SerializeToString(deterministic=True) == b.SerializeToString(deterministic=True)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    nd=st.integers(1, 3), c_in=st.integers(1, 6), c_out=st.integers(1, 6), data=st.data(), bias=st.booleans(),
+)
+def test_full_rank_exact_on_random_configurations(nd, c_in, c_out, data, bias):
+    kernel = tuple(data.draw(st.lists(st.integers(1, 3), min_size=nd, max_size=nd)))
+    if all(k == 1 for k in kernel):
+        kernel = (2,) + kernel[1:]
+    strides = data.draw(st.lists(st.integers(1, 2), min_size=nd, max_size=nd))
+    dilations = data.draw(st.lists(st.integers(1, 2), min_size=nd, max_size=nd))
+    spatial = tuple(max(6, (k - 1) * d + 2) for k, d in zip(kernel, dilations))
+    mode = data.draw(st.sampled_from(["pads", "SAME_UPPER", "SAME_LOWER", "VALID"]))
+    attrs = {"strides": strides, "dilations": dilations}
+    if mode == "pads":
+        attrs["pads"] = data.draw(st.lists(st.integers(0, 2), min_size=2 * nd, max_size=2 * nd))
+    else:
+        attrs["auto_pad"] = mode
+        if mode != "VALID":  # onnxruntime: no dilation with SAME_* padding
+            attrs["dilations"] = [1] * nd
+    assert_exact(conv_model(c_in=c_in, c_out=c_out, kernel=kernel, spatial=spatial, attrs=attrs, bias=bias), batch=1)
