@@ -15,7 +15,7 @@ from pathlib import Path
 from onnx_tucker import __version__
 from onnx_tucker.errors import OnnxTuckerError, UsageError
 
-SUBCOMMANDS = ("compress", "inspect")
+SUBCOMMANDS = ("compress", "inspect", "bench")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -67,7 +67,24 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("input", help="input .onnx model")
     i.add_argument("--ratios", default="0.25,0.5,0.75", help="comma-separated ratios to show (default 0.25,0.5,0.75)")
     i.add_argument("--json", metavar="PATH", help="write the listing as JSON")
+    add_bench_parser(sub)
     return parser
+
+
+def add_bench_parser(sub) -> None:
+    b = sub.add_parser("bench", help="time models on onnxruntime's CPU/CUDA providers, interleaved; speedup vs the first")
+    b.add_argument("models", nargs="+", help="models to time; the first is the baseline for speedups and agreement")
+    b.add_argument("--providers", metavar="LIST", help="comma-separated: cpu,cuda,tensorrt (default: every one available; a named one that is missing is an error)")
+    b.add_argument("--batch", default="1", metavar="LIST", help="comma-separated batch sizes (default 1)")
+    b.add_argument("--threads", type=_positive_int, default=min(2, os.cpu_count() or 1), metavar="N", help="intra-op threads per session (default 2, or fewer CPUs)")
+    b.add_argument("--warmup", type=int, default=10, metavar="N", help="warm-up runs per model (default 10; at least 20 on GPU providers)")
+    b.add_argument("--runs", type=_positive_int, default=100, metavar="N", help="timed runs per model (default 100)")
+    b.add_argument("--cudnn-algo", choices=("EXHAUSTIVE", "HEURISTIC", "DEFAULT"), default="EXHAUSTIVE", help="CUDA EP cudnn_conv_algo_search (default EXHAUSTIVE)")
+    b.add_argument("--data", metavar="FILE.npz", help="labelled data (x_test/y_test or x/y): top-1 of each model and agreement with the first")
+    b.add_argument("--inputs", metavar="FILE.npz", help="inputs for timing and output agreement (default: seeded random)")
+    b.add_argument("--per-layer", action="store_true", help="profile each decomposed layer's three convs against the original conv (CPU EP)")
+    b.add_argument("--json", metavar="PATH", help="write every number as JSON (schema onnx-tucker.bench/1, see onnx_tucker/bench.py)")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
 
 def cmd_compress(args) -> int:
@@ -171,7 +188,41 @@ def cmd_inspect(args) -> int:
     return 0
 
 
-COMMANDS = {"compress": cmd_compress, "inspect": cmd_inspect}
+def cmd_bench(args) -> int:
+    from onnx_tucker import bench
+
+    if args.warmup < 0:
+        raise UsageError("--warmup must be >= 0")
+    paths = [Path(m) for m in args.models]
+    for path in paths:
+        if not path.is_file():
+            raise UsageError(f"model not found: {path}")
+    if args.json and Path(args.json).resolve() in {p.resolve() for p in paths}:
+        raise UsageError("--json must not overwrite a model")
+    if args.json and not Path(args.json).resolve().parent.is_dir():
+        raise UsageError(f"--json: folder does not exist: {Path(args.json).parent}")
+    config = bench.BenchConfig(
+        models=paths,
+        providers=bench.parse_providers(args.providers) if args.providers else None,
+        batches=bench.parse_batches(args.batch),
+        threads=args.threads, warmup=args.warmup, runs=args.runs, cudnn_algo=args.cudnn_algo,
+        data=args.data, inputs=args.inputs, per_layer=args.per_layer, progress=not args.no_progress,
+    )
+    result = bench.run_bench(config)
+    for line in bench.summary_lines(result):
+        print(line)
+    print(bench.latency_table(result))
+    if result["accuracy"]:
+        print(bench.accuracy_table(result))
+    for profile in result["per_layer"] or []:
+        print(bench.per_layer_table(profile))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+COMMANDS = {"compress": cmd_compress, "inspect": cmd_inspect, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

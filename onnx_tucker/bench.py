@@ -1,0 +1,592 @@
+"""Latency of ONNX models on onnxruntime execution providers, timed so that A/B numbers can be trusted.
+
+How it times (``onnx-tucker bench A.onnx B.onnx``):
+
+- one session per model and provider, a fixed intra-op thread count (recorded), inputs and outputs bound
+  once with IOBinding on the provider's device, so host<->device copies are never inside the timer;
+- warm-up runs first (on CUDA at least ``GPU_MIN_WARMUP``: the first run does cuDNN's algorithm search);
+- then ``runs`` iterations; each iteration runs every model once, round-robin, starting one model later
+  each time, so a machine that drifts (thermal, other load) affects all models alike;
+- latency statistics per model (median, p90, p99), throughput = batch / median, and the speedup of each
+  model against the first as the median of the per-iteration ratios ``t_first / t_model`` with its
+  p10-p90 and interquartile spread (a ratio of medians hides how consistent the gain is).
+
+JSON written by ``--json`` (``schema: "onnx-tucker.bench/1"``)::
+
+    {"schema", "tool_version", "onnxruntime_version", "host": {"platform", "python", "cpu_count"},
+     "settings": {"threads", "warmup", "runs", "batches", "cudnn_conv_algo_search", "inputs", "interleaved"},
+     "providers": {"requested", "benchmarked", "unavailable": {provider: reason}},
+     "models": [{"index", "path", "name"}],
+     "results": [{"provider", "batch", "model", "model_index", "session_providers", "warmup", "runs",
+                  "median_ms", "p90_ms", "p99_ms", "mean_ms", "min_ms", "max_ms", "throughput_ips",
+                  "speedup": null for the first model, else {"median", "p10", "p90", "q1", "q3", "pairs"}}],
+     "accuracy": null or [{"provider", "model", "model_index", "samples", "labelled", "top1",
+                           "top1_agreement", "max_abs_diff", "cosine"}],
+     "per_layer": null or [{"provider", "batch", "runs", "layers": [{"layer", "original_us", "in_us",
+                           "core_us", "out_us", "chain_us", "speedup", "pays_off"}],
+                           "totals": [{"model", "conv_us", "other_us", "total_us"}]}]}
+"""
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from onnx_tucker import __version__
+from onnx_tucker.errors import DataError, ModelError, OnnxTuckerError, UsageError
+
+SCHEMA = "onnx-tucker.bench/1"
+GPU_MIN_WARMUP = 20
+CUDNN_ALGOS = ("EXHAUSTIVE", "HEURISTIC", "DEFAULT")
+PROVIDER_ALIASES = {"cpu": "cpu", "cuda": "cuda", "gpu": "cuda", "tensorrt": "tensorrt", "trt": "tensorrt"}
+TUCKER_SUFFIXES = ("_tucker_in", "_tucker_core", "_tucker_out")
+RESULT_KEYS = (
+    "provider", "batch", "model", "model_index", "session_providers", "warmup", "runs",
+    "median_ms", "p90_ms", "p99_ms", "mean_ms", "min_ms", "max_ms", "throughput_ips", "speedup",
+)
+SPEEDUP_KEYS = ("median", "p10", "p90", "q1", "q3", "pairs")
+
+
+# --- statistics (pure) -----------------------------------------------------------------------------
+
+def latency_stats(seconds: Sequence[float], batch: int) -> dict:
+    """Latency percentiles in ms and throughput (images/s at the median) of one model's timed runs."""
+    ms = np.asarray(seconds, dtype=np.float64) * 1e3
+    if ms.size == 0:
+        raise ValueError("no timings")
+    median = float(np.median(ms))
+    return {
+        "runs": int(ms.size),
+        "median_ms": median,
+        "p90_ms": float(np.percentile(ms, 90)),
+        "p99_ms": float(np.percentile(ms, 99)),
+        "mean_ms": float(ms.mean()),
+        "min_ms": float(ms.min()),
+        "max_ms": float(ms.max()),
+        "throughput_ips": batch * 1e3 / median if median > 0 else float("inf"),
+    }
+
+
+def paired_speedup(baseline_s: Sequence[float], model_s: Sequence[float]) -> dict:
+    """Speedup of a model over the baseline from runs of the same iterations: ``baseline[i] / model[i]``."""
+    base, model = np.asarray(baseline_s, np.float64), np.asarray(model_s, np.float64)
+    if base.shape != model.shape or base.size == 0:
+        raise ValueError("paired timings must have the same, non-zero length")
+    ratios = base / model
+    p10, q1, median, q3, p90 = np.percentile(ratios, [10, 25, 50, 75, 90])
+    return {"median": float(median), "p10": float(p10), "p90": float(p90), "q1": float(q1), "q3": float(q3), "pairs": int(ratios.size)}
+
+
+def interleaved_order(n_models: int, iteration: int) -> list[int]:
+    """The models' order in one iteration: round-robin, starting one model later each iteration."""
+    return [(iteration + k) % n_models for k in range(n_models)]
+
+
+def time_interleaved(
+    runners: Sequence[Callable[[], object]],
+    runs: int,
+    warmup: int = 0,
+    clock: Callable[[], float] = time.perf_counter,
+    on_run: Callable[[], None] | None = None,
+) -> list[list[float]]:
+    """Warm up, then time ``runs`` interleaved iterations; returns the seconds of each run, per runner."""
+    n = len(runners)
+    for iteration in range(warmup):
+        for k in interleaved_order(n, iteration):
+            runners[k]()
+            if on_run:
+                on_run()
+    times: list[list[float]] = [[] for _ in runners]
+    for iteration in range(runs):
+        for k in interleaved_order(n, iteration):
+            start = clock()
+            runners[k]()
+            times[k].append(clock() - start)
+            if on_run:
+                on_run()
+    return times
+
+
+# --- sessions bound to their device ----------------------------------------------------------------
+
+def device_of(provider: str) -> str:
+    return "cpu" if provider == "cpu" else "cuda"
+
+
+def provider_options(provider: str, cudnn_algo: str, cache_dir: str | None = None) -> dict:
+    """What each provider is told: the cuDNN algorithm search on CUDA, an engine cache for TensorRT."""
+    if provider == "cuda":
+        return {"device_id": 0, "cudnn_conv_algo_search": cudnn_algo}
+    if provider == "tensorrt":
+        options = {"device_id": 0}
+        if cache_dir:
+            options.update(trt_engine_cache_enable="True", trt_engine_cache_path=cache_dir)
+        return options
+    return {}
+
+
+@dataclass
+class BoundRun:
+    """One model ready to run: inputs already on the device, outputs bound there (no copies timed)."""
+
+    session: object
+    binding: object
+    values: list = field(default_factory=list)  # keep the device buffers alive
+
+    def __call__(self) -> None:
+        self.session.run_with_iobinding(self.binding)
+        self.binding.synchronize_outputs()  # a GPU run is finished when the timer stops
+
+
+def bind(session, feeds: dict[str, np.ndarray], device: str) -> BoundRun:
+    import onnxruntime as ort
+
+    binding = session.io_binding()
+    values = []
+    for name, array in feeds.items():
+        value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), device, 0)
+        binding.bind_ortvalue_input(name, value)
+        values.append(value)
+    for output in session.get_outputs():
+        binding.bind_output(output.name, device, 0)
+    return BoundRun(session, binding, values)
+
+
+def open_session(path: Path, provider: str, threads: int, options: dict, **extra):
+    """A session on ``provider`` that really runs there (onnxruntime silently falls back to CPU otherwise)."""
+    from onnx_tucker.runtime import PROVIDER_NAMES, make_session
+
+    session = make_session(path, provider, threads, options, **extra)
+    wanted = PROVIDER_NAMES[provider]
+    if session.get_providers()[0] != wanted:
+        raise OnnxTuckerError(
+            f"{wanted} could not be initialised for {path.name} (CUDA/cuDNN libraries missing or not matching "
+            f"this onnxruntime-gpu? onnxruntime-gpu 1.31 needs CUDA 13 and cuDNN 9); it fell back to {session.get_providers()[0]}"
+        )
+    return session
+
+
+# --- inputs ----------------------------------------------------------------------------------------
+
+def timing_feeds(model, batch: int, given: dict[str, np.ndarray] | None = None, seed: int = 0) -> dict[str, np.ndarray]:
+    """Inputs of ``batch`` rows: the first rows of ``given`` (repeated when it has fewer), else seeded random."""
+    from onnx_tucker.runtime import random_inputs
+
+    if given is None:
+        return random_inputs(model, batch=batch, seed=seed)
+    feeds = {}
+    for name, array in given.items():
+        reps = -(-batch // len(array))
+        feeds[name] = np.concatenate([array] * reps)[:batch] if reps > 1 else array[:batch]
+    return feeds
+
+
+def load_labelled(path: str | os.PathLike, model) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """Feeds and class labels from an .npz (keras layout ``x_test``/``y_test`` or ``x``/``y``).
+
+    Uses ``onnx_tucker.data.load_labelled`` where the project has it; labels are None when the file has none.
+    """
+    try:
+        from onnx_tucker.data import load_labelled as shared_loader  # type: ignore[import-not-found]
+    except ImportError:
+        shared_loader = None
+    if shared_loader is not None:
+        return shared_loader(path, model)
+    from onnx_tucker.runtime import load_inputs
+
+    feeds = load_inputs(path, model)
+    with np.load(path, allow_pickle=False) as data:
+        key = next((k for k in ("y_test", "y", "labels") if k in data.files), None)
+        labels = None if key is None else data[key]
+    if labels is None:
+        return feeds, None
+    labels = labels.argmax(1) if labels.ndim == 2 and labels.shape[1] > 1 else labels.reshape(len(labels))
+    n = len(next(iter(feeds.values())))
+    if len(labels) != n:
+        raise DataError(f"{path}: {len(labels)} labels for {n} inputs")
+    return feeds, labels.astype(np.int64)
+
+
+# --- accuracy and output agreement -----------------------------------------------------------------
+
+def class_scores(outputs: list[np.ndarray]) -> np.ndarray | None:
+    """The first (N, C) output with C > 1: what top-1 is taken from."""
+    return next((o for o in outputs if o.ndim == 2 and o.shape[1] > 1), None)
+
+
+def accuracy_rows(outputs: list[list[np.ndarray]], labels: np.ndarray | None, provider: str) -> list[dict]:
+    """Top-1 (with labels), top-1 agreement and output agreement of each model with the first (pure)."""
+    from onnx_tucker.validate import compare_outputs
+
+    first = outputs[0]
+    first_scores = class_scores(first)
+    rows = []
+    for index, outs in enumerate(outputs):
+        scores = class_scores(outs)
+        agreements = [compare_outputs(str(i), a, b) for i, (a, b) in enumerate(zip(first, outs))]
+        rows.append({
+            "provider": provider,
+            "model_index": index,
+            "samples": int(len(outs[0])),
+            "labelled": labels is not None,
+            "top1": float(np.mean(scores.argmax(1) == labels)) if labels is not None and scores is not None else None,
+            "top1_agreement": float(np.mean(scores.argmax(1) == first_scores.argmax(1))) if scores is not None else None,
+            "max_abs_diff": max(g.max_abs_diff for g in agreements),
+            "cosine": min(g.cosine for g in agreements),
+        })
+    return rows
+
+
+def run_outputs(path: Path, feeds: dict, provider: str, threads: int, options: dict, batch_size: int = 64) -> list[np.ndarray]:
+    session = open_session(path, provider, threads, options)
+    n = len(next(iter(feeds.values())))
+    chunks = [session.run(None, {k: v[s : s + batch_size] for k, v in feeds.items()}) for s in range(0, n, batch_size)]
+    return [np.concatenate([c[i] for c in chunks]) for i in range(len(chunks[0]))]
+
+
+# --- per-layer profile -----------------------------------------------------------------------------
+
+ACTIVATIONS = {"Relu", "LeakyRelu", "Clip", "Sigmoid", "HardSigmoid", "Tanh", "Elu", "Selu", "HardSwish", "Swish"}
+
+
+def node_index(model) -> tuple[dict[str, object], dict[str, object]]:
+    """Nodes by name and by output tensor name."""
+    by_name, by_output = {}, {}
+    for node in model.graph.node:
+        by_name[node.name] = node
+        for out in node.output:
+            by_output[out] = node
+    return by_name, by_output
+
+
+def original_node(profiled: str, model, order: dict[str, int] | None = None) -> str | None:
+    """The model node a profiler entry belongs to, through onnxruntime's renamings.
+
+    Kept names ("conv"), fusions keeping the conv's name (FusedConv), NCHWc nodes named after their
+    output tensor ("<tensor>_nchwc"), where the tensor may be a fused activation's output (Conv+Relu: we
+    walk back to the conv) or a fused Add's (Conv+Sum: the conv computed last of its inputs).
+    """
+    by_name, by_output = node_index(model)
+    order = order or {n.name: i for i, n in enumerate(model.graph.node)}
+    name = profiled.removeprefix("fused ").removesuffix("_kernel_time")
+    if name in by_name:
+        return name
+    for suffix in ("_nchwc",):
+        name = name.removesuffix(suffix)
+    node = by_output.get(name)
+    if node is None:  # e.g. "<tensor>_mul_nchwc": the longest tensor or node name it starts with
+        keys = [k for k in list(by_output) + list(by_name) if name.startswith(k)]
+        if not keys:
+            return None
+        key = max(keys, key=len)
+        node = by_output.get(key) or by_name[key]
+    while node.op_type in ACTIVATIONS and node.input and node.input[0] in by_output:
+        producer = by_output[node.input[0]]
+        if producer.op_type not in ("Conv", "FusedConv") and producer.op_type not in ACTIVATIONS:
+            break
+        node = producer
+    if node.op_type in ("Add", "Sum"):
+        convs = [by_output[i] for i in node.input if i in by_output and by_output[i].op_type == "Conv"]
+        if convs:
+            node = max(convs, key=lambda c: order.get(c.name, -1))
+    return node.name
+
+
+def kernel_times(events: list[dict], skip_runs: int = 0) -> dict[tuple[str, str], float]:
+    """Median microseconds per profiled node, keyed (name, node index): onnxruntime may give two nodes
+    one name (ReorderOutput). Runs before ``skip_runs`` are warm-up and left out."""
+    per_node: dict[tuple[str, str], list[float]] = {}
+    for event in events:
+        if event.get("cat") == "Node" and str(event.get("name", "")).endswith("_kernel_time"):
+            key = (event["name"], str(event.get("args", {}).get("node_index", "")))
+            per_node.setdefault(key, []).append(float(event["dur"]))
+    return {key: float(np.median(durs[skip_runs:] or durs)) for key, durs in per_node.items()}
+
+
+def attribute(times: dict, model) -> dict[str | None, float]:
+    """Microseconds per model node (None: onnxruntime's own nodes, e.g. layout reorders)."""
+    order = {n.name: i for i, n in enumerate(model.graph.node)}
+    layers: dict[str | None, float] = {}
+    for key, us in times.items():
+        owner = original_node(key[0] if isinstance(key, tuple) else key, model, order)
+        layers[owner] = layers.get(owner, 0.0) + us
+    return layers
+
+
+def layer_rows(original, compressed, original_us: dict, compressed_us: dict) -> list[dict]:
+    """Each decomposed conv: its three convs' time against the original conv's (pure)."""
+    rows = []
+    for node in compressed.graph.node:
+        if not node.name.endswith("_tucker_in"):
+            continue
+        layer = node.name.removesuffix("_tucker_in")
+        parts = [compressed_us.get(layer + s, 0.0) for s in TUCKER_SUFFIXES]
+        before, chain = original_us.get(layer), sum(parts)
+        rows.append({
+            "layer": layer,
+            "original_us": before,
+            "in_us": parts[0], "core_us": parts[1], "out_us": parts[2],
+            "chain_us": chain,
+            "speedup": before / chain if before and chain else None,
+            "pays_off": bool(before and chain and chain < before),
+        })
+    return rows
+
+
+def model_totals(model, us: dict[str | None, float], index: int) -> dict:
+    convs = {n.name for n in model.graph.node if n.op_type == "Conv"}
+    conv = sum(t for name, t in us.items() if name in convs)
+    total = sum(us.values())
+    return {"model_index": index, "conv_us": conv, "other_us": total - conv, "total_us": total}
+
+
+def profile_model(path: Path, feeds: dict, threads: int, runs: int, warmup: int, folder: str) -> dict[str, float]:
+    """Median kernel time per profiled node on the CPU EP (a session of its own: profiling costs time)."""
+    import json
+
+    session = open_session(path, "cpu", threads, {}, profile_prefix=os.path.join(folder, "profile"))
+    run = bind(session, feeds, "cpu")
+    for _ in range(warmup + runs):
+        run()
+    trace = session.end_profiling()
+    try:
+        events = json.loads(Path(trace).read_text())
+    finally:
+        Path(trace).unlink(missing_ok=True)
+    return kernel_times(events, skip_runs=warmup)
+
+
+# --- the whole benchmark ---------------------------------------------------------------------------
+
+@dataclass
+class BenchConfig:
+    models: list[Path]
+    providers: list[str] | None = None  # None: every one available
+    batches: list[int] = field(default_factory=lambda: [1])
+    threads: int = 2
+    warmup: int = 10
+    runs: int = 100
+    cudnn_algo: str = "EXHAUSTIVE"
+    data: str | None = None
+    inputs: str | None = None
+    per_layer: bool = False
+    per_layer_runs: int = 10
+    progress: bool = True
+
+
+def parse_providers(text: str) -> list[str]:
+    names = []
+    for item in (t.strip().lower() for t in text.split(",")):
+        if not item:
+            continue
+        if item not in PROVIDER_ALIASES:
+            raise UsageError(f"--providers: unknown provider {item!r} (choose from cpu, cuda, tensorrt)")
+        if PROVIDER_ALIASES[item] not in names:
+            names.append(PROVIDER_ALIASES[item])
+    if not names:
+        raise UsageError("--providers: empty list")
+    return names
+
+
+def parse_batches(text: str) -> list[int]:
+    try:
+        batches = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise UsageError(f"--batch: expected comma-separated positive integers, got {text!r}") from None
+    if not batches or min(batches) < 1:
+        raise UsageError(f"--batch: expected comma-separated positive integers, got {text!r}")
+    return list(dict.fromkeys(batches))
+
+
+def choose_providers(requested: list[str] | None) -> tuple[list[str], dict[str, str]]:
+    """Providers to benchmark and, for each one missing, why; an explicit request for a missing one fails."""
+    from onnx_tucker.runtime import available_providers, provider_unavailable_reason
+
+    available = available_providers()
+    unavailable = {}
+    for gpu in ("cuda", "tensorrt"):
+        if gpu not in available and (requested is None or gpu in requested):
+            if requested is None and gpu == "tensorrt":
+                continue  # a bonus: not worth a note when nobody asked for it
+            unavailable[gpu] = provider_unavailable_reason(gpu)
+    if requested is None:
+        return [p for p in ("cuda", "tensorrt", "cpu") if p in available], unavailable
+    missing = [p for p in requested if p not in available]
+    if missing:
+        reason = unavailable.get(missing[0]) or provider_unavailable_reason(missing[0])
+        raise OnnxTuckerError(f"{missing[0]} execution provider not available: {reason}")
+    return requested, unavailable
+
+
+def check_models(paths: list[Path]) -> list:
+    from onnx_tucker.io import load_model
+    from onnx_tucker.runtime import graph_inputs
+
+    models = [load_model(p) for p in paths]
+    first = [(i.name, i.type.tensor_type.elem_type) for i in graph_inputs(models[0])]
+    for path, model in zip(paths[1:], models[1:]):
+        if [(i.name, i.type.tensor_type.elem_type) for i in graph_inputs(model)] != first:
+            raise ModelError(f"{path} has other inputs than {paths[0]}: the models must take the same inputs")
+    return models
+
+
+def _progress(config: BenchConfig, total: int):
+    try:
+        from tqdm import tqdm
+    except ImportError:  # the bar is a nicety
+        return None
+    return tqdm(total=total, desc="bench", unit="run", file=sys.stderr, disable=None if config.progress else True, leave=False)
+
+
+def warmup_for(provider: str, warmup: int) -> int:
+    return warmup if provider == "cpu" else max(warmup, GPU_MIN_WARMUP)
+
+
+def run_bench(config: BenchConfig) -> dict:
+    """Time every model on every provider and batch; returns the JSON-ready result (see module docstring)."""
+    import tempfile
+
+    import onnxruntime as ort
+
+    from onnx_tucker.runtime import load_inputs
+
+    if config.cudnn_algo not in CUDNN_ALGOS:
+        raise UsageError(f"--cudnn-algo: choose from {', '.join(CUDNN_ALGOS)}")
+    providers, unavailable = choose_providers(config.providers)
+    models = check_models(config.models)
+    given = load_inputs(config.inputs, models[0]) if config.inputs else None
+    n = len(models)
+    total = sum(len(config.batches) * n * (warmup_for(p, config.warmup) + config.runs) for p in providers)
+    bar = _progress(config, total)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="onnx-tucker-bench-") as scratch:
+        for provider in providers:
+            options = provider_options(provider, config.cudnn_algo, scratch)
+            sessions = [open_session(p, provider, config.threads, options) for p in config.models]
+            for batch in config.batches:
+                feeds = timing_feeds(models[0], batch, given)
+                runners = [bind(s, feeds, device_of(provider)) for s in sessions]
+                if bar is not None:
+                    bar.set_description(f"{provider} batch {batch}")
+                warmup = warmup_for(provider, config.warmup)
+                times = time_interleaved(runners, config.runs, warmup, on_run=bar.update if bar is not None else None)
+                for index, (path, session, seconds) in enumerate(zip(config.models, sessions, times)):
+                    row = {"provider": provider, "batch": batch, "model": path.name, "model_index": index,
+                           "session_providers": session.get_providers(), "warmup": warmup}
+                    row.update(latency_stats(seconds, batch))
+                    row["speedup"] = paired_speedup(times[0], seconds) if index else None
+                    results.append({k: row[k] for k in RESULT_KEYS})
+            del sessions
+        if bar is not None:
+            bar.close()
+        accuracy = measure_accuracy(config, models, providers) if config.data or config.inputs or n > 1 else None
+        per_layer = profile_layers(config, models, given, scratch) if config.per_layer else None
+    return {
+        "schema": SCHEMA,
+        "tool_version": __version__,
+        "onnxruntime_version": ort.__version__,
+        "host": {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count()},
+        "settings": {
+            "threads": config.threads, "warmup": config.warmup, "runs": config.runs, "batches": config.batches,
+            "cudnn_conv_algo_search": config.cudnn_algo if any(p != "cpu" for p in providers) else None,
+            "inputs": config.inputs or "random, seed 0", "interleaved": True,
+        },
+        "providers": {"requested": config.providers, "benchmarked": providers, "unavailable": unavailable},
+        "models": [{"index": i, "path": str(p), "name": p.name} for i, p in enumerate(config.models)],
+        "results": results,
+        "accuracy": accuracy,
+        "per_layer": per_layer,
+    }
+
+
+def measure_accuracy(config: BenchConfig, models: list, providers: list[str]) -> list[dict]:
+    """Top-1 on labelled ``--data``, else agreement with the first model on ``--inputs`` or random inputs."""
+    from onnx_tucker.runtime import load_inputs, random_inputs
+
+    if config.data:
+        feeds, labels = load_labelled(config.data, models[0])
+    else:
+        feeds = load_inputs(config.inputs, models[0]) if config.inputs else random_inputs(models[0], batch=16, seed=0)
+        labels = None
+    rows = []
+    for provider in providers:
+        options = provider_options(provider, config.cudnn_algo)
+        outputs = [run_outputs(p, feeds, provider, config.threads, options) for p in config.models]
+        for row in accuracy_rows(outputs, labels, provider):
+            rows.append({"provider": row["provider"], "model": config.models[row["model_index"]].name} | row)
+    return rows
+
+
+def profile_layers(config: BenchConfig, models: list, given, scratch: str) -> list[dict]:
+    """Per decomposed layer: the chain's kernel time against the original conv's, on the CPU EP."""
+    profiles = []
+    for batch in config.batches:
+        feeds = timing_feeds(models[0], batch, given)
+        times = [profile_model(p, feeds, config.threads, config.per_layer_runs, 2, scratch) for p in config.models]
+        attributed = [attribute(t, m) for t, m in zip(times, models)]
+        layers = []
+        for index in range(1, len(models)):
+            for row in layer_rows(models[0], models[index], attributed[0], attributed[index]):
+                layers.append({"model": config.models[index].name, "model_index": index} | row)
+        totals = [model_totals(m, a, i) | {"model": config.models[i].name} for i, (m, a) in enumerate(zip(models, attributed))]
+        profiles.append({"provider": "cpu", "batch": batch, "runs": config.per_layer_runs, "layers": layers, "totals": totals})
+    return profiles
+
+
+# --- terminal tables -------------------------------------------------------------------------------
+
+def format_rows(headers: list[str], rows: list[list]) -> str:
+    widths = [max(len(str(r[i])) for r in rows + [headers]) for i in range(len(headers))]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip(), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    return "\n".join(lines)
+
+
+def format_speedup(s: dict | None) -> str:
+    return "1 (base)" if s is None else f"{s['median']:.2f}x [{s['p10']:.2f}-{s['p90']:.2f}]"
+
+
+def latency_table(result: dict) -> str:
+    headers = ["provider", "batch", "model", "median ms", "p90 ms", "p99 ms", "images/s", "speedup [p10-p90]"]
+    rows = [[r["provider"], r["batch"], r["model"], f"{r['median_ms']:.3f}", f"{r['p90_ms']:.3f}", f"{r['p99_ms']:.3f}",
+             f"{r['throughput_ips']:.1f}", format_speedup(r["speedup"])] for r in result["results"]]
+    return format_rows(headers, rows)
+
+
+def accuracy_table(result: dict) -> str:
+    headers = ["provider", "model", "samples", "top-1", "top-1 agreement", "max|diff|", "cosine"]
+    pct = lambda v: "-" if v is None else f"{100 * v:.2f}%"  # noqa: E731
+    rows = [[r["provider"], r["model"], r["samples"], pct(r["top1"]), pct(r["top1_agreement"]),
+             f"{r['max_abs_diff']:.3g}", f"{r['cosine']:.6f}"] for r in result["accuracy"]]
+    return format_rows(headers, rows)
+
+
+def per_layer_table(profile: dict) -> str:
+    us = lambda v: "?" if v is None else f"{v / 1e3:.3f}"  # noqa: E731
+    headers = ["layer", "original ms", "in ms", "core ms", "out ms", "chain ms", "speedup", "pays off"]
+    rows = [[r["layer"] if len(profile["layers"]) == len({x["layer"] for x in profile["layers"]}) else f"{r['layer']} ({r['model']})",
+             us(r["original_us"]), us(r["in_us"]), us(r["core_us"]), us(r["out_us"]), us(r["chain_us"]),
+             "?" if r["speedup"] is None else f"{r['speedup']:.2f}x", "yes" if r["pays_off"] else "NO"] for r in profile["layers"]]
+    lines = [f"per-layer kernel time, CPU EP, batch {profile['batch']} (median of {profile['runs']} profiled runs):",
+             format_rows(headers, rows)]
+    for t in profile["totals"]:
+        lines.append(f"  {t['model']}: convs {t['conv_us'] / 1e3:.3f} ms + other nodes {t['other_us'] / 1e3:.3f} ms "
+                     f"= {t['total_us'] / 1e3:.3f} ms")
+    return "\n".join(lines)
+
+
+def summary_lines(result: dict) -> list[str]:
+    lines = []
+    for provider, reason in result["providers"]["unavailable"].items():
+        lines.append(f"note: {provider} not benchmarked: {reason}")
+    s = result["settings"]
+    algo = f", cudnn_conv_algo_search {s['cudnn_conv_algo_search']}" if s["cudnn_conv_algo_search"] else ""
+    lines.append(f"onnxruntime {result['onnxruntime_version']}, {s['threads']} intra-op threads, {s['warmup']} warm-up + "
+                 f"{s['runs']} interleaved runs per model, inputs {s['inputs']}{algo}")
+    return lines

@@ -1,0 +1,266 @@
+"""bench: statistics on synthetic timings, interleaving, profile attribution, JSON schema, accuracy, CLI."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnx_tucker import bench, compress
+from onnx_tucker.runtime import available_providers
+
+from conftest import residual_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*args):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "onnx_tucker", *map(str, args)], capture_output=True, text=True, env=env, timeout=300)
+
+
+# --- statistics ------------------------------------------------------------------------------------
+
+def test_latency_percentiles_and_throughput_on_known_timings():
+    seconds = np.arange(1, 101) / 1e3  # 1..100 ms
+    stats = bench.latency_stats(seconds, batch=32)
+    assert stats["runs"] == 100
+    assert stats["median_ms"] == pytest.approx(50.5)
+    assert stats["p90_ms"] == pytest.approx(90.1)
+    assert stats["p99_ms"] == pytest.approx(99.01)
+    assert stats["min_ms"] == pytest.approx(1.0) and stats["max_ms"] == pytest.approx(100.0)
+    assert stats["throughput_ips"] == pytest.approx(32 / 0.0505)
+
+
+def test_pairwise_speedup_ignores_a_drift_that_hits_both_models():
+    drift = np.concatenate([np.ones(50), 3 * np.ones(50)])  # the machine slows down 3x half-way
+    base, model = 0.010 * drift, 0.005 * drift
+    s = bench.paired_speedup(base, model)
+    assert s["median"] == pytest.approx(2.0) and s["p10"] == pytest.approx(2.0) and s["p90"] == pytest.approx(2.0)
+    assert s["pairs"] == 100
+
+
+def test_pairwise_speedup_reports_its_spread():
+    rng = np.random.default_rng(0)
+    model = rng.uniform(1, 2, 1000)
+    ratios = rng.uniform(1.5, 2.5, 1000)
+    s = bench.paired_speedup(model * ratios, model)
+    assert s["median"] == pytest.approx(np.median(ratios))
+    assert s["p10"] < s["q1"] < s["median"] < s["q3"] < s["p90"]
+    assert s["p10"] == pytest.approx(1.6, abs=0.03) and s["p90"] == pytest.approx(2.4, abs=0.03)
+    with pytest.raises(ValueError):
+        bench.paired_speedup([1.0, 2.0], [1.0])
+
+
+def test_interleaving_rotates_who_goes_first():
+    orders = [bench.interleaved_order(3, i) for i in range(6)]
+    assert orders[:3] == [[0, 1, 2], [1, 2, 0], [2, 0, 1]]
+    for position in range(3):  # over 3 iterations each model takes each position once
+        assert sorted(o[position] for o in orders[:3]) == [0, 1, 2]
+
+
+def test_time_interleaved_runs_round_robin_and_times_each_run():
+    calls, now = [], [0.0]
+
+    def clock():
+        return now[0]
+
+    def runner(k, cost):
+        def run():
+            calls.append(k)
+            now[0] += cost
+        return run
+
+    times = bench.time_interleaved([runner(0, 0.002), runner(1, 0.001)], runs=4, warmup=2, clock=clock)
+    assert calls == [0, 1, 1, 0] + [0, 1, 1, 0, 0, 1, 1, 0]  # warm-up, then timed, never two runs of one model in a row per pair
+    assert times == [[pytest.approx(0.002)] * 4, [pytest.approx(0.001)] * 4]
+    assert bench.paired_speedup(*times)["median"] == pytest.approx(2.0)
+
+
+def test_list_options_are_parsed_or_refused():
+    assert bench.parse_providers("CPU, gpu,cuda") == ["cpu", "cuda"]
+    assert bench.parse_batches("1,32,1") == [1, 32]
+    for bad in ("0", "a", ""):
+        with pytest.raises(bench.UsageError):
+            bench.parse_batches(bad)
+    with pytest.raises(bench.UsageError):
+        bench.parse_providers("tpu")
+
+
+def test_explicitly_requested_missing_provider_fails(monkeypatch):
+    import onnx_tucker.runtime as runtime
+
+    monkeypatch.setattr(runtime, "available_providers", lambda: ["cpu"])
+    monkeypatch.setattr(runtime, "provider_unavailable_reason", lambda p: "no NVIDIA GPU or driver found")
+    assert bench.choose_providers(None) == (["cpu"], {"cuda": "no NVIDIA GPU or driver found"})
+    with pytest.raises(bench.OnnxTuckerError, match="cuda execution provider not available: no NVIDIA GPU"):
+        bench.choose_providers(["cuda", "cpu"])
+
+
+# --- per-layer attribution -------------------------------------------------------------------------
+
+def tiny_chain_model(decomposed: bool) -> onnx.ModelProto:
+    """x -> conv (-> three tucker convs) -> relu -> y, named as the compressor names them."""
+    rng = np.random.default_rng(0)
+    w = lambda name, shape: numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)  # noqa: E731
+    if decomposed:
+        inits = [w("A", (2, 4, 1, 1)), w("C", (2, 2, 3, 3)), w("B", (4, 2, 1, 1))]
+        convs = [
+            helper.make_node("Conv", ["x", "A"], ["conv_tucker_in_out"], name="conv_tucker_in"),
+            helper.make_node("Conv", ["conv_tucker_in_out", "C"], ["conv_tucker_core_out"], name="conv_tucker_core", pads=[1] * 4),
+            helper.make_node("Conv", ["conv_tucker_core_out", "B"], ["c"], name="conv_tucker_out"),
+        ]
+    else:
+        inits = [w("W", (4, 4, 3, 3))]
+        convs = [helper.make_node("Conv", ["x", "W"], ["c"], name="conv", pads=[1] * 4)]
+    graph = helper.make_graph(
+        convs + [helper.make_node("Relu", ["c"], ["y"], name="relu")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])], inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def event(name, us, index="0"):
+    return {"cat": "Node", "name": f"{name}_kernel_time", "dur": us, "args": {"node_index": index}}
+
+
+def test_profile_names_are_traced_back_through_fusions_and_nchwc():
+    original, chain = tiny_chain_model(False), tiny_chain_model(True)
+    assert bench.original_node("conv_kernel_time", original) == "conv"  # FusedConv keeps the name
+    assert bench.original_node("y_nchwc_kernel_time", original) == "conv"  # Conv+Relu, named after relu's output
+    assert bench.original_node("conv_tucker_in_out_nchwc", chain) == "conv_tucker_in"
+    assert bench.original_node("y_nchwc", chain) == "conv_tucker_out"
+    assert bench.original_node("ReorderOutput_token_3", chain) is None
+
+
+def test_per_layer_rows_compare_the_chain_with_the_original():
+    original, chain = tiny_chain_model(False), tiny_chain_model(True)
+    # two runs each; the first is warm-up and left out
+    before = bench.kernel_times([event("y_nchwc", 999), event("y_nchwc", 300), event("ReorderInput", 5, "1"), event("ReorderInput", 5, "1")], skip_runs=1)
+    after_events = [event("conv_tucker_in_out_nchwc", 40, "0"), event("conv_tucker_core_out_nchwc", 100, "1"), event("y_nchwc", 60, "2"),
+                    event("ReorderOutput", 7, "3"), event("ReorderOutput", 8, "4")]  # two nodes, one name
+    after = bench.kernel_times(after_events)
+    a, b = bench.attribute(before, original), bench.attribute(after, chain)
+    assert a == {"conv": 300.0, None: 5.0} and b[None] == 15.0
+    [row] = bench.layer_rows(original, chain, a, b)
+    assert row == {"layer": "conv", "original_us": 300.0, "in_us": 40.0, "core_us": 100.0, "out_us": 60.0,
+                   "chain_us": 200.0, "speedup": 1.5, "pays_off": True}
+    assert bench.model_totals(chain, b, 1) == {"model_index": 1, "conv_us": 200.0, "other_us": 15.0, "total_us": 215.0}
+
+
+# --- accuracy on a hand-made labelled set ----------------------------------------------------------
+
+def scores_model(shift_class0: float) -> onnx.ModelProto:
+    """y = x + shift on class 0: with a big shift every sample is predicted as class 0."""
+    shift = np.zeros((1, 4), np.float32)
+    shift[0, 0] = shift_class0
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "S"], ["y"], name="add")], "scores",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], [numpy_helper.from_array(shift, "S")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_top1_and_agreement_on_a_hand_made_labelled_set(tmp_path):
+    x = np.eye(4, dtype=np.float32)[[0, 1, 2, 3, 1, 2, 3, 0]]  # predicted class = row index of the 1
+    y = np.array([0, 1, 2, 3, 1, 2, 0, 1])  # 6 of 8 right for the plain model
+    np.savez(tmp_path / "labelled.npz", x_test=x, y_test=y)
+    paths = []
+    for name, shift in (("plain", 0.0), ("always0", 10.0)):
+        onnx.save(scores_model(shift), str(tmp_path / f"{name}.onnx"))
+        paths.append(tmp_path / f"{name}.onnx")
+    config = bench.BenchConfig(models=paths, providers=["cpu"], batches=[2], threads=1, warmup=1, runs=3,
+                               data=str(tmp_path / "labelled.npz"), progress=False)
+    result = bench.run_bench(config)
+    plain, always0 = result["accuracy"]
+    assert plain["labelled"] and plain["samples"] == 8
+    assert plain["top1"] == pytest.approx(6 / 8) and plain["top1_agreement"] == 1.0 and plain["max_abs_diff"] == 0
+    assert always0["top1"] == pytest.approx(2 / 8)  # labels 0 at rows 0 and 6
+    assert always0["top1_agreement"] == pytest.approx(2 / 8)  # plain predicts 0 at rows 0 and 7
+    assert always0["max_abs_diff"] == pytest.approx(10.0)
+
+
+def test_json_has_the_documented_schema(tmp_path):
+    onnx.save(scores_model(0.0), str(tmp_path / "a.onnx"))
+    onnx.save(scores_model(0.5), str(tmp_path / "b.onnx"))
+    config = bench.BenchConfig(models=[tmp_path / "a.onnx", tmp_path / "b.onnx"], batches=[1, 3], threads=1, warmup=0, runs=4, progress=False)
+    result = json.loads(json.dumps(bench.run_bench(config)))  # JSON-clean
+    assert result["schema"] == bench.SCHEMA
+    assert set(result) == {"schema", "tool_version", "onnxruntime_version", "host", "settings", "providers", "models",
+                           "results", "accuracy", "per_layer"}
+    assert set(result["settings"]) == {"threads", "warmup", "runs", "batches", "cudnn_conv_algo_search", "inputs", "interleaved"}
+    assert result["settings"]["threads"] == 1 and result["settings"]["interleaved"] is True
+    assert set(result["providers"]) == {"requested", "benchmarked", "unavailable"} and "cpu" in result["providers"]["benchmarked"]
+    cpu = [r for r in result["results"] if r["provider"] == "cpu"]
+    assert [(r["batch"], r["model_index"]) for r in cpu] == [(1, 0), (1, 1), (3, 0), (3, 1)]
+    for r in result["results"]:
+        assert tuple(r) == bench.RESULT_KEYS and r["runs"] == 4
+        assert r["median_ms"] <= r["p90_ms"] <= r["p99_ms"] <= r["max_ms"]
+        assert (r["speedup"] is None) == (r["model_index"] == 0)
+        if r["speedup"]:
+            assert tuple(r["speedup"]) == bench.SPEEDUP_KEYS
+    assert not result["accuracy"][1]["labelled"] and result["accuracy"][1]["top1"] is None  # random inputs: agreement only
+    assert result["per_layer"] is None
+
+
+# --- the command, end to end -----------------------------------------------------------------------
+
+@pytest.fixture
+def residual_pair(saved_residual, tmp_path):
+    compressed, _ = compress(residual_model(), ratio=0.5)
+    out = tmp_path / "residual_r05.onnx"
+    onnx.save(compressed, str(out))
+    return saved_residual, out
+
+
+def test_bench_cli_end_to_end_with_json_and_per_layer(residual_pair, tmp_path):
+    original, compressed = residual_pair
+    out = tmp_path / "bench.json"
+    r = cli("bench", original, compressed, "--providers", "cpu", "--batch", "1,4", "--threads", "1",
+            "--warmup", "2", "--runs", "10", "--per-layer", "--json", out)
+    assert r.returncode == 0, r.stderr
+    assert "median ms" in r.stdout and "residual_r05.onnx" in r.stdout and "block_conv" in r.stdout and "pays off" in r.stdout
+    assert "Traceback" not in r.stderr
+    data = json.loads(out.read_text())
+    assert len(data["results"]) == 4 and data["settings"]["threads"] == 1
+    assert [p["batch"] for p in data["per_layer"]] == [1, 4]
+    layers = {row["layer"] for row in data["per_layer"][0]["layers"]}
+    assert layers == {"stem", "block_conv", "down"}
+    assert all(row["original_us"] > 0 and row["chain_us"] > 0 for row in data["per_layer"][0]["layers"])
+
+
+@pytest.mark.skipif("cuda" in available_providers(), reason="CUDA is available here")
+def test_bench_cli_asked_for_missing_cuda_exits_1_with_the_reason(saved_residual):
+    r = cli("bench", saved_residual, "--providers", "cuda,cpu", "--runs", "1")
+    assert r.returncode == 1
+    assert len(r.stderr.strip().splitlines()) == 1 and "cuda execution provider not available" in r.stderr
+    assert "median ms" not in r.stdout
+
+
+def test_bench_cli_refuses_bad_usage_in_one_line(saved_residual, tmp_path):
+    for args in (("--providers", "tpu"), ("--batch", "0"), ("--runs", "0")):
+        r = cli("bench", saved_residual, *args)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    r = cli("bench", tmp_path / "missing.onnx")
+    assert r.returncode == 2 and "not found" in r.stderr
+
+
+@pytest.mark.cuda
+def test_bench_on_cuda_binds_io_on_the_device(residual_pair):
+    if "cuda" not in available_providers():
+        pytest.skip("CUDA EP not available")
+    config = bench.BenchConfig(models=list(residual_pair), providers=["cuda"], batches=[1, 8], warmup=2, runs=20,
+                               cudnn_algo="HEURISTIC", progress=False)
+    result = bench.run_bench(config)
+    assert result["settings"]["cudnn_conv_algo_search"] == "HEURISTIC"
+    assert all(r["session_providers"][0] == "CUDAExecutionProvider" and r["warmup"] >= bench.GPU_MIN_WARMUP for r in result["results"])
+    feeds = bench.timing_feeds(residual_model(), 4)
+    on_gpu = bench.run_outputs(residual_pair[1], feeds, "cuda", 1, bench.provider_options("cuda", "HEURISTIC"))
+    on_cpu = bench.run_outputs(residual_pair[1], feeds, "cpu", 1, {})
+    np.testing.assert_allclose(on_gpu[0], on_cpu[0], rtol=1e-3, atol=1e-3)

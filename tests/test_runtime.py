@@ -1,0 +1,115 @@
+"""Execution providers: what is offered, and why the CUDA EP is not, for each cause the tool names."""
+import importlib.metadata
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from onnx_tucker import runtime
+from onnx_tucker.runtime import explain_missing_cuda, provider_unavailable_reason
+
+from conftest import residual_model
+
+
+def fake_distributions(monkeypatch, installed: dict):
+    def version(name):
+        if name in installed:
+            return installed[name]
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+
+
+def no_gpu(monkeypatch, visible: bool):
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/nvidia-smi" if visible else None)
+    monkeypatch.setattr("glob.glob", lambda pattern: [])
+
+
+def cuda_not_offered(monkeypatch):
+    monkeypatch.setattr(runtime, "available_providers", lambda: ["cpu"])
+
+
+def test_cpu_is_always_offered_and_needs_no_reason():
+    assert "cpu" in runtime.available_providers()
+    assert provider_unavailable_reason("cpu") is None
+
+
+def test_no_gpu_and_cpu_package_gives_both_reasons(monkeypatch):
+    cuda_not_offered(monkeypatch)
+    no_gpu(monkeypatch, visible=False)
+    fake_distributions(monkeypatch, {"onnxruntime": "1.32.0"})
+    reason = provider_unavailable_reason("cuda")
+    assert "no NVIDIA GPU or driver" in reason and "nvidia-smi" in reason
+    assert "CPU-only onnxruntime 1.32.0" in reason and "pip install onnxruntime-gpu" in reason
+
+
+def test_gpu_present_but_cpu_only_package_names_the_package(monkeypatch):
+    cuda_not_offered(monkeypatch)
+    no_gpu(monkeypatch, visible=True)
+    fake_distributions(monkeypatch, {"onnxruntime": "1.32.0"})
+    reason = provider_unavailable_reason("cuda")
+    assert "GPU or driver" not in reason
+    assert reason.startswith("the CPU-only onnxruntime 1.32.0 is installed, not onnxruntime-gpu")
+
+
+def test_both_packages_installed_is_named_as_the_cause(monkeypatch):
+    cuda_not_offered(monkeypatch)
+    no_gpu(monkeypatch, visible=True)
+    fake_distributions(monkeypatch, {"onnxruntime": "1.32.0", "onnxruntime-gpu": "1.31.1"})
+    reason = provider_unavailable_reason("cuda")
+    assert "both onnxruntime 1.32.0" in reason and "onnxruntime-gpu 1.31.1" in reason and "hides the CUDA EP" in reason
+    assert "pip uninstall -y onnxruntime onnxruntime-gpu" in reason
+
+
+def test_gpu_package_alone_without_gpu_blames_the_missing_gpu_only(monkeypatch):
+    cuda_not_offered(monkeypatch)
+    no_gpu(monkeypatch, visible=False)
+    fake_distributions(monkeypatch, {"onnxruntime-gpu": "1.31.1"})
+    assert provider_unavailable_reason("cuda") == "no NVIDIA GPU or driver found (no nvidia-smi on PATH, no /dev/nvidia*)"
+
+
+def test_device_node_counts_as_a_visible_gpu(monkeypatch):
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.setattr("glob.glob", lambda pattern: ["/dev/nvidia0"])
+    assert runtime.nvidia_gpu_visible()
+
+
+def test_explanations_are_one_sentence_per_fact():
+    assert len(explain_missing_cuda(False, "1.0", None)) == 2
+    assert len(explain_missing_cuda(True, "1.0", "1.0")) == 1
+    assert "broken install" in explain_missing_cuda(True, None, "1.31.1")[0]
+    assert "no onnxruntime-gpu" in explain_missing_cuda(True, None, None)[0]
+
+
+def test_tensorrt_reason_falls_back_to_cuda_reason(monkeypatch):
+    cuda_not_offered(monkeypatch)
+    no_gpu(monkeypatch, visible=False)
+    fake_distributions(monkeypatch, {"onnxruntime": "1.32.0"})
+    assert provider_unavailable_reason("tensorrt") == provider_unavailable_reason("cuda")
+
+
+def test_provider_chain_puts_cpu_last():
+    assert runtime.provider_chain("CPUExecutionProvider") == [("CPUExecutionProvider", {})]
+    chain = runtime.provider_chain("TensorrtExecutionProvider", {"device_id": 0})
+    assert [name for name, _ in chain] == ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+def test_make_session_keeps_its_old_signature_and_profiles(tmp_path):
+    model = residual_model()
+    feeds = runtime.random_inputs(model, batch=2, seed=0)
+    plain = runtime.make_session(model, "cpu", 1)
+    profiled = runtime.make_session(model, "cpu", 1, None, profile_prefix=str(tmp_path / "p"),
+                                    config={"session.intra_op.allow_spinning": "0"})
+    a, b = plain.run(None, feeds)[0], profiled.run(None, feeds)[0]
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+    trace = profiled.end_profiling()
+    assert os.path.exists(trace) and os.path.basename(trace).startswith("p")
+
+
+@pytest.mark.cuda
+def test_cuda_session_runs_on_cuda():
+    if "cuda" not in runtime.available_providers():
+        pytest.skip(f"CUDA EP not available: {provider_unavailable_reason('cuda')}")
+    session = runtime.make_session(residual_model(), "cuda", provider_options={"cudnn_conv_algo_search": "HEURISTIC"})
+    assert session.get_providers()[0] == "CUDAExecutionProvider"
