@@ -12,10 +12,12 @@ import os
 import sys
 from pathlib import Path
 
-from onnx_tucker import __version__
-from onnx_tucker.errors import OnnxTuckerError, UsageError
+import numpy as np
 
-SUBCOMMANDS = ("compress", "inspect", "bench")
+from onnx_tucker import __version__
+from onnx_tucker.errors import ModelError, OnnxTuckerError, UsageError
+
+SUBCOMMANDS = ("compress", "inspect", "convert", "bench")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -53,15 +55,25 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("output", help="output .onnx model (written atomically; never the input)")
     c.add_argument("--ratio", type=_ratio, default=0.5, help="rank ratio R in (0, 1]: R_in=int(R*C_in), R_out=int(R*C_out) (default 0.5)")
     c.add_argument("--force", action="store_true", help="decompose every eligible conv, even where MACs would not fall")
+    c.add_argument("--exclude", default="", metavar="LAYERS", help="comma-separated conv names or 0-based indices to leave alone (e.g. 0 for the first conv)")
     c.add_argument("--rank-multiple", type=_positive_int, default=1, metavar="N", help="round ranks to multiples of N")
     c.add_argument("--iterations", type=int, default=None, metavar="N", help="HOOI iterations after the SVD start (default 10)")
     c.add_argument("--method", choices=("eig", "tensorly"), default="eig", help="decomposition routine (default: eig, our fast HOOI; tensorly: partial_tucker)")
     c.add_argument("--inputs", metavar="FILE.npz", help="inputs for the self-check (one array per model input)")
     c.add_argument("--no-check", action="store_true", help="skip the onnxruntime self-check of the output")
     c.add_argument("--check-batch", type=_positive_int, default=8, metavar="N", help="batch size of the random self-check inputs (default 8)")
+    c.add_argument("--data", metavar="FILE.npz", help="labelled data (x_test/y_test or x/y): report top-1 of both models")
+    c.add_argument("--data-limit", type=_positive_int, metavar="N", help="use a seeded random subset of N labelled samples")
     c.add_argument("--report", metavar="PATH", help="write the per-layer report as JSON")
     c.add_argument("--external-data", action="store_true", help="store the output's weights in OUT.data (automatic above 1.8 GB)")
     c.add_argument("-q", "--quiet", action="store_true", help="print only the final PASSED/FAILED line")
+
+    k = sub.add_parser("convert", help="convert a Keras model (.keras) to ONNX with tf2onnx and check the two agree")
+    k.add_argument("input", help="Keras model (.keras)")
+    k.add_argument("output", help="output .onnx model")
+    k.add_argument("--opset", type=_positive_int, default=17, help="ONNX opset (default 17)")
+    k.add_argument("--inputs", metavar="FILE.npz", help="inputs for the agreement check (default: seeded random 0..255)")
+    k.add_argument("--tolerance", type=float, default=1e-4, help="largest max-abs difference accepted (default 1e-4)")
 
     i = sub.add_parser("inspect", help="list the Conv layers, their MACs and what each ratio would save")
     i.add_argument("input", help="input .onnx model")
@@ -98,23 +110,35 @@ def cmd_compress(args) -> int:
         check_output_path(args.input, args.report)
     model = load_model(args.input)
     options = {"force": args.force, "rank_multiple": args.rank_multiple, "method": args.method}
+    if args.exclude:
+        options["exclude"] = tuple(e.strip() for e in args.exclude.split(",") if e.strip())
     if args.iterations is not None:
         options["n_iter_max"] = args.iterations
+    labelled = None
+    if args.data:
+        from onnx_tucker.data import load_labelled
+
+        labelled = load_labelled(args.data, model, limit=args.data_limit)
     feeds = load_inputs(args.inputs, model) if args.inputs else None
+    if feeds is None and labelled is not None:  # real data beats random inputs for the self-check
+        feeds = {k: v[:64] for k, v in labelled[0].items()}
     if feeds is None and not args.no_check:
         feeds = random_inputs(model, batch=args.check_batch, seed=0)
     new_model, report = compress(model, ratio=args.ratio, **options)
     say = (lambda *a: None) if args.quiet else print
     checked_in_memory = False
+    check_source = args.inputs or (f"first 64 samples of {args.data}" if labelled is not None else f"random, seed 0, batch {args.check_batch}")
     if not args.no_check and model_size(new_model) <= PROTOBUF_LIMIT and model_size(model) <= PROTOBUF_LIMIT:
         agreements = compare_models(model, new_model, feeds)
-        report.check = {"inputs": args.inputs or f"random, seed 0, batch {args.check_batch}", "outputs": as_dicts(agreements)}
+        report.check = {"inputs": check_source, "outputs": as_dicts(agreements)}
         checked_in_memory = True
     protected = [Path(args.input)] + external_data_files(model, Path(args.input).parent)
     data_file = save_model(new_model, out, external_data=args.external_data or None, protected=protected)
     if not args.no_check and not checked_in_memory:
         agreements = compare_models(Path(args.input), out, feeds)
-        report.check = {"inputs": args.inputs or f"random, seed 0, batch {args.check_batch}", "outputs": as_dicts(agreements)}
+        report.check = {"inputs": check_source, "outputs": as_dicts(agreements)}
+    if labelled is not None:
+        report.accuracy = accuracy_of(model, out, *labelled, source=args.data)
     if args.report:
         Path(args.report).write_text(report.to_json())
     say(report.table())
@@ -122,10 +146,50 @@ def cmd_compress(args) -> int:
     say(f"wrote {out}" + (f" (+ {data_file.name})" if data_file else ""))
     if report.check:
         say("self-check (onnxruntime CPU): " + summary(agreements))
+    if report.accuracy:
+        a = report.accuracy
+        say(
+            f"top-1 on {a['samples']} labelled samples ({a['data']}): original {100 * a['original']:.2f}%, "
+            f"compressed {100 * a['compressed']:.2f}% ({100 * a['change']:+.2f} points), agreement {100 * a['agreement']:.2f}%"
+        )
     print(
         f"PASSED: {t['decomposed']}/{t['convs']} convs decomposed, MACs {t['macs_reduction']:.2f}x fewer, "
         f"params {t['params_reduction']:.2f}x fewer"
     )
+    return 0
+
+
+def accuracy_of(original, compressed, feeds, labels, source: str) -> dict:
+    from onnx_tucker.data import predict, top1
+
+    a = predict(original, feeds, progress="top-1 original")
+    b = predict(compressed, feeds, progress="top-1 compressed")
+    acc_a, acc_b = top1(a, labels), top1(b, labels)
+    return {
+        "data": str(source), "samples": int(len(labels)), "original": acc_a, "compressed": acc_b,
+        "change": acc_b - acc_a, "agreement": float(np.mean(a.argmax(1) == b.argmax(1))),
+    }
+
+
+def cmd_convert(args) -> int:
+    from onnx_tucker.convert import convert
+    from onnx_tucker.io import check_output_path, save_model
+
+    out = check_output_path(args.input, args.output)
+    samples = None
+    if args.inputs:
+        from onnx_tucker.runtime import load_inputs  # noqa: F401  (same file layout as compress --inputs)
+
+        with np.load(args.inputs) as data:
+            key = next((k for k in ("x_test", "x", "x_train") if k in data.files), data.files[0])
+            samples = data[key][:32].astype(np.float32)
+    result = convert(args.input, opset=args.opset, samples=samples)
+    print(f"converted with {result.route}, opset {args.opset}")
+    print(f"Keras vs onnxruntime: max abs difference {result.max_abs_diff:.3g} on {'given' if args.inputs else 'seeded random'} inputs")
+    if result.max_abs_diff > args.tolerance:
+        raise ModelError(f"Keras and onnxruntime disagree (max abs difference {result.max_abs_diff:.3g} > {args.tolerance}): not written")
+    save_model(result.model, out)
+    print(f"PASSED: wrote {out} (input '{result.input_name}', output '{result.output_name}')")
     return 0
 
 
@@ -222,7 +286,7 @@ def cmd_bench(args) -> int:
     return 0
 
 
-COMMANDS = {"compress": cmd_compress, "inspect": cmd_inspect, "bench": cmd_bench}
+COMMANDS = {"compress": cmd_compress, "inspect": cmd_inspect, "convert": cmd_convert, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

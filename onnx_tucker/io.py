@@ -14,6 +14,21 @@ from onnx_tucker.errors import ModelError, UsageError
 # Protobuf cannot serialise a message over 2 GiB; above this the output's weights go to a data file.
 PROTOBUF_LIMIT = 2**31 - 1
 DEFAULT_EXTERNAL_THRESHOLD = int(1.8 * 2**30)
+THRESHOLD_ENV = "ONNX_TUCKER_EXTERNAL_THRESHOLD"
+
+
+def threshold_from_env() -> int:
+    """Size in bytes above which outputs get external data: $ONNX_TUCKER_EXTERNAL_THRESHOLD or 1.8 GB."""
+    text = os.environ.get(THRESHOLD_ENV, "").strip()
+    if not text:
+        return DEFAULT_EXTERNAL_THRESHOLD
+    try:
+        value = int(text)
+    except ValueError:
+        raise UsageError(f"{THRESHOLD_ENV} must be a size in bytes, got {text!r}") from None
+    if value < 0:
+        raise UsageError(f"{THRESHOLD_ENV} must be a size in bytes, got {text!r}")
+    return min(value, DEFAULT_EXTERNAL_THRESHOLD)
 
 
 def external_data_files(model: onnx.ModelProto, base_dir: Path) -> list[Path]:
@@ -24,9 +39,12 @@ def external_data_files(model: onnx.ModelProto, base_dir: Path) -> list[Path]:
         if not external_data_helper.uses_external_data(tensor):
             continue
         info = external_data_helper.ExternalDataInfo(tensor)
-        location = Path(info.location)
-        target = (base / location).resolve()
-        if location.is_absolute() or base not in target.parents:
+        try:
+            location = Path(info.location)
+            target = (base / location).resolve()
+        except (ValueError, OSError) as exc:  # embedded NUL, loops, names too long
+            raise ModelError(f"tensor '{tensor.name}' has an unusable external data location: {_first_line(exc)}") from None
+        if not info.location or location.is_absolute() or base not in target.parents:
             raise ModelError(
                 f"tensor '{tensor.name}' points to external data outside the model's folder ({info.location}): refused"
             )
@@ -88,7 +106,8 @@ def _tensor_nbytes(tensor: onnx.TensorProto) -> int:
 
 
 def check_output_path(input_path: str | os.PathLike | None, output_path: str | os.PathLike) -> Path:
-    """Refuse output paths that would fail or destroy something, before any work is done."""
+    """Refuse output paths (and output settings) that would fail or destroy something, before any work is done."""
+    threshold_from_env()
     out = Path(output_path)
     if out.is_dir():
         raise UsageError(f"output path is a folder, not a file: {out}")
@@ -108,19 +127,21 @@ def save_model(
     model: onnx.ModelProto,
     path: str | os.PathLike,
     external_data: bool | None = None,
-    external_threshold: int = DEFAULT_EXTERNAL_THRESHOLD,
+    external_threshold: int | None = None,
     protected: list[Path] | tuple = (),
 ) -> Path | None:
     """Write ``model`` to ``path`` atomically; returns the external data file written, if any.
 
     The model is written into a temporary folder beside the target and renamed into
     place, so a failure leaves nothing behind. With external data (forced, or
-    automatically above ``external_threshold`` bytes) the weights go to
+    automatically above ``external_threshold`` bytes, default :func:`threshold_from_env`) the weights go to
     ``<name>.data`` next to the output, written fresh (never appended to), and never
     to a file in ``protected`` (the input's own model and data files).
     Saving with external data rewrites the tensors of ``model`` in place.
     """
     out = Path(path)
+    if external_threshold is None:
+        external_threshold = threshold_from_env()
     if external_data is None:
         external_data = model_size(model) > external_threshold
     data_name = out.name + ".data"

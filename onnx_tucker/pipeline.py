@@ -27,6 +27,7 @@ class Options:
     n_iter_max: int = DEFAULT_ITERATIONS
     method: str = "eig"
     ranks: dict = field(default_factory=dict)  # layer name -> (R_out, R_in), overrides the rule
+    exclude: tuple = ()  # layer names (or 0-based conv indices) to leave as they are
 
 
 def check_ratio(ratio) -> float:
@@ -68,7 +69,8 @@ def compress(model, ratio: float = 0.5, **options) -> tuple[onnx.ModelProto, Rep
     ``model`` is an ``onnx.ModelProto`` (left unmodified) or a path. Options:
     ``force`` (decompose every eligible conv, profitable or not), ``rank_multiple``
     (round ranks to multiples of N), ``n_iter_max`` (HOOI iterations),
-    ``method`` ("eig" or "tensorly"), ``ranks`` ({layer: (R_out, R_in)}).
+    ``method`` ("eig" or "tensorly"), ``ranks`` ({layer: (R_out, R_in)}),
+    ``exclude`` (layer names or conv indices in graph order to leave alone).
     Returns ``(new_model, report)``; raises :class:`ModelError` when nothing can be done.
     """
     opts = Options(ratio=check_ratio(ratio), **options)
@@ -87,7 +89,13 @@ def compress(model, ratio: float = 0.5, **options) -> tuple[onnx.ModelProto, Rep
     report = Report(ratio=opts.ratio, force=opts.force, tool_version=__version__)
     taken = taken_names(graph)
     shared: dict[tuple, tuple[gs.Constant, gs.Constant, gs.Constant, float]] = {}
-    for cand in candidates:
+    excluded = {str(e) for e in opts.exclude}
+    unknown = excluded - {c.name for c in candidates} - {str(i) for i in range(len(candidates))}
+    if unknown:
+        raise UsageError(f"--exclude names no Conv of this model: {', '.join(sorted(unknown))}")
+    for index, cand in enumerate(candidates):
+        if cand.eligible and (cand.name in excluded or str(index) in excluded):
+            cand.reason = "excluded by the user"
         record = LayerRecord.from_candidate(cand)
         report.layers.append(record)
         if not cand.eligible:

@@ -1,0 +1,104 @@
+"""Labelled data files and top-1 accuracy: computed right on a hand-made set, bad files refused."""
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnx_tucker.data import load_labelled, predict, top1
+from onnx_tucker.errors import DataError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def identity_classifier(classes=4):
+    """y = softmax(x): the predicted class of a sample is the argmax of its own features."""
+    g = helper.make_graph(
+        [helper.make_node("Softmax", ["x"], ["p"], axis=1)], "id",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", classes])],
+        [helper.make_tensor_value_info("p", TensorProto.FLOAT, ["N", classes])],
+    )
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_top1_on_hand_made_labelled_set(tmp_path):
+    x = np.eye(4, dtype=np.float32)[[0, 1, 2, 3, 0, 1, 2, 3]]  # predictions: 0 1 2 3 0 1 2 3
+    y = np.array([0, 1, 2, 3, 3, 3, 3, 3])  # 5 of 8 right (indices 0-3 and 7)
+    path = tmp_path / "set.npz"
+    np.savez(path, x_test=x, y_test=y.reshape(-1, 1))
+    model = identity_classifier()
+    feeds, labels = load_labelled(path, model)
+    assert top1(predict(model, feeds, batch_size=3), labels) == pytest.approx(5 / 8)
+
+
+def test_x_y_layout_and_one_hot_labels(tmp_path):
+    x = np.eye(4, dtype=np.float32)
+    path = tmp_path / "set.npz"
+    np.savez(path, x=x, y=np.eye(4))
+    feeds, labels = load_labelled(path, identity_classifier())
+    assert list(labels) == [0, 1, 2, 3]
+
+
+def test_limit_takes_a_seeded_subset_not_a_leading_slice(tmp_path):
+    x = np.repeat(np.eye(4, dtype=np.float32), 25, axis=0)  # grouped by class, like the CIFAR files
+    path = tmp_path / "set.npz"
+    np.savez(path, x_test=x, y_test=np.repeat(np.arange(4), 25))
+    _, a = load_labelled(path, identity_classifier(), limit=20)
+    _, b = load_labelled(path, identity_classifier(), limit=20)
+    assert list(a) == list(b) and len(set(a)) > 1
+
+
+@pytest.mark.parametrize(
+    "arrays, needle",
+    [
+        ({"x_test": np.zeros((4, 4), np.float32)}, "no labels"),
+        ({"images": np.zeros((4, 4), np.float32)}, "no labelled arrays"),
+        ({"x_test": np.zeros((4, 4), np.float32), "y_test": np.arange(3)}, "4 images but 3 labels"),
+        ({"x_test": np.zeros((4, 4), np.float32), "y_test": np.array([0, 1, 2, 9])}, "model has 4 outputs"),
+        ({"x_test": np.zeros((4, 5), np.float32), "y_test": np.arange(4)}, "model expects"),
+        ({"x_test": np.zeros((4, 4), np.float32), "y_test": np.full(4, 0.5)}, "must be integers"),
+    ],
+)
+def test_bad_labelled_files(tmp_path, arrays, needle):
+    path = tmp_path / "bad.npz"
+    np.savez(path, **arrays)
+    with pytest.raises(DataError, match=needle):
+        load_labelled(path, identity_classifier())
+
+
+def test_not_an_npz(tmp_path):
+    path = tmp_path / "bad.npz"
+    path.write_bytes(b"hello")
+    with pytest.raises(DataError, match="cannot read"):
+        load_labelled(path, identity_classifier())
+
+
+def test_compress_reports_accuracy_of_both_models(tmp_path):
+    """--data on the committed model and its committed sample: top-1 of both, and the difference."""
+    out, report = tmp_path / "o.onnx", tmp_path / "r.json"
+    r = subprocess.run(
+        [sys.executable, "-m", "onnx_tucker", ROOT / "models/cifar10_cnn.onnx", out, "--ratio", "0.5",
+         "--data", ROOT / "models/cifar10_test_sample.npz", "--data-limit", "100", "--report", report],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    import json
+
+    acc = json.loads(report.read_text())["accuracy"]
+    assert acc["samples"] == 100 and acc["original"] > 0.6
+    assert acc["change"] == pytest.approx(acc["compressed"] - acc["original"])
+    assert "top-1 on 100 labelled samples" in r.stdout
+
+
+def test_compress_with_mismatched_labels_fails_cleanly(tmp_path):
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, x_test=np.zeros((3, 32, 32, 3), np.uint8), y_test=np.array([1, 2, 11]))
+    r = subprocess.run(
+        [sys.executable, "-m", "onnx_tucker", ROOT / "models/cifar10_cnn.onnx", tmp_path / "o.onnx", "--data", bad],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )
+    assert r.returncode == 1 and "10 outputs" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "o.onnx").exists()
