@@ -2,7 +2,9 @@
 
 How it times (``onnx-tucker bench A.onnx B.onnx``):
 
-- one session per model and provider, a fixed intra-op thread count (recorded), inputs and outputs bound
+- one session per model and provider, a fixed intra-op thread count (recorded), intra-op spinning off
+  (with it on, an idle session's spinning workers steal cores from the model being timed: on a busy
+  2-core machine that made one model of a pair up to 4x slower, at random), inputs and outputs bound
   once with IOBinding on the provider's device, so host<->device copies are never inside the timer;
 - warm-up runs first (on CUDA at least ``GPU_MIN_WARMUP``: the first run does cuDNN's algorithm search);
 - then ``runs`` iterations; each iteration runs every model once, round-robin, starting one model later
@@ -14,7 +16,8 @@ How it times (``onnx-tucker bench A.onnx B.onnx``):
 JSON written by ``--json`` (``schema: "onnx-tucker.bench/1"``)::
 
     {"schema", "tool_version", "onnxruntime_version", "host": {"platform", "python", "cpu_count"},
-     "settings": {"threads", "warmup", "runs", "batches", "cudnn_conv_algo_search", "inputs", "interleaved"},
+     "settings": {"threads", "spinning", "warmup", "runs", "batches", "cudnn_conv_algo_search", "inputs",
+                  "interleaved"},
      "providers": {"requested", "benchmarked", "unavailable": {provider: reason}},
      "models": [{"index", "path", "name"}],
      "results": [{"provider", "batch", "model", "model_index", "session_providers", "warmup", "runs",
@@ -158,11 +161,12 @@ def bind(session, feeds: dict[str, np.ndarray], device: str) -> BoundRun:
     return BoundRun(session, binding, values)
 
 
-def open_session(path: Path, provider: str, threads: int, options: dict, **extra):
+def open_session(path: Path, provider: str, threads: int, options: dict, spinning: bool = False, **extra):
     """A session on ``provider`` that really runs there (onnxruntime silently falls back to CPU otherwise)."""
     from onnx_tucker.runtime import PROVIDER_NAMES, make_session
 
-    session = make_session(path, provider, threads, options, **extra)
+    config = {"session.intra_op.allow_spinning": "1" if spinning else "0"}
+    session = make_session(path, provider, threads, options, config=config, **extra)
     wanted = PROVIDER_NAMES[provider]
     if session.get_providers()[0] != wanted:
         raise OnnxTuckerError(
@@ -346,11 +350,11 @@ def model_totals(model, us: dict[str | None, float], index: int) -> dict:
     return {"model_index": index, "conv_us": conv, "other_us": total - conv, "total_us": total}
 
 
-def profile_model(path: Path, feeds: dict, threads: int, runs: int, warmup: int, folder: str) -> dict[str, float]:
+def profile_model(path: Path, feeds: dict, threads: int, runs: int, warmup: int, folder: str, spinning: bool = False) -> dict:
     """Median kernel time per profiled node on the CPU EP (a session of its own: profiling costs time)."""
     import json
 
-    session = open_session(path, "cpu", threads, {}, profile_prefix=os.path.join(folder, "profile"))
+    session = open_session(path, "cpu", threads, {}, spinning, profile_prefix=os.path.join(folder, "profile"))
     run = bind(session, feeds, "cpu")
     for _ in range(warmup + runs):
         run()
@@ -370,6 +374,7 @@ class BenchConfig:
     providers: list[str] | None = None  # None: every one available
     batches: list[int] = field(default_factory=lambda: [1])
     threads: int = 2
+    spinning: bool = False
     warmup: int = 10
     runs: int = 100
     cudnn_algo: str = "EXHAUSTIVE"
@@ -468,7 +473,7 @@ def run_bench(config: BenchConfig) -> dict:
     with tempfile.TemporaryDirectory(prefix="onnx-tucker-bench-") as scratch:
         for provider in providers:
             options = provider_options(provider, config.cudnn_algo, scratch)
-            sessions = [open_session(p, provider, config.threads, options) for p in config.models]
+            sessions = [open_session(p, provider, config.threads, options, config.spinning) for p in config.models]
             for batch in config.batches:
                 feeds = timing_feeds(models[0], batch, given)
                 runners = [bind(s, feeds, device_of(provider)) for s in sessions]
@@ -493,7 +498,7 @@ def run_bench(config: BenchConfig) -> dict:
         "onnxruntime_version": ort.__version__,
         "host": {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count()},
         "settings": {
-            "threads": config.threads, "warmup": config.warmup, "runs": config.runs, "batches": config.batches,
+            "threads": config.threads, "spinning": config.spinning, "warmup": config.warmup, "runs": config.runs, "batches": config.batches,
             "cudnn_conv_algo_search": config.cudnn_algo if any(p != "cpu" for p in providers) else None,
             "inputs": config.inputs or "random, seed 0", "interleaved": True,
         },
@@ -528,7 +533,7 @@ def profile_layers(config: BenchConfig, models: list, given, scratch: str) -> li
     profiles = []
     for batch in config.batches:
         feeds = timing_feeds(models[0], batch, given)
-        times = [profile_model(p, feeds, config.threads, config.per_layer_runs, 2, scratch) for p in config.models]
+        times = [profile_model(p, feeds, config.threads, config.per_layer_runs, 2, scratch, config.spinning) for p in config.models]
         attributed = [attribute(t, m) for t, m in zip(times, models)]
         layers = []
         for index in range(1, len(models)):
@@ -587,6 +592,7 @@ def summary_lines(result: dict) -> list[str]:
         lines.append(f"note: {provider} not benchmarked: {reason}")
     s = result["settings"]
     algo = f", cudnn_conv_algo_search {s['cudnn_conv_algo_search']}" if s["cudnn_conv_algo_search"] else ""
-    lines.append(f"onnxruntime {result['onnxruntime_version']}, {s['threads']} intra-op threads, {s['warmup']} warm-up + "
+    spin = "on" if s["spinning"] else "off"
+    lines.append(f"onnxruntime {result['onnxruntime_version']}, {s['threads']} intra-op threads (spinning {spin}), {s['warmup']} warm-up + "
                  f"{s['runs']} interleaved runs per model, inputs {s['inputs']}{algo}")
     return lines

@@ -89,6 +89,7 @@ def add_bench_parser(sub) -> None:
     b.add_argument("--providers", metavar="LIST", help="comma-separated: cpu,cuda,tensorrt (default: every one available; a named one that is missing is an error)")
     b.add_argument("--batch", default="1", metavar="LIST", help="comma-separated batch sizes (default 1)")
     b.add_argument("--threads", type=_positive_int, default=min(2, os.cpu_count() or 1), metavar="N", help="intra-op threads per session (default 2, or fewer CPUs)")
+    b.add_argument("--spin", action="store_true", help="let idle intra-op threads spin (onnxruntime's default; off here: it skews interleaved runs)")
     b.add_argument("--warmup", type=int, default=10, metavar="N", help="warm-up runs per model (default 10; at least 20 on GPU providers)")
     b.add_argument("--runs", type=_positive_int, default=100, metavar="N", help="timed runs per model (default 100)")
     b.add_argument("--cudnn-algo", choices=("EXHAUSTIVE", "HEURISTIC", "DEFAULT"), default="EXHAUSTIVE", help="CUDA EP cudnn_conv_algo_search (default EXHAUSTIVE)")
@@ -269,7 +270,7 @@ def cmd_bench(args) -> int:
         models=paths,
         providers=bench.parse_providers(args.providers) if args.providers else None,
         batches=bench.parse_batches(args.batch),
-        threads=args.threads, warmup=args.warmup, runs=args.runs, cudnn_algo=args.cudnn_algo,
+        threads=args.threads, spinning=args.spin, warmup=args.warmup, runs=args.runs, cudnn_algo=args.cudnn_algo,
         data=args.data, inputs=args.inputs, per_layer=args.per_layer, progress=not args.no_progress,
     )
     result = bench.run_bench(config)

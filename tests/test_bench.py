@@ -194,8 +194,8 @@ def test_json_has_the_documented_schema(tmp_path):
     assert result["schema"] == bench.SCHEMA
     assert set(result) == {"schema", "tool_version", "onnxruntime_version", "host", "settings", "providers", "models",
                            "results", "accuracy", "per_layer"}
-    assert set(result["settings"]) == {"threads", "warmup", "runs", "batches", "cudnn_conv_algo_search", "inputs", "interleaved"}
-    assert result["settings"]["threads"] == 1 and result["settings"]["interleaved"] is True
+    assert set(result["settings"]) == {"threads", "spinning", "warmup", "runs", "batches", "cudnn_conv_algo_search", "inputs", "interleaved"}
+    assert result["settings"]["threads"] == 1 and result["settings"]["interleaved"] is True and result["settings"]["spinning"] is False
     assert set(result["providers"]) == {"requested", "benchmarked", "unavailable"} and "cpu" in result["providers"]["benchmarked"]
     cpu = [r for r in result["results"] if r["provider"] == "cpu"]
     assert [(r["batch"], r["model_index"]) for r in cpu] == [(1, 0), (1, 1), (3, 0), (3, 1)]
