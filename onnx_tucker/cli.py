@@ -41,6 +41,23 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _energy(text: str) -> float:
+    from onnx_tucker.ranks import check_energy
+
+    try:
+        return check_energy(text)
+    except UsageError as exc:
+        raise UsageError(f"--energy: {exc}") from None
+
+
+def add_rank_method_arguments(parser) -> None:
+    parser.add_argument("--rank-method", choices=("ratio", "energy", "vbmf"), default="ratio",
+                        help="per-layer rank rule: ratio (R*C, default), energy (keep a fraction --energy of each "
+                        "channel unfolding's squared singular values) or vbmf (EVBMF estimate, Kim et al. 2016)")
+    parser.add_argument("--energy", type=_energy, default=0.9, metavar="F",
+                        help="fraction of spectral energy kept by --rank-method energy, in (0, 1] (default 0.9)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="onnx-tucker",
@@ -57,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--force", action="store_true", help="decompose every eligible conv, even where MACs would not fall")
     c.add_argument("--exclude", default="", metavar="LAYERS", help="comma-separated conv names or 0-based indices to leave alone (e.g. 0 for the first conv)")
     c.add_argument("--rank-multiple", type=_positive_int, default=1, metavar="N", help="round ranks to multiples of N")
+    add_rank_method_arguments(c)
     c.add_argument("--iterations", type=int, default=None, metavar="N", help="HOOI iterations after the SVD start (default 10)")
     c.add_argument("--method", choices=("eig", "tensorly"), default="eig", help="decomposition routine (default: eig, our fast HOOI; tensorly: partial_tucker)")
     c.add_argument("--inputs", metavar="FILE.npz", help="inputs for the self-check (one array per model input)")
@@ -110,7 +128,8 @@ def cmd_compress(args) -> int:
     if args.report:
         check_output_path(args.input, args.report)
     model = load_model(args.input)
-    options = {"force": args.force, "rank_multiple": args.rank_multiple, "method": args.method}
+    options = {"force": args.force, "rank_multiple": args.rank_multiple, "method": args.method,
+               "rank_method": args.rank_method, "energy": args.energy}
     if args.exclude:
         options["exclude"] = tuple(e.strip() for e in args.exclude.split(",") if e.strip())
     if args.iterations is not None:

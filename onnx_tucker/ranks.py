@@ -1,14 +1,58 @@
-"""Rank rules and the MAC cost model: pure functions, no graph, no linear algebra libraries."""
+"""Rank rules and the MAC cost model: pure functions, no graph (spectral math lives in ``vbmf``)."""
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
+from onnx_tucker.errors import UsageError
 
 
 def ratio_ranks(c_out: int, c_in: int, ratio: float) -> tuple[int, int]:
     """The seed's rule: R_out = max(1, int(ratio*C_out)), R_in = max(1, int(ratio*C_in))."""
     # round() first guards against 0.7*10 = 6.999... truncating to 6.
     return max(1, int(round(ratio * c_out, 9))), max(1, int(round(ratio * c_in, 9)))
+
+
+def energy_ranks(weight, energy: float) -> tuple[int, int]:
+    """Smallest (R_out, R_in) keeping ``energy`` of each channel unfolding's squared singular values.
+
+    Mode 0 is the C_out x (C_in*k...) unfolding, mode 1 the C_in x (C_out*k...) one; each rank is
+    at least 1 and at most the unfolding's numeric rank.
+    """
+    from onnx_tucker.vbmf import energy_rank
+
+    energy = check_energy(energy)
+    return tuple(_clamped(weight, mode, lambda s, shape: energy_rank(s, energy)) for mode in (0, 1))
+
+
+def vbmf_ranks(weight) -> tuple[int, int]:
+    """(R_out, R_in) from empirical variational Bayesian matrix factorisation of each unfolding.
+
+    The rank estimate of Kim et al. 2016 (EVBMF, Nakajima et al. 2013; see ``onnx_tucker.vbmf``),
+    at least 1 and at most the unfolding's numeric rank.
+    """
+    from onnx_tucker.vbmf import evbmf_rank_from_spectrum
+
+    return tuple(_clamped(weight, mode, evbmf_rank_from_spectrum) for mode in (0, 1))
+
+
+def check_energy(energy) -> float:
+    try:
+        value = float(energy)
+    except (TypeError, ValueError):
+        raise UsageError(f"energy must be a number in (0, 1], got {energy!r}") from None
+    if not (0.0 < value <= 1.0):
+        raise UsageError(f"energy must be in (0, 1], got {energy}")
+    return value
+
+
+def _clamped(weight, mode: int, rule) -> int:
+    """``rule(singular values, unfolding shape)`` for one channel mode, clamped to [1, numeric rank]."""
+    from onnx_tucker.vbmf import numeric_rank, unfolding_spectrum
+
+    shape = (weight.shape[mode], weight.size // weight.shape[mode])
+    s = unfolding_spectrum(weight, mode)
+    return max(1, min(int(rule(s, shape)), numeric_rank(s, shape)))
 
 
 def round_to_multiple(rank: int, multiple: int, limit: int) -> int:
