@@ -17,7 +17,7 @@ import numpy as np
 from onnx_tucker import __version__
 from onnx_tucker.errors import ModelError, OnnxTuckerError, UsageError
 
-SUBCOMMANDS = ("compress", "inspect", "convert", "bench")
+SUBCOMMANDS = ("compress", "inspect", "convert", "bench", "sweep")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -98,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--ratios", default="0.25,0.5,0.75", help="comma-separated ratios to show (default 0.25,0.5,0.75)")
     i.add_argument("--json", metavar="PATH", help="write the listing as JSON")
     add_bench_parser(sub)
+    add_sweep_parser(sub)
     return parser
 
 
@@ -306,7 +307,56 @@ def cmd_bench(args) -> int:
     return 0
 
 
-COMMANDS = {"compress": cmd_compress, "inspect": cmd_inspect, "convert": cmd_convert, "bench": cmd_bench}
+def add_sweep_parser(sub) -> None:
+    s = sub.add_parser(
+        "sweep", help="compress at several ratios or MAC targets; table, JSON and plot of top-1 against MACs and latency",
+        description="Compress IN.onnx at each setting, measure top-1 on labelled TEST data and CPU latency "
+        "(interleaved with the original), and write DIR/sweep.md, sweep.json, sweep.png and the compressed models. "
+        "Calibration data (--calibrate) must come from TRAINING data, never from the test set that --data measures on.",
+    )
+    s.add_argument("input", help="input .onnx model")
+    s.add_argument("--data", required=True, metavar="TEST.npz", help="labelled test data (x_test/y_test or x/y) for top-1")
+    s.add_argument("--calibrate", metavar="TRAIN.npz", help="calibration inputs from TRAINING data only (x_train, x, one array per "
+                   "input name, or a single array); makes the decomposition data-aware")
+    s.add_argument("--calib-size", type=_positive_int, metavar="N", help="seeded random subset of N calibration samples "
+                   "(default: 512, or all if the file has fewer; an explicit N larger than the file is an error)")
+    group = s.add_mutually_exclusive_group()
+    group.add_argument("--ratios", metavar="LIST", help="comma-separated rank ratios (default 0.25,0.5,0.75)")
+    group.add_argument("--targets", metavar="LIST", help="comma-separated whole-model MAC targets, fractions of the original (e.g. 0.5,0.33,0.2)")
+    s.add_argument("--out-dir", default="sweep", metavar="DIR", help="folder for sweep.md/json/png and the models (default ./sweep)")
+    s.add_argument("--data-limit", type=_positive_int, metavar="N", help="use a seeded random subset of N labelled samples")
+    s.add_argument("--threads", type=_positive_int, default=min(2, os.cpu_count() or 1), metavar="N", help="onnxruntime intra-op threads for timing (default 2)")
+    s.add_argument("--batch", default="1,32", metavar="LIST", help="batch sizes to time (default 1,32)")
+    s.add_argument("--runs", type=_positive_int, default=30, metavar="N", help="timed interleaved runs per model and batch (default 30)")
+    s.add_argument("--rank-multiple", type=_positive_int, default=1, metavar="N", help="round ranks to multiples of N")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+
+def cmd_sweep(args) -> int:
+    from onnx_tucker import sweep
+    from onnx_tucker.bench import parse_batches
+
+    if not Path(args.input).is_file():
+        raise UsageError(f"input model not found: {args.input}")
+    config = sweep.SweepConfig(
+        model=Path(args.input), data=Path(args.data),
+        ratios=sweep.parse_fractions(args.ratios, "--ratios") if args.ratios else [],
+        targets=sweep.parse_fractions(args.targets, "--targets") if args.targets else [],
+        calibrate=Path(args.calibrate) if args.calibrate else None, calib_size=args.calib_size,
+        out_dir=Path(args.out_dir), data_limit=args.data_limit, threads=args.threads,
+        batches=tuple(parse_batches(args.batch)), runs=args.runs, rank_multiple=args.rank_multiple,
+        progress=not args.no_progress,
+    )
+    result = sweep.run_sweep(config)
+    paths = sweep.write_outputs(result, config.out_dir)
+    print(sweep.markdown_table(result))
+    print(f"wrote {paths['md']}, {paths['json']}, {paths['png']}")
+    failed = [r for r in result["results"] if r["error"]]
+    print(f"PASSED: {len(result['results']) - len(failed)}/{len(result['results'])} settings compressed and measured")
+    return 0
+
+
+COMMANDS = {"compress": cmd_compress, "inspect": cmd_inspect, "convert": cmd_convert, "bench": cmd_bench, "sweep": cmd_sweep}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -90,3 +90,76 @@ def predict(model, feeds: dict, batch_size: int = 100, provider: str = "cpu", pr
 
 def top1(outputs: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(outputs.reshape(len(labels), -1).argmax(1) == labels))
+
+
+# Keys of a calibration file for a single-input model, in order of preference (training data only).
+CALIBRATION_KEYS = ("x_train", "x", "inputs")
+DEFAULT_CALIB_SIZE = 512
+
+
+def load_calibration(path: str | os.PathLike, model: onnx.ModelProto, size: int | None = DEFAULT_CALIB_SIZE,
+                     seed: int = 0, strict_size: bool = True) -> dict[str, np.ndarray]:
+    """Calibration inputs ``{input name: array}`` from an .npz of *training* samples.
+
+    Accepted: one array per model input, by input name; for a single-input model also ``x_train``
+    (keras layout), ``x`` or a file holding a single array. A file that only offers ``x_test`` is
+    refused: calibrating on the test set would tune on it. ``size`` samples are taken as a seeded
+    random subset (None: all); with ``strict_size`` a file holding fewer is an error, otherwise all
+    of it is used. Arrays must match the model's input shapes, be castable to its input types
+    (same kind: integers to floats yes, strings or complex to floats no) and be finite.
+    """
+    path = Path(path)
+    arrays = _open_npz(path)
+    inputs = graph_inputs(model)
+    names = [i.name for i in inputs]
+    if names and all(n in arrays for n in names):
+        chosen = {n: arrays[n] for n in names}
+    elif len(names) == 1:
+        key = next((k for k in CALIBRATION_KEYS if k in arrays), None)
+        if key is None and len(arrays) == 1 and next(iter(arrays)) not in ("x_test", "y_test"):
+            key = next(iter(arrays))
+        if key is None:
+            found = ", ".join(sorted(arrays)) or "nothing"
+            if "x_test" in arrays:
+                raise DataError(f"{path} holds only test data (x_test); calibration must use training data (x_train): found {found}")
+            raise DataError(f"{path} has no calibration array: expected '{names[0]}', x_train or x (found {found})")
+        chosen = {names[0]: arrays[key]}
+    else:
+        missing = [n for n in names if n not in arrays]
+        raise DataError(f"{path} must hold one array per model input; missing {', '.join(missing)}")
+    counts = set()
+    feeds = {}
+    for vi in inputs:
+        dims, dtype = input_spec(vi)
+        value = chosen[vi.name]
+        want = ["N" if d is None else d for d in dims]
+        if value.ndim != len(dims) or any(d and d != s for d, s in zip(dims[1:], value.shape[1:])):
+            raise DataError(f"calibration inputs for '{vi.name}' in {path} have shape {list(value.shape)}, the model expects {want}")
+        if not np.can_cast(value.dtype, dtype, casting="same_kind"):
+            raise DataError(f"calibration inputs for '{vi.name}' in {path} have dtype {value.dtype}, which cannot be cast to the model's {np.dtype(dtype)}")
+        if value.dtype.kind in "fc" and not np.all(np.isfinite(value)):
+            raise DataError(f"calibration inputs for '{vi.name}' in {path} contain NaN or Inf")
+        counts.add(len(value))
+        feeds[vi.name] = value
+    if len(counts) != 1:
+        raise DataError(f"calibration arrays in {path} have different sample counts: {sorted(counts)}")
+    n = counts.pop()
+    if n == 0:
+        raise DataError(f"{path} holds no calibration samples")
+    if size is not None:
+        if size < 1:
+            raise DataError(f"calibration size must be positive, got {size}")
+        if n < size and strict_size:
+            raise DataError(f"{path} holds {n} calibration samples, fewer than the {size} asked for")
+        if size < n:
+            pick = np.sort(np.random.default_rng(seed).choice(n, size, replace=False))
+            feeds = {k: v[pick] for k, v in feeds.items()}
+    out = {}
+    for vi in inputs:
+        _, dtype = input_spec(vi)
+        with np.errstate(over="ignore", invalid="ignore"):
+            value = feeds[vi.name].astype(dtype)
+        if np.issubdtype(value.dtype, np.floating) and not np.all(np.isfinite(value)):  # e.g. float64 overflowing float32
+            raise DataError(f"calibration inputs for '{vi.name}' in {path} overflow {np.dtype(dtype)}")
+        out[vi.name] = value
+    return out

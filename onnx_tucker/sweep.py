@@ -1,0 +1,305 @@
+"""``onnx-tucker sweep``: compress at several settings and put MACs, size, top-1 and latency side by side.
+
+For each setting (a rank ratio, or a whole-model MAC target) the model is compressed with
+:func:`onnx_tucker.pipeline.compress` (data-aware with ``calibration`` feeds, which must come from
+training data), its top-1 is measured on labelled *test* data, and all models, the original
+included, are timed together on onnxruntime's CPU EP, interleaved (``onnx_tucker.bench``).
+
+JSON written to ``sweep.json`` (``schema: "onnx-tucker.sweep/1"``)::
+
+    {"schema", "tool_version", "onnxruntime_version", "model", "data", "samples",
+     "calibration": null or {"file", "samples"},
+     "settings": {"threads", "runs", "warmup", "batches", "rank_multiple"},
+     "original": {"file", "conv_macs", "conv_params", "params", "top1",
+                  "latency": {batch: {"median_ms", "p90_ms", ...}}},
+     "results": [{"setting", "kind": "ratio"|"target", "value", "file", "error": null or a message,
+                  "conv_macs", "conv_params", "params", "macs_reduction", "params_reduction",
+                  "decomposed", "ranks": {layer: [R_out, R_in]}, "top1", "top1_change", "agreement",
+                  "latency": {batch: {"median_ms", ..., "speedup": {"median", "p10", "p90", ...}}}}]}
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from onnx_tucker import __version__
+from onnx_tucker.errors import ModelError, OnnxTuckerError, UsageError
+
+SCHEMA = "onnx-tucker.sweep/1"
+DEFAULT_RATIOS = (0.25, 0.5, 0.75)
+
+
+@dataclass
+class SweepConfig:
+    model: Path
+    data: Path
+    ratios: list[float] = field(default_factory=list)
+    targets: list[float] = field(default_factory=list)
+    calibrate: Path | None = None
+    calib_size: int | None = None  # None: up to DEFAULT_CALIB_SIZE, fewer if the file has fewer
+    out_dir: Path = Path("sweep")
+    data_limit: int | None = None
+    threads: int = 2
+    batches: tuple = (1, 32)
+    runs: int = 30
+    warmup: int = 5
+    rank_multiple: int = 1
+    progress: bool = True
+
+
+def parse_fractions(text: str, what: str) -> list[float]:
+    """Comma-separated numbers in (0, 1], deduplicated, in the given order."""
+    values = []
+    for item in (t.strip() for t in str(text).split(",")):
+        if not item:
+            continue
+        try:
+            value = float(item)
+        except ValueError:
+            raise UsageError(f"{what}: expected comma-separated numbers in (0, 1], got {item!r}") from None
+        if not (0.0 < value <= 1.0):
+            raise UsageError(f"{what}: {item} is outside (0, 1]")
+        values.append(value)
+    if not values:
+        raise UsageError(f"{what}: empty list")
+    return list(dict.fromkeys(values))
+
+
+def settings_of(config: SweepConfig) -> list[tuple[str, str, float]]:
+    """(label, kind, value) for each setting."""
+    if config.ratios and config.targets:
+        raise UsageError("give either --ratios or --targets, not both")
+    if config.targets:
+        if importlib.util.find_spec("onnx_tucker.budget") is None:
+            raise UsageError("--targets needs the MAC budget (onnx_tucker.budget), which this version does not have yet; use --ratios")
+        return [(f"target {t:g}", "target", t) for t in config.targets]
+    return [(f"ratio {r:g}", "ratio", r) for r in (config.ratios or DEFAULT_RATIOS)]
+
+
+def count_params(model: onnx.ModelProto) -> int:
+    """Elements of every initializer and Constant tensor: the model's stored parameters."""
+    total = sum(math.prod(t.dims) for t in model.graph.initializer)
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value":
+                    total += math.prod(a.t.dims)
+    return int(total)
+
+
+def prepare_out_dir(out_dir: Path) -> Path:
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"--out-dir is a file, not a folder: {out_dir}")
+    parent = out_dir.resolve().parent
+    if not parent.is_dir():
+        raise UsageError(f"--out-dir: parent folder does not exist: {out_dir.parent}")
+    try:
+        out_dir.mkdir(exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--out-dir: cannot create {out_dir}: {exc.strerror}") from None
+    return out_dir
+
+
+def _bar(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="setting", file=sys.stderr, disable=None if enabled else True, leave=False)
+
+
+def run_sweep(config: SweepConfig) -> dict:
+    """Compress at every setting, measure, and return the JSON-ready result (see module docstring)."""
+    import onnxruntime as ort
+
+    from onnx_tucker.data import DEFAULT_CALIB_SIZE, load_calibration, load_labelled, predict, top1
+    from onnx_tucker.io import check_output_path, load_model, save_model
+    from onnx_tucker.pipeline import compress
+
+    settings = settings_of(config)
+    if config.threads < 1 or config.runs < 1 or config.warmup < 0:
+        raise UsageError("--threads and --runs must be positive, --warmup >= 0")
+    model = load_model(config.model)
+    out_dir = prepare_out_dir(config.out_dir)
+    feeds, labels = load_labelled(config.data, model, limit=config.data_limit)
+    calibration = None
+    if config.calibrate is not None:
+        if Path(config.calibrate).resolve() == Path(config.data).resolve():
+            raise UsageError("--calibrate and --data are the same file: calibrate on training data, measure on test data")
+        size = config.calib_size or DEFAULT_CALIB_SIZE
+        calibration = load_calibration(config.calibrate, model, size=size, strict_size=config.calib_size is not None)
+    reference = predict(model, feeds)
+    original = {
+        "file": str(config.model), "conv_macs": None, "conv_params": None, "params": count_params(model),
+        "top1": top1(reference, labels), "latency": {},
+    }
+    results = []
+    bar = _bar(len(settings), "sweep", config.progress)
+    for label, kind, value in settings:
+        bar.set_description(f"sweep {label}")
+        row = {"setting": label, "kind": kind, "value": value, "file": None, "error": None}
+        options = {"rank_multiple": config.rank_multiple}
+        if calibration is not None:
+            options["calibration"] = calibration
+        if kind == "target":
+            options["target_macs"] = value
+        try:
+            new_model, report = compress(model, ratio=value if kind == "ratio" else 1.0, **options)
+        except ModelError as exc:  # e.g. nothing profitable at this ratio: a row that says why
+            row["error"] = str(exc)
+            results.append(row)
+            bar.update()
+            continue
+        t = report.totals()
+        original["conv_macs"], original["conv_params"] = t["macs_before"], t["params_before"]
+        path = check_output_path(config.model, out_dir / f"{config.model.stem}_{kind}{value:g}.onnx")
+        save_model(new_model, path, protected=[config.model])
+        outputs = predict(new_model, feeds)
+        row.update({
+            "file": str(path), "conv_macs": t["macs_after"], "conv_params": t["params_after"],
+            "params": count_params(new_model), "macs_reduction": t["macs_reduction"],
+            "params_reduction": t["params_reduction"], "decomposed": t["decomposed"],
+            "ranks": {r.layer: list(r.ranks) for r in report.decomposed},
+            "top1": top1(outputs, labels), "agreement": agreement(reference, outputs),
+            "latency": {},
+        })
+        row["top1_change"] = row["top1"] - original["top1"]
+        results.append(row)
+        bar.update()
+    bar.close()
+    if original["conv_macs"] is None:
+        raise ModelError("no setting could be compressed: " + "; ".join(sorted({r["error"] for r in results})))
+    done = [r for r in results if r["error"] is None]
+    paths = [Path(config.model)] + [Path(r["file"]) for r in done]
+    for batch, timings in time_models(paths, model, feeds, config).items():
+        original["latency"][str(batch)] = timings[0]
+        for row, stats in zip(done, timings[1:]):
+            row["latency"][str(batch)] = stats
+    return {
+        "schema": SCHEMA,
+        "tool_version": __version__,
+        "onnxruntime_version": ort.__version__,
+        "model": str(config.model),
+        "data": str(config.data),
+        "samples": int(len(labels)),
+        "calibration": None if calibration is None else {
+            "file": str(config.calibrate), "samples": int(len(next(iter(calibration.values()))))},
+        "settings": {"threads": config.threads, "runs": config.runs, "warmup": config.warmup,
+                     "batches": list(config.batches), "rank_multiple": config.rank_multiple},
+        "original": original,
+        "results": results,
+    }
+
+
+def agreement(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.mean(a.reshape(len(a), -1).argmax(1) == b.reshape(len(b), -1).argmax(1)))
+
+
+def time_models(paths: list[Path], model: onnx.ModelProto, feeds: dict, config: SweepConfig) -> dict[int, list[dict]]:
+    """Batch -> per-model latency statistics (and paired speedup over the first), CPU EP, interleaved."""
+    from onnx_tucker import bench
+
+    sessions = [bench.open_session(p, "cpu", config.threads, {}) for p in paths]
+    out = {}
+    total = len(config.batches) * len(paths) * (config.runs + config.warmup)
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc="latency", unit="run", file=sys.stderr, disable=None if config.progress else True, leave=False)
+    for batch in config.batches:
+        bar.set_description(f"latency batch {batch}")
+        timing_feeds = bench.timing_feeds(model, batch, feeds)
+        runners = [bench.bind(s, timing_feeds, "cpu") for s in sessions]
+        times = bench.time_interleaved(runners, config.runs, config.warmup, on_run=bar.update)
+        rows = []
+        for index, seconds in enumerate(times):
+            stats = bench.latency_stats(seconds, batch)
+            stats["speedup"] = bench.paired_speedup(times[0], seconds) if index else None
+            rows.append(stats)
+        out[batch] = rows
+    bar.close()
+    return out
+
+
+# --- outputs ----------------------------------------------------------------------------------------
+
+def _m(value) -> str:
+    return "-" if value is None else f"{value / 1e6:.2f}M"
+
+
+def markdown_table(result: dict) -> str:
+    batches = [str(b) for b in result["settings"]["batches"]]
+    headers = ["setting", "conv MACs", "MACs x", "params", "top-1", "change", "agreement"]
+    for b in batches:
+        headers += [f"ms b{b}", f"speedup b{b}"]
+    o = result["original"]
+    rows = [["original", _m(o["conv_macs"]), "1.00x", _m(o["params"]), f"{100 * o['top1']:.2f}%", "-", "-"]
+            + sum(([f"{o['latency'][b]['median_ms']:.3f}", "1.00x"] for b in batches), [])]
+    for r in result["results"]:
+        if r["error"]:
+            rows.append([r["setting"]] + ["-"] * (len(headers) - 2) + [f"failed: {r['error']}"[:80]])
+            continue
+        cells = [r["setting"], _m(r["conv_macs"]), f"{r['macs_reduction']:.2f}x", _m(r["params"]),
+                 f"{100 * r['top1']:.2f}%", f"{100 * r['top1_change']:+.2f}", f"{100 * r['agreement']:.1f}%"]
+        for b in batches:
+            lat = r["latency"][b]
+            cells += [f"{lat['median_ms']:.3f}", f"{lat['speedup']['median']:.2f}x"]
+        rows.append(cells)
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(" --- " for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    calib = result["calibration"]
+    lines.append("")
+    lines.append(
+        f"top-1 on {result['samples']} labelled samples of {result['data']}; "
+        + (f"calibrated on {calib['samples']} samples of {calib['file']}; " if calib else "no calibration; ")
+        + f"latency: onnxruntime {result['onnxruntime_version']} CPU EP, {result['settings']['threads']} threads, "
+        f"median of {result['settings']['runs']} interleaved runs; MACs of the convs at batch 1"
+    )
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    """Two panels: top-1 against conv MACs and against batch-1 latency; the original marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    o = result["original"]
+    done = [r for r in result["results"] if not r["error"]]
+    batch = str(result["settings"]["batches"][0])
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    panels = [("conv MACs (millions, batch 1)", lambda r: r["conv_macs"] / 1e6),
+              (f"CPU latency, batch {batch} (ms, median)", lambda r: r["latency"][batch]["median_ms"])]
+    for ax, (xlabel, x_of) in zip(axes, panels):
+        pts = sorted(((x_of(r), 100 * r["top1"], r["setting"]) for r in done))
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color="tab:blue", label="Tucker-2")
+        for x, y, label in pts:
+            ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, -10), fontsize=8)
+        ax.plot([x_of(o)], [100 * o["top1"]], "*", color="tab:red", markersize=14, label="original")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("top-1 (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right", fontsize=8)
+    fig.suptitle(f"{Path(result['model']).name}: top-1 on {result['samples']} test samples"
+                 + (" (calibrated)" if result["calibration"] else ""), fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_outputs(result: dict, out_dir: Path) -> dict[str, Path]:
+    out_dir = Path(out_dir)
+    paths = {"md": out_dir / "sweep.md", "json": out_dir / "sweep.json", "png": out_dir / "sweep.png"}
+    try:
+        paths["md"].write_text(markdown_table(result) + "\n")
+        paths["json"].write_text(json.dumps(result, indent=2))
+        plot(result, paths["png"])
+    except OSError as exc:
+        raise OnnxTuckerError(f"cannot write the sweep results to {out_dir}: {exc.strerror}") from None
+    return paths

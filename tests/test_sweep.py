@@ -1,0 +1,163 @@
+"""sweep end to end on a tiny model, and calibration files: accepted layouts, bad ones refused in one line."""
+import importlib.util
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from conftest import residual_model, run_model
+from onnx_tucker.cli import main
+from onnx_tucker.data import load_calibration
+from onnx_tucker.errors import DataError
+
+HAS_BUDGET = importlib.util.find_spec("onnx_tucker.budget") is not None
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """The residual model (input [N,3,10,10], 10 logits), a labelled test set and a training set."""
+    root = tmp_path_factory.mktemp("sweep")
+    model = residual_model()
+    model_path = root / "residual.onnx"
+    onnx.save(model, str(model_path))
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((40, 3, 10, 10)).astype(np.float32)
+    labels = run_model(model, {"x": x})[0].argmax(1)
+    labels[:10] = (labels[:10] + 1) % 10  # 30 of 40 right: original top-1 is exactly 75%
+    np.savez(root / "test.npz", x_test=x, y_test=labels)
+    np.savez(root / "train.npz", x_train=rng.standard_normal((64, 3, 10, 10)).astype(np.float32))
+    return root, model
+
+
+def sweep(root, *extra):
+    return main(["sweep", str(root / "residual.onnx"), "--data", str(root / "test.npz"), "--runs", "3",
+                 "--batch", "1,4", "--no-progress", *extra])
+
+
+def test_sweep_end_to_end_writes_table_json_and_plot(setup, capsys):
+    root, _ = setup
+    out = root / "plain"
+    assert sweep(root, "--ratios", "0.5,0.75", "--out-dir", str(out)) == 0
+    printed = capsys.readouterr().out
+    assert "| original |" in printed and "| ratio 0.5 |" in printed and "PASSED: 2/2" in printed
+    result = json.loads((out / "sweep.json").read_text())
+    assert result["schema"] == "onnx-tucker.sweep/1" and result["samples"] == 40 and result["calibration"] is None
+    o = result["original"]
+    assert o["top1"] == pytest.approx(0.75)
+    assert set(o["latency"]) == {"1", "4"} and o["latency"]["1"]["median_ms"] > 0
+    assert [r["setting"] for r in result["results"]] == ["ratio 0.5", "ratio 0.75"]
+    for r in result["results"]:
+        assert r["error"] is None
+        assert r["conv_macs"] < o["conv_macs"] and r["macs_reduction"] == pytest.approx(o["conv_macs"] / r["conv_macs"])
+        assert r["params"] < o["params"] and r["decomposed"] >= 1
+        assert r["top1_change"] == pytest.approx(r["top1"] - o["top1"])
+        assert 0 <= r["agreement"] <= 1
+        assert r["latency"]["4"]["speedup"]["pairs"] == 3
+        assert onnx.load(r["file"]).graph.output[0].name == "logits"
+    # stem conv 16x3x3x3 at ratio 0.5: ranks (8, 1)
+    assert result["results"][0]["ranks"]["stem"] == [8, 1]
+    assert result["results"][0]["conv_macs"] < result["results"][1]["conv_macs"]
+    assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| ratio 0.75 |" in (out / "sweep.md").read_text()
+
+
+def test_sweep_with_calibration_records_the_training_samples(setup, capsys):
+    root, _ = setup
+    out = root / "calibrated"
+    assert sweep(root, "--ratios", "0.5", "--calibrate", str(root / "train.npz"), "--calib-size", "32",
+                 "--batch", "1", "--out-dir", str(out)) == 0
+    result = json.loads((out / "sweep.json").read_text())
+    assert result["calibration"]["samples"] == 32 and result["results"][0]["error"] is None
+
+
+@pytest.mark.skipif(not HAS_BUDGET, reason="onnx_tucker.budget (--target-macs) not there yet")
+def test_sweep_targets_meet_the_mac_budget(setup):
+    root, _ = setup
+    out = root / "targets"
+    assert sweep(root, "--targets", "0.6", "--batch", "1", "--out-dir", str(out)) == 0
+    result = json.loads((out / "sweep.json").read_text())
+    assert result["results"][0]["conv_macs"] <= 0.6 * result["original"]["conv_macs"]
+
+
+@pytest.mark.skipif(HAS_BUDGET, reason="the budget exists: see test_sweep_targets_meet_the_mac_budget")
+def test_sweep_targets_without_budget_fail_cleanly(setup, capsys):
+    root, _ = setup
+    assert sweep(root, "--targets", "0.5", "--out-dir", str(root / "t")) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--ratios", "0.5,1.5"], "outside (0, 1]"),
+    (["--ratios", "0.5", "--targets", "0.5"], "not allowed with"),
+    (["--ratios", "abc"], "expected comma-separated"),
+])
+def test_sweep_bad_settings_are_usage_errors(setup, capsys, args, needle):
+    root, _ = setup
+    assert sweep(root, *args, "--out-dir", str(root / "bad")) == 2
+    err = capsys.readouterr().err
+    assert needle in err and err.count("\n") == 1
+
+
+def test_sweep_refuses_calibrating_on_the_test_file(setup, capsys):
+    root, _ = setup
+    assert sweep(root, "--calibrate", str(root / "test.npz"), "--out-dir", str(root / "bad")) == 2
+    assert "training data" in capsys.readouterr().err
+
+
+# --- calibration files ------------------------------------------------------------------------------
+
+def _save(path, **arrays):
+    np.savez(path, **arrays)
+    return path
+
+
+def test_calibration_layouts_by_name_keras_and_single_array(tmp_path):
+    model = residual_model()
+    x = np.random.default_rng(0).standard_normal((20, 3, 10, 10))
+    for name, arrays in [("name", {"x": x}), ("keras", {"x_train": x, "y_train": np.zeros(20)}), ("single", {"anything": x})]:
+        feeds = load_calibration(_save(tmp_path / f"{name}.npz", **arrays), model, size=8, seed=1)
+        assert list(feeds) == ["x"] and feeds["x"].shape == (8, 3, 10, 10) and feeds["x"].dtype == np.float32
+    again = load_calibration(tmp_path / "name.npz", model, size=8, seed=1)
+    np.testing.assert_array_equal(again["x"], feeds["x"])  # seeded subset
+    ints = load_calibration(_save(tmp_path / "u8.npz", x_train=np.zeros((5, 3, 10, 10), np.uint8)), model, size=None)
+    assert ints["x"].dtype == np.float32  # uint8 images cast to the model's float input
+
+
+@pytest.mark.parametrize("arrays, size, needle", [
+    ({"x_train": np.zeros((8, 3, 12, 12), np.float32)}, 4, "expects"),  # wrong shape
+    ({"x_train": np.zeros((8, 3, 10), np.float32)}, 4, "expects"),  # wrong rank
+    ({"x_train": np.full((8, 3, 10, 10), "a")}, 4, "cannot be cast"),  # wrong dtype
+    ({"x_train": np.zeros((8, 3, 10, 10), np.complex64)}, 4, "cannot be cast"),
+    ({"x_train": np.zeros((8, 3, 10, 10), np.float32)}, 16, "fewer than the 16"),  # too few samples
+    ({"x_train": np.full((8, 3, 10, 10), np.nan, np.float32)}, 4, "NaN or Inf"),
+    ({"x_train": np.full((8, 3, 10, 10), np.inf)}, 4, "NaN or Inf"),
+    ({"x_train": np.full((8, 3, 10, 10), 1e300)}, 4, "overflow"),
+    ({"x_train": np.zeros((0, 3, 10, 10), np.float32)}, 4, "no calibration samples"),
+    ({"x_test": np.zeros((8, 3, 10, 10), np.float32), "y_test": np.zeros(8)}, 4, "training data"),
+    ({"a": np.zeros((8, 3, 10, 10)), "b": np.zeros((8, 3, 10, 10))}, 4, "no calibration array"),
+])
+def test_bad_calibration_files_are_one_line_data_errors(tmp_path, arrays, size, needle):
+    with pytest.raises(DataError) as info:
+        load_calibration(_save(tmp_path / "c.npz", **arrays), residual_model(), size=size)
+    assert needle in str(info.value) and "\n" not in str(info.value)
+
+
+def test_garbage_calibration_file_is_a_data_error(tmp_path):
+    path = tmp_path / "c.npz"
+    path.write_bytes(b"not a zip")
+    with pytest.raises(DataError, match="cannot read"):
+        load_calibration(path, residual_model())
+
+
+@pytest.mark.parametrize("arrays", [
+    {"x_train": np.full((8, 3, 10, 10), np.nan, np.float32)},
+    {"x_train": np.zeros((8, 3, 7, 7), np.float32)},
+    {"x_train": np.zeros((3, 3, 10, 10), np.float32)},
+])
+def test_sweep_with_a_bad_calibration_file_exits_1_with_one_line(setup, capsys, tmp_path, arrays):
+    root, _ = setup
+    bad = _save(tmp_path / "bad.npz", **arrays)
+    assert sweep(root, "--calibrate", str(bad), "--calib-size", "4", "--out-dir", str(tmp_path / "o")) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("onnx-tucker: error:") and err.count("\n") == 1 and "Traceback" not in err
