@@ -31,7 +31,7 @@ def threshold_from_env() -> int:
     return min(value, DEFAULT_EXTERNAL_THRESHOLD)
 
 
-def external_data_files(model: onnx.ModelProto, base_dir: Path) -> list[Path]:
+def external_data_files(model: onnx.ModelProto, base_dir: Path, must_exist: bool = True) -> list[Path]:
     """The resolved data files a model's external tensors point to, refusing any outside ``base_dir``."""
     base = base_dir.resolve()
     files = []
@@ -48,7 +48,7 @@ def external_data_files(model: onnx.ModelProto, base_dir: Path) -> list[Path]:
             raise ModelError(
                 f"tensor '{tensor.name}' points to external data outside the model's folder ({info.location}): refused"
             )
-        if not target.is_file():
+        if must_exist and not target.is_file():
             raise ModelError(f"tensor '{tensor.name}' needs external data file '{info.location}', which does not exist")
         if target not in files:
             files.append(target)
@@ -120,7 +120,23 @@ def check_output_path(input_path: str | os.PathLike | None, output_path: str | o
         inp = Path(input_path)
         if inp.exists() and (out.resolve() == inp.resolve() or (out.exists() and os.path.samefile(out, inp))):
             raise UsageError("output path is the input path: refusing to overwrite the input model")
+        # The output writes OUT and possibly OUT.data: neither may be one of the input's data files.
+        existing = [p for p in (out, out.parent / (out.name + ".data")) if p.is_file()]
+        if existing and inp.is_file():
+            for data in input_data_files(inp):
+                for p in existing:
+                    if os.path.samefile(p, data):
+                        raise UsageError(f"output would write over the input's external data file {data.name}: choose another output name")
     return out
+
+
+def input_data_files(path: Path) -> list[Path]:
+    """The external data files a model file refers to (its weights are not read); [] if it cannot be parsed."""
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:
+        return []  # load_model reports the parse failure
+    return [f for f in external_data_files(model, path.parent, must_exist=False) if f.is_file()]
 
 
 def save_model(

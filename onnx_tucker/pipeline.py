@@ -14,7 +14,7 @@ from onnx_tucker import __version__
 from onnx_tucker.decompose import DEFAULT_ITERATIONS, max_ranks, tucker2
 from onnx_tucker.errors import ModelError, UsageError
 from onnx_tucker.io import PROTOBUF_LIMIT, load_model, model_size
-from onnx_tucker.ranks import ratio_ranks, round_to_multiple
+from onnx_tucker.ranks import energy_ranks, ratio_ranks, round_to_multiple, vbmf_ranks
 from onnx_tucker.report import LayerRecord, Report
 from onnx_tucker.rewrite import export, find_candidates, replace_conv, taken_names, unique_name
 
@@ -28,6 +28,13 @@ class Options:
     method: str = "eig"
     ranks: dict = field(default_factory=dict)  # layer name -> (R_out, R_in), overrides the rule
     exclude: tuple = ()  # layer names (or 0-based conv indices) to leave as they are
+    rank_method: str = "ratio"  # ratio | energy | vbmf
+    energy: float = 0.9  # fraction of each mode's spectral energy kept by rank_method="energy"
+    target_macs: float | None = None  # whole-model conv MACs at most this fraction of the original
+    calibration: dict | None = None  # input name -> array of calibration samples (data-aware mode)
+    refit: str | bool = "last"  # with calibration: "last" (1x1 + bias), "core" (core too), False: none
+    whiten: bool = True  # with calibration: input-covariance-weighted (data-aware) decomposition
+    fixed_macs: int = 0  # set by compress: MACs of convs that are never decomposed
 
 
 def check_ratio(ratio) -> float:
@@ -93,15 +100,26 @@ def compress(model, ratio: float = 0.5, **options) -> tuple[onnx.ModelProto, Rep
     unknown = excluded - {c.name for c in candidates} - {str(i) for i in range(len(candidates))}
     if unknown:
         raise UsageError(f"--exclude names no Conv of this model: {', '.join(sorted(unknown))}")
+    records = {}
     for index, cand in enumerate(candidates):
         if cand.eligible and (cand.name in excluded or str(index) in excluded):
             cand.reason = "excluded by the user"
-        record = LayerRecord.from_candidate(cand)
+        records[cand.name] = record = LayerRecord.from_candidate(cand)
         report.layers.append(record)
-        if not cand.eligible:
+    eligible = [c for c in candidates if c.eligible]
+    opts.fixed_macs = sum(c.shape.macs() for c in candidates if not c.eligible and c.shape is not None)
+    planned = plan_ranks(eligible, opts)
+    input_stats = None
+    if opts.calibration is not None and opts.whiten:
+        from onnx_tucker.calibrate import input_covariances
+
+        input_stats = input_covariances(model, opts.calibration, [c.node.inputs[0].name for c in eligible])
+    for cand in eligible:
+        record, shape = records[cand.name], cand.shape
+        if planned.get(cand.name) is None:
+            record.reason = "left whole by the MAC budget allocation"
             continue
-        shape = cand.shape
-        r_out, r_in = opts.ranks.get(cand.name) or ratio_ranks(shape.c_out, shape.c_in, opts.ratio)
+        r_out, r_in = planned[cand.name]
         max_out, max_in = max_ranks(cand.weight.shape)
         r_out = round_to_multiple(min(r_out, max_out), opts.rank_multiple, max_out)
         r_in = round_to_multiple(min(r_in, max_in), opts.rank_multiple, max_in)
@@ -114,7 +132,8 @@ def compress(model, ratio: float = 0.5, **options) -> tuple[onnx.ModelProto, Rep
             continue
         key = (cand.weight_key, r_out, r_in)
         if key not in shared:
-            factors = tucker2(cand.weight, r_out, r_in, n_iter_max=opts.n_iter_max, method=opts.method)
+            cov = input_stats.get(cand.node.inputs[0].name) if input_stats else None
+            factors = tucker2(cand.weight, r_out, r_in, n_iter_max=opts.n_iter_max, method=opts.method, input_covariance=cov)
             dtype = cand.weight.dtype
             nd = cand.weight.ndim - 2
             base = cand.name
@@ -131,8 +150,34 @@ def compress(model, ratio: float = 0.5, **options) -> tuple[onnx.ModelProto, Rep
             "no Conv was decomposed: " + "; ".join(sorted({r.reason for r in report.layers if r.reason}))
         )
     new_model = export(graph, model)
+    if opts.calibration is not None and opts.refit:
+        from onnx_tucker.calibrate import refit_last_convs
+
+        mode = "last" if opts.refit is True else opts.refit
+        report.calibration = refit_last_convs(model, new_model, opts.calibration, [r.layer for r in report.decomposed], mode=mode)
     _set_metadata(new_model, report)
     return new_model, report
+
+
+def plan_ranks(candidates: list, opts: "Options") -> dict:
+    """Layer name -> (R_out, R_in) before rounding, or None to leave the layer at full rank."""
+    if opts.target_macs is not None:
+        from onnx_tucker.budget import allocate_ranks
+
+        return allocate_ranks(candidates, opts)
+    planned = {}
+    for cand in candidates:
+        if cand.name in opts.ranks:
+            planned[cand.name] = tuple(opts.ranks[cand.name])
+        elif opts.rank_method == "ratio":
+            planned[cand.name] = ratio_ranks(cand.shape.c_out, cand.shape.c_in, opts.ratio)
+        elif opts.rank_method == "energy":
+            planned[cand.name] = energy_ranks(cand.weight, opts.energy)
+        elif opts.rank_method == "vbmf":
+            planned[cand.name] = vbmf_ranks(cand.weight)
+        else:
+            raise UsageError(f"unknown rank method {opts.rank_method!r}: choose ratio, energy or vbmf")
+    return planned
 
 
 def _set_metadata(model: onnx.ModelProto, report: Report) -> None:

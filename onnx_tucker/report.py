@@ -40,6 +40,7 @@ class Report:
     layers: list = field(default_factory=list)
     check: dict | None = None
     accuracy: dict | None = None
+    calibration: dict | None = None
 
     @property
     def decomposed(self) -> list:
@@ -68,6 +69,7 @@ class Report:
             "totals": self.totals(),
             "check": self.check,
             "accuracy": self.accuracy,
+            "calibration": self.calibration,
         }
 
     def to_json(self) -> str:

@@ -100,12 +100,13 @@ def test_inline_save_leaves_no_data_file(tmp_path):
 def test_output_above_threshold_goes_to_external_data_automatically(tmp_path):
     model = conv_model(c_in=32, c_out=64)  # 73 KiB of weights
     out = tmp_path / "big.onnx"
-    written = save_model(model, out, external_threshold=16 * 1024)
+    feeds = feeds_for(model)
+    expected = run_model(model, feeds)[0]
+    written = save_model(model, out, external_threshold=16 * 1024)  # moves the weights of `model` out
     assert written == tmp_path / "big.onnx.data"
     assert written.stat().st_size >= 64 * 32 * 9 * 4
     assert out.stat().st_size < 16 * 1024
-    feeds = feeds_for(model)
-    assert np.array_equal(run_model(model, feeds)[0], run_model(out, feeds)[0])
+    assert np.array_equal(expected, run_model(out, feeds)[0])
 
 
 def test_output_below_threshold_stays_inline(tmp_path):
@@ -146,6 +147,15 @@ def test_output_data_file_colliding_with_inputs_data_is_refused(tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1 and "input" in r.stderr and "Traceback" not in r.stderr
     assert snapshot(tmp_path) == before  # input model and its data byte-identical, nothing new
     assert data.is_file()
+
+
+def test_output_path_equal_to_inputs_data_file_is_refused(tmp_path):
+    src = tmp_path / "in.onnx"
+    data = save_external(conv_model(c_in=16, c_out=32), src)
+    before = snapshot(tmp_path)
+    r = cli(src, data, "--ratio", "0.5")
+    assert r.returncode == 2 and "external data" in r.stderr, r.stderr
+    assert snapshot(tmp_path) == before
 
 
 def test_api_refuses_to_write_over_a_protected_file(tmp_path):
