@@ -19,7 +19,8 @@ from onnx import numpy_helper
 from onnx_tucker.runtime import make_session
 
 MAX_ROWS = 30_000
-MIN_ROWS_PER_UNKNOWN = 20  # pixel samples per layer for the least-squares refit
+MIN_ROWS_PER_UNKNOWN = 20
+CORE_RIDGE = 1e-2  # the core refit shrinks towards the Tucker solution: it has many unknowns  # pixel samples per layer for the least-squares refit
 BATCH = 64
 
 
@@ -64,7 +65,7 @@ def _rows(value: np.ndarray, pick: np.ndarray) -> np.ndarray:
 
 
 def refit_last_convs(original: onnx.ModelProto, compressed: onnx.ModelProto, feeds: dict, layers: list[str],
-                     ridge: float = 1e-3, seed: int = 0, mode: str = "last") -> dict:
+                     ridge: float = 1e-6, seed: int = 0, mode: str = "last") -> dict:
     """Sequential least-squares refit of each decomposed layer's last conv; edits ``compressed`` in place.
 
     ``mode="last"`` refits the last 1x1 conv and bias; ``mode="core"`` also refits the
@@ -190,7 +191,7 @@ def _refit_core_and_last(model, layer, core_node, last, inits, f, pick, target, 
     mean_p, mean_t = p.mean(0), target.mean(0)
     pc, tc = p - mean_p, target - mean_t
     gram = pc.T @ pc
-    lam = ridge * np.trace(gram) / len(gram) + 1e-12
+    lam = max(ridge, CORE_RIDGE) * np.trace(gram) / len(gram) + 1e-12
     full = np.linalg.solve(gram + lam * np.eye(len(gram)), pc.T @ tc + lam * prior)
     fitted = pc @ full
     _, vectors = np.linalg.eigh(fitted.T @ fitted)
@@ -261,3 +262,30 @@ def _fresh(name: str, taken: dict) -> str:
         candidate = f"{name}_{i}"
         i += 1
     return candidate
+
+
+def layer_sensitivity(model: onnx.ModelProto, candidates: list, feeds: dict, ratio: float = 0.5, samples: int = 128) -> dict:
+    """How much the model's output moves when each layer alone is decomposed at ``ratio``.
+
+    Returns layer -> squared relative output error per unit of that layer's estimated
+    weight error (lost spectral energy): the weight ``budget.allocate_ranks`` gives it.
+    """
+    from onnx_tucker.budget import lost_energy
+    from onnx_tucker.pipeline import compress
+    from onnx_tucker.ranks import ratio_ranks
+
+    subset = {k: v[:samples] for k, v in feeds.items()}
+    reference = make_session(model).run(None, subset)[0].astype(np.float64)
+    norm = np.linalg.norm(reference) or 1.0
+    names = [c.name for c in candidates]
+    weights = {}
+    for cand in candidates:
+        others = tuple(n for n in names if n != cand.name)
+        single, _ = compress(model, ratio=ratio, force=True, exclude=others)
+        out = make_session(single).run(None, subset)[0].astype(np.float64)
+        distortion = (np.linalg.norm(out - reference) / norm) ** 2
+        r_out, r_in = ratio_ranks(cand.shape.c_out, cand.shape.c_in, ratio)
+        loss_out, loss_in = lost_energy(cand.weight)
+        proxy = float(loss_out[min(r_out, len(loss_out) - 1)] + loss_in[min(r_in, len(loss_in) - 1)])
+        weights[cand.name] = float(distortion / max(proxy, 1e-12))
+    return weights

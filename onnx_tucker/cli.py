@@ -31,6 +31,16 @@ def _ratio(text: str) -> float:
     return check_ratio(text)
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise UsageError(f"expected a fraction in (0, 1], got {text!r}") from None
+    if not 0 < value <= 1:
+        raise UsageError(f"expected a fraction in (0, 1], got {text!r}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -77,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_rank_method_arguments(c)
     c.add_argument("--iterations", type=int, default=None, metavar="N", help="HOOI iterations after the SVD start (default 10)")
     c.add_argument("--method", choices=("eig", "tensorly"), default="eig", help="decomposition routine (default: eig, our fast HOOI; tensorly: partial_tucker)")
+    c.add_argument("--target-macs", type=_fraction, metavar="F", help="choose per-layer ranks so the model's conv MACs are at most F x the original (e.g. 0.33)")
+    c.add_argument("--calibrate", metavar="TRAIN.npz", help="data-aware decomposition from calibration inputs (training data only: x_train, by input name, or one array)")
+    c.add_argument("--calib-size", type=_positive_int, default=512, metavar="N", help="calibration samples, a seeded random subset (default 512)")
+    c.add_argument("--refit", choices=("last", "core", "none"), default="last", help="with --calibrate: least-squares refit of the last 1x1 conv (default), of the core too, or none")
     c.add_argument("--inputs", metavar="FILE.npz", help="inputs for the self-check (one array per model input)")
     c.add_argument("--no-check", action="store_true", help="skip the onnxruntime self-check of the output")
     c.add_argument("--check-batch", type=_positive_int, default=8, metavar="N", help="batch size of the random self-check inputs (default 8)")
@@ -131,6 +145,15 @@ def cmd_compress(args) -> int:
     model = load_model(args.input)
     options = {"force": args.force, "rank_multiple": args.rank_multiple, "method": args.method,
                "rank_method": args.rank_method, "energy": args.energy}
+    if args.target_macs is not None:
+        options["target_macs"] = args.target_macs
+    if args.calibrate:
+        from onnx_tucker.data import load_calibration
+
+        if args.data and Path(args.calibrate).resolve() == Path(args.data).resolve():
+            raise UsageError("--calibrate and --data are the same file: calibrate on training data, measure on test data")
+        options["calibration"] = load_calibration(args.calibrate, model, size=args.calib_size, strict_size=False)
+        options["refit"] = False if args.refit == "none" else args.refit
     if args.exclude:
         options["exclude"] = tuple(e.strip() for e in args.exclude.split(",") if e.strip())
     if args.iterations is not None:

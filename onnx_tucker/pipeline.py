@@ -35,6 +35,7 @@ class Options:
     refit: str | bool = "last"  # with calibration: "last" (1x1 + bias), "core" (core too), False: none
     whiten: bool = True  # with calibration: input-covariance-weighted (data-aware) decomposition
     fixed_macs: int = 0  # set by compress: MACs of convs that are never decomposed
+    sensitivity: dict = field(default_factory=dict)  # layer -> weight of its error in the MAC budget allocation
 
 
 def check_ratio(ratio) -> float:
@@ -108,6 +109,11 @@ def compress(model, ratio: float = 0.5, **options) -> tuple[onnx.ModelProto, Rep
         report.layers.append(record)
     eligible = [c for c in candidates if c.eligible]
     opts.fixed_macs = sum(c.shape.macs() for c in candidates if not c.eligible and c.shape is not None)
+    if opts.target_macs is not None and opts.calibration is not None and not opts.sensitivity:
+        from onnx_tucker.calibrate import layer_sensitivity
+
+        opts.sensitivity = layer_sensitivity(model, eligible, opts.calibration)
+        report.sensitivity = opts.sensitivity
     planned = plan_ranks(eligible, opts)
     input_stats = None
     if opts.calibration is not None and opts.whiten:
@@ -155,6 +161,16 @@ def compress(model, ratio: float = 0.5, **options) -> tuple[onnx.ModelProto, Rep
 
         mode = "last" if opts.refit is True else opts.refit
         report.calibration = refit_last_convs(model, new_model, opts.calibration, [r.layer for r in report.decomposed], mode=mode)
+    report.settings = {
+        "rank_method": "target_macs" if opts.target_macs is not None else opts.rank_method,
+        "ratio": opts.ratio if opts.target_macs is None and opts.rank_method == "ratio" else None,
+        "energy": opts.energy if opts.rank_method == "energy" and opts.target_macs is None else None,
+        "target_macs": opts.target_macs,
+        "calibration_samples": int(len(next(iter(opts.calibration.values())))) if opts.calibration else 0,
+        "refit": (opts.refit or "none") if opts.calibration else None,
+        "rank_multiple": opts.rank_multiple,
+        "force": opts.force,
+    }
     _set_metadata(new_model, report)
     return new_model, report
 
@@ -183,10 +199,12 @@ def plan_ranks(candidates: list, opts: "Options") -> dict:
 def _set_metadata(model: onnx.ModelProto, report: Report) -> None:
     entries = {
         "onnx_tucker.version": report.tool_version,
-        "onnx_tucker.ratio": repr(report.ratio),
+        "onnx_tucker.ratio": repr(report.ratio) if report.settings.get("ratio") is not None else "",
+        "onnx_tucker.settings": json.dumps(report.settings, sort_keys=True),
         "onnx_tucker.ranks": json.dumps({r.layer: list(r.ranks) for r in report.layers if r.decomposed}, sort_keys=True),
     }
     keep = [p for p in model.metadata_props if p.key not in entries]
+    entries = {k: v for k, v in entries.items() if v}
     del model.metadata_props[:]
     model.metadata_props.extend(keep)
     for key, value in entries.items():

@@ -41,6 +41,8 @@ class Report:
     check: dict | None = None
     accuracy: dict | None = None
     calibration: dict | None = None
+    sensitivity: dict | None = None
+    settings: dict = field(default_factory=dict)
 
     @property
     def decomposed(self) -> list:
@@ -70,6 +72,8 @@ class Report:
             "check": self.check,
             "accuracy": self.accuracy,
             "calibration": self.calibration,
+            "sensitivity": self.sensitivity,
+            "settings": self.settings,
         }
 
     def to_json(self) -> str:

@@ -49,8 +49,8 @@ def conv_model(
     nodes.append(helper.make_node("Relu", ["c"], ["y"], name="relu"))
     graph = helper.make_graph(nodes, "conv_test", inputs, [y], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="tests")
-    if ir_version is not None:
-        model.ir_version = ir_version
+    # IR 10 (onnx 1.16) unless asked: newer onnx writes IR versions older onnxruntime builds refuse.
+    model.ir_version = ir_version if ir_version is not None else 10
     model = onnx.shape_inference.infer_shapes(model)
     onnx.checker.check_model(model)
     return model
@@ -84,6 +84,7 @@ def residual_model(channels: int = 16, spatial=(10, 10), seed: int = 0) -> onnx.
         [helper.make_tensor_value_info("logits", FLOAT, ["N", 10])], inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="tests")
+    model.ir_version = 10
     onnx.checker.check_model(model)
     return model
 

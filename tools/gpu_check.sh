@@ -82,7 +82,7 @@ else
 fi
 
 section "bench on CUDA: batch 1 and 64, $RUNS runs, cudnn_conv_algo_search EXHAUSTIVE, top-1 on the 500-image sample"
-step "$PY" -m onnx_tucker bench "${MODELS[@]}" --providers cuda --batch 1,64 --runs "$RUNS" --warmup 20 \
+step "$PY" -m onnx_tucker bench "${MODELS[@]}" --providers cuda --batch ${CUDA_BATCHES:-1,64,256} --runs "$RUNS" --warmup 20 \
     --cudnn-algo EXHAUSTIVE --data models/cifar10_test_sample.npz --json "$TMP/cuda.json" --no-progress
 
 if "$PY" -c "from onnx_tucker.runtime import available_providers as a; raise SystemExit('tensorrt' not in a())" 2>/dev/null; then

@@ -50,6 +50,37 @@ def build_seed_cnn(num_classes: int = 10):
     return model
 
 
+def build_resnet(num_classes: int = 10, width: int = 32):
+    """A second architecture for the calibration experiments: a small pre-activation-free ResNet
+    (same-padded 3x3 convs, BN after conv, residual adds, strided stages, global average pool)."""
+    import keras
+    from keras import layers
+
+    inputs = keras.Input(shape=(32, 32, 3), name="pixels")
+    x = layers.Rescaling(scale=2.0 / 255.0, offset=-1.0, name="scale_to_pm1")(inputs)
+    x = layers.Conv2D(width, 3, padding="same", use_bias=False, name="stem")(x)
+    x = layers.ReLU()(layers.BatchNormalization()(x))
+    for stage, filters in enumerate((width, 2 * width, 4 * width)):
+        for block in range(2):
+            stride = 2 if stage > 0 and block == 0 else 1
+            shortcut = x
+            y = layers.Conv2D(filters, 3, strides=stride, padding="same", use_bias=False, name=f"s{stage}b{block}_conv1")(x)
+            y = layers.ReLU()(layers.BatchNormalization()(y))
+            y = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"s{stage}b{block}_conv2")(y)
+            y = layers.BatchNormalization()(y)
+            if stride != 1 or shortcut.shape[-1] != filters:
+                shortcut = layers.BatchNormalization()(
+                    layers.Conv2D(filters, 1, strides=stride, use_bias=False, name=f"s{stage}b{block}_proj")(shortcut)
+                )
+            x = layers.ReLU()(layers.Add()([shortcut, y]))
+    x = layers.GlobalAveragePooling2D()(x)
+    outputs = layers.Activation("softmax", name="probabilities")(layers.Dense(num_classes, name="logits")(x))
+    return keras.Model(inputs, outputs, name="resnet_cifar10")
+
+
+ARCHITECTURES = {"seed": build_seed_cnn, "resnet": build_resnet}
+
+
 def load_cifar10(data: str | None):
     """(x_train, y_train, x_test, y_test) as uint8 NHWC images and int labels."""
     if data is None:
@@ -95,6 +126,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--subset", type=int, default=0, help="train on a seeded subset (quick runs)")
     parser.add_argument("--out", default="models/cifar10_cnn.keras")
+    parser.add_argument("--arch", choices=sorted(ARCHITECTURES), default="seed", help="seed: the report's CNN (default); resnet: a second architecture")
     args = parser.parse_args(argv)
 
     import keras
@@ -116,7 +148,8 @@ def main(argv=None) -> int:
     schedule = keras.optimizers.schedules.CosineDecay(
         0.0, steps, warmup_target=args.lr, warmup_steps=max(1, steps // 20)
     )
-    model = build_seed_cnn()
+    build = ARCHITECTURES[args.arch]
+    model = build()
     model.compile(
         optimizer=keras.optimizers.AdamW(learning_rate=schedule, weight_decay=5e-4),
         loss="sparse_categorical_crossentropy",
@@ -129,7 +162,7 @@ def main(argv=None) -> int:
 
     def save_weights_only_model():
         # A fresh, uncompiled copy: the file holds weights, not optimizer state.
-        clean = build_seed_cnn()
+        clean = build()
         clean.set_weights(model.get_weights())
         tmp = out.with_name(out.stem + ".tmp.keras")
         clean.save(tmp)
