@@ -55,8 +55,8 @@ def check_full_rank_exact(model: onnx.ModelProto) -> None:
 
 
 def check_half_ratio(model: onnx.ModelProto, record_property, label: str):
-    """Ratio 0.5 (2 HOOI iterations: validity, not fit quality, is tested here)."""
-    new, report = onnx_tucker.compress(model, ratio=0.5, n_iter_max=2)
+    """Ratio 0.5 (HOSVD only, no HOOI iterations: validity, not fit quality, is tested here)."""
+    new, report = onnx_tucker.compress(model, ratio=0.5, n_iter_max=0)
     onnx.checker.check_model(new)
     outputs = run_model(new, _feeds(model))
     assert all(np.all(np.isfinite(o)) for o in outputs)
@@ -245,7 +245,7 @@ def test_torch_export_half_ratio_valid_with_fewer_macs(name, record_property):
 
 def test_torch_small_resnet_keeps_residual_adds_and_dynamic_batch():
     model = _torch_model("small_resnet")
-    new, report = onnx_tucker.compress(model, ratio=0.5, n_iter_max=2)
+    new, report = onnx_tucker.compress(model, ratio=0.5, n_iter_max=0)
     assert sum(n.op_type == "Add" for n in new.graph.node) == sum(n.op_type == "Add" for n in model.graph.node) == 3
     assert "BatchNormalization" not in {n.op_type for n in new.graph.node}  # folded by the exporter
     dim = new.graph.input[0].type.tensor_type.shape.dim[0]
