@@ -48,12 +48,40 @@ def check_ratio(ratio) -> float:
     return value
 
 
+def _shape_skeleton(model: onnx.ModelProto, keep_bytes: int = 4096) -> onnx.ModelProto:
+    """``model`` without float initializers over ``keep_bytes``, each listed as a graph input of its type and shape."""
+    light = onnx.ModelProto(ir_version=model.ir_version)
+    light.opset_import.extend(model.opset_import)
+    light.functions.extend(model.functions)
+    graph = light.graph
+    graph.name = model.graph.name
+    graph.node.extend(model.graph.node)
+    graph.input.extend(model.graph.input)
+    graph.output.extend(model.graph.output)
+    graph.value_info.extend(model.graph.value_info)
+    graph.sparse_initializer.extend(model.graph.sparse_initializer)
+    listed = {i.name for i in model.graph.input}
+    integer = (onnx.TensorProto.INT64, onnx.TensorProto.INT32)
+    for init in model.graph.initializer:
+        if init.data_type in integer or init.ByteSize() <= keep_bytes:
+            graph.initializer.append(init)
+        elif init.name not in listed:
+            graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    return light
+
+
 def infer_shapes(model: onnx.ModelProto) -> dict[str, tuple]:
-    """Tensor name -> shape (ints where known, batch taken as 1) from ONNX shape inference."""
-    if model_size(model) > PROTOBUF_LIMIT:
+    """Tensor name -> shape (ints where known, batch taken as 1) from ONNX shape inference.
+
+    Inference runs on a skeleton without the large weights (they become typed graph inputs):
+    it would otherwise serialise and copy every weight twice (issue 5: peak memory), and
+    models over 2 GB get shapes too.
+    """
+    skeleton = _shape_skeleton(model)
+    if skeleton.ByteSize() > PROTOBUF_LIMIT:
         return {}  # shape inference serialises the model; the cost model falls back to parameters
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False, data_prop=True)
     except Exception:
         return {}
     shapes = {}

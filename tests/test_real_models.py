@@ -264,3 +264,23 @@ def test_torch_export_with_initializers_as_inputs():
 def test_torch_export_without_constant_folding_keeps_batchnorm_and_is_exact():
     model = _torch_model("small_resnet", do_constant_folding=False, training=_torch().onnx.TrainingMode.PRESERVE)
     check_full_rank_exact(model)
+
+
+def test_cli_output_is_byte_identical_across_processes(tmp_path):
+    """Determinism: the same input and options give the same bytes from two separate CLI processes."""
+    import hashlib
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = tmp_path / "resnext.onnx"
+    onnx.save(_torch_model("resnext_like"), str(src))
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    digests = []
+    for name in ("a.onnx", "b.onnx"):
+        r = subprocess.run([sys.executable, "-m", "onnx_tucker", str(src), str(tmp_path / name), "--ratio", "0.5", "--no-check"],
+                           capture_output=True, text=True, env=env, timeout=300)
+        assert r.returncode == 0, r.stderr
+        digests.append(hashlib.sha256((tmp_path / name).read_bytes()).hexdigest())
+    assert digests[0] == digests[1]
