@@ -55,13 +55,51 @@ def layer_options(cand, rank_multiple: int = 1):
     return options
 
 
+def uniform_ratio(candidates: list, opts, target: float) -> float:
+    """The largest single ratio (seed rule, unprofitable layers left whole) meeting the MAC target."""
+    fixed = getattr(opts, "fixed_macs", 0)
+    total = fixed + sum(c.shape.macs() for c in candidates)
+
+    def macs_at(ratio):
+        m = fixed
+        for c in candidates:
+            mo, mi = max_ranks(c.weight.shape)
+            ro, ri = ratio_ranks(c.shape.c_out, c.shape.c_in, ratio)
+            ro = round_to_multiple(min(ro, mo), opts.rank_multiple, mo)
+            ri = round_to_multiple(min(ri, mi), opts.rank_multiple, mi)
+            m += min(c.shape.chain_macs(ro, ri), c.shape.macs())
+        return m
+
+    lo, hi = 1e-3, 1.0
+    if macs_at(lo) > target * total:
+        return lo
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if macs_at(mid) <= target * total else (lo, mid)
+    return lo
+
+
+def bounded(options: list, cand, base: float) -> list:
+    """Keep the undecomposed option and those with rank fractions within [base/2, 2*base]."""
+    lo, hi = base / 2, min(1.0, 2 * base)
+    kept = [options[0]]
+    for macs, error, ranks in options[1:]:
+        fraction = max(ranks[0] / cand.shape.c_out, ranks[1] / cand.shape.c_in)
+        if fraction <= hi + 1e-9 and min(ranks[0] / cand.shape.c_out, ranks[1] / cand.shape.c_in) >= lo - 1e-9:
+            kept.append((macs, error, ranks))
+    return kept
+
+
 def allocate_ranks(candidates: list, opts) -> dict:
     """Layer name -> (R_out, R_in), or None for layers best left whole, meeting ``opts.target_macs``."""
     target = float(opts.target_macs)
     if not 0 < target <= 1:
         raise UsageError(f"target MACs must be a fraction in (0, 1], got {target}")
     sensitivity = getattr(opts, "sensitivity", None) or {}
-    per_layer = {c.name: layer_options(c, opts.rank_multiple) for c in candidates}
+    base = uniform_ratio(candidates, opts, target)
+    # Measured: an unbounded greedy crushes the largest layer to rank 2 (the error estimate does not
+    # hold that far from where sensitivity was measured), so each layer stays within [base/2, 2*base].
+    per_layer = {c.name: bounded(layer_options(c, opts.rank_multiple), c, base) for c in candidates}
     weights = {c.name: float(sensitivity.get(c.name, 1.0)) for c in candidates}
     position = {name: 0 for name in per_layer}
     # MACs of the model's convs that cannot be decomposed count against the budget too.

@@ -66,7 +66,7 @@ def residual_model(channels: int = 16, spatial=(10, 10), seed: int = 0) -> onnx.
     c = channels
     inits = [
         w("W1", (c, 3, 3, 3)), w("B1", (c,)), w("W2", (c, c, 3, 3)), w("B2", (c,)),
-        w("W3", (2 * c, c, 3, 3)), w("Wg", (2 * c, 4, 3, 3)), w("W1x1", (10, 2 * c, 1, 1)),
+        w("W3", (2 * c, c, 3, 3)), w("Wg", (2 * c, 2 * c // 8, 3, 3)), w("W1x1", (10, 2 * c, 1, 1)),
     ]
     nodes = [
         helper.make_node("Conv", ["x", "W1", "B1"], ["a"], name="stem", pads=[1, 1, 1, 1]),
