@@ -50,7 +50,7 @@ def peak_rss_mb() -> float:
 # --- children ---------------------------------------------------------------------------------
 
 
-def child_convert(name: str, size: int, path: Path) -> None:
+def child_convert(name: str, size: int, path: Path, top: bool = True) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import keras
     import onnx
@@ -58,7 +58,8 @@ def child_convert(name: str, size: int, path: Path) -> None:
     from onnx_tucker.convert import keras_to_onnx
 
     keras.utils.set_random_seed(0)
-    model = getattr(keras.applications, name)(weights=None, input_shape=(size, size, 3))
+    kwargs = {} if top else {"include_top": False, "pooling": "avg"}
+    model = getattr(keras.applications, name)(weights=None, input_shape=(size, size, 3), **kwargs)
     onnx_model = keras_to_onnx(model)
     tmp = path.with_suffix(".tmp")
     onnx.save(onnx_model, str(tmp))
@@ -128,14 +129,14 @@ def run_child(*args: str) -> dict:
 # --- parent -----------------------------------------------------------------------------------
 
 
-def bench(name: str, size: int, ratio: float, cache: Path, repeats: int) -> dict:
-    path = cache / f"{name}_{size}.onnx"
+def bench(name: str, size: int, ratio: float, cache: Path, repeats: int, top: bool = True) -> dict:
+    path = cache / f"{name}_{size}{'' if top else '_notop'}.onnx"
     if not path.is_file():
         t = time.perf_counter()
         print(f"[{name}] converting (cached at {path}) ...", file=sys.stderr, flush=True)
-        run_child("--child", "convert", name, str(size), str(path))
+        run_child("--child", "convert", name, str(size), str(path), "top" if top else "notop")
         print(f"[{name}] converted in {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
-    out = cache / f"{name}_{size}_r{ratio}.onnx"
+    out = path.with_name(f"{path.stem}_r{ratio}.onnx")
     tool_runs = [run_child("--child", "tool", str(path), str(ratio), str(out)) for _ in range(repeats)]
     tool = min(tool_runs, key=lambda r: r["compress_s"])
     plain = run_child("--child", "plain", str(path), json.dumps({k: {"ranks": v["ranks"]} for k, v in tool["layers"].items()}))
@@ -144,7 +145,7 @@ def bench(name: str, size: int, ratio: float, cache: Path, repeats: int) -> dict
     plain_sq = sum(v["sq_error"] for v in plain["layers"].values())
     file_mb = path.stat().st_size / 2**20
     result = {
-        "model": name, "input": [1, 3, size, size], "ratio": ratio, "file_mb": round(file_mb, 1),
+        "model": name, "include_top": top, "input": [1, 3, size, size], "ratio": ratio, "file_mb": round(file_mb, 1),
         "decomposed_layers": len(tool["layers"]),
         "tool": {
             "compress_s": round(tool["compress_s"], 2), "compress_s_all_runs": [round(r["compress_s"], 2) for r in tool_runs],
@@ -170,7 +171,7 @@ def main(argv=None) -> int:
     if argv and argv[0] == "--child":
         kind, rest = argv[1], argv[2:]
         if kind == "convert":
-            child_convert(rest[0], int(rest[1]), Path(rest[2]))
+            child_convert(rest[0], int(rest[1]), Path(rest[2]), top=rest[3] == "top")
             print("{}")
         elif kind == "tool":
             print(json.dumps(child_tool(Path(rest[0]), float(rest[1]), Path(rest[2]))))
@@ -183,6 +184,8 @@ def main(argv=None) -> int:
     p.add_argument("--ratio", type=float, default=0.5)
     p.add_argument("--repeats", type=int, default=2, help="tool runs per model; the fastest is reported (default 2)")
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help=f"converted models (default {DEFAULT_CACHE})")
+    p.add_argument("--no-top", action="store_true", help="include_top=False, pooling='avg': the conv layers only "
+                   "(VGG16's 124M-parameter classifier makes the file 4x larger and its tf2onnx conversion needs ~8 GB)")
     p.add_argument("--json", type=Path, help="write the results as JSON")
     args = p.parse_args(argv)
     args.cache.mkdir(parents=True, exist_ok=True)
@@ -192,7 +195,7 @@ def main(argv=None) -> int:
         "results": [],
     }
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
-        r = bench(name, args.size, args.ratio, args.cache, args.repeats)
+        r = bench(name, args.size, args.ratio, args.cache, args.repeats, top=not args.no_top)
         results["results"].append(r)
         t, pl = r["tool"], r["plain_tensorly"]
         print(
@@ -203,10 +206,10 @@ def main(argv=None) -> int:
             f"{r['speedup']}x faster, error not higher: {r['tool_error_not_higher']}",
             flush=True,
         )
-    results["machine"]["loadavg_end"] = os.getloadavg()
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2))
+        results["machine"]["loadavg_end"] = os.getloadavg()
+        if args.json:  # after each model, so a later failure keeps the earlier results
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(results, indent=2))
     return 0
 
 
