@@ -173,6 +173,8 @@ def save_model(
                 model, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
                 location=data_name, size_threshold=1024,
             )
+            # the data file gets the model file's permissions (onnx writes it 0600)
+            os.chmod(tmp_dir / data_name, os.stat(tmp_model).st_mode & 0o777)
             os.replace(tmp_dir / data_name, data_path)
         else:
             with open(tmp_model, "wb") as f:

@@ -106,6 +106,7 @@ def test_output_above_threshold_goes_to_external_data_automatically(tmp_path):
     assert written == tmp_path / "big.onnx.data"
     assert written.stat().st_size >= 64 * 32 * 9 * 4
     assert out.stat().st_size < 16 * 1024
+    assert written.stat().st_mode & 0o777 == out.stat().st_mode & 0o777  # not onnx's private 0600
     assert np.array_equal(expected, run_model(out, feeds)[0])
 
 
