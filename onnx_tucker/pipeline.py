@@ -36,6 +36,7 @@ class Options:
     whiten: bool = True  # with calibration: input-covariance-weighted (data-aware) decomposition
     fixed_macs: int = 0  # set by compress: MACs of convs that are never decomposed
     sensitivity: dict = field(default_factory=dict)  # layer -> weight of its error in the MAC budget allocation
+    budget_rule: str = "uniform"  # uniform | greedy (see budget.py)
 
 
 def check_ratio(ratio) -> float:
@@ -137,7 +138,7 @@ def compress(model, ratio: float = 0.5, **options) -> tuple[onnx.ModelProto, Rep
         report.layers.append(record)
     eligible = [c for c in candidates if c.eligible]
     opts.fixed_macs = sum(c.shape.macs() for c in candidates if not c.eligible and c.shape is not None)
-    if opts.target_macs is not None and opts.calibration is not None and not opts.sensitivity:
+    if opts.target_macs is not None and opts.budget_rule == "greedy" and opts.calibration is not None and not opts.sensitivity:
         from onnx_tucker.calibrate import layer_sensitivity
 
         opts.sensitivity = layer_sensitivity(model, eligible, opts.calibration)
