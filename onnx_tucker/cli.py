@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_rank_method_arguments(c)
     c.add_argument("--iterations", type=int, default=None, metavar="N", help="HOOI iterations after the SVD start (default 10)")
     c.add_argument("--method", choices=("eig", "tensorly"), default="eig", help="decomposition routine (default: eig, our fast HOOI; tensorly: partial_tucker)")
+    c.add_argument("--latency-aware", action="store_true", help="profile each decomposed layer on the CPU EP and leave whole those whose chain is slower")
+    c.add_argument("--latency-batch", type=_positive_int, default=1, metavar="N", help="batch size for --latency-aware (default 1)")
     c.add_argument("--target-macs", type=_fraction, metavar="F", help="choose per-layer ranks so the model's conv MACs are at most F x the original (e.g. 0.33)")
     c.add_argument("--calibrate", metavar="TRAIN.npz", help="data-aware decomposition from calibration inputs (training data only: x_train, by input name, or one array)")
     c.add_argument("--calib-size", type=_positive_int, default=512, metavar="N", help="calibration samples, a seeded random subset (default 512)")
@@ -147,6 +149,8 @@ def cmd_compress(args) -> int:
                "rank_method": args.rank_method, "energy": args.energy}
     if args.target_macs is not None:
         options["target_macs"] = args.target_macs
+    if args.latency_aware:
+        options["latency_aware"], options["latency_batch"] = True, args.latency_batch
     if args.calibrate:
         from onnx_tucker.data import load_calibration
 

@@ -37,6 +37,8 @@ class Options:
     fixed_macs: int = 0  # set by compress: MACs of convs that are never decomposed
     sensitivity: dict = field(default_factory=dict)  # layer -> weight of its error in the MAC budget allocation
     budget_rule: str = "uniform"  # uniform | greedy (see budget.py)
+    latency_aware: bool = False  # leave whole the layers whose chain is measured slower (CPU EP)
+    latency_batch: int = 1
 
 
 def check_ratio(ratio) -> float:
@@ -111,6 +113,8 @@ def compress(model, ratio: float = 0.5, **options) -> tuple[onnx.ModelProto, Rep
     Returns ``(new_model, report)``; raises :class:`ModelError` when nothing can be done.
     """
     opts = Options(ratio=check_ratio(ratio), **options)
+    if opts.latency_aware:
+        return _latency_aware(model, ratio, options, opts)
     if isinstance(model, (str, os.PathLike)):
         model = load_model(Path(model))
     if not isinstance(model, onnx.ModelProto):
@@ -200,6 +204,29 @@ def compress(model, ratio: float = 0.5, **options) -> tuple[onnx.ModelProto, Rep
         "rank_multiple": opts.rank_multiple,
         "force": opts.force,
     }
+    _set_metadata(new_model, report)
+    return new_model, report
+
+
+def _latency_aware(model, ratio, options: dict, opts: "Options"):
+    """Compress, measure each chain against its conv on the CPU EP, and redo without the slower ones."""
+    from onnx_tucker.latency import slower_layers
+
+    if isinstance(model, (str, os.PathLike)):
+        model = load_model(Path(model))
+    plain = dict(options, latency_aware=False)
+    new_model, report = compress(model, ratio=ratio, **plain)
+    slow = slower_layers(model, new_model, batch=opts.latency_batch)
+    if not slow:
+        report.settings["latency_aware"] = {"batch": opts.latency_batch, "left_whole": {}}
+        return new_model, report
+    excluded = tuple(plain.get("exclude", ())) + tuple(slow)
+    new_model, report = compress(model, ratio=ratio, **dict(plain, exclude=excluded))
+    for record in report.layers:
+        if record.layer in slow:
+            before, chain = slow[record.layer]
+            record.reason = f"chain measured slower on the CPU EP ({chain:.0f} us vs {before:.0f} us, batch {opts.latency_batch})"
+    report.settings["latency_aware"] = {"batch": opts.latency_batch, "left_whole": {k: list(v) for k, v in slow.items()}}
     _set_metadata(new_model, report)
     return new_model, report
 
