@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--latency-batch", type=_positive_int, default=1, metavar="N", help="batch size for --latency-aware (default 1)")
     c.add_argument("--target-macs", type=_fraction, metavar="F", help="choose per-layer ranks so the model's conv MACs are at most F x the original (e.g. 0.33)")
     c.add_argument("--calibrate", metavar="TRAIN.npz", help="data-aware decomposition from calibration inputs (training data only: x_train, by input name, or one array)")
-    c.add_argument("--calib-size", type=_positive_int, default=512, metavar="N", help="calibration samples, a seeded random subset (default 512)")
+    c.add_argument("--calib-size", type=_positive_int, default=2048, metavar="N", help="calibration samples, a seeded random subset (default 2048)")
     c.add_argument("--refit", choices=("last", "core", "none"), default="last", help="with --calibrate: least-squares refit of the last 1x1 conv (default), of the core too, or none")
     c.add_argument("--inputs", metavar="FILE.npz", help="inputs for the self-check (one array per model input)")
     c.add_argument("--no-check", action="store_true", help="skip the onnxruntime self-check of the output")
@@ -346,7 +346,7 @@ def add_sweep_parser(sub) -> None:
     s.add_argument("--calibrate", metavar="TRAIN.npz", help="calibration inputs from TRAINING data only (x_train, x, one array per "
                    "input name, or a single array); makes the decomposition data-aware")
     s.add_argument("--calib-size", type=_positive_int, metavar="N", help="seeded random subset of N calibration samples "
-                   "(default: 512, or all if the file has fewer; an explicit N larger than the file is an error)")
+                   "(default: 2048, or all if the file has fewer; an explicit N larger than the file is an error)")
     group = s.add_mutually_exclusive_group()
     group.add_argument("--ratios", metavar="LIST", help="comma-separated rank ratios (default 0.25,0.5,0.75)")
     group.add_argument("--targets", metavar="LIST", help="comma-separated whole-model MAC targets, fractions of the original (e.g. 0.5,0.33,0.2)")

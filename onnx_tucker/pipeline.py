@@ -224,6 +224,10 @@ def _latency_aware(model, ratio, options: dict, opts: "Options"):
     if not slow:
         report.settings["latency_aware"] = {"batch": opts.latency_batch, "left_whole": {}}
         return new_model, report
+    if set(slow) >= {r.layer for r in report.decomposed}:
+        raise ModelError(
+            f"every decomposed layer was measured slower than its conv on the CPU EP (batch {opts.latency_batch}): nothing to gain"
+        )
     excluded = tuple(plain.get("exclude", ())) + tuple(slow)
     new_model, report = compress(model, ratio=ratio, **dict(plain, exclude=excluded))
     for record in report.layers:

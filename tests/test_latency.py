@@ -2,13 +2,17 @@
 import onnx
 
 from conftest import residual_model
-from onnx_tucker import compress
+from onnx_tucker import ModelError, compress
 from onnx_tucker.latency import slower_layers
 
 
 def test_latency_aware_leaves_measured_slower_layers_whole():
     model = residual_model(channels=32, spatial=(16, 16))
-    new, report = compress(model, ratio=0.5, latency_aware=True)
+    try:
+        new, report = compress(model, ratio=0.5, latency_aware=True)
+    except ModelError as exc:  # a loaded machine may measure every chain slower: then it says so
+        assert "measured slower" in str(exc)
+        return
     onnx.checker.check_model(new)
     left = report.settings["latency_aware"]["left_whole"]
     for record in report.layers:

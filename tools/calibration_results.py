@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="models/cifar10_cnn.onnx,models/cifar10_cnn_seed1.onnx,models/cifar10_resnet.onnx")
     parser.add_argument("--data", default=str(ROOT.parent / "shared/data/cifar10"))
-    parser.add_argument("--calib-size", type=int, default=512)
+    parser.add_argument("--calib-size", type=int, default=2048)
     parser.add_argument("--test-limit", type=int, default=None)
     parser.add_argument("--settings", default=None, help="comma-separated setting names to run (default: all)")
     parser.add_argument("--out", default=str(ROOT / "docs/calibration_results"))
