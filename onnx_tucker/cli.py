@@ -226,8 +226,6 @@ def cmd_convert(args) -> int:
     out = check_output_path(args.input, args.output)
     samples = None
     if args.inputs:
-        from onnx_tucker.runtime import load_inputs  # noqa: F401  (same file layout as compress --inputs)
-
         with np.load(args.inputs) as data:
             key = next((k for k in ("x_test", "x", "x_train") if k in data.files), data.files[0])
             samples = data[key][:32].astype(np.float32)
