@@ -226,9 +226,14 @@ def cmd_convert(args) -> int:
     out = check_output_path(args.input, args.output)
     samples = None
     if args.inputs:
-        with np.load(args.inputs) as data:
-            key = next((k for k in ("x_test", "x", "x_train") if k in data.files), data.files[0])
-            samples = data[key][:32].astype(np.float32)
+        from onnx_tucker.errors import DataError
+
+        try:
+            with np.load(args.inputs, allow_pickle=False) as data:
+                key = next((k for k in ("x_test", "x", "x_train") if k in data.files), data.files[0])
+                samples = data[key][:32].astype(np.float32)
+        except Exception as exc:
+            raise DataError(f"cannot read inputs file {args.inputs}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__}") from None
     result = convert(args.input, opset=args.opset, samples=samples)
     print(f"converted with {result.route}, opset {args.opset}")
     print(f"Keras vs onnxruntime: max abs difference {result.max_abs_diff:.3g} on {'given' if args.inputs else 'seeded random'} inputs")
