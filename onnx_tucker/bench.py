@@ -42,7 +42,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from onnx_tucker import __version__
-from onnx_tucker.errors import DataError, ModelError, OnnxTuckerError, UsageError
+from onnx_tucker.errors import ModelError, OnnxTuckerError, UsageError
 
 SCHEMA = "onnx-tucker.bench/1"
 GPU_MIN_WARMUP = 20
@@ -189,32 +189,6 @@ def timing_feeds(model, batch: int, given: dict[str, np.ndarray] | None = None, 
         reps = -(-batch // len(array))
         feeds[name] = np.concatenate([array] * reps)[:batch] if reps > 1 else array[:batch]
     return feeds
-
-
-def load_labelled(path: str | os.PathLike, model) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
-    """Feeds and class labels from an .npz (keras layout ``x_test``/``y_test`` or ``x``/``y``).
-
-    Uses ``onnx_tucker.data.load_labelled`` where the project has it; labels are None when the file has none.
-    """
-    try:
-        from onnx_tucker.data import load_labelled as shared_loader  # type: ignore[import-not-found]
-    except ImportError:
-        shared_loader = None
-    if shared_loader is not None:
-        return shared_loader(path, model)
-    from onnx_tucker.runtime import load_inputs
-
-    feeds = load_inputs(path, model)
-    with np.load(path, allow_pickle=False) as data:
-        key = next((k for k in ("y_test", "y", "labels") if k in data.files), None)
-        labels = None if key is None else data[key]
-    if labels is None:
-        return feeds, None
-    labels = labels.argmax(1) if labels.ndim == 2 and labels.shape[1] > 1 else labels.reshape(len(labels))
-    n = len(next(iter(feeds.values())))
-    if len(labels) != n:
-        raise DataError(f"{path}: {len(labels)} labels for {n} inputs")
-    return feeds, labels.astype(np.int64)
 
 
 # --- accuracy and output agreement -----------------------------------------------------------------
@@ -515,6 +489,8 @@ def measure_accuracy(config: BenchConfig, models: list, providers: list[str]) ->
     from onnx_tucker.runtime import load_inputs, random_inputs
 
     if config.data:
+        from onnx_tucker.data import load_labelled
+
         feeds, labels = load_labelled(config.data, models[0])
     else:
         feeds = load_inputs(config.inputs, models[0]) if config.inputs else random_inputs(models[0], batch=16, seed=0)

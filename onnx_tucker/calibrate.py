@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from onnx_tucker.rewrite import unique_name
 from onnx_tucker.runtime import make_session
 
 MAX_ROWS = 30_000
@@ -231,7 +232,7 @@ def _own_initializer(model, node, index, inits, fresh_name):
     if _users(model, init.name) > 1:
         copy = model.graph.initializer.add()
         copy.CopyFrom(init)
-        copy.name = _fresh(fresh_name, inits)
+        copy.name = unique_name(fresh_name, set(inits))
         inits[copy.name] = copy
         node.input[index] = copy.name
         return copy
@@ -245,7 +246,7 @@ def _bias(model, node, inits, channels, dtype, layer):
     if len(node.input) > 2 and node.input[2]:
         raise ValueError(f"bias of {layer} is not a constant: cannot refit it")
     bias = model.graph.initializer.add()
-    bias.CopyFrom(numpy_helper.from_array(np.zeros(channels, dtype=dtype), _fresh(f"{layer}_tucker_out_B", inits)))
+    bias.CopyFrom(numpy_helper.from_array(np.zeros(channels, dtype=dtype), unique_name(f"{layer}_tucker_out_B", set(inits))))
     inits[bias.name] = bias
     while len(node.input) < 2:
         node.input.append("")
@@ -255,13 +256,6 @@ def _bias(model, node, inits, channels, dtype, layer):
         node.input[2] = bias.name
     return bias
 
-
-def _fresh(name: str, taken: dict) -> str:
-    candidate, i = name, 1
-    while candidate in taken:
-        candidate = f"{name}_{i}"
-        i += 1
-    return candidate
 
 
 def layer_sensitivity(model: onnx.ModelProto, candidates: list, feeds: dict, ratio: float = 0.5, samples: int = 128) -> dict:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from onnx_tucker import __version__
-from onnx_tucker.errors import ModelError, OnnxTuckerError, UsageError
+from onnx_tucker.errors import ModelError, OnnxTuckerError, UsageError, first_line
 
 SUBCOMMANDS = ("compress", "inspect", "convert", "bench", "sweep")
 
@@ -233,7 +233,7 @@ def cmd_convert(args) -> int:
                 key = next((k for k in ("x_test", "x", "x_train") if k in data.files), data.files[0])
                 samples = data[key][:32].astype(np.float32)
         except Exception as exc:
-            raise DataError(f"cannot read inputs file {args.inputs}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__}") from None
+            raise DataError(f"cannot read inputs file {args.inputs}: {first_line(exc, 200)}") from None
     result = convert(args.input, opset=args.opset, samples=samples)
     print(f"converted with {result.route}, opset {args.opset}")
     print(f"Keras vs onnxruntime: max abs difference {result.max_abs_diff:.3g} on {'given' if args.inputs else 'seeded random'} inputs")
@@ -409,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a bug of ours: still one line, unless debugging
         if os.environ.get("ONNX_TUCKER_DEBUG"):
             raise
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        text = first_line(exc)
         print(f"onnx-tucker: internal error: {type(exc).__name__}: {text} (set ONNX_TUCKER_DEBUG=1 for a traceback)", file=sys.stderr)
         return 1
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from onnx_tucker.errors import DataError, ModelError
+from onnx_tucker.errors import DataError, ModelError, first_line
 
 ROUTE = "tf2onnx.convert.from_function(tf.function(model), input_signature)"
 DEFAULT_OPSET = 17
@@ -43,7 +43,7 @@ def load_keras(path: str | os.PathLike):
     try:
         return keras.saving.load_model(path, compile=False)
     except Exception as exc:
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = first_line(exc)
         raise ModelError(f"{path} is not a Keras model this tool can load: {text[:200]}") from None
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from onnx_tucker.errors import DataError
+from onnx_tucker.errors import DataError, first_line
 from onnx_tucker.runtime import graph_inputs, input_spec
 
 # Accepted (images, labels) key pairs, in order of preference: keras layout first.
@@ -21,7 +21,7 @@ def _open_npz(path: Path) -> dict[str, np.ndarray]:
         with np.load(path, allow_pickle=False) as data:
             return {k: data[k] for k in data.files}
     except Exception as exc:
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = first_line(exc)
         raise DataError(f"cannot read data file {path} (expected a .npz): {text[:200]}") from None
 
 

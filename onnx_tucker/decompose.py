@@ -88,7 +88,6 @@ def hooi(weight: np.ndarray, rank_out: int, rank_in: int, n_iter_max: int, tol: 
     """
     c_out, c_in = weight.shape[:2]
     w = np.ascontiguousarray(weight.reshape(c_out, c_in, -1), dtype=np.float64)
-    k = w.shape[2]
     full_out, full_in = rank_out >= c_out, rank_in >= c_in
     if full_out and full_in:
         u_out, u_in = np.eye(c_out), np.eye(c_in)

@@ -28,3 +28,9 @@ class DataError(OnnxTuckerError):
     """An input/calibration/labelled data file that cannot be used (exit code 1)."""
 
     exit_code = 1
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception as one short line: its message's first line, or its type's name."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__

@@ -9,7 +9,7 @@ from pathlib import Path
 import onnx
 from onnx import external_data_helper
 
-from onnx_tucker.errors import ModelError, UsageError
+from onnx_tucker.errors import ModelError, OnnxTuckerError, UsageError, first_line
 
 # Protobuf cannot serialise a message over 2 GiB; above this the output's weights go to a data file.
 PROTOBUF_LIMIT = 2**31 - 1
@@ -43,7 +43,7 @@ def external_data_files(model: onnx.ModelProto, base_dir: Path, must_exist: bool
             location = Path(info.location)
             target = (base / location).resolve()
         except (ValueError, OSError) as exc:  # embedded NUL, loops, names too long
-            raise ModelError(f"tensor '{tensor.name}' has an unusable external data location: {_first_line(exc)}") from None
+            raise ModelError(f"tensor '{tensor.name}' has an unusable external data location: {first_line(exc)}") from None
         if not info.location or location.is_absolute() or base not in target.parents:
             raise ModelError(
                 f"tensor '{tensor.name}' points to external data outside the model's folder ({info.location}): refused"
@@ -67,14 +67,14 @@ def load_model(path: str | os.PathLike, check: bool = True) -> onnx.ModelProto:
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf raises DecodeError, RuntimeWarning, ValueError...
-        raise ModelError(f"{path} is not a valid ONNX model (cannot parse it: {_first_line(exc)})") from None
+        raise ModelError(f"{path} is not a valid ONNX model (cannot parse it: {first_line(exc)})") from None
     if not model.graph.node and not model.graph.input and not model.graph.output:
         raise ModelError(f"{path} is not a valid ONNX model (it has no graph)")
     external_data_files(model, path.parent)
     try:
         external_data_helper.load_external_data_for_model(model, str(path.parent))
     except Exception as exc:
-        raise ModelError(f"cannot read the external data of {path}: {_first_line(exc)}") from None
+        raise ModelError(f"cannot read the external data of {path}: {first_line(exc)}") from None
     if check:
         check_model(model, path)
     return model
@@ -89,7 +89,7 @@ def check_model(model: onnx.ModelProto, path: Path | None = None) -> None:
             onnx.checker.check_model(model)
     except Exception as exc:
         where = f"{path}" if path is not None else "the model"
-        raise ModelError(f"{where} fails the ONNX checker: {_first_line(exc)}") from None
+        raise ModelError(f"{where} fails the ONNX checker: {first_line(exc)}") from None
 
 
 def model_size(model: onnx.ModelProto) -> int:
@@ -180,18 +180,12 @@ def save_model(
             with open(tmp_model, "wb") as f:
                 f.write(model.SerializeToString(deterministic=True))
         os.replace(tmp_model, out)
-    except OnnxTuckerErrorTypes:
+    except OnnxTuckerError:
         raise
     except Exception as exc:
-        raise ModelError(f"cannot write {out}: {_first_line(exc)}") from None
+        raise ModelError(f"cannot write {out}: {first_line(exc)}") from None
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return data_path if external_data else None
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]
-
-
-OnnxTuckerErrorTypes = (UsageError, ModelError)

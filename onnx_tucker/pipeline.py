@@ -13,8 +13,8 @@ from threadpoolctl import threadpool_limits
 
 from onnx_tucker import __version__
 from onnx_tucker.decompose import DEFAULT_ITERATIONS, max_ranks, tucker2
-from onnx_tucker.errors import ModelError, UsageError
-from onnx_tucker.io import PROTOBUF_LIMIT, load_model, model_size
+from onnx_tucker.errors import ModelError, UsageError, first_line
+from onnx_tucker.io import PROTOBUF_LIMIT, load_model
 from onnx_tucker.ranks import energy_ranks, ratio_ranks, round_to_multiple, vbmf_ranks
 from onnx_tucker.report import LayerRecord, Report
 from onnx_tucker.rewrite import export, find_candidates, replace_conv, taken_names, unique_name
@@ -124,7 +124,7 @@ def compress(model, ratio: float = 0.5, **options) -> tuple[onnx.ModelProto, Rep
     try:
         graph = gs.import_onnx(model)
     except Exception as exc:
-        raise ModelError(f"cannot import the graph: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        raise ModelError(f"cannot import the graph: {first_line(exc)}") from None
     candidates = find_candidates(graph, shapes)
     if not candidates:
         raise ModelError("the model has no Conv node: nothing to compress")

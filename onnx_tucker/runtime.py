@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from onnx_tucker.errors import DataError, ModelError
+from onnx_tucker.errors import DataError, ModelError, first_line
 
 _ONNX_TO_NUMPY = {
     onnx.TensorProto.FLOAT: np.float32,
@@ -57,7 +57,7 @@ def make_session(
     try:
         return ort.InferenceSession(source, options, providers=providers)
     except Exception as exc:
-        raise ModelError(f"onnxruntime cannot load the model: {_first_line(exc)}") from None
+        raise ModelError(f"onnxruntime cannot load the model: {first_line(exc)}") from None
 
 
 def provider_chain(name: str, provider_options: dict | None = None) -> list[tuple[str, dict]]:
@@ -197,7 +197,7 @@ def load_inputs(path: str | os.PathLike, model: onnx.ModelProto) -> dict[str, np
         data = np.load(path, allow_pickle=False)
         arrays = {k: data[k] for k in data.files}
     except Exception as exc:
-        raise DataError(f"cannot read inputs file {path}: {_first_line(exc)}") from None
+        raise DataError(f"cannot read inputs file {path}: {first_line(exc)}") from None
     inputs = graph_inputs(model)
     names = [i.name for i in inputs]
     if all(n in arrays for n in names):
@@ -224,7 +224,3 @@ def load_inputs(path: str | os.PathLike, model: onnx.ModelProto) -> dict[str, np
         feeds[vi.name] = value.astype(dtype)
     return feeds
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]

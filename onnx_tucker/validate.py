@@ -5,7 +5,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from onnx_tucker.errors import ModelError
+from onnx_tucker.errors import ModelError, first_line
 from onnx_tucker.runtime import make_session
 
 
@@ -44,7 +44,7 @@ def run(model, feeds: dict, provider: str = "cpu", batch_size: int = 64) -> list
         try:
             chunks.append(session.run(None, {k: v[start : start + batch_size] for k, v in feeds.items()}))
         except Exception as exc:  # a model that passes the checker but cannot run (e.g. wrong channel counts)
-            text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            text = first_line(exc)
             raise ModelError(f"onnxruntime cannot run the model: {text}") from None
     return [np.concatenate([c[i] for c in chunks]) for i in range(len(chunks[0]))]
 

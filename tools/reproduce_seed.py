@@ -163,7 +163,7 @@ def plot(out_dir: Path, layer: str, ranks, loss_r1, loss_r2, rows, base_top1) ->
     ax.plot(ranks, loss_r2, label="vs R2 (output rank), R1 = 64", linestyle="--")
     ax.set_xlabel("rank")
     ax.set_ylabel(r"reconstruction loss $\|W - W'\|^2$")
-    ax.set_title(f"Seed layer: second conv (64->64)")
+    ax.set_title("Seed layer: second conv (64->64)")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
