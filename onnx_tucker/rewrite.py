@@ -9,6 +9,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter, check_duplicate_node_names
+from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
+from onnx_graphsurgeon.logger import G_LOGGER
 
 from onnx_tucker.ranks import ConvShape
 
@@ -32,16 +35,27 @@ class Candidate:
         return not self.reason
 
 
+def constant_values(tensor: gs.Constant) -> np.ndarray:
+    """A Constant's values, read from its TensorProto without caching them on the graph.
+
+    ``tensor.values`` keeps the numpy copy it loads inside the graph, so every Conv weight,
+    decomposed or not, stayed in memory twice and was exported from that copy (issue 5:
+    peak memory); here only the weights the caller keeps stay loaded.
+    """
+    lazy = tensor._values
+    return lazy.load() if isinstance(lazy, LazyValues) else np.asarray(tensor.values)
+
+
 def resolve_constant(tensor: gs.Tensor, depth: int = 0) -> tuple[np.ndarray | None, str]:
     """The constant value behind a tensor, following Identity/Transpose/Constant; else (None, why)."""
     if isinstance(tensor, gs.Constant):
-        return np.asarray(tensor.values), ""
+        return constant_values(tensor), ""
     if depth > 8 or not tensor.inputs:
         return None, "weight is computed at run time (not a constant)"
     producer = tensor.inputs[0]
     if producer.op == "Constant" and "value" in producer.attrs:
         value = producer.attrs["value"]
-        return np.asarray(value.values if isinstance(value, gs.Constant) else value), ""
+        return np.asarray(constant_values(value) if isinstance(value, gs.Constant) else value), ""
     if producer.op == "Identity":
         return resolve_constant(producer.inputs[0], depth + 1)
     if producer.op == "Transpose":
@@ -66,6 +80,7 @@ def find_candidates(graph: gs.Graph, shapes: dict[str, tuple] | None = None) -> 
     """
     shapes = shapes or {}
     found = []
+    loaded: dict[str, np.ndarray] = {}  # weight key -> values: a weight shared by several convs is held once
     for node in graph.nodes:
         if node.op != "Conv" or (node.domain or "") not in ("", "ai.onnx"):
             continue
@@ -123,8 +138,8 @@ def find_candidates(graph: gs.Graph, shapes: dict[str, tuple] | None = None) -> 
             cand.reason = f"invalid pads {list(pads)}"
         if cand.reason:
             continue
-        cand.weight = weight
         cand.weight_key = _weight_key(node.inputs[1])
+        cand.weight = loaded.setdefault(cand.weight_key, weight)
     return found
 
 
@@ -192,11 +207,17 @@ def replace_conv(
 
 
 def export(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
-    """gs graph -> ModelProto keeping the template's ir_version, opsets, metadata and producer."""
+    """gs graph -> ModelProto keeping the template's ir_version, opsets, metadata and producer.
+
+    The same model as ``gs.export_onnx(graph, do_type_check=False)`` with the template's fields
+    (tests compare the bytes), but built in place: gs builds a GraphProto and then copies all of it
+    into the model (two copies of every weight at once), and exports every initializer before
+    adding any (issue 5: peak memory).
+    """
     graph.cleanup().toposort()
-    model = gs.export_onnx(graph, do_type_check=False)
+    model = onnx.ModelProto()
     model.ir_version = template.ir_version
-    del model.opset_import[:]
+    _export_graph(graph, model.graph)
     model.opset_import.extend(template.opset_import)
     model.producer_name = template.producer_name
     model.producer_version = template.producer_version
@@ -215,3 +236,29 @@ def export(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
         if init.name not in listed and (model.ir_version < 4 or init.name in originally_listed):
             model.graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
     return model
+
+
+def _export_graph(graph: gs.Graph, out: onnx.GraphProto) -> None:
+    """``OnnxExporter.export_graph`` (onnx-graphsurgeon 0.5/0.6) writing straight into ``out``, one weight at a time."""
+    check_duplicate_node_names(graph.nodes, level=G_LOGGER.WARNING)
+    out.node.extend(OnnxExporter.export_node(node) for node in graph.nodes)
+    out.name = graph.name
+    out.input.extend(OnnxExporter.export_value_info_proto(t, False) for t in graph.inputs)
+    out.output.extend(OnnxExporter.export_value_info_proto(t, False) for t in graph.outputs)
+    tensor_map = graph.tensors()
+    constants = [t for t in tensor_map.values() if isinstance(t, gs.Constant)]
+    for tensor in constants:
+        if not isinstance(tensor._values, SparseValues):
+            out.initializer.append(OnnxExporter.export_tensor_proto(tensor))
+    for tensor in constants:
+        if isinstance(tensor._values, SparseValues):
+            out.sparse_initializer.append(OnnxExporter.export_sparse_tensor_proto(tensor))
+    for tensor in graph.inputs + graph.outputs:
+        tensor_map.pop(tensor.name, None)
+    out.value_info.extend(
+        OnnxExporter.export_value_info_proto(t, False)
+        for t in tensor_map.values()
+        if isinstance(t, gs.Variable) and (t.dtype is not None or t.shape is not None)
+    )
+    if graph.doc_string:
+        out.doc_string = graph.doc_string

@@ -18,6 +18,46 @@ FLOAT = TensorProto.FLOAT
 RNG_SEED = 0
 
 
+def _reference_export(graph, template):
+    """The export as it was before issue 5's memory work: gs.export_onnx, then the template's fields."""
+    import onnx_graphsurgeon as gs
+
+    graph.cleanup().toposort()
+    model = gs.export_onnx(graph, do_type_check=False)
+    model.ir_version = template.ir_version
+    del model.opset_import[:]
+    model.opset_import.extend(template.opset_import)
+    model.producer_name = template.producer_name
+    model.producer_version = template.producer_version
+    model.domain = template.domain
+    model.model_version = template.model_version
+    model.doc_string = template.doc_string
+    del model.metadata_props[:]
+    model.metadata_props.extend(template.metadata_props)
+    del model.functions[:]
+    model.functions.extend(template.functions)
+    listed = {i.name for i in model.graph.input}
+    originally_listed = {i.name for i in template.graph.input}
+    for init in model.graph.initializer:
+        if init.name not in listed and (model.ir_version < 4 or init.name in originally_listed):
+            model.graph.input.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    return model
+
+
+@pytest.fixture(autouse=True)
+def export_matches_graphsurgeon(monkeypatch):
+    """Every export in these tests is byte-identical to onnx-graphsurgeon's own export route."""
+    from onnx_tucker import pipeline, rewrite
+
+    def checked(graph, template):
+        model = rewrite.export(graph, template)
+        reference = _reference_export(graph, template)
+        assert model.SerializeToString(deterministic=True) == reference.SerializeToString(deterministic=True)
+        return model
+
+    monkeypatch.setattr(pipeline, "export", checked)
+
+
 def _w(rng, shape):
     return (rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))).astype(np.float32)
 

@@ -16,7 +16,7 @@ from onnx import external_data_helper, numpy_helper
 import onnx_tucker
 from conftest import conv_model, relative_error, residual_model, run_model
 from onnx_tucker.errors import ModelError, UsageError
-from onnx_tucker.io import load_model, save_model
+from onnx_tucker.io import load_model, save_model, write_serialized
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -276,3 +276,67 @@ def test_unusable_external_location_is_a_one_line_model_error(tmp_path, location
     path = _point_outside(tmp_path, lambda s: location)
     with pytest.raises(ModelError):
         load_model(path)
+
+
+# --- memory (issue 5): streamed save, checker on the file -------------------------------------
+
+
+def _serialized_models():
+    rich = residual_model()
+    rich.doc_string = "doc"
+    rich.graph.doc_string = "graph doc"
+    rich.metadata_props.add(key="k", value="v")
+    rich.graph.value_info.add().name = "vi"
+    rich.graph.sparse_initializer.add().values.name = "sparse"
+    empty_graph = onnx.ModelProto(ir_version=8)
+    empty_graph.graph.name = ""
+    unknown = conv_model()
+    unknown.graph.node[0].doc_string = "x"
+    # an unknown field (number 999) on the graph and on the model: serialised whole, order kept
+    unknown = onnx.ModelProto.FromString(unknown.SerializeToString() + b"\xba\x3e\x01a")
+    graph_unknown = conv_model()
+    graph_bytes = graph_unknown.graph.SerializeToString() + b"\xba\x3e\x01b"
+    graph_unknown.graph.CopyFrom(onnx.GraphProto.FromString(graph_bytes))
+    return [conv_model(), residual_model(), rich, onnx.ModelProto(), empty_graph, unknown, graph_unknown]
+
+
+@pytest.mark.parametrize("index", range(7))
+def test_streamed_serialisation_is_byte_identical(index):
+    import io
+
+    model = _serialized_models()[index]
+    out = io.BytesIO()
+    write_serialized(model, out)
+    assert out.getvalue() == model.SerializeToString(deterministic=True)
+
+
+def test_saved_inline_model_is_byte_identical_to_serialize(tmp_path):
+    model = residual_model()
+    save_model(model, tmp_path / "m.onnx")
+    assert (tmp_path / "m.onnx").read_bytes() == model.SerializeToString(deterministic=True)
+
+
+def test_checker_failure_on_file_still_reported_as_before(tmp_path):
+    model = conv_model()
+    model.graph.node[0].input[1] = "does_not_exist"
+    path = tmp_path / "broken.onnx"
+    path.write_bytes(model.SerializeToString())
+    with pytest.raises(ModelError, match="fails the ONNX checker"):
+        load_model(path)
+    assert load_model(path, check=False).graph.node[0].input[1] == "does_not_exist"
+
+
+def test_external_data_model_is_still_checked_in_memory(tmp_path, monkeypatch):
+    """With external data the file check does not stand for the loaded model's check."""
+    import onnx_tucker.io as io_module
+
+    path = tmp_path / "m.onnx"
+    save_external(residual_model(), path)
+    seen = []
+    monkeypatch.setattr(io_module, "check_model", lambda model, p=None: seen.append(p))
+    load_model(path)
+    assert seen == [path]
+    plain = tmp_path / "plain.onnx"
+    onnx.save(residual_model(), str(plain))
+    load_model(plain)
+    assert seen == [path]  # checked from its file only
