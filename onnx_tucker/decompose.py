@@ -67,28 +67,45 @@ def _gram(m: np.ndarray) -> np.ndarray:
     return m @ m.T
 
 
-# Relative-error change below which the iterations stop: half of tensorly's default tol (1e-4),
-# so the fit ends at or beyond where ``partial_tucker``'s would (errors fall monotonically).
-DEFAULT_TOL = 5e-5
-# float32 is used for the iterations when the HOSVD error is at least this: its rounding
-# (~1e-7 relative) is then negligible; near-exact low-rank weights stay in float64.
-FLOAT32_MIN_ERROR = 1e-3
+# tensorly's ``partial_tucker`` tolerance (its default): it stops at the first iteration from its
+# third on whose relative error changed by less than this. Our fits stop one iteration after that
+# point (same iteration and start, errors fall monotonically): at equal or lower error (issue 5).
+DEFAULT_TOL = 1e-4
+TENSORLY_FIRST_CHECK = 3  # partial_tucker compares errors from its third iteration on
+# The float32 estimate of the error change is trusted to this much: a change within it of the
+# tolerance is taken as "tensorly goes on", so float32 rounding can only add iterations.
+STOP_MARGIN = 2e-6
+# float32 is used for the iterations when no fit can get the error below this (from the input
+# mode's spectrum): float32 rounding (~1e-7 relative) is then negligible; near-exact low-rank
+# weights stay in float64.
+FLOAT32_MIN_ERROR = 1e-2
 
 
 def hooi(weight: np.ndarray, rank_out: int, rank_in: int, n_iter_max: int, tol: float = DEFAULT_TOL):
     """HOSVD-initialised HOOI on modes 0 and 1, via eigendecompositions of small Gram matrices.
 
-    The same iteration as tensorly's ``partial_tucker(init='svd')`` (output mode first,
-    stop when the relative error changes by less than ``tol``), but each factor comes from
-    a C x C Gram matrix instead of an SVD of the C x (C'k^2) unfolding, the error comes
-    from the eigenvalues for free, and large lossy fits iterate in float32 (issue 5).
+    The same iteration as tensorly's ``partial_tucker(init='svd')`` (output mode first), but each
+    factor comes from a C x C Gram matrix instead of an SVD of the C x (C'k^2) unfolding, the error
+    comes from the eigenvalues for free, and large lossy fits iterate in float32 (issue 5).
+    It stops one iteration after the point where ``partial_tucker`` with ``tol`` would stop.
     A mode at full rank needs no iterations: its factor is the identity and the other
     mode's HOSVD factor is then optimal (and exact in float64).
     Returns (core, u_out, u_in), in float64 with orthonormal factors.
     """
+    core, u_out, u_in, _ = _hooi(weight, rank_out, rank_in, n_iter_max, tol)
+    return core, u_out, u_in
+
+
+def _hooi(weight: np.ndarray, rank_out: int, rank_in: int, n_iter_max: int, tol: float = DEFAULT_TOL):
+    """:func:`hooi` plus the relative error when it comes for free (lossy float32 fits), else None."""
     c_out, c_in = weight.shape[:2]
-    w = np.ascontiguousarray(weight.reshape(c_out, c_in, -1), dtype=np.float64)
     full_out, full_in = rank_out >= c_out, rank_in >= c_in
+    if not (full_out or full_in) and n_iter_max >= 1:
+        fit = _hooi_iterations(weight.reshape(c_out, c_in, -1), rank_out, rank_in, n_iter_max, tol)
+        if fit is not None:
+            core, u_out, u_in, error = fit
+            return core.reshape((rank_out, rank_in) + weight.shape[2:]), u_out, u_in, error
+    w = np.ascontiguousarray(weight.reshape(c_out, c_in, -1), dtype=np.float64)
     if full_out and full_in:
         u_out, u_in = np.eye(c_out), np.eye(c_in)
     elif full_out:
@@ -97,49 +114,92 @@ def hooi(weight: np.ndarray, rank_out: int, rank_in: int, n_iter_max: int, tol: 
     elif full_in:
         u_in = np.eye(c_in)
         u_out, _ = _top_eigenvectors(_gram(w.reshape(c_out, -1)), rank_out)
-    else:
-        u_out, u_in = _hooi_iterations(w, rank_out, rank_in, n_iter_max, tol)
+    else:  # HOSVD only (n_iter_max = 0) or near-exact weights: float64 throughout
+        u_out, u_in = _float64_iterations(w, rank_out, rank_in, n_iter_max, tol)
     core = np.tensordot(np.tensordot(u_out.T, w, axes=(1, 0)), u_in, axes=(1, 0))  # (R_out, K, R_in)
     core = np.moveaxis(core, -1, 1).reshape((rank_out, rank_in) + weight.shape[2:])
-    return core, u_out, u_in
+    return core, u_out, u_in, None
+
+
+def _sum_of_squares(m: np.ndarray) -> float:
+    return float(np.einsum("ij,ij->", m, m, dtype=np.float64))  # float64 sum, no float64 copy
 
 
 def _hooi_iterations(w: np.ndarray, rank_out: int, rank_in: int, n_iter_max: int, tol: float):
+    """The lossy case in float32: (core (R_out, R_in, K), u_out, u_in, error), or None when the
+    weight can be fitted so closely that float32 would limit the error (then float64 is used).
+
+    W is held twice, as (C_out, K, C_in) and (C_in, K, C_out) rows, so that each projection
+    (one matrix product) comes out as the (C, K*R) unfolding whose Gram is needed: no transposed
+    copies inside the loop.
+    """
     c_out, c_in, k = w.shape
+    w_oki = np.ascontiguousarray(np.moveaxis(w, 2, 1), dtype=np.float32)  # (C_out, K, C_in)
+    norm2 = _sum_of_squares(w_oki.reshape(c_out, -1))
+    if norm2 == 0.0:
+        return None
+    w_iko = np.ascontiguousarray(np.transpose(w_oki, (2, 1, 0)))  # (C_in, K, C_out)
+    # HOSVD start (tensorly's init='svd'): only the input factor is used, the first sweep replaces the output one.
+    u_in, values = _top_eigenvectors(_gram(w_iko.reshape(c_in, -1)), rank_in)
+    # No fit keeps more than the input mode's top eigenvalues: this bounds every error from below.
+    if max(norm2 - float(np.sum(values, dtype=np.float64)), 0.0) / norm2 < FLOAT32_MIN_ERROR**2:
+        return None
+    w_oki, w_iko = w_oki.reshape(c_out * k, c_in), w_iko.reshape(c_in * k, c_out)
+    errors: list[float] = []
+    core = None
+    for _ in range(n_iter_max):
+        # output mode: eigenvectors of the Gram of W x_1 U_in^T unfolded along mode 0, (C_out, K*R_in)
+        z = (w_oki @ u_in).reshape(c_out, k * rank_in)
+        u_out, _ = _top_eigenvectors(_gram(z), rank_out)
+        if _tensorly_stopped(errors, tol):
+            # partial_tucker would have stopped after the previous sweep: this output-mode update
+            # alone lowers the error below its result (each half-sweep maximises ||core||).
+            # core = U_out^T (W x_1 U_in^T): (R_out, K, R_in) -> (R_out, R_in, K)
+            core = np.transpose((u_out.T @ z).reshape(rank_out, k, rank_in), (0, 2, 1))
+            break
+        # input mode: eigenvectors of the Gram of W x_0 U_out^T unfolded along mode 1, (C_in, K*R_out)
+        y = (w_iko @ u_out).reshape(c_in, k * rank_out)
+        u_in, values = _top_eigenvectors(_gram(y), rank_in)
+        core_norm2 = float(np.sum(values, dtype=np.float64))  # ||core||^2 = sum of the kept eigenvalues
+        errors.append(np.sqrt(max(norm2 - core_norm2, 0.0) / norm2))
+    if core is None:
+        # core = U_in^T (W x_0 U_out^T) from the last sweep: (R_in, K, R_out) -> (R_out, R_in, K)
+        core = np.transpose((u_in.T @ y).reshape(rank_in, k, rank_out), (2, 0, 1))
+    core = np.ascontiguousarray(core, dtype=np.float64)
+    error = float(np.sqrt(max(norm2 - _sum_of_squares(core.reshape(rank_out, -1)), 0.0) / norm2))
+    # float64 orthonormal factors (QR keeps the subspaces, fixes float32 rounding)
+    return core, _orthonormal(u_out), _orthonormal(u_in), error
+
+
+def _tensorly_stopped(errors: list[float], tol: float) -> bool:
+    """Whether ``partial_tucker(tol=tol)`` stops after the last sweep of this error sequence."""
+    return len(errors) >= TENSORLY_FIRST_CHECK and abs(errors[-2] - errors[-1]) < tol - STOP_MARGIN
+
+
+def _past_tensorly_stop(errors: list[float], tol: float) -> bool:
+    """True one sweep after ``partial_tucker(tol=tol)`` would have stopped on this error sequence."""
+    return len(errors) > TENSORLY_FIRST_CHECK and _tensorly_stopped(errors[:-1], tol)
+
+
+def _float64_iterations(w: np.ndarray, rank_out: int, rank_in: int, n_iter_max: int, tol: float):
+    """HOSVD start and HOOI sweeps in float64 (no sweeps for ``n_iter_max=0``): (u_out, u_in)."""
+    c_out, c_in, k = w.shape
+    w_in = np.ascontiguousarray(np.moveaxis(w, 1, 0)).reshape(c_in, -1)
+    w_out = w.reshape(c_out, -1)
+    u_out, _ = _top_eigenvectors(_gram(w_out), rank_out)
+    u_in, _ = _top_eigenvectors(_gram(w_in), rank_in)
     norm2 = float(np.sum(w * w))
     if norm2 == 0.0:
         return np.eye(c_out)[:, :rank_out], np.eye(c_in)[:, :rank_in]
-    w32 = w.astype(np.float32)
-    u_out, _ = _top_eigenvectors(_gram(w32.reshape(c_out, -1)), rank_out)
-    w_in = np.ascontiguousarray(np.moveaxis(w32, 1, 0)).reshape(c_in, -1)  # (C_in, C_out*K)
-    u_in, _ = _top_eigenvectors(_gram(w_in), rank_in)
-    # HOSVD error estimate: ||core||^2 of the initial factors
-    y = (u_out.T @ w32.reshape(c_out, -1)).reshape(rank_out, c_in, k)
-    core_norm2 = float(np.sum(np.square(np.tensordot(y, u_in, axes=(1, 0)), dtype=np.float64)))
-    error = np.sqrt(max(norm2 - core_norm2, 0.0) / norm2)
-    if error < FLOAT32_MIN_ERROR:
-        work, w_in = w, np.ascontiguousarray(np.moveaxis(w, 1, 0)).reshape(c_in, -1)
-        u_out, _ = _top_eigenvectors(_gram(w.reshape(c_out, -1)), rank_out)
-        u_in, _ = _top_eigenvectors(_gram(w_in), rank_in)
-    else:
-        work = w32
-    w_out = work.reshape(c_out, -1)  # (C_out, C_in*K)
-    previous = error
+    errors: list[float] = []
     for _ in range(n_iter_max):
-        u_in = u_in.astype(work.dtype, copy=False)
-        # output mode: eigenvectors of the Gram of W x_1 U_in^T, unfolded along mode 0
-        z = (u_in.T @ w_in).reshape(rank_in, c_out, k)  # (R_in, C_out, K)
+        z = (u_in.T @ w_in).reshape(rank_in, c_out, k)
         u_out, _ = _top_eigenvectors(_gram(np.ascontiguousarray(np.moveaxis(z, 1, 0)).reshape(c_out, -1)), rank_out)
-        u_out = u_out.astype(work.dtype, copy=False)
-        # input mode: eigenvectors of the Gram of W x_0 U_out^T, unfolded along mode 1
-        y = (u_out.T @ w_out).reshape(rank_out, c_in, k)  # (R_out, C_in, K)
+        y = (u_out.T @ w_out).reshape(rank_out, c_in, k)
         u_in, values = _top_eigenvectors(_gram(np.ascontiguousarray(np.moveaxis(y, 1, 0)).reshape(c_in, -1)), rank_in)
-        core_norm2 = float(np.sum(values, dtype=np.float64))  # ||core||^2 = sum of the kept eigenvalues
-        error = np.sqrt(max(norm2 - core_norm2, 0.0) / norm2)
-        if abs(previous - error) < tol:
+        errors.append(np.sqrt(max(norm2 - float(np.sum(values)), 0.0) / norm2))
+        if _past_tensorly_stop(errors, tol):
             break
-        previous = error
-    # back to float64 orthonormal factors (QR keeps the subspaces, fixes float32 rounding)
     return _orthonormal(u_out), _orthonormal(u_in)
 
 
@@ -185,12 +245,14 @@ def tucker2(
     rank_out, rank_in = int(min(rank_out, max_out)), int(min(rank_in, max_in))
     if rank_out < 1 or rank_in < 1:
         raise ValueError(f"ranks must be at least 1, got ({rank_out}, {rank_in})")
-    w64 = weight.astype(np.float64)
     if input_covariance is not None:
-        return _whitened_tucker2(w64, rank_out, rank_in, n_iter_max, method, seed, input_covariance)
+        return _whitened_tucker2(weight.astype(np.float64), rank_out, rank_in, n_iter_max, method, seed, input_covariance)
     if method == "eig":
-        core, u_out, u_in = hooi(w64, rank_out, rank_in, n_iter_max)
-    else:
+        core, u_out, u_in, error = _hooi(weight, rank_out, rank_in, n_iter_max)
+        if error is not None:  # lossy float32 fit: ||W - W'||^2 = ||W||^2 - ||core||^2 (orthonormal factors)
+            return Tucker2(first=u_in.T, core=core, last=u_out, relative_error=error)
+    w64 = weight.astype(np.float64)
+    if method != "eig":
         with tl.backend_context("numpy"):
             (core, (u_out, u_in)), _ = partial_tucker(
                 w64, rank=[rank_out, rank_in], modes=[0, 1], n_iter_max=n_iter_max, init="svd", random_state=seed

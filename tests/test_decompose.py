@@ -90,3 +90,52 @@ def test_full_rank_exact_on_random_shapes(c_out, c_in, k, seed):
     w = weight((c_out, c_in, *k), seed)
     t = tucker2(w, c_out, c_in)
     assert np.allclose(t.reconstruct(), w, atol=1e-9)
+
+
+# --- issue 5: fewer sweeps, same sequence as tensorly -----------------------------------------
+
+
+@pytest.mark.parametrize("shape,ranks", [((64, 64, 3, 3), (32, 32)), ((96, 48, 3, 3), (40, 20)), ((64, 3, 7, 7), (32, 1)), ((128, 128, 3, 3), (64, 64))])
+def test_error_below_plain_tensorly_defaults(shape, ranks):
+    """Lower error than ``partial_tucker`` with its own defaults (n_iter_max=100, tol=1e-4), not just equal."""
+    import tensorly as tl
+    from tensorly.decomposition import partial_tucker
+
+    from threadpoolctl import threadpool_limits
+
+    w = weight(shape, seed=7).astype(np.float32)
+    with tl.backend_context("numpy"), threadpool_limits(1, "blas"):
+        (core, (u_out, u_in)), _ = partial_tucker(w.astype(np.float64), rank=list(ranks), modes=[0, 1])
+    ref = np.linalg.norm(w - reconstruct(u_in.T, core, u_out)) / np.linalg.norm(w)
+    ours = tucker2(w, *ranks)
+    assert ours.relative_error < ref
+
+
+@pytest.mark.parametrize("shape,ranks", [((64, 64, 3, 3), (32, 32)), ((48, 96, 3, 3), (12, 40)), ((64, 3, 7, 7), (32, 1))])
+def test_reported_error_is_the_reconstruction_error(shape, ranks):
+    w = weight(shape, seed=2).astype(np.float32)
+    t = tucker2(w, *ranks)
+    w64 = w.astype(np.float64)
+    actual = np.linalg.norm(w64 - t.reconstruct()) / np.linalg.norm(w64)
+    assert abs(t.relative_error - actual) < 1e-6
+    assert np.allclose(t.first @ t.first.T, np.eye(ranks[1]), atol=1e-10)
+    assert np.allclose(t.last.T @ t.last, np.eye(ranks[0]), atol=1e-10)
+
+
+def test_no_iterations_is_the_hosvd():
+    w = weight((32, 24, 3, 3), seed=4)
+    t = tucker2(w, 8, 6, n_iter_max=0)
+    u_out = np.linalg.svd(w.reshape(32, -1), full_matrices=False)[0][:, :8]
+    u_in = np.linalg.svd(np.moveaxis(w, 1, 0).reshape(24, -1), full_matrices=False)[0][:, :6]
+    assert np.allclose(np.abs(t.last.T @ u_out), np.eye(8), atol=1e-8)
+    assert np.allclose(np.abs(t.first @ u_in), np.eye(6), atol=1e-8)
+
+
+def test_float64_weights_near_exact_fit_stays_exact():
+    """A weight that is low rank up to 1e-9 noise is fitted in float64 (float32 would stop at ~1e-7)."""
+    rng = np.random.default_rng(5)
+    u_out, _ = np.linalg.qr(rng.standard_normal((40, 6)))
+    u_in, _ = np.linalg.qr(rng.standard_normal((30, 5)))
+    w = reconstruct(u_in.T, rng.standard_normal((6, 5, 3, 3)), u_out) + 1e-9 * rng.standard_normal((40, 30, 3, 3))
+    t = tucker2(w, 6, 5)
+    assert t.relative_error < 1e-8
