@@ -129,36 +129,37 @@ def _hooi_iterations(w: np.ndarray, rank_out: int, rank_in: int, n_iter_max: int
     """The lossy case in float32: (core (R_out, R_in, K), u_out, u_in, error), or None when the
     weight can be fitted so closely that float32 would limit the error (then float64 is used).
 
-    W is held twice, as (C_out, K, C_in) and (C_in, K, C_out) rows, so that each projection
-    (one matrix product) comes out as the (C, K*R) unfolding whose Gram is needed: no transposed
-    copies inside the loop.
+    W is held once, as (C_in, K, C_out) rows, so that each projection is one matrix product whose
+    result already is (or is the transpose of) the unfolding whose Gram is needed: no transposed
+    copies inside the loop (numpy computes ``a @ a.T`` and ``a.T @ a`` with SYRK).
     """
     c_out, c_in, k = w.shape
-    w_oki = np.ascontiguousarray(np.moveaxis(w, 2, 1), dtype=np.float32)  # (C_out, K, C_in)
-    norm2 = _sum_of_squares(w_oki.reshape(c_out, -1))
+    w_iko = np.ascontiguousarray(np.transpose(w, (1, 2, 0)), dtype=np.float32)  # (C_in, K, C_out)
+    norm2 = _sum_of_squares(w_iko.reshape(c_in, -1))
     if norm2 == 0.0:
         return None
-    w_iko = np.ascontiguousarray(np.transpose(w_oki, (2, 1, 0)))  # (C_in, K, C_out)
+    w_in = w_iko.reshape(c_in, k * c_out)  # mode-1 unfolding (column order k, c_out)
     # HOSVD start (tensorly's init='svd'): only the input factor is used, the first sweep replaces the output one.
-    u_in, values = _top_eigenvectors(_gram(w_iko.reshape(c_in, -1)), rank_in)
+    u_in, values = _top_eigenvectors(_gram(w_in), rank_in)
     # No fit keeps more than the input mode's top eigenvalues: this bounds every error from below.
     if max(norm2 - float(np.sum(values, dtype=np.float64)), 0.0) / norm2 < FLOAT32_MIN_ERROR**2:
         return None
-    w_oki, w_iko = w_oki.reshape(c_out * k, c_in), w_iko.reshape(c_in * k, c_out)
+    w_rows = w_iko.reshape(c_in * k, c_out)
     errors: list[float] = []
     core = None
     for _ in range(n_iter_max):
-        # output mode: eigenvectors of the Gram of W x_1 U_in^T unfolded along mode 0, (C_out, K*R_in)
-        z = (w_oki @ u_in).reshape(c_out, k * rank_in)
-        u_out, _ = _top_eigenvectors(_gram(z), rank_out)
+        # output mode: eigenvectors of the Gram of W x_1 U_in^T unfolded along mode 0; z holds its
+        # transpose, (R_in*K, C_out)
+        z = (u_in.T @ w_in).reshape(rank_in * k, c_out)
+        u_out, _ = _top_eigenvectors(z.T @ z, rank_out)
         if _tensorly_stopped(errors, tol):
             # partial_tucker would have stopped after the previous sweep: this output-mode update
             # alone lowers the error below its result (each half-sweep maximises ||core||).
-            # core = U_out^T (W x_1 U_in^T): (R_out, K, R_in) -> (R_out, R_in, K)
-            core = np.transpose((u_out.T @ z).reshape(rank_out, k, rank_in), (0, 2, 1))
+            # core = (W x_1 U_in^T) x_0 U_out^T: (R_in, K, R_out) -> (R_out, R_in, K)
+            core = np.transpose((z @ u_out).reshape(rank_in, k, rank_out), (2, 0, 1))
             break
         # input mode: eigenvectors of the Gram of W x_0 U_out^T unfolded along mode 1, (C_in, K*R_out)
-        y = (w_iko @ u_out).reshape(c_in, k * rank_out)
+        y = (w_rows @ u_out).reshape(c_in, k * rank_out)
         u_in, values = _top_eigenvectors(_gram(y), rank_in)
         core_norm2 = float(np.sum(values, dtype=np.float64))  # ||core||^2 = sum of the kept eigenvalues
         errors.append(np.sqrt(max(norm2 - core_norm2, 0.0) / norm2))
