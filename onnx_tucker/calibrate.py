@@ -23,6 +23,7 @@ MAX_ROWS = 30_000
 MIN_ROWS_PER_UNKNOWN = 20
 CORE_RIDGE = 1e-2  # the core refit shrinks towards the Tucker solution: it has many unknowns  # pixel samples per layer for the least-squares refit
 BATCH = 64
+COV_POSITIONS = 64  # spatial positions per sample for the input covariances
 
 
 def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
@@ -43,17 +44,25 @@ def _batches(feeds: dict, size: int = BATCH):
         yield {k: v[start : start + size] for k, v in feeds.items()}
 
 
-def input_covariances(model: onnx.ModelProto, feeds: dict, tensor_names: list[str]) -> dict[str, np.ndarray]:
-    """Channel second moment E[x x^T] (over samples and positions) of each named NC... tensor."""
+def input_covariances(model: onnx.ModelProto, feeds: dict, tensor_names: list[str], seed: int = 0) -> dict[str, np.ndarray]:
+    """Channel second moment E[x x^T] (over samples and positions) of each named NC... tensor.
+
+    Estimated on at most ``COV_POSITIONS`` random positions per sample: plenty for a C x C
+    moment, and it keeps calibration time flat in the image size.
+    """
     names = list(dict.fromkeys(tensor_names))
     session = make_session(with_outputs(model, names))
+    rng = np.random.default_rng(seed)
     sums = {n: None for n in names}
     counts = {n: 0 for n in names}
     for batch in _batches(feeds):
         values = session.run(names, batch)
         for name, value in zip(names, values):
-            x = np.moveaxis(value.astype(np.float64), 1, 0).reshape(value.shape[1], -1)
-            gram = x @ x.T
+            flat = value.reshape(value.shape[0], value.shape[1], -1)
+            if flat.shape[2] > COV_POSITIONS:
+                flat = flat[:, :, rng.choice(flat.shape[2], COV_POSITIONS, replace=False)]
+            x = np.moveaxis(flat, 1, 0).reshape(value.shape[1], -1).astype(np.float32, copy=False)
+            gram = (x @ x.T).astype(np.float64)  # float32 products, float64 sums across batches
             sums[name] = gram if sums[name] is None else sums[name] + gram
             counts[name] += x.shape[1]
     return {n: sums[n] / max(counts[n], 1) for n in names}
@@ -66,7 +75,7 @@ def _rows(value: np.ndarray, pick: np.ndarray) -> np.ndarray:
 
 
 def refit_last_convs(original: onnx.ModelProto, compressed: onnx.ModelProto, feeds: dict, layers: list[str],
-                     ridge: float = 1e-6, seed: int = 0, mode: str = "last") -> dict:
+                     ridge: float = 1e-6, seed: int = 0, mode: str = "last", relu_aware: bool = True) -> dict:
     """Sequential least-squares refit of each decomposed layer's last conv; edits ``compressed`` in place.
 
     ``mode="last"`` refits the last 1x1 conv and bias; ``mode="core"`` also refits the
@@ -108,12 +117,56 @@ def refit_last_convs(original: onnx.ModelProto, compressed: onnx.ModelProto, fee
             result["layers"][layer] = _refit_core_and_last(compressed, layer, core_node, last, inits, f, pick, target, geometry, ridge)
         else:
             z = _rows(np.concatenate(_collect(compressed, feeds, [core_out])[core_out]), pick).astype(np.float64)
-            result["layers"][layer] = _refit_last(compressed, layer, last, inits, z, target, ridge)
+            relu = relu_aware and _feeds_only_relu(compressed, last.output[0])
+            result["layers"][layer] = _refit_last(compressed, layer, last, inits, z, target, ridge, relu=relu)
     result["seconds"] = round(time.perf_counter() - start, 2)
     return result
 
 
-def _refit_last(model, layer, last, inits, z, target, ridge) -> dict:
+def _feeds_only_relu(model: onnx.ModelProto, name: str) -> bool:
+    """True when every consumer of tensor ``name`` is a Relu (and it is not a graph output)."""
+    if any(o.name == name for o in model.graph.output):
+        return False
+    users = [n for n in model.graph.node if name in n.input]
+    return bool(users) and all(n.op_type == "Relu" for n in users)
+
+
+RELU_ITERATIONS = 3
+RELU_RIDGE = 1e-3
+RELU_ROWS = 16_000  # rows per layer for the per-channel ReLU-aware solves
+
+
+def relu_solve(design: np.ndarray, target: np.ndarray, solution: np.ndarray, ridge: float,
+               iterations: int = RELU_ITERATIONS, max_rows: int = RELU_ROWS, seed: int = 0) -> np.ndarray:
+    """Least squares on what the ReLU lets through: per output channel, the rows where the
+    original or the fitted pre-activation is positive (elsewhere both are cut to 0 and any
+    error is invisible downstream). Iterated, since the fitted side moves. One Gram matrix per
+    channel, so it runs on a row subsample in float32 (the solve itself is float64)."""
+    if len(design) > max_rows:
+        keep = np.sort(np.random.default_rng(seed).choice(len(design), max_rows, replace=False))
+        design, target = design[keep], target[keep]
+    d32 = design.astype(np.float32)
+    eye = np.eye(design.shape[1])
+    # Where the original is cut by the ReLU, reaching 0 is enough: aiming at the negative
+    # value would spend the fit on error nobody downstream sees.
+    relu_target = np.maximum(target, 0)
+    for _ in range(iterations):
+        active = (target > 0) | ((design @ solution) > 0)
+        new = np.empty_like(solution)
+        for c in range(target.shape[1]):
+            mask = active[:, c]
+            if mask.sum() < MIN_ROWS_PER_UNKNOWN * len(eye):  # (nearly) dead channel: too few rows to refit
+                new[:, c] = solution[:, c]
+                continue
+            rows = d32[mask]
+            gram = (rows.T @ rows).astype(np.float64)
+            lam = RELU_RIDGE * np.trace(gram) / len(gram) + 1e-12  # shrink towards the linear fit
+            new[:, c] = np.linalg.solve(gram + lam * eye, design[mask].T @ relu_target[mask, c] + lam * solution[:, c])
+        solution = new
+    return solution
+
+
+def _refit_last(model, layer, last, inits, z, target, ridge, relu: bool = False) -> dict:
     """Least squares for the last 1x1 conv's weight and bias, given the core's output rows ``z``."""
     weight_init = _own_initializer(model, last, 1, inits, f"{layer}_tucker_out_W")
     w = numpy_helper.to_array(weight_init)
@@ -123,6 +176,13 @@ def _refit_last(model, layer, last, inits, z, target, ridge) -> dict:
     gram = design.T @ design
     gram += ridge * np.trace(gram) / len(gram) * np.eye(len(gram))
     solution = np.linalg.solve(gram, design.T @ target)  # (R_out + 1, C_out)
+    if relu:
+        solution = relu_solve(design, target, solution, ridge)
+        after = design @ solution
+        weight_init.CopyFrom(numpy_helper.from_array(solution[:-1].T.reshape(w.shape).astype(w.dtype), weight_init.name))
+        bias.CopyFrom(numpy_helper.from_array(solution[-1].astype(w.dtype), bias.name))
+        relu_target = np.maximum(target, 0)
+        return _errors(np.maximum(before, 0), np.maximum(after, 0), relu_target, "last conv (after the ReLU)")
     weight_init.CopyFrom(numpy_helper.from_array(solution[:-1].T.reshape(w.shape).astype(w.dtype), weight_init.name))
     bias.CopyFrom(numpy_helper.from_array(solution[-1].astype(w.dtype), bias.name))
     return _errors(before, design @ solution, target, "last conv")
@@ -255,31 +315,3 @@ def _bias(model, node, inits, channels, dtype, layer):
     else:
         node.input[2] = bias.name
     return bias
-
-
-
-def layer_sensitivity(model: onnx.ModelProto, candidates: list, feeds: dict, ratio: float = 0.5, samples: int = 128) -> dict:
-    """How much the model's output moves when each layer alone is decomposed at ``ratio``.
-
-    Returns layer -> squared relative output error per unit of that layer's estimated
-    weight error (lost spectral energy): the weight ``budget.allocate_ranks`` gives it.
-    """
-    from onnx_tucker.budget import lost_energy
-    from onnx_tucker.pipeline import compress
-    from onnx_tucker.ranks import ratio_ranks
-
-    subset = {k: v[:samples] for k, v in feeds.items()}
-    reference = make_session(model).run(None, subset)[0].astype(np.float64)
-    norm = np.linalg.norm(reference) or 1.0
-    names = [c.name for c in candidates]
-    weights = {}
-    for cand in candidates:
-        others = tuple(n for n in names if n != cand.name)
-        single, _ = compress(model, ratio=ratio, force=True, exclude=others)
-        out = make_session(single).run(None, subset)[0].astype(np.float64)
-        distortion = (np.linalg.norm(out - reference) / norm) ** 2
-        r_out, r_in = ratio_ranks(cand.shape.c_out, cand.shape.c_in, ratio)
-        loss_out, loss_in = lost_energy(cand.weight)
-        proxy = float(loss_out[min(r_out, len(loss_out) - 1)] + loss_in[min(r_in, len(loss_in) - 1)])
-        weights[cand.name] = float(distortion / max(proxy, 1e-12))
-    return weights

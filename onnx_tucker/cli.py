@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--latency-aware", action="store_true", help="profile each decomposed layer on the CPU EP and leave whole those whose chain is slower")
     c.add_argument("--latency-batch", type=_positive_int, default=1, metavar="N", help="batch size for --latency-aware (default 1)")
     c.add_argument("--target-macs", type=_fraction, metavar="F", help="choose per-layer ranks so the model's conv MACs are at most F x the original (e.g. 0.33)")
+    c.add_argument("--budget-rule", choices=("auto", "measured", "uniform"), default="auto",
+                   help="with --target-macs: 'measured' spends ranks by each layer's measured effect on the output "
+                        "(needs --calibrate; the default with it), 'uniform' uses one ratio for all layers (default without)")
     c.add_argument("--calibrate", metavar="TRAIN.npz", help="data-aware decomposition from calibration inputs (training data only: x_train, by input name, or one array)")
     c.add_argument("--calib-size", type=_positive_int, default=2048, metavar="N", help="calibration samples, a seeded random subset (default 2048)")
     c.add_argument("--refit", choices=("last", "core", "none"), default="last", help="with --calibrate: least-squares refit of the last 1x1 conv (default), of the core too, or none")
@@ -149,6 +152,7 @@ def cmd_compress(args) -> int:
                "rank_method": args.rank_method, "energy": args.energy}
     if args.target_macs is not None:
         options["target_macs"] = args.target_macs
+        options["budget_rule"] = args.budget_rule
     if args.latency_aware:
         options["latency_aware"], options["latency_batch"] = True, args.latency_batch
     if args.calibrate:

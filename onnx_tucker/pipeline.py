@@ -36,8 +36,7 @@ class Options:
     refit: str | bool = "last"  # with calibration: "last" (1x1 + bias), "core" (core too), False: none
     whiten: bool = True  # with calibration: input-covariance-weighted (data-aware) decomposition
     fixed_macs: int = 0  # set by compress: MACs of convs that are never decomposed
-    sensitivity: dict = field(default_factory=dict)  # layer -> weight of its error in the MAC budget allocation
-    budget_rule: str = "uniform"  # uniform | greedy (see budget.py)
+    budget_rule: str = "auto"  # with target_macs: auto (measured with calibration, else uniform) | measured | uniform
     latency_aware: bool = False  # leave whole the layers whose chain is measured slower (CPU EP)
     latency_batch: int = 1
 
@@ -143,17 +142,12 @@ def compress(model, ratio: float = 0.5, **options) -> tuple[onnx.ModelProto, Rep
         report.layers.append(record)
     eligible = [c for c in candidates if c.eligible]
     opts.fixed_macs = sum(c.shape.macs() for c in candidates if not c.eligible and c.shape is not None)
-    if opts.target_macs is not None and opts.budget_rule == "greedy" and opts.calibration is not None and not opts.sensitivity:
-        from onnx_tucker.calibrate import layer_sensitivity
-
-        opts.sensitivity = layer_sensitivity(model, eligible, opts.calibration)
-        report.sensitivity = opts.sensitivity
-    planned = plan_ranks(eligible, opts)
     input_stats = None
     if opts.calibration is not None and opts.whiten:
         from onnx_tucker.calibrate import input_covariances
 
         input_stats = input_covariances(model, opts.calibration, [c.node.inputs[0].name for c in eligible])
+    planned = plan_ranks(eligible, opts, model=model, covariances=input_stats, report=report)
     for cand in eligible:
         record, shape = records[cand.name], cand.shape
         if planned.get(cand.name) is None:
@@ -239,11 +233,33 @@ def _latency_aware(model, ratio, options: dict, opts: "Options"):
     return new_model, report
 
 
-def plan_ranks(candidates: list, opts: "Options") -> dict:
+def plan_ranks(candidates: list, opts: "Options", model=None, covariances=None, report=None) -> dict:
     """Layer name -> (R_out, R_in) before rounding, or None to leave the layer at full rank."""
     if opts.target_macs is not None:
-        from onnx_tucker.budget import allocate_ranks
+        from onnx_tucker.budget import allocate_measured, allocate_ranks
 
+        rule = opts.budget_rule
+        if rule not in ("auto", "measured", "uniform"):
+            raise UsageError(f"unknown budget rule {rule!r}: choose auto, measured or uniform")
+        if rule == "auto":
+            rule = "measured" if opts.calibration is not None else "uniform"
+        if rule == "measured":
+            if opts.calibration is None:
+                raise UsageError("the measured budget rule needs calibration data (--calibrate)")
+            from onnx_tucker.sensitivity import Unsupported, distortion_curves
+
+            try:
+                measured = distortion_curves(model, candidates, opts.calibration, covariances, opts.rank_multiple)
+            except Unsupported as exc:
+                if report is not None:
+                    report.notes.append(f"measured budget unavailable ({exc}): uniform ratio used")
+                return allocate_ranks(candidates, opts)
+            if report is not None:
+                report.sensitivity = {
+                    "seconds": measured["seconds"], "eval_samples": measured["eval_samples"],
+                    "curves": {k: [[m, d, list(r)] for m, d, r in v] for k, v in measured["curves"].items()},
+                }
+            return allocate_measured(candidates, measured["curves"], opts)
         return allocate_ranks(candidates, opts)
     planned = {}
     for cand in candidates:

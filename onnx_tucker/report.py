@@ -43,6 +43,7 @@ class Report:
     calibration: dict | None = None
     sensitivity: dict | None = None
     settings: dict = field(default_factory=dict)
+    notes: list = field(default_factory=list)  # one-line remarks for the user (fallbacks taken)
 
     @property
     def decomposed(self) -> list:
@@ -74,6 +75,7 @@ class Report:
             "calibration": self.calibration,
             "sensitivity": self.sensitivity,
             "settings": self.settings,
+            "notes": self.notes,
         }
 
     def to_json(self) -> str:
@@ -122,4 +124,5 @@ def format_table(report: Report) -> str:
         lines.append("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
     if not t["macs_known"]:
         lines.append("* spatial sizes unknown for some layers: MACs counted per output pixel (= parameters)")
+    lines.extend(f"note: {note}" for note in report.notes)
     return "\n".join(lines)

@@ -71,7 +71,8 @@ def test_whitened_decomposition_lowers_expected_output_error():
     assert tucker2(w, 16, 12, input_covariance=cov).relative_error < 1e-10
 
 
-def test_input_covariances_are_channel_second_moments():
+def test_input_covariances_are_channel_second_moments(monkeypatch):
+    monkeypatch.setattr("onnx_tucker.calibrate.COV_POSITIONS", 144)  # every position of the 12x12 map
     model = conv_model(c_in=4, c_out=6)
     x = np.random.default_rng(0).standard_normal((5, 4, 12, 12)).astype(np.float32)
     cov = input_covariances(model, {"x": x}, ["x"])["x"]
@@ -79,21 +80,98 @@ def test_input_covariances_are_channel_second_moments():
     assert np.allclose(cov, flat @ flat.T / flat.shape[1], rtol=1e-5)
 
 
-@pytest.mark.parametrize("rule", ["uniform", "greedy"])
+def test_input_covariances_subsample_large_maps_without_bias():
+    model = conv_model(c_in=4, c_out=6)
+    rng = np.random.default_rng(1)
+    mix = rng.standard_normal((4, 4))
+    x = np.einsum("ij,njhw->nihw", mix, rng.standard_normal((256, 4, 12, 12))).astype(np.float32)
+    cov = input_covariances(model, {"x": x}, ["x"])["x"]
+    flat = x.transpose(1, 0, 2, 3).reshape(4, -1).astype(np.float64)
+    exact = flat @ flat.T / flat.shape[1]
+    assert np.linalg.norm(cov - exact) < 0.05 * np.linalg.norm(exact)
+
+
 @pytest.mark.parametrize("target", [0.6, 0.4, 0.25])
-def test_budget_meets_the_mac_target_by_the_cost_model(target, rule):
+def test_budget_meets_the_mac_target_by_the_cost_model(target):
     model = residual_model(channels=32)
-    new, report = compress(model, target_macs=target, budget_rule=rule)
+    new, report = compress(model, target_macs=target)
     t = report.totals()
     assert t["macs_after"] <= target * t["macs_before"]
     assert report.settings["rank_method"] == "target_macs"
 
 
-def test_budget_with_calibration_uses_measured_sensitivity():
+@pytest.mark.parametrize("target", [0.6, 0.35])
+def test_measured_budget_meets_the_target_and_records_its_curves(target):
     model = residual_model(channels=32)
-    new, report = compress(model, target_macs=0.4, calibration={"x": samples(32, seed=5)}, budget_rule="greedy")
-    assert set(report.sensitivity) == {"stem", "block_conv", "down"}
-    assert report.totals()["macs_after"] <= 0.4 * report.totals()["macs_before"]
+    new, report = compress(model, target_macs=target, calibration={"x": samples(48, seed=5)})
+    t = report.totals()
+    assert t["macs_after"] <= target * t["macs_before"]
+    curves = report.sensitivity["curves"]
+    assert set(curves) == {"stem", "block_conv", "down"}
+    assert all(d >= 0 for curve in curves.values() for _, d, _ in curve)
+    chosen = {r.layer: tuple(r.ranks) for r in report.decomposed}
+    for layer, ranks in chosen.items():
+        assert list(ranks) in [c[2] for c in curves[layer]]
+    onnx.checker.check_model(new)
+
+
+def test_measured_distortion_falls_as_ranks_grow():
+    model = residual_model(channels=32)
+    _, report = compress(model, target_macs=0.5, calibration={"x": samples(48, seed=6)})
+    for curve in report.sensitivity["curves"].values():
+        distortions = [d for _, d, _ in sorted(curve)]
+        assert distortions[-1] < distortions[0]
+
+
+def test_knapsack_finds_the_least_total_distortion():
+    from itertools import product
+    from types import SimpleNamespace
+
+    from onnx_tucker.budget import allocate_measured
+    from onnx_tucker.ranks import ConvShape
+
+    rng = np.random.default_rng(0)
+    cands, curves = [], {}
+    for i in range(4):
+        shape = ConvShape(c_out=64, c_in=64, kernel=(3, 3), in_spatial=(8, 8), out_spatial=(8, 8))
+        cands.append(SimpleNamespace(name=f"c{i}", shape=shape))
+        macs = sorted(rng.integers(1, shape.macs(), 5), reverse=True)
+        dist = np.sort(rng.random(5))
+        curves[f"c{i}"] = [(int(m), float(d), (i, j)) for j, (m, d) in enumerate(zip(macs, dist))]
+    opts = SimpleNamespace(target_macs=0.45, fixed_macs=0)
+    planned = allocate_measured(cands, curves, opts)
+    total = sum(c.shape.macs() for c in cands)
+    best = None
+    for combo in product(*[[(c.shape.macs(), 0.0, None)] + curves[c.name] for c in cands]):
+        if sum(o[0] for o in combo) <= 0.45 * total:
+            score = sum(o[1] for o in combo)
+            best = score if best is None else min(best, score)
+    got = [next(o for o in [(c.shape.macs(), 0.0, None)] + curves[c.name] if o[2] == planned[c.name]) for c in cands]
+    assert sum(o[0] for o in got) <= 0.45 * total
+    assert sum(o[1] for o in got) <= best + 1e-3  # exact up to the MAC-bin rounding
+
+
+def test_measured_budget_needs_calibration():
+    with pytest.raises(UsageError, match="calibration"):
+        compress(residual_model(channels=32), target_macs=0.5, budget_rule="measured")
+
+
+def test_relu_aware_refit_lowers_post_relu_error_on_held_out_rows():
+    from onnx_tucker.calibrate import relu_solve
+
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal((6000, 6))
+    true = rng.standard_normal((7, 4))
+    target = np.hstack([z[:, :3], z[:, 3:] ** 2, np.ones((len(z), 1))]) @ true  # not linear in z
+    design = np.hstack([z, np.ones((len(z), 1))])
+    fit, held = slice(0, 4000), slice(4000, None)
+    linear = np.linalg.lstsq(design[fit], target[fit], rcond=None)[0]
+    relu = relu_solve(design[fit], target[fit], linear, 1e-6)
+
+    def post_relu_error(solution):
+        return np.linalg.norm(np.maximum(design[held] @ solution, 0) - np.maximum(target[held], 0))
+
+    assert post_relu_error(relu) < post_relu_error(linear)
 
 
 def test_unreachable_budget_is_a_usage_error():

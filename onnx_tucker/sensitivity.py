@@ -1,0 +1,232 @@
+"""Measured rank budgets: how much the model's output moves when one layer is decomposed at each rank.
+
+For every eligible 2-D conv and every candidate rank pair, the layer alone is decomposed
+the way ``compress`` would with calibration data (whitened Tucker-2, then the
+least-squares refit of the last factor and bias on the layer's real inputs), folded back
+into a full-size weight, and the *whole model* is run on held-out calibration images with
+that weight in place. The distortion is the mean KL divergence between the original and
+the perturbed class distributions (relative squared error for outputs that are not
+class scores). ``budget.allocate_measured`` then picks one option per layer so that the
+summed distortion is smallest under the MAC budget.
+
+Everything runs on one onnxruntime session in which each candidate's weight and bias are
+graph inputs, so each measurement is one forward pass with no session rebuild.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import onnx
+from threadpoolctl import threadpool_limits
+
+from onnx_tucker.calibrate import relu_solve
+from onnx_tucker.decompose import max_ranks, tucker2
+from onnx_tucker.ranks import ratio_ranks, round_to_multiple
+from onnx_tucker.runtime import make_session
+
+FRACTIONS = (1 / 16, 1 / 8, 3 / 16, 1 / 4, 5 / 16, 3 / 8, 1 / 2, 5 / 8, 3 / 4)
+FIT_ROWS = 12_000  # sampled output positions per layer for the refit
+EVAL_SAMPLES = 128  # calibration images the distortion is measured on (not used by the refit)
+FIT_SAMPLES = 512  # calibration images the per-option refits use
+BATCH = 64
+PROBE = "onnx_tucker_probe"
+RELU_AWARE = False
+
+
+class Unsupported(Exception):
+    """The model has a candidate the measurement cannot handle; the caller falls back to the uniform rule."""
+
+
+def rank_options(cand, rank_multiple: int = 1) -> list[tuple[int, int]]:
+    """Distinct profitable (R_out, R_in) pairs from the rank fractions in ``FRACTIONS``."""
+    shape = cand.shape
+    max_out, max_in = max_ranks(cand.weight.shape)
+    seen = []
+    for fraction in FRACTIONS:
+        r_out, r_in = ratio_ranks(shape.c_out, shape.c_in, fraction)
+        r_out = round_to_multiple(min(r_out, max_out), rank_multiple, max_out)
+        r_in = round_to_multiple(min(r_in, max_in), rank_multiple, max_in)
+        if (r_out, r_in) not in seen and shape.chain_macs(r_out, r_in) < shape.macs():
+            seen.append((r_out, r_in))
+    return seen
+
+
+def _geometry(node, weight_shape, in_hw) -> tuple | None:
+    """(kernel, strides, pads [t, l, b, r], dilations) of a 2-D, ungrouped conv, else None."""
+    attrs = node.attrs
+    kernel = list(attrs.get("kernel_shape", weight_shape[2:]))
+    if len(kernel) != 2 or attrs.get("group", 1) != 1 or in_hw is None or None in in_hw:
+        return None
+    strides = list(attrs.get("strides", [1, 1]))
+    dilations = list(attrs.get("dilations", [1, 1]))
+    auto_pad = attrs.get("auto_pad", "NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    if auto_pad in ("NOTSET", ""):
+        pads = list(attrs.get("pads", [0, 0, 0, 0]))
+    elif auto_pad == "VALID":
+        pads = [0, 0, 0, 0]
+    else:  # SAME_UPPER / SAME_LOWER: output size ceil(in / stride), the odd pixel at the end / start
+        pads = [0, 0, 0, 0]
+        for axis in range(2):
+            out = math.ceil(in_hw[axis] / strides[axis])
+            total = max((out - 1) * strides[axis] + (kernel[axis] - 1) * dilations[axis] + 1 - in_hw[axis], 0)
+            small, big = total // 2, total - total // 2
+            pads[axis], pads[axis + 2] = (small, big) if auto_pad == "SAME_UPPER" else (big, small)
+    return kernel, strides, pads, dilations
+
+
+def _patches(x: np.ndarray, n_idx, oh, ow, geometry) -> np.ndarray:
+    """im2col rows (C-major like OIHW) of ``x`` (N, C, H, W) at output positions (n, oh, ow)."""
+    (kh, kw), (sh, sw), (pt, pl, pb, pr), (dh, dw) = geometry
+    padded = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
+    rows = oh[:, None] * sh + np.arange(kh)[None, :] * dh
+    cols = ow[:, None] * sw + np.arange(kw)[None, :] * dw
+    c = np.arange(x.shape[1])
+    out = padded[n_idx[:, None, None, None], c[None, :, None, None], rows[:, None, :, None], cols[:, None, None, :]]
+    return out.reshape(len(n_idx), -1)
+
+
+def _probe_model(model: onnx.ModelProto, candidates: list) -> tuple[onnx.ModelProto, dict]:
+    """``model`` with each candidate's weight and bias fed as graph inputs, and its input/output exposed."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    names = {}
+    by_name = {n.name: n for n in probe.graph.node}
+    graph_outputs = {o.name for o in probe.graph.output}
+    for i, cand in enumerate(candidates):
+        node = by_name[cand.node.name]
+        w_name, b_name = f"{PROBE}_W{i}", f"{PROBE}_B{i}"
+        node.input[1] = w_name
+        if len(node.input) > 2 and node.input[2]:
+            node.input[2] = b_name
+        elif len(node.input) > 2:
+            node.input[2] = b_name
+        else:
+            node.input.append(b_name)
+        dtype = onnx.helper.np_dtype_to_tensor_dtype(cand.weight.dtype)
+        probe.graph.input.append(onnx.helper.make_tensor_value_info(w_name, dtype, list(cand.weight.shape)))
+        probe.graph.input.append(onnx.helper.make_tensor_value_info(b_name, dtype, [cand.shape.c_out]))
+        for tensor in (node.input[0], node.output[0]):
+            if tensor not in graph_outputs and tensor not in {i.name for i in model.graph.input}:
+                probe.graph.output.append(onnx.helper.make_tensor_value_info(tensor, dtype, None))
+                graph_outputs.add(tensor)
+        names[cand.name] = (w_name, b_name, node.input[0], node.output[0])
+    return probe, names
+
+
+def _bias_of(model: onnx.ModelProto, cand) -> np.ndarray:
+    node_inputs = cand.node.inputs
+    if len(node_inputs) > 2 and node_inputs[2] is not None and getattr(node_inputs[2], "values", None) is not None:
+        return np.asarray(node_inputs[2].values).astype(cand.weight.dtype).reshape(-1)
+    if len(node_inputs) > 2 and node_inputs[2] is not None and node_inputs[2].name:
+        raise Unsupported(f"bias of {cand.name} is not a constant")
+    return np.zeros(cand.shape.c_out, dtype=cand.weight.dtype)
+
+
+def _feeds_only_relu(model: onnx.ModelProto, name: str) -> bool:
+    if any(o.name == name for o in model.graph.output):
+        return False
+    users = [n for n in model.graph.node if name in n.input]
+    return bool(users) and all(n.op_type == "Relu" for n in users)
+
+
+def _distortion(reference: np.ndarray, output: np.ndarray) -> float:
+    """Mean KL(original || perturbed) over samples for class scores, else relative squared error."""
+    ref = reference.astype(np.float64).reshape(len(reference), -1)
+    out = output.astype(np.float64).reshape(len(output), -1)
+    if reference.ndim == 2 and ref.shape[1] > 1:
+        is_prob = ref.min() >= 0 and np.allclose(ref.sum(1), 1.0, atol=1e-3)
+        p = ref if is_prob else _softmax(ref)
+        q = np.clip(out, 1e-12, None) if is_prob else _softmax(out)
+        p = np.clip(p, 1e-12, None)
+        return float(np.mean(np.sum(p * (np.log(p) - np.log(q)), axis=1)))
+    return float(np.sum((out - ref) ** 2) / max(np.sum(ref**2), 1e-30))
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(1, keepdims=True)
+
+
+def distortion_curves(model: onnx.ModelProto, candidates: list, feeds: dict, covariances: dict | None,
+                      rank_multiple: int = 1, seed: int = 0, progress=None) -> dict:
+    """Layer -> [(chain MACs, measured distortion, (R_out, R_in))], plus the seconds it took.
+
+    Raises :class:`Unsupported` for models the probe cannot handle (non-2-D or grouped convs
+    among the candidates, unknown spatial sizes, non-constant biases).
+    """
+    start = time.perf_counter()
+    n = len(next(iter(feeds.values())))
+    n_eval = min(EVAL_SAMPLES, max(n // 4, 1))
+    fit_feeds = {k: v[: min(n - n_eval, FIT_SAMPLES)] if n > n_eval else v for k, v in feeds.items()}
+    eval_feeds = {k: v[n - n_eval :] for k, v in feeds.items()}
+    probe, names = _probe_model(model, candidates)
+    session = make_session(probe)
+    output_name = model.graph.output[0].name
+    weights = {}
+    for cand in candidates:
+        w_name, b_name, _, _ = names[cand.name]
+        weights[w_name] = np.ascontiguousarray(cand.weight)
+        weights[b_name] = _bias_of(model, cand)
+    geometries = {}
+    for cand in candidates:
+        geometry = _geometry(cand.node, cand.weight.shape, cand.shape.in_spatial)
+        if geometry is None or cand.shape.out_spatial is None:
+            raise Unsupported(f"{cand.name} is not a 2-D ungrouped conv of known size")
+        geometries[cand.name] = geometry
+    # Sampled patches (inputs) and outputs of every layer on the fit images, batch by batch.
+    rng = np.random.default_rng(seed)
+    n_fit = len(next(iter(fit_feeds.values())))
+    per_image = {c.name: max(1, FIT_ROWS // max(n_fit, 1)) for c in candidates}
+    rows = {c.name: ([], []) for c in candidates}
+    fetch = []
+    for cand in candidates:
+        fetch += [names[cand.name][2], names[cand.name][3]]
+    graph_inputs = {i.name for i in model.graph.input}
+    fetch = [t for t in dict.fromkeys(fetch) if t not in graph_inputs]
+    for begin in range(0, n_fit, BATCH):
+        batch = {k: v[begin : begin + BATCH] for k, v in fit_feeds.items()}
+        values = dict(zip(fetch, session.run(fetch, {**batch, **weights})))
+        values.update(batch)
+        for cand in candidates:
+            x, y = values[names[cand.name][2]], values[names[cand.name][3]]
+            oh_total, ow_total = y.shape[2], y.shape[3]
+            count = min(per_image[cand.name], oh_total * ow_total)
+            n_idx = np.repeat(np.arange(len(x)), count)
+            flat = np.concatenate([rng.choice(oh_total * ow_total, count, replace=False) for _ in range(len(x))])
+            oh, ow = np.divmod(flat, ow_total)
+            rows[cand.name][0].append(_patches(x, n_idx, oh, ow, geometries[cand.name]).astype(np.float64))
+            rows[cand.name][1].append(y[n_idx, :, oh, ow].astype(np.float64))
+    reference = session.run([output_name], {**eval_feeds, **weights})[0]
+    curves = {}
+    for cand in candidates:
+        patches = np.concatenate(rows[cand.name][0])
+        target = np.concatenate(rows[cand.name][1])
+        design_ones = np.ones((len(patches), 1))
+        relu = _feeds_only_relu(model, names[cand.name][3])
+        w_name, b_name, _, _ = names[cand.name]
+        cov = covariances.get(cand.node.inputs[0].name) if covariances else None
+        curve = []
+        for r_out, r_in in rank_options(cand, rank_multiple):
+            with threadpool_limits(limits=1, user_api="blas"):  # small eigh calls: one thread is faster
+                factors = tucker2(cand.weight, r_out, r_in, input_covariance=cov)
+            # first then core as one (R_out, C_in*k*k) map: the core's output at each sampled position
+            inner = np.einsum("rskl,sc->rckl", factors.core.astype(np.float64), factors.first.astype(np.float64))
+            inner = inner.reshape(r_out, -1)
+            design = np.hstack([patches @ inner.T, design_ones])
+            gram = design.T @ design
+            gram += (1e-6 * np.trace(gram) / len(gram) + 1e-12) * np.eye(len(gram))
+            solution = np.linalg.solve(gram, design.T @ target)
+            if relu and RELU_AWARE:
+                solution = relu_solve(design, target, solution, 1e-6, iterations=2)
+            weight = (solution[:-1].T @ inner).reshape(cand.weight.shape).astype(cand.weight.dtype)
+            bias = solution[-1].astype(cand.weight.dtype)
+            out = session.run([output_name], {**eval_feeds, **weights, w_name: weight, b_name: bias})[0]
+            curve.append((cand.shape.chain_macs(r_out, r_in), _distortion(reference, out), (r_out, r_in)))
+            if progress is not None:
+                progress()
+        curves[cand.name] = curve
+    return {"curves": curves, "seconds": round(time.perf_counter() - start, 2), "eval_samples": n_eval}
