@@ -114,7 +114,8 @@ def refit_last_convs(original: onnx.ModelProto, compressed: onnx.ModelProto, fee
         if mode == "core" and geometry is not None and len(pick) >= MIN_ROWS_PER_UNKNOWN * unknowns:
             first_out = core_node.input[0]
             f = np.concatenate(_collect(compressed, feeds, [first_out])[first_out])
-            result["layers"][layer] = _refit_core_and_last(compressed, layer, core_node, last, inits, f, pick, target, geometry, ridge)
+            relu = relu_aware and _feeds_only_relu(compressed, last.output[0])
+            result["layers"][layer] = _refit_core_and_last(compressed, layer, core_node, last, inits, f, pick, target, geometry, ridge, relu)
         else:
             z = _rows(np.concatenate(_collect(compressed, feeds, [core_out])[core_out]), pick).astype(np.float64)
             relu = relu_aware and _feeds_only_relu(compressed, last.output[0])
@@ -228,7 +229,7 @@ def _patches(f: np.ndarray, pick: np.ndarray, out_hw: tuple, geometry) -> np.nda
     return patches.reshape(len(pick), -1)  # (P, C*kh*kw), C-major like OIHW
 
 
-def _refit_core_and_last(model, layer, core_node, last, inits, f, pick, target, geometry, ridge) -> dict:
+def _refit_core_and_last(model, layer, core_node, last, inits, f, pick, target, geometry, ridge, relu=False) -> dict:
     """Reduced-rank regression of core+last on the first conv's real output.
 
     Fits the combined kxk conv (C_out x R_in*k*k) by least squares, shrunk towards
@@ -260,9 +261,16 @@ def _refit_core_and_last(model, layer, core_node, last, inits, f, pick, target, 
     new_core = (full @ v).T.reshape(core.shape)
     new_bias = mean_t - mean_p @ (full @ v @ v.T)
     after = p @ (full @ v @ v.T) + new_bias
+    if relu:  # then the last factor and bias again, for the error the ReLU lets through
+        design = np.hstack([p @ full @ v, np.ones((len(p), 1))])
+        solution = relu_solve(design, target, np.vstack([v.T, new_bias[None, :]]), ridge)
+        v, new_bias = solution[:-1].T, solution[-1]
+        after = design @ solution
     core_init.CopyFrom(numpy_helper.from_array(new_core.astype(dtype), core_init.name))
     last_init.CopyFrom(numpy_helper.from_array(v.reshape(lw.shape).astype(dtype), last_init.name))
     bias.CopyFrom(numpy_helper.from_array(new_bias.astype(dtype), bias.name))
+    if relu:
+        return _errors(np.maximum(before, 0), np.maximum(after, 0), np.maximum(target, 0), "core + last conv (after the ReLU)")
     return _errors(before, after, target, "core + last conv (reduced-rank regression)")
 
 

@@ -177,3 +177,31 @@ def test_relu_aware_refit_lowers_post_relu_error_on_held_out_rows():
 def test_unreachable_budget_is_a_usage_error():
     with pytest.raises(UsageError, match="cannot be met"):
         compress(residual_model(), target_macs=0.01)
+
+
+def test_cli_measured_budget_writes_curves_and_refuses_without_calibration(tmp_path, capsys):
+    from onnx_tucker.cli import main
+
+    model_path, out, report = tmp_path / "m.onnx", tmp_path / "out.onnx", tmp_path / "r.json"
+    onnx.save(residual_model(channels=32), str(model_path))
+    np.savez(tmp_path / "train.npz", x_train=samples(48, seed=7))
+    assert main(["compress", str(model_path), str(out), "--target-macs", "0.4", "--budget-rule", "measured",
+                 "--calibrate", str(tmp_path / "train.npz"), "--report", str(report), "-q"]) == 0
+    import json
+
+    data = json.loads(report.read_text())
+    assert set(data["sensitivity"]["curves"]) == {"stem", "block_conv", "down"}
+    assert data["totals"]["macs_after"] <= 0.4 * data["totals"]["macs_before"]
+    capsys.readouterr()
+    bad = tmp_path / "bad.onnx"
+    assert main(["compress", str(model_path), str(bad), "--target-macs", "0.4", "--budget-rule", "measured"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "calibration" in err and not bad.exists()
+
+
+def test_measured_budget_falls_back_to_the_uniform_ratio_for_1d_convs():
+    model = conv_model(c_in=16, c_out=32, kernel=(3,), spatial=(20,), attrs={"pads": [1, 1]})
+    cal = {"x": np.random.default_rng(0).standard_normal((24, 16, 20)).astype(np.float32)}
+    new, report = compress(model, target_macs=0.5, calibration=cal)
+    assert any("uniform ratio used" in note for note in report.notes)
+    assert report.totals()["macs_after"] <= 0.5 * report.totals()["macs_before"]
