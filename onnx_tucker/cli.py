@@ -95,7 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(needs --calibrate; the default with it), 'uniform' uses one ratio for all layers (default without)")
     c.add_argument("--calibrate", metavar="TRAIN.npz", help="data-aware decomposition from calibration inputs (training data only: x_train, by input name, or one array)")
     c.add_argument("--calib-size", type=_positive_int, default=2048, metavar="N", help="calibration samples, a seeded random subset (default 2048)")
-    c.add_argument("--refit", choices=("last", "core", "none"), default="last", help="with --calibrate: least-squares refit of the last 1x1 conv (default), of the core too, or none")
+    c.add_argument("--refit", choices=("core", "last", "none"), default="core",
+                   help="with --calibrate: refit the core by reduced-rank regression and then the last 1x1 conv (default), "
+                        "only the last 1x1 conv, or none")
     c.add_argument("--inputs", metavar="FILE.npz", help="inputs for the self-check (one array per model input)")
     c.add_argument("--no-check", action="store_true", help="skip the onnxruntime self-check of the output")
     c.add_argument("--check-batch", type=_positive_int, default=8, metavar="N", help="batch size of the random self-check inputs (default 8)")

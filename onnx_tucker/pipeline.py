@@ -33,7 +33,7 @@ class Options:
     energy: float = 0.9  # fraction of each mode's spectral energy kept by rank_method="energy"
     target_macs: float | None = None  # whole-model conv MACs at most this fraction of the original
     calibration: dict | None = None  # input name -> array of calibration samples (data-aware mode)
-    refit: str | bool = "last"  # with calibration: "last" (1x1 + bias), "core" (core too), False: none
+    refit: str | bool = "core"  # with calibration: "core" (core by reduced-rank regression, then last), "last" (1x1 + bias), False: none
     whiten: bool = True  # with calibration: input-covariance-weighted (data-aware) decomposition
     fixed_macs: int = 0  # set by compress: MACs of convs that are never decomposed
     budget_rule: str = "auto"  # with target_macs: auto (measured with calibration, else uniform) | measured | uniform
@@ -191,7 +191,7 @@ def compress(model, ratio: float = 0.5, **options) -> tuple[onnx.ModelProto, Rep
     if opts.calibration is not None and opts.refit:
         from onnx_tucker.calibrate import refit_last_convs
 
-        mode = "last" if opts.refit is True else opts.refit
+        mode = "core" if opts.refit is True else opts.refit
         report.calibration = refit_last_convs(model, new_model, opts.calibration, [r.layer for r in report.decomposed], mode=mode)
     report.settings = {
         "rank_method": "target_macs" if opts.target_macs is not None else opts.rank_method,

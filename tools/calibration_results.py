@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     parser.add_argument("--calib-size", type=int, default=2048)
     parser.add_argument("--test-limit", type=int, default=None)
     parser.add_argument("--settings", default=None, help="comma-separated setting names to run (default: all)")
-    parser.add_argument("--refit", default="last", help="comma-separated refit modes to compare (last, core)")
+    parser.add_argument("--refit", default="core", help="comma-separated refit modes to compare (core, last)")
     parser.add_argument("--out", default=str(ROOT / "docs/calibration_results"))
     args = parser.parse_args(argv)
 
@@ -59,7 +59,7 @@ def main(argv=None) -> int:
         calibration = {model.graph.input[0].name: calibration_images}
         for name, setting in settings:
             methods = [("plain", {})] + [
-                ("calibrated" if mode == "last" else f"calibrated, refit {mode}", {"calibration": calibration, "refit": mode})
+                ("calibrated" if mode == "core" else f"calibrated, refit {mode}", {"calibration": calibration, "refit": mode})
                 for mode in args.refit.split(",")
             ]
             for method, extra in methods:
