@@ -205,3 +205,33 @@ def test_measured_budget_falls_back_to_the_uniform_ratio_for_1d_convs():
     new, report = compress(model, target_macs=0.5, calibration=cal)
     assert any("uniform ratio used" in note for note in report.notes)
     assert report.totals()["macs_after"] <= 0.5 * report.totals()["macs_before"]
+
+
+def test_suffix_from_a_layer_on_reproduces_the_whole_model():
+    """Options are evaluated on the model from the changed layer on: same output as the whole model."""
+    import onnx_graphsurgeon as gs
+
+    from onnx_tucker.rewrite import find_candidates
+    from onnx_tucker.runtime import make_session
+    from onnx_tucker.sensitivity import _bias_of, _cut, _probe_model, _suffix_model
+
+    model = residual_model(channels=16)
+    cands = [c for c in find_candidates(gs.import_onnx(model)) if c.eligible]
+    probe, names = _probe_model(model, cands)
+    weights = {}
+    for c in cands:
+        weights[names[c.name][0]], weights[names[c.name][1]] = c.weight, _bias_of(model, c)
+    feeds = {"x": samples(6, seed=9)}
+    full = make_session(probe)
+    out_name = model.graph.output[0].name
+    for c in cands:
+        cut = _cut(probe, c.node.name)
+        known = {**feeds, **weights}
+        activations = [t for t in cut if t not in known]
+        values = dict(zip(activations, full.run(activations, known))) if activations else {}
+        values.update({t: known[t] for t in cut if t in known})
+        changed = {names[c.name][0]: (c.weight * 0.5).astype(np.float32)}
+        expected = full.run([out_name], {**feeds, **weights, **changed})[0]
+        suffix = make_session(_suffix_model(probe, c.node.name, out_name, values))
+        got = suffix.run([out_name], {**values, **changed})[0]
+        assert np.allclose(got, expected, rtol=1e-5, atol=1e-6)
