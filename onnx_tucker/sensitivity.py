@@ -16,6 +16,7 @@ graph inputs, so each measurement is one forward pass with no session rebuild.
 from __future__ import annotations
 
 import math
+import sys
 import time
 
 import numpy as np
@@ -193,7 +194,7 @@ def _softmax(z: np.ndarray) -> np.ndarray:
 
 
 def distortion_curves(model: onnx.ModelProto, candidates: list, feeds: dict, covariances: dict | None,
-                      rank_multiple: int = 1, seed: int = 0, progress=None) -> dict:
+                      rank_multiple: int = 1, seed: int = 0, progress: bool = True) -> dict:
     """Layer -> [(chain MACs, measured distortion, (R_out, R_in))], plus the seconds it took.
 
     Raises :class:`Unsupported` for models the probe cannot handle (non-2-D or grouped convs
@@ -250,6 +251,12 @@ def distortion_curves(model: onnx.ModelProto, candidates: list, feeds: dict, cov
     reference, at_cut = values[0], dict(zip(cut_tensors, values[1:]))
     at_cut.update(eval_feeds)
     at_cut.update(weights)
+    options = {cand.name: rank_options(cand, rank_multiple) for cand in candidates}
+    from tqdm import tqdm
+
+    # A bar on a terminal only (disable=None): measuring takes (layers x options) forward passes.
+    bar = tqdm(total=sum(map(len, options.values())), desc="measuring ranks", unit="option", file=sys.stderr,
+               leave=False, disable=None if progress else True)
     curves = {}
     for cand in candidates:
         if cuts[cand.name] is None:
@@ -264,7 +271,7 @@ def distortion_curves(model: onnx.ModelProto, candidates: list, feeds: dict, cov
         w_name, b_name, _, _ = names[cand.name]
         cov = covariances.get(cand.node.inputs[0].name) if covariances else None
         curve = []
-        for r_out, r_in in rank_options(cand, rank_multiple):
+        for r_out, r_in in options[cand.name]:
             with threadpool_limits(limits=1, user_api="blas"):  # small eigh calls: one thread is faster
                 factors = tucker2(cand.weight, r_out, r_in, n_iter_max=FIT_ITERATIONS, input_covariance=cov)
             # first then core as one (R_out, C_in*k*k) map: the core's output at each sampled position
@@ -280,7 +287,7 @@ def distortion_curves(model: onnx.ModelProto, candidates: list, feeds: dict, cov
             bias = solution[-1].astype(cand.weight.dtype)
             out = suffix_session.run([output_name], {**suffix_feeds, w_name: weight, b_name: bias})[0]
             curve.append((cand.shape.chain_macs(r_out, r_in), _distortion(reference, out), (r_out, r_in)))
-            if progress is not None:
-                progress()
+            bar.update()
         curves[cand.name] = curve
+    bar.close()
     return {"curves": curves, "seconds": round(time.perf_counter() - start, 2), "eval_samples": n_eval}
