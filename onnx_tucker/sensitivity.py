@@ -158,6 +158,24 @@ def _suffix_model(probe: onnx.ModelProto, node_name: str, output: str, cut_value
     return suffix
 
 
+def _expose(probe: onnx.ModelProto, tensors: list[str], model: onnx.ModelProto) -> None:
+    """Add ``tensors`` to ``probe``'s outputs, typed by shape inference (shape tensors are int64)."""
+    from onnx_tucker.pipeline import _shape_skeleton
+
+    present = {o.name for o in probe.graph.output}
+    missing = [t for t in tensors if t not in present]
+    if not missing:
+        return
+    try:
+        inferred = onnx.shape_inference.infer_shapes(_shape_skeleton(model), strict_mode=False)
+        graph = inferred.graph
+        types = {v.name: v.type.tensor_type.elem_type for v in list(graph.value_info) + list(graph.output)}
+    except Exception:
+        types = {}
+    for name in missing:
+        probe.graph.output.append(onnx.helper.make_tensor_value_info(name, types.get(name) or onnx.TensorProto.FLOAT, None))
+
+
 def _bias_of(model: onnx.ModelProto, cand) -> np.ndarray:
     node_inputs = cand.node.inputs
     if len(node_inputs) > 2 and node_inputs[2] is not None and getattr(node_inputs[2], "values", None) is not None:
@@ -206,6 +224,11 @@ def distortion_curves(model: onnx.ModelProto, candidates: list, feeds: dict, cov
     fit_feeds = {k: v[: min(n - n_eval, FIT_SAMPLES)] if n > n_eval else v for k, v in feeds.items()}
     eval_feeds = {k: v[n - n_eval :] for k, v in feeds.items()}
     probe, names = _probe_model(model, candidates)
+    # The activations each option's suffix model is fed with (residual branches too) are outputs as well.
+    cuts = {cand.name: _cut(probe, cand.node.name) for cand in candidates}
+    known = set(feeds) | {n for c in candidates for n in names[c.name][:2]}
+    cut_tensors = list(dict.fromkeys(t for cut in cuts.values() if cut for t in cut if t not in known))
+    _expose(probe, cut_tensors, model)
     session = make_session(probe)
     output_name = model.graph.output[0].name
     weights = {}
@@ -244,9 +267,6 @@ def distortion_curves(model: onnx.ModelProto, candidates: list, feeds: dict, cov
             rows[cand.name][1].append(y[n_idx, :, oh, ow].astype(np.float64))
     # Each option only changes one layer: run the model from that layer on, fed at the cut with
     # the original activations (computed once), not the whole model.
-    cuts = {cand.name: _cut(probe, cand.node.name) for cand in candidates}
-    cut_tensors = [t for cut in cuts.values() if cut for t in cut if t not in weights and t not in eval_feeds]
-    cut_tensors = list(dict.fromkeys(cut_tensors))
     values = session.run([output_name] + cut_tensors, {**eval_feeds, **weights})
     reference, at_cut = values[0], dict(zip(cut_tensors, values[1:]))
     at_cut.update(eval_feeds)

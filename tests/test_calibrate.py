@@ -235,3 +235,30 @@ def test_suffix_from_a_layer_on_reproduces_the_whole_model():
         suffix = make_session(_suffix_model(probe, c.node.name, out_name, values))
         got = suffix.run([out_name], {**values, **changed})[0]
         assert np.allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_measured_budget_feeds_skip_branches_at_the_cut():
+    """A skip tensor computed before a conv and used after it (not a conv input or output) is fed to the suffix."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(3)
+    w1 = numpy_helper.from_array((rng.standard_normal((16, 16, 3, 3)) * 0.2).astype(np.float32), "w1")
+    w2 = numpy_helper.from_array((rng.standard_normal((16, 16, 3, 3)) * 0.2).astype(np.float32), "w2")
+    two = numpy_helper.from_array(np.array(2.0, dtype=np.float32), "two")
+    nodes = [
+        helper.make_node("Relu", ["x"], ["r"], name="relu"),
+        helper.make_node("Mul", ["r", "two"], ["skip"], name="mul"),
+        helper.make_node("Conv", ["r", "w1"], ["a"], name="conv_a", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["a"], ["ar"], name="relu_a"),
+        helper.make_node("Conv", ["ar", "w2"], ["b"], name="conv_b", pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["b", "skip"], ["s"], name="add"),
+        helper.make_node("GlobalAveragePool", ["s"], ["g"], name="pool"),
+        helper.make_node("Flatten", ["g"], ["y"], name="flat"),
+    ]
+    graph = helper.make_graph(nodes, "skip", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16])], [w1, w2, two])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    cal = {"x": rng.standard_normal((40, 16, 8, 8)).astype(np.float32)}
+    new, report = compress(model, target_macs=0.6, calibration=cal)
+    assert set(report.sensitivity["curves"]) == {"conv_a", "conv_b"}
+    assert report.totals()["macs_after"] <= 0.6 * report.totals()["macs_before"]
