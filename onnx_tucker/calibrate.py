@@ -114,17 +114,17 @@ def refit_last_convs(original: onnx.ModelProto, compressed: onnx.ModelProto, fee
         if mode == "core" and geometry is not None and len(pick) >= MIN_ROWS_PER_UNKNOWN * unknowns:
             first_out = core_node.input[0]
             f = np.concatenate(_collect(compressed, feeds, [first_out])[first_out])
-            relu = relu_aware and _feeds_only_relu(compressed, last.output[0])
+            relu = relu_aware and feeds_only_relu(compressed, last.output[0])
             result["layers"][layer] = _refit_core_and_last(compressed, layer, core_node, last, inits, f, pick, target, geometry, ridge, relu)
         else:
             z = _rows(np.concatenate(_collect(compressed, feeds, [core_out])[core_out]), pick).astype(np.float64)
-            relu = relu_aware and _feeds_only_relu(compressed, last.output[0])
+            relu = relu_aware and feeds_only_relu(compressed, last.output[0])
             result["layers"][layer] = _refit_last(compressed, layer, last, inits, z, target, ridge, relu=relu)
     result["seconds"] = round(time.perf_counter() - start, 2)
     return result
 
 
-def _feeds_only_relu(model: onnx.ModelProto, name: str) -> bool:
+def feeds_only_relu(model: onnx.ModelProto, name: str) -> bool:
     """True when every consumer of tensor ``name`` is a Relu (and it is not a graph output)."""
     if any(o.name == name for o in model.graph.output):
         return False
@@ -217,16 +217,22 @@ def _core_geometry(core_node, inits):
     return kernel, list(attrs.get("strides", [1, 1])), pads, list(attrs.get("dilations", [1, 1]))
 
 
-def _patches(f: np.ndarray, pick: np.ndarray, out_hw: tuple, geometry) -> np.ndarray:
-    """im2col rows of the core's input ``f`` (N, C, H, W) at flat output positions ``pick``."""
+def patches_at(x: np.ndarray, n_idx: np.ndarray, oh: np.ndarray, ow: np.ndarray, geometry) -> np.ndarray:
+    """im2col rows (C-major like OIHW) of ``x`` (N, C, H, W) at output positions (n, oh, ow)."""
     (kh, kw), (sh, sw), (pt, pl, pb, pr), (dh, dw) = geometry
-    padded = np.pad(f, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
-    n_idx, rest = np.divmod(pick, out_hw[0] * out_hw[1])
-    oh, ow = np.divmod(rest, out_hw[1])
+    padded = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
     rows = oh[:, None] * sh + np.arange(kh)[None, :] * dh  # (P, kh)
     cols = ow[:, None] * sw + np.arange(kw)[None, :] * dw  # (P, kw)
-    patches = padded[n_idx[:, None, None, None], np.arange(f.shape[1])[None, :, None, None], rows[:, None, :, None], cols[:, None, None, :]]
-    return patches.reshape(len(pick), -1)  # (P, C*kh*kw), C-major like OIHW
+    channels = np.arange(x.shape[1])[None, :, None, None]
+    patches = padded[n_idx[:, None, None, None], channels, rows[:, None, :, None], cols[:, None, None, :]]
+    return patches.reshape(len(n_idx), -1)
+
+
+def _patches(f: np.ndarray, pick: np.ndarray, out_hw: tuple, geometry) -> np.ndarray:
+    """im2col rows of the core's input ``f`` at flat output positions ``pick`` (n, oh, ow raveled)."""
+    n_idx, rest = np.divmod(pick, out_hw[0] * out_hw[1])
+    oh, ow = np.divmod(rest, out_hw[1])
+    return patches_at(f, n_idx, oh, ow, geometry)
 
 
 def _refit_core_and_last(model, layer, core_node, last, inits, f, pick, target, geometry, ridge, relu=False) -> dict:

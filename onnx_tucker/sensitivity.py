@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 from threadpoolctl import threadpool_limits
 
-from onnx_tucker.calibrate import relu_solve
+from onnx_tucker.calibrate import feeds_only_relu, patches_at, relu_solve
 from onnx_tucker.decompose import max_ranks, tucker2
 from onnx_tucker.ranks import round_to_multiple
 from onnx_tucker.runtime import make_session
@@ -83,17 +83,6 @@ def _geometry(node, weight_shape, in_hw) -> tuple | None:
             small, big = total // 2, total - total // 2
             pads[axis], pads[axis + 2] = (small, big) if auto_pad == "SAME_UPPER" else (big, small)
     return kernel, strides, pads, dilations
-
-
-def _patches(x: np.ndarray, n_idx, oh, ow, geometry) -> np.ndarray:
-    """im2col rows (C-major like OIHW) of ``x`` (N, C, H, W) at output positions (n, oh, ow)."""
-    (kh, kw), (sh, sw), (pt, pl, pb, pr), (dh, dw) = geometry
-    padded = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
-    rows = oh[:, None] * sh + np.arange(kh)[None, :] * dh
-    cols = ow[:, None] * sw + np.arange(kw)[None, :] * dw
-    c = np.arange(x.shape[1])
-    out = padded[n_idx[:, None, None, None], c[None, :, None, None], rows[:, None, :, None], cols[:, None, None, :]]
-    return out.reshape(len(n_idx), -1)
 
 
 def _probe_model(model: onnx.ModelProto, candidates: list) -> tuple[onnx.ModelProto, dict]:
@@ -185,13 +174,6 @@ def _bias_of(model: onnx.ModelProto, cand) -> np.ndarray:
     return np.zeros(cand.shape.c_out, dtype=cand.weight.dtype)
 
 
-def _feeds_only_relu(model: onnx.ModelProto, name: str) -> bool:
-    if any(o.name == name for o in model.graph.output):
-        return False
-    users = [n for n in model.graph.node if name in n.input]
-    return bool(users) and all(n.op_type == "Relu" for n in users)
-
-
 def _distortion(reference: np.ndarray, output: np.ndarray) -> float:
     """Mean KL(original || perturbed) over samples for class scores, else relative squared error."""
     ref = reference.astype(np.float64).reshape(len(reference), -1)
@@ -263,7 +245,7 @@ def distortion_curves(model: onnx.ModelProto, candidates: list, feeds: dict, cov
             n_idx = np.repeat(np.arange(len(x)), count)
             flat = np.concatenate([rng.choice(oh_total * ow_total, count, replace=False) for _ in range(len(x))])
             oh, ow = np.divmod(flat, ow_total)
-            rows[cand.name][0].append(_patches(x, n_idx, oh, ow, geometries[cand.name]).astype(np.float64))
+            rows[cand.name][0].append(patches_at(x, n_idx, oh, ow, geometries[cand.name]).astype(np.float64))
             rows[cand.name][1].append(y[n_idx, :, oh, ow].astype(np.float64))
     # Each option only changes one layer: run the model from that layer on, fed at the cut with
     # the original activations (computed once), not the whole model.
@@ -287,7 +269,7 @@ def distortion_curves(model: onnx.ModelProto, candidates: list, feeds: dict, cov
         patches = np.concatenate(rows[cand.name][0])
         target = np.concatenate(rows[cand.name][1])
         design_ones = np.ones((len(patches), 1))
-        relu = _feeds_only_relu(model, names[cand.name][3])
+        relu = feeds_only_relu(model, names[cand.name][3])
         w_name, b_name, _, _ = names[cand.name]
         cov = covariances.get(cand.node.inputs[0].name) if covariances else None
         curve = []
