@@ -222,6 +222,12 @@ def export(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     model.ir_version = template.ir_version
     _export_graph(graph, model.graph)
     model.opset_import.extend(template.opset_import)
+    copy_template_fields(model, template)
+    return model
+
+
+def copy_template_fields(model: onnx.ModelProto, template: onnx.ModelProto) -> None:
+    """The original's model-level fields on an exported model, and its initializer-inputs."""
     model.producer_name = template.producer_name
     model.producer_version = template.producer_version
     model.domain = template.domain
@@ -238,7 +244,6 @@ def export(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     for init in model.graph.initializer:
         if init.name not in listed and (model.ir_version < 4 or init.name in originally_listed):
             model.graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
-    return model
 
 
 def _export_graph(graph: gs.Graph, out: onnx.GraphProto) -> None:

@@ -96,9 +96,7 @@ def _probe_model(model: onnx.ModelProto, candidates: list) -> tuple[onnx.ModelPr
         node = by_name[cand.node.name]
         w_name, b_name = f"{PROBE}_W{i}", f"{PROBE}_B{i}"
         node.input[1] = w_name
-        if len(node.input) > 2 and node.input[2]:
-            node.input[2] = b_name
-        elif len(node.input) > 2:
+        if len(node.input) > 2:
             node.input[2] = b_name
         else:
             node.input.append(b_name)

@@ -22,25 +22,14 @@ def _reference_export(graph, template):
     """The export as it was before issue 5's memory work: gs.export_onnx, then the template's fields."""
     import onnx_graphsurgeon as gs
 
+    from onnx_tucker.rewrite import copy_template_fields
+
     graph.cleanup().toposort()
     model = gs.export_onnx(graph, do_type_check=False)
     model.ir_version = template.ir_version
     del model.opset_import[:]
     model.opset_import.extend(template.opset_import)
-    model.producer_name = template.producer_name
-    model.producer_version = template.producer_version
-    model.domain = template.domain
-    model.model_version = template.model_version
-    model.doc_string = template.doc_string
-    del model.metadata_props[:]
-    model.metadata_props.extend(template.metadata_props)
-    del model.functions[:]
-    model.functions.extend(template.functions)
-    listed = {i.name for i in model.graph.input}
-    originally_listed = {i.name for i in template.graph.input}
-    for init in model.graph.initializer:
-        if init.name not in listed and (model.ir_version < 4 or init.name in originally_listed):
-            model.graph.input.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    copy_template_fields(model, template)  # shared: the graph export is what is compared
     return model
 
 
