@@ -43,12 +43,11 @@ import numpy as np
 
 from onnx_tucker import __version__
 from onnx_tucker.errors import ModelError, OnnxTuckerError, UsageError
+from onnx_tucker import providers as registry
+from onnx_tucker.providers import CUDNN_ALGOS, PROVIDERS, get as get_provider, parse_providers  # noqa: F401 (parse_providers: API)
 
 SCHEMA = "onnx-tucker.bench/1"
 GPU_MIN_WARMUP = 20
-CUDNN_ALGOS = ("EXHAUSTIVE", "HEURISTIC", "DEFAULT")
-PROVIDER_ALIASES = {"cpu": "cpu", "cuda": "cuda", "gpu": "cuda", "tensorrt": "tensorrt", "trt": "tensorrt"}
-TUCKER_SUFFIXES = ("_tucker_in", "_tucker_core", "_tucker_out")
 RESULT_KEYS = (
     "provider", "batch", "model", "model_index", "session_providers", "warmup", "runs",
     "median_ms", "p90_ms", "p99_ms", "mean_ms", "min_ms", "max_ms", "throughput_ips", "speedup",
@@ -118,22 +117,6 @@ def time_interleaved(
 
 # --- sessions bound to their device ----------------------------------------------------------------
 
-def device_of(provider: str) -> str:
-    return "cpu" if provider == "cpu" else "cuda"
-
-
-def provider_options(provider: str, cudnn_algo: str, cache_dir: str | None = None) -> dict:
-    """What each provider is told: the cuDNN algorithm search on CUDA, an engine cache for TensorRT."""
-    if provider == "cuda":
-        return {"device_id": 0, "cudnn_conv_algo_search": cudnn_algo}
-    if provider == "tensorrt":
-        options = {"device_id": 0}
-        if cache_dir:
-            options.update(trt_engine_cache_enable="True", trt_engine_cache_path=cache_dir)
-        return options
-    return {}
-
-
 @dataclass
 class BoundRun:
     """One model ready to run: inputs already on the device, outputs bound there (no copies timed)."""
@@ -163,11 +146,11 @@ def bind(session, feeds: dict[str, np.ndarray], device: str) -> BoundRun:
 
 def open_session(path: Path, provider: str, threads: int, options: dict, spinning: bool = False, **extra):
     """A session on ``provider`` that really runs there (onnxruntime silently falls back to CPU otherwise)."""
-    from onnx_tucker.runtime import PROVIDER_NAMES, make_session
+    from onnx_tucker.runtime import make_session
 
     config = {"session.intra_op.allow_spinning": "1" if spinning else "0"}
     session = make_session(path, provider, threads, options, config=config, **extra)
-    wanted = PROVIDER_NAMES[provider]
+    wanted = get_provider(provider).ort_name
     if session.get_providers()[0] != wanted:
         raise OnnxTuckerError(
             f"{wanted} could not be initialised for {path.name} (CUDA/cuDNN libraries missing or not matching "
@@ -221,11 +204,11 @@ def accuracy_rows(outputs: list[list[np.ndarray]], labels: np.ndarray | None, pr
     return rows
 
 
-def run_outputs(path: Path, feeds: dict, provider: str, threads: int, options: dict, batch_size: int = 64) -> list[np.ndarray]:
+def run_outputs(path: Path, feeds: dict, provider: str, threads: int, options: dict, batch_size: int = 64, model=None) -> list[np.ndarray]:
+    from onnx_tucker.capture import capture
+
     session = open_session(path, provider, threads, options)
-    n = len(next(iter(feeds.values())))
-    chunks = [session.run(None, {k: v[s : s + batch_size] for k, v in feeds.items()}) for s in range(0, n, batch_size)]
-    return [np.concatenate([c[i] for c in chunks]) for i in range(len(chunks[0]))]
+    return capture(model, feeds, session=session, batch_size=batch_size)
 
 
 # --- per-layer profile -----------------------------------------------------------------------------
@@ -298,21 +281,26 @@ def attribute(times: dict, model) -> dict[str | None, float]:
 
 
 def layer_rows(original, compressed, original_us: dict, compressed_us: dict) -> list[dict]:
-    """Each decomposed conv: its three convs' time against the original conv's (pure)."""
+    """Each chain the compressed model records (its metadata): the chain's nodes' time against the original layer's.
+
+    ``parts`` has every role's time; ``in_us``/``core_us``/``out_us`` are the first, core and last roles
+    (None where the form has no such role).
+    """
+    from onnx_tucker.chain import chains_of
+
     rows = []
-    for node in compressed.graph.node:
-        if not node.name.endswith("_tucker_in"):
-            continue
-        layer = node.name.removesuffix("_tucker_in")
-        parts = [compressed_us.get(layer + s, 0.0) for s in TUCKER_SUFFIXES]
-        before, chain = original_us.get(layer), sum(parts)
+    for chain in chains_of(compressed):
+        parts = {role: compressed_us.get(node, 0.0) for role, node in chain.nodes.items()}
+        before, total = original_us.get(chain.layer), sum(parts.values())
         rows.append({
-            "layer": layer,
+            "layer": chain.layer,
+            "form": chain.form,
             "original_us": before,
-            "in_us": parts[0], "core_us": parts[1], "out_us": parts[2],
-            "chain_us": chain,
-            "speedup": before / chain if before and chain else None,
-            "pays_off": bool(before and chain and chain < before),
+            "in_us": parts.get("first"), "core_us": parts.get("core"), "out_us": parts.get(chain.last_role),
+            "parts": parts,
+            "chain_us": total,
+            "speedup": before / total if before and total else None,
+            "pays_off": bool(before and total and total < before),
         })
     return rows
 
@@ -359,46 +347,24 @@ class BenchConfig:
     progress: bool = True
 
 
-def parse_providers(text: str) -> list[str]:
-    names = []
-    for item in (t.strip().lower() for t in text.split(",")):
-        if not item:
-            continue
-        if item not in PROVIDER_ALIASES:
-            raise UsageError(f"--providers: unknown provider {item!r} (choose from cpu, cuda, tensorrt)")
-        if PROVIDER_ALIASES[item] not in names:
-            names.append(PROVIDER_ALIASES[item])
-    if not names:
-        raise UsageError("--providers: empty list")
-    return names
-
-
 def parse_batches(text: str) -> list[int]:
-    try:
-        batches = [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise UsageError(f"--batch: expected comma-separated positive integers, got {text!r}") from None
-    if not batches or min(batches) < 1:
-        raise UsageError(f"--batch: expected comma-separated positive integers, got {text!r}")
-    return list(dict.fromkeys(batches))
+    from onnx_tucker.options import check_int_list
+
+    return check_int_list(text, "--batch")
 
 
 def choose_providers(requested: list[str] | None) -> tuple[list[str], dict[str, str]]:
     """Providers to benchmark and, for each one missing, why; an explicit request for a missing one fails."""
-    from onnx_tucker.runtime import available_providers, provider_unavailable_reason
-
-    available = available_providers()
+    available = registry.available_providers()
     unavailable = {}
-    for gpu in ("cuda", "tensorrt"):
-        if gpu not in available and (requested is None or gpu in requested):
-            if requested is None and gpu == "tensorrt":
-                continue  # a bonus: not worth a note when nobody asked for it
-            unavailable[gpu] = provider_unavailable_reason(gpu)
+    for key, provider in PROVIDERS.items():
+        if key not in available and (key in (requested or ()) or (requested is None and provider.note_missing)):
+            unavailable[key] = registry.unavailable_reason(key)
     if requested is None:
-        return [p for p in ("cuda", "tensorrt", "cpu") if p in available], unavailable
+        return available, unavailable
     missing = [p for p in requested if p not in available]
     if missing:
-        reason = unavailable.get(missing[0]) or provider_unavailable_reason(missing[0])
+        reason = unavailable.get(missing[0]) or registry.unavailable_reason(missing[0])
         raise OnnxTuckerError(f"{missing[0]} execution provider not available: {reason}")
     return requested, unavailable
 
@@ -424,7 +390,7 @@ def _progress(config: BenchConfig, total: int):
 
 
 def warmup_for(provider: str, warmup: int) -> int:
-    return warmup if provider == "cpu" else max(warmup, GPU_MIN_WARMUP)
+    return get_provider(provider).warmup(warmup)
 
 
 def run_bench(config: BenchConfig) -> dict:
@@ -446,11 +412,11 @@ def run_bench(config: BenchConfig) -> dict:
     results = []
     with tempfile.TemporaryDirectory(prefix="onnx-tucker-bench-") as scratch:
         for provider in providers:
-            options = provider_options(provider, config.cudnn_algo, scratch)
+            options = get_provider(provider).options(config.cudnn_algo, scratch)
             sessions = [open_session(p, provider, config.threads, options, config.spinning) for p in config.models]
             for batch in config.batches:
                 feeds = timing_feeds(models[0], batch, given)
-                runners = [bind(s, feeds, device_of(provider)) for s in sessions]
+                runners = [bind(s, feeds, get_provider(provider).device) for s in sessions]
                 if bar is not None:
                     bar.set_description(f"{provider} batch {batch}")
                 warmup = warmup_for(provider, config.warmup)
@@ -497,8 +463,8 @@ def measure_accuracy(config: BenchConfig, models: list, providers: list[str]) ->
         labels = None
     rows = []
     for provider in providers:
-        options = provider_options(provider, config.cudnn_algo)
-        outputs = [run_outputs(p, feeds, provider, config.threads, options) for p in config.models]
+        options = get_provider(provider).options(config.cudnn_algo)
+        outputs = [run_outputs(p, feeds, provider, config.threads, options, model=m) for p, m in zip(config.models, models)]
         for row in accuracy_rows(outputs, labels, provider):
             rows.append({"provider": row["provider"], "model": config.models[row["model_index"]].name} | row)
     return rows

@@ -15,23 +15,26 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnx_tucker.decompose import max_ranks
 from onnx_tucker.errors import UsageError
-from onnx_tucker.ranks import ratio_ranks, round_to_multiple
+from onnx_tucker.factorization import get_form
+from onnx_tucker.ranks import round_to_multiple
 
-def uniform_ratio(candidates: list, opts, target: float) -> float:
+
+def _ratio_ranks(site, ratio: float) -> tuple:
+    return get_form(site.form).rule_ranks(site, "ratio", ratio, 1.0)
+
+
+def uniform_ratio(sites: list, opts, target: float, fixed: int = 0) -> float:
     """The largest single ratio (seed rule, unprofitable layers left whole) meeting the MAC target."""
-    fixed = getattr(opts, "fixed_macs", 0)
-    total = fixed + sum(c.shape.macs() for c in candidates)
+    total = fixed + sum(s.shape.macs() for s in sites)
 
     def macs_at(ratio):
         m = fixed
-        for c in candidates:
-            mo, mi = max_ranks(c.weight.shape)
-            ro, ri = ratio_ranks(c.shape.c_out, c.shape.c_in, ratio)
-            ro = round_to_multiple(min(ro, mo), opts.rank_multiple, mo)
-            ri = round_to_multiple(min(ri, mi), opts.rank_multiple, mi)
-            m += min(c.shape.chain_macs(ro, ri), c.shape.macs())
+        for s in sites:
+            form = get_form(s.form)
+            ranks = tuple(round_to_multiple(min(r, limit), opts.rank_multiple, limit)
+                          for r, limit in zip(_ratio_ranks(s, ratio), form.max_ranks(s)))
+            m += min(form.cost(s, ranks).macs, s.shape.macs())
         return m
 
     lo, hi = 1e-3, 1.0
@@ -45,29 +48,28 @@ def uniform_ratio(candidates: list, opts, target: float) -> float:
     return lo
 
 
-def allocate_ranks(candidates: list, opts) -> dict:
-    """Layer name -> (R_out, R_in) at the largest uniform ratio meeting ``opts.target_macs``."""
+def allocate_ranks(sites: list, opts, fixed: int = 0) -> dict:
+    """Layer name -> rank tuple at the largest uniform ratio meeting ``opts.target_macs``."""
     target = float(opts.target_macs)
     if not 0 < target <= 1:
         raise UsageError(f"target MACs must be a fraction in (0, 1], got {target}")
-    base = uniform_ratio(candidates, opts, target)
-    return {c.name: ratio_ranks(c.shape.c_out, c.shape.c_in, base) for c in candidates}
+    base = uniform_ratio(sites, opts, target, fixed)
+    return {s.name: _ratio_ranks(s, base) for s in sites}
 
 
 BINS = 4000  # MAC budget resolution of the knapsack (costs round up, so the target always holds)
 
 
-def allocate_measured(candidates: list, curves: dict, opts) -> dict:
+def allocate_measured(candidates: list, curves: dict, opts, fixed: int = 0) -> dict:
     """Per-layer ranks with the smallest summed measured distortion whose conv MACs meet the target.
 
-    ``curves``: layer -> [(chain MACs, distortion, (R_out, R_in))] from
+    ``curves``: layer -> [(chain MACs, distortion, ranks)] from
     ``sensitivity.distortion_curves``; leaving a layer whole costs its MACs and no distortion.
     A multiple-choice knapsack solved exactly by dynamic programming over MAC bins.
     """
     target = float(opts.target_macs)
     if not 0 < target <= 1:
         raise UsageError(f"target MACs must be a fraction in (0, 1], got {target}")
-    fixed = getattr(opts, "fixed_macs", 0)
     total = fixed + sum(c.shape.macs() for c in candidates)
     budget = target * total - fixed
     smallest = fixed + sum(min([c.shape.macs()] + [m for m, _, _ in curves.get(c.name, [])]) for c in candidates)

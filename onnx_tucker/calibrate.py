@@ -14,34 +14,17 @@ import time
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
-from onnx_tucker.rewrite import unique_name
+from onnx_tucker.capture import batch_size_for, capture_named, fixed_batch, iterate
+from onnx_tucker.graph import Initializers, feeds_only_relu, nodes_by_name, with_outputs
 from onnx_tucker.runtime import make_session
+from onnx_tucker.site import GeometryError, conv_geometry
 
 MAX_ROWS = 30_000
 MIN_ROWS_PER_UNKNOWN = 20
 CORE_RIDGE = 1e-2  # the core refit shrinks towards the Tucker solution: it has many unknowns  # pixel samples per layer for the least-squares refit
 BATCH = 64
 COV_POSITIONS = 64  # spatial positions per sample for the input covariances
-
-
-def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    """A copy of ``model`` that also outputs the named intermediate tensors."""
-    exposed = onnx.ModelProto()
-    exposed.CopyFrom(model)
-    existing = {o.name for o in exposed.graph.output}
-    for name in names:
-        if name not in existing:
-            exposed.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-            existing.add(name)
-    return exposed
-
-
-def _batches(feeds: dict, size: int = BATCH):
-    n = len(next(iter(feeds.values())))
-    for start in range(0, n, size):
-        yield {k: v[start : start + size] for k, v in feeds.items()}
 
 
 def input_covariances(model: onnx.ModelProto, feeds: dict, tensor_names: list[str], seed: int = 0) -> dict[str, np.ndarray]:
@@ -51,12 +34,12 @@ def input_covariances(model: onnx.ModelProto, feeds: dict, tensor_names: list[st
     moment, and it keeps calibration time flat in the image size.
     """
     names = list(dict.fromkeys(tensor_names))
-    session = make_session(with_outputs(model, names))
+    exposed = with_outputs(model, names)
+    session = make_session(exposed)
     rng = np.random.default_rng(seed)
     sums = {n: None for n in names}
     counts = {n: 0 for n in names}
-    for batch in _batches(feeds):
-        values = session.run(names, batch)
+    for _, values in iterate(session, feeds, names, batch_size_for(model, BATCH), fixed=fixed_batch(model) is not None):
         for name, value in zip(names, values):
             flat = value.reshape(value.shape[0], value.shape[1], -1)
             if flat.shape[2] > COV_POSITIONS:
@@ -74,62 +57,50 @@ def _rows(value: np.ndarray, pick: np.ndarray) -> np.ndarray:
     return flat[pick]
 
 
-def refit_last_convs(original: onnx.ModelProto, compressed: onnx.ModelProto, feeds: dict, layers: list[str],
-                     ridge: float = 1e-6, seed: int = 0, mode: str = "last", relu_aware: bool = True) -> dict:
-    """Sequential least-squares refit of each decomposed layer's last conv; edits ``compressed`` in place.
+def refit_chains(original: onnx.ModelProto, compressed: onnx.ModelProto, feeds: dict, chains: list,
+                 ridge: float = 1e-6, seed: int = 0, mode: str = "last", relu_aware: bool = True) -> dict:
+    """Sequential least-squares refit of each chain's last node; edits ``compressed`` (and ``chains``) in place.
 
-    ``mode="last"`` refits the last 1x1 conv and bias; ``mode="core"`` also refits the
-    core by reduced-rank regression where there are enough calibration rows.
+    ``mode="last"`` refits the last 1x1 conv and bias; ``mode="core"`` also refits the core by
+    reduced-rank regression, for forms that have one, where there are enough calibration rows.
     Returns per-layer output errors (relative, on the calibration rows) before and after.
     """
     start = time.perf_counter()
-    nodes = {n.name: n for n in compressed.graph.node}
-    inits = {i.name: i for i in compressed.graph.initializer}
-    chains = []
-    for layer in layers:
-        last = nodes.get(f"{layer}_tucker_out")
-        core = nodes.get(f"{layer}_tucker_core")
-        if last is None or core is None:
-            continue
-        chains.append((layer, core.output[0], last))
-    targets = [last.output[0] for _, _, last in chains]
+    nodes = nodes_by_name(compressed)
+    inits = Initializers(compressed)
+    chains = [c for c in chains if c.nodes.get(c.last_role) in nodes]
+    targets = [c.output for c in chains]
     # The original layers' outputs: computed once, on the original model.
-    reference = _collect(original, feeds, targets)
+    reference = capture_named(with_outputs(original, targets), feeds, targets, batch_size=batch_size_for(original, BATCH))
     rng = np.random.default_rng(seed)
     picks = {}
-    for name, value_list in reference.items():
-        total = sum(v.shape[0] * int(np.prod(v.shape[2:])) for v in value_list)
+    for name, value in reference.items():
+        total = value.shape[0] * int(np.prod(value.shape[2:]))
         picks[name] = np.sort(rng.choice(total, min(total, MAX_ROWS), replace=False))
-    target_rows = {n: _rows(np.concatenate(v), picks[n]) for n, v in reference.items()}
+    target_rows = {n: _rows(v, picks[n]) for n, v in reference.items()}
     del reference
     result = {"layers": {}, "samples": int(len(next(iter(feeds.values()))))}
-    for layer, core_out, last in chains:
-        core_node = nodes[f"{layer}_tucker_core"]
-        target = target_rows[last.output[0]].astype(np.float64)
-        pick = picks[last.output[0]]
-        geometry = _core_geometry(core_node, inits)
-        unknowns = _core_unknowns(core_node, inits)
+    for chain in chains:
+        last = nodes[chain.nodes[chain.last_role]]
+        core_node = nodes.get(chain.nodes.get("core", ""))
+        target = target_rows[chain.output].astype(np.float64)
+        pick = picks[chain.output]
+        relu = relu_aware and feeds_only_relu(compressed, chain.output)
         # The core refit has R_in*k*k unknowns per output channel: with too few calibration
         # rows (late layers with small feature maps) it over-fits, so refit only the last conv.
-        if mode == "core" and geometry is not None and len(pick) >= MIN_ROWS_PER_UNKNOWN * unknowns:
+        if (mode == "core" and core_node is not None and _is_2d_conv(core_node)
+                and len(pick) >= MIN_ROWS_PER_UNKNOWN * _core_unknowns(core_node, inits)):
             first_out = core_node.input[0]
-            f = np.concatenate(_collect(compressed, feeds, [first_out])[first_out])
-            relu = relu_aware and feeds_only_relu(compressed, last.output[0])
-            result["layers"][layer] = _refit_core_and_last(compressed, layer, core_node, last, inits, f, pick, target, geometry, ridge, relu)
-        else:
-            z = _rows(np.concatenate(_collect(compressed, feeds, [core_out])[core_out]), pick).astype(np.float64)
-            relu = relu_aware and feeds_only_relu(compressed, last.output[0])
-            result["layers"][layer] = _refit_last(compressed, layer, last, inits, z, target, ridge, relu=relu)
+            f = _collect(compressed, feeds, first_out)
+            geometry = _core_geometry(core_node, inits, f.shape[2:])
+            if geometry is not None:
+                result["layers"][chain.layer] = _refit_core_and_last(compressed, chain, core_node, last, inits, f, pick, target, geometry, ridge, relu)
+                continue
+        before_last = last.input[0]
+        z = _rows(_collect(compressed, feeds, before_last), pick).astype(np.float64)
+        result["layers"][chain.layer] = _refit_last(chain, last, inits, z, target, ridge, relu=relu)
     result["seconds"] = round(time.perf_counter() - start, 2)
     return result
-
-
-def feeds_only_relu(model: onnx.ModelProto, name: str) -> bool:
-    """True when every consumer of tensor ``name`` is a Relu (and it is not a graph output)."""
-    if any(o.name == name for o in model.graph.output):
-        return False
-    users = [n for n in model.graph.node if name in n.input]
-    return bool(users) and all(n.op_type == "Relu" for n in users)
 
 
 RELU_ITERATIONS = 3
@@ -167,12 +138,20 @@ def relu_solve(design: np.ndarray, target: np.ndarray, solution: np.ndarray, rid
     return solution
 
 
-def _refit_last(model, layer, last, inits, z, target, ridge, relu: bool = False) -> dict:
-    """Least squares for the last 1x1 conv's weight and bias, given the core's output rows ``z``."""
-    weight_init = _own_initializer(model, last, 1, inits, f"{layer}_tucker_out_W")
-    w = numpy_helper.to_array(weight_init)
-    bias = _bias(model, last, inits, w.shape[0], w.dtype, layer)
-    before = z @ w.reshape(w.shape[0], -1).T.astype(np.float64) + numpy_helper.to_array(bias).astype(np.float64)
+def _owned_last(chain, last, inits):
+    """The last node's weight and bias initializers, owned by this chain (copied if shared, bias created)."""
+    role = chain.last_role
+    weight_init = inits.owned(last, 1, f"{chain.weights[role]}")
+    w = inits.array(weight_init.name)
+    bias = inits.bias(last, w.shape[0], w.dtype, f"{chain.nodes[role]}_B")
+    chain.weights[role], chain.bias = weight_init.name, bias.name
+    return weight_init, w, bias
+
+
+def _refit_last(chain, last, inits, z, target, ridge, relu: bool = False) -> dict:
+    """Least squares for the last 1x1 conv's weight and bias, given its input rows ``z``."""
+    weight_init, w, bias = _owned_last(chain, last, inits)
+    before = z @ w.reshape(w.shape[0], -1).T.astype(np.float64) + inits.array(bias.name).astype(np.float64)
     design = np.hstack([z, np.ones((len(z), 1))])
     gram = design.T @ design
     gram += ridge * np.trace(gram) / len(gram) * np.eye(len(gram))
@@ -180,12 +159,12 @@ def _refit_last(model, layer, last, inits, z, target, ridge, relu: bool = False)
     if relu:
         solution = relu_solve(design, target, solution, ridge)
         after = design @ solution
-        weight_init.CopyFrom(numpy_helper.from_array(solution[:-1].T.reshape(w.shape).astype(w.dtype), weight_init.name))
-        bias.CopyFrom(numpy_helper.from_array(solution[-1].astype(w.dtype), bias.name))
+        inits.set(weight_init.name, solution[:-1].T.reshape(w.shape).astype(w.dtype))
+        inits.set(bias.name, solution[-1].astype(w.dtype))
         relu_target = np.maximum(target, 0)
         return _errors(np.maximum(before, 0), np.maximum(after, 0), relu_target, "last conv (after the ReLU)")
-    weight_init.CopyFrom(numpy_helper.from_array(solution[:-1].T.reshape(w.shape).astype(w.dtype), weight_init.name))
-    bias.CopyFrom(numpy_helper.from_array(solution[-1].astype(w.dtype), bias.name))
+    inits.set(weight_init.name, solution[:-1].T.reshape(w.shape).astype(w.dtype))
+    inits.set(bias.name, solution[-1].astype(w.dtype))
     return _errors(before, design @ solution, target, "last conv")
 
 
@@ -203,18 +182,22 @@ def _core_unknowns(core_node, inits) -> int:
     return int(np.prod(dims[1:]))
 
 
-def _core_geometry(core_node, inits):
-    """(kernel, strides, pads, dilations) of a 2-D core conv with explicit geometry, else None."""
-    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in core_node.attribute}
-    kernel = list(attrs.get("kernel_shape", []))
-    if len(kernel) != 2 or attrs.get("group", 1) != 1:
+def _node_attrs(node: onnx.NodeProto) -> dict:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _is_2d_conv(node: onnx.NodeProto) -> bool:
+    attrs = _node_attrs(node)
+    return node.op_type == "Conv" and len(attrs.get("kernel_shape", [])) == 2 and attrs.get("group", 1) == 1
+
+
+def _core_geometry(core_node, inits, in_hw):
+    """(kernel, strides, pads [t, l, b, r], dilations) of a 2-D ungrouped core conv (SAME_* resolved on ``in_hw``), else None."""
+    try:
+        geometry = conv_geometry(_node_attrs(core_node), tuple(inits[core_node.input[1]].dims), tuple(int(d) for d in in_hw))
+    except GeometryError:
         return None
-    auto_pad = attrs.get("auto_pad", b"NOTSET")
-    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
-    if auto_pad not in ("NOTSET", "VALID"):
-        return None  # SAME_* padding depends on the input size: the last-conv refit is used instead
-    pads = list(attrs.get("pads", [0, 0, 0, 0])) if auto_pad == "NOTSET" else [0, 0, 0, 0]
-    return kernel, list(attrs.get("strides", [1, 1])), pads, list(attrs.get("dilations", [1, 1]))
+    return geometry.as_2d()
 
 
 def patches_at(x: np.ndarray, n_idx: np.ndarray, oh: np.ndarray, ow: np.ndarray, geometry) -> np.ndarray:
@@ -235,7 +218,7 @@ def _patches(f: np.ndarray, pick: np.ndarray, out_hw: tuple, geometry) -> np.nda
     return patches_at(f, n_idx, oh, ow, geometry)
 
 
-def _refit_core_and_last(model, layer, core_node, last, inits, f, pick, target, geometry, ridge, relu=False) -> dict:
+def _refit_core_and_last(model, chain, core_node, last, inits, f, pick, target, geometry, ridge, relu=False) -> dict:
     """Reduced-rank regression of core+last on the first conv's real output.
 
     Fits the combined kxk conv (C_out x R_in*k*k) by least squares, shrunk towards
@@ -243,14 +226,13 @@ def _refit_core_and_last(model, layer, core_node, last, inits, f, pick, target, 
     directions of its fitted outputs): the optimal core and last factor for the
     data, given the input factor.
     """
-    core_init = _own_initializer(model, core_node, 1, inits, f"{layer}_tucker_core_W")
-    last_init = _own_initializer(model, last, 1, inits, f"{layer}_tucker_out_W")
-    core = numpy_helper.to_array(core_init).astype(np.float64)  # (R_out, R_in, kh, kw)
-    lw = numpy_helper.to_array(last_init)
+    core_init = inits.owned(core_node, 1, chain.weights["core"])
+    chain.weights["core"] = core_init.name
+    core = inits.array(core_init.name).astype(np.float64)  # (R_out, R_in, kh, kw)
+    last_init, lw, bias = _owned_last(chain, last, inits)
     dtype = lw.dtype
     u = lw.reshape(lw.shape[0], -1).astype(np.float64)  # (C_out, R_out)
-    bias = _bias(model, last, inits, lw.shape[0], dtype, layer)
-    b0 = numpy_helper.to_array(bias).astype(np.float64)
+    b0 = inits.array(bias.name).astype(np.float64)
     r_out = core.shape[0]
     out_hw = _output_hw(f.shape[2:], geometry)
     p = _patches(f, pick, out_hw, geometry).astype(np.float64)
@@ -272,9 +254,9 @@ def _refit_core_and_last(model, layer, core_node, last, inits, f, pick, target, 
         solution = relu_solve(design, target, np.vstack([v.T, new_bias[None, :]]), ridge)
         v, new_bias = solution[:-1].T, solution[-1]
         after = design @ solution
-    core_init.CopyFrom(numpy_helper.from_array(new_core.astype(dtype), core_init.name))
-    last_init.CopyFrom(numpy_helper.from_array(v.reshape(lw.shape).astype(dtype), last_init.name))
-    bias.CopyFrom(numpy_helper.from_array(new_bias.astype(dtype), bias.name))
+    inits.set(core_init.name, new_core.astype(dtype))
+    inits.set(last_init.name, v.reshape(lw.shape).astype(dtype))
+    inits.set(bias.name, new_bias.astype(dtype))
     if relu:
         return _errors(np.maximum(before, 0), np.maximum(after, 0), np.maximum(target, 0), "core + last conv (after the ReLU)")
     return _errors(before, after, target, "core + last conv (reduced-rank regression)")
@@ -287,45 +269,6 @@ def _output_hw(in_hw, geometry) -> tuple[int, int]:
     return h, w
 
 
-def _collect(model: onnx.ModelProto, feeds: dict, names: list[str]) -> dict[str, list[np.ndarray]]:
-    session = make_session(with_outputs(model, names))
-    out = {n: [] for n in names}
-    for batch in _batches(feeds):
-        for name, value in zip(names, session.run(names, batch)):
-            out[name].append(value)
-    return out
-
-
-def _users(model: onnx.ModelProto, name: str) -> int:
-    return sum(name in n.input for n in model.graph.node)
-
-
-def _own_initializer(model, node, index, inits, fresh_name):
-    """The initializer at ``node.input[index]``, copied first if other nodes share it."""
-    init = inits[node.input[index]]
-    if _users(model, init.name) > 1:
-        copy = model.graph.initializer.add()
-        copy.CopyFrom(init)
-        copy.name = unique_name(fresh_name, set(inits))
-        inits[copy.name] = copy
-        node.input[index] = copy.name
-        return copy
-    return init
-
-
-def _bias(model, node, inits, channels, dtype, layer):
-    """The last conv's bias initializer (created when the original conv had none, copied when shared)."""
-    if len(node.input) > 2 and node.input[2] in inits:
-        return _own_initializer(model, node, 2, inits, f"{layer}_tucker_out_B")
-    if len(node.input) > 2 and node.input[2]:
-        raise ValueError(f"bias of {layer} is not a constant: cannot refit it")
-    bias = model.graph.initializer.add()
-    bias.CopyFrom(numpy_helper.from_array(np.zeros(channels, dtype=dtype), unique_name(f"{layer}_tucker_out_B", set(inits))))
-    inits[bias.name] = bias
-    while len(node.input) < 2:
-        node.input.append("")
-    if len(node.input) == 2:
-        node.input.append(bias.name)
-    else:
-        node.input[2] = bias.name
-    return bias
+def _collect(model: onnx.ModelProto, feeds: dict, name: str) -> np.ndarray:
+    """One tensor of ``model`` over all of ``feeds``."""
+    return capture_named(with_outputs(model, [name]), feeds, [name], batch_size=batch_size_for(model, BATCH))[name]

@@ -19,16 +19,18 @@ class LayerRecord:
     relative_error: float | None = None
     decomposed: bool = False
     reason: str = ""
+    op: str = "Conv"
+    form: str = ""  # the factorization used ("" when left whole)
 
     @classmethod
-    def from_candidate(cls, cand) -> "LayerRecord":
-        kernel = list(cand.weight.shape) if cand.weight is not None else []
-        rec = cls(layer=cand.name, kernel=kernel, reason=cand.reason)
-        if cand.shape is not None:
-            rec.kernel = kernel or [cand.shape.c_out, cand.shape.c_in // cand.shape.group, *cand.shape.kernel]
-            rec.params_before = rec.params_after = cand.shape.params()
-            rec.macs_before = rec.macs_after = cand.shape.macs()
-            rec.macs_known = cand.shape.known
+    def from_site(cls, site) -> "LayerRecord":
+        kernel = list(site.weight.shape) if site.weight is not None else []
+        rec = cls(layer=site.name, kernel=kernel, reason=site.reason, op=site.op)
+        if site.shape is not None:
+            rec.kernel = kernel or [site.shape.c_out, site.shape.c_in // site.shape.group, *site.shape.kernel]
+            rec.params_before = rec.params_after = site.shape.params()
+            rec.macs_before = rec.macs_after = site.shape.macs()
+            rec.macs_known = site.shape.known
         return rec
 
 
@@ -44,6 +46,8 @@ class Report:
     sensitivity: dict | None = None
     settings: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)  # one-line remarks for the user (fallbacks taken)
+    chains: list = field(default_factory=list)  # chain.Chain of every rewrite, in graph order
+    verdict: dict | None = None  # the self-check's {"passed", "reason"}
 
     @property
     def decomposed(self) -> list:
@@ -76,6 +80,8 @@ class Report:
             "sensitivity": self.sensitivity,
             "settings": self.settings,
             "notes": self.notes,
+            "chains": [c.to_dict() for c in self.chains],
+            "verdict": self.verdict,
         }
 
     def to_json(self) -> str:
@@ -96,22 +102,22 @@ def _n(value: int) -> str:
 
 
 def format_table(report: Report) -> str:
-    headers = ["layer", "kernel", "ranks", "params", "MACs", "rel.err", "note"]
+    headers = ["layer", "kernel", "form", "ranks", "params", "MACs", "rel.err", "note"]
     rows = []
     for r in report.layers:
         kernel = "x".join(str(k) for k in r.kernel) if r.kernel else "?"
         if r.decomposed:
             rows.append([
-                r.layer, kernel, f"{r.ranks[0]},{r.ranks[1]}",
+                r.layer, kernel, r.form, ",".join(str(x) for x in r.ranks),
                 f"{_n(r.params_before)} -> {_n(r.params_after)}",
                 f"{_n(r.macs_before)} -> {_n(r.macs_after)}" + ("" if r.macs_known else "*"),
                 f"{r.relative_error:.4f}", "decomposed",
             ])
         else:
-            rows.append([r.layer, kernel, "-", _n(r.params_before), _n(r.macs_before), "-", r.reason])
+            rows.append([r.layer, kernel, "-", "-", _n(r.params_before), _n(r.macs_before), "-", r.reason])
     t = report.totals()
     rows.append([
-        "TOTAL (convs)", "", f"{t['decomposed']}/{t['convs']}",
+        "TOTAL (convs)", "", "", f"{t['decomposed']}/{t['convs']}",
         f"{_n(t['params_before'])} -> {_n(t['params_after'])}",
         f"{_n(t['macs_before'])} -> {_n(t['macs_after'])} ({t['macs_reduction']:.2f}x)",
         "", "",

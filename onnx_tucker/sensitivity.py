@@ -23,19 +23,17 @@ import numpy as np
 import onnx
 from threadpoolctl import threadpool_limits
 
-from onnx_tucker.calibrate import feeds_only_relu, patches_at, relu_solve
-from onnx_tucker.decompose import max_ranks, tucker2
-from onnx_tucker.ranks import round_to_multiple
+from onnx_tucker.calibrate import patches_at, relu_solve
+from onnx_tucker.capture import iterate
+from onnx_tucker.factorization import get_form
+from onnx_tucker.graph import cut, expose, feeds_only_relu, probe_model, suffix_model, tensor_types
 from onnx_tucker.runtime import make_session
 
-FRACTIONS = (1 / 16, 1 / 8, 3 / 16, 1 / 4, 5 / 16, 3 / 8, 1 / 2, 5 / 8, 3 / 4)
 FIT_ROWS = 12_000  # sampled output positions per layer for the refit
 EVAL_SAMPLES = 128  # calibration images the distortion is measured on (not used by the refit)
 FIT_SAMPLES = 512  # calibration images the per-option refits use
 BATCH = 64
-PROBE = "onnx_tucker_probe"
 RELU_AWARE = False  # ReLU-aware refits in the curves: same allocation on the seed CNN, 4x slower
-SKEW = 2.0  # largest ratio between the two modes' rank fractions
 FIT_ITERATIONS = 1  # HOOI sweeps per option: the curves rank options, the final fit iterates fully
 
 
@@ -43,133 +41,17 @@ class Unsupported(Exception):
     """The model has a candidate the measurement cannot handle; the caller falls back to the uniform rule."""
 
 
-def rank_options(cand, rank_multiple: int = 1) -> list[tuple[int, int]]:
-    """Distinct profitable (R_out, R_in) pairs: channel fractions from ``FRACTIONS`` for each mode,
-    the two at most ``SKEW`` apart (measured on the seed CNN: the knapsack then often keeps R_in
-    near R_out / 2, and the 5x drop went from -3.3 to -2.6 points against equal fractions)."""
-    shape = cand.shape
-    max_out, max_in = max_ranks(cand.weight.shape)
-    seen = []
-    for f_out in FRACTIONS:
-        for f_in in FRACTIONS:
-            if max(f_out, f_in) > SKEW * min(f_out, f_in) + 1e-9:
-                continue
-            r_out = round_to_multiple(min(max(1, round(f_out * shape.c_out)), max_out), rank_multiple, max_out)
-            r_in = round_to_multiple(min(max(1, round(f_in * shape.c_in)), max_in), rank_multiple, max_in)
-            if (r_out, r_in) not in seen and shape.chain_macs(r_out, r_in) < shape.macs():
-                seen.append((r_out, r_in))
-    return seen
+def rank_options(site, rank_multiple: int = 1) -> list[tuple]:
+    """The rank tuples the measured budget tries for ``site``: its form's options."""
+    return get_form(site.form).rank_options(site, rank_multiple)
 
 
-def _geometry(node, weight_shape, in_hw) -> tuple | None:
-    """(kernel, strides, pads [t, l, b, r], dilations) of a 2-D, ungrouped conv, else None."""
-    attrs = node.attrs
-    kernel = list(attrs.get("kernel_shape", weight_shape[2:]))
-    if len(kernel) != 2 or attrs.get("group", 1) != 1 or in_hw is None or None in in_hw:
-        return None
-    strides = list(attrs.get("strides", [1, 1]))
-    dilations = list(attrs.get("dilations", [1, 1]))
-    auto_pad = attrs.get("auto_pad", "NOTSET")
-    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
-    if auto_pad in ("NOTSET", ""):
-        pads = list(attrs.get("pads", [0, 0, 0, 0]))
-    elif auto_pad == "VALID":
-        pads = [0, 0, 0, 0]
-    else:  # SAME_UPPER / SAME_LOWER: output size ceil(in / stride), the odd pixel at the end / start
-        pads = [0, 0, 0, 0]
-        for axis in range(2):
-            out = math.ceil(in_hw[axis] / strides[axis])
-            total = max((out - 1) * strides[axis] + (kernel[axis] - 1) * dilations[axis] + 1 - in_hw[axis], 0)
-            small, big = total // 2, total - total // 2
-            pads[axis], pads[axis + 2] = (small, big) if auto_pad == "SAME_UPPER" else (big, small)
-    return kernel, strides, pads, dilations
-
-
-def _probe_model(model: onnx.ModelProto, candidates: list) -> tuple[onnx.ModelProto, dict]:
-    """``model`` with each candidate's weight and bias fed as graph inputs, and its input/output exposed."""
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    names = {}
-    by_name = {n.name: n for n in probe.graph.node}
-    graph_outputs = {o.name for o in probe.graph.output}
-    for i, cand in enumerate(candidates):
-        node = by_name[cand.node.name]
-        w_name, b_name = f"{PROBE}_W{i}", f"{PROBE}_B{i}"
-        node.input[1] = w_name
-        if len(node.input) > 2:
-            node.input[2] = b_name
-        else:
-            node.input.append(b_name)
-        dtype = onnx.helper.np_dtype_to_tensor_dtype(cand.weight.dtype)
-        probe.graph.input.append(onnx.helper.make_tensor_value_info(w_name, dtype, list(cand.weight.shape)))
-        probe.graph.input.append(onnx.helper.make_tensor_value_info(b_name, dtype, [cand.shape.c_out]))
-        for tensor in (node.input[0], node.output[0]):
-            if tensor not in graph_outputs and tensor not in {i.name for i in model.graph.input}:
-                probe.graph.output.append(onnx.helper.make_tensor_value_info(tensor, dtype, None))
-                graph_outputs.add(tensor)
-        names[cand.name] = (w_name, b_name, node.input[0], node.output[0])
-    return probe, names
-
-
-def _cut(probe: onnx.ModelProto, node_name: str) -> list[str] | None:
-    """Tensors the model needs from node ``node_name`` on (in its topological order) that come from
-    before it: activations, graph inputs and probe weights. None when a later node holds a subgraph
-    (its outer-scope references are invisible here), and the whole model must run instead."""
-    nodes = list(probe.graph.node)
-    index = next(i for i, n in enumerate(nodes) if n.name == node_name)
-    tail = nodes[index:]
-    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in tail for a in n.attribute):
-        return None
-    produced = {o for n in tail for o in n.output}
-    initializers = {i.name for i in probe.graph.initializer}
-    return [t for t in dict.fromkeys(t for n in tail for t in n.input) if t and t not in produced and t not in initializers]
-
-
-def _suffix_model(probe: onnx.ModelProto, node_name: str, output: str, cut_values: dict) -> onnx.ModelProto:
-    """The part of ``probe`` from node ``node_name`` on, taking ``cut_values``' tensors as inputs."""
-    nodes = list(probe.graph.node)
-    index = next(i for i, n in enumerate(nodes) if n.name == node_name)
-    tail = nodes[index:]
-    needed = set(t for n in tail for t in n.input)
-    inputs = [
-        onnx.helper.make_tensor_value_info(name, onnx.helper.np_dtype_to_tensor_dtype(value.dtype), None)
-        for name, value in cut_values.items()
-    ]
-    graph = onnx.helper.make_graph(
-        tail, f"{probe.graph.name}_suffix", inputs,
-        [o for o in probe.graph.output if o.name == output],
-        [i for i in probe.graph.initializer if i.name in needed],
-    )
-    suffix = onnx.helper.make_model(graph, opset_imports=probe.opset_import, ir_version=probe.ir_version)
-    suffix.functions.extend(probe.functions)
-    return suffix
-
-
-def _expose(probe: onnx.ModelProto, tensors: list[str], model: onnx.ModelProto) -> None:
-    """Add ``tensors`` to ``probe``'s outputs, typed by shape inference (shape tensors are int64)."""
-    from onnx_tucker.pipeline import _shape_skeleton
-
-    present = {o.name for o in probe.graph.output}
-    missing = [t for t in tensors if t not in present]
-    if not missing:
-        return
+def _bias_of(site) -> np.ndarray:
     try:
-        inferred = onnx.shape_inference.infer_shapes(_shape_skeleton(model), strict_mode=False)
-        graph = inferred.graph
-        types = {v.name: v.type.tensor_type.elem_type for v in list(graph.value_info) + list(graph.output)}
-    except Exception:
-        types = {}
-    for name in missing:
-        probe.graph.output.append(onnx.helper.make_tensor_value_info(name, types.get(name) or onnx.TensorProto.FLOAT, None))
-
-
-def _bias_of(model: onnx.ModelProto, cand) -> np.ndarray:
-    node_inputs = cand.node.inputs
-    if len(node_inputs) > 2 and node_inputs[2] is not None and getattr(node_inputs[2], "values", None) is not None:
-        return np.asarray(node_inputs[2].values).astype(cand.weight.dtype).reshape(-1)
-    if len(node_inputs) > 2 and node_inputs[2] is not None and node_inputs[2].name:
-        raise Unsupported(f"bias of {cand.name} is not a constant")
-    return np.zeros(cand.shape.c_out, dtype=cand.weight.dtype)
+        bias = site.bias_values()
+    except ValueError as exc:
+        raise Unsupported(str(exc)) from None
+    return np.zeros(site.shape.c_out, dtype=site.weight.dtype) if bias is None else bias.astype(site.weight.dtype)
 
 
 def _distortion(reference: np.ndarray, output: np.ndarray) -> float:
@@ -203,23 +85,24 @@ def distortion_curves(model: onnx.ModelProto, candidates: list, feeds: dict, cov
     n_eval = min(EVAL_SAMPLES, max(n // 4, 1))
     fit_feeds = {k: v[: min(n - n_eval, FIT_SAMPLES)] if n > n_eval else v for k, v in feeds.items()}
     eval_feeds = {k: v[n - n_eval :] for k, v in feeds.items()}
-    probe, names = _probe_model(model, candidates)
+    probe, names = probe_model(model, candidates)
     # The activations each option's suffix model is fed with (residual branches too) are outputs as well.
-    cuts = {cand.name: _cut(probe, cand.node.name) for cand in candidates}
+    cuts = {cand.name: cut(probe, cand.node.name) for cand in candidates}
     known = set(feeds) | {n for c in candidates for n in names[c.name][:2]}
-    cut_tensors = list(dict.fromkeys(t for cut in cuts.values() if cut for t in cut if t not in known))
-    _expose(probe, cut_tensors, model)
+    cut_tensors = list(dict.fromkeys(t for tensors in cuts.values() if tensors for t in tensors if t not in known))
+    if any(t not in {o.name for o in probe.graph.output} for t in cut_tensors):
+        expose(probe, cut_tensors, tensor_types(model))  # shape tensors are int64: typed by inference
     session = make_session(probe)
     output_name = model.graph.output[0].name
     weights = {}
     for cand in candidates:
         w_name, b_name, _, _ = names[cand.name]
         weights[w_name] = np.ascontiguousarray(cand.weight)
-        weights[b_name] = _bias_of(model, cand)
+        weights[b_name] = _bias_of(cand)
     geometries = {}
     for cand in candidates:
-        geometry = _geometry(cand.node, cand.weight.shape, cand.shape.in_spatial)
-        if geometry is None or cand.shape.out_spatial is None:
+        geometry = cand.geometry.as_2d() if cand.geometry is not None else None
+        if geometry is None or cand.shape.in_spatial is None or cand.shape.out_spatial is None:
             raise Unsupported(f"{cand.name} is not a 2-D ungrouped conv of known size")
         geometries[cand.name] = geometry
     # Sampled patches (inputs) and outputs of every layer on the fit images, batch by batch.
@@ -232,9 +115,8 @@ def distortion_curves(model: onnx.ModelProto, candidates: list, feeds: dict, cov
         fetch += [names[cand.name][2], names[cand.name][3]]
     graph_inputs = {i.name for i in model.graph.input}
     fetch = [t for t in dict.fromkeys(fetch) if t not in graph_inputs]
-    for begin in range(0, n_fit, BATCH):
-        batch = {k: v[begin : begin + BATCH] for k, v in fit_feeds.items()}
-        values = dict(zip(fetch, session.run(fetch, {**batch, **weights})))
+    for batch, outputs in iterate(session, fit_feeds, fetch, BATCH, extra=weights):
+        values = dict(zip(fetch, outputs))
         values.update(batch)
         for cand in candidates:
             x, y = values[names[cand.name][2]], values[names[cand.name][3]]
@@ -263,20 +145,20 @@ def distortion_curves(model: onnx.ModelProto, candidates: list, feeds: dict, cov
             suffix_session, suffix_feeds = session, {**eval_feeds, **weights}
         else:
             suffix_feeds = {t: at_cut[t] for t in cuts[cand.name]}
-            suffix_session = make_session(_suffix_model(probe, cand.node.name, output_name, suffix_feeds))
+            suffix_session = make_session(suffix_model(probe, cand.node.name, output_name, suffix_feeds))
         patches = np.concatenate(rows[cand.name][0])
         target = np.concatenate(rows[cand.name][1])
         design_ones = np.ones((len(patches), 1))
         relu = feeds_only_relu(model, names[cand.name][3])
         w_name, b_name, _, _ = names[cand.name]
-        cov = covariances.get(cand.node.inputs[0].name) if covariances else None
+        cov = covariances.get(cand.input_name) if covariances else None
+        form = get_form(cand.form)
         curve = []
-        for r_out, r_in in options[cand.name]:
+        for ranks in options[cand.name]:
             with threadpool_limits(limits=1, user_api="blas"):  # small eigh calls: one thread is faster
-                factors = tucker2(cand.weight, r_out, r_in, n_iter_max=FIT_ITERATIONS, input_covariance=cov)
-            # first then core as one (R_out, C_in*k*k) map: the core's output at each sampled position
-            inner = np.einsum("rskl,sc->rckl", factors.core.astype(np.float64), factors.first.astype(np.float64))
-            inner = inner.reshape(r_out, -1)
+                factors = form.fit(cand, ranks, n_iter_max=FIT_ITERATIONS, input_covariance=cov)
+            # every factor before the last as one (R, C_in*k*k) map: its output at each sampled position
+            inner = form.compose(cand, factors, upto_last=True)
             design = np.hstack([patches @ inner.T, design_ones])
             gram = design.T @ design
             gram += (1e-6 * np.trace(gram) / len(gram) + 1e-12) * np.eye(len(gram))
@@ -286,7 +168,7 @@ def distortion_curves(model: onnx.ModelProto, candidates: list, feeds: dict, cov
             weight = (solution[:-1].T @ inner).reshape(cand.weight.shape).astype(cand.weight.dtype)
             bias = solution[-1].astype(cand.weight.dtype)
             out = suffix_session.run([output_name], {**suffix_feeds, w_name: weight, b_name: bias})[0]
-            curve.append((cand.shape.chain_macs(r_out, r_in), _distortion(reference, out), (r_out, r_in)))
+            curve.append((form.cost(cand, ranks).macs, _distortion(reference, out), tuple(ranks)))
             bar.update()
         curves[cand.name] = curve
     bar.close()

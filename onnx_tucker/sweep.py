@@ -55,21 +55,10 @@ class SweepConfig:
 
 
 def parse_fractions(text: str, what: str) -> list[float]:
-    """Comma-separated numbers in (0, 1], deduplicated, in the given order."""
-    values = []
-    for item in (t.strip() for t in str(text).split(",")):
-        if not item:
-            continue
-        try:
-            value = float(item)
-        except ValueError:
-            raise UsageError(f"{what}: expected comma-separated numbers in (0, 1], got {item!r}") from None
-        if not (0.0 < value <= 1.0):
-            raise UsageError(f"{what}: {item} is outside (0, 1]")
-        values.append(value)
-    if not values:
-        raise UsageError(f"{what}: empty list")
-    return list(dict.fromkeys(values))
+    """Comma-separated numbers in (0, 1], deduplicated, in the given order (``options.check_fraction_list``)."""
+    from onnx_tucker.options import check_fraction_list
+
+    return check_fraction_list(text, what)
 
 
 def settings_of(config: SweepConfig) -> list[tuple[str, str, float]]:
@@ -118,7 +107,8 @@ def run_sweep(config: SweepConfig) -> dict:
     """Compress at every setting, measure, and return the JSON-ready result (see module docstring)."""
     import onnxruntime as ort
 
-    from onnx_tucker.data import DEFAULT_CALIB_SIZE, load_calibration, load_labelled, predict, top1
+    from onnx_tucker.data import load_calibration, load_labelled, predict, top1
+    from onnx_tucker.options import DEFAULT_CALIB_SIZE
     from onnx_tucker.io import check_output_path, load_model, save_model
     from onnx_tucker.pipeline import compress
 
@@ -133,7 +123,10 @@ def run_sweep(config: SweepConfig) -> dict:
         if Path(config.calibrate).resolve() == Path(config.data).resolve():
             raise UsageError("--calibrate and --data are the same file: calibrate on training data, measure on test data")
         size = config.calib_size or DEFAULT_CALIB_SIZE
-        calibration = load_calibration(config.calibrate, model, size=size, strict_size=config.calib_size is not None)
+        calibration = load_calibration(config.calibrate, model, size=size, strict_size=False)
+        got = len(next(iter(calibration.values())))
+        if got < size:
+            print(f"note: {config.calibrate} holds {got} calibration samples, fewer than the {size} asked for: using all {got}", file=sys.stderr)
     reference = predict(model, feeds)
     original = {
         "file": str(config.model), "conv_macs": None, "conv_params": None, "params": count_params(model),
@@ -151,8 +144,12 @@ def run_sweep(config: SweepConfig) -> dict:
             options["target_macs"] = value
         try:
             new_model, report = compress(model, ratio=value if kind == "ratio" else 1.0, **options)
-        except ModelError as exc:  # e.g. nothing profitable at this ratio: a row that says why
+        except ModelError as exc:
             row["error"] = str(exc)
+        else:
+            if not report.decomposed:  # nothing profitable at this setting: a row that says why
+                row["error"] = report.notes[-1] if report.notes else "no layer was decomposed"
+        if row["error"]:
             results.append(row)
             bar.update()
             continue

@@ -11,7 +11,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_tucker import bench, compress
-from onnx_tucker.runtime import available_providers
+from onnx_tucker import providers
+from onnx_tucker.providers import available_providers
 
 from conftest import residual_model
 
@@ -84,18 +85,19 @@ def test_time_interleaved_runs_round_robin_and_times_each_run():
 def test_list_options_are_parsed_or_refused():
     assert bench.parse_providers("CPU, gpu,cuda") == ["cpu", "cuda"]
     assert bench.parse_batches("1,32,1") == [1, 32]
-    for bad in ("0", "a", ""):
+    for bad in ("0", "a", "", "1,,2"):
         with pytest.raises(bench.UsageError):
             bench.parse_batches(bad)
-    with pytest.raises(bench.UsageError):
-        bench.parse_providers("tpu")
+    for bad in ("tpu", "", "cpu,,cuda"):
+        with pytest.raises(bench.UsageError):
+            bench.parse_providers(bad)
 
 
 def test_explicitly_requested_missing_provider_fails(monkeypatch):
-    import onnx_tucker.runtime as runtime
+    import onnx_tucker.providers as providers
 
-    monkeypatch.setattr(runtime, "available_providers", lambda: ["cpu"])
-    monkeypatch.setattr(runtime, "provider_unavailable_reason", lambda p: "no NVIDIA GPU or driver found")
+    monkeypatch.setattr(providers, "available_providers", lambda: ["cpu"])
+    monkeypatch.setattr(providers, "unavailable_reason", lambda p: "no NVIDIA GPU or driver found")
     assert bench.choose_providers(None) == (["cpu"], {"cuda": "no NVIDIA GPU or driver found"})
     with pytest.raises(bench.OnnxTuckerError, match="cuda execution provider not available: no NVIDIA GPU"):
         bench.choose_providers(["cuda", "cpu"])
@@ -103,16 +105,16 @@ def test_explicitly_requested_missing_provider_fails(monkeypatch):
 
 # --- per-layer attribution -------------------------------------------------------------------------
 
-def tiny_chain_model(decomposed: bool) -> onnx.ModelProto:
-    """x -> conv (-> three tucker convs) -> relu -> y, named as the compressor names them."""
+def tiny_chain_model(decomposed: bool, prefix: str = "conv_tucker") -> onnx.ModelProto:
+    """x -> conv (-> three tucker convs, recorded as a chain in the metadata) -> relu -> y."""
     rng = np.random.default_rng(0)
     w = lambda name, shape: numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)  # noqa: E731
     if decomposed:
         inits = [w("A", (2, 4, 1, 1)), w("C", (2, 2, 3, 3)), w("B", (4, 2, 1, 1))]
         convs = [
-            helper.make_node("Conv", ["x", "A"], ["conv_tucker_in_out"], name="conv_tucker_in"),
-            helper.make_node("Conv", ["conv_tucker_in_out", "C"], ["conv_tucker_core_out"], name="conv_tucker_core", pads=[1] * 4),
-            helper.make_node("Conv", ["conv_tucker_core_out", "B"], ["c"], name="conv_tucker_out"),
+            helper.make_node("Conv", ["x", "A"], ["conv_tucker_in_out"], name=f"{prefix}_in"),
+            helper.make_node("Conv", ["conv_tucker_in_out", "C"], ["conv_tucker_core_out"], name=f"{prefix}_core", pads=[1] * 4),
+            helper.make_node("Conv", ["conv_tucker_core_out", "B"], ["c"], name=f"{prefix}_out"),
         ]
     else:
         inits = [w("W", (4, 4, 3, 3))]
@@ -122,7 +124,14 @@ def tiny_chain_model(decomposed: bool) -> onnx.ModelProto:
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 8, 8])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])], inits,
     )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    if decomposed:
+        from onnx_tucker.chain import METADATA_KEY, Chain, dumps
+
+        chain = Chain("conv", "tucker2", (2, 2), {"first": f"{prefix}_in", "core": f"{prefix}_core", "last": f"{prefix}_out"},
+                      {"first": "A", "core": "C", "last": "B"}, None, "x", "c")
+        model.metadata_props.add(key=METADATA_KEY, value=dumps([chain]))
+    return model
 
 
 def event(name, us, index="0"):
@@ -148,9 +157,23 @@ def test_per_layer_rows_compare_the_chain_with_the_original():
     a, b = bench.attribute(before, original), bench.attribute(after, chain)
     assert a == {"conv": 300.0, None: 5.0} and b[None] == 15.0
     [row] = bench.layer_rows(original, chain, a, b)
-    assert row == {"layer": "conv", "original_us": 300.0, "in_us": 40.0, "core_us": 100.0, "out_us": 60.0,
+    assert row == {"layer": "conv", "form": "tucker2", "original_us": 300.0, "in_us": 40.0, "core_us": 100.0, "out_us": 60.0,
+                   "parts": {"first": 40.0, "core": 100.0, "last": 60.0},
                    "chain_us": 200.0, "speedup": 1.5, "pays_off": True}
     assert bench.model_totals(chain, b, 1) == {"model_index": 1, "conv_us": 200.0, "other_us": 15.0, "total_us": 215.0}
+
+
+def test_per_layer_rows_follow_the_chain_records_not_node_names():
+    """Chains are found by the record the model carries: nodes named anything still count, and a model
+    without records (not written by onnx-tucker) has no chains, whatever its node names say."""
+    original = tiny_chain_model(False)
+    renamed = tiny_chain_model(True, prefix="renamed_by_user")
+    times = {"renamed_by_user_in": 10.0, "renamed_by_user_core": 20.0, "renamed_by_user_out": 30.0}
+    [row] = bench.layer_rows(original, renamed, {"conv": 100.0}, times)
+    assert row["chain_us"] == 60.0 and row["pays_off"]
+    unrecorded = tiny_chain_model(True)
+    del unrecorded.metadata_props[:]
+    assert bench.layer_rows(original, unrecorded, {"conv": 100.0}, {"conv_tucker_in": 1.0}) == []
 
 
 # --- accuracy on a hand-made labelled set ----------------------------------------------------------
@@ -261,6 +284,6 @@ def test_bench_on_cuda_binds_io_on_the_device(residual_pair):
     assert result["settings"]["cudnn_conv_algo_search"] == "HEURISTIC"
     assert all(r["session_providers"][0] == "CUDAExecutionProvider" and r["warmup"] >= bench.GPU_MIN_WARMUP for r in result["results"])
     feeds = bench.timing_feeds(residual_model(), 4)
-    on_gpu = bench.run_outputs(residual_pair[1], feeds, "cuda", 1, bench.provider_options("cuda", "HEURISTIC"))
+    on_gpu = bench.run_outputs(residual_pair[1], feeds, "cuda", 1, providers.get("cuda").options("HEURISTIC"))
     on_cpu = bench.run_outputs(residual_pair[1], feeds, "cpu", 1, {})
     np.testing.assert_allclose(on_gpu[0], on_cpu[0], rtol=1e-3, atol=1e-3)

@@ -5,7 +5,8 @@ import pytest
 
 from conftest import conv_model, relative_error, residual_model, run_model
 from onnx_tucker import UsageError, compress
-from onnx_tucker.calibrate import input_covariances, with_outputs
+from onnx_tucker.calibrate import input_covariances
+from onnx_tucker.graph import with_outputs
 from onnx_tucker.decompose import tucker2
 
 
@@ -209,18 +210,17 @@ def test_measured_budget_falls_back_to_the_uniform_ratio_for_1d_convs():
 
 def test_suffix_from_a_layer_on_reproduces_the_whole_model():
     """Options are evaluated on the model from the changed layer on: same output as the whole model."""
-    import onnx_graphsurgeon as gs
-
-    from onnx_tucker.rewrite import find_candidates
+    from onnx_tucker.graph import cut as _cut, probe_model as _probe_model, suffix_model as _suffix_model
+    from onnx_tucker.pipeline import factorable_sites
     from onnx_tucker.runtime import make_session
-    from onnx_tucker.sensitivity import _bias_of, _cut, _probe_model, _suffix_model
+    from onnx_tucker.sensitivity import _bias_of
 
     model = residual_model(channels=16)
-    cands = [c for c in find_candidates(gs.import_onnx(model)) if c.eligible]
+    cands = [c for c in factorable_sites(model)[1] if c.eligible]
     probe, names = _probe_model(model, cands)
     weights = {}
     for c in cands:
-        weights[names[c.name][0]], weights[names[c.name][1]] = c.weight, _bias_of(model, c)
+        weights[names[c.name][0]], weights[names[c.name][1]] = c.weight, _bias_of(c)
     feeds = {"x": samples(6, seed=9)}
     full = make_session(probe)
     out_name = model.graph.output[0].name

@@ -22,7 +22,7 @@ def _reference_export(graph, template):
     """The export as it was before issue 5's memory work: gs.export_onnx, then the template's fields."""
     import onnx_graphsurgeon as gs
 
-    from onnx_tucker.rewrite import copy_template_fields
+    from onnx_tucker.graph import copy_template_fields
 
     graph.cleanup().toposort()
     model = gs.export_onnx(graph, do_type_check=False)
@@ -36,10 +36,11 @@ def _reference_export(graph, template):
 @pytest.fixture(autouse=True)
 def export_matches_graphsurgeon(monkeypatch):
     """Every export in these tests is byte-identical to onnx-graphsurgeon's own export route."""
-    from onnx_tucker import pipeline, rewrite
+    from onnx_tucker import graph as graph_module
+    from onnx_tucker import pipeline
 
     def checked(graph, template):
-        model = rewrite.export(graph, template)
+        model = graph_module.export(graph, template)
         reference = _reference_export(graph, template)
         assert model.SerializeToString(deterministic=True) == reference.SerializeToString(deterministic=True)
         return model

@@ -169,10 +169,22 @@ def test_metadata_records_version_ratio_and_ranks(residual):
 
 def test_unprofitable_layer_left_alone_unless_forced():
     model = conv_model(c_in=3, c_out=64)  # the seed's first layer: a chain costs more MACs
-    with pytest.raises(ModelError, match="no Conv was decomposed"):
-        compress(model, ratio=0.5)
     _, report = compress(model, ratio=0.5, force=True)
     assert report.decomposed
+
+
+def test_nothing_pays_returns_the_input_unchanged_with_the_reason():
+    """A model where no layer pays is not an error (a folder of models must not break a script):
+    the output is the input, with the tool's metadata, and the table says why."""
+    model = conv_model(c_in=3, c_out=64)
+    new, report = compress(model, ratio=0.5)
+    assert not report.decomposed and not report.chains
+    assert "chain would not reduce MACs" in report.layers[0].reason
+    assert any("output is the input model unchanged" in n for n in report.notes)
+    assert [n.SerializeToString() for n in new.graph.node] == [n.SerializeToString() for n in model.graph.node]
+    assert [i.SerializeToString() for i in new.graph.initializer] == [i.SerializeToString() for i in model.graph.initializer]
+    meta = {p.key: p.value for p in new.metadata_props}
+    assert json.loads(meta["onnx_tucker.ranks"]) == {} and "onnx_tucker.chains" not in meta
 
 
 def test_shared_weight_decomposed_once_and_correct():

@@ -94,11 +94,9 @@ def test_conversion_agrees_with_keras_on_raw_pixels(seed_cnn, seed_onnx):
 
 def test_keras_hwio_kernel_becomes_onnx_oihw_weight(seed_cnn, seed_onnx):
     """The layout is tested, not assumed: Keras HWIO (3,3,64,64) == ONNX OIHW (64,64,3,3) transposed."""
-    import onnx_graphsurgeon as gs
+    from onnx_tucker.pipeline import factorable_sites
 
-    from onnx_tucker.rewrite import find_candidates
-
-    convs = [c for c in find_candidates(gs.import_onnx(seed_onnx)) if c.weight is not None]
+    convs = [s for s in factorable_sites(seed_onnx)[1] if s.weight is not None]
     kernels = [layer.get_weights()[0] for layer in seed_cnn.layers if type(layer).__name__ == "Conv2D"]
     assert len(convs) == len(kernels) == 6
     for cand, hwio in zip(convs, kernels):

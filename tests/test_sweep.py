@@ -88,9 +88,11 @@ def test_sweep_targets_without_budget_fail_cleanly(setup, capsys):
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["--ratios", "0.5,1.5"], "outside (0, 1]"),
+    (["--ratios", "0.5,1.5"], "must be in (0, 1]"),
     (["--ratios", "0.5", "--targets", "0.5"], "not allowed with"),
-    (["--ratios", "abc"], "expected comma-separated"),
+    (["--ratios", "abc"], "must be a number"),
+    (["--ratios", "0.5,,0.25"], "expected comma-separated"),
+    (["--batch", "1,,32"], "expected comma-separated"),
 ])
 def test_sweep_bad_settings_are_usage_errors(setup, capsys, args, needle):
     root, _ = setup

@@ -99,13 +99,13 @@ def child_plain(path: Path, layers: dict) -> dict:
     from tensorly.decomposition import partial_tucker
 
     from onnx_tucker.decompose import reconstruct
-    from onnx_tucker.rewrite import find_candidates
+    from onnx_tucker.site import find_sites
 
     base = rss_mb()
     t0 = time.perf_counter()
     model = onnx.load(str(path))
     graph = gs.import_onnx(model)
-    weights = {c.name: c.weight for c in find_candidates(graph) if c.name in layers}
+    weights = {s.name: s.weight for s in find_sites(graph) if s.name in layers}
     t1, c1 = time.perf_counter(), time.process_time()
     results = {}
     tl.set_backend("numpy")

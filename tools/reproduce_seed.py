@@ -30,14 +30,12 @@ sys.path.insert(0, str(ROOT))
 from onnx_tucker import compress  # noqa: E402
 from onnx_tucker.data import load_labelled, predict, top1  # noqa: E402
 from onnx_tucker.decompose import tucker2  # noqa: E402
-from onnx_tucker.rewrite import find_candidates  # noqa: E402
+from onnx_tucker.pipeline import factorable_sites  # noqa: E402
 from onnx_tucker.runtime import make_session  # noqa: E402
 
 
 def seed_layer_weight(model: onnx.ModelProto) -> tuple[str, np.ndarray]:
-    import onnx_graphsurgeon as gs
-
-    convs = [c for c in find_candidates(gs.import_onnx(model)) if c.weight is not None]
+    convs = [s for s in factorable_sites(model)[1] if s.weight is not None]
     second = convs[1]
     return second.name, second.weight
 

@@ -6,8 +6,8 @@ import shutil
 import numpy as np
 import pytest
 
-from onnx_tucker import runtime
-from onnx_tucker.runtime import explain_missing_cuda, provider_unavailable_reason
+from onnx_tucker import providers as runtime, runtime as sessions
+from onnx_tucker.providers import explain_missing_cuda, unavailable_reason as provider_unavailable_reason
 
 from conftest import residual_model
 
@@ -90,16 +90,16 @@ def test_tensorrt_reason_falls_back_to_cuda_reason(monkeypatch):
 
 
 def test_provider_chain_puts_cpu_last():
-    assert runtime.provider_chain("CPUExecutionProvider") == [("CPUExecutionProvider", {})]
-    chain = runtime.provider_chain("TensorrtExecutionProvider", {"device_id": 0})
+    assert runtime.get("cpu").session_providers() == [("CPUExecutionProvider", {})]
+    chain = runtime.get("tensorrt").session_providers({"device_id": 0})
     assert [name for name, _ in chain] == ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
 def test_make_session_keeps_its_old_signature_and_profiles(tmp_path):
     model = residual_model()
-    feeds = runtime.random_inputs(model, batch=2, seed=0)
-    plain = runtime.make_session(model, "cpu", 1)
-    profiled = runtime.make_session(model, "cpu", 1, None, profile_prefix=str(tmp_path / "p"),
+    feeds = sessions.random_inputs(model, batch=2, seed=0)
+    plain = sessions.make_session(model, "cpu", 1)
+    profiled = sessions.make_session(model, "cpu", 1, None, profile_prefix=str(tmp_path / "p"),
                                     config={"session.intra_op.allow_spinning": "0"})
     a, b = plain.run(None, feeds)[0], profiled.run(None, feeds)[0]
     np.testing.assert_allclose(a, b, rtol=1e-6)
@@ -111,5 +111,26 @@ def test_make_session_keeps_its_old_signature_and_profiles(tmp_path):
 def test_cuda_session_runs_on_cuda():
     if "cuda" not in runtime.available_providers():
         pytest.skip(f"CUDA EP not available: {provider_unavailable_reason('cuda')}")
-    session = runtime.make_session(residual_model(), "cuda", provider_options={"cudnn_conv_algo_search": "HEURISTIC"})
+    session = sessions.make_session(residual_model(), "cuda", provider_options={"cudnn_conv_algo_search": "HEURISTIC"})
     assert session.get_providers()[0] == "CUDAExecutionProvider"
+
+
+def test_unknown_provider_is_a_usage_error_not_cuda():
+    from onnx_tucker.errors import UsageError
+
+    with pytest.raises(UsageError, match="unknown execution provider 'tpu'"):
+        sessions.make_session(residual_model(), "tpu")
+    with pytest.raises(UsageError, match="unknown execution provider"):
+        runtime.get("rocm")
+
+
+def test_every_provider_record_is_complete_and_reachable_by_alias():
+    for key, provider in runtime.PROVIDERS.items():
+        assert runtime.get(key) is provider and runtime.get(provider.ort_name) is provider
+        for alias in provider.aliases:
+            assert runtime.get(alias) is provider
+        assert provider.device in ("cpu", "cuda")
+        assert provider.session_providers()[-1][0] == "CPUExecutionProvider"
+        assert provider.warmup(0) == provider.min_warmup
+    assert runtime.get("gpu").key == "cuda" and runtime.get("trt").key == "tensorrt"
+    assert runtime.get("cuda").options("HEURISTIC") == {"device_id": 0, "cudnn_conv_algo_search": "HEURISTIC"}

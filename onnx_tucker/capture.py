@@ -1,0 +1,101 @@
+"""Run a model in batches on a provider and keep named tensors: the one loop behind calibration,
+sensitivity, the self-check, top-1 and bench's agreement check.
+
+Models exported with a fixed batch (torch.onnx's default is batch 1) are fed in batches of that
+size; the last, short batch is padded by repeating its last sample and the padding is dropped from
+the results, so the batch the caller asks for never reaches onnxruntime when the model refuses it.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import onnx
+
+from onnx_tucker.errors import ModelError, first_line
+
+DEFAULT_BATCH = 64
+
+
+def fixed_batch(model_or_session) -> int | None:
+    """The batch size every real input is fixed to, or None when it is free (or unknown).
+
+    Takes an ``onnx.ModelProto`` or an onnxruntime session (its inputs are the real inputs).
+    """
+    if isinstance(model_or_session, onnx.ModelProto):
+        inits = {i.name for i in model_or_session.graph.initializer}
+        dims = [[d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+                for vi in model_or_session.graph.input if vi.name not in inits]
+    elif hasattr(model_or_session, "get_inputs"):
+        dims = [[d if isinstance(d, int) else None for d in i.shape] for i in model_or_session.get_inputs()]
+    else:
+        return None
+    sizes = {d[0] if d else None for d in dims}
+    if len(sizes) != 1:
+        return None
+    size = sizes.pop()
+    return size if isinstance(size, int) and size > 0 else None
+
+
+def batch_size_for(model, wanted: int = DEFAULT_BATCH) -> int:
+    """``wanted``, or the batch the model (or session) is fixed to."""
+    return fixed_batch(model) or wanted
+
+
+def batches(feeds: dict, size: int, fixed: bool = False) -> Iterator[tuple[dict, int]]:
+    """``(batch feeds, real rows)`` along axis 0; with ``fixed`` the last batch is padded to ``size``."""
+    n = len(next(iter(feeds.values())))
+    for start in range(0, n, size):
+        batch = {k: v[start : start + size] for k, v in feeds.items()}
+        rows = len(next(iter(batch.values())))
+        if fixed and rows < size:
+            batch = {k: np.concatenate([v, np.repeat(v[-1:], size - rows, axis=0)]) for k, v in batch.items()}
+        yield batch, rows
+
+
+def iterate(session, feeds: dict, names: list[str] | None, batch_size: int = DEFAULT_BATCH, extra: dict | None = None,
+            fixed: bool = False, progress: str | None = None) -> Iterator[tuple[dict, list[np.ndarray]]]:
+    """Run ``session`` over ``feeds`` batch by batch; yields ``(batch feeds, outputs)`` (padding removed).
+
+    ``names``: the outputs to fetch (None: all); ``extra``: feeds given whole to every batch (probe weights).
+    """
+    from tqdm import tqdm
+
+    n = len(next(iter(feeds.values())))
+    bar = tqdm(total=-(-n // batch_size), desc=progress, unit="batch", leave=False, disable=True if progress is None else None)
+    try:
+        for batch, rows in batches(feeds, batch_size, fixed):
+            try:
+                values = session.run(names, {**batch, **(extra or {})})
+            except Exception as exc:  # a model that passes the checker but cannot run (e.g. wrong channel counts)
+                raise ModelError(f"onnxruntime cannot run the model: {first_line(exc)}") from None
+            bar.update()
+            if rows < len(next(iter(batch.values()))):
+                batch = {k: v[:rows] for k, v in batch.items()}
+                values = [v[:rows] if np.ndim(v) else v for v in values]
+            yield batch, values
+    finally:
+        bar.close()
+
+
+def capture(model, feeds: dict, names: list[str] | None = None, provider: str = "cpu", batch_size: int = DEFAULT_BATCH,
+            session=None, progress: str | None = None) -> list[np.ndarray]:
+    """The named tensors (None: the graph outputs) of ``model`` over all of ``feeds``, one array each.
+
+    Intermediate tensors must be graph outputs already (``graph.with_outputs``). Scalar outputs are
+    kept per batch (stacked), since they have no sample axis to concatenate on.
+    """
+    from onnx_tucker.runtime import make_session
+
+    session = session or make_session(model, provider)
+    fixed = fixed_batch(session)
+    chunks = [values for _, values in iterate(session, feeds, names, fixed or batch_size, fixed=fixed is not None, progress=progress)]
+    if not chunks:
+        raise ModelError("no samples to run the model on")
+    return [np.concatenate([c[i] for c in chunks]) if np.ndim(chunks[0][i]) else np.stack([c[i] for c in chunks])
+            for i in range(len(chunks[0]))]
+
+
+def capture_named(model, feeds: dict, names: list[str], **kwargs) -> dict[str, np.ndarray]:
+    """:func:`capture` as ``{name: array}``."""
+    return dict(zip(names, capture(model, feeds, names, **kwargs)))

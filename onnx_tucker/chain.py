@@ -1,0 +1,64 @@
+"""Chains: what a rewrite produced for one layer (form, ranks, nodes and initializers, by role).
+
+The report keeps them and the written model carries them in its metadata (``onnx_tucker.chains``), so
+calibration, sensitivity, ``bench --per-layer`` and latency-aware mode find each chain's nodes by record,
+never by matching node names.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+METADATA_KEY = "onnx_tucker.chains"
+
+
+@dataclass
+class Chain:
+    layer: str  # the original node's name
+    form: str  # the factorization's registry name
+    ranks: tuple
+    nodes: dict[str, str]  # role -> node name, in data-flow order ("first", "core", "last" for Tucker-2)
+    weights: dict[str, str]  # role -> initializer name of that node's weight
+    bias: str | None  # the last node's bias initializer (None: no bias)
+    input: str  # tensor the chain reads
+    output: str  # tensor the chain writes (the original layer's output)
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def roles(self) -> list[str]:
+        return list(self.nodes)
+
+    @property
+    def last_role(self) -> str:
+        return self.roles[-1]
+
+    def node_names(self) -> list[str]:
+        return list(self.nodes.values())
+
+    def trainable(self) -> list[str]:
+        """The initializers this chain owns: every factor's weight and the bias (what distillation trains)."""
+        return list(dict.fromkeys(list(self.weights.values()) + ([self.bias] if self.bias else [])))
+
+    def to_dict(self) -> dict:
+        return {"layer": self.layer, "form": self.form, "ranks": list(self.ranks), "nodes": dict(self.nodes),
+                "weights": dict(self.weights), "bias": self.bias, "input": self.input, "output": self.output}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Chain":
+        return cls(layer=d["layer"], form=d["form"], ranks=tuple(d["ranks"]), nodes=dict(d["nodes"]),
+                   weights=dict(d["weights"]), bias=d.get("bias"), input=d["input"], output=d["output"])
+
+
+def dumps(chains: list[Chain]) -> str:
+    return json.dumps([c.to_dict() for c in chains], sort_keys=True)
+
+
+def chains_of(model) -> list[Chain]:
+    """The chain records a model written by onnx-tucker carries ([] for any other model)."""
+    for prop in model.metadata_props:
+        if prop.key == METADATA_KEY:
+            try:
+                return [Chain.from_dict(d) for d in json.loads(prop.value)]
+            except (ValueError, KeyError, TypeError):
+                return []
+    return []

@@ -1,0 +1,97 @@
+"""The Factorization protocol and its registry: a low-rank form is one module plus one entry in ``FORMS``.
+
+A form decides which sites it can factor (or why not), which ranks it offers and what they cost, fits
+its factors (data-free, or with the input's channel covariance from calibration), composes them for the
+sensitivity probes, and emits its nodes into the graph, returning a :class:`~onnx_tucker.chain.Chain`.
+The pipeline, the budget, the sensitivity curves, the calibration refits and the report only talk to
+forms through this protocol.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from onnx_tucker.errors import UsageError
+
+
+@dataclass(frozen=True)
+class Cost:
+    macs: int
+    params: int
+
+
+@runtime_checkable
+class Factorization(Protocol):
+    name: str  # registry key, stored in the chain and the report
+    roles: tuple[str, ...]  # the chain's nodes, in data-flow order; the last one writes the layer's output
+    refits: tuple[str, ...]  # calibration refits it supports: "last" (the last 1x1 conv + bias), "core"
+
+    def eligible(self, site) -> str:
+        """'' when this form can factor ``site``, else why not (one line for the table)."""
+
+    def max_ranks(self, site) -> tuple[int, ...]:
+        """The largest useful ranks (higher ones cannot improve the fit)."""
+
+    def rule_ranks(self, site, rule: str, ratio: float, energy: float) -> tuple[int, ...]:
+        """Ranks from a named rule ("ratio", "energy", "vbmf"), before rounding and clamping."""
+
+    def rank_options(self, site, rank_multiple: int = 1) -> list[tuple[int, ...]]:
+        """The profitable rank tuples the measured budget tries."""
+
+    def cost(self, site, ranks: tuple[int, ...]) -> Cost:
+        """MACs (batch 1) and parameters of the chain at ``ranks``."""
+
+    def fit(self, site, ranks: tuple[int, ...], *, n_iter_max: int, method: str, input_covariance=None) -> Any:
+        """The factors (an object with ``relative_error``)."""
+
+    def compose(self, site, factors, *, upto_last: bool = False) -> np.ndarray:
+        """The layer's weight the factors stand for; with ``upto_last`` the map before the last node,
+        as (R, C_in * kernel) rows (what the sensitivity probe refits the last factor against)."""
+
+    def constants(self, site, factors, taken: set[str]) -> dict:
+        """Role -> onnx-graphsurgeon Constant holding that node's weight."""
+
+    def emit(self, graph, site, constants: dict, taken: set[str]):
+        """Replace ``site.node`` in ``graph`` by the chain's nodes; returns the :class:`Chain`."""
+
+
+def _registry() -> dict[str, Factorization]:
+    from onnx_tucker.forms.svd import SVDForm
+    from onnx_tucker.forms.tucker2 import Tucker2Form
+
+    return {form.name: form for form in (Tucker2Form(), SVDForm())}
+
+
+FORMS: dict[str, Factorization] = _registry()
+# The forms used when none are named: kxk convs only, so that ``--ratio 0.5`` gives the seed's model.
+DEFAULT_FORMS: tuple[str, ...] = ("tucker2",)
+
+
+def get_form(name: str) -> Factorization:
+    try:
+        return FORMS[name]
+    except KeyError:
+        raise UsageError(f"unknown factorization {name!r}: choose from {', '.join(FORMS)}") from None
+
+
+def choose_forms(sites: list, enabled: tuple[str, ...] | None = None) -> None:
+    """Set each structurally usable site's ``form`` to the first enabled form that takes it, or its ``reason``.
+
+    A site no form takes keeps the first form's reason (the table's note) and releases its weight.
+    """
+    forms = [get_form(n) for n in (enabled or DEFAULT_FORMS)]
+    for site in sites:
+        if not site.eligible:
+            continue
+        reasons = []
+        for form in forms:
+            why = form.eligible(site)
+            if not why:
+                site.form = form.name
+                break
+            reasons.append(why)
+        else:
+            site.reason = reasons[0] if reasons else "no factorization enabled"
+            site.weight = None  # nobody will read it: do not hold it (peak memory)

@@ -1,0 +1,343 @@
+"""Every direct edit of an ONNX protobuf: shape-inference skeleton, exposed tensors, probe and suffix
+models, initializer ownership, metadata and the export of an onnx-graphsurgeon graph.
+
+No linear algebra here; the forms' surgery goes through onnx-graphsurgeon and ends in :func:`export`.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import numpy_helper
+from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter, check_duplicate_node_names
+from onnx_graphsurgeon.ir.tensor import SparseValues
+from onnx_graphsurgeon.logger import G_LOGGER
+
+PROTOBUF_LIMIT = 2**31 - 1  # protobuf cannot serialise a message over 2 GiB
+PROBE = "onnx_tucker_probe"
+
+
+# --- names ----------------------------------------------------------------------------------------
+
+def unique_name(name: str, taken: set[str]) -> str:
+    candidate, i = name, 1
+    while candidate in taken:
+        candidate = f"{name}_{i}"
+        i += 1
+    taken.add(candidate)
+    return candidate
+
+
+def taken_names(graph: gs.Graph) -> set[str]:
+    names = {n.name for n in graph.nodes if n.name}
+    names.update(graph.tensors().keys())
+    return names
+
+
+# --- shapes and types -----------------------------------------------------------------------------
+
+def shape_skeleton(model: onnx.ModelProto, keep_bytes: int = 4096) -> onnx.ModelProto:
+    """``model`` without float initializers over ``keep_bytes``, each listed as a graph input of its type and shape."""
+    light = onnx.ModelProto(ir_version=model.ir_version)
+    light.opset_import.extend(model.opset_import)
+    light.functions.extend(model.functions)
+    graph = light.graph
+    graph.name = model.graph.name
+    graph.node.extend(model.graph.node)
+    graph.input.extend(model.graph.input)
+    graph.output.extend(model.graph.output)
+    graph.value_info.extend(model.graph.value_info)
+    graph.sparse_initializer.extend(model.graph.sparse_initializer)
+    listed = {i.name for i in model.graph.input}
+    integer = (onnx.TensorProto.INT64, onnx.TensorProto.INT32)
+    for init in model.graph.initializer:
+        if init.data_type in integer or init.ByteSize() <= keep_bytes:
+            graph.initializer.append(init)
+        elif init.name not in listed:
+            graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    return light
+
+
+def _inferred(model: onnx.ModelProto, data_prop: bool = False) -> onnx.ModelProto | None:
+    skeleton = shape_skeleton(model)
+    if skeleton.ByteSize() > PROTOBUF_LIMIT:
+        return None  # shape inference serialises the model
+    try:
+        return onnx.shape_inference.infer_shapes(skeleton, strict_mode=False, data_prop=data_prop)
+    except Exception:
+        return None
+
+
+def infer_shapes(model: onnx.ModelProto) -> dict[str, tuple]:
+    """Tensor name -> shape (ints where known, batch taken as 1) from ONNX shape inference.
+
+    Inference runs on a skeleton without the large weights (they become typed graph inputs):
+    it would otherwise serialise and copy every weight twice (issue 5: peak memory), and
+    models over 2 GB get shapes too. {} when inference fails: the cost model falls back to parameters.
+    """
+    inferred = _inferred(model, data_prop=True)
+    if inferred is None:
+        return {}
+    shapes = {}
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+        t = vi.type.tensor_type
+        if not t.HasField("shape"):
+            continue
+        dims = []
+        for i, d in enumerate(t.shape.dim):
+            if d.HasField("dim_value"):
+                dims.append(d.dim_value)
+            else:
+                dims.append(1 if i == 0 else None)  # batch 1 for the cost model
+        shapes[vi.name] = tuple(dims)
+    return shapes
+
+
+def tensor_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Tensor name -> ONNX element type from shape inference ({} when it fails)."""
+    inferred = _inferred(model)
+    if inferred is None:
+        return {}
+    graph = inferred.graph
+    return {v.name: v.type.tensor_type.elem_type for v in list(graph.value_info) + list(graph.output)}
+
+
+# --- exposing tensors, probe and suffix models ---------------------------------------------------
+
+def with_outputs(model: onnx.ModelProto, names: list[str], types: dict[str, int] | None = None) -> onnx.ModelProto:
+    """A copy of ``model`` that also outputs the named intermediate tensors (typed from ``types``, else float)."""
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    expose(exposed, names, types)
+    return exposed
+
+
+def expose(model: onnx.ModelProto, names: list[str], types: dict[str, int] | None = None) -> None:
+    """Add ``names`` to ``model``'s outputs in place (shape tensors need their real type: pass ``types``)."""
+    existing = {o.name for o in model.graph.output}
+    for name in names:
+        if name not in existing:
+            elem = (types or {}).get(name) or onnx.TensorProto.FLOAT
+            model.graph.output.append(onnx.helper.make_tensor_value_info(name, elem, None))
+            existing.add(name)
+
+
+def probe_model(model: onnx.ModelProto, sites: list) -> tuple[onnx.ModelProto, dict]:
+    """``model`` with each site's weight and bias fed as graph inputs, and its input/output exposed.
+
+    Returns the probe and ``{site name: (weight input, bias input, site input, site output)}``.
+    """
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    names = {}
+    by_name = {n.name: n for n in probe.graph.node}
+    graph_outputs = {o.name for o in probe.graph.output}
+    graph_inputs = {i.name for i in model.graph.input}
+    for i, site in enumerate(sites):
+        node = by_name[site.node.name]
+        w_name, b_name = f"{PROBE}_W{i}", f"{PROBE}_B{i}"
+        node.input[1] = w_name
+        if len(node.input) > 2:
+            node.input[2] = b_name
+        else:
+            node.input.append(b_name)
+        dtype = onnx.helper.np_dtype_to_tensor_dtype(site.weight.dtype)
+        probe.graph.input.append(onnx.helper.make_tensor_value_info(w_name, dtype, list(site.weight.shape)))
+        probe.graph.input.append(onnx.helper.make_tensor_value_info(b_name, dtype, [site.shape.c_out]))
+        for tensor in (node.input[0], node.output[0]):
+            if tensor not in graph_outputs and tensor not in graph_inputs:
+                probe.graph.output.append(onnx.helper.make_tensor_value_info(tensor, dtype, None))
+                graph_outputs.add(tensor)
+        names[site.name] = (w_name, b_name, node.input[0], node.output[0])
+    return probe, names
+
+
+def cut(probe: onnx.ModelProto, node_name: str) -> list[str] | None:
+    """Tensors the model needs from node ``node_name`` on (in its topological order) that come from
+    before it: activations, graph inputs and probe weights. None when a later node holds a subgraph
+    (its outer-scope references are invisible here), and the whole model must run instead."""
+    nodes = list(probe.graph.node)
+    index = next(i for i, n in enumerate(nodes) if n.name == node_name)
+    tail = nodes[index:]
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in tail for a in n.attribute):
+        return None
+    produced = {o for n in tail for o in n.output}
+    initializers = {i.name for i in probe.graph.initializer}
+    return [t for t in dict.fromkeys(t for n in tail for t in n.input) if t and t not in produced and t not in initializers]
+
+
+def suffix_model(probe: onnx.ModelProto, node_name: str, output: str, cut_values: dict) -> onnx.ModelProto:
+    """The part of ``probe`` from node ``node_name`` on, taking ``cut_values``' tensors as inputs."""
+    nodes = list(probe.graph.node)
+    index = next(i for i, n in enumerate(nodes) if n.name == node_name)
+    tail = nodes[index:]
+    needed = set(t for n in tail for t in n.input)
+    inputs = [
+        onnx.helper.make_tensor_value_info(name, onnx.helper.np_dtype_to_tensor_dtype(value.dtype), None)
+        for name, value in cut_values.items()
+    ]
+    graph = onnx.helper.make_graph(
+        tail, f"{probe.graph.name}_suffix", inputs,
+        [o for o in probe.graph.output if o.name == output],
+        [i for i in probe.graph.initializer if i.name in needed],
+    )
+    suffix = onnx.helper.make_model(graph, opset_imports=probe.opset_import, ir_version=probe.ir_version)
+    suffix.functions.extend(probe.functions)
+    return suffix
+
+
+# --- consumers and initializers -------------------------------------------------------------------
+
+def consumers(model: onnx.ModelProto, name: str) -> list[onnx.NodeProto]:
+    return [n for n in model.graph.node if name in n.input]
+
+
+def feeds_only_relu(model: onnx.ModelProto, name: str) -> bool:
+    """True when every consumer of tensor ``name`` is a Relu (and it is not a graph output)."""
+    if any(o.name == name for o in model.graph.output):
+        return False
+    users = consumers(model, name)
+    return bool(users) and all(n.op_type == "Relu" for n in users)
+
+
+class Initializers:
+    """Name -> initializer of one model, with ownership: a node about to change a shared initializer gets a copy."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        self.by_name = {i.name: i for i in model.graph.initializer}
+
+    def __getitem__(self, name: str) -> onnx.TensorProto:
+        return self.by_name[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.by_name
+
+    def array(self, name: str) -> np.ndarray:
+        return numpy_helper.to_array(self.by_name[name])
+
+    def set(self, name: str, value: np.ndarray) -> None:
+        self.by_name[name].CopyFrom(numpy_helper.from_array(value, name))
+
+    def owned(self, node: onnx.NodeProto, index: int, fresh_name: str) -> onnx.TensorProto:
+        """The initializer at ``node.input[index]``, copied first if other nodes share it."""
+        init = self.by_name[node.input[index]]
+        if len(consumers(self.model, init.name)) > 1:
+            copy = self.model.graph.initializer.add()
+            copy.CopyFrom(init)
+            copy.name = unique_name(fresh_name, set(self.by_name))
+            self.by_name[copy.name] = copy
+            node.input[index] = copy.name
+            return copy
+        return init
+
+    def bias(self, node: onnx.NodeProto, channels: int, dtype, fresh_name: str) -> onnx.TensorProto:
+        """``node``'s bias initializer (input 2), created as zeros when it has none, copied when shared."""
+        if len(node.input) > 2 and node.input[2] in self.by_name:
+            return self.owned(node, 2, fresh_name)
+        if len(node.input) > 2 and node.input[2]:
+            raise ValueError(f"bias of {node.name} is not a constant: cannot refit it")
+        bias = self.model.graph.initializer.add()
+        bias.CopyFrom(numpy_helper.from_array(np.zeros(channels, dtype=dtype), unique_name(fresh_name, set(self.by_name))))
+        self.by_name[bias.name] = bias
+        while len(node.input) < 2:
+            node.input.append("")
+        if len(node.input) == 2:
+            node.input.append(bias.name)
+        else:
+            node.input[2] = bias.name
+        return bias
+
+
+def nodes_by_name(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    return {n.name: n for n in model.graph.node}
+
+
+# --- metadata -------------------------------------------------------------------------------------
+
+def set_metadata(model: onnx.ModelProto, entries: dict[str, str]) -> None:
+    """Set (or, with an empty value, remove) ``metadata_props`` entries, keeping the others in order."""
+    keep = [p for p in model.metadata_props if p.key not in entries]
+    del model.metadata_props[:]
+    model.metadata_props.extend(keep)
+    for key, value in entries.items():
+        if value:
+            model.metadata_props.add(key=key, value=value)
+
+
+def metadata(model: onnx.ModelProto) -> dict[str, str]:
+    return {p.key: p.value for p in model.metadata_props}
+
+
+def json_metadata(model: onnx.ModelProto, key: str, default=None):
+    try:
+        return json.loads(metadata(model)[key])
+    except (KeyError, ValueError):
+        return default
+
+
+# --- export ---------------------------------------------------------------------------------------
+
+def export(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
+    """gs graph -> ModelProto keeping the template's ir_version, opsets, metadata and producer.
+
+    The same model as ``gs.export_onnx(graph, do_type_check=False)`` with the template's fields
+    (tests compare the bytes), but built in place: gs builds a GraphProto and then copies all of it
+    into the model (two copies of every weight at once), and exports every initializer before
+    adding any (issue 5: peak memory).
+    """
+    graph.cleanup().toposort()
+    model = onnx.ModelProto()
+    model.ir_version = template.ir_version
+    _export_graph(graph, model.graph)
+    model.opset_import.extend(template.opset_import)
+    copy_template_fields(model, template)
+    return model
+
+
+def copy_template_fields(model: onnx.ModelProto, template: onnx.ModelProto) -> None:
+    """The original's model-level fields on an exported model, and its initializer-inputs."""
+    model.producer_name = template.producer_name
+    model.producer_version = template.producer_version
+    model.domain = template.domain
+    model.model_version = template.model_version
+    model.doc_string = template.doc_string
+    del model.metadata_props[:]
+    model.metadata_props.extend(template.metadata_props)
+    del model.functions[:]
+    model.functions.extend(template.functions)
+    # gs drops initializers from the graph inputs; IR < 4 requires every initializer to be
+    # listed there, and later IRs keep the original's overridable initializer-inputs.
+    listed = {i.name for i in model.graph.input}
+    originally_listed = {i.name for i in template.graph.input}
+    for init in model.graph.initializer:
+        if init.name not in listed and (model.ir_version < 4 or init.name in originally_listed):
+            model.graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+
+
+def _export_graph(graph: gs.Graph, out: onnx.GraphProto) -> None:
+    """``OnnxExporter.export_graph`` (onnx-graphsurgeon 0.5/0.6) writing straight into ``out``, one weight at a time."""
+    check_duplicate_node_names(graph.nodes, level=G_LOGGER.WARNING)
+    out.node.extend(OnnxExporter.export_node(node) for node in graph.nodes)
+    out.name = graph.name
+    out.input.extend(OnnxExporter.export_value_info_proto(t, False) for t in graph.inputs)
+    out.output.extend(OnnxExporter.export_value_info_proto(t, False) for t in graph.outputs)
+    tensor_map = graph.tensors()
+    constants = [t for t in tensor_map.values() if isinstance(t, gs.Constant)]
+    for tensor in constants:
+        if not isinstance(tensor._values, SparseValues):
+            out.initializer.append(OnnxExporter.export_tensor_proto(tensor))
+    for tensor in constants:
+        if isinstance(tensor._values, SparseValues):
+            out.sparse_initializer.append(OnnxExporter.export_sparse_tensor_proto(tensor))
+    for tensor in graph.inputs + graph.outputs:
+        tensor_map.pop(tensor.name, None)
+    out.value_info.extend(
+        OnnxExporter.export_value_info_proto(t, False)
+        for t in tensor_map.values()
+        if isinstance(t, gs.Variable) and (t.dtype is not None or t.shape is not None)
+    )
+    if graph.doc_string:
+        out.doc_string = graph.doc_string

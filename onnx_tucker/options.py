@@ -1,0 +1,374 @@
+"""Options in one place: the validated options object of ``compress`` (the Python API and every command),
+and the argument groups the commands share, so that a flag means the same everywhere.
+
+Each group (as Polygraphy's tools share theirs) adds its flags to a parser and turns parsed arguments
+into checked values once; ``compress``, ``sweep``, ``inspect`` and ``bench`` list the groups they need.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field, fields
+
+from onnx_tucker.decompose import DEFAULT_ITERATIONS, METHODS
+from onnx_tucker.errors import UsageError
+
+RANK_METHODS = ("ratio", "energy", "vbmf")
+BUDGET_RULES = ("auto", "measured", "uniform")
+REFITS = ("core", "last", "none")
+DEFAULT_CALIB_SIZE = 2048  # measured: 512 -> 2048 samples took the 3x drop from 2.63 to 1.84 points; 4096 no better
+
+
+# --- value checks (each raises a one-line UsageError) ---------------------------------------------
+
+def check_ratio(ratio, what: str = "ratio") -> float:
+    try:
+        value = float(ratio)
+    except (TypeError, ValueError):
+        raise UsageError(f"{what} must be a number in (0, 1], got {ratio!r}") from None
+    if not (0.0 < value <= 1.0) or not math.isfinite(value):
+        raise UsageError(f"{what} must be in (0, 1], got {ratio}")
+    return value
+
+
+def check_positive_int(value, what: str) -> int:
+    try:
+        number = int(str(value).strip()) if not isinstance(value, int) else value
+    except (TypeError, ValueError):
+        raise UsageError(f"{what}: expected a positive integer, got {value!r}") from None
+    if isinstance(value, bool) or number < 1:
+        raise UsageError(f"{what}: expected a positive integer, got {value!r}")
+    return number
+
+
+def check_count(value, what: str) -> int:
+    """A whole number >= 0."""
+    try:
+        number = int(str(value).strip()) if not isinstance(value, int) else value
+    except (TypeError, ValueError):
+        raise UsageError(f"{what}: expected a whole number >= 0, got {value!r}") from None
+    if isinstance(value, bool) or number < 0:
+        raise UsageError(f"{what}: expected a whole number >= 0, got {value!r}")
+    return number
+
+
+def check_fraction_list(text: str, what: str) -> list[float]:
+    """Comma-separated fractions in (0, 1]; an empty item is an error, not skipped."""
+    items = [t.strip() for t in str(text).split(",")]
+    if not items or any(not t for t in items):
+        raise UsageError(f"{what}: expected comma-separated fractions in (0, 1], got {text!r}")
+    return list(dict.fromkeys(check_ratio(t, what) for t in items))
+
+
+def check_int_list(text: str, what: str) -> list[int]:
+    """Comma-separated positive integers; an empty item is an error, not skipped."""
+    items = [t.strip() for t in str(text).split(",")]
+    if not items or any(not t for t in items):
+        raise UsageError(f"{what}: expected comma-separated positive integers, got {text!r}")
+    return list(dict.fromkeys(check_positive_int(t, what) for t in items))
+
+
+def check_tolerance(value, what: str, low: float = 0.0, high: float = math.inf) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"{what}: expected a number, got {value!r}") from None
+    if not math.isfinite(number) or not (low <= number <= high):
+        raise UsageError(f"{what}: expected a finite number in [{low:g}, {high:g}], got {value!r}")
+    return number
+
+
+# --- the options object ---------------------------------------------------------------------------
+
+@dataclass
+class CompressOptions:
+    """Every option of :func:`onnx_tucker.compress` (and of the commands that compress).
+
+    ratio: rank ratio in (0, 1] for ``rank_method="ratio"``: R = max(1, int(ratio * C)) per channel mode.
+    force: decompose every eligible layer, even where its chain would not reduce MACs.
+    rank_multiple: round every rank to a multiple of N (>= 1).
+    n_iter_max: HOOI iterations after the SVD start (>= 0, default 10).
+    method: "eig" (our HOOI, default) or "tensorly" (``partial_tucker``, the reference).
+    ranks: {layer name: rank tuple}, overriding the rule for those layers.
+    exclude: layer names or 0-based indices (graph order) to leave whole.
+    rank_method: "ratio" (default), "energy" (keep ``energy`` of each unfolding's spectrum) or "vbmf".
+    energy: fraction in (0, 1] for ``rank_method="energy"``.
+    target_macs: whole-model conv MACs at most this fraction of the original (a budget; overrides the rule).
+    budget_rule: with ``target_macs``: "auto" (measured with calibration, else uniform), "measured", "uniform".
+    calibration: {input name: samples} from TRAINING data: data-aware fit and refits.
+    refit: with calibration: "core" (core by reduced-rank regression, then the last factor; default),
+        "last" (only the last 1x1 conv and bias) or False / "none".
+    whiten: with calibration: fit the input factor in the metric of the input's channel covariance.
+    latency_aware: leave whole the layers whose chain is measured slower than the original (CPU EP).
+    latency_batch: batch size for ``latency_aware``.
+    forms: factorization names to use, tried in order per layer (default ``factorization.DEFAULT_FORMS``:
+        Tucker-2 on kxk convs); ``("tucker2", "svd")`` also factors 1x1 convs. See ``factorization.FORMS``.
+    """
+
+    ratio: float = 0.5
+    force: bool = False
+    rank_multiple: int = 1
+    n_iter_max: int = DEFAULT_ITERATIONS
+    method: str = "eig"
+    ranks: dict = field(default_factory=dict)
+    exclude: tuple = ()
+    rank_method: str = "ratio"
+    energy: float = 0.9
+    target_macs: float | None = None
+    budget_rule: str = "auto"
+    calibration: dict | None = None
+    refit: str | bool = "core"
+    whiten: bool = True
+    latency_aware: bool = False
+    latency_batch: int = 1
+    forms: tuple | None = None
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> "CompressOptions":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise UsageError(f"unknown option(s) {', '.join(unknown)}: see help(onnx_tucker.compress)")
+        return cls(**kwargs).validated()
+
+    def validated(self) -> "CompressOptions":
+        from onnx_tucker.ranks import check_energy
+
+        self.ratio = check_ratio(self.ratio)
+        self.rank_multiple = check_positive_int(self.rank_multiple, "rank_multiple")
+        self.n_iter_max = check_count(self.n_iter_max, "iterations")
+        self.latency_batch = check_positive_int(self.latency_batch, "latency_batch")
+        if self.method not in METHODS:
+            raise UsageError(f"unknown decomposition method {self.method!r}; choose from {', '.join(METHODS)}")
+        if self.rank_method not in RANK_METHODS:
+            raise UsageError(f"unknown rank method {self.rank_method!r}: choose ratio, energy or vbmf")
+        self.energy = check_energy(self.energy)
+        if self.target_macs is not None:
+            self.target_macs = check_ratio(self.target_macs, "target MACs")
+        if self.budget_rule not in BUDGET_RULES:
+            raise UsageError(f"unknown budget rule {self.budget_rule!r}: choose auto, measured or uniform")
+        if self.refit is True:
+            self.refit = "core"
+        if self.refit in (None, "none"):
+            self.refit = False
+        if self.refit not in ("core", "last", False):
+            raise UsageError(f"unknown refit {self.refit!r}: choose core, last or none")
+        if isinstance(self.exclude, str):
+            self.exclude = tuple(e.strip() for e in self.exclude.split(",") if e.strip())
+        self.exclude = tuple(self.exclude)
+        if self.forms is not None:
+            from onnx_tucker.factorization import get_form
+
+            self.forms = tuple(get_form(f).name for f in self.forms)
+        return self
+
+
+def settings_of(opts: CompressOptions, report_decomposed: bool = True) -> dict:
+    """The settings a report and the output's metadata record."""
+    return {
+        "rank_method": "target_macs" if opts.target_macs is not None else opts.rank_method,
+        "ratio": opts.ratio if opts.target_macs is None and opts.rank_method == "ratio" else None,
+        "energy": opts.energy if opts.rank_method == "energy" and opts.target_macs is None else None,
+        "target_macs": opts.target_macs,
+        "calibration_samples": int(len(next(iter(opts.calibration.values())))) if opts.calibration else 0,
+        "refit": (opts.refit or "none") if opts.calibration else None,
+        "rank_multiple": opts.rank_multiple,
+        "force": opts.force,
+    }
+
+
+# --- argument groups shared by the commands --------------------------------------------------------
+
+def _type(check, *args):
+    """An argparse ``type`` from a checker (its UsageError becomes the one-line usage error)."""
+    return lambda text: check(text, *args)
+
+
+class RankArgs:
+    """Ranks: the rule, rounding and which layers to leave whole."""
+
+    @staticmethod
+    def add(parser, ratio: bool = True) -> None:
+        from onnx_tucker.ranks import check_energy
+
+        if ratio:
+            parser.add_argument("--ratio", type=_type(check_ratio), default=0.5,
+                                help="rank ratio R in (0, 1]: R_in=int(R*C_in), R_out=int(R*C_out) (default 0.5)")
+        parser.add_argument("--force", action="store_true", help="decompose every eligible conv, even where MACs would not fall")
+        parser.add_argument("--exclude", default="", metavar="LAYERS",
+                            help="comma-separated conv names or 0-based indices to leave alone (e.g. 0 for the first conv)")
+        parser.add_argument("--rank-multiple", type=_type(check_positive_int, "--rank-multiple"), default=1, metavar="N",
+                            help="round ranks to multiples of N")
+        parser.add_argument("--rank-method", choices=RANK_METHODS, default="ratio",
+                            help="per-layer rank rule: ratio (R*C, default), energy (keep a fraction --energy of each "
+                            "channel unfolding's squared singular values) or vbmf (EVBMF estimate, Kim et al. 2016)")
+        parser.add_argument("--energy", type=lambda t: _energy(t, check_energy), default=None, metavar="F",
+                            help="fraction of spectral energy kept by --rank-method energy, in (0, 1] (default 0.9)")
+        parser.add_argument("--iterations", type=_type(check_count, "--iterations"), default=None, metavar="N",
+                            help=f"HOOI iterations after the SVD start (default {DEFAULT_ITERATIONS})")
+        parser.add_argument("--method", choices=METHODS, default="eig",
+                            help="decomposition routine (default: eig, our fast HOOI; tensorly: partial_tucker)")
+
+    @staticmethod
+    def parse(args) -> dict:
+        if args.energy is not None and args.rank_method != "energy":
+            raise UsageError("--energy only applies with --rank-method energy")
+        options = {"force": args.force, "rank_multiple": args.rank_multiple, "method": args.method,
+                   "rank_method": args.rank_method, "energy": 0.9 if args.energy is None else args.energy}
+        if getattr(args, "ratio", None) is not None:
+            options["ratio"] = args.ratio
+        if args.exclude:
+            options["exclude"] = tuple(e.strip() for e in args.exclude.split(",") if e.strip())
+        if args.iterations is not None:
+            options["n_iter_max"] = args.iterations
+        return options
+
+
+def _energy(text, check_energy):
+    try:
+        return check_energy(text)
+    except UsageError as exc:
+        raise UsageError(f"--energy: {exc}") from None
+
+
+class BudgetArgs:
+    """A MAC budget for the whole model."""
+
+    @staticmethod
+    def add(parser) -> None:
+        parser.add_argument("--target-macs", type=_type(check_ratio, "--target-macs"), metavar="F",
+                            help="choose per-layer ranks so the model's conv MACs are at most F x the original (e.g. 0.33)")
+        parser.add_argument("--budget-rule", choices=BUDGET_RULES, default=None,
+                            help="with --target-macs: 'measured' spends ranks by each layer's measured effect on the output "
+                            "(needs --calibrate; the default with it), 'uniform' uses one ratio for all layers (default without)")
+
+    @staticmethod
+    def parse(args) -> dict:
+        if args.budget_rule is not None and args.target_macs is None:
+            raise UsageError("--budget-rule only applies with --target-macs")
+        if args.target_macs is None:
+            return {}
+        return {"target_macs": args.target_macs, "budget_rule": args.budget_rule or "auto"}
+
+
+class CalibrationArgs:
+    """Data-aware compression from TRAINING samples."""
+
+    @staticmethod
+    def add(parser) -> None:
+        parser.add_argument("--calibrate", metavar="TRAIN.npz",
+                            help="data-aware decomposition from calibration inputs (training data only: x_train, by input name, or one array)")
+        parser.add_argument("--calib-size", type=_type(check_positive_int, "--calib-size"), default=None, metavar="N",
+                            help=f"calibration samples, a seeded random subset (default {DEFAULT_CALIB_SIZE}; all of a smaller file, with a note)")
+        parser.add_argument("--refit", choices=REFITS, default=None,
+                            help="with --calibrate: refit the core by reduced-rank regression and then the last 1x1 conv (default), "
+                            "only the last 1x1 conv, or none")
+
+    @staticmethod
+    def parse(args, model, data_path: str | None = None, say=None) -> dict:
+        """Loads the calibration samples (one line on stderr when the file holds fewer than asked)."""
+        if not args.calibrate:
+            for flag, value in (("--refit", args.refit), ("--calib-size", args.calib_size)):
+                if value is not None:
+                    raise UsageError(f"{flag} only applies with --calibrate")
+            return {}
+        from pathlib import Path
+
+        from onnx_tucker.data import load_calibration
+
+        if data_path and Path(args.calibrate).resolve() == Path(data_path).resolve():
+            raise UsageError("--calibrate and --data are the same file: calibrate on training data, measure on test data")
+        size = args.calib_size or DEFAULT_CALIB_SIZE
+        calibration = load_calibration(args.calibrate, model, size=size, strict_size=False)
+        got = len(next(iter(calibration.values())))
+        if got < size and say is not None:
+            say(f"note: {args.calibrate} holds {got} calibration samples, fewer than the {size} asked for: using all {got}")
+        refit = args.refit or "core"
+        return {"calibration": calibration, "refit": False if refit == "none" else refit}
+
+
+class LatencyArgs:
+    """Latency-aware compression."""
+
+    @staticmethod
+    def add(parser) -> None:
+        parser.add_argument("--latency-aware", action="store_true",
+                            help="profile each decomposed layer on the CPU EP and leave whole those whose chain is slower")
+        parser.add_argument("--latency-batch", type=_type(check_positive_int, "--latency-batch"), default=None, metavar="N",
+                            help="batch size for --latency-aware (default 1)")
+
+    @staticmethod
+    def parse(args) -> dict:
+        if args.latency_batch is not None and not args.latency_aware:
+            raise UsageError("--latency-batch only applies with --latency-aware")
+        if not args.latency_aware:
+            return {}
+        return {"latency_aware": True, "latency_batch": args.latency_batch or 1}
+
+
+class CheckArgs:
+    """The self-check of the output (onnxruntime, CPU): what it runs on and when it fails."""
+
+    @staticmethod
+    def add(parser) -> None:
+        parser.add_argument("--inputs", metavar="FILE.npz", help="inputs for the self-check (one array per model input)")
+        parser.add_argument("--no-check", action="store_true", help="skip the onnxruntime self-check of the output")
+        parser.add_argument("--check-batch", type=_type(check_positive_int, "--check-batch"), default=None, metavar="N",
+                            help="batch size of the random self-check inputs (default 8)")
+        parser.add_argument("--min-agreement", type=lambda t: check_tolerance(t, "--min-agreement", 0.0, 1.0), metavar="F",
+                            help="FAILED when top-1 agreement with the original is below F (0..1)")
+        parser.add_argument("--max-rel-error", type=lambda t: check_tolerance(t, "--max-rel-error"), metavar="E",
+                            help="FAILED when any output's relative error ||a-b||/||a|| is above E")
+        parser.add_argument("--keep-failed", action="store_true", help="write the output even when the self-check FAILS (still exit 1)")
+
+    @staticmethod
+    def parse(args) -> dict:
+        if args.no_check:
+            for flag, value in (("--min-agreement", args.min_agreement), ("--max-rel-error", args.max_rel_error),
+                                ("--check-batch", args.check_batch), ("--inputs", args.inputs)):
+                if value is not None:
+                    raise UsageError(f"{flag} has no effect with --no-check")
+        return {"min_agreement": args.min_agreement, "max_rel_error": args.max_rel_error,
+                "check_batch": args.check_batch or 8, "keep_failed": args.keep_failed}
+
+
+class DataArgs:
+    """Labelled test data for top-1."""
+
+    @staticmethod
+    def add(parser, required: bool = False) -> None:
+        parser.add_argument("--data", required=required, metavar="FILE.npz",
+                            help="labelled data (x_test/y_test or x/y): report top-1 of the models")
+        parser.add_argument("--data-limit", type=_type(check_positive_int, "--data-limit"), metavar="N",
+                            help="use a seeded random subset of N labelled samples")
+
+    @staticmethod
+    def parse(args) -> dict:
+        if args.data_limit is not None and not args.data:
+            raise UsageError("--data-limit only applies with --data")
+        return {}
+
+
+class RuntimeArgs:
+    """onnxruntime sessions for timing: providers, threads, batches."""
+
+    @staticmethod
+    def add(parser, batch_default: str = "1", providers: bool = True) -> None:
+        if providers:
+            parser.add_argument("--providers", metavar="LIST",
+                                help="comma-separated execution providers (see `onnx-tucker bench --help`; default: every one available; "
+                                "a named one that is missing is an error)")
+        parser.add_argument("--batch", default=batch_default, metavar="LIST", help=f"comma-separated batch sizes (default {batch_default})")
+        parser.add_argument("--threads", type=_type(check_positive_int, "--threads"), default=min(2, os.cpu_count() or 1), metavar="N",
+                            help="intra-op threads per session (default 2, or fewer CPUs)")
+        parser.add_argument("--runs", type=_type(check_positive_int, "--runs"), default=None, metavar="N", help="timed interleaved runs per model")
+        parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+    @staticmethod
+    def parse(args) -> dict:
+        from onnx_tucker.providers import parse_providers
+
+        return {
+            "providers": parse_providers(args.providers) if getattr(args, "providers", None) is not None else None,
+            "batches": check_int_list(args.batch, "--batch"),
+        }

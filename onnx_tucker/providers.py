@@ -1,0 +1,177 @@
+"""The execution-provider registry: one record per onnxruntime execution provider.
+
+A record says what the provider is called (short name, aliases, onnxruntime's name), which device
+IOBinding puts tensors on, the options its sessions get, its minimum warm-up, what takes the nodes it
+cannot run, and why it is missing when it is. Sessions, ``bench``, latency measurements and calibration
+take providers from here; adding one is one entry in ``PROVIDERS``.
+"""
+from __future__ import annotations
+
+import glob
+import importlib.metadata
+import os
+import shutil
+from dataclasses import dataclass, field
+from typing import Callable
+
+from onnx_tucker.errors import OnnxTuckerError, UsageError
+
+GPU_INSTALL = "pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu==1.31.1"
+CUDNN_ALGOS = ("EXHAUSTIVE", "HEURISTIC", "DEFAULT")
+
+
+@dataclass(frozen=True)
+class Provider:
+    key: str  # short name used on the command line and in reports
+    ort_name: str  # onnxruntime's name
+    device: str  # IOBinding device type ("cpu", "cuda")
+    aliases: tuple[str, ...] = ()
+    min_warmup: int = 0  # warm-up runs at least (cuDNN's algorithm search happens in the first runs)
+    fallback: tuple[str, ...] = ("CPUExecutionProvider",)  # what takes the nodes it cannot run
+    make_options: Callable[..., dict] = field(default=lambda **_: {})
+    missing: Callable[[], str] | None = None  # why it is not offered, when it is not
+    note_missing: bool = False  # say why it is missing even when nobody asked for it (bench's default set)
+
+    def options(self, cudnn_algo: str = "EXHAUSTIVE", cache_dir: str | None = None) -> dict:
+        return self.make_options(cudnn_algo=cudnn_algo, cache_dir=cache_dir)
+
+    def session_providers(self, options: dict | None = None) -> list[tuple[str, dict]]:
+        return [(self.ort_name, options or {})] + [(name, {}) for name in self.fallback if name != self.ort_name]
+
+    def warmup(self, requested: int) -> int:
+        return max(requested, self.min_warmup)
+
+
+def _cuda_options(cudnn_algo: str = "EXHAUSTIVE", **_) -> dict:
+    return {"device_id": 0, "cudnn_conv_algo_search": cudnn_algo}
+
+
+def _tensorrt_options(cache_dir: str | None = None, **_) -> dict:
+    options = {"device_id": 0}
+    if cache_dir:
+        options.update(trt_engine_cache_enable="True", trt_engine_cache_path=cache_dir)
+    return options
+
+
+def installed_version(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def nvidia_gpu_visible() -> bool:
+    """An NVIDIA driver is there: ``nvidia-smi`` on PATH or a /dev/nvidia<N> device node."""
+    return bool(shutil.which("nvidia-smi") or glob.glob("/dev/nvidia[0-9]*"))
+
+
+def explain_missing_cuda(gpu_visible: bool, cpu_package: str | None, gpu_package: str | None) -> list[str]:
+    """Why the CUDA EP is not offered, from the facts (pure: each fact gives its own sentence)."""
+    reasons = []
+    if not gpu_visible:
+        reasons.append("no NVIDIA GPU or driver found (no nvidia-smi on PATH, no /dev/nvidia*)")
+    if cpu_package and gpu_package:
+        reasons.append(
+            f"both onnxruntime {cpu_package} (CPU-only) and onnxruntime-gpu {gpu_package} are installed and the "
+            f"CPU package hides the CUDA EP; fix: {GPU_INSTALL}"
+        )
+    elif cpu_package:
+        reasons.append(f"the CPU-only onnxruntime {cpu_package} is installed, not onnxruntime-gpu; GPU install: {GPU_INSTALL}")
+    elif gpu_package and gpu_visible:
+        reasons.append(f"onnxruntime-gpu {gpu_package} is installed but does not offer the CUDA EP (a broken install?)")
+    elif not gpu_package:
+        reasons.append(f"no onnxruntime-gpu distribution is installed; GPU install: {GPU_INSTALL}")
+    return reasons
+
+
+def _cuda_missing() -> str:
+    facts = (nvidia_gpu_visible(), installed_version("onnxruntime"), installed_version("onnxruntime-gpu"))
+    return "; ".join(explain_missing_cuda(*facts))
+
+
+def _tensorrt_missing() -> str:
+    cuda = unavailable_reason("cuda")
+    return cuda or "this onnxruntime-gpu build does not offer the TensorRT EP (TensorRT libraries missing?)"
+
+
+# The order "every one available" benchmarks in; the first offered is where probes run fastest.
+PROVIDERS: dict[str, Provider] = {
+    p.key: p
+    for p in (
+        Provider("cuda", "CUDAExecutionProvider", "cuda", ("gpu",), min_warmup=20, make_options=_cuda_options, missing=_cuda_missing,
+                 note_missing=True),
+        Provider("tensorrt", "TensorrtExecutionProvider", "cuda", ("trt",), min_warmup=20,
+                 fallback=("CUDAExecutionProvider", "CPUExecutionProvider"), make_options=_tensorrt_options, missing=_tensorrt_missing),
+        Provider("cpu", "CPUExecutionProvider", "cpu"),
+    )
+}
+
+
+def get(name: str) -> Provider:
+    """The provider for a short name, alias or onnxruntime name; an unknown one is a usage error."""
+    key = str(name).strip().lower()
+    for provider in PROVIDERS.values():
+        if key in (provider.key, provider.ort_name.lower()) or key in provider.aliases:
+            return provider
+    raise UsageError(f"unknown execution provider {name!r} (choose from {', '.join(PROVIDERS)})")
+
+
+def parse_providers(text: str) -> list[str]:
+    """Comma-separated provider names -> registry keys (an empty list or item is an error)."""
+    items = [t.strip() for t in str(text).split(",")]
+    if not any(items) or any(not t for t in items):
+        raise UsageError(f"--providers: expected comma-separated providers ({', '.join(PROVIDERS)}), got {text!r}")
+    names = []
+    for item in items:
+        try:
+            key = get(item).key
+        except UsageError:
+            raise UsageError(f"--providers: unknown provider {item!r} (choose from {', '.join(PROVIDERS)})") from None
+        if key not in names:
+            names.append(key)
+    return names
+
+
+def available_providers() -> list[str]:
+    """Keys of the providers this onnxruntime offers, fastest first."""
+    import onnxruntime as ort
+
+    offered = set(ort.get_available_providers())
+    return [p.key for p in PROVIDERS.values() if p.ort_name in offered]
+
+
+def unavailable_reason(name: str) -> str | None:
+    """None when the provider is offered; otherwise why not, in one line."""
+    provider = get(name)
+    if provider.key in available_providers():
+        return None
+    if provider.missing is not None:
+        return provider.missing()
+    return f"onnxruntime does not offer the {provider.ort_name}"
+
+
+def fastest_available() -> str:
+    """The first offered provider of the registry (CUDA before CPU): where probes run fastest."""
+    return available_providers()[0]
+
+
+def require(name: str) -> Provider:
+    """The provider, or a one-line error saying why it is missing."""
+    provider = get(name)
+    reason = unavailable_reason(provider.key)
+    if reason:
+        raise OnnxTuckerError(f"{provider.key} execution provider not available: {reason}")
+    return provider
+
+
+def preload_gpu_libraries() -> None:
+    """Let onnxruntime-gpu (>= 1.21) load CUDA/cuDNN from pip's nvidia-* packages (e.g. torch's), if it can."""
+    import onnxruntime as ort
+
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None or os.environ.get("ONNX_TUCKER_NO_PRELOAD"):
+        return
+    try:
+        preload()
+    except Exception:  # best effort: without it onnxruntime searches the default library paths
+        pass

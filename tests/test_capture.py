@@ -1,0 +1,46 @@
+"""One batched loop: outputs and intermediate tensors, models with a fixed batch (torch.onnx's default)."""
+import numpy as np
+import onnx
+import pytest
+
+from onnx_tucker.capture import capture, capture_named, fixed_batch
+from onnx_tucker.graph import with_outputs
+from onnx_tucker.runtime import make_session
+
+from conftest import residual_model
+
+
+def fixed_batch_model(batch: int) -> onnx.ModelProto:
+    model = residual_model()
+    for vi in list(model.graph.input) + list(model.graph.output):
+        vi.type.tensor_type.shape.dim[0].dim_value = batch
+    return model
+
+
+def test_capture_equals_one_big_run_in_any_batch_size():
+    model = residual_model()
+    x = np.random.default_rng(0).standard_normal((37, 3, 10, 10)).astype(np.float32)
+    whole = make_session(model).run(None, {"x": x})[0]
+    for size in (1, 5, 64):
+        np.testing.assert_allclose(capture(model, {"x": x}, batch_size=size)[0], whole, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_fixed_batch_models_run_in_their_batch_and_the_padding_is_dropped(batch):
+    """A model exported for batch 1 (or 4) is fed in batches it accepts; 10 samples give 10 rows."""
+    model = fixed_batch_model(batch)
+    assert fixed_batch(model) == batch and fixed_batch(make_session(model)) == batch
+    x = np.random.default_rng(1).standard_normal((10, 3, 10, 10)).astype(np.float32)
+    got = capture(model, {"x": x}, batch_size=64)[0]
+    expected = capture(residual_model(), {"x": x})[0]
+    assert got.shape == (10, 10)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_intermediate_tensors_are_captured_by_name():
+    model = residual_model()
+    x = np.random.default_rng(2).standard_normal((6, 3, 10, 10)).astype(np.float32)
+    values = capture_named(with_outputs(model, ["a_r", "d"]), {"x": x}, ["a_r", "d"], batch_size=4)
+    assert values["a_r"].shape == (6, 16, 10, 10) and values["d"].shape == (6, 32, 5, 5)
+    assert values["a_r"].min() >= 0  # after the ReLU
+    assert fixed_batch(residual_model()) is None

@@ -1,0 +1,96 @@
+"""The Factorization protocol and registry: every form is complete, a new form is one module plus one entry.
+
+The SVD form for 1x1 convs (``forms/svd.py``) was added as that one module: these tests prove it works
+through the unchanged pipeline, budget, sensitivity, calibration and per-layer bench.
+"""
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnx_tucker import UsageError, compress
+from onnx_tucker.chain import chains_of
+from onnx_tucker.factorization import DEFAULT_FORMS, FORMS, Factorization, get_form
+from onnx_tucker.runtime import make_session
+
+from conftest import residual_model
+
+
+def pointwise_model(c_in=24, c_out=32, strides=(1, 1), pads=(0, 0, 0, 0), bias=True, seed=0):
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(rng.standard_normal((c_out, c_in, 1, 1)).astype(np.float32) / 5, "W")]
+    inputs = ["x", "W"]
+    if bias:
+        inits.append(numpy_helper.from_array(rng.standard_normal(c_out).astype(np.float32), "B"))
+        inputs.append("B")
+    nodes = [helper.make_node("Conv", inputs, ["c"], name="pw", strides=list(strides), pads=list(pads)),
+             helper.make_node("Relu", ["c"], ["y"], name="relu")]
+    graph = helper.make_graph(nodes, "pw", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", c_in, 9, 9])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def run(model, x):
+    return make_session(model).run(None, {"x": x})[0]
+
+
+def test_every_registered_form_implements_the_protocol():
+    assert set(DEFAULT_FORMS) <= set(FORMS) and DEFAULT_FORMS == ("tucker2",)
+    for name, form in FORMS.items():
+        assert isinstance(form, Factorization) and form.name == name
+        assert form.roles[0] == "first" and form.roles[-1] == "last" and "last" in form.refits
+    with pytest.raises(UsageError, match="unknown factorization"):
+        get_form("cp")
+
+
+def test_default_forms_leave_1x1_convs_whole_as_before():
+    _, report = compress(pointwise_model(), ratio=0.25)
+    assert not report.decomposed and "1x1 conv" in report.layers[0].reason
+
+
+@pytest.mark.parametrize("strides, pads, bias", [((1, 1), (0, 0, 0, 0), True), ((2, 2), (1, 0, 1, 0), False)])
+def test_svd_full_rank_reproduces_the_original(strides, pads, bias):
+    model = pointwise_model(strides=strides, pads=pads, bias=bias)
+    x = np.random.default_rng(1).standard_normal((4, 24, 9, 9)).astype(np.float32)
+    new, report = compress(model, ratio=1.0, force=True, forms=("svd",))
+    assert [c.form for c in report.chains] == ["svd"] and report.chains[0].ranks == (24,)
+    a, b = run(model, x), run(new, x)
+    assert np.linalg.norm(a - b) / np.linalg.norm(a) < 1e-5
+
+
+def test_svd_chain_at_a_real_rank_equals_the_layer_with_the_composed_weight():
+    """At rank 6 (not the identity case) the two convs equal one conv with weight last @ first."""
+    model = pointwise_model(strides=(2, 2))
+    x = np.random.default_rng(2).standard_normal((4, 24, 9, 9)).astype(np.float32)
+    new, report = compress(model, ratio=0.25, forms=("svd",))
+    [chain] = chains_of(new)
+    assert chain.ranks == (6,)
+    inits = {i.name: numpy_helper.to_array(i) for i in new.graph.initializer}
+    first, last = inits[chain.weights["first"]], inits[chain.weights["last"]]
+    composed = (last[:, :, 0, 0] @ first[:, :, 0, 0])[:, :, None, None]
+    reference = onnx.ModelProto()
+    reference.CopyFrom(model)
+    w = next(i for i in reference.graph.initializer if i.name == "W")
+    w.CopyFrom(numpy_helper.from_array(composed.astype(np.float32), "W"))
+    np.testing.assert_allclose(run(new, x), run(reference, x), rtol=1e-4, atol=1e-5)
+    assert report.layers[0].macs_after == 6 * (24 + 32) * 25 < report.layers[0].macs_before == 24 * 32 * 25
+
+
+def test_svd_takes_the_1x1_convs_tucker_the_kxk_ones_under_one_budget_with_calibration():
+    """The unchanged budget, sensitivity and refit code handle the new form: a measured MAC budget over
+    kxk and 1x1 convs together, refitted on calibration data, and the per-layer bench finds both chains."""
+    from onnx_tucker import bench
+
+    model = residual_model()
+    feeds = {"x": np.random.default_rng(3).standard_normal((256, 3, 10, 10)).astype(np.float32)}
+    new, report = compress(model, target_macs=0.6, calibration=feeds, forms=("tucker2", "svd"))
+    t = report.totals()
+    assert t["macs_after"] <= 0.6 * t["macs_before"]
+    assert set(report.sensitivity["curves"]) >= {"pointwise", "block_conv"}
+    assert any(len(r) == 1 for _, _, r in report.sensitivity["curves"]["pointwise"])
+    times = {n.name: 1.0 for n in new.graph.node}
+    rows = bench.layer_rows(model, new, {n.name: 10.0 for n in model.graph.node}, times)
+    assert {r["layer"] for r in rows} == {c.layer for c in report.chains}
+    x = feeds["x"][:16]
+    a, b = run(model, x), run(new, x)
+    assert np.isfinite(b).all() and b.shape == a.shape

@@ -1,0 +1,94 @@
+"""Options in one place: the API validates once, every command shares the groups, and a flag given where it
+has no effect, or with a bad value, is a one-line usage error rather than silently ignored (issue 12)."""
+import inspect
+
+import onnx
+import pytest
+
+from onnx_tucker import UsageError, compress
+from onnx_tucker.cli import build_parser, main
+from onnx_tucker.options import CompressOptions, check_fraction_list, check_int_list
+
+from conftest import residual_model
+
+
+@pytest.fixture
+def src(tmp_path):
+    path = tmp_path / "in.onnx"
+    onnx.save(residual_model(), str(path))
+    return path
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--refit", "last"], "--refit only applies with --calibrate"),
+    (["--calib-size", "64"], "--calib-size only applies with --calibrate"),
+    (["--budget-rule", "uniform"], "--budget-rule only applies with --target-macs"),
+    (["--latency-batch", "4"], "--latency-batch only applies with --latency-aware"),
+    (["--energy", "0.8"], "--energy only applies with --rank-method energy"),
+    (["--iterations", "-5"], "whole number >= 0"),
+    (["--rank-multiple", "two"], "positive integer"),
+    (["--max-rel-error", "nan"], "finite number"),
+    (["--min-agreement", "1.5"], "finite number in [0, 1]"),
+    (["--no-check", "--max-rel-error", "0.1"], "no effect with --no-check"),
+    (["--data-limit", "10"], "--data-limit only applies with --data"),
+    (["--ratio", "nan"], "(0, 1]"),
+    (["--target-macs", "0"], "(0, 1]"),
+])
+def test_compress_flags_without_effect_or_with_bad_values_are_usage_errors(src, tmp_path, capsys, args, needle):
+    assert main([str(src), str(tmp_path / "out.onnx"), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and needle in err, err
+    assert not (tmp_path / "out.onnx").exists()
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["bench", "M", "--batch", "1,,2"], "expected comma-separated"),
+    (["bench", "M", "--providers", ""], "expected comma-separated providers"),
+    (["bench", "M", "--providers", "cpu,tpu"], "unknown provider 'tpu'"),
+    (["convert", "a.keras", "b.onnx", "--tolerance", "nan"], "finite number"),
+    (["inspect", "M", "--ratios", "0.5,,0.25"], "expected comma-separated"),
+])
+def test_shared_list_and_number_flags_refuse_bad_values_everywhere(src, capsys, argv, needle):
+    argv = [str(src) if a == "M" else a for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and needle in err, err
+
+
+def test_a_flag_means_the_same_in_every_command():
+    """Flags shared by several subcommands come from one group: same help, same default."""
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    seen = {}
+    for name, command in sub.choices.items():
+        for action in command._actions:
+            for flag in action.option_strings:
+                if flag in ("-h", "--help"):
+                    continue
+                seen.setdefault(flag, []).append((name, action.help, action.type is None))
+    shared = {f: uses for f, uses in seen.items() if len(uses) > 1}
+    assert {"--calibrate", "--calib-size", "--data", "--data-limit", "--threads", "--batch", "--rank-multiple", "--inputs"} <= set(shared)
+    for flag, uses in shared.items():
+        if flag in ("--batch", "--runs", "--inputs", "--data", "--json"):  # one meaning; defaults and what is written differ by command
+            continue
+        assert len({h for _, h, _ in uses}) == 1, (flag, uses)
+
+
+def test_api_validates_once_and_its_docstring_lists_every_option():
+    with pytest.raises(UsageError, match="unknown option"):
+        compress(residual_model(), ratio=0.5, rnak_multiple=8)
+    with pytest.raises(UsageError, match="positive integer"):
+        compress(residual_model(), ratio=0.5, rank_multiple=0)
+    with pytest.raises(UsageError, match="unknown budget rule"):
+        compress(residual_model(), target_macs=0.5, budget_rule="greedy")
+    doc = inspect.getdoc(compress) + inspect.getdoc(CompressOptions)
+    for field in CompressOptions.__dataclass_fields__:
+        assert field in doc, field
+
+
+def test_list_parsers_refuse_empty_items():
+    assert check_int_list("1, 32,1", "--batch") == [1, 32]
+    assert check_fraction_list("0.5,0.25", "--ratios") == [0.5, 0.25]
+    for bad in ("", "1,,2", ",1"):
+        with pytest.raises(UsageError):
+            check_int_list(bad, "--batch")

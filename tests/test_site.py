@@ -1,0 +1,81 @@
+"""Sites and the one Conv geometry parser: defaults, explicit pads, SAME_* resolved, bad attributes refused."""
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnx_tucker.pipeline import factorable_sites
+from onnx_tucker.site import Geometry, GeometryError, conv_geometry
+
+
+def test_defaults_fill_in_strides_dilations_and_zero_pads():
+    g = conv_geometry({}, (8, 4, 3, 3))
+    assert g == Geometry(kernel=(3, 3), strides=(1, 1), dilations=(1, 1), pads=(0, 0, 0, 0), group=1, auto_pad="NOTSET")
+    assert g.output_spatial((10, 12)) == (8, 10) and g.as_2d() == ([3, 3], [1, 1], [0, 0, 0, 0], [1, 1])
+
+
+@pytest.mark.parametrize("auto_pad", ["SAME_UPPER", "SAME_LOWER", "VALID"])
+@pytest.mark.parametrize("size, stride, dilation", [((9, 10), (2, 2), (1, 1)), ((7, 8), (1, 3), (2, 1)), ((5, 5), (3, 1), (1, 2))])
+def test_auto_pad_resolves_to_the_padding_onnxruntime_uses(auto_pad, size, stride, dilation):
+    """SAME_* is resolved from the input size; the explicit pads give onnxruntime's own output, value for value."""
+    if auto_pad != "VALID" and dilation != (1, 1):
+        pytest.skip("onnxruntime has no dilated SAME_* Conv to compare with")
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((4, 3, 3, 2)).astype(np.float32)
+    x = rng.standard_normal((1, 3, *size)).astype(np.float32)
+    attrs = {"auto_pad": auto_pad, "strides": list(stride), "dilations": list(dilation)}
+    g = conv_geometry({k: (v.encode() if isinstance(v, str) else v) for k, v in attrs.items()}, w.shape, size)
+
+    def run(**conv_attrs):
+        node = helper.make_node("Conv", ["x", "W"], ["y"], **conv_attrs)
+        graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [numpy_helper.from_array(w, "W")])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+    expected = run(**attrs)
+    got = run(pads=list(g.pads), strides=list(stride), dilations=list(dilation))
+    assert got.shape[2:] == g.output_spatial(size) == expected.shape[2:]
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_same_padding_without_input_size_is_unknown_not_guessed():
+    g = conv_geometry({"auto_pad": b"SAME_UPPER"}, (8, 4, 3, 3), None)
+    assert g.pads is None and g.as_2d() is None
+    with pytest.raises(GeometryError):
+        g.output_spatial((8, 8))
+
+
+@pytest.mark.parametrize("attrs, needle", [
+    ({"strides": [0, 1]}, "invalid strides"), ({"dilations": [1]}, "invalid dilations"),
+    ({"pads": [1, 1, -1, 1]}, "invalid pads"), ({"pads": [1, 1]}, "invalid pads"),
+    ({"kernel_shape": [5, 5]}, "does not match weight"), ({"auto_pad": b"SOMETIMES"}, "invalid auto_pad"),
+])
+def test_bad_attributes_are_refused_with_the_reason(attrs, needle):
+    with pytest.raises(GeometryError, match=needle):
+        conv_geometry(attrs, (8, 4, 3, 3), (8, 8))
+
+
+def _model_with(nodes, inits, c_in=8):
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", c_in, 8, 8])],
+                              [helper.make_tensor_value_info(nodes[-1].output[0], TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_sites_are_typed_records_with_names_shapes_geometry_and_kind():
+    rng = np.random.default_rng(0)
+    w = lambda name, shape: numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)  # noqa: E731
+    model = _model_with([
+        helper.make_node("Conv", ["x", "A"], ["a"], name="kxk", pads=[1] * 4),
+        helper.make_node("Conv", ["a", "B"], ["b"], name="pointwise"),
+        helper.make_node("Conv", ["b", "D"], ["c"], name="dw", group=16, pads=[1] * 4, strides=[2, 2]),
+    ], [w("A", (16, 8, 3, 3)), w("B", (16, 16, 1, 1)), w("D", (16, 1, 3, 3))])
+    _, sites = factorable_sites(model)
+    kxk, pointwise, dw = sites
+    assert (kxk.kind, pointwise.kind, dw.kind) == ("conv", "conv1x1", "depthwise")
+    assert kxk.eligible and kxk.form == "tucker2" and kxk.weight.shape == (16, 8, 3, 3)
+    assert (kxk.input_name, kxk.output_name, kxk.input_shape, kxk.output_shape) == ("x", "a", (1, 8, 8, 8), (1, 16, 8, 8))
+    assert dw.geometry.strides == (2, 2) and dw.geometry.group == 16 and dw.shape.out_spatial == (4, 4)
+    assert "1x1 conv" in pointwise.reason and "depthwise conv (group=16)" in dw.reason
+    assert pointwise.weight is None and dw.weight is None  # no form takes them: their weights are not held
