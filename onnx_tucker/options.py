@@ -208,6 +208,9 @@ class RankArgs:
                             help=f"HOOI iterations after the SVD start (default {DEFAULT_ITERATIONS})")
         parser.add_argument("--method", choices=METHODS, default="eig",
                             help="decomposition routine (default: eig, our fast HOOI; tensorly: partial_tucker)")
+        parser.add_argument("--forms", default=None, metavar="LIST",
+                            help="factorizations to use, tried in order per layer: tucker2 (kxk convs, the default), "
+                            "svd (1x1 convs: two 1x1 convs), e.g. tucker2,svd")
 
     @staticmethod
     def parse(args) -> dict:
@@ -221,6 +224,11 @@ class RankArgs:
             options["exclude"] = tuple(e.strip() for e in args.exclude.split(",") if e.strip())
         if args.iterations is not None:
             options["n_iter_max"] = args.iterations
+        if args.forms is not None:
+            items = [f.strip() for f in args.forms.split(",")]
+            if not all(items):
+                raise UsageError(f"--forms: expected comma-separated factorization names, got {args.forms!r}")
+            options["forms"] = tuple(items)
         return options
 
 
