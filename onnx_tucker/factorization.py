@@ -76,22 +76,31 @@ def get_form(name: str) -> Factorization:
         raise UsageError(f"unknown factorization {name!r}: choose from {', '.join(FORMS)}") from None
 
 
-def choose_forms(sites: list, enabled: tuple[str, ...] | None = None) -> None:
-    """Set each structurally usable site's ``form`` to the first enabled form that takes it, or its ``reason``.
+def chooser(enabled: tuple[str, ...] | None = None):
+    """``choose(site)``: set a usable site's ``form`` to the first enabled form that takes it, or its ``reason``.
 
     A site no form takes keeps the first form's reason (the table's note) and releases its weight.
     """
     forms = [get_form(n) for n in (enabled or DEFAULT_FORMS)]
-    for site in sites:
+
+    def choose(site) -> None:
         if not site.eligible:
-            continue
+            return
         reasons = []
         for form in forms:
             why = form.eligible(site)
             if not why:
                 site.form = form.name
-                break
+                return
             reasons.append(why)
-        else:
-            site.reason = reasons[0] if reasons else "no factorization enabled"
-            site.weight = None  # nobody will read it: do not hold it (peak memory)
+        site.reason = reasons[0] if reasons else "no factorization enabled"
+        site.weight = None  # nobody will read it: do not hold it (peak memory)
+
+    return choose
+
+
+def choose_forms(sites: list, enabled: tuple[str, ...] | None = None) -> None:
+    """:func:`chooser` over a list of sites."""
+    choose = chooser(enabled)
+    for site in sites:
+        choose(site)

@@ -12,7 +12,7 @@ from threadpoolctl import ThreadpoolController
 from onnx_tucker import __version__
 from onnx_tucker.chain import METADATA_KEY as CHAINS_KEY, dumps as dump_chains
 from onnx_tucker.errors import ModelError, UsageError, first_line
-from onnx_tucker.factorization import choose_forms, get_form
+from onnx_tucker.factorization import chooser, get_form
 from onnx_tucker.graph import export, infer_shapes, set_metadata, taken_names
 from onnx_tucker.io import load_model
 from onnx_tucker.options import CompressOptions, check_ratio, settings_of
@@ -38,10 +38,7 @@ def factorable_sites(model: onnx.ModelProto, forms: tuple | None = None) -> tupl
         graph = gs.import_onnx(model)
     except Exception as exc:
         raise ModelError(f"cannot import the graph: {first_line(exc)}") from None
-    sites = find_sites(graph, shapes)
-    for site in sites:  # what is wrong with the model itself, as opposed to what a form or the budget decides
-        site.extra["defect"] = bool(site.reason)
-    choose_forms(sites, forms)
+    sites = find_sites(graph, shapes, choose=chooser(forms))
     return graph, sites
 
 

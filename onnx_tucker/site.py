@@ -186,10 +186,13 @@ def node_label(node: gs.Node) -> str:
     return node.name or f"{node.op}_{node.outputs[0].name}"
 
 
-def find_sites(graph: gs.Graph, shapes: dict[str, tuple] | None = None) -> list[Site]:
+def find_sites(graph: gs.Graph, shapes: dict[str, tuple] | None = None, choose=None) -> list[Site]:
     """Every Conv of the top-level graph as a :class:`Site`, with the structural reason where it is unusable.
 
-    Whether a form can factor it (group, kernel size) is the form's call (``factorization.choose_forms``).
+    Whether a form can factor it (group, kernel size) is the form's call: ``choose(site)`` (e.g.
+    ``factorization.choose_form``) runs on each usable site as it is found, and a weight no form takes is
+    dropped at once, so only the weights that will be factored are ever held together (issue 5: peak memory).
+    ``site.extra["defect"]`` tells a structural reason (the model's) from a form's decision.
     ``shapes`` maps tensor names to inferred shapes (batch 1), used for the cost model and SAME_* padding.
     Convs inside If/Loop bodies are not visited: they are left as they are.
     """
@@ -237,8 +240,15 @@ def find_sites(graph: gs.Graph, shapes: dict[str, tuple] | None = None) -> list[
             if bias is not None and bias.shape != (c_out,):
                 site.reason = f"bias shape {list(bias.shape)} does not match {c_out} output channels"
                 continue
+        site.extra["defect"] = False
         site.weight_key = node.inputs[1].name  # a weight shared by several convs is decomposed once
-        site.weight = loaded.setdefault(site.weight_key, weight)
+        site.weight = loaded.get(site.weight_key, weight)
+        if choose is not None:
+            choose(site)
+        if site.weight is not None:
+            loaded.setdefault(site.weight_key, site.weight)
+    for site in found:  # a site refused before the forms saw it: the model's own defect
+        site.extra.setdefault("defect", True)
     return found
 
 
