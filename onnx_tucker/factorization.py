@@ -8,18 +8,14 @@ forms through this protocol.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from onnx_tucker.errors import UsageError
+from onnx_tucker.ranks import Cost
 
-
-@dataclass(frozen=True)
-class Cost:
-    macs: int
-    params: int
+__all__ = ["Cost", "Factorization", "FORMS", "DEFAULT_FORMS", "get_form", "chooser", "choose_forms"]
 
 
 @runtime_checkable

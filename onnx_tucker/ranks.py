@@ -64,6 +64,14 @@ def round_to_multiple(rank: int, multiple: int, limit: int) -> int:
 
 
 @dataclass(frozen=True)
+class Cost:
+    """What a factorization's chain costs at some ranks: MACs at batch 1 and parameters."""
+
+    macs: int
+    params: int
+
+
+@dataclass(frozen=True)
 class ConvShape:
     """What the cost model needs of one Conv (batch 1). Spatial sizes are None when unknown."""
 

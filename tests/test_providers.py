@@ -95,18 +95,6 @@ def test_provider_chain_puts_cpu_last():
     assert [name for name, _ in chain] == ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
-def test_make_session_keeps_its_old_signature_and_profiles(tmp_path):
-    model = residual_model()
-    feeds = sessions.random_inputs(model, batch=2, seed=0)
-    plain = sessions.make_session(model, "cpu", 1)
-    profiled = sessions.make_session(model, "cpu", 1, None, profile_prefix=str(tmp_path / "p"),
-                                    config={"session.intra_op.allow_spinning": "0"})
-    a, b = plain.run(None, feeds)[0], profiled.run(None, feeds)[0]
-    np.testing.assert_allclose(a, b, rtol=1e-6)
-    trace = profiled.end_profiling()
-    assert os.path.exists(trace) and os.path.basename(trace).startswith("p")
-
-
 @pytest.mark.cuda
 def test_cuda_session_runs_on_cuda():
     if "cuda" not in runtime.available_providers():

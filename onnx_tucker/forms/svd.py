@@ -15,9 +15,8 @@ import onnx_graphsurgeon as gs
 
 from onnx_tucker.chain import Chain
 from onnx_tucker.errors import UsageError
-from onnx_tucker.factorization import Cost
 from onnx_tucker.graph import unique_name
-from onnx_tucker.ranks import round_to_multiple
+from onnx_tucker.ranks import Cost, round_to_multiple
 
 FRACTIONS = (1 / 16, 1 / 8, 3 / 16, 1 / 4, 5 / 16, 3 / 8, 1 / 2, 5 / 8, 3 / 4)
 

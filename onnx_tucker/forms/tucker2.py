@@ -11,9 +11,8 @@ import onnx_graphsurgeon as gs
 from onnx_tucker.chain import Chain
 from onnx_tucker.decompose import max_ranks, tucker2
 from onnx_tucker.errors import UsageError
-from onnx_tucker.factorization import Cost
 from onnx_tucker.graph import unique_name
-from onnx_tucker.ranks import energy_ranks, ratio_ranks, round_to_multiple, vbmf_ranks
+from onnx_tucker.ranks import Cost, energy_ranks, ratio_ranks, round_to_multiple, vbmf_ranks
 
 # Rank fractions the measured budget tries for each channel mode.
 FRACTIONS = (1 / 16, 1 / 8, 3 / 16, 1 / 4, 5 / 16, 3 / 8, 1 / 2, 5 / 8, 3 / 4)

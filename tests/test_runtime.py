@@ -1,0 +1,39 @@
+"""Sessions on a registered provider, and the inputs the tool feeds them."""
+import os
+
+import numpy as np
+import pytest
+
+from onnx_tucker import runtime as sessions
+from onnx_tucker.errors import DataError, ModelError
+
+from conftest import residual_model
+
+
+def test_make_session_keeps_its_old_signature_and_profiles(tmp_path):
+    model = residual_model()
+    feeds = sessions.random_inputs(model, batch=2, seed=0)
+    plain = sessions.make_session(model, "cpu", 1)
+    profiled = sessions.make_session(model, "cpu", 1, None, profile_prefix=str(tmp_path / "p"),
+                                    config={"session.intra_op.allow_spinning": "0"})
+    a, b = plain.run(None, feeds)[0], profiled.run(None, feeds)[0]
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+    trace = profiled.end_profiling()
+    assert os.path.exists(trace) and os.path.basename(trace).startswith("p")
+
+
+
+def test_random_inputs_fill_the_batch_and_refuse_unknown_other_dimensions():
+    feeds = sessions.random_inputs(residual_model(), batch=3, seed=0)
+    assert feeds["x"].shape == (3, 3, 10, 10) and feeds["x"].dtype == np.float32
+    model = residual_model()
+    model.graph.input[0].type.tensor_type.shape.dim[2].dim_param = "H"
+    with pytest.raises(ModelError, match="unknown dimension 2"):
+        sessions.random_inputs(model)
+
+
+def test_load_inputs_checks_the_shape(tmp_path):
+    path = tmp_path / "in.npz"
+    np.savez(path, x=np.zeros((2, 3, 9, 10), np.float32))
+    with pytest.raises(DataError, match="have shape"):
+        sessions.load_inputs(path, residual_model())
