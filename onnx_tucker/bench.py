@@ -369,11 +369,19 @@ def choose_providers(requested: list[str] | None) -> tuple[list[str], dict[str, 
     return requested, unavailable
 
 
-def check_models(paths: list[Path]) -> list:
+def check_models(paths: list[Path], batches: list[int] | None = None) -> list:
+    """Load the models; they must take the same inputs, and every batch asked for must be one each can run."""
+    from onnx_tucker.capture import fixed_batch
     from onnx_tucker.io import load_model
     from onnx_tucker.runtime import graph_inputs
 
     models = [load_model(p) for p in paths]
+    for path, model in zip(paths, models):
+        fixed = fixed_batch(model)
+        wrong = [b for b in batches or () if fixed and b != fixed]
+        if wrong:  # timing batch 1 and calling it batch 32 would report 32x the throughput
+            raise UsageError(f"{path.name} is exported for batch {fixed} only: --batch {wrong[0]} cannot run it "
+                             f"(use --batch {fixed}, or export it with a dynamic batch axis)")
     first = [(i.name, i.type.tensor_type.elem_type) for i in graph_inputs(models[0])]
     for path, model in zip(paths[1:], models[1:]):
         if [(i.name, i.type.tensor_type.elem_type) for i in graph_inputs(model)] != first:
@@ -404,7 +412,7 @@ def run_bench(config: BenchConfig) -> dict:
     if config.cudnn_algo not in CUDNN_ALGOS:
         raise UsageError(f"--cudnn-algo: choose from {', '.join(CUDNN_ALGOS)}")
     providers, unavailable = choose_providers(config.providers)
-    models = check_models(config.models)
+    models = check_models(config.models, config.batches)
     given = load_inputs(config.inputs, models[0]) if config.inputs else None
     n = len(models)
     total = sum(len(config.batches) * n * (warmup_for(p, config.warmup) + config.runs) for p in providers)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from onnx_tucker.errors import UsageError
-from onnx_tucker.factorization import get_form
+from onnx_tucker.factorization import get_form, not_worth_it
 from onnx_tucker.ranks import round_to_multiple
 
 
@@ -34,7 +34,8 @@ def uniform_ratio(sites: list, opts, target: float, fixed: int = 0) -> float:
             form = get_form(s.form)
             ranks = tuple(round_to_multiple(min(r, limit), opts.rank_multiple, limit)
                           for r, limit in zip(_ratio_ranks(s, ratio), form.max_ranks(s)))
-            m += min(form.cost(s, ranks).macs, s.shape.macs())
+            cost = form.cost(s, ranks)
+            m += s.shape.macs() if not_worth_it(s, ranks, cost, total) else cost.macs
         return m
 
     lo, hi = 1e-3, 1.0

@@ -60,8 +60,19 @@ def shape_skeleton(model: onnx.ModelProto, keep_bytes: int = 4096) -> onnx.Model
     return light
 
 
-def _inferred(model: onnx.ModelProto, data_prop: bool = False) -> onnx.ModelProto | None:
+def set_input_shapes(model: onnx.ModelProto, shapes: dict[str, list[int]] | None) -> None:
+    """Give graph inputs fixed dims in place (``--input-shape``), for shape inference on a skeleton."""
+    for vi in model.graph.input:
+        if shapes and vi.name in shapes:
+            dims = vi.type.tensor_type.shape.dim
+            del dims[:]
+            for d in shapes[vi.name]:
+                dims.add().dim_value = int(d)
+
+
+def _inferred(model: onnx.ModelProto, data_prop: bool = False, input_shapes: dict | None = None) -> onnx.ModelProto | None:
     skeleton = shape_skeleton(model)
+    set_input_shapes(skeleton, input_shapes)
     if skeleton.ByteSize() > PROTOBUF_LIMIT:
         return None  # shape inference serialises the model
     try:
@@ -70,14 +81,15 @@ def _inferred(model: onnx.ModelProto, data_prop: bool = False) -> onnx.ModelProt
         return None
 
 
-def infer_shapes(model: onnx.ModelProto) -> dict[str, tuple]:
+def infer_shapes(model: onnx.ModelProto, input_shapes: dict | None = None) -> dict[str, tuple]:
     """Tensor name -> shape (ints where known, batch taken as 1) from ONNX shape inference.
 
     Inference runs on a skeleton without the large weights (they become typed graph inputs):
     it would otherwise serialise and copy every weight twice (issue 5: peak memory), and
     models over 2 GB get shapes too. {} when inference fails: the cost model falls back to parameters.
+    ``input_shapes`` ({input: dims}) fixes dynamic input dims for the inference only (the model is not changed).
     """
-    inferred = _inferred(model, data_prop=True)
+    inferred = _inferred(model, data_prop=True, input_shapes=input_shapes)
     if inferred is None:
         return {}
     shapes = {}

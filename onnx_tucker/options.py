@@ -103,6 +103,8 @@ class CompressOptions:
     latency_batch: batch size for ``latency_aware``.
     forms: factorization names to use, tried in order per layer (default ``factorization.DEFAULT_FORMS``:
         Tucker-2 on kxk convs); ``("tucker2", "svd")`` also factors 1x1 convs. See ``factorization.FORMS``.
+    input_shapes: {input name: dims} for inputs with dynamic spatial sizes: the cost model counts MACs at
+        these sizes (without it such layers' MACs are unknown and profitability is judged on parameters).
     """
 
     ratio: float = 0.5
@@ -122,6 +124,7 @@ class CompressOptions:
     latency_aware: bool = False
     latency_batch: int = 1
     forms: tuple | None = None
+    input_shapes: dict | None = None
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "CompressOptions":
@@ -314,6 +317,30 @@ class LatencyArgs:
         return {"latency_aware": True, "latency_batch": args.latency_batch or 1}
 
 
+def parse_input_shapes(items: list[str] | None, input_names: list[str]) -> dict | None:
+    """``--input-shape [NAME:]1x3x224x224`` (repeatable) -> {name: [dims]}; the name may be left out for a single-input model."""
+    if not items:
+        return None
+    shapes = {}
+    for item in items:
+        name, _, dims = item.rpartition(":")
+        if not name:
+            if len(input_names) != 1:
+                raise UsageError(f"--input-shape {item!r}: name the input (NAME:DIMS), the model has inputs {', '.join(input_names)}")
+            name = input_names[0]
+        if name not in input_names:
+            raise UsageError(f"--input-shape: the model has no input {name!r} (inputs: {', '.join(input_names)})")
+        parts = dims.replace(",", "x").split("x")
+        try:
+            values = [int(p) for p in parts]
+        except ValueError:
+            raise UsageError(f"--input-shape {item!r}: expected dims like 1x3x224x224") from None
+        if not values or min(values) < 1:
+            raise UsageError(f"--input-shape {item!r}: expected positive dims like 1x3x224x224")
+        shapes[name] = values
+    return shapes
+
+
 class CheckArgs:
     """The self-check of the output (onnxruntime, CPU): what it runs on and when it fails."""
 
@@ -328,6 +355,9 @@ class CheckArgs:
         parser.add_argument("--max-rel-error", type=lambda t: check_tolerance(t, "--max-rel-error"), metavar="E",
                             help="FAILED when any output's relative error ||a-b||/||a|| is above E")
         parser.add_argument("--keep-failed", action="store_true", help="write the output even when the self-check FAILS (still exit 1)")
+        parser.add_argument("--input-shape", action="append", metavar="[NAME:]DIMS",
+                            help="fixed dims for an input with dynamic sizes, e.g. 1x3x224x224 (repeatable): used by the cost model "
+                            "and the random self-check inputs; the written model keeps its dynamic dims")
 
     @staticmethod
     def parse(args) -> dict:

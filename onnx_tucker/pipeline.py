@@ -12,7 +12,7 @@ from threadpoolctl import ThreadpoolController
 from onnx_tucker import __version__
 from onnx_tucker.chain import METADATA_KEY as CHAINS_KEY, dumps as dump_chains
 from onnx_tucker.errors import ModelError, UsageError, first_line
-from onnx_tucker.factorization import chooser, get_form
+from onnx_tucker.factorization import chooser, get_form, not_worth_it
 from onnx_tucker.graph import export, infer_shapes, set_metadata, taken_names
 from onnx_tucker.io import load_model
 from onnx_tucker.options import CompressOptions, check_ratio, settings_of
@@ -31,9 +31,9 @@ def _as_model(model) -> onnx.ModelProto:
     return model
 
 
-def factorable_sites(model: onnx.ModelProto, forms: tuple | None = None) -> tuple[gs.Graph, list]:
+def factorable_sites(model: onnx.ModelProto, forms: tuple | None = None, input_shapes: dict | None = None) -> tuple[gs.Graph, list]:
     """The model's graph and its sites, each with the form that takes it (``site.form``) or its reason."""
-    shapes = infer_shapes(model)
+    shapes = infer_shapes(model, input_shapes)
     try:
         graph = gs.import_onnx(model)
     except Exception as exc:
@@ -49,7 +49,7 @@ def compress(model, ratio: float = 0.5, **options) -> tuple[onnx.ModelProto, Rep
     arguments, are the fields of :class:`onnx_tucker.options.CompressOptions` (its docstring
     describes each): ``force``, ``rank_multiple``, ``n_iter_max``, ``method``, ``ranks``, ``exclude``,
     ``rank_method``, ``energy``, ``target_macs``, ``budget_rule``, ``calibration``, ``refit``,
-    ``whiten``, ``latency_aware``, ``latency_batch``, ``forms``. An unknown option or a bad value
+    ``whiten``, ``latency_aware``, ``latency_batch``, ``forms``, ``input_shapes``. An unknown option or a bad value
     raises :class:`UsageError`.
 
     Returns ``(new_model, report)``; ``report.chains`` lists what each rewrite produced. When no layer
@@ -63,7 +63,7 @@ def compress(model, ratio: float = 0.5, **options) -> tuple[onnx.ModelProto, Rep
 
 
 def _compress(model: onnx.ModelProto, opts: CompressOptions) -> tuple[onnx.ModelProto, Report]:
-    graph, sites = factorable_sites(model, opts.forms)
+    graph, sites = factorable_sites(model, opts.forms, opts.input_shapes)
     if not sites:
         raise ModelError("the model has no Conv node: nothing to compress")
     report = Report(ratio=opts.ratio, force=opts.force, tool_version=__version__)
@@ -80,6 +80,7 @@ def _compress(model: onnx.ModelProto, opts: CompressOptions) -> tuple[onnx.Model
         report.layers.append(record)
     eligible = [s for s in sites if s.eligible]
     fixed_macs = sum(s.shape.macs() for s in sites if not s.eligible and s.shape is not None)
+    total_macs = fixed_macs + sum(s.shape.macs() for s in eligible)
     input_stats = None
     if opts.calibration is not None and opts.whiten and eligible:
         from onnx_tucker.calibrate import input_covariances
@@ -98,8 +99,9 @@ def _compress(model: onnx.ModelProto, opts: CompressOptions) -> tuple[onnx.Model
         ranks = tuple(round_to_multiple(min(r, m), opts.rank_multiple, m) for r, m in zip(planned[site.name], limits))
         cost = form.cost(site, ranks)
         record.ranks, record.params_after, record.macs_after = ranks, cost.params, cost.macs
-        if record.macs_after >= record.macs_before and not opts.force:
-            record.reason = f"chain would not reduce MACs ({record.macs_before:,} -> {record.macs_after:,})"
+        why = "" if opts.force else not_worth_it(site, ranks, cost, total_macs)
+        if why:
+            record.reason = why
             record.params_after, record.macs_after = record.params_before, record.macs_before
             continue
         key = (form.name, site.weight_key, ranks)
@@ -168,7 +170,7 @@ def plan_ranks(sites: list, opts: CompressOptions, fixed_macs: int = 0, model=No
             from onnx_tucker.sensitivity import Unsupported, distortion_curves
 
             try:
-                measured = distortion_curves(model, sites, opts.calibration, covariances, opts.rank_multiple)
+                measured = distortion_curves(model, sites, opts.calibration, covariances, opts.rank_multiple, fixed_macs=fixed_macs)
             except Unsupported as exc:
                 if report is not None:
                     report.notes.append(f"measured budget unavailable ({exc}): uniform ratio used")

@@ -110,16 +110,16 @@ def format_table(report: Report) -> str:
             rows.append([
                 r.layer, kernel, r.form, ",".join(str(x) for x in r.ranks),
                 f"{_n(r.params_before)} -> {_n(r.params_after)}",
-                f"{_n(r.macs_before)} -> {_n(r.macs_after)}" + ("" if r.macs_known else "*"),
+                f"{_n(r.macs_before)} -> {_n(r.macs_after)}" if r.macs_known else "unknown*",
                 f"{r.relative_error:.4f}", "decomposed",
             ])
         else:
-            rows.append([r.layer, kernel, "-", "-", _n(r.params_before), _n(r.macs_before), "-", r.reason])
+            rows.append([r.layer, kernel, "-", "-", _n(r.params_before), _n(r.macs_before) if r.macs_known else "unknown*", "-", r.reason])
     t = report.totals()
     rows.append([
         "TOTAL (convs)", "", "", f"{t['decomposed']}/{t['convs']}",
         f"{_n(t['params_before'])} -> {_n(t['params_after'])}",
-        f"{_n(t['macs_before'])} -> {_n(t['macs_after'])} ({t['macs_reduction']:.2f}x)",
+        f"{_n(t['macs_before'])} -> {_n(t['macs_after'])} ({t['macs_reduction']:.2f}x)" if t["macs_known"] else "unknown*",
         "", "",
     ])
     widths = [max(len(str(row[i])) for row in rows + [headers]) for i in range(len(headers))]
@@ -129,6 +129,7 @@ def format_table(report: Report) -> str:
     for row in rows:
         lines.append("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
     if not t["macs_known"]:
-        lines.append("* spatial sizes unknown for some layers: MACs counted per output pixel (= parameters)")
+        lines.append("* spatial sizes unknown (dynamic input sizes): MACs unknown, profitability judged on parameters; "
+                     "give --input-shape NAME:DIMS to count MACs")
     lines.extend(f"note: {note}" for note in report.notes)
     return "\n".join(lines)

@@ -74,18 +74,24 @@ def input_spec(value_info: onnx.ValueInfoProto) -> tuple[list, type]:
     return dims, dtype
 
 
-def random_inputs(model: onnx.ModelProto, batch: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
-    """Seeded random inputs for every graph input; unknown batch dims become ``batch``."""
+def random_inputs(model: onnx.ModelProto, batch: int = 1, seed: int = 0, shapes: dict | None = None) -> dict[str, np.ndarray]:
+    """Seeded random inputs for every graph input; unknown batch dims become ``batch``; ``shapes`` ({input: dims},
+    from ``--input-shape``) fill unknown dims (a batch fixed there wins over ``batch``)."""
     rng = np.random.default_rng(seed)
     feeds = {}
     for vi in graph_inputs(model):
         dims, dtype = input_spec(vi)
+        if shapes and vi.name in shapes:
+            given = shapes[vi.name]
+            if len(given) != len(dims) or any(d and d != g for d, g in zip(dims, given)):
+                raise ModelError(f"--input-shape {given} does not fit input '{vi.name}' {['?' if d is None else d for d in dims]}")
+            dims = [None if i == 0 and dims[0] is None else g for i, g in enumerate(given)]  # a free batch stays ``batch``
         shape = []
         for i, d in enumerate(dims):
             if d is None or d <= 0:
                 if i != 0:
                     raise ModelError(
-                        f"input '{vi.name}' has an unknown dimension {i}: pass real inputs with --inputs FILE.npz"
+                        f"input '{vi.name}' has an unknown dimension {i}: give --input-shape {vi.name}:DIMS or real inputs with --inputs FILE.npz"
                     )
                 d = batch
             shape.append(d)

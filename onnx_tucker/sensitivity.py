@@ -25,7 +25,7 @@ from threadpoolctl import threadpool_limits
 
 from onnx_tucker.calibrate import patches_at, relu_solve
 from onnx_tucker.capture import iterate
-from onnx_tucker.factorization import get_form
+from onnx_tucker.factorization import get_form, not_worth_it
 from onnx_tucker.graph import cut, expose, feeds_only_relu, probe_model, suffix_model, tensor_types
 from onnx_tucker.runtime import make_session
 
@@ -74,7 +74,7 @@ def _softmax(z: np.ndarray) -> np.ndarray:
 
 
 def distortion_curves(model: onnx.ModelProto, candidates: list, feeds: dict, covariances: dict | None,
-                      rank_multiple: int = 1, seed: int = 0, progress: bool = True) -> dict:
+                      rank_multiple: int = 1, seed: int = 0, progress: bool = True, fixed_macs: int = 0) -> dict:
     """Layer -> [(chain MACs, measured distortion, (R_out, R_in))], plus the seconds it took.
 
     Raises :class:`Unsupported` for models the probe cannot handle (non-2-D or grouped convs
@@ -133,7 +133,9 @@ def distortion_curves(model: onnx.ModelProto, candidates: list, feeds: dict, cov
     reference, at_cut = values[0], dict(zip(cut_tensors, values[1:]))
     at_cut.update(eval_feeds)
     at_cut.update(weights)
-    options = {cand.name: rank_options(cand, rank_multiple) for cand in candidates}
+    total = fixed_macs + sum(c.shape.macs() for c in candidates)
+    options = {cand.name: [r for r in rank_options(cand, rank_multiple)
+                           if not not_worth_it(cand, r, get_form(cand.form).cost(cand, r), total)] for cand in candidates}
     from tqdm import tqdm
 
     # A bar on a terminal only (disable=None): measuring takes (layers x options) forward passes.

@@ -31,7 +31,7 @@ def test_calibration_reduces_held_out_layer_error(refit):
     plain, _ = compress(model, ratio=0.5)
     calibrated, report = compress(model, ratio=0.5, calibration=calibration, refit=refit)
     onnx.checker.check_model(calibrated)
-    for tensor in ("a", "b", "d"):  # outputs of stem, block_conv and down
+    for tensor in ("b", "d"):  # outputs of block_conv and down (the 3-channel stem is left whole at ratio 0.5)
         assert layer_error(model, calibrated, tensor, held_out) < layer_error(model, plain, tensor, held_out)
     final_plain = relative_error(run_model(model, held_out)[0], run_model(plain, held_out)[0])
     final_cal = relative_error(run_model(model, held_out)[0], run_model(calibrated, held_out)[0])
@@ -119,7 +119,7 @@ def test_measured_budget_meets_the_target_and_records_its_curves(target):
 def test_measured_distortion_falls_as_ranks_grow():
     model = residual_model(channels=32)
     _, report = compress(model, target_macs=0.5, calibration={"x": samples(48, seed=6)})
-    for curve in report.sensitivity["curves"].values():
+    for curve in filter(None, report.sensitivity["curves"].values()):  # the stem has no option worth measuring
         distortions = [d for _, d, _ in sorted(curve)]
         assert distortions[-1] < distortions[0]
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 
@@ -46,7 +47,8 @@ def test_bare_form_compresses_and_checks(saved_residual, tmp_path):
     assert "PASSED" in r.stdout and "self-check" in r.stdout and "block_conv" in r.stdout
     onnx.checker.check_model(onnx.load(str(out)))
     data = json.loads(report.read_text())
-    assert data["totals"]["decomposed"] == 3 and data["check"]["outputs"][0]["name"] == "logits"
+    assert data["totals"]["decomposed"] == 2 and data["check"]["outputs"][0]["name"] == "logits"  # the 3-channel stem stays whole
+    assert data["verdict"]["passed"] and [c["layer"] for c in data["chains"]] == ["block_conv", "down"]
     assert {layer["layer"] for layer in data["layers"]} == {"stem", "block_conv", "down", "grouped", "pointwise"}
 
 
@@ -173,3 +175,55 @@ def test_help_does_not_import_tensorflow():
     code = "import sys; from onnx_tucker.cli import build_parser; build_parser(); print('tensorflow' in sys.modules)"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert r.stdout.strip() == "False"
+
+
+# --- models torch exports by default (issue 12): fixed batch 1, dynamic spatial sizes -----------------
+
+def _torch_net():
+    torch = pytest.importorskip("torch")
+    nn = torch.nn
+    torch.manual_seed(0)
+    return torch, nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
+                                nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10)).eval()
+
+
+def _export(tmp_path, name, dynamic_axes=None):
+    torch, net = _torch_net()
+    path = tmp_path / name
+    torch.onnx.export(net, torch.zeros(1, 3, 32, 32), str(path), dynamo=False, input_names=["input"], output_names=["y"],
+                      dynamic_axes=dynamic_axes)
+    return path
+
+
+def test_fixed_batch_1_model_runs_data_and_calibration_and_bench_refuses_other_batches(tmp_path, capsys):
+    from onnx_tucker.cli import main
+
+    src = _export(tmp_path, "fixed1.onnx")
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "test.npz", x_test=rng.uniform(0, 1, (20, 3, 32, 32)).astype(np.float32), y_test=rng.integers(0, 10, 20))
+    np.savez(tmp_path / "train.npz", x_train=rng.uniform(0, 1, (96, 3, 32, 32)).astype(np.float32))
+    out = tmp_path / "out.onnx"
+    assert main([str(src), str(out), "--ratio", "0.5", "--force", "--data", str(tmp_path / "test.npz"),
+                 "--calibrate", str(tmp_path / "train.npz"), "--max-rel-error", "10"]) == 0
+    assert "top-1 on 20 labelled samples" in capsys.readouterr().out
+    assert main(["bench", str(src), str(out), "--batch", "1,32", "--providers", "cpu", "--runs", "2", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "exported for batch 1 only: --batch 32" in err
+    assert main(["bench", str(src), str(out), "--batch", "1", "--providers", "cpu", "--runs", "2", "--no-progress"]) == 0
+
+
+def test_dynamic_spatial_sizes_need_an_input_shape_and_never_call_parameters_macs(tmp_path, capsys):
+    from onnx_tucker.cli import main
+
+    src = _export(tmp_path, "dyn.onnx", {"input": {0: "n", 2: "h", 3: "w"}})
+    assert main([str(src), str(tmp_path / "a.onnx"), "--ratio", "0.5"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--input-shape" in err
+    assert main([str(src), str(tmp_path / "b.onnx"), "--ratio", "0.5", "--no-check"]) == 0
+    out = capsys.readouterr().out
+    assert "MACs unknown" in out and "unknown*" in out
+    assert main([str(src), str(tmp_path / "c.onnx"), "--ratio", "0.5", "--input-shape", "input:1x3x32x32"]) == 0
+    out = capsys.readouterr().out
+    assert "MACs 2.40x fewer" in out and "unknown" not in out
+    assert main([str(src), str(tmp_path / "d.onnx"), "--input-shape", "nope:1x3x32x32"]) == 2
+    assert "no input 'nope'" in capsys.readouterr().err

@@ -119,7 +119,7 @@ def test_float64_weights_keep_their_dtype_and_reconstruct():
 
 
 def test_ratio_half_rank_rule_and_three_convs(residual):
-    new, report = compress(residual, ratio=0.5)
+    new, report = compress(residual, ratio=0.5, force=True)  # force: the 3-channel stem too
     convs = [n for n in new.graph.node if n.op_type == "Conv"]
     inits = {i.name: i for i in new.graph.initializer}
     decomposed = {r.layer: r for r in report.decomposed}
@@ -159,8 +159,27 @@ def test_output_is_valid_sorted_and_clean(residual):
     assert [i.name for i in new.graph.input] == ["x"] and [o.name for o in new.graph.output] == ["logits"]
 
 
+def test_image_stem_is_not_cut_to_one_or_two_channels_by_default(residual):
+    """No gamble for crumbs: the 3-channel stem at R_in = 1 is left whole unless forced."""
+    _, report = compress(residual, ratio=0.5)
+    stem = next(r for r in report.layers if r.layer == "stem")
+    assert not stem.decomposed and "3-channel input to rank 1" in stem.reason
+    assert {r.layer for r in report.decomposed} == {"block_conv", "down"}
+
+
+def test_a_chain_saving_a_negligible_share_of_the_macs_is_left_whole():
+    from onnx_tucker.factorization import CRUMBS, not_worth_it
+    from onnx_tucker.pipeline import factorable_sites
+
+    _, sites = factorable_sites(residual_model())
+    site = next(s for s in sites if s.name == "block_conv")
+    cost = type("Cost", (), {"macs": site.shape.macs() - 10, "params": 0})()
+    assert "negligible" not in not_worth_it(site, (8, 8), cost, total_macs=10**4)
+    assert "saves only" in not_worth_it(site, (8, 8), cost, total_macs=int(20 / CRUMBS))
+
+
 def test_metadata_records_version_ratio_and_ranks(residual):
-    new, _ = compress(residual, ratio=0.5)
+    new, _ = compress(residual, ratio=0.5, force=True)
     meta = {p.key: p.value for p in new.metadata_props}
     assert meta["onnx_tucker.ratio"] == "0.5"
     assert json.loads(meta["onnx_tucker.ranks"]) == {"stem": [8, 1], "block_conv": [8, 8], "down": [16, 8]}

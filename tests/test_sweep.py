@@ -55,8 +55,8 @@ def test_sweep_end_to_end_writes_table_json_and_plot(setup, capsys):
         assert 0 <= r["agreement"] <= 1
         assert r["latency"]["4"]["speedup"]["pairs"] == 3
         assert onnx.load(r["file"]).graph.output[0].name == "logits"
-    # stem conv 16x3x3x3 at ratio 0.5: ranks (8, 1)
-    assert result["results"][0]["ranks"]["stem"] == [8, 1]
+    # block_conv 16x16x3x3 at ratio 0.5: ranks (8, 8); the 3-channel stem is left whole (no gamble for crumbs)
+    assert result["results"][0]["ranks"]["block_conv"] == [8, 8] and "stem" not in result["results"][0]["ranks"]
     assert result["results"][0]["conv_macs"] < result["results"][1]["conv_macs"]
     assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| ratio 0.75 |" in (out / "sweep.md").read_text()
