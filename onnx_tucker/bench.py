@@ -131,7 +131,9 @@ class BoundRun:
 
 
 def bind(session, feeds: dict[str, np.ndarray], device: str) -> BoundRun:
-    import onnxruntime as ort
+    from onnx_tucker.providers import onnxruntime
+
+    ort = onnxruntime()
 
     binding = session.io_binding()
     values = []
@@ -405,7 +407,9 @@ def run_bench(config: BenchConfig) -> dict:
     """Time every model on every provider and batch; returns the JSON-ready result (see module docstring)."""
     import tempfile
 
-    import onnxruntime as ort
+    from onnx_tucker.providers import onnxruntime
+
+    ort = onnxruntime()
 
     from onnx_tucker.runtime import load_inputs
 

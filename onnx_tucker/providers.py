@@ -20,6 +20,15 @@ GPU_INSTALL = "pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxr
 CUDNN_ALGOS = ("EXHAUSTIVE", "HEURISTIC", "DEFAULT")
 
 
+def onnxruntime():
+    """The onnxruntime module (from ``onnxruntime`` or ``onnxruntime-gpu``), or a one-line error saying what to install."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise UsageError("onnxruntime is not installed: pip install 'onnx-tucker[cpu]' (or 'onnx-tucker[gpu]' for onnxruntime-gpu)") from None
+    return ort
+
+
 @dataclass(frozen=True)
 class Provider:
     key: str  # short name used on the command line and in reports
@@ -134,7 +143,7 @@ def parse_providers(text: str) -> list[str]:
 
 def available_providers() -> list[str]:
     """Keys of the providers this onnxruntime offers, fastest first."""
-    import onnxruntime as ort
+    ort = onnxruntime()
 
     offered = set(ort.get_available_providers())
     return [p.key for p in PROVIDERS.values() if p.ort_name in offered]
@@ -166,7 +175,7 @@ def require(name: str) -> Provider:
 
 def preload_gpu_libraries() -> None:
     """Let onnxruntime-gpu (>= 1.21) load CUDA/cuDNN from pip's nvidia-* packages (e.g. torch's), if it can."""
-    import onnxruntime as ort
+    ort = onnxruntime()
 
     preload = getattr(ort, "preload_dlls", None)
     if preload is None or os.environ.get("ONNX_TUCKER_NO_PRELOAD"):

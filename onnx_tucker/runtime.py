@@ -35,7 +35,9 @@ def make_session(
     returns its path); ``config`` holds session config entries (``session.intra_op.allow_spinning``...).
     An unknown provider is a usage error.
     """
-    import onnxruntime as ort
+    from onnx_tucker.providers import onnxruntime
+
+    ort = onnxruntime()
 
     from onnx_tucker.providers import get, preload_gpu_libraries
 

@@ -105,7 +105,9 @@ def _bar(total: int, desc: str, enabled: bool):
 
 def run_sweep(config: SweepConfig) -> dict:
     """Compress at every setting, measure, and return the JSON-ready result (see module docstring)."""
-    import onnxruntime as ort
+    from onnx_tucker.providers import onnxruntime
+
+    ort = onnxruntime()
 
     from onnx_tucker.data import load_calibration, load_labelled, predict, top1
     from onnx_tucker.options import DEFAULT_CALIB_SIZE

@@ -122,3 +122,20 @@ def test_every_provider_record_is_complete_and_reachable_by_alias():
         assert provider.warmup(0) == provider.min_warmup
     assert runtime.get("gpu").key == "cuda" and runtime.get("trt").key == "tensorrt"
     assert runtime.get("cuda").options("HEURISTIC") == {"device_id": 0, "cudnn_conv_algo_search": "HEURISTIC"}
+
+
+def test_missing_onnxruntime_says_which_extra_to_install(monkeypatch):
+    import builtins
+
+    from onnx_tucker.errors import UsageError
+
+    real_import = builtins.__import__
+
+    def no_ort(name, *args, **kwargs):
+        if name == "onnxruntime":
+            raise ImportError("No module named 'onnxruntime'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_ort)
+    with pytest.raises(UsageError, match=r"onnx-tucker\[cpu\]"):
+        runtime.onnxruntime()
