@@ -27,8 +27,10 @@ BATCH = 64
 COV_POSITIONS = 64  # spatial positions per sample for the input covariances
 
 
-def input_covariances(model: onnx.ModelProto, feeds: dict, tensor_names: list[str], seed: int = 0) -> dict[str, np.ndarray]:
-    """Channel second moment E[x x^T] (over samples and positions) of each named NC... tensor.
+def input_covariances(model: onnx.ModelProto, feeds: dict, tensor_names: list[str], seed: int = 0,
+                      axes: dict[str, int] | None = None) -> dict[str, np.ndarray]:
+    """Channel second moment E[x x^T] (over samples and positions) of each named NC... tensor
+    (channels on ``axes[name]``: 1 by default, -1 for a dense layer's features).
 
     Estimated on at most ``COV_POSITIONS`` random positions per sample: plenty for a C x C
     moment, and it keeps calibration time flat in the image size.
@@ -41,6 +43,8 @@ def input_covariances(model: onnx.ModelProto, feeds: dict, tensor_names: list[st
     counts = {n: 0 for n in names}
     for _, values in iterate(session, feeds, names, batch_size_for(model, BATCH), fixed=fixed_batch(model) is not None):
         for name, value in zip(names, values):
+            if (axes or {}).get(name, 1) != 1:
+                value = np.moveaxis(value, (axes or {})[name], 1) if value.ndim > 2 else value
             flat = value.reshape(value.shape[0], value.shape[1], -1)
             if flat.shape[2] > COV_POSITIONS:
                 flat = flat[:, :, rng.choice(flat.shape[2], COV_POSITIONS, replace=False)]
@@ -51,10 +55,14 @@ def input_covariances(model: onnx.ModelProto, feeds: dict, tensor_names: list[st
     return {n: sums[n] / max(counts[n], 1) for n in names}
 
 
-def _rows(value: np.ndarray, pick: np.ndarray) -> np.ndarray:
+def _flat(value: np.ndarray, axis: int = 1) -> np.ndarray:
+    """(N, C, spatial...) with channels on ``axis`` -> (rows, C), rows ordered sample-major."""
+    return np.moveaxis(value, axis, -1).reshape(-1, value.shape[axis])
+
+
+def _rows(value: np.ndarray, pick: np.ndarray, axis: int = 1) -> np.ndarray:
     """(N, C, spatial...) -> (rows, C) at the chosen flat positions."""
-    flat = np.moveaxis(value, 1, -1).reshape(-1, value.shape[1])
-    return flat[pick]
+    return _flat(value, axis)[pick]
 
 
 def refit_chains(original: onnx.ModelProto, compressed: onnx.ModelProto, feeds: dict, chains: list,
@@ -70,14 +78,15 @@ def refit_chains(original: onnx.ModelProto, compressed: onnx.ModelProto, feeds: 
     inits = Initializers(compressed)
     chains = [c for c in chains if c.nodes.get(c.last_role) in nodes]
     targets = [c.output for c in chains]
+    axes = {c.output: c.channel_axis for c in chains}
     # The original layers' outputs: computed once, on the original model.
     reference = capture_named(with_outputs(original, targets), feeds, targets, batch_size=batch_size_for(original, BATCH))
     rng = np.random.default_rng(seed)
     picks = {}
     for name, value in reference.items():
-        total = value.shape[0] * int(np.prod(value.shape[2:]))
+        total = value.size // value.shape[axes[name]]
         picks[name] = np.sort(rng.choice(total, min(total, MAX_ROWS), replace=False))
-    target_rows = {n: _rows(v, picks[n]) for n, v in reference.items()}
+    target_rows = {n: _rows(v, picks[n], axes[n]) for n, v in reference.items()}
     del reference
     result = {"layers": {}, "samples": int(len(next(iter(feeds.values()))))}
     for chain in chains:
@@ -97,7 +106,7 @@ def refit_chains(original: onnx.ModelProto, compressed: onnx.ModelProto, feeds: 
                 result["layers"][chain.layer] = _refit_core_and_last(compressed, chain, core_node, last, inits, f, pick, target, geometry, ridge, relu)
                 continue
         before_last = last.input[0]
-        z = _rows(_collect(compressed, feeds, before_last), pick).astype(np.float64)
+        z = _rows(_collect(compressed, feeds, before_last), pick, chain.channel_axis).astype(np.float64)
         result["layers"][chain.layer] = _refit_last(chain, last, inits, z, target, ridge, relu=relu)
     result["seconds"] = round(time.perf_counter() - start, 2)
     return result
@@ -139,19 +148,55 @@ def relu_solve(design: np.ndarray, target: np.ndarray, solution: np.ndarray, rid
 
 
 def _owned_last(chain, last, inits):
-    """The last node's weight and bias initializers, owned by this chain (copied if shared, bias created)."""
+    """The last node's weight and bias initializers, owned by this chain (copied if shared, bias created;
+    a MatMul has no bias: None)."""
     role = chain.last_role
     weight_init = inits.owned(last, 1, f"{chain.weights[role]}")
     w = inits.array(weight_init.name)
-    bias = inits.bias(last, w.shape[0], w.dtype, f"{chain.nodes[role]}_B")
-    chain.weights[role], chain.bias = weight_init.name, bias.name
+    chain.weights[role] = weight_init.name
+    if last.op_type == "MatMul":
+        return weight_init, w, None
+    out_channels = w.shape[0] if _out_first(last) else w.shape[1]
+    bias = inits.bias(last, out_channels, w.dtype, f"{chain.nodes[role]}_B")
+    chain.bias = bias.name
     return weight_init, w, bias
 
 
+def _out_first(node) -> bool:
+    """Whether the node's weight is stored (out, in, ...): a Conv, or a Gemm with transB=1."""
+    if node.op_type == "Conv":
+        return True
+    return node.op_type == "Gemm" and any(a.name == "transB" and a.i == 1 for a in node.attribute)
+
+
+def _beta(node) -> float:
+    return next((a.f for a in node.attribute if a.name == "beta"), 1.0) if node.op_type == "Gemm" else 1.0
+
+
 def _refit_last(chain, last, inits, z, target, ridge, relu: bool = False) -> dict:
-    """Least squares for the last 1x1 conv's weight and bias, given its input rows ``z``."""
+    """Least squares for the last node's weight (and bias, where it has one), given its input rows ``z``."""
     weight_init, w, bias = _owned_last(chain, last, inits)
-    before = z @ w.reshape(w.shape[0], -1).T.astype(np.float64) + inits.array(bias.name).astype(np.float64)
+    matrix = w.reshape(w.shape[0], -1) if _out_first(last) else w.T  # (out, in)
+    beta = _beta(last)
+    b0 = beta * inits.array(bias.name).astype(np.float64).reshape(-1) if bias is not None else 0.0
+    before = z @ matrix.T.astype(np.float64) + b0
+    if bias is None:  # MatMul: no intercept
+        gram = z.T @ z
+        gram += ridge * np.trace(gram) / len(gram) * np.eye(len(gram))
+        solution = np.linalg.solve(gram, z.T @ target)
+        if relu:
+            solution = relu_solve(z, target, solution, ridge)
+        after = z @ solution
+        clip = (lambda v: np.maximum(v, 0)) if relu else (lambda v: v)  # noqa: E731
+        result = _errors(clip(before), clip(after), clip(target), "last factor" + (" (after the ReLU)" if relu else ""))
+        if _kept(result):
+            inits.set(weight_init.name, solution.astype(w.dtype) if not _out_first(last) else solution.T.reshape(w.shape).astype(w.dtype))
+        return result
+
+    def store(solution):
+        weights = solution[:-1].T.reshape(w.shape) if _out_first(last) else solution[:-1]
+        inits.set(weight_init.name, weights.astype(w.dtype))
+        inits.set(bias.name, (solution[-1] / beta).astype(w.dtype))
     design = np.hstack([z, np.ones((len(z), 1))])
     gram = design.T @ design
     gram += ridge * np.trace(gram) / len(gram) * np.eye(len(gram))
@@ -159,13 +204,22 @@ def _refit_last(chain, last, inits, z, target, ridge, relu: bool = False) -> dic
     if relu:
         solution = relu_solve(design, target, solution, ridge)
         after = design @ solution
-        inits.set(weight_init.name, solution[:-1].T.reshape(w.shape).astype(w.dtype))
-        inits.set(bias.name, solution[-1].astype(w.dtype))
         relu_target = np.maximum(target, 0)
-        return _errors(np.maximum(before, 0), np.maximum(after, 0), relu_target, "last conv (after the ReLU)")
-    inits.set(weight_init.name, solution[:-1].T.reshape(w.shape).astype(w.dtype))
-    inits.set(bias.name, solution[-1].astype(w.dtype))
-    return _errors(before, design @ solution, target, "last conv")
+        result = _errors(np.maximum(before, 0), np.maximum(after, 0), relu_target, "last conv (after the ReLU)")
+    else:
+        result = _errors(before, design @ solution, target, "last conv")
+    if _kept(result):
+        store(solution)
+    return result
+
+
+def _kept(result: dict) -> bool:
+    """Whether a refit is kept: never one that is worse than the factors it replaces on the calibration rows."""
+    if result["output_error_after"] <= result["output_error_before"]:
+        return True
+    result["output_error_after"] = result["output_error_before"]
+    result["refit"] += ": not kept (no better than the fit)"
+    return False
 
 
 def _errors(before, after, target, what) -> dict:

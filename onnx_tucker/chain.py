@@ -22,6 +22,7 @@ class Chain:
     bias: str | None  # the last node's bias initializer (None: no bias)
     input: str  # tensor the chain reads
     output: str  # tensor the chain writes (the original layer's output)
+    channel_axis: int = 1  # where the channels are in the input/output tensors: 1 (NC...) for convs, -1 for dense
     extra: dict = field(default_factory=dict)
 
     @property
@@ -41,12 +42,14 @@ class Chain:
 
     def to_dict(self) -> dict:
         return {"layer": self.layer, "form": self.form, "ranks": list(self.ranks), "nodes": dict(self.nodes),
-                "weights": dict(self.weights), "bias": self.bias, "input": self.input, "output": self.output}
+                "weights": dict(self.weights), "bias": self.bias, "input": self.input, "output": self.output,
+                "channel_axis": self.channel_axis}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Chain":
         return cls(layer=d["layer"], form=d["form"], ranks=tuple(d["ranks"]), nodes=dict(d["nodes"]),
-                   weights=dict(d["weights"]), bias=d.get("bias"), input=d["input"], output=d["output"])
+                   weights=dict(d["weights"]), bias=d.get("bias"), input=d["input"], output=d["output"],
+                   channel_axis=int(d.get("channel_axis", 1)))
 
 
 def dumps(chains: list[Chain]) -> str:

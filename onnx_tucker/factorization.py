@@ -21,6 +21,7 @@ __all__ = ["Cost", "Factorization", "FORMS", "DEFAULT_FORMS", "get_form", "choos
 @runtime_checkable
 class Factorization(Protocol):
     name: str  # registry key, stored in the chain and the report
+    ops: tuple[str, ...]  # the ONNX ops whose sites it may take
     roles: tuple[str, ...]  # the chain's nodes, in data-flow order; the last one writes the layer's output
     refits: tuple[str, ...]  # calibration refits it supports: "last" (the last 1x1 conv + bias), "core"
 
@@ -64,6 +65,25 @@ FORMS: dict[str, Factorization] = _registry()
 # The forms used when none are named: kxk convs only, so that ``--ratio 0.5`` gives the seed's model.
 DEFAULT_FORMS: tuple[str, ...] = ("tucker2",)
 
+# ``--layers``: which kinds of layer to factor, and the form each kind gets.
+LAYER_KINDS = {"kxk": ("conv", "tucker2"), "1x1": ("conv1x1", "svd"), "dense": ("dense", "svd")}
+DEFAULT_LAYERS: tuple[str, ...] = ("kxk",)
+
+
+def layer_plan(layers: tuple[str, ...] | None, forms: tuple[str, ...] | None = None) -> tuple[tuple, set | None, set]:
+    """(forms, site kinds to factor, ops to list) for ``--layers`` kinds; ``forms`` alone keeps every kind."""
+    if layers is None:
+        forms = forms or DEFAULT_FORMS
+        ops = {op for name in forms for op in get_form(name).ops}
+        return forms, None, ops
+    unknown = [k for k in layers if k not in LAYER_KINDS]
+    if unknown:
+        raise UsageError(f"unknown layer kind {unknown[0]!r}: choose from {', '.join(LAYER_KINDS)}")
+    kinds = {LAYER_KINDS[k][0] for k in layers}
+    forms = forms or tuple(dict.fromkeys(LAYER_KINDS[k][1] for k in layers))
+    ops = {"Conv"} | ({"Gemm", "MatMul"} if "dense" in layers else set())
+    return forms, kinds, ops
+
 
 # "No gamble for crumbs" (issue 11): a chain that saves less than this share of the model's conv MACs is
 # not worth its accuracy risk. 0.1% keeps the seed CNN's last conv (0.19% at ratio 0.5: today's model);
@@ -95,10 +115,11 @@ def get_form(name: str) -> Factorization:
         raise UsageError(f"unknown factorization {name!r}: choose from {', '.join(FORMS)}") from None
 
 
-def chooser(enabled: tuple[str, ...] | None = None):
+def chooser(enabled: tuple[str, ...] | None = None, kinds: set | None = None):
     """``choose(site)``: set a usable site's ``form`` to the first enabled form that takes it, or its ``reason``.
 
-    A site no form takes keeps the first form's reason (the table's note) and releases its weight.
+    ``kinds`` (from ``--layers``) limits which site kinds are factored at all. A site no form takes keeps
+    the first form's reason (the table's note) and releases its weight.
     """
     forms = [get_form(n) for n in (enabled or DEFAULT_FORMS)]
 
@@ -108,6 +129,8 @@ def chooser(enabled: tuple[str, ...] | None = None):
         reasons = []
         for form in forms:
             why = form.eligible(site)
+            if not why and kinds is not None and site.kind not in kinds:
+                why = f"{site.kind} layers are not selected (--layers)"
             if not why:
                 site.form = form.name
                 return

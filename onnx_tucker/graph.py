@@ -139,7 +139,7 @@ def expose(model: onnx.ModelProto, names: list[str], types: dict[str, int] | Non
 def probe_model(model: onnx.ModelProto, sites: list) -> tuple[onnx.ModelProto, dict]:
     """``model`` with each site's weight and bias fed as graph inputs, and its input/output exposed.
 
-    Returns the probe and ``{site name: (weight input, bias input, site input, site output)}``.
+    Returns the probe and ``{site name: (weight input, bias input or None, site input, site output)}``.
     """
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
@@ -149,15 +149,16 @@ def probe_model(model: onnx.ModelProto, sites: list) -> tuple[onnx.ModelProto, d
     graph_inputs = {i.name for i in model.graph.input}
     for i, site in enumerate(sites):
         node = by_name[site.node.name]
-        w_name, b_name = f"{PROBE}_W{i}", f"{PROBE}_B{i}"
+        w_name, b_name = f"{PROBE}_W{i}", (f"{PROBE}_B{i}" if node.op_type != "MatMul" else None)  # a MatMul has no bias
         node.input[1] = w_name
-        if len(node.input) > 2:
-            node.input[2] = b_name
-        else:
-            node.input.append(b_name)
         dtype = onnx.helper.np_dtype_to_tensor_dtype(site.weight.dtype)
         probe.graph.input.append(onnx.helper.make_tensor_value_info(w_name, dtype, list(site.weight.shape)))
-        probe.graph.input.append(onnx.helper.make_tensor_value_info(b_name, dtype, [site.shape.c_out]))
+        if b_name is not None:
+            if len(node.input) > 2:
+                node.input[2] = b_name
+            else:
+                node.input.append(b_name)
+            probe.graph.input.append(onnx.helper.make_tensor_value_info(b_name, dtype, [site.shape.c_out]))
         for tensor in (node.input[0], node.output[0]):
             if tensor not in graph_outputs and tensor not in graph_inputs:
                 probe.graph.output.append(onnx.helper.make_tensor_value_info(tensor, dtype, None))

@@ -103,6 +103,8 @@ class CompressOptions:
     latency_batch: batch size for ``latency_aware``.
     forms: factorization names to use, tried in order per layer (default ``factorization.DEFAULT_FORMS``:
         Tucker-2 on kxk convs); ``("tucker2", "svd")`` also factors 1x1 convs. See ``factorization.FORMS``.
+    layers: which kinds of layer to factor: "kxk" (kxk convs, Tucker-2; the default), "1x1" (1x1 convs, SVD),
+        "dense" (Gemm, and MatMul with a constant 2-D weight, SVD), e.g. ("kxk", "1x1", "dense").
     input_shapes: {input name: dims} for inputs with dynamic spatial sizes: the cost model counts MACs at
         these sizes (without it such layers' MACs are unknown and profitability is judged on parameters).
     """
@@ -124,6 +126,7 @@ class CompressOptions:
     latency_aware: bool = False
     latency_batch: int = 1
     forms: tuple | None = None
+    layers: tuple | None = None
     input_shapes: dict | None = None
 
     @classmethod
@@ -163,6 +166,11 @@ class CompressOptions:
             from onnx_tucker.factorization import get_form
 
             self.forms = tuple(get_form(f).name for f in self.forms)
+        if self.layers is not None:
+            from onnx_tucker.factorization import layer_plan
+
+            self.layers = tuple(self.layers.split(",")) if isinstance(self.layers, str) else tuple(self.layers)
+            layer_plan(self.layers, self.forms)  # refuses unknown kinds
         return self
 
 
@@ -211,6 +219,9 @@ class RankArgs:
                             help=f"HOOI iterations after the SVD start (default {DEFAULT_ITERATIONS})")
         parser.add_argument("--method", choices=METHODS, default="eig",
                             help="decomposition routine (default: eig, our fast HOOI; tensorly: partial_tucker)")
+        parser.add_argument("--layers", default=None, metavar="KINDS",
+                            help="which layers to factor: kxk (kxk convs, Tucker-2; the default), 1x1 (1x1 convs, SVD), "
+                            "dense (Gemm/MatMul with a constant weight, SVD), e.g. kxk,1x1,dense")
         parser.add_argument("--forms", default=None, metavar="LIST",
                             help="factorizations to use, tried in order per layer: tucker2 (kxk convs, the default), "
                             "svd (1x1 convs: two 1x1 convs), e.g. tucker2,svd")
@@ -227,6 +238,11 @@ class RankArgs:
             options["exclude"] = tuple(e.strip() for e in args.exclude.split(",") if e.strip())
         if args.iterations is not None:
             options["n_iter_max"] = args.iterations
+        if args.layers is not None:
+            items = [k.strip() for k in args.layers.split(",")]
+            if not all(items):
+                raise UsageError(f"--layers: expected comma-separated kinds (kxk, 1x1, dense), got {args.layers!r}")
+            options["layers"] = tuple(items)
         if args.forms is not None:
             items = [f.strip() for f in args.forms.split(",")]
             if not all(items):

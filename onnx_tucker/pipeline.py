@@ -12,7 +12,7 @@ from threadpoolctl import ThreadpoolController
 from onnx_tucker import __version__
 from onnx_tucker.chain import METADATA_KEY as CHAINS_KEY, dumps as dump_chains
 from onnx_tucker.errors import ModelError, UsageError, first_line
-from onnx_tucker.factorization import chooser, get_form, not_worth_it
+from onnx_tucker.factorization import chooser, get_form, layer_plan, not_worth_it
 from onnx_tucker.graph import export, infer_shapes, set_metadata, taken_names
 from onnx_tucker.io import load_model
 from onnx_tucker.options import CompressOptions, check_ratio, settings_of
@@ -31,14 +31,16 @@ def _as_model(model) -> onnx.ModelProto:
     return model
 
 
-def factorable_sites(model: onnx.ModelProto, forms: tuple | None = None, input_shapes: dict | None = None) -> tuple[gs.Graph, list]:
+def factorable_sites(model: onnx.ModelProto, forms: tuple | None = None, input_shapes: dict | None = None,
+                     layers: tuple | None = None) -> tuple[gs.Graph, list]:
     """The model's graph and its sites, each with the form that takes it (``site.form``) or its reason."""
+    forms, kinds, ops = layer_plan(layers, forms)
     shapes = infer_shapes(model, input_shapes)
     try:
         graph = gs.import_onnx(model)
     except Exception as exc:
         raise ModelError(f"cannot import the graph: {first_line(exc)}") from None
-    sites = find_sites(graph, shapes, choose=chooser(forms))
+    sites = find_sites(graph, shapes, choose=chooser(forms, kinds), ops=tuple(sorted(ops)))
     return graph, sites
 
 
@@ -49,7 +51,7 @@ def compress(model, ratio: float = 0.5, **options) -> tuple[onnx.ModelProto, Rep
     arguments, are the fields of :class:`onnx_tucker.options.CompressOptions` (its docstring
     describes each): ``force``, ``rank_multiple``, ``n_iter_max``, ``method``, ``ranks``, ``exclude``,
     ``rank_method``, ``energy``, ``target_macs``, ``budget_rule``, ``calibration``, ``refit``,
-    ``whiten``, ``latency_aware``, ``latency_batch``, ``forms``, ``input_shapes``. An unknown option or a bad value
+    ``whiten``, ``latency_aware``, ``latency_batch``, ``forms``, ``layers``, ``input_shapes``. An unknown option or a bad value
     raises :class:`UsageError`.
 
     Returns ``(new_model, report)``; ``report.chains`` lists what each rewrite produced. When no layer
@@ -63,7 +65,7 @@ def compress(model, ratio: float = 0.5, **options) -> tuple[onnx.ModelProto, Rep
 
 
 def _compress(model: onnx.ModelProto, opts: CompressOptions) -> tuple[onnx.ModelProto, Report]:
-    graph, sites = factorable_sites(model, opts.forms, opts.input_shapes)
+    graph, sites = factorable_sites(model, opts.forms, opts.input_shapes, opts.layers)
     if not sites:
         raise ModelError("the model has no Conv node: nothing to compress")
     report = Report(ratio=opts.ratio, force=opts.force, tool_version=__version__)
@@ -85,7 +87,8 @@ def _compress(model: onnx.ModelProto, opts: CompressOptions) -> tuple[onnx.Model
     if opts.calibration is not None and opts.whiten and eligible:
         from onnx_tucker.calibrate import input_covariances
 
-        input_stats = input_covariances(model, opts.calibration, [s.input_name for s in eligible])
+        input_stats = input_covariances(model, opts.calibration, [s.input_name for s in eligible],
+                                        axes={s.input_name: s.extra.get("channel_axis", 1) for s in eligible})
     planned = plan_ranks(eligible, opts, fixed_macs, model=model, covariances=input_stats, report=report)
     blas = ThreadpoolController()  # finds the BLAS libraries once (threadpool_limits searches again per fit: ~4 ms each)
     shared: dict[tuple, tuple[dict, float]] = {}

@@ -54,6 +54,24 @@ def _bias_of(site) -> np.ndarray:
     return np.zeros(site.shape.c_out, dtype=site.weight.dtype) if bias is None else bias.astype(site.weight.dtype)
 
 
+def _probe_weights(site, solution: np.ndarray, inner: np.ndarray, w_name: str, b_name: str | None) -> dict:
+    """The option's composed weight (and bias) in the site's own layout, as the probe's feeds."""
+    from onnx_tucker.forms.svd import stored
+
+    dtype = site.weight.dtype
+    last = solution[:-1] if b_name is not None else solution  # (R, C_out)
+    matrix = last.T @ inner  # (C_out, C_in*k...)
+    if site.op == "Conv":
+        feed = {w_name: matrix.reshape(site.weight.shape).astype(dtype)}
+    else:
+        alpha = float(site.node.attrs.get("alpha", 1.0)) if site.op == "Gemm" else 1.0
+        feed = {w_name: (stored(site, matrix) / alpha).astype(dtype)}
+    if b_name is not None:
+        beta = float(site.node.attrs.get("beta", 1.0)) if site.op == "Gemm" else 1.0
+        feed[b_name] = (solution[-1] / beta).astype(dtype)
+    return feed
+
+
 def _distortion(reference: np.ndarray, output: np.ndarray) -> float:
     """Mean KL(original || perturbed) over samples for class scores, else relative squared error."""
     ref = reference.astype(np.float64).reshape(len(reference), -1)
@@ -88,7 +106,7 @@ def distortion_curves(model: onnx.ModelProto, candidates: list, feeds: dict, cov
     probe, names = probe_model(model, candidates)
     # The activations each option's suffix model is fed with (residual branches too) are outputs as well.
     cuts = {cand.name: cut(probe, cand.node.name) for cand in candidates}
-    known = set(feeds) | {n for c in candidates for n in names[c.name][:2]}
+    known = set(feeds) | {n for c in candidates for n in names[c.name][:2] if n}
     cut_tensors = list(dict.fromkeys(t for tensors in cuts.values() if tensors for t in tensors if t not in known))
     if any(t not in {o.name for o in probe.graph.output} for t in cut_tensors):
         expose(probe, cut_tensors, tensor_types(model))  # shape tensors are int64: typed by inference
@@ -98,9 +116,15 @@ def distortion_curves(model: onnx.ModelProto, candidates: list, feeds: dict, cov
     for cand in candidates:
         w_name, b_name, _, _ = names[cand.name]
         weights[w_name] = np.ascontiguousarray(cand.weight)
-        weights[b_name] = _bias_of(cand)
+        if b_name is not None:
+            weights[b_name] = _bias_of(cand)
     geometries = {}
     for cand in candidates:
+        if cand.op != "Conv":  # a dense layer: its "patches" are its input rows
+            if cand.shape.out_spatial is None:
+                raise Unsupported(f"{cand.name} is a dense layer of unknown input shape")
+            geometries[cand.name] = None
+            continue
         geometry = cand.geometry.as_2d() if cand.geometry is not None else None
         if geometry is None or cand.shape.in_spatial is None or cand.shape.out_spatial is None:
             raise Unsupported(f"{cand.name} is not a 2-D ungrouped conv of known size")
@@ -120,6 +144,14 @@ def distortion_curves(model: onnx.ModelProto, candidates: list, feeds: dict, cov
         values.update(batch)
         for cand in candidates:
             x, y = values[names[cand.name][2]], values[names[cand.name][3]]
+            if geometries[cand.name] is None:  # dense: rows of (features) per sample
+                x2, y2 = x.reshape(len(x), -1, x.shape[-1]), y.reshape(len(y), -1, y.shape[-1])
+                count = min(per_image[cand.name], x2.shape[1])
+                pick = np.stack([rng.choice(x2.shape[1], count, replace=False) for _ in range(len(x2))])
+                n_idx = np.repeat(np.arange(len(x2)), count)
+                rows[cand.name][0].append(x2[n_idx, pick.ravel()].astype(np.float64))
+                rows[cand.name][1].append(y2[n_idx, pick.ravel()].astype(np.float64))
+                continue
             oh_total, ow_total = y.shape[2], y.shape[3]
             count = min(per_image[cand.name], oh_total * ow_total)
             n_idx = np.repeat(np.arange(len(x)), count)
@@ -150,7 +182,7 @@ def distortion_curves(model: onnx.ModelProto, candidates: list, feeds: dict, cov
             suffix_session = make_session(suffix_model(probe, cand.node.name, output_name, suffix_feeds))
         patches = np.concatenate(rows[cand.name][0])
         target = np.concatenate(rows[cand.name][1])
-        design_ones = np.ones((len(patches), 1))
+        design_ones = np.ones((len(patches), 1 if names[cand.name][1] is not None else 0))  # a MatMul: no intercept
         relu = feeds_only_relu(model, names[cand.name][3])
         w_name, b_name, _, _ = names[cand.name]
         cov = covariances.get(cand.input_name) if covariances else None
@@ -167,9 +199,8 @@ def distortion_curves(model: onnx.ModelProto, candidates: list, feeds: dict, cov
             solution = np.linalg.solve(gram, design.T @ target)
             if relu and RELU_AWARE:
                 solution = relu_solve(design, target, solution, 1e-6, iterations=2)
-            weight = (solution[:-1].T @ inner).reshape(cand.weight.shape).astype(cand.weight.dtype)
-            bias = solution[-1].astype(cand.weight.dtype)
-            out = suffix_session.run([output_name], {**suffix_feeds, w_name: weight, b_name: bias})[0]
+            feed = _probe_weights(cand, solution, inner, w_name, b_name)
+            out = suffix_session.run([output_name], {**suffix_feeds, **feed})[0]
             curve.append((form.cost(cand, ranks).macs, _distortion(reference, out), tuple(ranks)))
             bar.update()
         curves[cand.name] = curve

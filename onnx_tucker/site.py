@@ -132,7 +132,7 @@ class Site:
     def kind(self) -> str:
         """What kind of layer it is, in words the table and ``--layers`` use."""
         if self.geometry is None:
-            return self.op.lower()
+            return "dense" if self.op in ("Gemm", "MatMul") else self.op.lower()
         if self.geometry.group != 1:
             c_in_per_group = self.shape.c_in // self.geometry.group if self.shape else 0
             return "depthwise" if c_in_per_group == 1 and self.shape and self.geometry.group == self.shape.c_out else "grouped"
@@ -140,13 +140,16 @@ class Site:
 
     def bias_values(self) -> np.ndarray | None:
         """The constant bias (None when there is none); raises ValueError when it is computed at run time."""
+        if self.op == "MatMul":
+            return None
         inputs = self.node.inputs
         if len(inputs) < 3 or inputs[2] is None or not inputs[2].name:
             return None
         value, why = resolve_constant(inputs[2])
         if value is None:
             raise ValueError(f"bias of {self.name} is not a constant ({why})")
-        return np.asarray(value).reshape(-1)
+        value = np.asarray(value).reshape(-1)
+        return np.broadcast_to(value, (self.shape.c_out,)).copy() if self.shape is not None else value
 
 
 def constant_values(tensor: gs.Constant) -> np.ndarray:
@@ -186,7 +189,7 @@ def node_label(node: gs.Node) -> str:
     return node.name or f"{node.op}_{node.outputs[0].name}"
 
 
-def find_sites(graph: gs.Graph, shapes: dict[str, tuple] | None = None, choose=None) -> list[Site]:
+def find_sites(graph: gs.Graph, shapes: dict[str, tuple] | None = None, choose=None, ops=("Conv",)) -> list[Site]:
     """Every Conv of the top-level graph as a :class:`Site`, with the structural reason where it is unusable.
 
     Whether a form can factor it (group, kernel size) is the form's call: ``choose(site)`` (e.g.
@@ -194,13 +197,19 @@ def find_sites(graph: gs.Graph, shapes: dict[str, tuple] | None = None, choose=N
     dropped at once, so only the weights that will be factored are ever held together (issue 5: peak memory).
     ``site.extra["defect"]`` tells a structural reason (the model's) from a form's decision.
     ``shapes`` maps tensor names to inferred shapes (batch 1), used for the cost model and SAME_* padding.
-    Convs inside If/Loop bodies are not visited: they are left as they are.
+    ``ops``: the ONNX ops to list ("Conv"; "Gemm" and "MatMul" when dense layers are asked for).
+    Layers inside If/Loop bodies are not visited: they are left as they are.
     """
     shapes = shapes or {}
     found = []
     loaded: dict[str, np.ndarray] = {}  # weight key -> values: a weight shared by several convs is held once
     for node in graph.nodes:
-        if node.op != "Conv" or (node.domain or "") not in ("", "ai.onnx"):
+        if (node.domain or "") not in ("", "ai.onnx") or node.op not in ops:
+            continue
+        if node.op != "Conv":
+            site = _dense_site(node, shapes, loaded, choose)
+            if site is not None:
+                found.append(site)
             continue
         site = Site(node=node, name=node_label(node), op="Conv")
         found.append(site)
@@ -250,6 +259,57 @@ def find_sites(graph: gs.Graph, shapes: dict[str, tuple] | None = None, choose=N
     for site in found:  # a site refused before the forms saw it: the model's own defect
         site.extra.setdefault("defect", True)
     return found
+
+
+def _dense_site(node: gs.Node, shapes: dict, loaded: dict, choose) -> Site | None:
+    """A Gemm, or a MatMul whose right operand is a constant 2-D weight, as a site (None: not a dense layer).
+
+    ``weight`` is kept in its stored layout (``extra["layout"]``: "KN" for B as (in, out), "NK" for
+    transB=1); the cost model sees it as channels (c_in=K, c_out=N) over the rows each sample has.
+    """
+    if len(node.inputs) < 2:
+        return None
+    weight, why = resolve_constant(node.inputs[1])
+    if node.op == "MatMul" and weight is None:
+        return None  # activations times activations (attention): not a layer with weights
+    site = Site(node=node, name=node_label(node), op=node.op)
+    site.input_name, site.output_name = node.inputs[0].name, node.outputs[0].name
+    site.input_shape, site.output_shape = shapes.get(site.input_name), shapes.get(site.output_name)
+    if weight is None:
+        site.reason = why
+        return site
+    if weight.dtype.type not in SUPPORTED_DTYPES:
+        site.reason = f"weight dtype {weight.dtype} is not a float type this tool decomposes"
+        return site
+    if weight.ndim != 2:
+        site.reason = f"weight has rank {weight.ndim}: only a 2-D weight is a dense layer"
+        return site
+    if not np.all(np.isfinite(weight)):
+        site.reason = "weight contains NaN or Inf"
+        return site
+    trans_b = node.op == "Gemm" and int(node.attrs.get("transB", 0)) == 1
+    if node.op == "Gemm" and int(node.attrs.get("transA", 0)) != 0:
+        site.reason = "Gemm with transA=1: its input features are not the last axis: left alone"
+        return site
+    k, n = (weight.shape[1], weight.shape[0]) if trans_b else weight.shape
+    rows = None
+    if site.input_shape is not None and len(site.input_shape) >= 2:
+        inner = tuple(site.input_shape[1:-1])
+        rows = inner if all(isinstance(d, int) and d > 0 for d in inner) else None
+    site.shape = ConvShape(c_out=int(n), c_in=int(k), kernel=(), in_spatial=rows, out_spatial=rows)
+    if node.op == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].name:
+        bias, _ = resolve_constant(node.inputs[2])
+        if bias is None or bias.size not in (1, n):
+            site.reason = "Gemm bias C is not a constant per-output vector: left alone"
+            return site
+    site.extra.update(defect=False, layout="NK" if trans_b else "KN", channel_axis=-1)
+    site.weight_key = node.inputs[1].name
+    site.weight = loaded.get(site.weight_key, weight)
+    if choose is not None:
+        choose(site)
+    if site.weight is not None:
+        loaded.setdefault(site.weight_key, site.weight)
+    return site
 
 
 def _spatial_from(shape, nd: int):

@@ -94,3 +94,95 @@ def test_svd_takes_the_1x1_convs_tucker_the_kxk_ones_under_one_budget_with_calib
     x = feeds["x"][:16]
     a, b = run(model, x), run(new, x)
     assert np.isfinite(b).all() and b.shape == a.shape
+
+
+# --- dense layers: Gemm and MatMul (issue 11) ------------------------------------------------------
+
+def dense_model(op="Gemm", trans_b=0, alpha=1.0, beta=1.0, bias="vector", k=24, n=16, lead=(), relu=True, seed=0):
+    """x (N, *lead, K) -> Gemm/MatMul -> [Relu] -> y."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((n, k) if trans_b else (k, n)).astype(np.float32) / 4
+    inits = [numpy_helper.from_array(w, "W")]
+    inputs = ["x", "W"]
+    attrs = {}
+    if op == "Gemm":
+        attrs = {"transB": trans_b, "alpha": alpha, "beta": beta}
+        if bias:
+            c = rng.standard_normal(n if bias == "vector" else 1).astype(np.float32)
+            inits.append(numpy_helper.from_array(c, "C"))
+            inputs.append("C")
+    nodes = [helper.make_node(op, inputs, ["h"], name="dense", **attrs)]
+    nodes.append(helper.make_node("Relu" if relu else "Identity", ["h"], ["y"], name="act"))
+    graph = helper.make_graph(nodes, "d", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", *lead, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+DENSE_CASES = [
+    dict(op="Gemm"), dict(op="Gemm", trans_b=1), dict(op="Gemm", alpha=0.5, beta=2.0), dict(op="Gemm", trans_b=1, alpha=1.5, beta=0.25),
+    dict(op="Gemm", bias=None), dict(op="Gemm", bias="scalar"), dict(op="MatMul"), dict(op="MatMul", lead=(5,)), dict(op="MatMul", lead=(3, 2)),
+]
+
+
+@pytest.mark.parametrize("case", DENSE_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_dense_svd_full_rank_reproduces_the_original_for_every_attribute(case):
+    model = dense_model(**case)
+    x = np.random.default_rng(5).standard_normal((6, *case.get("lead", ()), 24)).astype(np.float32)
+    new, report = compress(model, ratio=1.0, force=True, layers=("dense",))
+    [chain] = report.chains
+    assert chain.form == "svd" and chain.ranks == (16,) and chain.channel_axis == -1
+    assert [n.op_type for n in new.graph.node if n.name in chain.nodes.values()] == [case["op"]] * 2
+    a, b = run(model, x), run(new, x)
+    assert np.linalg.norm(a - b) / np.linalg.norm(a) < 1e-5
+
+
+@pytest.mark.parametrize("case", [dict(op="Gemm", trans_b=1, alpha=0.5, beta=2.0), dict(op="MatMul", lead=(5,))], ids=["gemm", "matmul"])
+def test_dense_chain_at_a_real_rank_equals_the_composed_weight(case):
+    model = dense_model(relu=False, **case)
+    x = np.random.default_rng(6).standard_normal((6, *case.get("lead", ()), 24)).astype(np.float32)
+    new, report = compress(model, ratio=0.25, force=True, layers=("dense",))
+    [chain] = report.chains
+    assert chain.ranks == (4,)
+    inits = {i.name: numpy_helper.to_array(i) for i in new.graph.initializer}
+    first, last = inits[chain.weights["first"]], inits[chain.weights["last"]]
+    composed = last @ first if case.get("trans_b") else first @ last  # back in the original's layout
+    reference = onnx.ModelProto()
+    reference.CopyFrom(model)
+    next(i for i in reference.graph.initializer if i.name == "W").CopyFrom(numpy_helper.from_array(composed, "W"))
+    np.testing.assert_allclose(run(new, x), run(reference, x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", [dict(op="Gemm", trans_b=1, beta=2.0), dict(op="MatMul", lead=(4,))], ids=["gemm", "matmul"])
+def test_dense_calibration_refit_lowers_the_held_out_error(case):
+    rng = np.random.default_rng(7)
+    model = dense_model(**case)
+    shape = (*case.get("lead", ()), 24)
+    mix = rng.standard_normal((24, 24)).astype(np.float32)  # correlated features: whitening matters
+    cal = {"x": (rng.standard_normal((512, *shape)).astype(np.float32) @ mix)}
+    held = (rng.standard_normal((128, *shape)).astype(np.float32) @ mix)
+    plain, _ = compress(model, ratio=0.25, force=True, layers=("dense",))
+    fitted, report = compress(model, ratio=0.25, force=True, layers=("dense",), calibration=cal, refit="last")
+    a = run(model, held)
+    assert np.linalg.norm(run(fitted, held) - a) < np.linalg.norm(run(plain, held) - a)
+    assert all(v["output_error_after"] <= v["output_error_before"] + 1e-9 for v in report.calibration["layers"].values())
+
+
+def test_dense_layers_join_the_measured_budget_with_the_convs():
+    """One knapsack over kxk convs, 1x1 convs and a classifier Gemm, with measured curves for each."""
+    rng = np.random.default_rng(8)
+    model = residual_model()
+    # add a Gemm classifier after the network's logits: logits (N,10) -> Gemm(10 -> 64) -> Relu -> Gemm(64 -> 10)
+    w1 = numpy_helper.from_array(rng.standard_normal((10, 64)).astype(np.float32) / 3, "fc1_W")
+    w2 = numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32) / 8, "fc2_W")
+    model.graph.initializer.extend([w1, w2])
+    model.graph.node.extend([helper.make_node("Gemm", ["logits", "fc1_W"], ["f1"], name="fc1"),
+                             helper.make_node("Relu", ["f1"], ["f1r"], name="fc1_relu"),
+                             helper.make_node("Gemm", ["f1r", "fc2_W"], ["out"], name="fc2")])
+    del model.graph.output[:]
+    model.graph.output.append(helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 64]))
+    feeds = {"x": rng.standard_normal((256, 3, 10, 10)).astype(np.float32)}
+    new, report = compress(model, target_macs=0.7, calibration=feeds, layers=("kxk", "1x1", "dense"))
+    assert report.totals()["macs_after"] <= 0.7 * report.totals()["macs_before"]
+    assert "fc2" in report.sensitivity["curves"] and report.sensitivity["curves"]["fc2"]
+    out = run(new, feeds["x"][:8])
+    assert np.isfinite(out).all() and out.shape == (8, 64)

@@ -1,9 +1,13 @@
-"""SVD of a 1x1 Conv (group 1, 1-D/2-D/3-D): ``C_in -> R -> C_out`` as two 1x1 convs, the bias on the second.
+"""SVD of a channel mixer: ``C_in -> R -> C_out`` as two nodes of the original op, the bias on the second.
 
-The first conv carries the original strides and pads (a 1x1 conv's pads add a zero border; the second
-conv sees the padded, strided grid), the second writes the original output tensor. With calibration
-statistics the fit is input-whitened: the SVD of ``W S^(1/2)`` minimises E||(W - W') x||^2.
-Opt-in (``forms=("tucker2", "svd")``): the default keeps today's models (kxk convs only).
+- 1x1 Conv (group 1, 1-D/2-D/3-D): two 1x1 convs; the first carries the original strides and pads (a 1x1
+  conv's pads add a zero border; the second conv sees the padded, strided grid).
+- Gemm (transA=0; transB, alpha, beta and a bias C kept): ``Gemm(A, P, alpha)`` then ``Gemm(Z, Q, C, beta)``.
+- MatMul with a constant 2-D weight on the right (any batch dimensions on the left): two MatMuls.
+
+The second node writes the original output tensor. With calibration statistics the fit is input-whitened:
+the SVD of ``W S^(1/2)`` minimises E||(W - W') x||^2. Opt-in (``--layers kxk,1x1,dense``): the default
+keeps today's models (kxk convs only).
 """
 from __future__ import annotations
 
@@ -29,16 +33,30 @@ class SVDFactors:
 
 
 def _matrix(site) -> np.ndarray:
-    return site.weight.reshape(site.weight.shape[0], site.weight.shape[1]).astype(np.float64)
+    """The weight as (out, in)."""
+    w = site.weight
+    if site.op == "Conv":
+        return w.reshape(w.shape[0], w.shape[1]).astype(np.float64)
+    return (w if site.extra.get("layout") == "NK" else w.T).astype(np.float64)
+
+
+def stored(site, matrix: np.ndarray) -> np.ndarray:
+    """An (out, in) matrix in the site's own weight layout."""
+    if site.op == "Conv":
+        return matrix.reshape(site.weight.shape if site.weight is not None else matrix.shape + (1,) * 2)
+    return matrix if site.extra.get("layout") == "NK" else matrix.T
 
 
 class SVDForm:
     name = "svd"
+    ops = ("Conv", "Gemm", "MatMul")
     roles = ("first", "last")
     refits = ("last",)
 
     def eligible(self, site) -> str:
         geometry = site.geometry
+        if site.op in ("Gemm", "MatMul"):
+            return ""
         if geometry.group != 1:
             return f"{site.kind} conv (group={geometry.group}): left alone"
         if not geometry.is_pointwise:
@@ -97,16 +115,24 @@ class SVDForm:
     def compose(self, site, factors, *, upto_last: bool = False) -> np.ndarray:
         if upto_last:
             return factors.first.astype(np.float64)
-        return (factors.last @ factors.first).reshape(site.weight.shape)
+        return stored(site, factors.last @ factors.first)
 
     def constants(self, site, factors, taken: set[str]) -> dict:
         dtype, nd = site.weight.dtype, site.weight.ndim - 2
+        if site.op != "Conv":  # each factor in the original's layout: (in, out), or (out, in) for Gemm transB=1
+            nk = site.extra.get("layout") == "NK"
+            return {
+                "first": gs.Constant(unique_name(f"{site.name}_svd_in_W", taken), (factors.first if nk else factors.first.T).astype(dtype)),
+                "last": gs.Constant(unique_name(f"{site.name}_svd_out_W", taken), (factors.last if nk else factors.last.T).astype(dtype)),
+            }
         return {
             "first": gs.Constant(unique_name(f"{site.name}_svd_in_W", taken), factors.first.reshape(factors.first.shape + (1,) * nd).astype(dtype)),
             "last": gs.Constant(unique_name(f"{site.name}_svd_out_W", taken), factors.last.reshape(factors.last.shape + (1,) * nd).astype(dtype)),
         }
 
     def emit(self, graph, site, constants: dict, taken: set[str]) -> Chain:
+        if site.op != "Conv":
+            return self._emit_dense(graph, site, constants, taken)
         node = site.node
         nd = len(site.shape.kernel)
         first, last = constants["first"], constants["last"]
@@ -128,3 +154,30 @@ class SVDForm:
         return Chain(layer=site.name, form=self.name, ranks=(int(first.values.shape[0]),),
                      nodes={"first": n1.name, "last": n2.name}, weights={"first": first.name, "last": last.name},
                      bias=bias.name if bias is not None else None, input=x.name, output=output)
+
+    def _emit_dense(self, graph, site, constants: dict, taken: set[str]) -> Chain:
+        node = site.node
+        first, last = constants["first"], constants["last"]
+        x = node.inputs[0]
+        mid = gs.Variable(unique_name(f"{site.name}_svd_mid", taken), dtype=first.values.dtype)
+        output = node.outputs[0].name
+        bias = None
+        if node.op == "Gemm":
+            trans_b = int(node.attrs.get("transB", 0))
+            bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].name else None
+            first_attrs = {"transB": trans_b, "alpha": float(node.attrs.get("alpha", 1.0))}
+            last_attrs = {"transB": trans_b, "beta": float(node.attrs.get("beta", 1.0))}
+            n1 = gs.Node("Gemm", unique_name(f"{site.name}_svd_in", taken), attrs=first_attrs, inputs=[x, first], outputs=[mid])
+            n2 = gs.Node("Gemm", unique_name(f"{site.name}_svd_out", taken), attrs=last_attrs,
+                         inputs=[mid, last] + ([bias] if bias is not None else []), outputs=list(node.outputs))
+        else:
+            n1 = gs.Node("MatMul", unique_name(f"{site.name}_svd_in", taken), inputs=[x, first], outputs=[mid])
+            n2 = gs.Node("MatMul", unique_name(f"{site.name}_svd_out", taken), inputs=[mid, last], outputs=list(node.outputs))
+        node.outputs.clear()
+        node.inputs.clear()
+        graph.nodes.extend([n1, n2])
+        rank = first.values.shape[0] if site.extra.get("layout") == "NK" else first.values.shape[1]
+        site.weight = None
+        return Chain(layer=site.name, form=self.name, ranks=(int(rank),), nodes={"first": n1.name, "last": n2.name},
+                     weights={"first": first.name, "last": last.name}, bias=bias.name if bias is not None else None,
+                     input=x.name, output=output, channel_axis=-1)

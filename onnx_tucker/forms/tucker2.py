@@ -21,11 +21,14 @@ SKEW = 2.0  # largest ratio between the two modes' rank fractions
 
 class Tucker2Form:
     name = "tucker2"
+    ops = ("Conv",)
     roles = ("first", "core", "last")
     refits = ("core", "last")
 
     def eligible(self, site) -> str:
         geometry = site.geometry
+        if geometry is None:
+            return "dense layer: factored by the SVD form (--layers dense)"
         if geometry.group != 1:
             return f"{site.kind} conv (group={geometry.group}): left alone"
         if geometry.is_pointwise:
