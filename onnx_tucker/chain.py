@@ -38,18 +38,19 @@ class Chain:
 
     def trainable(self) -> list[str]:
         """The initializers this chain owns: every factor's weight and the bias (what distillation trains)."""
-        return list(dict.fromkeys(list(self.weights.values()) + ([self.bias] if self.bias else [])))
+        folded = self.extra.get("folded_affine", {}).get("bias")
+        return list(dict.fromkeys(list(self.weights.values()) + ([self.bias] if self.bias else []) + ([folded] if folded else [])))
 
     def to_dict(self) -> dict:
         return {"layer": self.layer, "form": self.form, "ranks": list(self.ranks), "nodes": dict(self.nodes),
                 "weights": dict(self.weights), "bias": self.bias, "input": self.input, "output": self.output,
-                "channel_axis": self.channel_axis}
+                "channel_axis": self.channel_axis, **({"extra": self.extra} if self.extra else {})}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Chain":
         return cls(layer=d["layer"], form=d["form"], ranks=tuple(d["ranks"]), nodes=dict(d["nodes"]),
                    weights=dict(d["weights"]), bias=d.get("bias"), input=d["input"], output=d["output"],
-                   channel_axis=int(d.get("channel_axis", 1)))
+                   channel_axis=int(d.get("channel_axis", 1)), extra=dict(d.get("extra", {})))
 
 
 def dumps(chains: list[Chain]) -> str:

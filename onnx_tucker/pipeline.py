@@ -51,7 +51,7 @@ def compress(model, ratio: float = 0.5, **options) -> tuple[onnx.ModelProto, Rep
     arguments, are the fields of :class:`onnx_tucker.options.CompressOptions` (its docstring
     describes each): ``force``, ``rank_multiple``, ``n_iter_max``, ``method``, ``ranks``, ``exclude``,
     ``rank_method``, ``energy``, ``target_macs``, ``budget_rule``, ``calibration``, ``refit``,
-    ``whiten``, ``latency_aware``, ``latency_batch``, ``forms``, ``layers``, ``input_shapes``. An unknown option or a bad value
+    ``whiten``, ``latency_aware``, ``latency_batch``, ``forms``, ``layers``, ``input_shapes``, ``fold_affine``. An unknown option or a bad value
     raises :class:`UsageError`.
 
     Returns ``(new_model, report)``; ``report.chains`` lists what each rewrite produced. When no layer
@@ -124,6 +124,12 @@ def _compress(model: onnx.ModelProto, opts: CompressOptions) -> tuple[onnx.Model
             from onnx_tucker.calibrate import refit_chains
 
             report.calibration = refit_chains(model, new_model, opts.calibration, report.chains, mode=opts.refit)
+        if opts.fold_affine:
+            from onnx_tucker.fold import fold_affine_into_chains
+
+            folded = fold_affine_into_chains(new_model, report.chains)
+            if folded:
+                report.notes.append(f"folded the per-channel Mul/Add before {len(folded)} chain(s) into their first 1x1 conv (exact)")
     else:
         reasons = "; ".join(sorted({r.reason for r in report.layers if r.reason}))
         if all(site.extra.get("defect") for site in sites):  # not a choice: no layer of this model can be factored

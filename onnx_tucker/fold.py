@@ -1,0 +1,113 @@
+"""Fold per-channel affine ops (a BatchNorm left as Mul/Add after a ReLU) into a chain's first 1x1 conv.
+
+``y = W1 (a * x + b)`` is ``(W1 diag(a)) x + W1 b``: exact for a 1x1 conv without padding, which is what a
+chain's first node is (the padded core comes after it). When a MaxPool sits between the affine and the
+chain and every scale is positive, the affine commutes with the max (``max(a x + b) = a max(x) + b``)
+and is folded the same way. The Mul and Add then vanish from the graph: the seed CNN spends a large
+share of its CPU time on them (issue 13).
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from onnx_tucker.graph import Initializers, consumers, nodes_by_name, unique_name
+
+
+def _per_channel_of(inits, node, const_index: int, channels: int, rank: int) -> np.ndarray | None:
+    """The node's constant input as a (C,) vector when it broadcasts along the channel axis (1) of a
+    rank-``rank`` NC... tensor (a scalar counts), else None."""
+    name = node.input[const_index]
+    if name not in inits:
+        return None
+    raw = inits.array(name)
+    if raw.size == 1:
+        return np.full(channels, float(raw.reshape(-1)[0]))
+    shape = (1,) * (rank - raw.ndim) + raw.shape if raw.ndim <= rank else None
+    if shape is None or shape[1] != channels or any(d != 1 for i, d in enumerate(shape) if i != 1):
+        return None
+    return raw.reshape(-1).astype(np.float64)
+
+
+def fold_affine_into_chains(model: onnx.ModelProto, chains: list) -> list[str]:
+    """Fold the Mul/Add (and Mul/Add -> MaxPool) feeding each chain's first 1x1 conv; edits ``model`` and
+    ``chains`` in place. Returns the layers folded into."""
+    folded = []
+    for chain in chains:
+        if chain.form not in ("tucker2", "svd") or chain.channel_axis != 1:
+            continue
+        if _fold_one(model, chain):
+            folded.append(chain.layer)
+    if folded:
+        _drop_unused(model)
+    return folded
+
+
+def _fold_one(model, chain) -> bool:
+    nodes = nodes_by_name(model)
+    first = nodes.get(chain.nodes["first"])
+    if first is None or first.op_type != "Conv" or len(first.input) > 2 and first.input[2]:
+        return False
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in first.attribute}
+    if any(attrs.get("pads", [0])) or attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET", b"VALID", "VALID"):
+        return False
+    producers = {o: n for n in model.graph.node for o in n.output}
+    graph_outputs = {o.name for o in model.graph.output}
+    inits = Initializers(model)
+    w = inits.array(first.input[1])
+    channels = w.shape[1]
+    pool, tensor = None, first.input[0]
+    node = producers.get(tensor)
+    if node is not None and node.op_type == "MaxPool":
+        pool, tensor = node, node.input[0]
+        node = producers.get(tensor)
+    if node is None or node.op_type != "Add" or tensor in graph_outputs:
+        return False
+    add = node
+    add_const = 1 if add.input[1] in inits else 0 if add.input[0] in inits else None
+    if add_const is None:
+        return False
+    mul = producers.get(add.input[1 - add_const])
+    if mul is None or mul.op_type != "Mul" or mul.output[0] in graph_outputs:
+        return False
+    mul_const = 1 if mul.input[1] in inits else 0 if mul.input[0] in inits else None
+    if mul_const is None:
+        return False
+    scale = _per_channel_of(inits, mul, mul_const, channels, w.ndim)
+    shift = _per_channel_of(inits, add, add_const, channels, w.ndim)
+    if scale is None or shift is None:
+        return False
+    # every intermediate tensor must feed only the next step, so removing the affine changes nothing else
+    chain_path = [mul.output[0], add.output[0]] + ([pool.output[0]] if pool is not None else [])
+    for t in chain_path:
+        if len(consumers(model, t)) != 1:
+            return False
+    if pool is not None and not np.all(scale > 0):
+        return False  # max(a x + b) = a max(x) + b only for a > 0
+    x = mul.input[1 - mul_const]
+    w64 = w.astype(np.float64)
+    new_w = w64 * scale.reshape(1, -1, *([1] * (w.ndim - 2)))
+    new_b = w64.reshape(w.shape[0], w.shape[1]) @ shift
+    inits.set(first.input[1], new_w.astype(w.dtype))
+    bias_name = unique_name(f"{chain.nodes['first']}_B", set(inits.by_name))
+    model.graph.initializer.add().CopyFrom(onnx.numpy_helper.from_array(new_b.astype(w.dtype), bias_name))
+    if pool is not None:
+        pool.input[0] = x  # the max now runs on the raw activations
+    else:
+        first.input[0] = x
+    while len(first.input) < 3:
+        first.input.append("")
+    first.input[2] = bias_name
+    keep = [n for n in model.graph.node if n is not mul and n is not add]
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+    chain.input = first.input[0]
+    chain.extra["folded_affine"] = {"bias": bias_name, "through_maxpool": pool is not None}
+    return True
+
+
+def _drop_unused(model: onnx.ModelProto) -> None:
+    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+    keep = [i for i in model.graph.initializer if i.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
