@@ -107,6 +107,8 @@ class CompressOptions:
         "dense" (Gemm, and MatMul with a constant 2-D weight, SVD), e.g. ("kxk", "1x1", "dense").
     fold_affine: fold a per-channel Mul/Add (a BatchNorm after a ReLU, also through a MaxPool when its
         scales are positive) into the first 1x1 conv of the chain it feeds: exact, and faster on the CPU (default True).
+    curves: a file for the measured budget's distortion curves: reused by a later run on the same model and
+        calibration data (at any target), and resumed after an interruption.
     input_shapes: {input name: dims} for inputs with dynamic spatial sizes: the cost model counts MACs at
         these sizes (without it such layers' MACs are unknown and profitability is judged on parameters).
     """
@@ -131,6 +133,7 @@ class CompressOptions:
     layers: tuple | None = None
     input_shapes: dict | None = None
     fold_affine: bool = True
+    curves: str | None = None
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "CompressOptions":
@@ -276,14 +279,29 @@ class BudgetArgs:
         parser.add_argument("--budget-rule", choices=BUDGET_RULES, default=None,
                             help="with --target-macs: 'measured' spends ranks by each layer's measured effect on the output "
                             "(needs --calibrate; the default with it), 'uniform' uses one ratio for all layers (default without)")
+        parser.add_argument("--curves", metavar="FILE.json",
+                            help="keep the measured budget's distortion curves in FILE: a later run on the same model and "
+                            "calibration data reuses them at any --target-macs, and an interrupted run resumes")
 
     @staticmethod
     def parse(args) -> dict:
         if args.budget_rule is not None and args.target_macs is None:
             raise UsageError("--budget-rule only applies with --target-macs")
+        if args.curves is not None and (args.target_macs is None or not getattr(args, "calibrate", None)):
+            raise UsageError("--curves only applies with --target-macs and --calibrate (the measured budget)")
         if args.target_macs is None:
             return {}
-        return {"target_macs": args.target_macs, "budget_rule": args.budget_rule or "auto"}
+        options = {"target_macs": args.target_macs, "budget_rule": args.budget_rule or "auto"}
+        if args.curves is not None:
+            from pathlib import Path
+
+            path = Path(args.curves)
+            if path.exists() and not path.is_file():
+                raise UsageError(f"--curves: {path} exists and is not a regular file")
+            if not path.parent.is_dir():
+                raise UsageError(f"--curves: folder does not exist: {path.parent}")
+            options["curves"] = str(path)
+        return options
 
 
 class CalibrationArgs:

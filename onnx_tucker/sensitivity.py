@@ -27,6 +27,7 @@ from onnx_tucker.calibrate import patches_at, relu_solve
 from onnx_tucker.capture import iterate
 from onnx_tucker.factorization import get_form, not_worth_it
 from onnx_tucker.graph import cut, expose, feeds_only_relu, probe_model, suffix_model, tensor_types
+from onnx_tucker.providers import fastest_available
 from onnx_tucker.runtime import make_session
 
 FIT_ROWS = 12_000  # sampled output positions per layer for the refit
@@ -91,15 +92,81 @@ def _softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(1, keepdims=True)
 
 
-def distortion_curves(model: onnx.ModelProto, candidates: list, feeds: dict, covariances: dict | None,
-                      rank_multiple: int = 1, seed: int = 0, progress: bool = True, fixed_macs: int = 0) -> dict:
-    """Layer -> [(chain MACs, measured distortion, (R_out, R_in))], plus the seconds it took.
+class CurveCache:
+    """Curves on disk (``--curves FILE``): a run at another target reuses them, an interrupted run resumes.
 
+    Valid only for the same model (graph and every weight), calibration inputs and measurement settings
+    (one key over all of them); each layer's entry also records the options it was measured at.
+    Written atomically after every layer.
+    """
+
+    def __init__(self, path, model: onnx.ModelProto, feeds: dict, rank_multiple: int, seed: int):
+        import hashlib
+        import json
+        from pathlib import Path
+
+        self.path = Path(path)
+        digest = hashlib.sha256()
+        for node in model.graph.node:
+            digest.update(node.SerializeToString(deterministic=True))
+        for init in model.graph.initializer:
+            digest.update(init.name.encode())
+            digest.update(init.raw_data or init.SerializeToString(deterministic=True))
+        for name in sorted(feeds):
+            digest.update(name.encode() + str(feeds[name].shape).encode() + str(feeds[name].dtype).encode())
+            digest.update(np.ascontiguousarray(feeds[name]).tobytes())
+        digest.update(json.dumps([rank_multiple, seed, EVAL_SAMPLES, FIT_SAMPLES, FIT_ROWS, FIT_ITERATIONS, RELU_AWARE]).encode())
+        self.key = digest.hexdigest()
+        self.layers = {}
+        if self.path.is_file():
+            try:
+                data = json.loads(self.path.read_text())
+            except (OSError, ValueError):
+                data = {}
+            if data.get("key") == self.key:
+                self.layers = data.get("layers", {})
+
+    def get(self, name: str, options: list) -> list | None:
+        entry = self.layers.get(name)
+        if entry is None or [tuple(o) for o in entry["options"]] != [tuple(o) for o in options]:
+            return None
+        return [(int(m), float(d), tuple(r)) for m, d, r in entry["curve"]]
+
+    def put(self, name: str, options: list, curve: list) -> None:
+        import json
+        import os
+
+        self.layers[name] = {"options": [list(o) for o in options], "curve": [[m, d, list(r)] for m, d, r in curve]}
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps({"schema": "onnx-tucker.curves/1", "key": self.key, "layers": self.layers}))
+        os.replace(tmp, self.path)
+
+
+def measured_options(candidates: list, rank_multiple: int, fixed_macs: int) -> dict:
+    """Each site's rank options worth measuring (profitable, not crumbs)."""
+    total = fixed_macs + sum(c.shape.macs() for c in candidates)
+    return {cand.name: [r for r in rank_options(cand, rank_multiple)
+                        if not not_worth_it(cand, r, get_form(cand.form).cost(cand, r), total)] for cand in candidates}
+
+
+def distortion_curves(model: onnx.ModelProto, candidates: list, feeds: dict, covariances: dict | None,
+                      rank_multiple: int = 1, seed: int = 0, progress: bool = True, fixed_macs: int = 0,
+                      cache_path=None) -> dict:
+    """Layer -> [(chain MACs, measured distortion, ranks)], plus the seconds it took.
+
+    With ``cache_path`` the curves are read from and written to that file (:class:`CurveCache`).
     Raises :class:`Unsupported` for models the probe cannot handle (non-2-D or grouped convs
     among the candidates, unknown spatial sizes, non-constant biases).
     """
     start = time.perf_counter()
+    options = measured_options(candidates, rank_multiple, fixed_macs)
+    cache = CurveCache(cache_path, model, feeds, rank_multiple, seed) if cache_path is not None else None
+    cached = {c.name: cache.get(c.name, options[c.name]) for c in candidates} if cache is not None else {}
     n = len(next(iter(feeds.values())))
+    n_eval = min(EVAL_SAMPLES, max(n // 4, 1))
+    if cache is not None and all(v is not None for v in cached.values()):
+        return {"curves": cached, "seconds": round(time.perf_counter() - start, 2), "eval_samples": n_eval,
+                "cached_layers": len(cached)}
     n_eval = min(EVAL_SAMPLES, max(n // 4, 1))
     fit_feeds = {k: v[: min(n - n_eval, FIT_SAMPLES)] if n > n_eval else v for k, v in feeds.items()}
     eval_feeds = {k: v[n - n_eval :] for k, v in feeds.items()}
@@ -110,7 +177,8 @@ def distortion_curves(model: onnx.ModelProto, candidates: list, feeds: dict, cov
     cut_tensors = list(dict.fromkeys(t for tensors in cuts.values() if tensors for t in tensors if t not in known))
     if any(t not in {o.name for o in probe.graph.output} for t in cut_tensors):
         expose(probe, cut_tensors, tensor_types(model))  # shape tensors are int64: typed by inference
-    session = make_session(probe)
+    provider = fastest_available()  # probes run where they run fastest (CUDA when present)
+    session = make_session(probe, provider)
     output_name = model.graph.output[0].name
     weights = {}
     for cand in candidates:
@@ -165,21 +233,19 @@ def distortion_curves(model: onnx.ModelProto, candidates: list, feeds: dict, cov
     reference, at_cut = values[0], dict(zip(cut_tensors, values[1:]))
     at_cut.update(eval_feeds)
     at_cut.update(weights)
-    total = fixed_macs + sum(c.shape.macs() for c in candidates)
-    options = {cand.name: [r for r in rank_options(cand, rank_multiple)
-                           if not not_worth_it(cand, r, get_form(cand.form).cost(cand, r), total)] for cand in candidates}
     from tqdm import tqdm
 
     # A bar on a terminal only (disable=None): measuring takes (layers x options) forward passes.
-    bar = tqdm(total=sum(map(len, options.values())), desc="measuring ranks", unit="option", file=sys.stderr,
+    todo = [c for c in candidates if cached.get(c.name) is None]
+    bar = tqdm(total=sum(len(options[c.name]) for c in todo), desc="measuring ranks", unit="option", file=sys.stderr,
                leave=False, disable=None if progress else True)
-    curves = {}
-    for cand in candidates:
+    curves = {name: curve for name, curve in cached.items() if curve is not None}
+    for cand in todo:
         if cuts[cand.name] is None:
             suffix_session, suffix_feeds = session, {**eval_feeds, **weights}
         else:
             suffix_feeds = {t: at_cut[t] for t in cuts[cand.name]}
-            suffix_session = make_session(suffix_model(probe, cand.node.name, output_name, suffix_feeds))
+            suffix_session = make_session(suffix_model(probe, cand.node.name, output_name, suffix_feeds), provider)
         patches = np.concatenate(rows[cand.name][0])
         target = np.concatenate(rows[cand.name][1])
         design_ones = np.ones((len(patches), 1 if names[cand.name][1] is not None else 0))  # a MatMul: no intercept
@@ -204,5 +270,9 @@ def distortion_curves(model: onnx.ModelProto, candidates: list, feeds: dict, cov
             curve.append((form.cost(cand, ranks).macs, _distortion(reference, out), tuple(ranks)))
             bar.update()
         curves[cand.name] = curve
+        if cache is not None:
+            cache.put(cand.name, options[cand.name], curve)
     bar.close()
-    return {"curves": curves, "seconds": round(time.perf_counter() - start, 2), "eval_samples": n_eval}
+    curves = {c.name: curves[c.name] for c in candidates}  # graph order, cached or not
+    return {"curves": curves, "seconds": round(time.perf_counter() - start, 2), "eval_samples": n_eval,
+            "cached_layers": len(candidates) - len(todo), "provider": provider}

@@ -51,7 +51,7 @@ def test_readme_layout_lists_every_module():
 def test_every_module_has_its_test_file():
     tests = {p.name for p in (ROOT / "tests").glob("test_*.py")}
     mirrored = {"cli": "test_cli.py", "tucker2": "test_factorization.py", "svd": "test_factorization.py", "vbmf": "test_ranks.py",
-                "convert": "test_real_models.py", "sensitivity": "test_calibrate.py", "budget": "test_calibrate.py",
+                "convert": "test_real_models.py", "budget": "test_calibrate.py",
                 "errors": "test_cli.py"}
     for name, path in modules().items():
         if path.name in ("__init__.py", "__main__.py"):

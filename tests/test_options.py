@@ -23,6 +23,7 @@ def src(tmp_path):
     (["--refit", "last"], "--refit only applies with --calibrate"),
     (["--calib-size", "64"], "--calib-size only applies with --calibrate"),
     (["--budget-rule", "uniform"], "--budget-rule only applies with --target-macs"),
+    (["--target-macs", "0.5", "--curves", "c.json"], "--curves only applies with --target-macs and --calibrate"),
     (["--latency-batch", "4"], "--latency-batch only applies with --latency-aware"),
     (["--energy", "0.8"], "--energy only applies with --rank-method energy"),
     (["--iterations", "-5"], "whole number >= 0"),
