@@ -103,7 +103,7 @@ def cmd_compress(args) -> int:
     input_shapes = parse_input_shapes(args.input_shape, [i.name for i in graph_inputs(model)])
     if input_shapes:
         options["input_shapes"] = input_shapes
-    options.update(CalibrationArgs.parse(args, model, args.data, say=note))
+    options.update(CalibrationArgs.parse(args, model, args.data, say=note, input_shapes=input_shapes))
     labelled = None
     if args.data:
         from onnx_tucker.data import load_labelled
@@ -343,6 +343,10 @@ def cmd_sweep(args) -> int:
         raise UsageError("sweep always uses the default refit; --refit applies to compress")
     if args.calib_size is not None and not args.calibrate:
         raise UsageError("--calib-size only applies with --calibrate")
+    if args.calibrate and Path(args.calibrate).is_dir():
+        raise UsageError("sweep --calibrate takes an .npz file; calibration from an image folder is compress's (--calibrate DIR)")
+    if any(v is not None for v in (args.image_scale, args.image_mean, args.image_std)):
+        raise UsageError("--image-scale/--image-mean/--image-std apply to compress --calibrate DIR")
     config = sweep.SweepConfig(
         model=Path(args.input), data=Path(args.data),
         ratios=check_fraction_list(args.ratios, "--ratios") if args.ratios else [],

@@ -309,8 +309,15 @@ class CalibrationArgs:
 
     @staticmethod
     def add(parser) -> None:
-        parser.add_argument("--calibrate", metavar="TRAIN.npz",
-                            help="data-aware decomposition from calibration inputs (training data only: x_train, by input name, or one array)")
+        parser.add_argument("--calibrate", metavar="TRAIN.npz|DIR",
+                            help="data-aware decomposition from calibration inputs: an .npz of TRAINING data (x_train, by input name, "
+                            "or one array) or a folder of JPEG/PNG images (recursive; resized to the model's input)")
+        parser.add_argument("--image-scale", default=None, metavar="F",
+                            help="with --calibrate DIR: pixel values (0..255) times F, e.g. 1/255 (default 1: raw pixels)")
+        parser.add_argument("--image-mean", default=None, metavar="LIST",
+                            help="with --calibrate DIR: per-channel mean subtracted after scaling (default 0)")
+        parser.add_argument("--image-std", default=None, metavar="LIST",
+                            help="with --calibrate DIR: per-channel std divided by after the mean (default 1)")
         parser.add_argument("--calib-size", type=_type(check_positive_int, "--calib-size"), default=None, metavar="N",
                             help=f"calibration samples, a seeded random subset (default {DEFAULT_CALIB_SIZE}; all of a smaller file, with a note)")
         parser.add_argument("--refit", choices=REFITS, default=None,
@@ -318,10 +325,11 @@ class CalibrationArgs:
                             "only the last 1x1 conv, or none")
 
     @staticmethod
-    def parse(args, model, data_path: str | None = None, say=None) -> dict:
+    def parse(args, model, data_path: str | None = None, say=None, input_shapes: dict | None = None) -> dict:
         """Loads the calibration samples (one line on stderr when the file holds fewer than asked)."""
+        image_flags = (("--image-scale", args.image_scale), ("--image-mean", args.image_mean), ("--image-std", args.image_std))
         if not args.calibrate:
-            for flag, value in (("--refit", args.refit), ("--calib-size", args.calib_size)):
+            for flag, value in (("--refit", args.refit), ("--calib-size", args.calib_size)) + image_flags:
                 if value is not None:
                     raise UsageError(f"{flag} only applies with --calibrate")
             return {}
@@ -332,7 +340,24 @@ class CalibrationArgs:
         if data_path and Path(args.calibrate).resolve() == Path(data_path).resolve():
             raise UsageError("--calibrate and --data are the same file: calibrate on training data, measure on test data")
         size = args.calib_size or DEFAULT_CALIB_SIZE
-        calibration = load_calibration(args.calibrate, model, size=size, strict_size=False)
+        if Path(args.calibrate).is_dir():
+            from onnx_tucker.images import eval_fraction, load_image_folder, parse_floats
+
+            try:
+                scale = eval_fraction(args.image_scale) if args.image_scale is not None else 1.0
+            except (ValueError, ZeroDivisionError):
+                raise UsageError(f"--image-scale: expected a number like 1/255, got {args.image_scale!r}") from None
+            calibration = load_image_folder(
+                args.calibrate, model, size, scale=scale,
+                mean=parse_floats(args.image_mean, "--image-mean") if args.image_mean is not None else (0.0,),
+                std=parse_floats(args.image_std, "--image-std") if args.image_std is not None else (1.0,),
+                input_shapes=input_shapes,
+            )
+        else:
+            for flag, value in image_flags:
+                if value is not None:
+                    raise UsageError(f"{flag} only applies to --calibrate with an image folder")
+            calibration = load_calibration(args.calibrate, model, size=size, strict_size=False)
         got = len(next(iter(calibration.values())))
         if got < size and say is not None:
             say(f"note: {args.calibrate} holds {got} calibration samples, fewer than the {size} asked for: using all {got}")

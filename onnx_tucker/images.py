@@ -1,0 +1,125 @@
+"""Calibration from a folder of images (``--calibrate DIR``): JPEG/PNG, recursive, sorted, a seeded subset.
+
+Preprocessing, stated and taken from the model's input where possible:
+- layout and size from the input's shape: NCHW when dim 1 is 1-4 channels, NHWC when the last dim is;
+  each image is converted to that many channels' mode (L, RGB, RGBA: a colour image for a 1-channel model
+  is an error, not a silent conversion), resized to H x W (bilinear, aspect ratio not kept);
+- values: ``(pixel * scale - mean) / std`` per channel, defaults scale 1, mean 0, std 1: raw 0..255 floats,
+  what the project's models take (they normalise inside). Give ``--image-scale 1/255 --image-mean ...``
+  for a model that expects normalised input.
+Images are decoded one at a time into the calibration array (only the chosen subset is decoded).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from onnx_tucker.errors import DataError, UsageError
+
+EXTENSIONS = (".jpg", ".jpeg", ".png")
+
+
+def image_files(folder: Path) -> list[Path]:
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in EXTENSIONS and p.is_file())
+    if not files:
+        raise DataError(f"{folder} holds no JPEG or PNG images (searched recursively)")
+    return files
+
+
+def input_layout(model) -> tuple[str, str, int, int, int]:
+    """(input name, "NCHW"/"NHWC", channels, height, width) of a single 4-D image input."""
+    from onnx_tucker.runtime import graph_inputs, input_spec
+
+    inputs = graph_inputs(model)
+    if len(inputs) != 1:
+        raise UsageError("calibration from an image folder needs a single-input model")
+    dims, dtype = input_spec(inputs[0])
+    if len(dims) != 4:
+        raise UsageError(f"calibration from an image folder needs a 4-D image input, '{inputs[0].name}' has {len(dims)} dims")
+    if dims[1] in (1, 2, 3, 4) and not (dims[3] in (1, 3, 4) and dims[1] not in (1, 3, 4)):
+        layout, channels, height, width = "NCHW", dims[1], dims[2], dims[3]
+    elif dims[3] in (1, 2, 3, 4):
+        layout, channels, height, width = "NHWC", dims[3], dims[1], dims[2]
+    else:
+        raise UsageError(f"cannot tell the image layout of input '{inputs[0].name}' {dims}: no 1-4 channel axis")
+    if not height or not width:
+        raise UsageError(f"input '{inputs[0].name}' has dynamic height/width: give --input-shape so images can be resized")
+    return inputs[0].name, layout, channels, height, width
+
+
+def load_image_folder(folder, model, size: int, seed: int = 0, scale: float = 1.0, mean=(0.0,), std=(1.0,),
+                      input_shapes: dict | None = None) -> dict[str, np.ndarray]:
+    """``{input name: array}`` of ``size`` (or all, if fewer) seeded images from ``folder``, preprocessed for ``model``."""
+    from PIL import Image, UnidentifiedImageError
+
+    folder = Path(folder)
+    files = image_files(folder)
+    name, layout, channels, height, width = input_layout(_with_shapes(model, input_shapes))
+    mode = {1: "L", 3: "RGB", 4: "RGBA"}.get(channels)
+    if mode is None:
+        raise UsageError(f"images cannot feed a {channels}-channel input")
+    if size < len(files):
+        pick = np.sort(np.random.default_rng(seed).choice(len(files), size, replace=False))
+        files = [files[i] for i in pick]
+    mean = np.broadcast_to(np.asarray(mean, np.float32), (channels,))
+    std = np.broadcast_to(np.asarray(std, np.float32), (channels,))
+    if np.any(std == 0):
+        raise UsageError("--image-std must not be 0")
+    out = np.empty((len(files), height, width, channels), np.float32)
+    for i, path in enumerate(files):
+        try:
+            with Image.open(path) as image:
+                if _channels_of(image.mode) > channels or (channels == 1 and image.mode not in ("L", "1", "I", "I;16", "P")):
+                    raise DataError(f"{path} is a {image.mode} image with more channels than the model's {channels}")
+                pixels = image.convert(mode).resize((width, height), Image.BILINEAR)
+                array = np.asarray(pixels, np.float32)
+        except DataError:
+            raise
+        except (UnidentifiedImageError, OSError, ValueError) as exc:
+            raise DataError(f"cannot read image {path}: {str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}") from None
+        out[i] = (array.reshape(height, width, channels) * scale - mean) / std
+    if layout == "NCHW":
+        out = np.ascontiguousarray(out.transpose(0, 3, 1, 2))
+    return {name: out}
+
+
+def _channels_of(mode: str) -> int:
+    return {"1": 1, "L": 1, "P": 3, "I": 1, "I;16": 1, "F": 1, "LA": 2, "RGB": 3, "YCbCr": 3, "LAB": 3, "HSV": 3, "RGBA": 4, "CMYK": 4}.get(mode, 3)
+
+
+def _with_shapes(model, input_shapes):
+    if not input_shapes:
+        return model
+    import onnx
+
+    from onnx_tucker.graph import set_input_shapes
+
+    light = onnx.ModelProto()
+    light.graph.input.extend(model.graph.input)
+    light.graph.initializer.extend([])
+    set_input_shapes(light, input_shapes)
+    return light
+
+
+def parse_floats(text: str, what: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(eval_fraction(t)) for t in str(text).split(","))
+    except ValueError:
+        raise UsageError(f"{what}: expected comma-separated numbers, got {text!r}") from None
+    if not values or not all(np.isfinite(values)):
+        raise UsageError(f"{what}: expected finite numbers, got {text!r}")
+    return values
+
+
+def eval_fraction(text: str) -> float:
+    """'0.5' or '1/255'."""
+    text = text.strip()
+    if "/" in text:
+        num, _, den = text.partition("/")
+        return float(num) / float(den)
+    return float(text)
+
+
+__all__ = ["load_image_folder", "image_files", "input_layout", "parse_floats", "EXTENSIONS", "os"]

@@ -1,0 +1,66 @@
+"""Calibration from an image folder: layout and size from the model, seeded subset, one-line errors."""
+import numpy as np
+import onnx
+import pytest
+from PIL import Image
+
+from onnx_tucker.cli import main
+from onnx_tucker.errors import DataError
+from onnx_tucker.images import load_image_folder
+
+from conftest import residual_model
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def make_folder(path, n=40, mode="RGB", size=(40, 30)):
+    rng = np.random.default_rng(0)
+    (path / "a" / "b").mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        channels = {"RGB": 3, "L": 1, "RGBA": 4}[mode]
+        pixels = rng.integers(0, 256, (size[1], size[0], channels), dtype=np.uint8).squeeze()
+        sub = path / ("a" if i % 2 else "a/b")
+        Image.fromarray(pixels, mode).save(sub / f"img{i:03d}.{'png' if i % 3 else 'jpg'}" if mode != "RGBA" else sub / f"img{i:03d}.png")
+    return path
+
+
+def test_nchw_model_gets_resized_scaled_channel_first_images(tmp_path):
+    folder = make_folder(tmp_path / "imgs")
+    feeds = load_image_folder(folder, residual_model(), size=16, scale=1 / 255, mean=(0.5,), std=(0.25,))
+    x = feeds["x"]
+    assert x.shape == (16, 3, 10, 10) and x.dtype == np.float32
+    assert -2.0 - 1e-6 <= x.min() and x.max() <= 2.0 + 1e-6  # (p/255 - 0.5) / 0.25
+    again = load_image_folder(folder, residual_model(), size=16, scale=1 / 255, mean=(0.5,), std=(0.25,))
+    np.testing.assert_array_equal(again["x"], x)  # seeded: the same subset
+
+
+def test_nhwc_model_gets_raw_pixels_in_its_layout(tmp_path):
+    folder = make_folder(tmp_path / "imgs", n=5)
+    model = onnx.load(str(ROOT / "models" / "cifar10_cnn.onnx"))
+    x = load_image_folder(folder, model, size=64)["pixels"]
+    assert x.shape == (5, 32, 32, 3) and 0 <= x.min() and x.max() <= 255  # all 5 (fewer than asked)
+
+
+@pytest.mark.parametrize("setup, needle", [
+    (lambda p: p.mkdir(), "holds no JPEG or PNG"),
+    (lambda p: (p.mkdir(), (p / "bad.png").write_bytes(b"not an image")), "cannot read image"),
+])
+def test_bad_folders_are_one_line_errors(tmp_path, setup, needle):
+    folder = tmp_path / "imgs"
+    setup(folder)
+    with pytest.raises(DataError, match=needle):
+        load_image_folder(folder, residual_model(), size=8)
+
+
+def test_cli_calibrates_from_a_folder_and_refuses_a_bad_one(tmp_path, capsys):
+    src = tmp_path / "in.onnx"
+    onnx.save(residual_model(), str(src))
+    folder = make_folder(tmp_path / "imgs", n=64)
+    assert main([str(src), str(tmp_path / "o.onnx"), "--ratio", "0.5", "--calibrate", str(folder), "--image-scale", "1/255",
+                 "--max-rel-error", "10"]) == 0
+    assert "fewer than the 2048 asked for: using all 64" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main([str(src), str(tmp_path / "p.onnx"), "--calibrate", str(tmp_path / "empty")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no JPEG or PNG" in err and not (tmp_path / "p.onnx").exists()
+    assert main([str(src), str(tmp_path / "q.onnx"), "--image-scale", "1/255"]) == 2
