@@ -16,7 +16,7 @@ import numpy as np
 
 from onnx_tucker import __version__
 from onnx_tucker.errors import ModelError, OnnxTuckerError, UsageError, first_line
-from onnx_tucker.options import (BudgetArgs, CalibrationArgs, CheckArgs, DataArgs, LatencyArgs, RankArgs, RuntimeArgs,
+from onnx_tucker.options import (BudgetArgs, CalibrationArgs, CheckArgs, DataArgs, DistillArgs, LatencyArgs, RankArgs, RuntimeArgs,
                                  check_fraction_list, check_int_list, check_positive_int, check_tolerance, parse_input_shapes)
 
 SUBCOMMANDS = ("compress", "inspect", "convert", "bench", "sweep")
@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     RankArgs.add(c)
     BudgetArgs.add(c)
     CalibrationArgs.add(c)
+    DistillArgs.add(c)
     LatencyArgs.add(c)
     CheckArgs.add(c)
     DataArgs.add(c)
@@ -96,7 +97,7 @@ def cmd_compress(args) -> int:
     note = lambda text: print(text, file=sys.stderr)  # noqa: E731
     check = CheckArgs.parse(args)
     DataArgs.parse(args)
-    options = {**RankArgs.parse(args), **BudgetArgs.parse(args), **LatencyArgs.parse(args)}
+    options = {**RankArgs.parse(args), **BudgetArgs.parse(args), **LatencyArgs.parse(args), **DistillArgs.parse(args)}
     model = load_model(args.input)
     from onnx_tucker.runtime import graph_inputs
 

@@ -109,6 +109,9 @@ class CompressOptions:
         scales are positive) into the first 1x1 conv of the chain it feeds: exact, and faster on the CPU (default True).
     curves: a file for the measured budget's distortion curves: reused by a later run on the same model and
         calibration data (at any target), and resumed after an interruption.
+    distill: after the fit (and refit), train the chains' weights so the compressed model's outputs match
+        the original's on the calibration inputs (label-free, needs ``calibration`` and torch): a dict of
+        ``onnx_tucker.distill.distill`` keyword options ({} for its measured defaults), or None (off).
     input_shapes: {input name: dims} for inputs with dynamic spatial sizes: the cost model counts MACs at
         these sizes (without it such layers' MACs are unknown and profitability is judged on parameters).
     """
@@ -134,6 +137,7 @@ class CompressOptions:
     input_shapes: dict | None = None
     fold_affine: bool = True
     curves: str | None = None
+    distill: dict | None = None
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "CompressOptions":
@@ -363,6 +367,44 @@ class CalibrationArgs:
             say(f"note: {args.calibrate} holds {got} calibration samples, fewer than the {size} asked for: using all {got}")
         refit = args.refit or "core"
         return {"calibration": calibration, "refit": False if refit == "none" else refit}
+
+
+class DistillArgs:
+    """Label-free distillation after compressing (needs torch: pip install 'onnx-tucker[distill]')."""
+
+    @staticmethod
+    def add(parser) -> None:
+        parser.add_argument("--distill", action="store_true",
+                            help="train the new factors so the compressed model's outputs match the original's on the "
+                            "--calibrate inputs (no labels; a held-out part decides whether the result is kept)")
+        parser.add_argument("--distill-steps", type=_type(check_positive_int, "--distill-steps"), default=None, metavar="N",
+                            help="training steps (default: measured, see docs/distill.md)")
+        parser.add_argument("--distill-lr", type=lambda t: check_tolerance(t, "--distill-lr", 1e-8, 1.0), default=None, metavar="LR",
+                            help="Adam learning rate (default: measured, see docs/distill.md)")
+        parser.add_argument("--no-augment", action="store_true", help="no flips or shifts of image inputs while distilling")
+        parser.add_argument("--distill-device", choices=("cpu", "cuda"), default=None, help="torch device (default cpu)")
+
+    @staticmethod
+    def parse(args) -> dict:
+        extras = (("--distill-steps", args.distill_steps), ("--distill-lr", args.distill_lr),
+                  ("--distill-device", args.distill_device), ("--no-augment", args.no_augment or None))
+        if not args.distill:
+            for flag, value in extras:
+                if value is not None:
+                    raise UsageError(f"{flag} only applies with --distill")
+            return {}
+        if not args.calibrate:
+            raise UsageError("--distill needs --calibrate: it trains on those inputs (no labels)")
+        settings = {}
+        if args.distill_steps is not None:
+            settings["steps"] = args.distill_steps
+        if args.distill_lr is not None:
+            settings["lr"] = args.distill_lr
+        if args.distill_device is not None:
+            settings["device"] = args.distill_device
+        if args.no_augment:
+            settings["augment"] = False
+        return {"distill": settings}
 
 
 class LatencyArgs:

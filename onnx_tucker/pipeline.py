@@ -51,7 +51,7 @@ def compress(model, ratio: float = 0.5, **options) -> tuple[onnx.ModelProto, Rep
     arguments, are the fields of :class:`onnx_tucker.options.CompressOptions` (its docstring
     describes each): ``force``, ``rank_multiple``, ``n_iter_max``, ``method``, ``ranks``, ``exclude``,
     ``rank_method``, ``energy``, ``target_macs``, ``budget_rule``, ``calibration``, ``refit``,
-    ``whiten``, ``latency_aware``, ``latency_batch``, ``forms``, ``layers``, ``input_shapes``, ``fold_affine``, ``curves``. An unknown option or a bad value
+    ``whiten``, ``latency_aware``, ``latency_batch``, ``forms``, ``layers``, ``input_shapes``, ``fold_affine``, ``curves``, ``distill``. An unknown option or a bad value
     raises :class:`UsageError`.
 
     Returns ``(new_model, report)``; ``report.chains`` lists what each rewrite produced. When no layer
@@ -124,6 +124,13 @@ def _compress(model: onnx.ModelProto, opts: CompressOptions) -> tuple[onnx.Model
             from onnx_tucker.calibrate import refit_chains
 
             report.calibration = refit_chains(model, new_model, opts.calibration, report.chains, mode=opts.refit)
+        if opts.distill is not None:
+            if opts.calibration is None:
+                raise UsageError("distillation needs unlabelled inputs: give calibration data (--calibrate)")
+            from onnx_tucker.distill import distill
+
+            trainable = list(dict.fromkeys(t for c in report.chains for t in c.trainable()))
+            new_model, report.distill = distill(model, new_model, opts.calibration, trainable, **opts.distill)
         if opts.fold_affine:
             from onnx_tucker.fold import fold_affine_into_chains
 
@@ -149,8 +156,11 @@ def _latency_aware(model: onnx.ModelProto, opts: CompressOptions):
     from onnx_tucker.latency import slower_layers
 
     plain = replace(opts, latency_aware=False)
-    new_model, report = _compress(model, plain)
+    # the measuring pass needs the chains' shapes only: no distillation there (it runs once, at the end)
+    new_model, report = _compress(model, replace(plain, distill=None) if plain.distill is not None else plain)
     slow = slower_layers(model, new_model, batch=opts.latency_batch) if report.decomposed else {}
+    if not slow and plain.distill is not None:
+        new_model, report = _compress(model, plain)
     if not slow:
         report.settings["latency_aware"] = {"batch": opts.latency_batch, "left_whole": {}}
         _set_metadata(new_model, report)

@@ -48,6 +48,7 @@ class Report:
     notes: list = field(default_factory=list)  # one-line remarks for the user (fallbacks taken)
     chains: list = field(default_factory=list)  # chain.Chain of every rewrite, in graph order
     verdict: dict | None = None  # the self-check's {"passed", "reason"}
+    distill: dict | None = None  # label-free distillation's statistics (steps, holdout agreement before/after, kept)
 
     @property
     def decomposed(self) -> list:
@@ -82,6 +83,7 @@ class Report:
             "notes": self.notes,
             "chains": [c.to_dict() for c in self.chains],
             "verdict": self.verdict,
+            "distill": self.distill,
         }
 
     def to_json(self) -> str:
