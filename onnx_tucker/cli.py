@@ -142,13 +142,18 @@ def add_bench_parser(sub) -> None:
 
 def cmd_compress(args) -> int:
     from onnx_tucker.io import check_output_path, external_data_files, load_model, model_size, PROTOBUF_LIMIT, save_model
+    from onnx_tucker.outputs import check_paths
     from onnx_tucker.pipeline import compress
     from onnx_tucker.runtime import load_inputs, random_inputs
     from onnx_tucker.validate import as_dicts, compare_models, summary
 
     out = check_output_path(args.input, args.output)
     if args.report:
-        check_output_path(args.input, args.report)
+        check_output_path(args.input, args.report, "--report")
+    data_out = {"the output's data file": f"{out}.data"}
+    check_paths(reads={"the input model": args.input, "--data": args.data, "--inputs": args.inputs, "--calibrate": args.calibrate},
+                writes={"output": out, "--report": args.report, **(data_out if args.external_data else {})},
+                may_write={} if args.external_data else data_out)
     model = load_model(args.input)
     options = {"force": args.force, "rank_multiple": args.rank_multiple, "method": args.method,
                "rank_method": args.rank_method, "energy": args.energy}
@@ -228,8 +233,11 @@ def accuracy_of(original, compressed, feeds, labels, source: str) -> dict:
 def cmd_convert(args) -> int:
     from onnx_tucker.convert import convert
     from onnx_tucker.io import check_output_path, save_model
+    from onnx_tucker.outputs import check_paths
 
     out = check_output_path(args.input, args.output)
+    check_paths(reads={"the Keras model": args.input, "--inputs": args.inputs}, writes={"output": out},
+                may_write={"the output's data file": f"{out}.data"})
     samples = None
     if args.inputs:
         from onnx_tucker.errors import DataError
@@ -265,7 +273,7 @@ def cmd_inspect(args) -> int:
     if args.json:
         from onnx_tucker.io import check_output_path
 
-        check_output_path(args.input, args.json)
+        check_output_path(args.input, args.json, "--json")
     model = load_model(args.input)
     candidates = find_candidates(gs.import_onnx(model), infer_shapes(model))
     rows, listing = [], []
@@ -320,8 +328,10 @@ def cmd_bench(args) -> int:
             raise UsageError(f"model not found: {path}")
     if args.json and Path(args.json).resolve() in {p.resolve() for p in paths}:
         raise UsageError("--json must not overwrite a model")
-    if args.json and not Path(args.json).resolve().parent.is_dir():
-        raise UsageError(f"--json: folder does not exist: {Path(args.json).parent}")
+    if args.json:
+        from onnx_tucker.outputs import check_paths
+
+        check_paths(reads={"a model": paths, "--data": args.data, "--inputs": args.inputs}, writes={"--json": args.json})
     config = bench.BenchConfig(
         models=paths,
         providers=bench.parse_providers(args.providers) if args.providers else None,

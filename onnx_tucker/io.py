@@ -10,6 +10,7 @@ import onnx
 from onnx import external_data_helper
 
 from onnx_tucker.errors import ModelError, OnnxTuckerError, UsageError, first_line
+from onnx_tucker.outputs import check_target
 
 # Protobuf cannot serialise a message over 2 GiB; above this the output's weights go to a data file.
 PROTOBUF_LIMIT = 2**31 - 1
@@ -134,23 +135,20 @@ def _tensor_nbytes(tensor: onnx.TensorProto) -> int:
     return count * 4
 
 
-def check_output_path(input_path: str | os.PathLike | None, output_path: str | os.PathLike) -> Path:
-    """Refuse output paths (and output settings) that would fail or destroy something, before any work is done."""
+def check_output_path(input_path: str | os.PathLike | None, output_path: str | os.PathLike, what: str = "output") -> Path:
+    """Refuse output paths (and output settings) that would fail or destroy something, before any work is done.
+
+    The output must be a new path or a regular file (:func:`onnx_tucker.outputs.check_target`: never a
+    device, FIFO, folder or symbolic link) in a writable folder, and neither the input nor its data.
+    """
     threshold_from_env()
-    out = Path(output_path)
-    if out.is_dir():
-        raise UsageError(f"output path is a folder, not a file: {out}")
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        raise UsageError(f"output folder does not exist: {parent}")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"output folder is not writable: {parent}")
+    out = check_target(output_path, what)
     if input_path is not None:
         inp = Path(input_path)
         if inp.exists() and (out.resolve() == inp.resolve() or (out.exists() and os.path.samefile(out, inp))):
             raise UsageError("output path is the input path: refusing to overwrite the input model")
         # The output writes OUT and possibly OUT.data: neither may be one of the input's data files.
-        existing = [p for p in (out, out.parent / (out.name + ".data")) if p.is_file()]
+        existing = [p for p in (out, out.parent / (out.name + ".data")) if os.path.isfile(p)]  # False for too long names
         if existing and inp.is_file():
             for data in input_data_files(inp):
                 for p in existing:

@@ -120,6 +120,7 @@ def run_sweep(config: SweepConfig) -> dict:
 
     from onnx_tucker.data import DEFAULT_CALIB_SIZE, load_calibration, load_labelled, predict, top1
     from onnx_tucker.io import check_output_path, load_model, save_model
+    from onnx_tucker.outputs import check_paths
     from onnx_tucker.pipeline import compress
 
     settings = settings_of(config)
@@ -127,6 +128,10 @@ def run_sweep(config: SweepConfig) -> dict:
         raise UsageError("--threads and --runs must be positive, --warmup >= 0")
     model = load_model(config.model)
     out_dir = prepare_out_dir(config.out_dir)
+    model_files = {(kind, value): out_dir / f"{config.model.stem}_{kind}{value:g}.onnx" for _, kind, value in settings}
+    check_paths(reads={"the input model": config.model, "--data": config.data, "--calibrate": config.calibrate},
+                writes={"--out-dir file": [out_dir / n for n in ("sweep.md", "sweep.json", "sweep.png")] + list(model_files.values())},
+                may_write={"--out-dir data file": [p.parent / (p.name + ".data") for p in model_files.values()]})
     feeds, labels = load_labelled(config.data, model, limit=config.data_limit)
     calibration = None
     if config.calibrate is not None:
@@ -158,7 +163,7 @@ def run_sweep(config: SweepConfig) -> dict:
             continue
         t = report.totals()
         original["conv_macs"], original["conv_params"] = t["macs_before"], t["params_before"]
-        path = check_output_path(config.model, out_dir / f"{config.model.stem}_{kind}{value:g}.onnx")
+        path = check_output_path(config.model, model_files[(kind, value)])
         save_model(new_model, path, protected=[config.model])
         outputs = predict(new_model, feeds)
         row.update({

@@ -1,0 +1,249 @@
+"""Issue 12, "safe with whatever a user hands it": file harm and bad input.
+
+The contract: bad input gets one line on stderr (``onnx-tucker: error: ...``), a non-zero exit, no
+traceback, nothing written and the inputs untouched; a run writes all of its outputs or none.
+Every test goes through the real command line (``cli.main`` in-process, or a subprocess where a
+signal, a FIFO or the current folder is involved).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from conftest import conv_model, residual_model
+
+ROOT = Path(__file__).resolve().parents[1]
+CNN = ROOT / "models" / "cifar10_cnn.onnx"
+SAMPLE = ROOT / "models" / "cifar10_test_sample.npz"
+ENV = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+
+# --- helpers ---------------------------------------------------------------------------------------
+
+def cli(*args, cwd=None, timeout=240):
+    """The real command in a subprocess; a hang (a FIFO opened for writing) is a failure, not a stuck suite."""
+    try:
+        return subprocess.run([sys.executable, "-m", "onnx_tucker", *map(str, args)], capture_output=True,
+                              text=True, cwd=cwd, env=ENV, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"onnx-tucker {' '.join(map(str, args))} did not finish in {timeout} s")
+
+
+def run(capsys, *args):
+    """``cli.main`` in this process: (exit code, stdout, stderr)."""
+    from onnx_tucker.cli import main
+
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def lines_of(err: str) -> list[str]:
+    """stderr's lines as a terminal shows them (progress bars redraw with \\r)."""
+    return [line.split("\r")[-1] for line in err.splitlines() if line.split("\r")[-1].strip()]
+
+
+def assert_one_line_error(code, err, expected_code=None, needle=None):
+    lines = lines_of(err)
+    assert code != 0, err
+    if expected_code is not None:
+        assert code == expected_code, err
+    assert "Traceback" not in err and "internal error" not in err, err
+    assert len(lines) == 1 and lines[0].startswith("onnx-tucker: error: "), err
+    if needle:
+        assert needle.lower() in lines[0].lower(), lines[0]
+
+
+def refused(r, expected_code=None, needle=None):
+    assert_one_line_error(r.returncode, r.stderr, expected_code, needle)
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def tree(folder: Path) -> dict:
+    """Every entry under ``folder`` (hidden ones too, links not followed): kind and content digest."""
+    out = {}
+    for root, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            p = Path(root) / name
+            mode = os.lstat(p).st_mode
+            if stat.S_ISREG(mode):
+                out[str(p.relative_to(folder))] = ("file", digest(p))
+            elif stat.S_ISLNK(mode):
+                out[str(p.relative_to(folder))] = ("link", os.readlink(p))
+            else:
+                out[str(p.relative_to(folder))] = (stat.S_IFMT(mode), None)
+    return out
+
+
+def leftovers(folder: Path) -> list[str]:
+    return [str(p) for p in folder.rglob(".onnx-tucker-*")]
+
+
+def special(path: Path, kind: str) -> Path:
+    if kind == "chardev":
+        try:
+            os.mknod(path, stat.S_IFCHR | 0o666, os.makedev(1, 3))  # what /dev/null is
+        except (PermissionError, OSError) as exc:
+            pytest.skip(f"cannot make a character device here: {exc}")
+    else:
+        os.mkfifo(path)
+    return path
+
+
+def cnn_images(n: int, seed: int = 0) -> np.ndarray:
+    with np.load(SAMPLE) as data:
+        x = data["x_test"]
+    return x[np.random.default_rng(seed).choice(len(x), n, replace=False)].astype(np.float32)
+
+
+@pytest.fixture
+def files(tmp_path):
+    """Copies of what a compress run reads (never the repository's own files: the bugs overwrite them)."""
+    work = tmp_path / "work"
+    work.mkdir()
+    data = work / "test.npz"
+    data.write_bytes(SAMPLE.read_bytes())
+    inputs = work / "inputs.npz"
+    np.savez(inputs, x=cnn_images(8, seed=1))
+    train = work / "train.npz"
+    np.savez(train, x_train=cnn_images(40, seed=2))
+    return work, {"data": data, "inputs": inputs, "calibrate": train}
+
+
+# --- 1. outputs that are not regular files ---------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["chardev", "fifo"])
+@pytest.mark.parametrize("where", ["model", "report"])
+def test_compress_refuses_a_device_or_fifo_as_output_before_any_work(tmp_path, kind, where):
+    target = special(tmp_path / ("out.onnx" if where == "model" else "report.json"), kind)
+    args = [CNN, target, "--no-check"] if where == "model" else [CNN, tmp_path / "out.onnx", "--no-check", "--report", target]
+    before = tree(tmp_path)
+    r = cli(*args, timeout=120)
+    refused(r, 2, "not a regular file")
+    assert r.stdout == ""  # refused before any work
+    assert tree(tmp_path) == before  # the device is still a device, nothing else written
+
+
+@pytest.mark.parametrize("kind", ["chardev", "fifo"])
+@pytest.mark.parametrize("command", ["inspect", "bench"])
+def test_inspect_and_bench_refuse_a_device_or_fifo_as_json(tmp_path, kind, command):
+    target = special(tmp_path / "listing.json", kind)
+    before = tree(tmp_path)
+    extra = ["--runs", "2", "--warmup", "0", "--no-progress", "--providers", "cpu"] if command == "bench" else []
+    r = cli(command, CNN, *extra, "--json", target, timeout=120)
+    refused(r, 2, "not a regular file")
+    assert r.stdout == ""
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("kind", ["chardev", "fifo"])
+@pytest.mark.parametrize("name", ["sweep.json", "cifar10_cnn_ratio0.5.onnx"])
+def test_sweep_refuses_a_device_or_fifo_in_its_out_dir(tmp_path, kind, name):
+    out_dir = tmp_path / "sweep"
+    out_dir.mkdir()
+    special(out_dir / name, kind)
+    data = tmp_path / "test.npz"
+    data.write_bytes(SAMPLE.read_bytes())
+    before = tree(tmp_path)
+    r = cli("sweep", CNN, "--data", data, "--data-limit", "20", "--ratios", "0.5", "--runs", "1", "--batch", "1",
+            "--no-progress", "--out-dir", out_dir, timeout=180)
+    refused(r, 2, "not a regular file")
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("where", ["model", "report"])
+def test_output_that_is_a_symlink_to_a_regular_file_is_refused_leaving_link_and_target_alone(tmp_path, where):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    precious = elsewhere / "precious.bin"
+    precious.write_bytes(b"keep me")
+    link = tmp_path / ("out.onnx" if where == "model" else "report.json")
+    link.symlink_to(precious)
+    args = [CNN, link, "--no-check"] if where == "model" else [CNN, tmp_path / "out.onnx", "--no-check", "--report", link]
+    before = tree(tmp_path)
+    r = cli(*args)
+    refused(r, 2, "symbolic link")
+    assert tree(tmp_path) == before and precious.read_bytes() == b"keep me"
+
+
+# --- 2. an output naming a file the command reads ----------------------------------------------------
+
+VICTIM_ARGS = {
+    "output": lambda f, out: [],
+    "data": lambda f, out: ["--data", f["data"], "--data-limit", "50"],
+    "inputs": lambda f, out: ["--inputs", f["inputs"]],
+    "calibrate": lambda f, out: ["--calibrate", f["calibrate"], "--calib-size", "40"],
+}
+
+
+@pytest.mark.parametrize("victim", list(VICTIM_ARGS))
+def test_report_naming_the_output_or_a_file_read_is_refused(files, capsys, victim):
+    work, f = files
+    out = work / "out.onnx"
+    report = out if victim == "output" else f[victim]
+    before = tree(work)
+    code, _, err = run(capsys, CNN, out, *VICTIM_ARGS[victim](f, out), "--report", report)
+    assert_one_line_error(code, err, 2)
+    assert tree(work) == before
+
+
+@pytest.mark.parametrize("victim", ["data", "inputs", "calibrate"])
+def test_output_model_naming_a_file_read_is_refused(files, capsys, victim):
+    work, f = files
+    before = tree(work)
+    code, _, err = run(capsys, CNN, f[victim], *VICTIM_ARGS[victim](f, None))
+    assert_one_line_error(code, err, 2, "reads")
+    assert tree(work) == before
+
+
+def test_report_reaching_the_data_file_through_a_linked_folder_is_refused(files, capsys):
+    work, f = files
+    (work / "via").symlink_to(work, target_is_directory=True)
+    before = tree(work)
+    code, _, err = run(capsys, CNN, work / "out.onnx", "--data", f["data"], "--data-limit", "50",
+                       "--report", work / "via" / f["data"].name)
+    assert_one_line_error(code, err, 2, "--data")
+    assert tree(work) == before
+
+
+def test_report_that_is_a_hard_link_to_the_calibration_file_is_refused(files, capsys):
+    work, f = files
+    os.link(f["calibrate"], work / "hard.json")
+    before = tree(work)
+    code, _, err = run(capsys, CNN, work / "out.onnx", "--calibrate", f["calibrate"], "--calib-size", "40",
+                       "--report", work / "hard.json")
+    assert_one_line_error(code, err, 2, "--calibrate")
+    assert tree(work) == before
+
+
+@pytest.mark.parametrize("victim", ["data", "inputs"])
+def test_bench_json_naming_its_data_or_inputs_is_refused_before_timing(files, capsys, victim):
+    work, f = files
+    before = tree(work)
+    code, out, err = run(capsys, "bench", CNN, "--runs", "2", "--warmup", "0", "--no-progress", "--providers", "cpu",
+                         f"--{victim}", f[victim], "--json", f[victim])
+    assert_one_line_error(code, err, 2, f"--{victim}")
+    assert out == "" and tree(work) == before
+
+
+def test_the_output_and_report_cannot_be_one_file(files, capsys):
+    work, f = files
+    code, _, err = run(capsys, CNN, work / "out.onnx", "--no-check", "--report", work / "." / "out.onnx")
+    assert_one_line_error(code, err, 2, "same file")
+    assert not (work / "out.onnx").exists()
