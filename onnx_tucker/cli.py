@@ -141,7 +141,7 @@ def add_bench_parser(sub) -> None:
 
 
 def cmd_compress(args) -> int:
-    from onnx_tucker.io import check_output_path, external_data_files, load_model, model_size, PROTOBUF_LIMIT, save_model
+    from onnx_tucker.io import check_output_path, external_data_files, load_model, model_size, PROTOBUF_LIMIT
     from onnx_tucker.outputs import check_paths
     from onnx_tucker.pipeline import compress
     from onnx_tucker.runtime import load_inputs, random_inputs
@@ -192,14 +192,16 @@ def cmd_compress(args) -> int:
         report.check = {"inputs": check_source, "outputs": as_dicts(agreements)}
         checked_in_memory = True
     protected = [Path(args.input)] + external_data_files(model, Path(args.input).parent)
-    data_file = save_model(new_model, out, external_data=args.external_data or None, protected=protected)
+    # staged beside OUT; renamed into place with the report only when nothing below has failed
+    staged, data_file = args.outputs.save_model(new_model, out, external_data=args.external_data or None, protected=protected)
     if not args.no_check and not checked_in_memory:
-        agreements = compare_models(Path(args.input), out, feeds)
+        agreements = compare_models(Path(args.input), staged, feeds)
         report.check = {"inputs": check_source, "outputs": as_dicts(agreements)}
     if labelled is not None:
-        report.accuracy = accuracy_of(model, out, *labelled, source=args.data)
+        report.accuracy = accuracy_of(model, staged, *labelled, source=args.data)
     if args.report:
-        Path(args.report).write_text(report.to_json())
+        args.outputs.write_text(args.report, report.to_json(), "--report")
+    args.outputs.commit()
     say(report.table())
     t = report.totals()
     say(f"wrote {out}" + (f" (+ {data_file.name})" if data_file else ""))
@@ -232,7 +234,7 @@ def accuracy_of(original, compressed, feeds, labels, source: str) -> dict:
 
 def cmd_convert(args) -> int:
     from onnx_tucker.convert import convert
-    from onnx_tucker.io import check_output_path, save_model
+    from onnx_tucker.io import check_output_path
     from onnx_tucker.outputs import check_paths
 
     out = check_output_path(args.input, args.output)
@@ -253,7 +255,8 @@ def cmd_convert(args) -> int:
     print(f"Keras vs onnxruntime: max abs difference {result.max_abs_diff:.3g} on {'given' if args.inputs else 'seeded random'} inputs")
     if result.max_abs_diff > args.tolerance:
         raise ModelError(f"Keras and onnxruntime disagree (max abs difference {result.max_abs_diff:.3g} > {args.tolerance}): not written")
-    save_model(result.model, out)
+    args.outputs.save_model(result.model, out)
+    args.outputs.commit()
     print(f"PASSED: wrote {out} (input '{result.input_name}', output '{result.output_name}')")
     return 0
 
@@ -313,7 +316,7 @@ def cmd_inspect(args) -> int:
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
     print("xR: MAC reduction of that layer (and of the model) at ratio R, with unprofitable layers left alone")
     if args.json:
-        Path(args.json).write_text(json.dumps({"layers": listing, "macs_total": total_before}, indent=2))
+        args.outputs.write_text(args.json, json.dumps({"layers": listing, "macs_total": total_before}, indent=2), "--json")
     return 0
 
 
@@ -348,7 +351,8 @@ def cmd_bench(args) -> int:
     for profile in result["per_layer"] or []:
         print(bench.per_layer_table(profile))
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        args.outputs.write_text(args.json, json.dumps(result, indent=2), "--json")
+        args.outputs.commit()
         print(f"wrote {args.json}")
     return 0
 
@@ -410,12 +414,17 @@ def main(argv: list[str] | None = None) -> int:
     # 'onnx-tucker IN OUT ...' means 'onnx-tucker compress IN OUT ...'.
     if argv and argv[0] not in SUBCOMMANDS and not argv[0].startswith("-"):
         argv.insert(0, "compress")
+    from onnx_tucker.outputs import command_outputs
+
     try:
-        args = build_parser().parse_args(argv)
-        if not args.command:
-            build_parser().print_help()
-            return 2
-        return COMMANDS[args.command](args)
+        # the command's staged outputs are committed at its end, or removed if it fails
+        with command_outputs() as outputs:
+            args = build_parser().parse_args(argv)
+            if not args.command:
+                build_parser().print_help()
+                return 2
+            args.outputs = outputs
+            return COMMANDS[args.command](args)
     except OnnxTuckerError as exc:
         print(f"onnx-tucker: error: {exc}", file=sys.stderr)
         return exc.exit_code

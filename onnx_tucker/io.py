@@ -2,14 +2,12 @@
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import onnx
 from onnx import external_data_helper
 
-from onnx_tucker.errors import ModelError, OnnxTuckerError, UsageError, first_line
+from onnx_tucker.errors import ModelError, UsageError, first_line
 from onnx_tucker.outputs import check_target
 
 # Protobuf cannot serialise a message over 2 GiB; above this the output's weights go to a data file.
@@ -176,44 +174,35 @@ def save_model(
     """Write ``model`` to ``path`` atomically; returns the external data file written, if any.
 
     The model is written into a temporary folder beside the target and renamed into
-    place, so a failure leaves nothing behind. With external data (forced, or
+    place, so a failure leaves nothing behind (:class:`onnx_tucker.outputs.Outputs`, which
+    also stages a model together with a command's other outputs). With external data (forced, or
     automatically above ``external_threshold`` bytes, default :func:`threshold_from_env`) the weights go to
     ``<name>.data`` next to the output, written fresh (never appended to), and never
     to a file in ``protected`` (the input's own model and data files).
     Saving with external data rewrites the tensors of ``model`` in place.
     """
-    out = Path(path)
-    if external_threshold is None:
-        external_threshold = threshold_from_env()
-    if external_data is None:
-        external_data = model_size(model) > external_threshold
-    data_name = out.name + ".data"
-    data_path = out.parent / data_name
-    for p in protected:
-        if Path(p).resolve() in (data_path.resolve(), out.resolve()):
-            raise UsageError(f"refusing to write over the input's file {p}")
-    tmp_dir = Path(tempfile.mkdtemp(prefix=".onnx-tucker-", dir=out.parent))
-    try:
-        tmp_model = tmp_dir / out.name
-        if external_data:
-            onnx.save_model(
-                model, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
-                location=data_name, size_threshold=1024,
-            )
+    from onnx_tucker.outputs import Outputs
+
+    with Outputs() as outputs:
+        _, data_path = outputs.save_model(model, path, external_data, external_threshold, protected)
+    return data_path
+
+
+def write_model_files(model: onnx.ModelProto, folder: Path, name: str, external_data: bool) -> None:
+    """Write ``folder/name``, with its weights in ``folder/name.data`` if ``external_data``."""
+    folder = Path(folder)
+    if external_data:
+        data_name = name + ".data"
+        onnx.save_model(
+            model, str(folder / name), save_as_external_data=True, all_tensors_to_one_file=True,
+            location=data_name, size_threshold=1024,
+        )
+        if (folder / data_name).exists():
             # the data file gets the model file's permissions (onnx writes it 0600)
-            os.chmod(tmp_dir / data_name, os.stat(tmp_model).st_mode & 0o777)
-            os.replace(tmp_dir / data_name, data_path)
-        else:
-            with open(tmp_model, "wb") as f:
-                write_serialized(model, f)
-        os.replace(tmp_model, out)
-    except OnnxTuckerError:
-        raise
-    except Exception as exc:
-        raise ModelError(f"cannot write {out}: {first_line(exc)}") from None
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-    return data_path if external_data else None
+            os.chmod(folder / data_name, os.stat(folder / name).st_mode & 0o777)
+    else:
+        with open(folder / name, "wb") as f:
+            write_serialized(model, f)
 
 
 def write_serialized(message, f) -> None:

@@ -1,24 +1,41 @@
-"""Every file a command writes, checked before any work.
+"""Every file a command writes: checked before any work, staged beside its target, put in place together.
 
 A command first names every path it reads and writes (:func:`check_paths`): each written path must be
 a new path or a regular file (never a device, FIFO, socket, folder or symbolic link: renaming over one
 would replace it with a regular file), in an existing writable folder, and differ from every other
-path the command reads or writes, links resolved.
+path the command reads or writes, links resolved. Its outputs are then written to temporaries in a
+hidden folder beside their targets (:class:`Outputs`) and renamed into place only by
+:meth:`Outputs.commit`, after everything that can fail has run. Any failure before that (Ctrl-C
+included) removes them all: a run writes all of its outputs or none.
+
+Usage::
+
+    with Outputs() as outputs:
+        staged, data_file = outputs.save_model(model, "out.onnx")   # a temporary path, usable now
+        outputs.write_text("report.json", text)
+        ...                                                           # anything that can still fail
+    # here both files are in place (commit); after an exception, neither is
 """
 from __future__ import annotations
 
 import errno
 import os
+import shutil
+import signal
 import stat
+import tempfile
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
-from onnx_tucker.errors import UsageError, first_line
+from onnx_tucker.errors import ModelError, OnnxTuckerError, UsageError, first_line
 
 STAGING_PREFIX = ".onnx-tucker-"
 _KINDS = (
     (stat.S_ISDIR, "a folder"), (stat.S_ISLNK, "a symbolic link"), (stat.S_ISCHR, "a character device"),
     (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
 )
+_SIGNALS = tuple(s for s in (getattr(signal, "SIGINT", None), getattr(signal, "SIGTERM", None)) if s is not None)
 
 
 def _kind(mode: int) -> str:
@@ -107,3 +124,169 @@ def check_paths(reads: dict | None = None, writes: dict | None = None, may_write
             if real == read_real or (inode is not None and inode == read_inode):
                 raise UsageError(f"{label} {path} is {read_label} ({read}): refusing to overwrite a file this command reads")
         seen.append((label, path, (real, inode)))
+
+
+# --- staged outputs ------------------------------------------------------------------------------------
+
+@contextmanager
+def _signals_blocked():
+    """SIGINT/SIGTERM held back (delivered on exit) around steps that must not be cut in half."""
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+class Outputs:
+    """Outputs staged in hidden folders beside their targets, renamed into place together by :meth:`commit`.
+
+    As a context manager: commit on a normal exit, :meth:`discard` on an exception.
+    """
+
+    def __init__(self):
+        self.committed = False
+        self._folders: dict[str, Path] = {}  # real target folder -> staging folder
+        self._staged: list[tuple[Path, Path]] = []  # (temporary, target)
+
+    def __enter__(self) -> "Outputs":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.discard()
+        return False
+
+    @property
+    def targets(self) -> list[Path]:
+        return [target for _, target in self._staged]
+
+    def path_for(self, target, what: str = "output") -> Path:
+        """The temporary path to write ``target``'s content to (the target is checked first)."""
+        if self.committed:
+            raise RuntimeError("outputs already committed")
+        target = check_target(target, what)
+        if any(_identity(t)[0] == _identity(target)[0] for t in self.targets):
+            raise UsageError(f"{what} {target} is written twice by this command")
+        folder_key = os.path.realpath(target.parent if str(target.parent) else ".")
+        with _signals_blocked():  # the folder is made and recorded, or neither
+            folder = self._folders.get(folder_key)
+            if folder is None:
+                try:
+                    folder = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=target.parent))
+                except OSError as exc:
+                    raise UsageError(f"{what}: cannot write in {target.parent}: {_reason(exc)}") from None
+                self._folders[folder_key] = folder
+            staged = folder / target.name
+            self._staged.append((staged, target))
+        return staged
+
+    def write_text(self, target, text: str, what: str = "output") -> Path:
+        return self.write_bytes(target, text.encode("utf-8"), what)
+
+    def write_bytes(self, target, data: bytes, what: str = "output") -> Path:
+        staged = self.path_for(target, what)
+        try:
+            staged.write_bytes(data)
+        except OSError as exc:
+            raise OnnxTuckerError(f"cannot write {target}: {_reason(exc)}") from None
+        return staged
+
+    def save_model(self, model, target, external_data: bool | None = None, external_threshold: int | None = None,
+                   protected=()) -> tuple[Path, Path | None]:
+        """Stage ``model`` for ``target`` (see :func:`onnx_tucker.io.save_model`).
+
+        Returns the staged model's path (loadable now: its data file, if any, is beside it) and the
+        data file the commit will write (None when the weights stay inline).
+        """
+        from onnx_tucker.io import model_size, threshold_from_env, write_model_files
+
+        out = Path(target)
+        if external_threshold is None:
+            external_threshold = threshold_from_env()
+        if external_data is None:
+            external_data = model_size(model) > external_threshold
+        data_path = out.parent / (out.name + ".data")
+        for p in protected:
+            if os.path.realpath(p) in (os.path.realpath(data_path), os.path.realpath(out)):
+                raise UsageError(f"refusing to write over the input's file {p}")
+        if external_data:  # the data file is renamed first: a model never points to a missing file
+            staged_data = self.path_for(data_path, "output data file")
+        staged = self.path_for(out)
+        try:
+            write_model_files(model, staged.parent, out.name, external_data)
+        except OnnxTuckerError:
+            raise
+        except Exception as exc:
+            raise ModelError(f"cannot write {out}: {first_line(exc)}") from None
+        if external_data and not staged_data.is_file():  # no tensor large enough: the model holds them all
+            self._staged = [(s, t) for s, t in self._staged if s != staged_data]
+            external_data = False
+        return staged, (data_path if external_data else None)
+
+    def commit(self) -> None:
+        """Rename every staged file into place (signals held back meanwhile); if one rename fails,
+        the ones already done are undone (the previous files restored) and nothing is left staged."""
+        if self.committed:
+            return
+        with _signals_blocked():
+            try:
+                for _, target in self._staged:  # the targets may have changed since they were checked
+                    check_target(target)
+                self._rename_all()
+            except BaseException:
+                self._remove_staging()
+                raise
+            self._remove_staging()
+            self.committed = True
+
+    def _rename_all(self) -> None:
+        done = []  # (target, backup or None, existed)
+        backups: dict[Path, Path] = {}  # staging folder -> folder of hard links to the previous files
+        try:
+            for staged, target in self._staged:
+                existed, backup = os.path.lexists(target), None
+                if existed:
+                    if staged.parent not in backups:
+                        backups[staged.parent] = Path(tempfile.mkdtemp(prefix="previous-", dir=staged.parent))
+                    backup = backups[staged.parent] / str(len(done))
+                    try:
+                        os.link(target, backup)  # the previous content, kept until the end
+                    except OSError:
+                        backup = None
+                os.replace(staged, target)
+                done.append((target, backup, existed))
+        except OSError as exc:
+            for target, backup, existed in reversed(done):
+                try:
+                    if backup is not None:
+                        os.replace(backup, target)
+                    elif not existed:
+                        os.unlink(target)
+                except OSError:
+                    pass
+            raise OnnxTuckerError(f"cannot write {target}: {_reason(exc)}") from None
+
+    def discard(self) -> None:
+        """Remove everything staged (nothing was renamed into place)."""
+        with _signals_blocked():
+            self._remove_staging()
+
+    def _remove_staging(self) -> None:
+        for folder in self._folders.values():
+            shutil.rmtree(folder, ignore_errors=True)
+        self._folders.clear()
+        self._staged.clear()
+
+
+@contextmanager
+def command_outputs():
+    """The outputs of one CLI command: committed when the block ends normally (if the command did
+    not commit them itself), removed on any exception."""
+    with Outputs() as outputs:
+        yield outputs

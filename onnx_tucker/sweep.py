@@ -301,10 +301,13 @@ def plot(result: dict, path: Path) -> None:
 def write_outputs(result: dict, out_dir: Path) -> dict[str, Path]:
     out_dir = Path(out_dir)
     paths = {"md": out_dir / "sweep.md", "json": out_dir / "sweep.json", "png": out_dir / "sweep.png"}
+    from onnx_tucker.outputs import Outputs
+
     try:
-        paths["md"].write_text(markdown_table(result) + "\n")
-        paths["json"].write_text(json.dumps(result, indent=2))
-        plot(result, paths["png"])
+        with Outputs() as outputs:  # all three or none
+            outputs.write_text(paths["md"], markdown_table(result) + "\n")
+            outputs.write_text(paths["json"], json.dumps(result, indent=2))
+            plot(result, outputs.path_for(paths["png"]))
     except OSError as exc:
         raise OnnxTuckerError(f"cannot write the sweep results to {out_dir}: {exc.strerror}") from None
     return paths

@@ -247,3 +247,96 @@ def test_the_output_and_report_cannot_be_one_file(files, capsys):
     code, _, err = run(capsys, CNN, work / "out.onnx", "--no-check", "--report", work / "." / "out.onnx")
     assert_one_line_error(code, err, 2, "same file")
     assert not (work / "out.onnx").exists()
+
+
+# --- 3. all outputs or none ----------------------------------------------------------------------------
+
+def test_failing_accuracy_step_leaves_no_model_behind(files, capsys, monkeypatch):
+    work, f = files
+    import onnx_tucker.data
+
+    def broken(outputs, labels):
+        raise RuntimeError("accuracy step failed")
+
+    monkeypatch.setattr(onnx_tucker.data, "top1", broken)
+    before = tree(work)
+    code, _, err = run(capsys, CNN, work / "out.onnx", "--data", f["data"], "--data-limit", "50", "--report", work / "r.json")
+    assert code == 1 and "Traceback" not in err
+    assert tree(work) == before
+
+
+def test_failing_report_leaves_no_model_or_data_file_behind(files, capsys, monkeypatch):
+    work, f = files
+    from onnx_tucker.report import Report
+
+    def broken(self):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Report, "to_json", broken)
+    before = tree(work)
+    code, _, err = run(capsys, CNN, work / "out.onnx", "--external-data", "--no-check", "--report", work / "r.json")
+    assert code == 1 and "Traceback" not in err
+    assert tree(work) == before  # neither out.onnx nor out.onnx.data
+
+
+def test_failure_keeps_the_previous_output_and_report(files, capsys, monkeypatch):
+    work, f = files
+    (work / "out.onnx").write_bytes(b"previous model")
+    (work / "r.json").write_text("previous report")
+    import onnx_tucker.data
+
+    monkeypatch.setattr(onnx_tucker.data, "top1", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
+    before = tree(work)
+    code, _, err = run(capsys, CNN, work / "out.onnx", "--data", f["data"], "--data-limit", "50", "--report", work / "r.json")
+    assert code == 1 and tree(work) == before
+
+
+def test_successful_run_writes_model_and_report_together(files, capsys):
+    work, f = files
+    code, out, err = run(capsys, CNN, work / "out.onnx", "--data", f["data"], "--data-limit", "50",
+                         "--report", work / "r.json", "-q")
+    assert code == 0, err
+    assert (work / "r.json").is_file() and (work / "out.onnx").is_file() and not leftovers(work)
+    onnx.checker.check_model(str(work / "out.onnx"))
+
+
+def test_outputs_api_stages_and_commits_all_or_none(tmp_path):
+    from onnx_tucker.outputs import Outputs
+
+    with pytest.raises(RuntimeError):
+        with Outputs() as outputs:
+            staged = outputs.write_text(tmp_path / "a.txt", "a")
+            outputs.write_text(tmp_path / "b.txt", "b")
+            assert staged.read_text() == "a" and not (tmp_path / "a.txt").exists()
+            raise RuntimeError("later step failed")
+    assert list(tmp_path.iterdir()) == []
+    with Outputs() as outputs:
+        outputs.write_text(tmp_path / "a.txt", "a")
+        staged, data = outputs.save_model(conv_model(c_in=16, c_out=32), tmp_path / "m.onnx", external_data=True)
+        onnx.checker.check_model(str(staged))  # usable (self-check, top-1) before the commit
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "m.onnx", "m.onnx.data"]
+    assert data == tmp_path / "m.onnx.data"
+
+
+def test_outputs_commit_failing_halfway_restores_the_previous_files(tmp_path, monkeypatch):
+    from onnx_tucker.errors import OnnxTuckerError
+    from onnx_tucker.outputs import Outputs
+
+    (tmp_path / "a.txt").write_text("old a")
+    real_replace = os.replace
+    calls = []
+
+    def flaky(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real_replace(src, dst)
+
+    outputs = Outputs()
+    outputs.write_text(tmp_path / "a.txt", "new a")
+    outputs.write_text(tmp_path / "b.txt", "new b")
+    monkeypatch.setattr(os, "replace", flaky)
+    with pytest.raises(OnnxTuckerError, match="No space left"):
+        outputs.commit()
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"] and (tmp_path / "a.txt").read_text() == "old a"
