@@ -414,10 +414,10 @@ def main(argv: list[str] | None = None) -> int:
     # 'onnx-tucker IN OUT ...' means 'onnx-tucker compress IN OUT ...'.
     if argv and argv[0] not in SUBCOMMANDS and not argv[0].startswith("-"):
         argv.insert(0, "compress")
-    from onnx_tucker.outputs import command_outputs
+    from onnx_tucker.outputs import command_outputs, interrupted_by
 
     try:
-        # the command's staged outputs are committed at its end, or removed if it fails
+        # SIGTERM unwinds like Ctrl-C; the command's staged outputs are committed at its end or removed
         with command_outputs() as outputs:
             args = build_parser().parse_args(argv)
             if not args.command:
@@ -425,18 +425,30 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
             args.outputs = outputs
             return COMMANDS[args.command](args)
+    except KeyboardInterrupt as exc:
+        return _interrupted(getattr(exc, "signum", 2))
     except OnnxTuckerError as exc:
+        if interrupted_by():  # the signal's exception was turned into an error on its way out
+            return _interrupted(interrupted_by())
         print(f"onnx-tucker: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("onnx-tucker: interrupted", file=sys.stderr)
-        return 130
     except Exception as exc:  # a bug of ours: still one line, unless debugging
+        if interrupted_by():
+            return _interrupted(interrupted_by())
         if os.environ.get("ONNX_TUCKER_DEBUG"):
             raise
         text = first_line(exc)
         print(f"onnx-tucker: internal error: {type(exc).__name__}: {text} (set ONNX_TUCKER_DEBUG=1 for a traceback)", file=sys.stderr)
         return 1
+
+
+def _interrupted(signum: int) -> int:
+    """Ctrl-C (SIGINT) or SIGTERM: one line, exit 128 + the signal's number (130, 143)."""
+    import signal
+
+    print("onnx-tucker: interrupted" if signum == signal.SIGINT else f"onnx-tucker: terminated ({signal.Signals(signum).name})",
+          file=sys.stderr)
+    return 128 + signum
 
 
 if __name__ == "__main__":

@@ -5,8 +5,8 @@ a new path or a regular file (never a device, FIFO, socket, folder or symbolic l
 would replace it with a regular file), in an existing writable folder, and differ from every other
 path the command reads or writes, links resolved. Its outputs are then written to temporaries in a
 hidden folder beside their targets (:class:`Outputs`) and renamed into place only by
-:meth:`Outputs.commit`, after everything that can fail has run. Any failure before that (Ctrl-C
-included) removes them all: a run writes all of its outputs or none.
+:meth:`Outputs.commit`, after everything that can fail has run. Any failure before that, Ctrl-C and
+SIGTERM included (:func:`command_outputs`), removes them all: a run writes all of its outputs or none.
 
 Usage::
 
@@ -126,7 +126,29 @@ def check_paths(reads: dict | None = None, writes: dict | None = None, may_write
         seen.append((label, path, (real, inode)))
 
 
-# --- staged outputs ------------------------------------------------------------------------------------
+# --- SIGINT / SIGTERM --------------------------------------------------------------------------------
+
+class Interrupted(KeyboardInterrupt):
+    """A SIGINT or SIGTERM: unwinds like Ctrl-C, so every staged output is removed on the way out."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = int(signum)
+
+
+_state = threading.local()
+
+
+def _final_committed() -> bool:
+    return getattr(_state, "final_committed", False)
+
+
+def interrupted_by() -> int | None:
+    """The signal that interrupted the last :func:`interrupts_unwind` block, if one did. Whatever
+    became of its exception (an extension module being imported turns it into ImportError), the
+    command was stopped by the user."""
+    return getattr(_state, "signal_received", None)
+
 
 @contextmanager
 def _signals_blocked():
@@ -141,13 +163,44 @@ def _signals_blocked():
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
+@contextmanager
+def interrupts_unwind():
+    """SIGINT and SIGTERM raise :class:`Interrupted` inside the block (Python's default for SIGTERM
+    is to die on the spot, leaving temporaries behind). Once a final :class:`Outputs` has committed,
+    they are ignored for the rest of the block: the outputs are complete and in place, and only
+    reporting is left, so the run ends as the success it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if not _final_committed():
+            _state.signal_received = int(signum)
+            raise Interrupted(signum)
+
+    _state.final_committed, _state.signal_received = False, None
+    previous = {}
+    try:
+        for s in _SIGNALS:
+            previous[s] = signal.signal(s, handler)
+        yield
+    finally:
+        for s, old in previous.items():
+            signal.signal(s, old if old is not None else signal.SIG_DFL)
+        _state.final_committed = False
+
+
+# --- staged outputs ----------------------------------------------------------------------------------
+
 class Outputs:
     """Outputs staged in hidden folders beside their targets, renamed into place together by :meth:`commit`.
 
-    As a context manager: commit on a normal exit, :meth:`discard` on an exception.
+    As a context manager: commit on a normal exit, :meth:`discard` on an exception. ``final``: this
+    commit completes a command; :func:`interrupts_unwind` ignores signals after it.
     """
 
-    def __init__(self):
+    def __init__(self, final: bool = False):
+        self.final = final
         self.committed = False
         self._folders: dict[str, Path] = {}  # real target folder -> staging folder
         self._staged: list[tuple[Path, Path]] = []  # (temporary, target)
@@ -244,6 +297,8 @@ class Outputs:
                 raise
             self._remove_staging()
             self.committed = True
+            if self.final:
+                _state.final_committed = True
 
     def _rename_all(self) -> None:
         done = []  # (target, backup or None, existed)
@@ -286,7 +341,9 @@ class Outputs:
 
 @contextmanager
 def command_outputs():
-    """The outputs of one CLI command: committed when the block ends normally (if the command did
-    not commit them itself), removed on any exception."""
-    with Outputs() as outputs:
-        yield outputs
+    """The outputs of one CLI command, with SIGINT/SIGTERM unwinding (:func:`interrupts_unwind`):
+    committed when the block ends normally (if the command did not commit them itself), removed on
+    any exception."""
+    with interrupts_unwind():
+        with Outputs(final=True) as outputs:
+            yield outputs

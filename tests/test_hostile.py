@@ -340,3 +340,77 @@ def test_outputs_commit_failing_halfway_restores_the_previous_files(tmp_path, mo
         outputs.commit()
     monkeypatch.undo()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"] and (tmp_path / "a.txt").read_text() == "old a"
+
+
+# --- 4. SIGTERM / SIGINT ---------------------------------------------------------------------------------
+
+SLOW_SAVE = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    import onnx_tucker.io as io
+    marker = Path(sys.argv[1])
+    def slow(message, f):
+        f.write(b"partial")
+        f.flush()
+        marker.write_text("saving")
+        time.sleep(120)
+    io.write_serialized = slow
+    from onnx_tucker.cli import main
+    sys.exit(main(sys.argv[2:]))
+""")
+
+
+@pytest.mark.parametrize("signum, code, extra", [(signal.SIGTERM, 143, []), (signal.SIGINT, 130, [])],
+                         ids=["SIGTERM", "SIGINT"])
+def test_signal_during_the_save_leaves_nothing(tmp_path, signum, code, extra):
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    marker = tmp_path / "saving"
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_SAVE, str(marker), str(CNN), str(out_dir / "o.onnx"), "--no-check",
+                             *extra, "--report", str(out_dir / "r.json")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert marker.exists(), proc.communicate()[1]
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == code, err
+    assert len(lines_of(err)) == 1 and "Traceback" not in err and lines_of(err)[0].startswith("onnx-tucker: "), err
+    assert list(out_dir.iterdir()) == []  # no .onnx-tucker-* folder, no model, no data file, no report
+
+
+def test_sigterm_at_any_moment_leaves_all_outputs_or_none(tmp_path):
+    def start(out_dir):
+        out_dir.mkdir()
+        return subprocess.Popen([sys.executable, "-m", "onnx_tucker", str(CNN), str(out_dir / "o.onnx"), "--external-data",
+                                 "--report", str(out_dir / "r.json"), "-q"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+
+    began = time.monotonic()
+    proc = start(tmp_path / "whole")
+    assert proc.wait(timeout=240) == 0
+    whole = time.monotonic() - began  # signals sent across the run's own length, whatever the machine's load
+    codes = []
+    for i, fraction in enumerate((0.2, 0.4, 0.6, 0.75, 0.85, 0.95, 1.05)):
+        out_dir = tmp_path / f"run{i}"
+        proc = start(out_dir)
+        time.sleep(fraction * whole)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=240)
+        codes.append(proc.returncode)
+        names = sorted(p.name for p in out_dir.iterdir())
+        assert names in ([], ["o.onnx", "o.onnx.data", "r.json"]), (fraction, proc.returncode, names)  # all or none
+        assert "Traceback" not in err and len(lines_of(err)) <= 1, err
+        if proc.returncode == 0:
+            assert names, fraction
+        elif proc.returncode == 143:  # the command's own handler: it says so in one line, and wrote nothing
+            assert names == [] and lines_of(err) == ["onnx-tucker: terminated (SIGTERM)"], (fraction, names, err)
+        else:  # killed outright: before the command started, or after it had finished and committed
+            assert proc.returncode == -signal.SIGTERM, (fraction, proc.returncode, err)
+    assert any(code != 0 for code in codes), codes
