@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import onnx
@@ -188,21 +189,30 @@ def save_model(
     return data_path
 
 
+EXTERNAL_SIZE_THRESHOLD = 1024  # bytes (as onnx counts them): smaller tensors stay in the model file
+
+
 def write_model_files(model: onnx.ModelProto, folder: Path, name: str, external_data: bool) -> None:
-    """Write ``folder/name``, with its weights in ``folder/name.data`` if ``external_data``."""
+    """Write ``folder/name``, with its weights in ``folder/name.data`` if ``external_data``.
+
+    The data file's location is the bare name, relative to the model's folder, and is written
+    there whatever the current folder (onnx's own writer checks the location against the current
+    folder, so a rerun from the output's folder, or an unrelated file of that name there, broke it).
+    """
     folder = Path(folder)
     if external_data:
         data_name = name + ".data"
-        onnx.save_model(
-            model, str(folder / name), save_as_external_data=True, all_tensors_to_one_file=True,
-            location=data_name, size_threshold=1024,
-        )
         if (folder / data_name).exists():
-            # the data file gets the model file's permissions (onnx writes it 0600)
-            os.chmod(folder / data_name, os.stat(folder / name).st_mode & 0o777)
-    else:
-        with open(folder / name, "wb") as f:
-            write_serialized(model, f)
+            raise ModelError(f"cannot write {name}: {data_name} already exists in the staging folder")
+        for tensor in external_data_helper._get_initializer_tensors(model):
+            if tensor.HasField("raw_data") and sys.getsizeof(tensor.raw_data) >= EXTERNAL_SIZE_THRESHOLD:
+                external_data_helper.set_external_data(tensor, data_name)
+        external_data_helper.write_external_data_tensors(model, str(folder))
+    with open(folder / name, "wb") as f:
+        write_serialized(model, f)
+    if external_data and (folder / data_name).exists():
+        # the data file gets the model file's permissions (onnx writes it 0600)
+        os.chmod(folder / data_name, os.stat(folder / name).st_mode & 0o777)
 
 
 def write_serialized(message, f) -> None:

@@ -360,8 +360,9 @@ SLOW_SAVE = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("signum, code, extra", [(signal.SIGTERM, 143, []), (signal.SIGINT, 130, [])],
-                         ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("signum, code, extra", [(signal.SIGTERM, 143, []), (signal.SIGINT, 130, []),
+                                                 (signal.SIGTERM, 143, ["--external-data"])],
+                         ids=["SIGTERM", "SIGINT", "SIGTERM-external-data"])
 def test_signal_during_the_save_leaves_nothing(tmp_path, signum, code, extra):
     out_dir = tmp_path / "out"
     out_dir.mkdir()
@@ -414,3 +415,33 @@ def test_sigterm_at_any_moment_leaves_all_outputs_or_none(tmp_path):
         else:  # killed outright: before the command started, or after it had finished and committed
             assert proc.returncode == -signal.SIGTERM, (fraction, proc.returncode, err)
     assert any(code != 0 for code in codes), codes
+
+
+# --- 5. external data whatever the current folder --------------------------------------------------------
+
+def test_external_data_rerun_from_the_output_folder(tmp_path, capsys, monkeypatch):
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    monkeypatch.chdir(out_dir)
+    for attempt in range(2):
+        code, _, err = run(capsys, CNN, "again.onnx", "--external-data", "--no-check", "-q")
+        assert code == 0, (attempt, err)
+        if attempt == 0:
+            first = tree(out_dir)
+    assert tree(out_dir) == first and set(first) == {"again.onnx", "again.onnx.data"}  # written fresh, same bytes
+    from onnx_tucker.runtime import make_session
+
+    make_session(out_dir / "again.onnx")
+
+
+def test_unrelated_data_file_in_the_current_folder_is_left_alone(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "x.onnx.data").write_bytes(b"unrelated")
+    (tmp_path / "sub").mkdir()
+    code, _, err = run(capsys, CNN, "sub/x.onnx", "--external-data", "--no-check", "-q")
+    assert code == 0, err
+    assert (tmp_path / "x.onnx.data").read_bytes() == b"unrelated"
+    assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["x.onnx", "x.onnx.data"]
+    from onnx_tucker.io import load_model
+
+    load_model(tmp_path / "sub" / "x.onnx")
