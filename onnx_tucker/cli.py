@@ -163,11 +163,16 @@ def cmd_compress(args) -> int:
     if args.latency_aware:
         options["latency_aware"], options["latency_batch"] = True, args.latency_batch
     if args.calibrate:
-        from onnx_tucker.data import load_calibration
+        from onnx_tucker.data import MIN_CALIB_SAMPLES, load_calibration
 
         if args.data and Path(args.calibrate).resolve() == Path(args.data).resolve():
             raise UsageError("--calibrate and --data are the same file: calibrate on training data, measure on test data")
-        options["calibration"] = load_calibration(args.calibrate, model, size=args.calib_size, strict_size=False)
+        options["calibration"] = load_calibration(args.calibrate, model, size=args.calib_size, strict_size=False,
+                                                  min_samples=MIN_CALIB_SAMPLES)
+        used = len(next(iter(options["calibration"].values())))
+        if used < args.calib_size:
+            print(f"onnx-tucker: notice: {args.calibrate} holds {used} calibration samples, fewer than --calib-size "
+                  f"{args.calib_size}: calibrating on all {used}", file=sys.stderr)
         options["refit"] = False if args.refit == "none" else args.refit
     if args.exclude:
         options["exclude"] = tuple(e.strip() for e in args.exclude.split(",") if e.strip())

@@ -118,7 +118,7 @@ def run_sweep(config: SweepConfig) -> dict:
     """Compress at every setting, measure, and return the JSON-ready result (see module docstring)."""
     import onnxruntime as ort
 
-    from onnx_tucker.data import DEFAULT_CALIB_SIZE, load_calibration, load_labelled, predict, top1
+    from onnx_tucker.data import DEFAULT_CALIB_SIZE, MIN_CALIB_SAMPLES, load_calibration, load_labelled, predict, top1
     from onnx_tucker.io import check_output_path, load_model, save_model
     from onnx_tucker.outputs import check_paths
     from onnx_tucker.pipeline import compress
@@ -138,7 +138,8 @@ def run_sweep(config: SweepConfig) -> dict:
         if Path(config.calibrate).resolve() == Path(config.data).resolve():
             raise UsageError("--calibrate and --data are the same file: calibrate on training data, measure on test data")
         size = config.calib_size or DEFAULT_CALIB_SIZE
-        calibration = load_calibration(config.calibrate, model, size=size, strict_size=config.calib_size is not None)
+        calibration = load_calibration(config.calibrate, model, size=size, strict_size=config.calib_size is not None,
+                                       min_samples=MIN_CALIB_SAMPLES)
     reference = predict(model, feeds)
     original = {
         "file": str(config.model), "conv_macs": None, "conv_params": None, "params": count_params(model),

@@ -445,3 +445,52 @@ def test_unrelated_data_file_in_the_current_folder_is_left_alone(tmp_path, capsy
     from onnx_tucker.io import load_model
 
     load_model(tmp_path / "sub" / "x.onnx")
+
+
+# --- 6. degenerate calibration sets ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("make, needle", [
+    (lambda: np.zeros((64, 32, 32, 3), np.float32), "identical"),
+    (lambda: np.full((64, 32, 32, 3), 128, np.uint8), "identical"),
+    (lambda: np.repeat(cnn_images(1), 64, axis=0), "identical"),
+    (lambda: cnn_images(1), "at least"),
+    (lambda: cnn_images(3), "at least"),
+    (lambda: cnn_images(31), "at least"),
+], ids=["all-zero", "constant", "one-image-repeated", "1-sample", "3-samples", "31-samples"])
+def test_degenerate_calibration_sets_are_refused(tmp_path, capsys, make, needle):
+    np.savez(tmp_path / "train.npz", x_train=make())
+    before = tree(tmp_path)
+    code, out, err = run(capsys, CNN, tmp_path / "out.onnx", "--calibrate", tmp_path / "train.npz", "--no-check")
+    assert_one_line_error(code, err, 1, needle)
+    assert "PASSED" not in out and tree(tmp_path) == before
+
+
+def test_sweep_refuses_a_degenerate_calibration_set(tmp_path, capsys):
+    np.savez(tmp_path / "train.npz", x_train=np.zeros((64, 32, 32, 3), np.float32))
+    data = tmp_path / "test.npz"
+    data.write_bytes(SAMPLE.read_bytes())
+    code, _, err = run(capsys, "sweep", CNN, "--data", data, "--calibrate", tmp_path / "train.npz", "--ratios", "0.5",
+                       "--no-progress", "--out-dir", tmp_path / "sweep")
+    assert_one_line_error(code, err, 1, "identical")
+    assert not list((tmp_path / "sweep").glob("*"))  # at most the empty folder it made
+
+
+def test_fewer_calibration_samples_than_asked_prints_one_notice(tmp_path, capsys):
+    model = tmp_path / "m.onnx"
+    onnx.save(residual_model(), str(model))
+    np.savez(tmp_path / "train.npz", x_train=np.random.default_rng(0).standard_normal((40, 3, 10, 10)).astype(np.float32))
+    code, out, err = run(capsys, model, tmp_path / "out.onnx", "--calibrate", tmp_path / "train.npz", "--calib-size", "64", "-q")
+    assert code == 0, err
+    notices = [line for line in lines_of(err) if "notice" in line]
+    assert len(notices) == 1 and "40" in notices[0] and "64" in notices[0], err
+    assert "PASSED" in out
+
+
+def test_calibration_api_refuses_too_few_samples_only_when_asked(tmp_path):
+    from onnx_tucker.data import MIN_CALIB_SAMPLES, load_calibration
+    from onnx_tucker.errors import DataError
+
+    np.savez(tmp_path / "c.npz", x_train=np.random.default_rng(0).standard_normal((8, 3, 10, 10)))
+    assert len(load_calibration(tmp_path / "c.npz", residual_model(), size=None)["x"]) == 8  # the library's default
+    with pytest.raises(DataError, match=f"at least {MIN_CALIB_SAMPLES}"):
+        load_calibration(tmp_path / "c.npz", residual_model(), size=None, min_samples=MIN_CALIB_SAMPLES)
