@@ -32,27 +32,50 @@ def threshold_from_env() -> int:
 
 
 def external_data_files(model: onnx.ModelProto, base_dir: Path, must_exist: bool = True) -> list[Path]:
-    """The resolved data files a model's external tensors point to, refusing any outside ``base_dir``."""
-    base = base_dir.resolve()
+    """The resolved data files a model's external tensors point to, refusing locations outside ``base_dir``.
+
+    The location written in the model is checked lexically: relative, no ``..`` component. Symbolic
+    links in the model's folder are the user's and are followed (a Hugging Face cache keeps the
+    model and its data file as links into ``../blobs/``); a location cannot climb out by itself.
+    """
     files = []
     for tensor in external_data_helper._get_all_tensors(model):
         if not external_data_helper.uses_external_data(tensor):
             continue
         info = external_data_helper.ExternalDataInfo(tensor)
-        try:
-            location = Path(info.location)
-            target = (base / location).resolve()
-        except (ValueError, OSError) as exc:  # embedded NUL, loops, names too long
-            raise ModelError(f"tensor '{tensor.name}' has an unusable external data location: {first_line(exc)}") from None
-        if not info.location or location.is_absolute() or base not in target.parents:
+        location = Path(info.location or "")
+        if not info.location or location.is_absolute() or ".." in location.parts or not location.parts:
             raise ModelError(
                 f"tensor '{tensor.name}' points to external data outside the model's folder ({info.location}): refused"
             )
+        try:
+            if "\x00" in info.location:
+                raise ValueError("embedded null byte")
+            target = (base_dir / location).resolve()
+        except (ValueError, OSError, RuntimeError) as exc:  # embedded NUL, loops, names too long
+            raise ModelError(f"tensor '{tensor.name}' has an unusable external data location: {first_line(exc)}") from None
         if must_exist and not target.is_file():
             raise ModelError(f"tensor '{tensor.name}' needs external data file '{info.location}', which does not exist")
         if target not in files:
             files.append(target)
     return files
+
+
+def load_external_data(model: onnx.ModelProto, base_dir: Path) -> None:
+    """Read every external tensor's data into the model, following the user's links.
+
+    onnx's loader refuses a data file that is a symbolic link; the location was checked by
+    :func:`external_data_files`, so each tensor is read from the file its link resolves to.
+    """
+    for tensor in external_data_helper._get_all_tensors(model):
+        if not external_data_helper.uses_external_data(tensor):
+            continue
+        info = external_data_helper.ExternalDataInfo(tensor)
+        real = (base_dir / info.location).resolve()
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = real.name
+        external_data_helper.load_external_data_for_tensor(tensor, str(real.parent))
 
 
 def load_model(path: str | os.PathLike, check: bool = True) -> onnx.ModelProto:
@@ -76,7 +99,7 @@ def load_model(path: str | os.PathLike, check: bool = True) -> onnx.ModelProto:
         raise ModelError(f"{path} is not a valid ONNX model (it has no graph)")
     external = external_data_files(model, path.parent)
     try:
-        external_data_helper.load_external_data_for_model(model, str(path.parent))
+        load_external_data(model, path.parent)
     except Exception as exc:
         raise ModelError(f"cannot read the external data of {path}: {first_line(exc)}") from None
     # The file check stands for the model check only when every weight was in the file itself.

@@ -494,3 +494,58 @@ def test_calibration_api_refuses_too_few_samples_only_when_asked(tmp_path):
     assert len(load_calibration(tmp_path / "c.npz", residual_model(), size=None)["x"]) == 8  # the library's default
     with pytest.raises(DataError, match=f"at least {MIN_CALIB_SAMPLES}"):
         load_calibration(tmp_path / "c.npz", residual_model(), size=None, min_samples=MIN_CALIB_SAMPLES)
+
+
+# --- 9. symbolic links in the model's folder (a Hugging Face cache) --------------------------------------
+
+def hf_cache(tmp_path: Path) -> tuple[Path, Path]:
+    """models--x/blobs/<hash> and models--x/snapshots/<rev>/model.onnx(.data) as links into ../../blobs/."""
+    repo = tmp_path / "models--x"
+    (repo / "blobs").mkdir(parents=True)
+    snap = repo / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    model = onnx.ModelProto.FromString(residual_model(channels=32).SerializeToString())
+    onnx.save_model(model, str(repo / "blobs" / "staging.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="model.onnx.data", size_threshold=64)
+    (repo / "blobs" / "staging.onnx").rename(repo / "blobs" / "1111")
+    (repo / "blobs" / "model.onnx.data").rename(repo / "blobs" / "2222")
+    (snap / "model.onnx").symlink_to("../../blobs/1111")
+    (snap / "model.onnx.data").symlink_to("../../blobs/2222")
+    return repo, snap / "model.onnx"
+
+
+def test_hugging_face_style_symlinked_model_folder_loads_and_compresses(tmp_path, capsys):
+    repo, model = hf_cache(tmp_path)
+    before = tree(repo)
+    code, out, err = run(capsys, model, tmp_path / "out.onnx")
+    assert code == 0, err
+    assert "PASSED" in out and tree(repo) == before
+
+
+def test_output_over_a_linked_data_blob_is_refused(tmp_path, capsys):
+    repo, model = hf_cache(tmp_path)
+    before = tree(repo)
+    code, _, err = run(capsys, model, repo / "blobs" / "2222", "--no-check")
+    assert_one_line_error(code, err, 2)
+    assert tree(repo) == before
+
+
+@pytest.mark.parametrize("location", ["../secret.bin", "sub/../m.onnx.data", "/etc/hostname"])
+def test_locations_climbing_out_are_still_refused_lexically(tmp_path, capsys, location):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "sub").mkdir()
+    path = folder / "m.onnx"
+    model = onnx.ModelProto.FromString(conv_model(c_in=16, c_out=32).SerializeToString())
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location="m.onnx.data",
+                    size_threshold=64)
+    stored = onnx.load(str(path), load_external_data=False)
+    for t in stored.graph.initializer:
+        for entry in t.external_data:
+            if entry.key == "location":
+                entry.value = location
+    path.write_bytes(stored.SerializeToString())
+    (tmp_path / "secret.bin").write_bytes((folder / "m.onnx.data").read_bytes())
+    code, _, err = run(capsys, path, tmp_path / "out.onnx", "--no-check")
+    assert_one_line_error(code, err, 1, "outside the model's folder")
+    assert not (tmp_path / "out.onnx").exists()
