@@ -141,10 +141,11 @@ def add_bench_parser(sub) -> None:
 
 
 def cmd_compress(args) -> int:
+    from onnx_tucker.data import load_inputs
     from onnx_tucker.io import check_output_path, external_data_files, load_model, model_size, PROTOBUF_LIMIT
     from onnx_tucker.outputs import check_paths
     from onnx_tucker.pipeline import compress
-    from onnx_tucker.runtime import load_inputs, random_inputs
+    from onnx_tucker.runtime import random_inputs
     from onnx_tucker.validate import as_dicts, compare_models, summary
 
     out = check_output_path(args.input, args.output)

@@ -14,15 +14,71 @@ from onnx_tucker.runtime import graph_inputs, input_spec
 LABELLED_KEYS = (("x_test", "y_test"), ("x", "y"), ("x_train", "y_train"))
 
 
-def _open_npz(path: Path) -> dict[str, np.ndarray]:
+def _open_npz(path: Path, what: str = "data file") -> dict[str, np.ndarray]:
     if not path.is_file():
-        raise DataError(f"data file not found: {path}")
+        raise DataError(f"{what} not found: {path}")
     try:
         with np.load(path, allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
+            arrays = {k: data[k] for k in data.files}
     except Exception as exc:
         text = first_line(exc)
-        raise DataError(f"cannot read data file {path} (expected a .npz): {text[:200]}") from None
+        raise DataError(f"cannot read {what} {path} (expected a .npz): {text[:200]}") from None
+    for key, value in arrays.items():  # numpy hands back a member without the .npy header as raw bytes
+        if not isinstance(value, np.ndarray):
+            raise DataError(f"cannot read {what} {path}: member '{key}' is not a .npy array")
+    return arrays
+
+
+def _check_feedable(value: np.ndarray, dims: list, dtype, name: str, where: str) -> None:
+    """One line for an array the model cannot be fed: wrong shape, no samples, a kind that cannot be cast."""
+    want = ["N" if d is None else d for d in dims]
+    if value.ndim != len(dims) or any(d and d != s for d, s in zip(dims[1:], value.shape[1:])):
+        raise DataError(f"{where} for '{name}' have shape {list(value.shape)}, the model expects {want}")
+    if len(value) == 0:
+        raise DataError(f"{where} for '{name}' hold no samples (shape {list(value.shape)})")
+    if value.dtype.kind not in "biufc":  # strings, bytes, dates: astype would fail or make nonsense
+        raise DataError(f"{where} for '{name}' have dtype {value.dtype}, which cannot be cast to the model's {np.dtype(dtype)}")
+
+
+def load_inputs(path: str | os.PathLike, model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Inputs from an .npz: one array per input name, or one array for a single-input model.
+
+    A keras-layout labelled file (``x_test``/``x_train``/``x``) also works for a single-input model.
+    Arrays that cannot be fed (wrong shape, empty, strings...) are one-line :class:`DataError` s.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"inputs file not found: {path}")
+    arrays = _open_npz(path, "inputs file")
+    inputs = graph_inputs(model)
+    names = [i.name for i in inputs]
+    if all(n in arrays for n in names):
+        chosen = {n: arrays[n] for n in names}
+    elif len(names) == 1:
+        key = next((k for k in ("x_test", "x_train", "x", "inputs") if k in arrays), None)
+        if key is None and len(arrays) != 1:
+            raise DataError(f"{path} has arrays {sorted(arrays)}; expected one named '{names[0]}' (or x/x_test)")
+        chosen = {names[0]: arrays[key] if key is not None else next(iter(arrays.values()))}
+    else:
+        raise DataError(f"{path} must hold one array per model input: {', '.join(names)}")
+    feeds = {}
+    for vi in inputs:
+        dims, dtype = input_spec(vi)
+        _check_feedable(chosen[vi.name], dims, dtype, vi.name, f"inputs in {path}")
+        with np.errstate(over="ignore", invalid="ignore"):
+            feeds[vi.name] = chosen[vi.name].astype(dtype)
+    counts = {len(v) for v in feeds.values()}
+    if len(counts) > 1:
+        raise DataError(f"arrays in {path} have different sample counts: {sorted(counts)}")
+    return feeds
+
+
+def check_classifier(model: onnx.ModelProto) -> None:
+    """Top-1 needs class scores per sample: refuse a model whose first output is known to be a scalar."""
+    out = model.graph.output[0]
+    t = out.type.tensor_type
+    if out.type.HasField("tensor_type") and t.HasField("shape") and len(t.shape.dim) == 0:
+        raise DataError(f"top-1 needs one row of class scores per sample, but the model's first output '{out.name}' is a scalar")
 
 
 def num_classes(model: onnx.ModelProto) -> int | None:
@@ -51,6 +107,7 @@ def load_labelled(path: str | os.PathLike, model: onnx.ModelProto, limit: int | 
     inputs = graph_inputs(model)
     if len(inputs) != 1:
         raise DataError("accuracy on labelled data needs a single-input model")
+    check_classifier(model)
     labels = np.asarray(labels)
     if labels.ndim == 2 and labels.shape[1] > 1:
         labels = labels.argmax(1)  # one-hot
@@ -68,6 +125,7 @@ def load_labelled(path: str | os.PathLike, model: onnx.ModelProto, limit: int | 
     if images.ndim != len(dims) or any(d and d != s for d, s in zip(dims[1:], images.shape[1:])):
         want = ["N" if d is None else d for d in dims]
         raise DataError(f"images in {path} have shape {list(images.shape)}, the model expects {want}")
+    _check_feedable(images, dims, dtype, inputs[0].name, f"images in {path}")
     if limit and limit < len(labels):
         pick = np.sort(np.random.default_rng(seed).choice(len(labels), limit, replace=False))
         images, labels = images[pick], labels[pick]
@@ -85,10 +143,14 @@ def predict(model, feeds: dict, batch_size: int = 100, provider: str = "cpu", pr
     starts = range(0, n, batch_size)
     bar = tqdm(starts, desc=progress, unit="batch", leave=False, disable=progress is None)
     outs = [session.run(None, {k: v[s : s + batch_size] for k, v in feeds.items()})[0] for s in bar]
+    if any(o.ndim == 0 for o in outs):
+        raise DataError("top-1 needs one row of class scores per sample, but the model's first output is a scalar")
     return np.concatenate(outs)
 
 
 def top1(outputs: np.ndarray, labels: np.ndarray) -> float:
+    if outputs.ndim == 0 or len(outputs) != len(labels):
+        raise DataError(f"top-1 needs one row of class scores per sample: the model gave shape {list(outputs.shape)} for {len(labels)} samples")
     return float(np.mean(outputs.reshape(len(labels), -1).argmax(1) == labels))
 
 
@@ -143,6 +205,8 @@ def load_calibration(path: str | os.PathLike, model: onnx.ModelProto, size: int 
         if value.ndim != len(dims) or any(d and d != s for d, s in zip(dims[1:], value.shape[1:])):
             raise DataError(f"calibration inputs for '{vi.name}' in {path} have shape {list(value.shape)}, the model expects {want}")
         if not np.can_cast(value.dtype, dtype, casting="same_kind"):
+            raise DataError(f"calibration inputs for '{vi.name}' in {path} have dtype {value.dtype}, which cannot be cast to the model's {np.dtype(dtype)}")
+        if value.dtype.kind not in "biufc":  # strings, dates...: can_cast says yes for some
             raise DataError(f"calibration inputs for '{vi.name}' in {path} have dtype {value.dtype}, which cannot be cast to the model's {np.dtype(dtype)}")
         if value.dtype.kind in "fc" and not np.all(np.isfinite(value)):
             raise DataError(f"calibration inputs for '{vi.name}' in {path} contain NaN or Inf")

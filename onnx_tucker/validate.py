@@ -46,7 +46,8 @@ def run(model, feeds: dict, provider: str = "cpu", batch_size: int = 64) -> list
         except Exception as exc:  # a model that passes the checker but cannot run (e.g. wrong channel counts)
             text = first_line(exc)
             raise ModelError(f"onnxruntime cannot run the model: {text}") from None
-    return [np.concatenate([c[i] for c in chunks]) for i in range(len(chunks[0]))]
+    # a scalar output (one per batch, e.g. a loss) is compared batch by batch
+    return [np.concatenate([np.atleast_1d(c[i]) for c in chunks]) for i in range(len(chunks[0]))]
 
 
 def compare_models(model_a, model_b, feeds: dict, provider: str = "cpu") -> list[OutputAgreement]:

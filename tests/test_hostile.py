@@ -549,3 +549,85 @@ def test_locations_climbing_out_are_still_refused_lexically(tmp_path, capsys, lo
     code, _, err = run(capsys, path, tmp_path / "out.onnx", "--no-check")
     assert_one_line_error(code, err, 1, "outside the model's folder")
     assert not (tmp_path / "out.onnx").exists()
+
+
+# --- 10. internal errors where a one-line message is due -------------------------------------------------
+
+def scalar_output_model() -> onnx.ModelProto:
+    """x [N, 3, 8, 8] -> Conv -> ReduceSum over everything -> a scalar."""
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array((rng.standard_normal((16, 3, 3, 3)) / 5).astype(np.float32), "W")
+    w2 = numpy_helper.from_array((rng.standard_normal((32, 16, 3, 3)) / 12).astype(np.float32), "W2")
+    nodes = [helper.make_node("Conv", ["x", "W"], ["a"], name="c1", pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["a", "W2"], ["b"], name="c2", pads=[1, 1, 1, 1]),
+             helper.make_node("ReduceSum", ["b"], ["y"], name="sum", keepdims=0)]
+    graph = helper.make_graph(nodes, "scalar", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])], [w, w2])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    onnx.checker.check_model(model)
+    return model
+
+
+@pytest.mark.parametrize("flag, arrays", [
+    ("--inputs", {"x": np.full((4, 32, 32, 3), "a")}),
+    ("--inputs", {"x": np.zeros((0, 32, 32, 3), np.float32)}),
+    ("--data", {"x_test": np.full((4, 32, 32, 3), "a"), "y_test": np.zeros(4, np.int64)}),
+    ("--data", {"x_test": np.zeros((0, 32, 32, 3), np.float32), "y_test": np.zeros(0, np.int64)}),
+], ids=["inputs-strings", "inputs-empty", "data-strings", "data-empty"])
+def test_string_or_empty_arrays_are_one_line_errors(tmp_path, capsys, flag, arrays):
+    np.savez(tmp_path / "bad.npz", **arrays)
+    before = tree(tmp_path)
+    code, _, err = run(capsys, CNN, tmp_path / "out.onnx", flag, tmp_path / "bad.npz")
+    assert_one_line_error(code, err, 1)
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("member", [b"garbage", b"\x93NUMPY garbage after the magic" * 10], ids=["no-magic", "bad-header"])
+def test_zip_with_a_garbage_npy_member_is_a_one_line_error(tmp_path, capsys, member):
+    with zipfile.ZipFile(tmp_path / "train.npz", "w") as z:
+        z.writestr("x_train.npy", member)
+    before = tree(tmp_path)
+    code, _, err = run(capsys, CNN, tmp_path / "out.onnx", "--calibrate", tmp_path / "train.npz")
+    assert_one_line_error(code, err, 1, "train.npz")
+    assert tree(tmp_path) == before
+
+
+def test_scalar_output_model_self_check_runs(tmp_path, capsys):
+    onnx.save(scalar_output_model(), str(tmp_path / "s.onnx"))
+    code, out, err = run(capsys, tmp_path / "s.onnx", tmp_path / "out.onnx", "--force")
+    assert code == 0, err
+    assert "self-check" in out and "internal error" not in err
+
+
+def test_scalar_output_model_top1_is_a_one_line_error(tmp_path, capsys):
+    onnx.save(scalar_output_model(), str(tmp_path / "s.onnx"))
+    np.savez(tmp_path / "d.npz", x=np.zeros((10, 3, 8, 8), np.float32) + np.arange(10)[:, None, None, None],
+             y=np.arange(10) % 3)
+    before = tree(tmp_path)
+    code, _, err = run(capsys, tmp_path / "s.onnx", tmp_path / "out.onnx", "--force", "--data", tmp_path / "d.npz")
+    assert_one_line_error(code, err, 1, "top-1")
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("where", ["model", "report"])
+def test_output_name_over_255_characters_is_a_one_line_error(tmp_path, capsys, where):
+    long = tmp_path / ("a" * 300 + ".onnx")
+    args = [long, "--no-check"] if where == "model" else [tmp_path / "out.onnx", "--no-check", "--report", long]
+    code, out, err = run(capsys, CNN, *args)
+    assert_one_line_error(code, err, 2, "too long")
+    assert out == "" and list(tmp_path.iterdir()) == []
+
+
+def test_external_data_name_over_255_characters_is_a_one_line_error(tmp_path, capsys):
+    name = tmp_path / ("a" * 250 + ".onnx")  # fits; its .data file does not
+    code, out, err = run(capsys, CNN, name, "--no-check", "--external-data")
+    assert_one_line_error(code, err, 2, "too long")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bench_json_naming_a_folder_is_refused_before_the_benchmark(tmp_path, capsys):
+    code, out, err = run(capsys, "bench", CNN, "--runs", "2", "--warmup", "0", "--no-progress", "--providers", "cpu",
+                         "--json", tmp_path)
+    assert_one_line_error(code, err, 2, "folder")
+    assert out == "" and list(tmp_path.iterdir()) == []
