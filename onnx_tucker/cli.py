@@ -239,13 +239,14 @@ def accuracy_of(original, compressed, feeds, labels, source: str) -> dict:
 
 
 def cmd_convert(args) -> int:
-    from onnx_tucker.convert import convert
+    from onnx_tucker.convert import check_opset, convert
     from onnx_tucker.io import check_output_path
     from onnx_tucker.outputs import check_paths
 
     out = check_output_path(args.input, args.output)
     check_paths(reads={"the Keras model": args.input, "--inputs": args.inputs}, writes={"output": out},
                 may_write={"the output's data file": f"{out}.data"})
+    check_opset(args.opset)
     samples = None
     if args.inputs:
         from onnx_tucker.errors import DataError

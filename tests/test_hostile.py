@@ -631,3 +631,46 @@ def test_bench_json_naming_a_folder_is_refused_before_the_benchmark(tmp_path, ca
                          "--json", tmp_path)
     assert_one_line_error(code, err, 2, "folder")
     assert out == "" and list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def tiny_keras(tmp_path_factory):
+    keras = pytest.importorskip("keras")
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([
+        keras.Input((8, 8, 3)), keras.layers.Conv2D(4, 3, activation="relu"),
+        keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(3, activation="softmax"),
+    ])
+    path = tmp_path_factory.mktemp("keras") / "tiny.keras"
+    model.save(path)
+    return path
+
+
+def test_convert_opset_99_is_a_one_line_error(tiny_keras, tmp_path):
+    r = cli("convert", tiny_keras, tmp_path / "o.onnx", "--opset", "99")
+    refused(r, 2, "opset")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("arrays", [{"x": np.zeros((4, 9, 9, 3), np.float32)}, {"x": np.zeros((4, 8, 8), np.float32)},
+                                    {"x": np.zeros((0, 8, 8, 3), np.float32)}, {"x": np.full((2, 8, 8, 3), "a")}],
+                         ids=["wrong-size", "wrong-rank", "empty", "strings"])
+def test_convert_inputs_of_the_wrong_shape_or_kind_are_one_line_errors(tiny_keras, tmp_path, arrays):
+    np.savez(tmp_path / "in.npz", **arrays)
+    before = tree(tmp_path)
+    r = cli("convert", tiny_keras, tmp_path / "o.onnx", "--inputs", tmp_path / "in.npz")
+    refused(r, 1)
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("kind", ["chardev", "fifo", "inputs"])
+def test_convert_output_that_is_a_device_fifo_or_its_inputs_is_refused(tiny_keras, tmp_path, kind):
+    if kind == "inputs":
+        np.savez(tmp_path / "in.npz", x=np.zeros((2, 8, 8, 3), np.float32))
+        target, extra = tmp_path / "in.npz", ["--inputs", tmp_path / "in.npz"]
+    else:
+        target, extra = special(tmp_path / "o.onnx", kind), []
+    before = tree(tmp_path)
+    r = cli("convert", tiny_keras, target, *extra, timeout=180)
+    refused(r, 2)
+    assert r.stdout == "" and tree(tmp_path) == before
