@@ -85,16 +85,23 @@ def add_bench_parser(sub) -> None:
 
 
 def cmd_compress(args) -> int:
-    from onnx_tucker.io import check_output_path, external_data_files, load_model, model_size, PROTOBUF_LIMIT, save_model
+    from onnx_tucker.data import load_inputs
+    from onnx_tucker.io import check_output_path, external_data_files, load_model, model_size, PROTOBUF_LIMIT
+    from onnx_tucker.outputs import check_paths
     from onnx_tucker.pipeline import compress
-    from onnx_tucker.runtime import load_inputs, random_inputs
+    from onnx_tucker.runtime import random_inputs
     from onnx_tucker.validate import COLLAPSE_COSINE, CompressedModelFails, Tolerances, Verdict, as_dicts, compare_models, summary, verdict
 
     out = check_output_path(args.input, args.output)
     if args.report:
-        check_output_path(args.input, args.report)
+        check_output_path(args.input, args.report, "--report")
+    data_out = {"the output's data file": f"{out}.data"}
+    check_paths(reads={"the input model": args.input, "--data": args.data, "--inputs": args.inputs, "--calibrate": args.calibrate},
+                writes={"output": out, "--report": args.report, "--curves": getattr(args, "curves", None),
+                        **(data_out if args.external_data else {})},
+                may_write={} if args.external_data else data_out)
     say = (lambda *a: None) if args.quiet else print
-    note = lambda text: print(text, file=sys.stderr)  # noqa: E731
+    note = lambda text: print(f"onnx-tucker: notice: {text.removeprefix('note: ')}", file=sys.stderr)  # noqa: E731
     check = CheckArgs.parse(args)
     DataArgs.parse(args)
     options = {**RankArgs.parse(args), **BudgetArgs.parse(args), **LatencyArgs.parse(args), **DistillArgs.parse(args)}
@@ -139,19 +146,19 @@ def cmd_compress(args) -> int:
         if not result.passed and not check["keep_failed"]:
             return _failed(report, result, say, written=None)
     protected = [Path(args.input)] + external_data_files(model, Path(args.input).parent)
-    data_file = save_model(new_model, out, external_data=args.external_data or None, protected=protected)
+    # staged beside OUT; renamed into place with the report only when nothing below has failed
+    staged, data_file = args.outputs.save_model(new_model, out, external_data=args.external_data or None, protected=protected)
     if not args.no_check and not in_memory:
-        result = self_check(Path(args.input), out)
+        result = self_check(Path(args.input), staged)
         if not result.passed and not check["keep_failed"]:
-            for path in (out, data_file):
-                if path is not None:
-                    Path(path).unlink(missing_ok=True)
+            args.outputs.discard()
             return _failed(report, result, say, written=None)
     if labelled is not None:
-        report.accuracy = accuracy_of(model, out, *labelled, source=args.data)
+        report.accuracy = accuracy_of(model, staged, *labelled, source=args.data)
     report.verdict = result.to_dict() if result is not None else None
     if args.report:
-        Path(args.report).write_text(report.to_json())
+        args.outputs.write_text(args.report, report.to_json(), "--report")
+    args.outputs.commit()
     say(report.table())
     t = report.totals()
     say(f"wrote {out}" + (f" (+ {data_file.name})" if data_file else ""))
@@ -197,10 +204,14 @@ def accuracy_of(original, compressed, feeds, labels, source: str) -> dict:
 
 
 def cmd_convert(args) -> int:
-    from onnx_tucker.convert import convert
-    from onnx_tucker.io import check_output_path, save_model
+    from onnx_tucker.convert import check_opset, convert
+    from onnx_tucker.io import check_output_path
+    from onnx_tucker.outputs import check_paths
 
     out = check_output_path(args.input, args.output)
+    check_paths(reads={"the Keras model": args.input, "--inputs": args.inputs}, writes={"output": out},
+                may_write={"the output's data file": f"{out}.data"})
+    check_opset(args.opset)
     samples = None
     if args.inputs:
         from onnx_tucker.errors import DataError
@@ -216,7 +227,8 @@ def cmd_convert(args) -> int:
     print(f"Keras vs onnxruntime: max abs difference {result.max_abs_diff:.3g} on {'given' if args.inputs else 'seeded random'} inputs")
     if result.max_abs_diff > args.tolerance:
         raise ModelError(f"Keras and onnxruntime disagree (max abs difference {result.max_abs_diff:.3g} > {args.tolerance}): not written")
-    save_model(result.model, out)
+    args.outputs.save_model(result.model, out)
+    args.outputs.commit()
     print(f"PASSED: wrote {out} (input '{result.input_name}', output '{result.output_name}')")
     return 0
 
@@ -234,7 +246,7 @@ def cmd_inspect(args) -> int:
     if args.json:
         from onnx_tucker.io import check_output_path
 
-        check_output_path(args.input, args.json)
+        check_output_path(args.input, args.json, "--json")
     model = load_model(args.input)
     _, sites = factorable_sites(model)
     if not sites:
@@ -277,7 +289,7 @@ def cmd_inspect(args) -> int:
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
     print("xR: MAC reduction of that layer (and of the model) at ratio R, with unprofitable layers left alone")
     if args.json:
-        Path(args.json).write_text(json.dumps({"layers": listing, "macs_total": total_before}, indent=2))
+        args.outputs.write_text(args.json, json.dumps({"layers": listing, "macs_total": total_before}, indent=2), "--json")
     return 0
 
 
@@ -292,8 +304,10 @@ def cmd_bench(args) -> int:
             raise UsageError(f"model not found: {path}")
     if args.json and Path(args.json).resolve() in {p.resolve() for p in paths}:
         raise UsageError("--json must not overwrite a model")
-    if args.json and not Path(args.json).resolve().parent.is_dir():
-        raise UsageError(f"--json: folder does not exist: {Path(args.json).parent}")
+    if args.json:
+        from onnx_tucker.outputs import check_paths
+
+        check_paths(reads={"a model": paths, "--data": args.data, "--inputs": args.inputs}, writes={"--json": args.json})
     runtime = RuntimeArgs.parse(args)
     config = bench.BenchConfig(
         models=paths,
@@ -311,7 +325,8 @@ def cmd_bench(args) -> int:
     for profile in result["per_layer"] or []:
         print(bench.per_layer_table(profile))
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        args.outputs.write_text(args.json, json.dumps(result, indent=2), "--json")
+        args.outputs.commit()
         print(f"wrote {args.json}")
     return 0
 
@@ -374,24 +389,41 @@ def main(argv: list[str] | None = None) -> int:
     # 'onnx-tucker IN OUT ...' means 'onnx-tucker compress IN OUT ...'.
     if argv and argv[0] not in SUBCOMMANDS and not argv[0].startswith("-"):
         argv.insert(0, "compress")
+    from onnx_tucker.outputs import command_outputs, interrupted_by
+
     try:
-        args = build_parser().parse_args(argv)
-        if not args.command:
-            build_parser().print_help()
-            return 2
-        return COMMANDS[args.command](args)
+        # SIGTERM unwinds like Ctrl-C; the command's staged outputs are committed at its end or removed
+        with command_outputs() as outputs:
+            args = build_parser().parse_args(argv)
+            if not args.command:
+                build_parser().print_help()
+                return 2
+            args.outputs = outputs
+            return COMMANDS[args.command](args)
+    except KeyboardInterrupt as exc:
+        return _interrupted(getattr(exc, "signum", 2))
     except OnnxTuckerError as exc:
+        if interrupted_by():  # the signal's exception was turned into an error on its way out
+            return _interrupted(interrupted_by())
         print(f"onnx-tucker: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("onnx-tucker: interrupted", file=sys.stderr)
-        return 130
     except Exception as exc:  # a bug of ours: still one line, unless debugging
+        if interrupted_by():
+            return _interrupted(interrupted_by())
         if os.environ.get("ONNX_TUCKER_DEBUG"):
             raise
         text = first_line(exc)
         print(f"onnx-tucker: internal error: {type(exc).__name__}: {text} (set ONNX_TUCKER_DEBUG=1 for a traceback)", file=sys.stderr)
         return 1
+
+
+def _interrupted(signum: int) -> int:
+    """Ctrl-C (SIGINT) or SIGTERM: one line, exit 128 + the signal's number (130, 143)."""
+    import signal
+
+    print("onnx-tucker: interrupted" if signum == signal.SIGINT else f"onnx-tucker: terminated ({signal.Signals(signum).name})",
+          file=sys.stderr)
+    return 128 + signum
 
 
 if __name__ == "__main__":

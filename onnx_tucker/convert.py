@@ -7,17 +7,56 @@ calls the model with a fixed input signature (dynamic batch).
 from __future__ import annotations
 
 import os
+import sys
+import tempfile
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
 
-from onnx_tucker.errors import DataError, ModelError, first_line
+from onnx_tucker.errors import DataError, ModelError, UsageError, first_line
 
 ROUTE = "tf2onnx.convert.from_function(tf.function(model), input_signature)"
 DEFAULT_OPSET = 17
+# The opsets tf2onnx 1.17 (pinned in pyproject.toml) can write: its constants.OPSET_TO_IR_VERSION.
+MIN_OPSET, MAX_OPSET = 7, 18
+
+
+def check_opset(opset: int) -> int:
+    """Refuse, before TensorFlow is even imported, an opset tf2onnx cannot write."""
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise UsageError(f"--opset {opset} is not supported: tf2onnx converts to opsets {MIN_OPSET} to {MAX_OPSET}")
+    return opset
+
+
+@contextmanager
+def quiet_native_stderr():
+    """TensorFlow's C++ side writes to file descriptor 2 when it loads (absl's pre-init notice, oneDNN),
+    whatever TF_CPP_MIN_LOG_LEVEL says, and tf2onnx logs warnings there: a failed conversion must
+    still be one line. Native stderr goes to a temporary file meanwhile, replayed with ONNX_TUCKER_DEBUG."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):  # no real stderr (embedded): nothing to hide
+        yield
+        return
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            try:
+                sys.stderr.flush()
+            except (OSError, ValueError):
+                pass
+            os.dup2(saved, 2)
+            os.close(saved)
+            if os.environ.get("ONNX_TUCKER_DEBUG"):
+                sink.seek(0)
+                sys.stderr.write(sink.read().decode("utf-8", "replace"))
 
 
 @dataclass
@@ -36,15 +75,16 @@ def load_keras(path: str | os.PathLike):
     if path.suffix == ".keras" and not zipfile.is_zipfile(path):
         raise ModelError(f"{path} is not a Keras model (a .keras file is a zip archive)")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    try:
-        import keras
-    except ImportError:
-        raise ModelError("converting Keras models needs TensorFlow: pip install 'onnx-tucker[keras]'") from None
-    try:
-        return keras.saving.load_model(path, compile=False)
-    except Exception as exc:
-        text = first_line(exc)
-        raise ModelError(f"{path} is not a Keras model this tool can load: {text[:200]}") from None
+    with quiet_native_stderr():
+        try:
+            import keras
+        except ImportError:
+            raise ModelError("converting Keras models needs TensorFlow: pip install 'onnx-tucker[keras]'") from None
+        try:
+            return keras.saving.load_model(path, compile=False)
+        except Exception as exc:
+            text = first_line(exc)
+            raise ModelError(f"{path} is not a Keras model this tool can load: {text[:200]}") from None
 
 
 def keras_to_onnx(model, opset: int = DEFAULT_OPSET, input_name: str | None = None, output_name: str | None = None) -> onnx.ModelProto:
@@ -93,14 +133,40 @@ def convert(path: str | os.PathLike, opset: int = DEFAULT_OPSET, samples: np.nda
     (or seeded random inputs in 0..255, the range of raw-pixel models)."""
     from onnx_tucker.runtime import make_session
 
+    check_opset(opset)
     keras_model = load_keras(path)
+    if len(keras_model.inputs) != 1 or len(keras_model.outputs) != 1:
+        raise ModelError("only single-input, single-output Keras models are converted")
+    want = tuple(keras_model.inputs[0].shape[1:])
+    if samples is not None:
+        samples = np.asarray(samples)
+        if samples.ndim != len(want) + 1 or any(w is not None and w != s for w, s in zip(want, samples.shape[1:])):
+            raise DataError(f"inputs have shape {list(samples.shape)}, the Keras model expects {['N', *want]}")
+        if len(samples) == 0:
+            raise DataError(f"inputs hold no samples (shape {list(samples.shape)})")
+        if samples.dtype.kind not in "biuf":
+            raise DataError(f"inputs have dtype {samples.dtype}, which cannot be fed to the Keras model")
     name = keras_model.layers[-1].name if keras_model.layers else "output"
-    onnx_model = keras_to_onnx(keras_model, opset=opset, output_name=name)
-    input_name = onnx_model.graph.input[0].name
-    if samples is None:
-        rng = np.random.default_rng(seed)
-        samples = rng.uniform(0, 255, size=(8,) + tuple(keras_model.inputs[0].shape[1:])).astype(np.float32)
-    expected = np.asarray(keras_model(samples, training=False))
-    got = make_session(onnx_model).run(None, {input_name: samples.astype(np.float32)})[0]
+    with quiet_native_stderr():
+        try:
+            onnx_model = keras_to_onnx(keras_model, opset=opset, output_name=name)
+        except ModelError:
+            raise
+        except Exception as exc:
+            raise ModelError(f"tf2onnx cannot convert {path} at opset {opset}: {first_line(exc, 200)}") from None
+        input_name = onnx_model.graph.input[0].name
+        if samples is None:
+            rng = np.random.default_rng(seed)
+            samples = rng.uniform(0, 255, size=(8,) + want).astype(np.float32)
+        samples = samples.astype(np.float32)
+        try:
+            expected = np.asarray(keras_model(samples, training=False))
+        except Exception as exc:
+            raise DataError(f"Keras cannot run the model on the given inputs: {first_line(exc, 200)}") from None
+        session = make_session(onnx_model)
+        try:
+            got = session.run(None, {input_name: samples})[0]
+        except Exception as exc:
+            raise ModelError(f"onnxruntime cannot run the converted model: {first_line(exc, 200)}") from None
     diff = float(np.max(np.abs(expected - got)))
     return Conversion(model=onnx_model, route=ROUTE, max_abs_diff=diff, input_name=input_name, output_name=name)

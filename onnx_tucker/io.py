@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
+import sys
 from pathlib import Path
 
 import onnx
 from onnx import external_data_helper
 
-from onnx_tucker.errors import ModelError, OnnxTuckerError, UsageError, first_line
+from onnx_tucker.errors import ModelError, UsageError, first_line
+from onnx_tucker.outputs import check_target
 
 # Protobuf cannot serialise a message over 2 GiB; above this the output's weights go to a data file.
 PROTOBUF_LIMIT = 2**31 - 1
@@ -32,27 +32,50 @@ def threshold_from_env() -> int:
 
 
 def external_data_files(model: onnx.ModelProto, base_dir: Path, must_exist: bool = True) -> list[Path]:
-    """The resolved data files a model's external tensors point to, refusing any outside ``base_dir``."""
-    base = base_dir.resolve()
+    """The resolved data files a model's external tensors point to, refusing locations outside ``base_dir``.
+
+    The location written in the model is checked lexically: relative, no ``..`` component. Symbolic
+    links in the model's folder are the user's and are followed (a Hugging Face cache keeps the
+    model and its data file as links into ``../blobs/``); a location cannot climb out by itself.
+    """
     files = []
     for tensor in external_data_helper._get_all_tensors(model):
         if not external_data_helper.uses_external_data(tensor):
             continue
         info = external_data_helper.ExternalDataInfo(tensor)
-        try:
-            location = Path(info.location)
-            target = (base / location).resolve()
-        except (ValueError, OSError) as exc:  # embedded NUL, loops, names too long
-            raise ModelError(f"tensor '{tensor.name}' has an unusable external data location: {first_line(exc)}") from None
-        if not info.location or location.is_absolute() or base not in target.parents:
+        location = Path(info.location or "")
+        if not info.location or location.is_absolute() or ".." in location.parts or not location.parts:
             raise ModelError(
                 f"tensor '{tensor.name}' points to external data outside the model's folder ({info.location}): refused"
             )
+        try:
+            if "\x00" in info.location:
+                raise ValueError("embedded null byte")
+            target = (base_dir / location).resolve()
+        except (ValueError, OSError, RuntimeError) as exc:  # embedded NUL, loops, names too long
+            raise ModelError(f"tensor '{tensor.name}' has an unusable external data location: {first_line(exc)}") from None
         if must_exist and not target.is_file():
             raise ModelError(f"tensor '{tensor.name}' needs external data file '{info.location}', which does not exist")
         if target not in files:
             files.append(target)
     return files
+
+
+def load_external_data(model: onnx.ModelProto, base_dir: Path) -> None:
+    """Read every external tensor's data into the model, following the user's links.
+
+    onnx's loader refuses a data file that is a symbolic link; the location was checked by
+    :func:`external_data_files`, so each tensor is read from the file its link resolves to.
+    """
+    for tensor in external_data_helper._get_all_tensors(model):
+        if not external_data_helper.uses_external_data(tensor):
+            continue
+        info = external_data_helper.ExternalDataInfo(tensor)
+        real = (base_dir / info.location).resolve()
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = real.name
+        external_data_helper.load_external_data_for_tensor(tensor, str(real.parent))
 
 
 def load_model(path: str | os.PathLike, check: bool = True) -> onnx.ModelProto:
@@ -76,7 +99,7 @@ def load_model(path: str | os.PathLike, check: bool = True) -> onnx.ModelProto:
         raise ModelError(f"{path} is not a valid ONNX model (it has no graph)")
     external = external_data_files(model, path.parent)
     try:
-        external_data_helper.load_external_data_for_model(model, str(path.parent))
+        load_external_data(model, path.parent)
     except Exception as exc:
         raise ModelError(f"cannot read the external data of {path}: {first_line(exc)}") from None
     # The file check stands for the model check only when every weight was in the file itself.
@@ -134,23 +157,20 @@ def _tensor_nbytes(tensor: onnx.TensorProto) -> int:
     return count * 4
 
 
-def check_output_path(input_path: str | os.PathLike | None, output_path: str | os.PathLike) -> Path:
-    """Refuse output paths (and output settings) that would fail or destroy something, before any work is done."""
+def check_output_path(input_path: str | os.PathLike | None, output_path: str | os.PathLike, what: str = "output") -> Path:
+    """Refuse output paths (and output settings) that would fail or destroy something, before any work is done.
+
+    The output must be a new path or a regular file (:func:`onnx_tucker.outputs.check_target`: never a
+    device, FIFO, folder or symbolic link) in a writable folder, and neither the input nor its data.
+    """
     threshold_from_env()
-    out = Path(output_path)
-    if out.is_dir():
-        raise UsageError(f"output path is a folder, not a file: {out}")
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        raise UsageError(f"output folder does not exist: {parent}")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"output folder is not writable: {parent}")
+    out = check_target(output_path, what)
     if input_path is not None:
         inp = Path(input_path)
         if inp.exists() and (out.resolve() == inp.resolve() or (out.exists() and os.path.samefile(out, inp))):
             raise UsageError("output path is the input path: refusing to overwrite the input model")
         # The output writes OUT and possibly OUT.data: neither may be one of the input's data files.
-        existing = [p for p in (out, out.parent / (out.name + ".data")) if p.is_file()]
+        existing = [p for p in (out, out.parent / (out.name + ".data")) if os.path.isfile(p)]  # False for too long names
         if existing and inp.is_file():
             for data in input_data_files(inp):
                 for p in existing:
@@ -178,44 +198,44 @@ def save_model(
     """Write ``model`` to ``path`` atomically; returns the external data file written, if any.
 
     The model is written into a temporary folder beside the target and renamed into
-    place, so a failure leaves nothing behind. With external data (forced, or
+    place, so a failure leaves nothing behind (:class:`onnx_tucker.outputs.Outputs`, which
+    also stages a model together with a command's other outputs). With external data (forced, or
     automatically above ``external_threshold`` bytes, default :func:`threshold_from_env`) the weights go to
     ``<name>.data`` next to the output, written fresh (never appended to), and never
     to a file in ``protected`` (the input's own model and data files).
     Saving with external data rewrites the tensors of ``model`` in place.
     """
-    out = Path(path)
-    if external_threshold is None:
-        external_threshold = threshold_from_env()
-    if external_data is None:
-        external_data = model_size(model) > external_threshold
-    data_name = out.name + ".data"
-    data_path = out.parent / data_name
-    for p in protected:
-        if Path(p).resolve() in (data_path.resolve(), out.resolve()):
-            raise UsageError(f"refusing to write over the input's file {p}")
-    tmp_dir = Path(tempfile.mkdtemp(prefix=".onnx-tucker-", dir=out.parent))
-    try:
-        tmp_model = tmp_dir / out.name
-        if external_data:
-            onnx.save_model(
-                model, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
-                location=data_name, size_threshold=1024,
-            )
-            # the data file gets the model file's permissions (onnx writes it 0600)
-            os.chmod(tmp_dir / data_name, os.stat(tmp_model).st_mode & 0o777)
-            os.replace(tmp_dir / data_name, data_path)
-        else:
-            with open(tmp_model, "wb") as f:
-                write_serialized(model, f)
-        os.replace(tmp_model, out)
-    except OnnxTuckerError:
-        raise
-    except Exception as exc:
-        raise ModelError(f"cannot write {out}: {first_line(exc)}") from None
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-    return data_path if external_data else None
+    from onnx_tucker.outputs import Outputs
+
+    with Outputs() as outputs:
+        _, data_path = outputs.save_model(model, path, external_data, external_threshold, protected)
+    return data_path
+
+
+EXTERNAL_SIZE_THRESHOLD = 1024  # bytes (as onnx counts them): smaller tensors stay in the model file
+
+
+def write_model_files(model: onnx.ModelProto, folder: Path, name: str, external_data: bool) -> None:
+    """Write ``folder/name``, with its weights in ``folder/name.data`` if ``external_data``.
+
+    The data file's location is the bare name, relative to the model's folder, and is written
+    there whatever the current folder (onnx's own writer checks the location against the current
+    folder, so a rerun from the output's folder, or an unrelated file of that name there, broke it).
+    """
+    folder = Path(folder)
+    if external_data:
+        data_name = name + ".data"
+        if (folder / data_name).exists():
+            raise ModelError(f"cannot write {name}: {data_name} already exists in the staging folder")
+        for tensor in external_data_helper._get_initializer_tensors(model):
+            if tensor.HasField("raw_data") and sys.getsizeof(tensor.raw_data) >= EXTERNAL_SIZE_THRESHOLD:
+                external_data_helper.set_external_data(tensor, data_name)
+        external_data_helper.write_external_data_tensors(model, str(folder))
+    with open(folder / name, "wb") as f:
+        write_serialized(model, f)
+    if external_data and (folder / data_name).exists():
+        # the data file gets the model file's permissions (onnx writes it 0600)
+        os.chmod(folder / data_name, os.stat(folder / name).st_mode & 0o777)
 
 
 def write_serialized(message, f) -> None:

@@ -339,7 +339,7 @@ class CalibrationArgs:
             return {}
         from pathlib import Path
 
-        from onnx_tucker.data import load_calibration
+        from onnx_tucker.data import MIN_CALIB_SAMPLES, load_calibration
 
         if data_path and Path(args.calibrate).resolve() == Path(data_path).resolve():
             raise UsageError("--calibrate and --data are the same file: calibrate on training data, measure on test data")
@@ -357,11 +357,16 @@ class CalibrationArgs:
                 std=parse_floats(args.image_std, "--image-std") if args.image_std is not None else (1.0,),
                 input_shapes=input_shapes,
             )
+            count = len(next(iter(calibration.values())))
+            if count < MIN_CALIB_SAMPLES:
+                from onnx_tucker.errors import DataError
+
+                raise DataError(f"{args.calibrate} holds {count} images, fewer than the {MIN_CALIB_SAMPLES} a calibration needs")
         else:
             for flag, value in image_flags:
                 if value is not None:
                     raise UsageError(f"{flag} only applies to --calibrate with an image folder")
-            calibration = load_calibration(args.calibrate, model, size=size, strict_size=False)
+            calibration = load_calibration(args.calibrate, model, size=size, strict_size=False, min_samples=MIN_CALIB_SAMPLES)
         got = len(next(iter(calibration.values())))
         if got < size and say is not None:
             say(f"note: {args.calibrate} holds {got} calibration samples, fewer than the {size} asked for: using all {got}")

@@ -107,41 +107,7 @@ def random_inputs(model: onnx.ModelProto, batch: int = 1, seed: int = 0, shapes:
 
 
 def load_inputs(path: str | os.PathLike, model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    """Inputs from an .npz: one array per input name, or one array for a single-input model.
+    """Inputs from an .npz (:func:`onnx_tucker.data.load_inputs`, which refuses arrays that cannot be fed)."""
+    from onnx_tucker.data import load_inputs as load
 
-    A keras-layout labelled file (``x_test``/``x_train``/``x``) also works for a single-input model.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"inputs file not found: {path}")
-    try:
-        data = np.load(path, allow_pickle=False)
-        arrays = {k: data[k] for k in data.files}
-    except Exception as exc:
-        raise DataError(f"cannot read inputs file {path}: {first_line(exc)}") from None
-    inputs = graph_inputs(model)
-    names = [i.name for i in inputs]
-    if all(n in arrays for n in names):
-        chosen = {n: arrays[n] for n in names}
-    elif len(names) == 1:
-        for key in ("x_test", "x_train", "x", "inputs"):
-            if key in arrays:
-                chosen = {names[0]: arrays[key]}
-                break
-        else:
-            if len(arrays) != 1:
-                raise DataError(f"{path} has arrays {sorted(arrays)}; expected one named '{names[0]}' (or x/x_test)")
-            chosen = {names[0]: next(iter(arrays.values()))}
-    else:
-        raise DataError(f"{path} must hold one array per model input: {', '.join(names)}")
-    feeds = {}
-    for vi in inputs:
-        dims, dtype = input_spec(vi)
-        value = chosen[vi.name]
-        if value.ndim != len(dims) or any(d and d != s for d, s in zip(dims[1:], value.shape[1:])):
-            raise DataError(
-                f"inputs for '{vi.name}' have shape {list(value.shape)}, the model expects {['N' if d is None else d for d in dims]}"
-            )
-        feeds[vi.name] = value.astype(dtype)
-    return feeds
-
+    return load(path, model)

@@ -109,9 +109,10 @@ def run_sweep(config: SweepConfig) -> dict:
 
     ort = onnxruntime()
 
-    from onnx_tucker.data import load_calibration, load_labelled, predict, top1
+    from onnx_tucker.data import MIN_CALIB_SAMPLES, load_calibration, load_labelled, predict, top1
     from onnx_tucker.options import DEFAULT_CALIB_SIZE
     from onnx_tucker.io import check_output_path, load_model, save_model
+    from onnx_tucker.outputs import check_paths
     from onnx_tucker.pipeline import compress
 
     settings = settings_of(config)
@@ -119,13 +120,17 @@ def run_sweep(config: SweepConfig) -> dict:
         raise UsageError("--threads and --runs must be positive, --warmup >= 0")
     model = load_model(config.model)
     out_dir = prepare_out_dir(config.out_dir)
+    model_files = {(kind, value): out_dir / f"{config.model.stem}_{kind}{value:g}.onnx" for _, kind, value in settings}
+    check_paths(reads={"the input model": config.model, "--data": config.data, "--calibrate": config.calibrate},
+                writes={"--out-dir file": [out_dir / n for n in ("sweep.md", "sweep.json", "sweep.png")] + list(model_files.values())},
+                may_write={"--out-dir data file": [p.parent / (p.name + ".data") for p in model_files.values()]})
     feeds, labels = load_labelled(config.data, model, limit=config.data_limit)
     calibration = None
     if config.calibrate is not None:
         if Path(config.calibrate).resolve() == Path(config.data).resolve():
             raise UsageError("--calibrate and --data are the same file: calibrate on training data, measure on test data")
         size = config.calib_size or DEFAULT_CALIB_SIZE
-        calibration = load_calibration(config.calibrate, model, size=size, strict_size=False)
+        calibration = load_calibration(config.calibrate, model, size=size, strict_size=False, min_samples=MIN_CALIB_SAMPLES)
         got = len(next(iter(calibration.values())))
         if got < size:
             print(f"note: {config.calibrate} holds {got} calibration samples, fewer than the {size} asked for: using all {got}", file=sys.stderr)
@@ -157,7 +162,7 @@ def run_sweep(config: SweepConfig) -> dict:
             continue
         t = report.totals()
         original["conv_macs"], original["conv_params"] = t["macs_before"], t["params_before"]
-        path = check_output_path(config.model, out_dir / f"{config.model.stem}_{kind}{value:g}.onnx")
+        path = check_output_path(config.model, model_files[(kind, value)])
         save_model(new_model, path, protected=[config.model])
         outputs = predict(new_model, feeds)
         row.update({
@@ -295,10 +300,13 @@ def plot(result: dict, path: Path) -> None:
 def write_outputs(result: dict, out_dir: Path) -> dict[str, Path]:
     out_dir = Path(out_dir)
     paths = {"md": out_dir / "sweep.md", "json": out_dir / "sweep.json", "png": out_dir / "sweep.png"}
+    from onnx_tucker.outputs import Outputs
+
     try:
-        paths["md"].write_text(markdown_table(result) + "\n")
-        paths["json"].write_text(json.dumps(result, indent=2))
-        plot(result, paths["png"])
+        with Outputs() as outputs:  # all three or none
+            outputs.write_text(paths["md"], markdown_table(result) + "\n")
+            outputs.write_text(paths["json"], json.dumps(result, indent=2))
+            plot(result, outputs.path_for(paths["png"]))
     except OSError as exc:
         raise OnnxTuckerError(f"cannot write the sweep results to {out_dir}: {exc.strerror}") from None
     return paths
