@@ -31,6 +31,9 @@ DEFAULT_LR = 1e-3
 DEFAULT_BATCH = 64
 DEFAULT_TEMPERATURE = 2.0
 DEFAULT_HOLDOUT = 0.1
+DEFAULT_FEATURE_WEIGHT = 0.0
+DEFAULT_MIXUP = 0.0
+TRAIN_CHECK = 512  # training samples on which the fit is also reported
 WARMUP_FRACTION = 0.05  # linear warm-up, then cosine decay to 0
 SHIFT_FRACTION = 1 / 8  # pad-crop shifts up to 1/8 of the image side (4 pixels at 32x32)
 MIN_SPATIAL = 8  # smaller "images" are not augmented
@@ -91,6 +94,27 @@ def logit_names(model: onnx.ModelProto) -> list[str]:
     return names
 
 
+def feature_names(compressed: onnx.ModelProto, original: onnx.ModelProto) -> list[str]:
+    """Tensors to match layer by layer: each ``*_tucker_out`` conv's output (the original conv's output
+    name), or the output of the ReLU that is its only reader; only names the original also computes."""
+    readers: dict[str, list] = {}
+    for node in compressed.graph.node:
+        for name in set(node.input):
+            readers.setdefault(name, []).append(node)
+    in_original = {o for node in original.graph.node for o in node.output}
+    names = []
+    for node in compressed.graph.node:
+        if node.op_type != "Conv" or "_tucker_out" not in node.name:
+            continue
+        out = node.output[0]
+        users = readers.get(out, [])
+        if len(users) == 1 and users[0].op_type == "Relu":
+            out = users[0].output[0]
+        if out in in_original and out not in names:
+            names.append(out)
+    return names
+
+
 def _with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
     """A copy of ``model`` whose graph outputs are exactly ``names`` (intermediate tensors allowed)."""
     out = onnx.ModelProto()
@@ -105,11 +129,14 @@ def _with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelPro
     return out
 
 
-def _session(model: onnx.ModelProto):
+def _session(model: onnx.ModelProto, threads: int | None = None):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = int(threads)
+        options.inter_op_num_threads = 1
     try:
         return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # pragma: no cover - the models were checked before
@@ -156,6 +183,25 @@ def image_layout(shape: Sequence[int]) -> str | None:
     return None
 
 
+def _mixup(torch, batch: dict, fraction: float, generator):
+    """Replace a ``fraction`` of the batch by mixes ``l*a + (1-l)*b`` of two of its samples, l ~ U(0, 1)."""
+    n = len(next(iter(batch.values())))
+    k = int(round(fraction * n))
+    if k < 1 or n < 2:
+        return batch
+    partner = torch.randint(0, n, (k,), generator=generator)
+    weight = torch.rand(k, generator=generator)
+    out = {}
+    for name, x in batch.items():
+        if not x.is_floating_point():
+            out[name] = x
+            continue
+        w = weight.to(x.device, x.dtype).reshape(k, *([1] * (x.dim() - 1)))
+        mixed = w * x[:k] + (1 - w) * x[partner.to(x.device)]
+        out[name] = torch.cat([mixed, x[k:]])
+    return out
+
+
 def _augment(torch, batch: dict, layouts: dict, generator):
     """Random horizontal flips and reflect-padded shifts, the same draw for every image input of a sample."""
     import torch.nn.functional as F
@@ -187,7 +233,7 @@ def _augment(torch, batch: dict, layouts: dict, generator):
 # --- the step --------------------------------------------------------------------------------------
 
 
-def _check_args(steps, lr, batch_size, holdout, temperature):
+def _check_args(steps, lr, batch_size, holdout, temperature, feature_weight=0.0, mixup=0.0):
     if not isinstance(steps, int) or steps < 1:
         raise UsageError(f"distillation steps must be a positive integer, got {steps}")
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
@@ -198,6 +244,10 @@ def _check_args(steps, lr, batch_size, holdout, temperature):
         raise UsageError(f"distillation holdout must be a fraction in [0, 1), got {holdout}")
     if not (math.isfinite(temperature) and temperature > 0):
         raise UsageError(f"distillation temperature must be positive, got {temperature}")
+    if not (0 <= mixup <= 1):
+        raise UsageError(f"distillation mixup must be a fraction in [0, 1], got {mixup}")
+    if not (math.isfinite(feature_weight) and feature_weight >= 0):
+        raise UsageError(f"distillation feature weight must be >= 0, got {feature_weight}")
 
 
 def _device(torch, device: str):
@@ -234,6 +284,8 @@ def distill(
     augment: bool = True,
     holdout: float = DEFAULT_HOLDOUT,
     temperature: float = DEFAULT_TEMPERATURE,
+    feature_weight: float = DEFAULT_FEATURE_WEIGHT,
+    mixup: float = DEFAULT_MIXUP,
     seed: int = 0,
     device: str = "cpu",
     progress: bool = True,
@@ -245,8 +297,11 @@ def distill(
     set; a seeded ``holdout`` fraction of them is kept out of training and decides whether the result
     is kept (holdout 0: decided on the training inputs). Adam, linear warm-up then cosine decay of ``lr``,
     ``steps`` minibatches of ``batch_size``; loss ``T^2 KL(softmax(t/T) || softmax(s/T))`` on the logits
-    (the input of a final Softmax, else the output itself). ``augment``: random flips and pad-crop shifts
-    of 4-D image inputs (NHWC or NCHW detected from the shape). ``threads``: torch CPU threads for
+    (the input of a final Softmax, else the output itself), plus ``feature_weight`` times the mean over
+    the decomposed layers of the relative squared error of their outputs (after their ReLU where one
+    follows; see ``feature_names``). ``augment``: random flips and pad-crop shifts
+    of 4-D image inputs (NHWC or NCHW detected from the shape); ``mixup``: fraction of each batch
+    replaced by random convex mixes of two inputs (with ``augment`` only). ``threads``: torch CPU threads for
     the run (default: torch's). Same seed, inputs and threads on CPU: the same result.
 
     Returns ``(model, stats)``: the distilled model (same graph and names, only the trainable
@@ -256,7 +311,7 @@ def distill(
     torch = _import_torch()
     from onnx_tucker.torch_exec import TorchGraph
 
-    _check_args(steps, lr, batch_size, holdout, temperature)
+    _check_args(steps, lr, batch_size, holdout, temperature, feature_weight, mixup)
     dev = _device(torch, device)
     trainable = list(dict.fromkeys(trainable))
     if not trainable:
@@ -281,14 +336,15 @@ def distill(
     try:
         return _distill(torch, TorchGraph, original, compressed, {k: np.asarray(feeds[k]) for k in names}, trainable, n,
                         steps=steps, lr=float(lr), batch_size=batch_size, augment=augment, holdout=holdout,
-                        temperature=float(temperature), seed=seed, dev=dev, progress=progress, started=started)
+                        temperature=float(temperature), feature_weight=float(feature_weight), mixup=float(mixup) if augment else 0.0, seed=seed, dev=dev,
+                        progress=progress, started=started)
     finally:
         if threads:
             torch.set_num_threads(old_threads)
 
 
 def _distill(torch, TorchGraph, original, compressed, feeds, trainable, n, *, steps, lr, batch_size, augment,
-             holdout, temperature, seed, dev, progress, started):
+             holdout, temperature, feature_weight, mixup, seed, dev, progress, started):
     from tqdm import tqdm
 
     rng = np.random.default_rng(seed)
@@ -299,15 +355,24 @@ def _distill(torch, TorchGraph, original, compressed, feeds, trainable, n, *, st
     check = {k: v[hold_idx] for k, v in feeds.items()} if n_hold else train
 
     t_logits, s_logits = logit_names(original), logit_names(compressed)
-    teacher_ort = _session(_with_outputs(original, t_logits))
+    teacher_ort = _session(_with_outputs(original, t_logits), torch.get_num_threads())
     reference = _run(teacher_ort, check)
-    before = agreement_and_kl(reference, _run(_session(_with_outputs(compressed, s_logits)), check))
+    fit_idx = np.sort(rng.permutation(len(train_idx))[:TRAIN_CHECK]) if n_hold else None
+    fit = {k: v[fit_idx] for k, v in train.items()} if n_hold else None
+    fit_reference = _run(teacher_ort, fit) if n_hold else None
+    student_ort = _session(_with_outputs(compressed, s_logits))
+    before = agreement_and_kl(reference, _run(student_ort, check))
+    fit_before = agreement_and_kl(fit_reference, _run(student_ort, fit)) if n_hold else None
 
+    features = feature_names(compressed, original) if feature_weight > 0 else []
+    n_logits = len(s_logits)
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    student = TorchGraph(compressed, trainable, outputs=s_logits).to(dev)
+    student = TorchGraph(compressed, trainable, outputs=s_logits + features).to(dev)
     params = list(student.onnx_parameters().values())
-    teacher_torch = TorchGraph(original, (), outputs=t_logits).to(dev) if dev.type != "cpu" else None
+    teacher_torch = TorchGraph(original, (), outputs=t_logits + features).to(dev) if dev.type != "cpu" else None
+    if features and teacher_torch is None:
+        teacher_ort = _session(_with_outputs(original, t_logits + features), torch.get_num_threads())
 
     layouts = {}
     if augment:
@@ -317,7 +382,7 @@ def _distill(torch, TorchGraph, original, compressed, feeds, trainable, n, *, st
                 layouts[name] = layout
     data = {k: torch.from_numpy(np.ascontiguousarray(v)).to(dev) for k, v in train.items()}
     cached = None
-    if not layouts:  # nothing changes between epochs: the teacher runs once
+    if not layouts and not features and not mixup:  # nothing changes between epochs: the teacher runs once
         cached = [torch.from_numpy(t).to(dev) for t in _run(teacher_ort, train)]
 
     def teacher(batch, idx):
@@ -353,16 +418,22 @@ def _distill(torch, TorchGraph, original, compressed, feeds, trainable, n, *, st
             batch = {k: v[idx.to(dev)] for k, v in data.items()}
             if layouts:
                 batch = _augment(torch, batch, layouts, generator)
+            if mixup:
+                batch = _mixup(torch, batch, mixup, generator)
             targets = teacher(batch, idx)
             outs = student(**batch)
             loss = 0.0
-            for t, s in zip(targets, outs):
+            for t, s in zip(targets[:n_logits], outs[:n_logits]):
                 t = t.reshape(-1, t.shape[-1]).float()
                 s = s.reshape(-1, s.shape[-1]).float()
                 log_p = torch.log_softmax(t / temperature, -1)
                 log_q = torch.log_softmax(s / temperature, -1)
                 loss = loss + (log_p.exp() * (log_p - log_q)).sum(-1).mean() * temperature**2
-            loss = loss / len(outs)
+            loss = loss / n_logits
+            if features:
+                hint = sum(((s - t).square().sum() / t.square().sum().clamp_min(1e-12))
+                           for t, s in zip(targets[n_logits:], outs[n_logits:]))
+                loss = loss + feature_weight * hint / len(features)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             value = float(loss.detach())
@@ -381,17 +452,21 @@ def _distill(torch, TorchGraph, original, compressed, feeds, trainable, n, *, st
 
     candidate = student.write_back(compressed)
     finite = all(np.all(np.isfinite(v)) for v in student.trained_arrays().values())
-    after = None
+    after = fit_after = None
     if finite and not diverged:
-        after = agreement_and_kl(reference, _run(_session(_with_outputs(candidate, s_logits)), check))
+        trained_ort = _session(_with_outputs(candidate, s_logits))
+        after = agreement_and_kl(reference, _run(trained_ort, check))
+        fit_after = agreement_and_kl(fit_reference, _run(trained_ort, fit)) if n_hold else None
     kept = bool(after is not None and after["kl"] < before["kl"] and after["agreement"] >= before["agreement"])
     stats = {
         "steps": len(losses), "steps_asked": steps, "lr": lr, "batch_size": batch_size, "temperature": temperature,
+        "feature_weight": feature_weight, "feature_layers": len(features), "mixup": mixup,
         "augment": sorted(layouts.items()) if layouts else False, "seed": seed, "device": str(dev),
         "teacher": "torch" if teacher_torch is not None else "onnxruntime",
         "trainable_tensors": len(params), "trainable_values": int(sum(p.numel() for p in params)),
         "train_samples": int(m), "holdout_samples": int(n_hold), "check_on": "holdout" if n_hold else "train",
         "before": before, "after": after, "kept": kept, "diverged": diverged,
+        "train_fit": {"samples": len(fit_idx), "before": fit_before, "after": fit_after} if n_hold else None,
         "loss": _curve(losses), "train_seconds": round(train_seconds, 2),
         "seconds": round(time.perf_counter() - started, 2),
     }

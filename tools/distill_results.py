@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from onnx_tucker.data import load_calibration, load_labelled, predict, top1  # noqa: E402
 from onnx_tucker.distill import (  # noqa: E402
-    DEFAULT_BATCH, DEFAULT_LR, DEFAULT_STEPS, DEFAULT_TEMPERATURE, distill, tucker_trainable,
+    DEFAULT_BATCH, DEFAULT_FEATURE_WEIGHT, DEFAULT_LR, DEFAULT_MIXUP, DEFAULT_STEPS, DEFAULT_TEMPERATURE, distill, tucker_trainable,
 )
 
 DATA = Path(os.environ.get("CIFAR10_DIR", "/work/shared/data/cifar10"))
@@ -49,6 +49,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=DEFAULT_LR)
     ap.add_argument("--batch", type=int, default=DEFAULT_BATCH)
     ap.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE)
+    ap.add_argument("--feature-weight", type=float, default=DEFAULT_FEATURE_WEIGHT)
+    ap.add_argument("--mixup", type=float, default=DEFAULT_MIXUP)
     ap.add_argument("--no-augment", action="store_true")
     ap.add_argument("--holdout", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=0)
@@ -76,7 +78,8 @@ def main() -> None:
     t0 = time.perf_counter()
     result, stats = distill(
         original, compressed, feeds, trainable, steps=args.steps, lr=args.lr, batch_size=args.batch,
-        augment=not args.no_augment, holdout=args.holdout, temperature=args.temperature, seed=args.seed,
+        augment=not args.no_augment, holdout=args.holdout, temperature=args.temperature, feature_weight=args.feature_weight, mixup=args.mixup,
+        seed=args.seed,
         threads=args.threads, progress=sys.stderr.isatty(),
     )
     wall = time.perf_counter() - t0
@@ -85,13 +88,13 @@ def main() -> None:
     row = {
         "label": args.label, "original": args.original, "compressed": args.compressed,
         "steps": args.steps, "lr": args.lr, "batch": args.batch, "temperature": args.temperature,
-        "augment": not args.no_augment, "seed": args.seed, "threads": args.threads, "calib_size": args.calib_size,
+        "feature_weight": args.feature_weight, "mixup": args.mixup, "augment": not args.no_augment, "seed": args.seed, "threads": args.threads, "calib_size": args.calib_size,
         "distill_seconds": round(wall, 1), "top1_original": acc_orig, "top1_before": acc_before, "top1_after": acc_after,
         "drop_before": round(100 * (acc_orig - acc_before), 2), "drop_after": round(100 * (acc_orig - acc_after), 2),
         "stats": stats,
     }
     print(json.dumps({k: v for k, v in row.items() if k != "stats"}))
-    print(json.dumps({k: stats[k] for k in ("before", "after", "kept", "train_seconds")}))
+    print(json.dumps({k: stats[k] for k in ("before", "after", "train_fit", "kept", "train_seconds")}))
     with open(args.out, "a") as fh:
         fh.write(json.dumps(row) + "\n")
     if args.save:
