@@ -1,0 +1,473 @@
+"""Label-free recovery of a compressed model: distil the original into the Tucker factors.
+
+``distill(original, compressed, feeds, trainable)`` trains only the named initializers of the
+compressed model (the chains' factor weights and biases) so that its class distribution matches the
+original model's on the unlabelled calibration inputs: soft-target KL divergence at a temperature,
+teacher = the original model (onnxruntime on CPU, the torch executor on CUDA), light seeded
+augmentation for image inputs. Part of the inputs is held out; the result is kept only if it agrees
+better with the original there (lower KL and no lower top-1 agreement), else the compressed model is
+returned unchanged. The graph, names and every other initializer stay as they are.
+
+torch is imported only when ``distill`` runs (``pip install 'onnx-tucker[distill]'``).
+Defaults measured in docs/distill.md.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import onnx
+
+from onnx_tucker.errors import ModelError, UsageError
+
+MISSING_TORCH = "--distill needs torch: pip install 'onnx-tucker[distill]'"
+
+# Defaults measured on the shipped CIFAR-10 models at 5x / 3x fewer conv MACs (docs/distill.md).
+DEFAULT_STEPS = 600
+DEFAULT_LR = 1e-3
+DEFAULT_BATCH = 64
+DEFAULT_TEMPERATURE = 2.0
+DEFAULT_HOLDOUT = 0.1
+DEFAULT_FEATURE_WEIGHT = 0.0
+DEFAULT_MIXUP = 0.0
+TRAIN_CHECK = 512  # training samples on which the fit is also reported
+WARMUP_FRACTION = 0.05  # linear warm-up, then cosine decay to 0
+SHIFT_FRACTION = 1 / 8  # pad-crop shifts up to 1/8 of the image side (4 pixels at 32x32)
+MIN_SPATIAL = 8  # smaller "images" are not augmented
+CURVE_POINTS = 10
+
+
+def _import_torch():
+    try:
+        import torch
+    except ImportError:
+        raise UsageError(MISSING_TORCH) from None
+    return torch
+
+
+def tucker_trainable(model: onnx.ModelProto) -> list[str]:
+    """The initializers a distillation of an onnx-tucker model should train.
+
+    Initializers whose names contain ``_tucker_`` (the chains' factor weights) plus the bias of each
+    ``*_tucker_out`` conv, unless another node also reads that bias (it would change there too).
+    """
+    inits = [i.name for i in model.graph.initializer]
+    init_set = set(inits)
+    readers: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in set(node.input):
+            readers[name] = readers.get(name, 0) + 1
+    chosen = {n for n in inits if "_tucker_" in n}
+    for node in model.graph.node:
+        if node.op_type == "Conv" and "_tucker_out" in node.name and len(node.input) > 2:
+            bias = node.input[2]
+            if bias in init_set and readers.get(bias, 0) == 1:
+                chosen.add(bias)
+    return [n for n in inits if n in chosen]
+
+
+# --- graph helpers ---------------------------------------------------------------------------------
+
+
+def _graph_inputs(model: onnx.ModelProto) -> list[str]:
+    inits = {i.name for i in model.graph.initializer}
+    return [i.name for i in model.graph.input if i.name not in inits]
+
+
+def logit_names(model: onnx.ModelProto) -> list[str]:
+    """Per graph output, the tensor to distil: the input of a final Softmax over the last axis, else the output."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+    names = []
+    for out in model.graph.output:
+        node = producer.get(out.name)
+        if node is not None and node.op_type == "Softmax":
+            axis = next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), -1 if opset >= 13 else 1)
+            rank = len(out.type.tensor_type.shape.dim)
+            if axis == -1 or (rank and axis == rank - 1) or (opset < 13 and rank == 2 and axis == 1):
+                names.append(node.input[0])
+                continue
+        names.append(out.name)
+    return names
+
+
+def feature_names(compressed: onnx.ModelProto, original: onnx.ModelProto) -> list[str]:
+    """Tensors to match layer by layer: each ``*_tucker_out`` conv's output (the original conv's output
+    name), or the output of the ReLU that is its only reader; only names the original also computes."""
+    readers: dict[str, list] = {}
+    for node in compressed.graph.node:
+        for name in set(node.input):
+            readers.setdefault(name, []).append(node)
+    in_original = {o for node in original.graph.node for o in node.output}
+    names = []
+    for node in compressed.graph.node:
+        if node.op_type != "Conv" or "_tucker_out" not in node.name:
+            continue
+        out = node.output[0]
+        users = readers.get(out, [])
+        if len(users) == 1 and users[0].op_type == "Relu":
+            out = users[0].output[0]
+        if out in in_original and out not in names:
+            names.append(out)
+    return names
+
+
+def _with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    """A copy of ``model`` whose graph outputs are exactly ``names`` (intermediate tensors allowed)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    existing = {o.name: o for o in model.graph.output}
+    del out.graph.output[:]
+    for name in names:
+        if name in existing:
+            out.graph.output.append(existing[name])
+        else:
+            out.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    return out
+
+
+def _session(model: onnx.ModelProto, threads: int | None = None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = int(threads)
+        options.inter_op_num_threads = 1
+    try:
+        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # pragma: no cover - the models were checked before
+        raise ModelError(f"onnxruntime cannot load the model for distillation: {str(exc).strip().splitlines()[0][:200]}") from None
+
+
+def _run(session, feeds: dict[str, np.ndarray], batch: int = 256) -> list[np.ndarray]:
+    n = len(next(iter(feeds.values())))
+    parts = [session.run(None, {k: v[s : s + batch] for k, v in feeds.items()}) for s in range(0, n, batch)]
+    return [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
+
+
+# --- metrics ---------------------------------------------------------------------------------------
+
+
+def _log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z.reshape(len(z), -1, z.shape[-1]).astype(np.float64) if z.ndim > 2 else z.astype(np.float64)
+    z = z - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def agreement_and_kl(teacher: Sequence[np.ndarray], student: Sequence[np.ndarray]) -> dict:
+    """Top-1 agreement (first output) and KL(teacher || student) of the class distributions (mean over outputs)."""
+    agree = float(np.mean(teacher[0].reshape(len(teacher[0]), -1, teacher[0].shape[-1]).argmax(-1)
+                          == student[0].reshape(len(student[0]), -1, student[0].shape[-1]).argmax(-1)))
+    kls = []
+    for t, s in zip(teacher, student):
+        lt, ls = _log_softmax(t), _log_softmax(s)
+        kls.append(float(np.mean(np.sum(np.exp(lt) * (lt - ls), -1))))
+    return {"agreement": agree, "kl": float(np.mean(kls))}
+
+
+# --- augmentation ----------------------------------------------------------------------------------
+
+
+def image_layout(shape: Sequence[int]) -> str | None:
+    """'NHWC' for a 4-D shape whose last dim is 1-4, 'NCHW' when dim 1 is, None otherwise (or too small)."""
+    if len(shape) != 4:
+        return None
+    if 1 <= shape[3] <= 4 and min(shape[1], shape[2]) >= MIN_SPATIAL:
+        return "NHWC"
+    if 1 <= shape[1] <= 4 and min(shape[2], shape[3]) >= MIN_SPATIAL:
+        return "NCHW"
+    return None
+
+
+def _mixup(torch, batch: dict, fraction: float, generator):
+    """Replace a ``fraction`` of the batch by mixes ``l*a + (1-l)*b`` of two of its samples, l ~ U(0, 1)."""
+    n = len(next(iter(batch.values())))
+    k = int(round(fraction * n))
+    if k < 1 or n < 2:
+        return batch
+    partner = torch.randint(0, n, (k,), generator=generator)
+    weight = torch.rand(k, generator=generator)
+    out = {}
+    for name, x in batch.items():
+        if not x.is_floating_point():
+            out[name] = x
+            continue
+        w = weight.to(x.device, x.dtype).reshape(k, *([1] * (x.dim() - 1)))
+        mixed = w * x[:k] + (1 - w) * x[partner.to(x.device)]
+        out[name] = torch.cat([mixed, x[k:]])
+    return out
+
+
+def _augment(torch, batch: dict, layouts: dict, generator):
+    """Random horizontal flips and reflect-padded shifts, the same draw for every image input of a sample."""
+    import torch.nn.functional as F
+
+    if not layouts:
+        return batch
+    n = len(next(iter(batch.values())))
+    flip = torch.rand(n, generator=generator) < 0.5
+    draws = {}
+    out = dict(batch)
+    for name, layout in layouts.items():
+        x = batch[name]
+        nchw = x.permute(0, 3, 1, 2) if layout == "NHWC" else x
+        h, w = nchw.shape[2], nchw.shape[3]
+        pad = max(1, int(round(min(h, w) * SHIFT_FRACTION)))
+        if pad not in draws:
+            draws[pad] = torch.randint(0, 2 * pad + 1, (2, n), generator=generator)
+        dy, dx = (d.to(x.device) for d in draws[pad])
+        f = flip.to(x.device)
+        nchw = torch.where(f[:, None, None, None], nchw.flip(3), nchw)
+        padded = F.pad(nchw, (pad, pad, pad, pad), mode="reflect")
+        rows = (dy[:, None] + torch.arange(h, device=x.device))[:, :, None]  # (n, h, 1)
+        cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, :]  # (n, 1, w)
+        picked = padded[torch.arange(n, device=x.device)[:, None, None], :, rows, cols]  # (n, h, w, c)
+        out[name] = picked.contiguous() if layout == "NHWC" else picked.permute(0, 3, 1, 2).contiguous()
+    return out
+
+
+# --- the step --------------------------------------------------------------------------------------
+
+
+def _check_args(steps, lr, batch_size, holdout, temperature, feature_weight=0.0, mixup=0.0):
+    if not isinstance(steps, int) or steps < 1:
+        raise UsageError(f"distillation steps must be a positive integer, got {steps}")
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise UsageError(f"distillation learning rate must be positive, got {lr}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise UsageError(f"distillation batch size must be a positive integer, got {batch_size}")
+    if not (0 <= holdout < 1):
+        raise UsageError(f"distillation holdout must be a fraction in [0, 1), got {holdout}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise UsageError(f"distillation temperature must be positive, got {temperature}")
+    if not (0 <= mixup <= 1):
+        raise UsageError(f"distillation mixup must be a fraction in [0, 1], got {mixup}")
+    if not (math.isfinite(feature_weight) and feature_weight >= 0):
+        raise UsageError(f"distillation feature weight must be >= 0, got {feature_weight}")
+
+
+def _device(torch, device: str):
+    name = str(device)
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda" or name.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise UsageError(f"distillation on '{name}': this torch build sees no CUDA GPU (use device 'cpu')")
+        return torch.device(name)
+    raise UsageError(f"distillation device must be 'cpu' or 'cuda', got '{name}'")
+
+
+def _curve(losses: list[float]) -> dict:
+    if not losses:
+        return {"first": None, "last": None, "min": None, "curve": []}
+    k = max(1, len(losses) // 20)
+    chunks = np.array_split(np.asarray(losses), min(CURVE_POINTS, len(losses)))
+    return {
+        "first": float(np.mean(losses[:k])), "last": float(np.mean(losses[-k:])), "min": float(np.min(losses)),
+        "curve": [round(float(c.mean()), 6) for c in chunks],
+    }
+
+
+def distill(
+    original: onnx.ModelProto,
+    compressed: onnx.ModelProto,
+    feeds: dict[str, np.ndarray],
+    trainable: Sequence[str],
+    *,
+    steps: int = DEFAULT_STEPS,
+    lr: float = DEFAULT_LR,
+    batch_size: int = DEFAULT_BATCH,
+    augment: bool = True,
+    holdout: float = DEFAULT_HOLDOUT,
+    temperature: float = DEFAULT_TEMPERATURE,
+    feature_weight: float = DEFAULT_FEATURE_WEIGHT,
+    mixup: float = DEFAULT_MIXUP,
+    seed: int = 0,
+    device: str = "cpu",
+    progress: bool = True,
+    threads: int | None = None,
+) -> tuple[onnx.ModelProto, dict]:
+    """Train the ``trainable`` initializers of ``compressed`` to reproduce ``original``'s outputs.
+
+    ``feeds``: unlabelled inputs ``{input name: array}`` (same sample count each), e.g. the calibration
+    set; a seeded ``holdout`` fraction of them is kept out of training and decides whether the result
+    is kept (holdout 0: decided on the training inputs). Adam, linear warm-up then cosine decay of ``lr``,
+    ``steps`` minibatches of ``batch_size``; loss ``T^2 KL(softmax(t/T) || softmax(s/T))`` on the logits
+    (the input of a final Softmax, else the output itself), plus ``feature_weight`` times the mean over
+    the decomposed layers of the relative squared error of their outputs (after their ReLU where one
+    follows; see ``feature_names``). ``augment``: random flips and pad-crop shifts
+    of 4-D image inputs (NHWC or NCHW detected from the shape); ``mixup``: fraction of each batch
+    replaced by random convex mixes of two inputs (with ``augment`` only). ``threads``: torch CPU threads for
+    the run (default: torch's). Same seed, inputs and threads on CPU: the same result.
+
+    Returns ``(model, stats)``: the distilled model (same graph and names, only the trainable
+    initializers' values differ), or ``compressed`` itself when the distilled one is not better on
+    the check set (``stats['kept']`` False).
+    """
+    torch = _import_torch()
+    from onnx_tucker.torch_exec import TorchGraph
+
+    _check_args(steps, lr, batch_size, holdout, temperature, feature_weight, mixup)
+    dev = _device(torch, device)
+    trainable = list(dict.fromkeys(trainable))
+    if not trainable:
+        raise UsageError("distillation needs at least one trainable initializer")
+    names = _graph_inputs(compressed)
+    if names != _graph_inputs(original) or [o.name for o in compressed.graph.output] != [o.name for o in original.graph.output]:
+        raise ModelError("distillation needs the original and the compressed model to have the same inputs and outputs")
+    absent = [n for n in names if n not in feeds]
+    if absent:
+        raise UsageError(f"distillation inputs lack the model input '{absent[0]}'")
+    counts = {len(feeds[n]) for n in names}
+    if len(counts) != 1:
+        raise UsageError(f"distillation inputs have different sample counts: {sorted(counts)}")
+    n = counts.pop()
+    if n < 2:
+        raise UsageError(f"distillation needs at least 2 input samples, got {n}")
+
+    started = time.perf_counter()
+    old_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(int(threads))
+    try:
+        return _distill(torch, TorchGraph, original, compressed, {k: np.asarray(feeds[k]) for k in names}, trainable, n,
+                        steps=steps, lr=float(lr), batch_size=batch_size, augment=augment, holdout=holdout,
+                        temperature=float(temperature), feature_weight=float(feature_weight), mixup=float(mixup) if augment else 0.0, seed=seed, dev=dev,
+                        progress=progress, started=started)
+    finally:
+        if threads:
+            torch.set_num_threads(old_threads)
+
+
+def _distill(torch, TorchGraph, original, compressed, feeds, trainable, n, *, steps, lr, batch_size, augment,
+             holdout, temperature, feature_weight, mixup, seed, dev, progress, started):
+    from tqdm import tqdm
+
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(n)
+    n_hold = min(n - 1, max(1, int(round(holdout * n)))) if holdout > 0 else 0
+    hold_idx, train_idx = np.sort(order[:n_hold]), np.sort(order[n_hold:])
+    train = {k: v[train_idx] for k, v in feeds.items()}
+    check = {k: v[hold_idx] for k, v in feeds.items()} if n_hold else train
+
+    t_logits, s_logits = logit_names(original), logit_names(compressed)
+    teacher_ort = _session(_with_outputs(original, t_logits), torch.get_num_threads())
+    reference = _run(teacher_ort, check)
+    fit_idx = np.sort(rng.permutation(len(train_idx))[:TRAIN_CHECK]) if n_hold else None
+    fit = {k: v[fit_idx] for k, v in train.items()} if n_hold else None
+    fit_reference = _run(teacher_ort, fit) if n_hold else None
+    student_ort = _session(_with_outputs(compressed, s_logits))
+    before = agreement_and_kl(reference, _run(student_ort, check))
+    fit_before = agreement_and_kl(fit_reference, _run(student_ort, fit)) if n_hold else None
+
+    features = feature_names(compressed, original) if feature_weight > 0 else []
+    n_logits = len(s_logits)
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    student = TorchGraph(compressed, trainable, outputs=s_logits + features).to(dev)
+    params = list(student.onnx_parameters().values())
+    teacher_torch = TorchGraph(original, (), outputs=t_logits + features).to(dev) if dev.type != "cpu" else None
+    if features and teacher_torch is None:
+        teacher_ort = _session(_with_outputs(original, t_logits + features), torch.get_num_threads())
+
+    layouts = {}
+    if augment:
+        for name, value in train.items():
+            layout = image_layout(value.shape)
+            if layout and np.issubdtype(value.dtype, np.floating):
+                layouts[name] = layout
+    data = {k: torch.from_numpy(np.ascontiguousarray(v)).to(dev) for k, v in train.items()}
+    cached = None
+    if not layouts and not features and not mixup:  # nothing changes between epochs: the teacher runs once
+        cached = [torch.from_numpy(t).to(dev) for t in _run(teacher_ort, train)]
+
+    def teacher(batch, idx):
+        if cached is not None:
+            return [c[idx.to(dev)] for c in cached]
+        with torch.no_grad():
+            if teacher_torch is not None:
+                return list(teacher_torch(**batch))
+            outs = teacher_ort.run(None, {k: v.cpu().numpy() for k, v in batch.items()})
+            return [torch.from_numpy(o).to(dev) for o in outs]
+
+    optimizer = torch.optim.Adam(params, lr=lr)
+    warmup = max(1, int(steps * WARMUP_FRACTION))
+
+    def factor(step):  # step 0.. steps-1
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    m = len(train_idx)
+    batch_size = min(batch_size, m)
+    perm, pos = torch.randperm(m, generator=generator), 0
+    losses, diverged = [], False
+    t_train = time.perf_counter()
+    bar = tqdm(total=steps, desc="distill", unit="step", file=sys.stderr, disable=not progress, leave=False)
+    try:
+        for step in range(steps):
+            if pos + batch_size > m:
+                perm, pos = torch.randperm(m, generator=generator), 0
+            idx = perm[pos : pos + batch_size]
+            pos += batch_size
+            batch = {k: v[idx.to(dev)] for k, v in data.items()}
+            if layouts:
+                batch = _augment(torch, batch, layouts, generator)
+            if mixup:
+                batch = _mixup(torch, batch, mixup, generator)
+            targets = teacher(batch, idx)
+            outs = student(**batch)
+            loss = 0.0
+            for t, s in zip(targets[:n_logits], outs[:n_logits]):
+                t = t.reshape(-1, t.shape[-1]).float()
+                s = s.reshape(-1, s.shape[-1]).float()
+                log_p = torch.log_softmax(t / temperature, -1)
+                log_q = torch.log_softmax(s / temperature, -1)
+                loss = loss + (log_p.exp() * (log_p - log_q)).sum(-1).mean() * temperature**2
+            loss = loss / n_logits
+            if features:
+                hint = sum(((s - t).square().sum() / t.square().sum().clamp_min(1e-12))
+                           for t, s in zip(targets[n_logits:], outs[n_logits:]))
+                loss = loss + feature_weight * hint / len(features)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                diverged = True
+                break
+            optimizer.step()
+            scheduler.step()
+            losses.append(value)
+            bar.update(1)
+            if step % 10 == 0:
+                bar.set_postfix(loss=f"{value:.4f}")
+    finally:
+        bar.close()
+    train_seconds = time.perf_counter() - t_train
+
+    candidate = student.write_back(compressed)
+    finite = all(np.all(np.isfinite(v)) for v in student.trained_arrays().values())
+    after = fit_after = None
+    if finite and not diverged:
+        trained_ort = _session(_with_outputs(candidate, s_logits))
+        after = agreement_and_kl(reference, _run(trained_ort, check))
+        fit_after = agreement_and_kl(fit_reference, _run(trained_ort, fit)) if n_hold else None
+    kept = bool(after is not None and after["kl"] < before["kl"] and after["agreement"] >= before["agreement"])
+    stats = {
+        "steps": len(losses), "steps_asked": steps, "lr": lr, "batch_size": batch_size, "temperature": temperature,
+        "feature_weight": feature_weight, "feature_layers": len(features), "mixup": mixup,
+        "augment": sorted(layouts.items()) if layouts else False, "seed": seed, "device": str(dev),
+        "teacher": "torch" if teacher_torch is not None else "onnxruntime",
+        "trainable_tensors": len(params), "trainable_values": int(sum(p.numel() for p in params)),
+        "train_samples": int(m), "holdout_samples": int(n_hold), "check_on": "holdout" if n_hold else "train",
+        "before": before, "after": after, "kept": kept, "diverged": diverged,
+        "train_fit": {"samples": len(fit_idx), "before": fit_before, "after": fit_after} if n_hold else None,
+        "loss": _curve(losses), "train_seconds": round(train_seconds, 2),
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    return (candidate if kept else compressed), stats

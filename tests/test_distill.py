@@ -1,0 +1,405 @@
+"""Label-free distillation: only the named initializers change, seeded, never worse on the holdout."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from conftest import run_model
+from onnx_tucker.errors import ModelError, UsageError
+
+HAS_TORCH = importlib.util.find_spec("torch") is not None
+needs_torch = pytest.mark.skipif(not HAS_TORCH, reason="torch not installed")
+FLOAT = TensorProto.FLOAT
+STEPS = 40
+
+
+def _weights(seed=0):
+    rng = np.random.default_rng(seed)
+
+    def w(*shape):
+        return (rng.standard_normal(shape) * np.sqrt(2.0 / np.prod(shape[1:]))).astype(np.float32)
+
+    return {
+        "W1": w(8, 3, 3, 3), "B1": (0.1 * rng.standard_normal(8)).astype(np.float32),
+        "W2": w(12, 8, 3, 3), "B2": (0.1 * rng.standard_normal(12)).astype(np.float32),
+        "Wfc": w(6, 12), "Bfc": (0.1 * rng.standard_normal(6)).astype(np.float32),
+    }
+
+
+def _net(conv2_nodes, inits, layout="NCHW"):
+    """x -> [Transpose] -> conv1 -> relu -> conv2 (given nodes, writing 'c2') -> relu -> GAP -> Flatten -> Gemm -> Softmax."""
+    nodes = []
+    x_shape = ["N", 3, 8, 8] if layout == "NCHW" else ["N", 8, 8, 3]
+    first = "x"
+    if layout == "NHWC":
+        nodes.append(helper.make_node("Transpose", ["x"], ["x_nchw"], name="to_nchw", perm=[0, 3, 1, 2]))
+        first = "x_nchw"
+    nodes += [
+        helper.make_node("Conv", [first, "W1", "B1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        *conv2_nodes,
+        helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+        helper.make_node("GlobalAveragePool", ["r2"], ["gap"], name="gap"),
+        helper.make_node("Flatten", ["gap"], ["flat"], name="flatten"),
+        helper.make_node("Gemm", ["flat", "Wfc", "Bfc"], ["logits"], name="fc", transB=1),
+        helper.make_node("Softmax", ["logits"], ["probs"], name="softmax", axis=-1),
+    ]
+    graph = helper.make_graph(
+        nodes, "tiny", [helper.make_tensor_value_info("x", FLOAT, x_shape)], [helper.make_tensor_value_info("probs", FLOAT, ["N", 6])],
+        [numpy_helper.from_array(v, k) for k, v in inits.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="tests")
+    model.ir_version = 10
+    onnx.checker.check_model(model)
+    return model
+
+
+def tiny_pair(layout="NCHW", rank=2, seed=0):
+    """(original, compressed): conv2 (12x8x3x3) replaced by a rank-``rank`` Tucker-2 chain (truncated HOSVD)."""
+    w = _weights(seed)
+    original = _net([helper.make_node("Conv", ["r1", "W2", "B2"], ["c2"], name="conv2", pads=[1, 1, 1, 1])], w, layout)
+    W = w["W2"].astype(np.float64)
+    u_out = np.linalg.svd(W.reshape(12, -1), full_matrices=False)[0][:, :rank]
+    u_in = np.linalg.svd(W.transpose(1, 0, 2, 3).reshape(8, -1), full_matrices=False)[0][:, :rank]
+    core = np.einsum("oihw,or,is->rshw", W, u_out, u_in)
+    chain_w = {
+        "conv2_tucker_in_W": u_in.T[:, :, None, None].astype(np.float32),
+        "conv2_tucker_core_W": core.astype(np.float32),
+        "conv2_tucker_out_W": u_out[:, :, None, None].astype(np.float32),
+    }
+    inits = {k: v for k, v in w.items() if k != "W2"}
+    inits.update(chain_w)
+    chain = [
+        helper.make_node("Conv", ["r1", "conv2_tucker_in_W"], ["conv2_tucker_in_out"], name="conv2_tucker_in", kernel_shape=[1, 1]),
+        helper.make_node("Conv", ["conv2_tucker_in_out", "conv2_tucker_core_W"], ["conv2_tucker_core_out"], name="conv2_tucker_core", pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["conv2_tucker_core_out", "conv2_tucker_out_W", "B2"], ["c2"], name="conv2_tucker_out", kernel_shape=[1, 1]),
+    ]
+    return original, _net(chain, inits, layout)
+
+
+def feeds_for(model, n=256, seed=1):
+    shape = [n if isinstance(d, str) or d == 0 else d for d in
+             [d.dim_param or d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]]
+    rng = np.random.default_rng(seed)
+    # smooth-ish images: upsampled noise, so flips and shifts give related but different inputs
+    coarse = rng.standard_normal((n, 3, 4, 4)).astype(np.float32)
+    x = coarse.repeat(2, 2).repeat(2, 3) + 0.1 * rng.standard_normal((n, 3, 8, 8)).astype(np.float32)
+    if shape[-1] == 3:
+        x = x.transpose(0, 2, 3, 1).copy()
+    return {"x": x}
+
+
+def strip_values(model):
+    """The model with every initializer's values removed (names, types and shapes kept)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for init in out.graph.initializer:
+        dims, dtype, name = list(init.dims), init.data_type, init.name
+        init.Clear()
+        init.dims.extend(dims)
+        init.data_type, init.name = dtype, name
+    return out.SerializeToString()
+
+
+def init_arrays(model):
+    return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+
+
+def _distill(original, compressed, feeds, **kwargs):
+    from onnx_tucker.distill import distill, tucker_trainable
+
+    kwargs.setdefault("steps", STEPS)
+    kwargs.setdefault("lr", 3e-3)
+    kwargs.setdefault("batch_size", 32)
+    kwargs.setdefault("progress", False)
+    kwargs.setdefault("threads", 1)
+    return distill(original, compressed, feeds, kwargs.pop("trainable", tucker_trainable(compressed)), **kwargs)
+
+
+# --- what changes and what does not -------------------------------------------------------------------
+
+
+@needs_torch
+def test_only_trainable_initializers_change_and_graph_is_the_same():
+    original, compressed = tiny_pair()
+    before_bytes = compressed.SerializeToString()
+    model, stats = _distill(original, compressed, feeds_for(original))
+    assert stats["kept"], stats
+    assert stats["after"]["kl"] < stats["before"]["kl"]
+    assert stats["after"]["agreement"] >= stats["before"]["agreement"]
+    assert compressed.SerializeToString() == before_bytes  # the input model is not modified
+    assert strip_values(model) == strip_values(compressed)
+    onnx.checker.check_model(model)
+    old, new = init_arrays(compressed), init_arrays(model)
+    trainable = {"conv2_tucker_in_W", "conv2_tucker_core_W", "conv2_tucker_out_W", "B2"}
+    for name in old:
+        assert new[name].dtype == old[name].dtype and new[name].shape == old[name].shape
+        if name in trainable:
+            assert not np.array_equal(new[name], old[name]), name
+        else:
+            np.testing.assert_array_equal(new[name], old[name])
+
+
+@needs_torch
+def test_distilled_model_matches_the_original_better_on_fresh_inputs():
+    original, compressed = tiny_pair()
+    model, stats = _distill(original, compressed, feeds_for(original), steps=120)
+    assert stats["kept"]
+    fresh = feeds_for(original, n=512, seed=7)
+    want = run_model(original, fresh)[0]
+
+    def kl(m):
+        got = run_model(m, fresh)[0]
+        return float(np.mean(np.sum(want * (np.log(want + 1e-12) - np.log(got + 1e-12)), 1)))
+
+    assert kl(model) < 0.8 * kl(compressed)
+
+
+@needs_torch
+def test_subset_of_trainable_only_those_change():
+    original, compressed = tiny_pair()
+    model, stats = _distill(original, compressed, feeds_for(original), trainable=["conv2_tucker_core_W"], holdout=0.0)
+    assert stats["trainable_tensors"] == 1 and stats["check_on"] == "train"
+    old, new = init_arrays(compressed), init_arrays(model)
+    changed = {n for n in old if not np.array_equal(old[n], new[n])}
+    assert changed <= {"conv2_tucker_core_W"}
+
+
+# --- reproducibility and the never-worse rule ------------------------------------------------------
+
+
+@needs_torch
+def test_same_seed_same_result_other_seed_other_result():
+    original, compressed = tiny_pair()
+    feeds = feeds_for(original)
+    a, sa = _distill(original, compressed, feeds, seed=3)
+    b, sb = _distill(original, compressed, feeds, seed=3)
+    c, _ = _distill(original, compressed, feeds, seed=4)
+    assert a.SerializeToString() == b.SerializeToString()
+    assert sa["loss"] == sb["loss"] and sa["after"] == sb["after"]
+    assert a.SerializeToString() != c.SerializeToString()
+
+
+@needs_torch
+def test_absurd_learning_rate_returns_the_compressed_model_unchanged():
+    original, compressed = tiny_pair()
+    before = compressed.SerializeToString()
+    model, stats = _distill(original, compressed, feeds_for(original), lr=1e3)
+    assert not stats["kept"]
+    assert model is compressed
+    assert model.SerializeToString() == before
+    assert stats["after"] is None or stats["after"]["kl"] >= stats["before"]["kl"] or stats["after"]["agreement"] < stats["before"]["agreement"]
+
+
+@needs_torch
+def test_stats_report_the_run():
+    original, compressed = tiny_pair()
+    _, stats = _distill(original, compressed, feeds_for(original, n=200), holdout=0.1)
+    for key in ("steps", "lr", "batch_size", "temperature", "augment", "seed", "device", "teacher", "trainable_tensors",
+                "trainable_values", "train_samples", "holdout_samples", "check_on", "before", "after", "kept", "loss",
+                "train_seconds", "seconds"):
+        assert key in stats, key
+    assert stats["holdout_samples"] == 20 and stats["train_samples"] == 180 and stats["check_on"] == "holdout"
+    assert stats["steps"] == STEPS and stats["trainable_tensors"] == 4 and stats["teacher"] == "onnxruntime"
+    assert set(stats["before"]) == {"agreement", "kl"}
+    assert len(stats["loss"]["curve"]) == 10 and stats["loss"]["last"] < stats["loss"]["first"]
+
+
+# --- augmentation ---------------------------------------------------------------------------------------
+
+
+def test_image_layout_detection():
+    from onnx_tucker.distill import image_layout
+
+    assert image_layout((5, 32, 32, 3)) == "NHWC"
+    assert image_layout((5, 3, 32, 32)) == "NCHW"
+    assert image_layout((5, 1, 28, 28)) == "NCHW"
+    assert image_layout((5, 28, 28, 1)) == "NHWC"
+    assert image_layout((5, 16, 32, 32)) is None
+    assert image_layout((5, 10)) is None
+    assert image_layout((5, 3, 4, 4)) is None  # too small to be an image worth shifting
+
+
+@needs_torch
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_augment_on_and_off(layout):
+    original, compressed = tiny_pair(layout)
+    feeds = feeds_for(original)
+    on, s_on = _distill(original, compressed, feeds)
+    off, s_off = _distill(original, compressed, feeds, augment=False)
+    assert s_on["augment"] == [("x", layout)]
+    assert s_off["augment"] is False
+    assert s_on["kept"] and s_off["kept"]
+    assert on.SerializeToString() != off.SerializeToString()
+
+
+@needs_torch
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_augmented_samples_are_flips_and_reflect_shifts(layout):
+    import torch
+
+    from onnx_tucker.distill import _augment
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((16, 3, 8, 8)).astype(np.float32)
+    xin = x if layout == "NCHW" else x.transpose(0, 2, 3, 1).copy()
+    out = _augment(torch, {"x": torch.from_numpy(xin)}, {"x": layout}, torch.Generator().manual_seed(0))["x"].numpy()
+    assert out.shape == xin.shape
+    if layout == "NHWC":
+        out = out.transpose(0, 3, 1, 2)
+    pad = 1  # 8 px / 8
+    kinds = set()
+    for i in range(len(x)):
+        found = None
+        for flip in (False, True):
+            img = x[i][:, :, ::-1] if flip else x[i]
+            padded = np.pad(img, ((0, 0), (pad, pad), (pad, pad)), mode="reflect")
+            for dy in range(2 * pad + 1):
+                for dx in range(2 * pad + 1):
+                    if np.array_equal(padded[:, dy : dy + 8, dx : dx + 8], out[i]):
+                        found = (flip, dy, dx)
+        assert found is not None, i
+        kinds.add(found)
+    assert len(kinds) > 3  # the draws vary
+
+
+@needs_torch
+def test_augment_same_draws_for_nchw_and_nhwc():
+    import torch
+
+    from onnx_tucker.distill import _augment
+
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal((8, 3, 16, 16)).astype(np.float32))
+    a = _augment(torch, {"x": x}, {"x": "NCHW"}, torch.Generator().manual_seed(5))["x"]
+    b = _augment(torch, {"x": x.permute(0, 2, 3, 1).contiguous()}, {"x": "NHWC"}, torch.Generator().manual_seed(5))["x"]
+    assert torch.equal(a, b.permute(0, 3, 1, 2))
+
+
+@needs_torch
+def test_mixup_mixes_a_fraction_of_the_batch():
+    import torch
+
+    from onnx_tucker.distill import _mixup
+
+    x = torch.arange(8, dtype=torch.float32).reshape(8, 1).repeat(1, 3)
+    out = _mixup(torch, {"x": x}, 0.5, torch.Generator().manual_seed(0))["x"]
+    assert out.shape == x.shape
+    assert torch.equal(out[4:], x[4:])
+    assert torch.all(out[:4] >= 0) and torch.all(out[:4] <= 7) and not torch.equal(out[:4], x[:4])
+    assert torch.equal(_mixup(torch, {"x": x}, 0.0, torch.Generator())["x"], x)
+
+
+@needs_torch
+def test_feature_loss_and_mixup_options():
+    original, compressed = tiny_pair()
+    model, stats = _distill(original, compressed, feeds_for(original), feature_weight=1.0, mixup=0.5)
+    assert stats["feature_layers"] == 1 and stats["mixup"] == 0.5
+    assert stats["kept"]
+    assert strip_values(model) == strip_values(compressed)
+
+
+def test_feature_names_follow_the_relu():
+    from onnx_tucker.distill import feature_names
+
+    original, compressed = tiny_pair()
+    assert feature_names(compressed, original) == ["r2"]
+
+
+# --- helpers ---------------------------------------------------------------------------------------------
+
+
+def test_tucker_trainable_names():
+    from onnx_tucker.distill import tucker_trainable
+
+    _, compressed = tiny_pair()
+    assert tucker_trainable(compressed) == ["B2", "conv2_tucker_in_W", "conv2_tucker_core_W", "conv2_tucker_out_W"]
+    # a bias also read by another node is left alone
+    shared = onnx.ModelProto()
+    shared.CopyFrom(compressed)
+    shared.graph.node.append(helper.make_node("Add", ["c2", "B2"], ["unused"], name="extra"))
+    assert "B2" not in tucker_trainable(shared)
+
+
+def test_logits_are_the_softmax_input():
+    from onnx_tucker.distill import logit_names
+
+    original, _ = tiny_pair()
+    assert logit_names(original) == ["logits"]
+    no_softmax = onnx.ModelProto()
+    no_softmax.CopyFrom(original)
+    del no_softmax.graph.node[-1]
+    no_softmax.graph.output[0].name = "logits"
+    assert logit_names(no_softmax) == ["logits"]
+
+
+# --- errors ---------------------------------------------------------------------------------------------
+
+
+def test_missing_torch_is_a_one_line_usage_error(monkeypatch):
+    from onnx_tucker.distill import distill
+
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch -> ImportError
+    original, compressed = tiny_pair()
+    with pytest.raises(UsageError) as info:
+        distill(original, compressed, feeds_for(original), ["conv2_tucker_core_W"])
+    assert str(info.value) == "--distill needs torch: pip install 'onnx-tucker[distill]'"
+    assert info.value.exit_code == 2
+
+
+@needs_torch
+def test_cuda_without_a_gpu_is_a_usage_error():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is visible")
+    original, compressed = tiny_pair()
+    with pytest.raises(UsageError, match="cuda"):
+        _distill(original, compressed, feeds_for(original), device="cuda")
+    with pytest.raises(UsageError, match="'cpu' or 'cuda'"):
+        _distill(original, compressed, feeds_for(original), device="tpu")
+
+
+@needs_torch
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"steps": 0}, "steps"), ({"lr": 0.0}, "learning rate"), ({"batch_size": 0}, "batch size"),
+        ({"holdout": 1.0}, "holdout"), ({"temperature": -1.0}, "temperature"), ({"trainable": []}, "at least one"),
+        ({"mixup": 1.5}, "mixup"), ({"feature_weight": -1.0}, "feature weight"),
+        ({"trainable": ["nope"]}, "'nope' is not an initializer"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    original, compressed = tiny_pair()
+    with pytest.raises(UsageError, match=match):
+        _distill(original, compressed, feeds_for(original, n=16), **kwargs)
+
+
+@needs_torch
+def test_bad_feeds_and_mismatched_models():
+    original, compressed = tiny_pair()
+    with pytest.raises(UsageError, match="lack the model input 'x'"):
+        _distill(original, compressed, {"y": np.zeros((4, 3, 8, 8), np.float32)})
+    with pytest.raises(UsageError, match="at least 2"):
+        _distill(original, compressed, feeds_for(original, n=1))
+    other = onnx.ModelProto()
+    other.CopyFrom(compressed)
+    other.graph.output[0].name = "renamed"
+    other.graph.node[-1].output[0] = "renamed"
+    with pytest.raises(ModelError, match="same inputs and outputs"):
+        _distill(original, other, feeds_for(original, n=16))
+
+
+@needs_torch
+def test_threads_option_restores_torch_threads():
+    import torch
+
+    original, compressed = tiny_pair()
+    threads = torch.get_num_threads()
+    _distill(original, compressed, feeds_for(original, n=32), steps=2, threads=1)
+    assert torch.get_num_threads() == threads

@@ -1,0 +1,105 @@
+"""Measure label-free distillation (onnx_tucker.distill) on compressed CIFAR-10 models.
+
+For each run: the calibration inputs the CLI uses (``load_calibration``, 2048 seeded x_train images),
+``distill`` with the given settings, then top-1 on the full CIFAR-10 test set (onnxruntime, CPU) of the
+original, the compressed model before and after. One JSON line per run is appended to ``--out``.
+
+    python tools/distill_results.py ORIGINAL.onnx COMPRESSED.onnx --label cnn_t02 --steps 600 --lr 1e-3 \
+        --out docs/distill_results.jsonl [--save OUT.onnx]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from onnx_tucker.data import load_calibration, load_labelled, predict, top1  # noqa: E402
+from onnx_tucker.distill import (  # noqa: E402
+    DEFAULT_BATCH, DEFAULT_FEATURE_WEIGHT, DEFAULT_LR, DEFAULT_MIXUP, DEFAULT_STEPS, DEFAULT_TEMPERATURE, distill, tucker_trainable,
+)
+
+DATA = Path(os.environ.get("CIFAR10_DIR", "/work/shared/data/cifar10"))
+
+
+def accuracy(model, test, cache: dict, key: str | None) -> float:
+    if key and key in cache:
+        return cache[key]
+    feeds, labels = test
+    value = top1(predict(model, feeds, batch_size=250), labels)
+    if key:
+        cache[key] = value
+    return value
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("original")
+    ap.add_argument("compressed")
+    ap.add_argument("--label", required=True)
+    ap.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    ap.add_argument("--lr", type=float, default=DEFAULT_LR)
+    ap.add_argument("--batch", type=int, default=DEFAULT_BATCH)
+    ap.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE)
+    ap.add_argument("--feature-weight", type=float, default=DEFAULT_FEATURE_WEIGHT)
+    ap.add_argument("--mixup", type=float, default=DEFAULT_MIXUP)
+    ap.add_argument("--no-augment", action="store_true")
+    ap.add_argument("--holdout", type=float, default=0.1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--calib-size", type=int, default=2048)
+    ap.add_argument("--out", default=str(ROOT / "docs" / "distill_results.jsonl"))
+    ap.add_argument("--cache", default="/tmp/distill_accuracy_cache.json", help="top-1 of unchanged models, by path and mtime")
+    ap.add_argument("--save", help="write the distilled model here")
+    args = ap.parse_args()
+
+    original, compressed = onnx.load(args.original), onnx.load(args.compressed)
+    feeds = load_calibration(DATA / "cifar10_train.npz", original, size=args.calib_size, strict_size=False)
+    trainable = tucker_trainable(compressed)
+    test = load_labelled(DATA / "cifar10_test.npz", original)
+    cache_path = Path(args.cache)
+    cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+
+    def key(path):
+        return f"{Path(path).resolve()}:{os.path.getmtime(path)}"
+
+    acc_orig = accuracy(original, test, cache, key(args.original))
+    acc_before = accuracy(compressed, test, cache, key(args.compressed))
+    cache_path.write_text(json.dumps(cache, indent=1))
+
+    t0 = time.perf_counter()
+    result, stats = distill(
+        original, compressed, feeds, trainable, steps=args.steps, lr=args.lr, batch_size=args.batch,
+        augment=not args.no_augment, holdout=args.holdout, temperature=args.temperature, feature_weight=args.feature_weight, mixup=args.mixup,
+        seed=args.seed,
+        threads=args.threads, progress=sys.stderr.isatty(),
+    )
+    wall = time.perf_counter() - t0
+    # top-1 of what the step returns (the compressed model itself when the holdout check refused)
+    acc_after = acc_before if not stats["kept"] else accuracy(result, test, cache, None)
+    row = {
+        "label": args.label, "original": args.original, "compressed": args.compressed,
+        "steps": args.steps, "lr": args.lr, "batch": args.batch, "temperature": args.temperature,
+        "feature_weight": args.feature_weight, "mixup": args.mixup, "augment": not args.no_augment, "seed": args.seed, "threads": args.threads, "calib_size": args.calib_size,
+        "distill_seconds": round(wall, 1), "top1_original": acc_orig, "top1_before": acc_before, "top1_after": acc_after,
+        "drop_before": round(100 * (acc_orig - acc_before), 2), "drop_after": round(100 * (acc_orig - acc_after), 2),
+        "stats": stats,
+    }
+    print(json.dumps({k: v for k, v in row.items() if k != "stats"}))
+    print(json.dumps({k: stats[k] for k in ("before", "after", "train_fit", "kept", "train_seconds")}))
+    with open(args.out, "a") as fh:
+        fh.write(json.dumps(row) + "\n")
+    if args.save:
+        onnx.save(result, args.save)
+
+
+if __name__ == "__main__":
+    main()
