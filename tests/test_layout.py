@@ -52,7 +52,7 @@ def test_every_module_has_its_test_file():
     tests = {p.name for p in (ROOT / "tests").glob("test_*.py")}
     mirrored = {"cli": "test_cli.py", "tucker2": "test_factorization.py", "svd": "test_factorization.py", "vbmf": "test_ranks.py",
                 "convert": "test_real_models.py", "budget": "test_calibrate.py",
-                "errors": "test_cli.py"}
+                "errors": "test_cli.py", "outputs": "test_hostile.py"}
     for name, path in modules().items():
         if path.name in ("__init__.py", "__main__.py"):
             continue
