@@ -21,6 +21,9 @@ Output: ``logits`` (N, 10), no softmax.
 
 Train data only: a seeded 2000-image hold-out of the training set is the validation set;
 top-1 on the full test set is measured once, at the end, with torch and with onnxruntime.
+With ``--minutes arch=M,...`` each network trains for a wall-clock budget instead of a number of
+epochs: the one-cycle learning rate follows the fraction of the budget spent, so a run on a shared
+CPU ends on time (with fewer steps when contended); the log records the steps and epochs done.
 Writes models/cifar10_<arch>.onnx, .train.json (rewritten after every epoch) and .pt (state dict).
 ``--bench`` only measures training throughput (images/s, forward+backward at the batch size).
 """
@@ -281,7 +284,21 @@ def bench(arch, args):
                       "macs": count_macs(model)}), flush=True)
 
 
-def train(arch, epochs, args, data):
+def one_cycle(frac: float, max_lr: float, pct_start: float, div: float, final_div: float) -> float:
+    """OneCycleLR's cosine shape as a function of the fraction of training done (0..1)."""
+    lo, hi, end = max_lr / div, max_lr, max_lr / div / final_div
+    frac = min(max(frac, 0.0), 1.0)
+    if frac < pct_start:
+        a, b, t = lo, hi, frac / pct_start
+    else:
+        a, b, t = hi, end, (frac - pct_start) / (1.0 - pct_start)
+    return b + (a - b) * (1.0 + np.cos(np.pi * t)) / 2.0
+
+
+def train(arch, epochs, minutes, args, data):
+    """Train for ``epochs`` epochs, or, when ``minutes`` is set, for that much wall-clock time
+    (the learning-rate schedule then follows the fraction of the time budget spent, so the run
+    ends on time whatever the CPU contention; the log records the steps actually done)."""
     x_train, y_train, x_test, y_test = data
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
@@ -304,8 +321,8 @@ def train(arch, epochs, args, data):
     opt = torch.optim.SGD(groups, lr=args.lr, momentum=0.9, nesterov=True)
     steps_per_epoch = len(fit_idx) // args.batch_size  # drop the last partial batch
     total_steps = epochs * steps_per_epoch
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=total_steps, pct_start=args.pct_start,
-                                                div_factor=args.div_factor, final_div_factor=args.final_div_factor)
+    budget_s = minutes * 60.0 if minutes else None
+    lr_at = lambda frac: one_cycle(frac, args.lr, args.pct_start, args.div_factor, args.final_div_factor)  # noqa: E731
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
 
     out_dir = Path(args.out_dir)
@@ -318,11 +335,12 @@ def train(arch, epochs, args, data):
         "mobilenetv2": f"MobileNetV2 CIFAR variant, width x{args.mbv2_width}, last conv {_make_divisible(args.mbv2_last * max(1.0, args.mbv2_width))}",
     }[arch]
     log = {
-        "arch": arch, "description": arch_desc, "params": params, "macs": macs, "epochs": epochs,
+        "arch": arch, "description": arch_desc, "params": params, "macs": macs, "epochs": None if budget_s else epochs,
+        "time_budget_min": minutes,
         "steps_per_epoch": steps_per_epoch, "batch_size": args.batch_size,
         "fit_images": len(fit_idx), "val_images": len(val_idx),
         "optimizer": {"type": "SGD", "momentum": 0.9, "nesterov": True, "weight_decay": args.wd, "no_bn_decay": args.no_bn_decay},
-        "schedule": {"type": "OneCycleLR", "max_lr": args.lr, "pct_start": args.pct_start, "div_factor": args.div_factor,
+        "schedule": {"type": "one-cycle cosine (OneCycleLR shape, fixed momentum) over " + ("wall-clock time" if budget_s else "steps"), "max_lr": args.lr, "pct_start": args.pct_start, "div_factor": args.div_factor,
                      "final_div_factor": args.final_div_factor},
         "label_smoothing": args.label_smoothing, "augmentation": "random crop 32 of 4-pixel zero pad, horizontal flip p=0.5",
         "seed": args.seed, "bf16_autocast": args.bf16, "channels_last": args.channels_last,
@@ -333,13 +351,22 @@ def train(arch, epochs, args, data):
         "data": str(args.data), "command": " ".join([Path(sys.executable).name] + sys.argv),
         "history": [],
     }
-    print(f"[{arch}] {arch_desc}: {params} params, {macs / 1e6:.1f} M MACs, {epochs} epochs x {steps_per_epoch} steps", flush=True)
+    plan = f"{minutes} min wall-clock budget" if budget_s else f"{epochs} epochs"
+    print(f"[{arch}] {arch_desc}: {params} params, {macs / 1e6:.1f} M MACs, {plan} x {steps_per_epoch} steps/epoch", flush=True)
     start = time.time()
-    for epoch in range(epochs):
+    done, lr, epoch, finished = 0, lr_at(0.0), 0, False
+    while not finished:
         model.train()
         perm = rng.permutation(fit_idx)
         t0, loss_sum, correct, seen = time.time(), 0.0, 0, 0
         for step in range(steps_per_epoch):
+            frac = (time.time() - start) / budget_s if budget_s else done / total_steps
+            if frac >= 1.0:
+                finished = True
+                break
+            lr = lr_at(frac)
+            for g in opt.param_groups:
+                g["lr"] = lr
             idx = perm[step * args.batch_size : (step + 1) * args.batch_size]
             xb, yb = to_tensor(augment(padded, idx, rng)), torch.from_numpy(y_train[idx])
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
@@ -348,23 +375,34 @@ def train(arch, epochs, args, data):
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            sched.step()
+            done += 1
             loss_sum += loss.item() * len(idx)
             correct += (out.argmax(1) == yb).sum().item()
             seen += len(idx)
             if epoch == 0 and step in (19, 99):
                 rate = seen / (time.time() - t0)
-                print(f"[{arch}] epoch 1 step {step + 1}: {rate:.0f} img/s, projected epoch {len(fit_idx) / rate / 60:.1f} min, "
-                      f"training {epochs * len(fit_idx) / rate / 60:.0f} min", flush=True)
+                proj = f"{minutes * 60 * rate / len(fit_idx):.1f} epochs in the budget" if budget_s else \
+                    f"training {epochs * len(fit_idx) / rate / 60:.0f} min"
+                print(f"[{arch}] epoch 1 step {step + 1}: {rate:.0f} img/s, projected epoch {len(fit_idx) / rate / 60:.1f} min, {proj}",
+                      flush=True)
+        if not budget_s and done >= total_steps:
+            finished = True
+        if seen == 0:
+            break
+        epoch += 1
         train_s = time.time() - t0
         val_acc, val_loss = evaluate(model, x_val, y_val, bf16=args.bf16)
-        row = {"epoch": epoch + 1, "lr_end": round(sched.get_last_lr()[0], 6), "loss": round(loss_sum / seen, 4),
+        row = {"epoch": epoch, "steps": seen // args.batch_size, "lr_end": round(lr, 6), "loss": round(loss_sum / seen, 4),
                "train_acc": round(correct / seen, 4), "val_loss": round(val_loss, 4), "val_acc": round(val_acc, 4),
                "epoch_s": round(train_s, 1), "images_per_s": round(seen / train_s, 1), "elapsed_s": round(time.time() - start, 1)}
         log["history"].append(row)
         log_path.write_text(json.dumps(log, indent=1))
         print(f"[{arch}] " + json.dumps(row), flush=True)
     log["train_seconds"] = round(time.time() - start, 1)
+    log["steps_done"] = done
+    log["epochs_done"] = round(done / steps_per_epoch, 2)
+    if budget_s:
+        log["epochs"] = log["epochs_done"]
 
     model = model.to(memory_format=torch.contiguous_format).float().eval()
     torch.save(model.state_dict(), stem.with_suffix(".pt"))
@@ -389,13 +427,13 @@ def train(arch, epochs, args, data):
           f"wrote {onnx_path}", flush=True)
 
 
-def parse_epochs(text: str, archs) -> dict[str, int]:
+def parse_epochs(text: str, archs, kind=int) -> dict:
     if "=" not in text:
-        return {a: int(text) for a in archs}
+        return {a: kind(text) for a in archs}
     out = {}
     for part in text.split(","):
         k, v = part.split("=")
-        out[k.strip()] = int(v)
+        out[k.strip()] = kind(v)
     return out
 
 
@@ -405,6 +443,8 @@ def main(argv=None):
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "cifar10"), help="folder with cifar10_train.npz, cifar10_test.npz")
     p.add_argument("--out-dir", default=str(ROOT / "models"))
     p.add_argument("--epochs", default="10", help="N for every arch, or arch=N,arch=N")
+    p.add_argument("--minutes", default=None,
+                   help="train for a wall-clock budget instead of epochs: M for every arch, or arch=M,arch=M (float minutes)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=0.1, help="OneCycle peak learning rate")
@@ -436,10 +476,11 @@ def main(argv=None):
             bench(arch, args)
         return
     epochs = parse_epochs(args.epochs, archs)
+    minutes = parse_epochs(args.minutes, archs, float) if args.minutes else {}
     data = load_cifar10(Path(args.data))
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), archs {archs}, epochs {epochs}", flush=True)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), archs {archs}, " + (f"minutes {minutes}" if minutes else f"epochs {epochs}"), flush=True)
     for arch in archs:
-        train(arch, epochs[arch], args, data)
+        train(arch, epochs.get(arch, 10), minutes.get(arch), args, data)
 
 
 if __name__ == "__main__":
