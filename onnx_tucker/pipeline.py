@@ -168,8 +168,12 @@ def _latency_aware(model: onnx.ModelProto, opts: CompressOptions):
     new_model, report = _compress(model, replace(plain, exclude=tuple(plain.exclude) + tuple(slow)))
     for record in report.layers:
         if record.layer in slow:
-            before, chain = slow[record.layer]
-            record.reason = f"chain measured slower on the CPU EP ({chain:.0f} us vs {before:.0f} us, batch {opts.latency_batch})"
+            before, chain, verdict = slow[record.layer]
+            if verdict == "slower":
+                record.reason = f"chain measured slower on the CPU EP ({chain:.0f} us vs {before:.0f} us, batch {opts.latency_batch})"
+            else:
+                record.reason = (f"chain not faster in every profiled round on the CPU EP (median {chain:.0f} us vs {before:.0f} us, "
+                                 f"batch {opts.latency_batch}): inside the noise, left whole")
     report.settings["latency_aware"] = {"batch": opts.latency_batch, "left_whole": {k: list(v) for k, v in slow.items()}}
     _set_metadata(new_model, report)
     return new_model, report
