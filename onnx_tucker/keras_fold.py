@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from onnx_tucker.errors import ModelError
+from onnx_tucker.errors import ModelError, first_line
 
 # attributes that keep grappler from inlining a function call (function_optimizer.cc MarkedForXlaCompilation)
 XLA_MARKS = ("_XlaMustCompile", "_XlaCompile", "_xla_compile_id", "_XlaScope", "_noinline")
@@ -63,6 +63,8 @@ def _erfc(ctx, node, name, args):
 
 
 CUSTOM_OP_HANDLERS = {"Erfc": (_erfc, [])}
+# op domains onnxruntime implements beyond the ONNX schemas (tf2onnx emits a few contrib ops)
+RUNTIME_DOMAINS = ("com.microsoft",)
 
 
 def function_to_onnx(function, input_signature, opset: int) -> onnx.ModelProto:
@@ -81,20 +83,24 @@ def function_to_onnx(function, input_signature, opset: int) -> onnx.ModelProto:
     input_names = [t.name for t in concrete.inputs[:n_inputs]]
     output_names = [t.name for t in concrete.outputs if t.dtype != tf.resource]
     renames = tf2onnx.convert.tensor_names_from_structed(concrete, input_names, output_names)
-    frozen = convert_variables_to_constants_v2(concrete, lower_control_flow=False, aggressive_inlining=True)
-    graph_def = frozen.graph.as_graph_def(add_shapes=True)
-    unmark_xla(graph_def)
-    graph_def = tf2onnx.tf_loader.fix_freezing_errors_part2(graph_def)
-    model, _ = tf2onnx.convert.from_graph_def(
-        graph_def, name=concrete.name, input_names=input_names, output_names=output_names, opset=opset,
-        custom_op_handlers=CUSTOM_OP_HANDLERS, tensors_to_rename=renames,
-    )
+    try:
+        frozen = convert_variables_to_constants_v2(concrete, lower_control_flow=False, aggressive_inlining=True)
+        graph_def = frozen.graph.as_graph_def(add_shapes=True)
+        unmark_xla(graph_def)
+        graph_def = tf2onnx.tf_loader.fix_freezing_errors_part2(graph_def)
+        model, _ = tf2onnx.convert.from_graph_def(
+            graph_def, name=concrete.name, input_names=input_names, output_names=output_names, opset=opset,
+            custom_op_handlers=CUSTOM_OP_HANDLERS, tensors_to_rename=renames,
+        )
+    except Exception as exc:  # TensorFlow's freezing or tf2onnx gave up: the model cannot be converted this way
+        raise ModelError(f"tf2onnx could not convert the model: {type(exc).__name__}: {first_line(exc, 200)}") from exc
     check_leftovers(model, expected_inputs=[renames.get(n, n) for n in input_names])
     return model
 
 
 def unknown_ops(model: onnx.ModelProto) -> list[str]:
-    """Op types in the main graph (and subgraphs) that no registered ONNX schema knows, sorted."""
+    """Op types in the main graph (and subgraphs) that no registered ONNX schema knows (onnxruntime's own
+    ``com.microsoft`` ops excepted), sorted."""
     unknown = set()
     stack = [model.graph]
     opsets = {o.domain: o.version for o in model.opset_import}
@@ -102,6 +108,8 @@ def unknown_ops(model: onnx.ModelProto) -> list[str]:
         graph = stack.pop()
         for node in graph.node:
             domain = "" if node.domain == "ai.onnx" else node.domain
+            if domain in RUNTIME_DOMAINS:
+                continue
             try:
                 onnx.defs.get_schema(node.op_type, opsets.get(domain, 1), domain)
             except onnx.defs.SchemaError:

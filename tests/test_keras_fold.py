@@ -125,3 +125,23 @@ def test_graph_input_without_value_is_refused():
     model = _graph([helper.make_node("Sub", ["x", "mean:0"], ["y"])], ["mean:0"])
     with pytest.raises(ModelError, match=r"inputs with no value \(mean:0\)"):
         check_leftovers(model, expected_inputs=["x"])
+
+
+def test_a_tf2onnx_failure_is_one_model_error_line(monkeypatch):
+    tf2onnx = pytest.importorskip("tf2onnx")
+    from onnx_tucker.convert import keras_to_onnx
+
+    def broken(*args, **kwargs):
+        raise ValueError("some_tensor:0 missing\nsecond line")
+
+    monkeypatch.setattr(tf2onnx.convert, "from_graph_def", broken)
+    keras = pytest.importorskip("keras")
+    inputs = keras.Input((4, 4, 1))
+    model = keras.Model(inputs, keras.layers.Flatten()(keras.layers.Conv2D(2, 3)(inputs)))
+    with pytest.raises(ModelError, match=r"^tf2onnx could not convert the model: ValueError: some_tensor:0 missing$"):
+        keras_to_onnx(model)
+
+
+def test_onnxruntime_contrib_ops_are_not_leftovers():
+    model = _graph([helper.make_node("FusedMatMul", ["x", "x"], ["y"], domain="com.microsoft")], [])
+    assert unknown_ops(model) == []
