@@ -27,6 +27,7 @@ SIZES = (32,)          # tried first; a model that refuses says the size it need
 CLASSES = 10
 SAMPLES = 4            # inputs of the agreement check: seeded pixels 0..255 through preprocess_input
 TOLERANCE = 1e-4       # `onnx-tucker convert --tolerance` default (max abs difference of the softmax outputs)
+VARIANCE_FLOOR = 0.1   # see set_batchnorm_statistics
 REL_TOLERANCE = 1e-4   # relative error of the logits (the softmax of a random-weight net is often one-hot)
 
 
@@ -85,9 +86,13 @@ def sample_inputs(name: str, size: int, n: int = SAMPLES, seed: int = 0) -> np.n
 
 def set_batchnorm_statistics(model, x: np.ndarray) -> None:
     """Every BatchNormalization's moving mean/variance := its batch statistics on ``x`` (one training-mode call
-    with momentum 0). With the initial statistics (0 and 1) random-weight nets can fade to nothing (MobileNet's
-    logits were about 1e-21 at 32x32) and any comparison passes; normalized activations keep it meaningful,
-    and the statistics tf2onnx folds into the convs are not trivial."""
+    with momentum 0), each variance plus VARIANCE_FLOOR times the layer's mean variance.
+
+    With the initial statistics (0 and 1) random-weight nets can fade to nothing (MobileNet's logits were about
+    1e-21 at 32x32) and any comparison passes; normalized activations keep it meaningful, and the statistics
+    tf2onnx folds into the convs are not trivial. The floor: a random net leaves some channels almost constant,
+    and dividing by their near-zero variance amplified float32 rounding (ResNet50: TensorFlow itself 1.0e-4 and
+    onnxruntime 5.9e-5 relative error from a float64 Keras run of the same weights, 1.2e-4 between the two)."""
     import keras
 
     layers = [layer for layer in model._flatten_layers() if isinstance(layer, keras.layers.BatchNormalization)]
@@ -97,6 +102,8 @@ def set_batchnorm_statistics(model, x: np.ndarray) -> None:
     model(x, training=True)
     for layer, momentum in zip(layers, saved):
         layer.momentum = momentum
+        variance = np.asarray(layer.moving_variance)
+        layer.moving_variance.assign(variance + VARIANCE_FLOOR * variance.mean())
 
 
 def check_application(name: str, compress: bool = True) -> dict:
@@ -150,8 +157,8 @@ def markdown(rows: list[dict], command: str) -> str:
         "",
         f"Produced by `{command}` (2-core CPU VM shared with other jobs: the seconds are indicative only).",
         f"Each application: `keras.applications.X(weights=None, input_shape=(S, S, 3), classes={CLASSES})` at the smallest",
-        f"S it accepts (32 tried first), BatchNormalization statistics set to those of 16 seeded inputs (so random-weight",
-        "activations neither vanish nor explode), converted by `onnx_tucker.convert.keras_to_onnx` (opset 17), `onnx.checker`,",
+        f"S it accepts (32 tried first), BatchNormalization statistics set to those of 16 seeded inputs, variances plus",
+        f"{VARIANCE_FLOOR:g} x their layer's mean (so random-weight activations neither vanish nor amplify float32 rounding), converted by `onnx_tucker.convert.keras_to_onnx` (opset 17), `onnx.checker`,",
         f"run in onnxruntime (CPU) on {SAMPLES} seeded inputs (pixels uniform in 0..255 through the application's `preprocess_input`) and compared",
         f"with Keras. Built with `classifier_activation=None`, so both the logits are compared (relative error, at most",
         f"{REL_TOLERANCE:g}: a random-weight net's softmax is often one-hot, which hides differences) and their softmax (max abs",
@@ -181,12 +188,40 @@ def markdown(rows: list[dict], command: str) -> str:
     return "\n".join(lines)
 
 
+def resident_gb(field: str = "VmRSS") -> float:
+    """This process's resident memory (VmRSS) or its peak (VmHWM), in GB (Linux; 0 elsewhere)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1e6
+    except OSError:
+        pass
+    return 0.0
+
+
+def watch_memory(limit_gb: float, on_exceed) -> None:
+    """Call ``on_exceed()`` then exit (code 3) as soon as the resident memory passes ``limit_gb``: tf2onnx needs
+    many times a model's weight bytes, and on a shared machine the kernel's OOM killer may pick another process."""
+    import threading
+
+    def poll():
+        while True:
+            if resident_gb() > limit_gb:
+                on_exceed()
+                os._exit(3)
+            time.sleep(0.2)
+
+    threading.Thread(target=poll, daemon=True).start()
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("names", nargs="*", help="applications (default: every keras.applications model)")
     parser.add_argument("--skip", default="", help="comma-separated applications to leave out")
     parser.add_argument("--no-compress", action="store_true", help="convert and check only")
     parser.add_argument("--out", required=True, help="output stem: writes STEM.md and STEM.json")
+    parser.add_argument("--max-rss-gb", type=float, default=0, help="stop (and record why) above this resident memory")
     args = parser.parse_args(argv)
     names = args.names or application_names()
     skip = {s for s in args.skip.split(",") if s}
@@ -196,9 +231,22 @@ def main(argv=None) -> int:
         rows = json.loads(json_path.read_text())
     done = {r["application"] for r in rows}
     command = "python tools/keras_applications.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    current = {}
+
+    def save(rows_now):
+        order = application_names()
+        rows_now.sort(key=lambda r: order.index(r["application"]) if r["application"] in order else len(order))
+        json_path.write_text(json.dumps(rows_now, indent=1) + "\n")
+        md_path.write_text(markdown(rows_now, command))
+
+    if args.max_rss_gb:
+        watch_memory(args.max_rss_gb, lambda: save(rows + [{
+            "application": current["name"], "family": family(current["name"]), "status": "not run",
+            "reason": f"stopped above {args.max_rss_gb:g} GB resident memory (this machine's share)"}]))
     for name in names:
         if name in skip or name in done:
             continue
+        current["name"] = name
         t0 = time.perf_counter()
         try:
             row = check_application(name, compress=not args.no_compress)
@@ -206,12 +254,10 @@ def main(argv=None) -> int:
             row = {"application": name, "family": family(name), "status": "error", "reason": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"}
         row.pop("onnx_model", None)
         row["total_s"] = round(time.perf_counter() - t0, 1)
+        row["peak_rss_gb"] = round(resident_gb("VmHWM"), 1)
         print(json.dumps(row), flush=True)
         rows.append(row)
-        order = application_names()
-        rows.sort(key=lambda r: order.index(r["application"]) if r["application"] in order else len(order))
-        json_path.write_text(json.dumps(rows, indent=1) + "\n")
-        md_path.write_text(markdown(rows, command))
+        save(rows)
     return 0
 
 
