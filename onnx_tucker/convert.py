@@ -1,8 +1,10 @@
 """Keras -> ONNX with tf2onnx. TensorFlow is imported here only, when a conversion is asked for.
 
 tf2onnx's ``from_keras`` fails on Keras 3 models (KeyError on output names), so
-the route used is ``tf2onnx.convert.from_function`` on a ``tf.function`` that
-calls the model with a fixed input signature (dynamic batch).
+the route used is tf2onnx on a ``tf.function`` that calls the model with a fixed
+input signature (dynamic batch), through ``keras_fold.function_to_onnx``: the steps
+of ``from_function`` with what they leave behind on Keras 3 applications folded
+(captured constants, XLA-marked calls, Erfc) or refused with one line.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import onnx
 
 from onnx_tucker.errors import DataError, ModelError, UsageError, first_line
 
-ROUTE = "tf2onnx.convert.from_function(tf.function(model), input_signature)"
+ROUTE = "tf2onnx from_function(tf.function(model), input_signature), leftovers folded (keras_fold)"
 DEFAULT_OPSET = 17
 # The opsets tf2onnx 1.17 (pinned in pyproject.toml) can write: its constants.OPSET_TO_IR_VERSION.
 MIN_OPSET, MAX_OPSET = 7, 18
@@ -90,7 +92,8 @@ def load_keras(path: str | os.PathLike):
 def keras_to_onnx(model, opset: int = DEFAULT_OPSET, input_name: str | None = None, output_name: str | None = None) -> onnx.ModelProto:
     """Convert a loaded Keras 3 model (single input, single output) to ONNX, batch dimension dynamic."""
     import tensorflow as tf
-    import tf2onnx
+
+    from onnx_tucker.keras_fold import function_to_onnx
 
     if len(model.inputs) != 1 or len(model.outputs) != 1:
         raise ModelError("only single-input, single-output Keras models are converted")
@@ -102,7 +105,7 @@ def keras_to_onnx(model, opset: int = DEFAULT_OPSET, input_name: str | None = No
     def serve(x):
         return {"output": model(x, training=False)}
 
-    onnx_model, _ = tf2onnx.convert.from_function(serve, input_signature=signature, opset=opset)
+    onnx_model = function_to_onnx(serve, signature, opset)
     output_name = output_name or "output"
     _rename_output(onnx_model, onnx_model.graph.output[0].name, output_name)
     for value in list(onnx_model.graph.input) + list(onnx_model.graph.output):

@@ -1,0 +1,138 @@
+"""`onnx-tucker convert` on the Keras 3 applications (issue 11 item 5, issue 12 item 10).
+
+Every keras.applications model (random weights, the smallest square input it accepts, 10 classes, logits out)
+is converted, checked by onnx.checker, run in onnxruntime, compared with Keras, and compressed at ratio 0.5:
+the procedure of tools/keras_applications.py, which wrote docs/keras_applications.md.
+
+Time (each application is built, traced and converted: 10 s to a few minutes on a 2-core VM), chosen with
+ONNX_TUCKER_KERAS_APPS:
+- unset (CI): the four applications of the user report (ResNet50, MobileNetV3Small, ConvNeXtTiny,
+  EfficientNetV2B0) and the three cheap ones MobileNet, MobileNetV2, EfficientNetB0: about 3 minutes;
+- ``families``: also the smallest member of every other family (DenseNet, Inception, NASNet, ResNetV2, VGG,
+  Xception): about 10 minutes;
+- ``all``: every application (an hour; ConvNeXtLarge/XLarge and EfficientNetV2L need more memory than a
+  shared 2-core VM gives tf2onnx). docs/keras_applications.md has every one's result.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+keras = pytest.importorskip("keras")
+pytest.importorskip("tf2onnx")
+
+
+def _tool():
+    spec = importlib.util.spec_from_file_location("keras_applications", ROOT / "tools" / "keras_applications.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+tool = _tool()
+
+# the smallest member of each family (the one the family's name is built around)
+SMALLEST = {
+    "ConvNeXt": "ConvNeXtTiny", "DenseNet": "DenseNet121", "EfficientNet": "EfficientNetB0",
+    "EfficientNetV2": "EfficientNetV2B0", "InceptionResNetV2": "InceptionResNetV2", "InceptionV3": "InceptionV3",
+    "MobileNet": "MobileNet", "MobileNetV2": "MobileNetV2", "MobileNetV3": "MobileNetV3Small", "NASNet": "NASNetMobile",
+    "ResNet": "ResNet50", "ResNetV2": "ResNet50V2", "VGG": "VGG16", "Xception": "Xception",
+}
+# applications refused on purpose, with the reason's text: none (every one converts)
+REFUSED: dict[str, str] = {}
+DEFAULT = {"ResNet50", "MobileNetV3Small", "ConvNeXtTiny", "EfficientNetV2B0", "MobileNet", "MobileNetV2", "EfficientNetB0"}
+LEVEL = os.environ.get("ONNX_TUCKER_KERAS_APPS", "")
+
+
+def _params():
+    params = []
+    for name in tool.application_names():
+        fam = tool.family(name)
+        marks = [pytest.mark.slow]
+        if LEVEL == "all" or name in DEFAULT:
+            pass
+        elif SMALLEST.get(fam) == name:
+            if LEVEL != "families":
+                marks.append(pytest.mark.skip(reason=f"smallest {fam}: runs with ONNX_TUCKER_KERAS_APPS=families or all "
+                                                     "(about 10 minutes; docs/keras_applications.md has its result)"))
+        else:
+            marks.append(pytest.mark.skip(
+                reason=f"larger member of the {fam} family ({SMALLEST.get(fam, '?')} is the one tested): same layers, "
+                       "more conversion time; runs with ONNX_TUCKER_KERAS_APPS=all (docs/keras_applications.md has it)"))
+        params.append(pytest.param(name, marks=marks, id=name))
+    return params
+
+
+def test_every_application_has_a_family_and_each_family_its_smallest_member():
+    names = tool.application_names()
+    assert len(names) >= 40
+    assert {tool.family(n) for n in names} == set(SMALLEST)
+    assert set(SMALLEST.values()) <= set(names) and DEFAULT <= set(SMALLEST.values())
+
+
+@pytest.mark.parametrize("name", _params())
+def test_keras_application_converts_agrees_and_compresses(name, record_property):
+    row = tool.check_application(name, compress=False)
+    if name in REFUSED:
+        assert row["status"] == "refused" and REFUSED[name] in row["reason"] and "\n" not in row["reason"]
+        return
+    assert row["status"] == "converted", row
+    model = row["onnx_model"]
+    onnx.checker.check_model(model)                                   # (check_application ran it too)
+    assert [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}] == \
+        [model.graph.input[0].name]                                   # no constants left as inputs
+    assert not {n.op_type for n in model.graph.node} & {"StatefulPartitionedCall", "PartitionedCall", "Erfc"}
+    assert row["rel_error"] <= tool.REL_TOLERANCE and row["max_abs_diff"] <= tool.TOLERANCE
+    import onnx_tucker
+
+    new, report = onnx_tucker.compress(model, ratio=0.5, n_iter_max=0)  # HOSVD: validity here, not fit quality
+    onnx.checker.check_model(new)
+    totals = report.totals()
+    assert totals["convs"] == row["convs"]
+    if not report.decomposed:
+        assert report.notes, "nothing decomposed and no note"
+    record_property("result", f"{name} {row['input']}: rel.err {row['rel_error']:.2g}, {totals['decomposed']}/{totals['convs']} convs decomposed")
+
+
+# --- the command --------------------------------------------------------------------------------
+
+
+def test_convert_command_folds_the_leftovers(tmp_path):
+    """Normalization constants, a grouped conv (XLA) and exact GELU through `onnx-tucker convert`."""
+    src, out = tmp_path / "tiny.keras", tmp_path / "tiny.onnx"
+    from test_keras_fold import tiny_leftover_model
+
+    tiny_leftover_model().save(src)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="3")
+    r = subprocess.run([sys.executable, "-m", "onnx_tucker", "convert", src, out], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "PASSED" in r.stdout
+    model = onnx.load(str(out))
+    onnx.checker.check_model(model)
+    assert len(model.graph.input) == 1
+    from onnx_tucker.runtime import make_session
+
+    x = np.random.default_rng(1).uniform(0, 255, (3, 12, 12, 4)).astype(np.float32)
+    assert make_session(model).run(None, {model.graph.input[0].name: x})[0].shape == (3, 10)
+
+
+def test_convert_refuses_an_op_tf2onnx_cannot_map(tmp_path, monkeypatch):
+    """An op tf2onnx has no handler for: one line naming it, exit 1, nothing written (Erfc's handler removed)."""
+    from onnx_tucker import keras_fold
+    from onnx_tucker.convert import keras_to_onnx
+    from onnx_tucker.errors import ModelError
+
+    monkeypatch.setattr(keras_fold, "CUSTOM_OP_HANDLERS", {})
+    inputs = keras.Input((6, 6, 2))
+    x = keras.layers.Conv2D(4, 3, activation="gelu")(inputs)
+    model = keras.Model(inputs, keras.layers.Flatten()(x))
+    with pytest.raises(ModelError, match=r"^tf2onnx could not convert these TensorFlow ops: Erfc$"):
+        keras_to_onnx(model)
