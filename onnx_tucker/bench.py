@@ -371,6 +371,39 @@ def choose_providers(requested: list[str] | None) -> tuple[list[str], dict[str, 
     return requested, unavailable
 
 
+def available_memory() -> int | None:
+    """Bytes of memory available now (Linux ``MemAvailable``), or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def check_batch_memory(model, batches: list[int], limit: int | None = None) -> None:
+    """Refuse a batch whose input tensors alone would take over half the memory available (``--batch 100000``
+    ran the machine out of memory without a word); activations come on top of it."""
+    from onnx_tucker.runtime import graph_inputs, input_spec
+
+    limit = limit if limit is not None else available_memory()
+    if not limit:
+        return
+    per_sample = 0
+    for vi in graph_inputs(model):
+        dims, dtype = input_spec(vi)
+        size = 1
+        for d in dims[1:]:
+            size *= d or 1
+        per_sample += size * np.dtype(dtype).itemsize
+    for batch in batches:
+        if batch * per_sample > limit // 2:
+            raise UsageError(f"--batch {batch}: the inputs alone would take {batch * per_sample / 2**30:.1f} GiB, over half of the "
+                             f"{limit / 2**30:.1f} GiB available: choose a smaller batch")
+
+
 def check_models(paths: list[Path], batches: list[int] | None = None) -> list:
     """Load the models; they must take the same inputs, and every batch asked for must be one each can run."""
     from onnx_tucker.capture import fixed_batch
@@ -417,6 +450,7 @@ def run_bench(config: BenchConfig) -> dict:
         raise UsageError(f"--cudnn-algo: choose from {', '.join(CUDNN_ALGOS)}")
     providers, unavailable = choose_providers(config.providers)
     models = check_models(config.models, config.batches)
+    check_batch_memory(models[0], config.batches)
     given = load_inputs(config.inputs, models[0]) if config.inputs else None
     n = len(models)
     total = sum(len(config.batches) * n * (warmup_for(p, config.warmup) + config.runs) for p in providers)

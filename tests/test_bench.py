@@ -287,3 +287,12 @@ def test_bench_on_cuda_binds_io_on_the_device(residual_pair):
     on_gpu = bench.run_outputs(residual_pair[1], feeds, "cuda", 1, providers.get("cuda").options("HEURISTIC"))
     on_cpu = bench.run_outputs(residual_pair[1], feeds, "cpu", 1, {})
     np.testing.assert_allclose(on_gpu[0], on_cpu[0], rtol=1e-3, atol=1e-3)
+
+
+def test_a_batch_whose_inputs_would_not_fit_in_memory_is_refused():
+    from conftest import residual_model
+
+    model = residual_model()  # 3x10x10 float32: 1200 bytes a sample
+    bench.check_batch_memory(model, [1, 32], limit=10**6)
+    with pytest.raises(bench.UsageError, match="--batch 1000: the inputs alone would take"):
+        bench.check_batch_memory(model, [1, 1000], limit=10**6)
