@@ -34,6 +34,7 @@ DEFAULT_HOLDOUT = 0.1
 DEFAULT_FEATURE_WEIGHT = 0.0
 DEFAULT_MIXUP = 0.0
 TRAIN_CHECK = 512  # training samples on which the fit is also reported
+CHECKPOINTS = 10  # holdout KL evaluations during training (diagnostics: stats['check_curve'])
 WARMUP_FRACTION = 0.05  # linear warm-up, then cosine decay to 0
 SHIFT_FRACTION = 1 / 8  # pad-crop shifts up to 1/8 of the image side (4 pixels at 32x32)
 MIN_SPATIAL = 8  # smaller "images" are not augmented
@@ -294,8 +295,9 @@ def distill(
     """Train the ``trainable`` initializers of ``compressed`` to reproduce ``original``'s outputs.
 
     ``feeds``: unlabelled inputs ``{input name: array}`` (same sample count each), e.g. the calibration
-    set; a seeded ``holdout`` fraction of them is kept out of training and decides whether the result
-    is kept (holdout 0: decided on the training inputs). Adam, linear warm-up then cosine decay of ``lr``,
+    set; a seeded ``holdout`` fraction of them is kept out of training, and the trained weights are
+    kept only if their KL there is lower and their top-1 agreement with the original no lower than
+    before (holdout 0: checked on the training inputs). Adam, linear warm-up then cosine decay of ``lr``,
     ``steps`` minibatches of ``batch_size``; loss ``T^2 KL(softmax(t/T) || softmax(s/T))`` on the logits
     (the input of a final Softmax, else the output itself), plus ``feature_weight`` times the mean over
     the decomposed layers of the relative squared error of their outputs (after their ReLU where one
@@ -403,6 +405,16 @@ def _distill(torch, TorchGraph, original, compressed, feeds, trainable, n, *, st
         return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    check_t = {k: torch.from_numpy(np.ascontiguousarray(v)).to(dev) for k, v in check.items()}
+
+    def check_kl() -> float:
+        with torch.no_grad():
+            parts = [student(**{k: v[s : s + 256] for k, v in check_t.items()}) for s in range(0, n_hold, 256)]
+        outs = [torch.cat([p[i] for p in parts]).cpu().numpy() for i in range(n_logits)]
+        return agreement_and_kl(reference, outs)["kl"]
+
+    at = {max(0, int(round(steps * (i + 1) / CHECKPOINTS)) - 1) for i in range(CHECKPOINTS)} if n_hold else set()
+    check_curve = []
     m = len(train_idx)
     batch_size = min(batch_size, m)
     perm, pos = torch.randperm(m, generator=generator), 0
@@ -443,6 +455,8 @@ def _distill(torch, TorchGraph, original, compressed, feeds, trainable, n, *, st
             optimizer.step()
             scheduler.step()
             losses.append(value)
+            if step in at:
+                check_curve.append([step + 1, round(check_kl(), 6)])
             bar.update(1)
             if step % 10 == 0:
                 bar.set_postfix(loss=f"{value:.4f}")
@@ -467,6 +481,7 @@ def _distill(torch, TorchGraph, original, compressed, feeds, trainable, n, *, st
         "train_samples": int(m), "holdout_samples": int(n_hold), "check_on": "holdout" if n_hold else "train",
         "before": before, "after": after, "kept": kept, "diverged": diverged,
         "train_fit": {"samples": len(fit_idx), "before": fit_before, "after": fit_after} if n_hold else None,
+        "check_curve": check_curve,
         "loss": _curve(losses), "train_seconds": round(train_seconds, 2),
         "seconds": round(time.perf_counter() - started, 2),
     }

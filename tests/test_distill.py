@@ -207,6 +207,8 @@ def test_stats_report_the_run():
     assert stats["holdout_samples"] == 20 and stats["train_samples"] == 180 and stats["check_on"] == "holdout"
     assert stats["steps"] == STEPS and stats["trainable_tensors"] == 4 and stats["teacher"] == "onnxruntime"
     assert set(stats["before"]) == {"agreement", "kl"}
+    assert [c[0] for c in stats["check_curve"]] == [4, 8, 12, 16, 20, 24, 28, 32, 36, 40]
+    assert abs(stats["after"]["kl"] - stats["check_curve"][-1][1]) < 1e-4  # torch during training == onnxruntime after
     assert len(stats["loss"]["curve"]) == 10 and stats["loss"]["last"] < stats["loss"]["first"]
 
 

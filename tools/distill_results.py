@@ -30,14 +30,20 @@ from onnx_tucker.distill import (  # noqa: E402
 DATA = Path(os.environ.get("CIFAR10_DIR", "/work/shared/data/cifar10"))
 
 
-def accuracy(model, test, cache: dict, key: str | None) -> float:
-    if key and key in cache:
-        return cache[key]
-    feeds, labels = test
-    value = top1(predict(model, feeds, batch_size=250), labels)
-    if key:
-        cache[key] = value
+def outputs(model, test, cache_dir: Path, key: str | None) -> np.ndarray:
+    """First output on the test images (cached on disk for unchanged models)."""
+    path = cache_dir / (key.replace("/", "_").replace(":", "_") + ".npy") if key else None
+    if path is not None and path.exists():
+        return np.load(path)
+    value = predict(model, test[0], batch_size=250)
+    if path is not None:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        np.save(path, value)
     return value
+
+
+def agreement(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.mean(a.argmax(1) == b.argmax(1)))
 
 
 def main() -> None:
@@ -57,7 +63,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--calib-size", type=int, default=2048)
     ap.add_argument("--out", default=str(ROOT / "docs" / "distill_results.jsonl"))
-    ap.add_argument("--cache", default="/tmp/distill_accuracy_cache.json", help="top-1 of unchanged models, by path and mtime")
+    ap.add_argument("--cache", default="/tmp/distill_outputs_cache", help="test outputs of unchanged models, by path and mtime")
     ap.add_argument("--save", help="write the distilled model here")
     args = ap.parse_args()
 
@@ -65,15 +71,14 @@ def main() -> None:
     feeds = load_calibration(DATA / "cifar10_train.npz", original, size=args.calib_size, strict_size=False)
     trainable = tucker_trainable(compressed)
     test = load_labelled(DATA / "cifar10_test.npz", original)
-    cache_path = Path(args.cache)
-    cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+    cache = Path(args.cache)
 
     def key(path):
         return f"{Path(path).resolve()}:{os.path.getmtime(path)}"
 
-    acc_orig = accuracy(original, test, cache, key(args.original))
-    acc_before = accuracy(compressed, test, cache, key(args.compressed))
-    cache_path.write_text(json.dumps(cache, indent=1))
+    labels = test[1]
+    out_orig = outputs(original, test, cache, key(args.original))
+    out_before = outputs(compressed, test, cache, key(args.compressed))
 
     t0 = time.perf_counter()
     result, stats = distill(
@@ -84,17 +89,19 @@ def main() -> None:
     )
     wall = time.perf_counter() - t0
     # top-1 of what the step returns (the compressed model itself when the holdout check refused)
-    acc_after = acc_before if not stats["kept"] else accuracy(result, test, cache, None)
+    out_after = out_before if not stats["kept"] else outputs(result, test, cache, None)
+    acc_orig, acc_before, acc_after = (top1(o, labels) for o in (out_orig, out_before, out_after))
     row = {
         "label": args.label, "original": args.original, "compressed": args.compressed,
         "steps": args.steps, "lr": args.lr, "batch": args.batch, "temperature": args.temperature,
         "feature_weight": args.feature_weight, "mixup": args.mixup, "augment": not args.no_augment, "seed": args.seed, "threads": args.threads, "calib_size": args.calib_size,
         "distill_seconds": round(wall, 1), "top1_original": acc_orig, "top1_before": acc_before, "top1_after": acc_after,
         "drop_before": round(100 * (acc_orig - acc_before), 2), "drop_after": round(100 * (acc_orig - acc_after), 2),
+        "test_agreement_before": agreement(out_orig, out_before), "test_agreement_after": agreement(out_orig, out_after),
         "stats": stats,
     }
     print(json.dumps({k: v for k, v in row.items() if k != "stats"}))
-    print(json.dumps({k: stats[k] for k in ("before", "after", "train_fit", "kept", "train_seconds")}))
+    print(json.dumps({k: stats[k] for k in ("before", "after", "train_fit", "kept", "check_curve", "train_seconds")}))
     with open(args.out, "a") as fh:
         fh.write(json.dumps(row) + "\n")
     if args.save:
