@@ -136,3 +136,15 @@ def test_convert_refuses_an_op_tf2onnx_cannot_map(tmp_path, monkeypatch):
     model = keras.Model(inputs, keras.layers.Flatten()(x))
     with pytest.raises(ModelError, match=r"^tf2onnx could not convert these TensorFlow ops: Erfc$"):
         keras_to_onnx(model)
+
+
+def test_an_opset_tf2onnx_cannot_write_is_one_model_error_line():
+    """The API path (the command may refuse the value earlier, as an argument): tf2onnx's own refusal, one line."""
+    from onnx_tucker.convert import keras_to_onnx
+    from onnx_tucker.errors import ModelError
+
+    inputs = keras.Input((6, 6, 2))
+    model = keras.Model(inputs, keras.layers.Flatten()(keras.layers.Conv2D(4, 3)(inputs)))
+    with pytest.raises(ModelError) as err:
+        keras_to_onnx(model, opset=99)
+    assert "Opset 99" in str(err.value) and "\n" not in str(err.value)

@@ -128,13 +128,14 @@ def test_graph_input_without_value_is_refused():
 
 
 def test_a_tf2onnx_failure_is_one_model_error_line(monkeypatch):
-    tf2onnx = pytest.importorskip("tf2onnx")
+    pytest.importorskip("tf2onnx")
+    from onnx_tucker import keras_fold
     from onnx_tucker.convert import keras_to_onnx
 
     def broken(*args, **kwargs):
         raise ValueError("some_tensor:0 missing\nsecond line")
 
-    monkeypatch.setattr(tf2onnx.convert, "from_graph_def", broken)
+    monkeypatch.setattr(keras_fold, "_convert_graph_def", broken)
     keras = pytest.importorskip("keras")
     inputs = keras.Input((4, 4, 1))
     model = keras.Model(inputs, keras.layers.Flatten()(keras.layers.Conv2D(2, 3)(inputs)))
@@ -145,3 +146,16 @@ def test_a_tf2onnx_failure_is_one_model_error_line(monkeypatch):
 def test_onnxruntime_contrib_ops_are_not_leftovers():
     model = _graph([helper.make_node("FusedMatMul", ["x", "x"], ["y"], domain="com.microsoft")], [])
     assert unknown_ops(model) == []
+
+
+def test_optimizers_collect_garbage_first_and_keep_their_order(monkeypatch):
+    import gc
+
+    from onnx_tucker.keras_fold import _collecting
+
+    calls = []
+    monkeypatch.setattr(gc, "collect", lambda *a: calls.append("gc") or 0)
+    wrapped = _collecting({"a": lambda: calls.append("a") or "A", "b": lambda: calls.append("b") or "B"})
+    assert list(wrapped) == ["a", "b"]
+    assert wrapped["b"]() == "B" and wrapped["a"]() == "A"
+    assert calls == ["gc", "b", "gc", "a"]

@@ -166,20 +166,30 @@ def markdown(rows: list[dict], command: str) -> str:
         "`onnx_tucker.compress(model, ratio=0.5)` (\"decomposed\": convs factored out of all Conv nodes, and the MAC reduction",
         "of the whole model's convs).",
         "",
-        "| application | input | params | status | convert s | logits rel. err | softmax max abs diff | decomposed / convs | conv MACs fewer | compress s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "What `onnx_tucker/keras_fold.py` fixed (tf2onnx 1.17 converts with `continue_on_error`, so these stayed in the",
+        "graph): ConvNeXtTiny kept 18 `StatefulPartitionedCall` nodes (one per block: Keras runs its grouped",
+        "7x7 convs through an XLA-compiled `tf.function`, which grappler never inlines) and 18 `Erfc` (exact GELU), so onnxruntime refused",
+        "the model; EfficientNetV2 kept its `Normalization` mean and variance as graph inputs without values (tf2onnx's",
+        "`from_function` lists captured constants as inputs), so the agreement check crashed. Anything tf2onnx cannot",
+        "map is now refused in one line naming the ops (none of the applications is).",
+        "",
+        "The script resumes from its JSON (rows already there are kept), so it can also be run one application per",
+        "process, as here; `peak GB` is that process's peak resident memory (TensorFlow, tf2onnx and the checks together).",
+        "",
+        "| application | input | params | status | convert s | logits rel. err | softmax max abs diff | decomposed / convs | conv MACs fewer | compress s | peak GB |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         status = r["status"] if r["status"] != "refused" else f"refused: {r['reason']}"
-        if r["status"] == "error":
-            status = f"error: {r['reason']}"
+        if r["status"] in ("error", "not run"):
+            status = f"{r['status']}: {r['reason']}"
         diff = f"{r['max_abs_diff']:.2g}" if "max_abs_diff" in r else "-"
         rel = f"{r['rel_error']:.2g}" if "rel_error" in r else "-"
         dec = f"{r['decomposed']} / {r['convs']}" if "decomposed" in r else "-"
         red = f"{r['macs_reduction']:.2f}x" if "macs_reduction" in r else "-"
         lines.append(
             f"| {r['application']} | {r.get('input', '-')} | {r.get('params', 0) / 1e6:.1f}M | {status} | {r.get('convert_s', '-')} | "
-            f"{rel} | {diff} | {dec} | {red} | {r.get('compress_s', '-')} |"
+            f"{rel} | {diff} | {dec} | {red} | {r.get('compress_s', '-')} | {r.get('peak_rss_gb', '-')} |"
         )
     counts = {}
     for r in rows:
