@@ -1,11 +1,13 @@
 """Measure label-free distillation (onnx_tucker.distill) on compressed CIFAR-10 models.
 
-For each run: the calibration inputs the CLI uses (``load_calibration``, 2048 seeded x_train images),
-``distill`` with the given settings, then top-1 on the full CIFAR-10 test set (onnxruntime, CPU) of the
-original, the compressed model before and after. One JSON line per run is appended to ``--out``.
+For each run: the calibration inputs the CLI uses (``load_calibration``: seeded x_train images,
+2048 by default), ``distill`` with the given settings, then top-1 on the full CIFAR-10 test set
+(onnxruntime, CPU) of the original, of the compressed model before, of what ``distill`` returns and
+of the trained weights even when the holdout check refused them (``keep_worse``; same seeded run).
+One JSON line per run is appended to ``--out``; ``--render`` prints the markdown table of a file.
 
-    python tools/distill_results.py ORIGINAL.onnx COMPRESSED.onnx --label cnn_t02 --steps 600 --lr 1e-3 \
-        --out docs/distill_results.jsonl [--save OUT.onnx]
+    python tools/distill_results.py ORIGINAL.onnx COMPRESSED.onnx --label "cnn 5x" [--steps N --lr X ...]
+    python tools/distill_results.py --render docs/distill_results.jsonl
 """
 from __future__ import annotations
 
@@ -24,14 +26,14 @@ sys.path.insert(0, str(ROOT))
 
 from onnx_tucker.data import load_calibration, load_labelled, predict, top1  # noqa: E402
 from onnx_tucker.distill import (  # noqa: E402
-    DEFAULT_BATCH, DEFAULT_FEATURE_WEIGHT, DEFAULT_LR, DEFAULT_MIXUP, DEFAULT_STEPS, DEFAULT_TEMPERATURE, distill, tucker_trainable,
+    DEFAULT_BATCH, DEFAULT_HOLDOUT, DEFAULT_LR, DEFAULT_STEPS, DEFAULT_TEMPERATURE, distill, tucker_trainable,
 )
 
 DATA = Path(os.environ.get("CIFAR10_DIR", "/work/shared/data/cifar10"))
 
 
 def outputs(model, test, cache_dir: Path, key: str | None) -> np.ndarray:
-    """First output on the test images (cached on disk for unchanged models)."""
+    """First output on the test images (cached on disk for unchanged model files)."""
     path = cache_dir / (key.replace("/", "_").replace(":", "_") + ".npy") if key else None
     if path is not None and path.exists():
         return np.load(path)
@@ -46,58 +48,81 @@ def agreement(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean(a.argmax(1) == b.argmax(1)))
 
 
+def render(path: str) -> str:
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    head = ("| model | steps | lr | batch | T | augment | images (train+holdout) | distill s | top-1 original | before | "
+            "after (returned) | trained weights | holdout agreement before -> after | kept |")
+    out = [head, "|" + " --- |" * (head.count("|") - 1)]
+    for r in rows:
+        s = r["stats"]
+        out.append(
+            f"| {r['label']} | {r['steps']} | {r['lr']:g} | {r['batch']} | {r['temperature']:g} | {'yes' if r['augment'] else 'no'} "
+            f"| {s['train_samples']}+{s['holdout_samples']} | {r['distill_seconds']:.0f} | {100 * r['top1_original']:.2f}% "
+            f"| {100 * r['top1_before']:.2f}% ({100 * (r['top1_before'] - r['top1_original']):+.2f}) "
+            f"| {100 * r['top1_after']:.2f}% ({100 * (r['top1_after'] - r['top1_original']):+.2f}) "
+            f"| {100 * r['top1_trained']:.2f}% ({100 * (r['top1_trained'] - r['top1_original']):+.2f}) "
+            f"| {100 * s['before']['agreement']:.1f} -> {100 * s['after']['agreement']:.1f} | {'yes' if s['kept'] else 'no'} |"
+        )
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("original")
-    ap.add_argument("compressed")
-    ap.add_argument("--label", required=True)
+    ap.add_argument("original", nargs="?")
+    ap.add_argument("compressed", nargs="?")
+    ap.add_argument("--label")
     ap.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     ap.add_argument("--lr", type=float, default=DEFAULT_LR)
     ap.add_argument("--batch", type=int, default=DEFAULT_BATCH)
     ap.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE)
-    ap.add_argument("--feature-weight", type=float, default=DEFAULT_FEATURE_WEIGHT)
-    ap.add_argument("--mixup", type=float, default=DEFAULT_MIXUP)
     ap.add_argument("--no-augment", action="store_true")
-    ap.add_argument("--holdout", type=float, default=0.1)
+    ap.add_argument("--holdout", type=float, default=DEFAULT_HOLDOUT)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="torch and onnxruntime threads (1: best on the shared 2-core VM)")
     ap.add_argument("--calib-size", type=int, default=2048)
     ap.add_argument("--out", default=str(ROOT / "docs" / "distill_results.jsonl"))
-    ap.add_argument("--cache", default="/tmp/distill_outputs_cache", help="test outputs of unchanged models, by path and mtime")
-    ap.add_argument("--save", help="write the distilled model here")
+    ap.add_argument("--cache", default="/tmp/distill_outputs_cache", help="test outputs of unchanged model files")
+    ap.add_argument("--save", help="write the model distill returns here")
+    ap.add_argument("--render", metavar="JSONL", help="print the markdown table of a results file and exit")
     args = ap.parse_args()
+    if args.render:
+        print(render(args.render))
+        return
+    if not (args.original and args.compressed and args.label):
+        ap.error("ORIGINAL, COMPRESSED and --label are needed")
 
     original, compressed = onnx.load(args.original), onnx.load(args.compressed)
     feeds = load_calibration(DATA / "cifar10_train.npz", original, size=args.calib_size, strict_size=False)
-    trainable = tucker_trainable(compressed)
     test = load_labelled(DATA / "cifar10_test.npz", original)
     cache = Path(args.cache)
 
     def key(path):
         return f"{Path(path).resolve()}:{os.path.getmtime(path)}"
 
-    labels = test[1]
     out_orig = outputs(original, test, cache, key(args.original))
     out_before = outputs(compressed, test, cache, key(args.compressed))
 
     t0 = time.perf_counter()
-    result, stats = distill(
-        original, compressed, feeds, trainable, steps=args.steps, lr=args.lr, batch_size=args.batch,
-        augment=not args.no_augment, holdout=args.holdout, temperature=args.temperature, feature_weight=args.feature_weight, mixup=args.mixup,
-        seed=args.seed,
-        threads=args.threads, progress=sys.stderr.isatty(),
+    trained, stats = distill(
+        original, compressed, feeds, tucker_trainable(compressed), steps=args.steps, lr=args.lr, batch_size=args.batch,
+        augment=not args.no_augment, holdout=args.holdout, temperature=args.temperature, seed=args.seed,
+        threads=args.threads, progress=sys.stderr.isatty(), keep_worse=True,
     )
     wall = time.perf_counter() - t0
-    # top-1 of what the step returns (the compressed model itself when the holdout check refused)
-    out_after = out_before if not stats["kept"] else outputs(result, test, cache, None)
-    acc_orig, acc_before, acc_after = (top1(o, labels) for o in (out_orig, out_before, out_after))
+    returned = trained if stats["kept"] else compressed  # what distill() returns by default
+    out_trained = outputs(trained, test, cache, None) if trained is not compressed else out_before
+    out_after = out_trained if stats["kept"] else out_before
+    labels = test[1]
     row = {
         "label": args.label, "original": args.original, "compressed": args.compressed,
         "steps": args.steps, "lr": args.lr, "batch": args.batch, "temperature": args.temperature,
-        "feature_weight": args.feature_weight, "mixup": args.mixup, "augment": not args.no_augment, "seed": args.seed, "threads": args.threads, "calib_size": args.calib_size,
-        "distill_seconds": round(wall, 1), "top1_original": acc_orig, "top1_before": acc_before, "top1_after": acc_after,
-        "drop_before": round(100 * (acc_orig - acc_before), 2), "drop_after": round(100 * (acc_orig - acc_after), 2),
+        "augment": not args.no_augment, "holdout": args.holdout, "seed": args.seed, "threads": args.threads,
+        "calib_size": args.calib_size, "distill_seconds": round(wall, 1),
+        "load_average": round(os.getloadavg()[0], 2),
+        "top1_original": top1(out_orig, labels), "top1_before": top1(out_before, labels),
+        "top1_after": top1(out_after, labels), "top1_trained": top1(out_trained, labels),
         "test_agreement_before": agreement(out_orig, out_before), "test_agreement_after": agreement(out_orig, out_after),
+        "test_agreement_trained": agreement(out_orig, out_trained),
         "stats": stats,
     }
     print(json.dumps({k: v for k, v in row.items() if k != "stats"}))
@@ -105,7 +130,7 @@ def main() -> None:
     with open(args.out, "a") as fh:
         fh.write(json.dumps(row) + "\n")
     if args.save:
-        onnx.save(result, args.save)
+        onnx.save(returned, args.save)
 
 
 if __name__ == "__main__":
