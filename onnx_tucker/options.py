@@ -31,25 +31,23 @@ def check_ratio(ratio, what: str = "ratio") -> float:
     return value
 
 
-def check_positive_int(value, what: str) -> int:
+def _check_int(value, what: str, minimum: int, expected: str) -> int:
     try:
         number = int(str(value).strip()) if not isinstance(value, int) else value
     except (TypeError, ValueError):
-        raise UsageError(f"{what}: expected a positive integer, got {value!r}") from None
-    if isinstance(value, bool) or number < 1:
-        raise UsageError(f"{what}: expected a positive integer, got {value!r}")
+        raise UsageError(f"{what}: expected {expected}, got {value!r}") from None
+    if isinstance(value, bool) or number < minimum:
+        raise UsageError(f"{what}: expected {expected}, got {value!r}")
     return number
+
+
+def check_positive_int(value, what: str) -> int:
+    return _check_int(value, what, 1, "a positive integer")
 
 
 def check_count(value, what: str) -> int:
     """A whole number >= 0."""
-    try:
-        number = int(str(value).strip()) if not isinstance(value, int) else value
-    except (TypeError, ValueError):
-        raise UsageError(f"{what}: expected a whole number >= 0, got {value!r}") from None
-    if isinstance(value, bool) or number < 0:
-        raise UsageError(f"{what}: expected a whole number >= 0, got {value!r}")
-    return number
+    return _check_int(value, what, 0, "a whole number >= 0")
 
 
 def check_fraction_list(text: str, what: str) -> list[float]:
