@@ -106,8 +106,9 @@ def set_batchnorm_statistics(model, x: np.ndarray) -> None:
         layer.moving_variance.assign(variance + VARIANCE_FLOOR * variance.mean())
 
 
-def check_application(name: str, compress: bool = True) -> dict:
-    """Build, convert, check; a dict row for the table. Conversion refusals (ModelError) are rows, not errors."""
+def check_application(name: str, compress: bool = True, row: dict | None = None) -> dict:
+    """Build, convert, check; a dict row for the table (``row``, filled as the steps go, if given).
+    Conversion refusals (ModelError) are rows, not errors."""
     import keras
     import onnx
 
@@ -116,7 +117,8 @@ def check_application(name: str, compress: bool = True) -> dict:
     from onnx_tucker.errors import ModelError
     from onnx_tucker.runtime import make_session
 
-    row = {"application": name, "family": family(name)}
+    row = {} if row is None else row
+    row.update(application=name, family=family(name))
     t0 = time.perf_counter()
     model, size = build(name)
     set_batchnorm_statistics(model, sample_inputs(name, size, n=16, seed=1))
@@ -185,10 +187,11 @@ def markdown(rows: list[dict], command: str) -> str:
             status = f"{r['status']}: {r['reason']}"
         diff = f"{r['max_abs_diff']:.2g}" if "max_abs_diff" in r else "-"
         rel = f"{r['rel_error']:.2g}" if "rel_error" in r else "-"
+        params = f"{r['params'] / 1e6:.1f}M" if "params" in r else "-"
         dec = f"{r['decomposed']} / {r['convs']}" if "decomposed" in r else "-"
         red = f"{r['macs_reduction']:.2f}x" if "macs_reduction" in r else "-"
         lines.append(
-            f"| {r['application']} | {r.get('input', '-')} | {r.get('params', 0) / 1e6:.1f}M | {status} | {r.get('convert_s', '-')} | "
+            f"| {r['application']} | {r.get('input', '-')} | {params} | {status} | {r.get('convert_s', '-')} | "
             f"{rel} | {diff} | {dec} | {red} | {r.get('compress_s', '-')} | {r.get('peak_rss_gb', '-')} |"
         )
     counts = {}
@@ -244,25 +247,25 @@ def main(argv=None) -> int:
     current = {}
 
     def save(rows_now):
-        order = application_names()
-        rows_now.sort(key=lambda r: order.index(r["application"]) if r["application"] in order else len(order))
+        rows_now.sort(key=lambda r: (r["family"], r.get("params", 0), r["application"]))
         json_path.write_text(json.dumps(rows_now, indent=1) + "\n")
         md_path.write_text(markdown(rows_now, command))
 
     if args.max_rss_gb:
         watch_memory(args.max_rss_gb, lambda: save(rows + [{
-            "application": current["name"], "family": family(current["name"]), "status": "not run",
-            "reason": f"stopped above {args.max_rss_gb:g} GB resident memory (this machine's share)"}]))
+            **{k: v for k, v in current.items() if k in ("application", "family", "input", "params", "build_s")},
+            "status": "not run", "reason": f"stopped above {args.max_rss_gb:g} GB resident memory (this machine's share)"}]))
     for name in names:
         if name in skip or name in done:
             continue
-        current["name"] = name
+        current.clear()
+        current.update(application=name, family=family(name))
         t0 = time.perf_counter()
         try:
-            row = check_application(name, compress=not args.no_compress)
+            row = check_application(name, compress=not args.no_compress, row=current)
         except Exception as exc:  # a tool crash is a row too, so the table shows it
             row = {"application": name, "family": family(name), "status": "error", "reason": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"}
-        row.pop("onnx_model", None)
+        row = {k: v for k, v in row.items() if k != "onnx_model"}
         row["total_s"] = round(time.perf_counter() - t0, 1)
         row["peak_rss_gb"] = round(resident_gb("VmHWM"), 1)
         print(json.dumps(row), flush=True)
