@@ -17,7 +17,11 @@ Three leftovers were found on the Keras 3 applications:
 - **``Erfc``** (exact GELU, ``0.5 * x * erfc(-x / sqrt(2))``), which tf2onnx 1.17 does not map:
   converted here as ``1 - Erf(x)``.
 
-Anything else tf2onnx could not map is refused with one line naming the ops (:class:`ModelError`).
+Anything else tf2onnx could not map is refused with one line naming the ops (:class:`ModelError`), and
+a failure inside TensorFlow's freezing or tf2onnx is one line too.
+
+Memory: tf2onnx's optimizers deep-copy the graph before each step and the copies were left to pile up
+(ResNet50: 7.7 GB peak for 94 MB of weights); each step now starts with a garbage collection (3.1 GB).
 """
 from __future__ import annotations
 

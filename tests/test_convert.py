@@ -4,14 +4,15 @@ Every keras.applications model (random weights, the smallest square input it acc
 is converted, checked by onnx.checker, run in onnxruntime, compared with Keras, and compressed at ratio 0.5:
 the procedure of tools/keras_applications.py, which wrote docs/keras_applications.md.
 
-Time (each application is built, traced and converted: 10 s to a few minutes on a 2-core VM), chosen with
+Time (each application is built, traced and converted: 5 s to 2 minutes on a 2-core VM), chosen with
 ONNX_TUCKER_KERAS_APPS:
 - unset (CI): the four applications of the user report (ResNet50, MobileNetV3Small, ConvNeXtTiny,
-  EfficientNetV2B0) and the three cheap ones MobileNet, MobileNetV2, EfficientNetB0: about 3 minutes;
+  EfficientNetV2B0) and the three cheap ones MobileNet, MobileNetV2, EfficientNetB0: 1.5 minutes on a quiet
+  2-core VM (5 under load), 3.4 GB peak;
 - ``families``: also the smallest member of every other family (DenseNet, Inception, NASNet, ResNetV2, VGG,
-  Xception): about 10 minutes;
-- ``all``: every application (an hour; ConvNeXtLarge/XLarge and EfficientNetV2L need more memory than a
-  shared 2-core VM gives tf2onnx). docs/keras_applications.md has every one's result.
+  Xception): 3.5 minutes more, 6.4 GB peak;
+- ``all``: every application (about half an hour; ConvNeXtLarge/XLarge and EfficientNetV2L need 14 to 42 GB).
+docs/keras_applications.md has every one's result.
 """
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ def _params():
         elif SMALLEST.get(fam) == name:
             if LEVEL != "families":
                 marks.append(pytest.mark.skip(reason=f"smallest {fam}: runs with ONNX_TUCKER_KERAS_APPS=families or all "
-                                                     "(about 10 minutes; docs/keras_applications.md has its result)"))
+                                                     "(3.5 minutes more; docs/keras_applications.md has its result)"))
         else:
             marks.append(pytest.mark.skip(
                 reason=f"larger member of the {fam} family ({SMALLEST.get(fam, '?')} is the one tested): same layers, "
@@ -90,7 +91,8 @@ def test_keras_application_converts_agrees_and_compresses(name, record_property)
     assert [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}] == \
         [model.graph.input[0].name]                                   # no constants left as inputs
     assert not {n.op_type for n in model.graph.node} & {"StatefulPartitionedCall", "PartitionedCall", "Erfc"}
-    assert row["rel_error"] <= tool.REL_TOLERANCE and row["max_abs_diff"] <= tool.TOLERANCE
+    # within the tolerances, or (deep ResNets) onnxruntime no farther from a float64 run than TensorFlow's float32
+    assert row["agrees"], row
     import onnx_tucker
 
     new, report = onnx_tucker.compress(model, ratio=0.5, n_iter_max=0)  # HOSVD: validity here, not fit quality
