@@ -298,7 +298,7 @@ def layer_rows(original, compressed, original_us: dict, compressed_us: dict) -> 
             "layer": chain.layer,
             "form": chain.form,
             "original_us": before,
-            "in_us": parts.get("first"), "core_us": parts.get("core"), "out_us": parts.get(chain.last_role),
+            "in_us": parts.get("first"), "core_us": parts.get("core"), "out_us": parts.get("last"),
             "parts": parts,
             "chain_us": total,
             "speedup": before / total if before and total else None,

@@ -95,6 +95,9 @@ def refit_chains(original: onnx.ModelProto, compressed: onnx.ModelProto, feeds: 
         target = target_rows[chain.output].astype(np.float64)
         pick = picks[chain.output]
         relu = relu_aware and feeds_only_relu(compressed, chain.output)
+        if core_node is not None and core_node.name == last.name:  # 1x1 -> kxk: the kxk core writes the output
+            result["layers"][chain.layer] = _refit_kxk_last(compressed, chain, last, inits, feeds, pick, target, ridge, relu)
+            continue
         # The core refit has R_in*k*k unknowns per output channel: with too few calibration
         # rows (late layers with small feature maps) it over-fits, so refit only the last conv.
         if (mode == "core" and core_node is not None and _is_2d_conv(core_node)
@@ -210,6 +213,36 @@ def _refit_last(chain, last, inits, z, target, ridge, relu: bool = False) -> dic
         result = _errors(before, design @ solution, target, "last conv")
     if _kept(result):
         store(solution)
+    return result
+
+
+def _refit_kxk_last(model, chain, last, inits, feeds, pick, target, ridge, relu) -> dict:
+    """Least squares for a kxk last conv (weight and bias) on the im2col rows of its real input, shrunk
+    towards the fitted core (it has R_in*k*k unknowns per output channel); skipped with too few rows."""
+    if not _is_2d_conv(last) or len(pick) < MIN_ROWS_PER_UNKNOWN * (_core_unknowns(last, inits) + 1):
+        return {"refit": "none (a kxk last conv needs a 2-D ungrouped conv and enough calibration rows)",
+                "output_error_before": None, "output_error_after": None}
+    f = _collect(model, feeds, last.input[0])
+    geometry = _core_geometry(last, inits, f.shape[2:])
+    if geometry is None:
+        return {"refit": "none (unsupported core geometry)", "output_error_before": None, "output_error_after": None}
+    weight_init, w, bias = _owned_last(chain, last, inits)
+    p = _patches(f, pick, _output_hw(f.shape[2:], geometry), geometry).astype(np.float64)
+    design = np.hstack([p, np.ones((len(p), 1))])
+    prior = np.vstack([w.reshape(w.shape[0], -1).T.astype(np.float64), inits.array(bias.name).astype(np.float64)[None, :]])
+    before = design @ prior
+    gram = design.T @ design
+    lam = max(ridge, CORE_RIDGE) * np.trace(gram) / len(gram) + 1e-12
+    solution = np.linalg.solve(gram + lam * np.eye(len(gram)), design.T @ target + lam * prior)
+    if relu:
+        solution = relu_solve(design, target, solution, ridge)
+        clip = (lambda v: np.maximum(v, 0))  # noqa: E731
+        result = _errors(clip(before), clip(design @ solution), clip(target), "kxk last conv (after the ReLU)")
+    else:
+        result = _errors(before, design @ solution, target, "kxk last conv")
+    if _kept(result):
+        inits.set(weight_init.name, solution[:-1].T.reshape(w.shape).astype(w.dtype))
+        inits.set(bias.name, solution[-1].astype(w.dtype))
     return result
 
 

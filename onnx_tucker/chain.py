@@ -10,6 +10,7 @@ import json
 from dataclasses import dataclass, field
 
 METADATA_KEY = "onnx_tucker.chains"
+ROLE_ORDER = ("first", "core", "last")  # data-flow order of the roles, for records written without "roles"
 
 
 @dataclass
@@ -42,13 +43,15 @@ class Chain:
         return list(dict.fromkeys(list(self.weights.values()) + ([self.bias] if self.bias else []) + ([folded] if folded else [])))
 
     def to_dict(self) -> dict:
-        return {"layer": self.layer, "form": self.form, "ranks": list(self.ranks), "nodes": dict(self.nodes),
+        # "roles" keeps the data-flow order: the metadata JSON is written with sorted keys
+        return {"layer": self.layer, "form": self.form, "ranks": list(self.ranks), "nodes": dict(self.nodes), "roles": self.roles,
                 "weights": dict(self.weights), "bias": self.bias, "input": self.input, "output": self.output,
                 "channel_axis": self.channel_axis, **({"extra": self.extra} if self.extra else {})}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Chain":
-        return cls(layer=d["layer"], form=d["form"], ranks=tuple(d["ranks"]), nodes=dict(d["nodes"]),
+        order = d.get("roles") or sorted(d["nodes"], key=lambda r: ROLE_ORDER.index(r) if r in ROLE_ORDER else len(ROLE_ORDER))
+        return cls(layer=d["layer"], form=d["form"], ranks=tuple(d["ranks"]), nodes={r: d["nodes"][r] for r in order},
                    weights=dict(d["weights"]), bias=d.get("bias"), input=d["input"], output=d["output"],
                    channel_axis=int(d.get("channel_axis", 1)), extra=dict(d.get("extra", {})))
 

@@ -45,7 +45,7 @@ def fold_affine_into_chains(model: onnx.ModelProto, chains: list) -> list[str]:
 
 def _fold_one(model, chain) -> bool:
     nodes = nodes_by_name(model)
-    first = nodes.get(chain.nodes["first"])
+    first = nodes.get(chain.nodes.get("first", ""))  # a kxk -> 1x1 chain has no first 1x1: nothing exact to fold into
     if first is None or first.op_type != "Conv" or len(first.input) > 2 and first.input[2]:
         return False
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in first.attribute}

@@ -116,8 +116,9 @@ def _compress(model: onnx.ModelProto, opts: CompressOptions) -> tuple[onnx.Model
                 factors = form.fit(site, ranks, n_iter_max=opts.n_iter_max, method=opts.method, input_covariance=cov)
             shared[key] = (form.constants(site, factors, taken), factors.relative_error)
         constants, record.relative_error = shared[key]
-        report.chains.append(form.emit(graph, site, constants, taken))
-        record.decomposed, record.form = True, form.name
+        chain = form.emit(graph, site, constants, taken)
+        report.chains.append(chain)
+        record.decomposed, record.form, record.layout = True, form.name, _layout(site, chain)
     if report.decomposed:
         new_model = export(graph, model)
         if opts.calibration is not None and opts.refit:
@@ -214,6 +215,15 @@ def plan_ranks(sites: list, opts: CompressOptions, fixed_macs: int = 0, model=No
         else:
             planned[site.name] = get_form(site.form).rule_ranks(site, opts.rank_method, opts.ratio, opts.energy)
     return planned
+
+
+def _layout(site, chain) -> str:
+    """The chain's nodes as kernel sizes, in data-flow order ("1x1 -> 3x3 -> 1x1"; "dense -> dense")."""
+    if site.geometry is None:
+        return " -> ".join("dense" for _ in chain.roles)
+    kxk = "x".join(str(k) for k in site.shape.kernel)
+    pointwise = "x".join("1" for _ in site.shape.kernel)
+    return " -> ".join(kxk if role == "core" else pointwise for role in chain.roles)
 
 
 def _set_metadata(model: onnx.ModelProto, report: Report) -> None:

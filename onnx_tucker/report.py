@@ -21,6 +21,7 @@ class LayerRecord:
     reason: str = ""
     op: str = "Conv"
     form: str = ""  # the factorization used ("" when left whole)
+    layout: str = ""  # the chain's nodes, e.g. "1x1 -> 3x3 -> 1x1" or the two-conv "1x1 -> 3x3"
 
     @classmethod
     def from_site(cls, site) -> "LayerRecord":
@@ -113,7 +114,7 @@ def format_table(report: Report) -> str:
                 r.layer, kernel, r.form, ",".join(str(x) for x in r.ranks),
                 f"{_n(r.params_before)} -> {_n(r.params_after)}",
                 f"{_n(r.macs_before)} -> {_n(r.macs_after)}" if r.macs_known else "unknown*",
-                f"{r.relative_error:.4f}", "decomposed",
+                f"{r.relative_error:.4f}", f"decomposed: {r.layout}" if r.layout else "decomposed",
             ])
         else:
             rows.append([r.layer, kernel, "-", "-", _n(r.params_before), _n(r.macs_before) if r.macs_known else "unknown*", "-", r.reason])

@@ -5,7 +5,7 @@ import numpy as np
 import onnx
 
 from onnx_tucker import compress
-from onnx_tucker.chain import METADATA_KEY, Chain, chains_of
+from onnx_tucker.chain import METADATA_KEY, Chain, chains_of, dumps
 
 from conftest import residual_model
 
@@ -52,3 +52,14 @@ def test_trainable_lists_every_factor_and_the_bias_once():
     c = Chain("l", "tucker2", (2, 3), {"first": "n1", "core": "n2", "last": "n3"}, {"first": "A", "core": "B", "last": "C"}, "b", "x", "y")
     assert c.trainable() == ["A", "B", "C", "b"] and c.last_role == "last"
     assert Chain.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+
+
+def test_roles_keep_their_data_flow_order_through_the_metadata():
+    """The metadata JSON sorts keys; a two-conv chain (first, core) must still end with its core."""
+    chain = Chain(layer="c", form="tucker2", ranks=(16, 4), nodes={"first": "a", "core": "b"},
+                  weights={"first": "wa", "core": "wb"}, bias=None, input="x", output="y")
+    [back] = [Chain.from_dict(d) for d in json.loads(dumps([chain]))]
+    assert back.roles == ["first", "core"] and back.last_role == "core"
+    old = json.loads(dumps([chain]))[0]
+    del old["roles"]  # a record from before roles were stored: the canonical order
+    assert Chain.from_dict(old).roles == ["first", "core"]

@@ -186,3 +186,100 @@ def test_dense_layers_join_the_measured_budget_with_the_convs():
     assert "fc2" in report.sensitivity["curves"] and report.sensitivity["curves"]["fc2"]
     out = run(new, feeds["x"][:8])
     assert np.isfinite(out).all() and out.shape == (8, 64)
+
+
+# --- two-conv Tucker shapes (issue 11): a full-size factor folded into the core -----------------------
+
+from conftest import conv_model  # noqa: E402
+
+
+def _composed_reference(model, w):
+    reference = onnx.ModelProto()
+    reference.CopyFrom(model)
+    init = next(i for i in reference.graph.initializer if i.name == "W")
+    init.CopyFrom(numpy_helper.from_array(w.astype(np.float32), "W"))
+    return reference
+
+
+TWO_CONV_ATTRS = [
+    {"pads": [1, 1, 1, 1]},
+    {"strides": [2, 2], "pads": [1, 0, 1, 0]},
+    {"dilations": [2, 2], "pads": [2, 2, 2, 2]},
+    {"auto_pad": "SAME_UPPER", "strides": [2, 2]},
+]
+
+
+@pytest.mark.parametrize("attrs", TWO_CONV_ATTRS)
+@pytest.mark.parametrize("ranks, roles", [((16, 3), ["first", "core"]), ((5, 8), ["core", "last"])])
+@pytest.mark.parametrize("bias", [True, False])
+def test_two_conv_chain_equals_the_layer_with_the_composed_low_rank_weight(attrs, ranks, roles, bias):
+    """R_out = C_out folds the output factor (1x1 -> kxk), R_in = C_in the input factor (kxk -> 1x1): two
+    convs that equal one conv whose weight is the Tucker reconstruction at those ranks (not an identity)."""
+    from onnx_tucker.decompose import reconstruct, tucker2
+
+    model = conv_model(c_in=8, c_out=16, spatial=(11, 11), attrs=attrs, bias=bias)
+    w = numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "W"))
+    new, report = compress(model, ranks={"conv": ranks}, force=True)
+    [chain] = chains_of(new)
+    assert list(chain.nodes) == roles and chain.ranks == ranks and chain.form == "tucker2"
+    assert len([n for n in new.graph.node if n.op_type == "Conv"]) == 2
+    assert (chain.bias is not None) == bias
+    factors = tucker2(w, *ranks)
+    x = np.random.default_rng(5).standard_normal((3, 8, 11, 11)).astype(np.float32)
+    low_rank = run(_composed_reference(model, reconstruct(factors.first, factors.core, factors.last)), x)
+    np.testing.assert_allclose(run(new, x), low_rank, rtol=1e-4, atol=1e-5)
+    assert relative(run(model, x), run(new, x)) > 1e-3  # a real rank: the chain is not the layer itself
+
+
+def relative(a, b):
+    return float(np.linalg.norm(a - b) / np.linalg.norm(a))
+
+
+def test_both_ranks_full_keeps_three_convs_and_is_exact():
+    model = conv_model(c_in=8, c_out=16, attrs={"pads": [1, 1, 1, 1]})
+    new, _ = compress(model, ranks={"conv": (16, 8)}, force=True)
+    assert list(chains_of(new)[0].nodes) == ["first", "core", "last"]
+    x = np.random.default_rng(6).standard_normal((2, 8, 12, 12)).astype(np.float32)
+    assert relative(run(model, x), run(new, x)) < 1e-5
+
+
+@pytest.mark.parametrize("ranks", [(16, 3), (5, 8), (5, 3)])
+def test_cost_model_counts_the_emitted_convs(ranks):
+    """The budget's MACs and parameters for a shape are those of the convs actually written."""
+    model = conv_model(c_in=8, c_out=16, spatial=(12, 12), attrs={"strides": [2, 2], "pads": [1, 1, 1, 1]})
+    new, report = compress(model, ranks={"conv": ranks}, force=True)
+    inits = {i.name: numpy_helper.to_array(i) for i in new.graph.initializer}
+    sizes = {"conv_tucker_in": 12 * 12, "conv_tucker_core": 6 * 6, "conv_tucker_out": 6 * 6}  # output pixels
+    macs = sum(inits[n.input[1]].size * sizes[n.name] for n in new.graph.node if n.op_type == "Conv")
+    params = sum(inits[n.input[1]].size for n in new.graph.node if n.op_type == "Conv")
+    assert report.layers[0].macs_after == macs and report.layers[0].params_after == params
+
+
+def test_measured_budget_offers_the_two_conv_shapes():
+    from onnx_tucker.site import find_sites
+    from onnx_tucker.pipeline import factorable_sites
+
+    _, sites = factorable_sites(conv_model(c_in=32, c_out=64))
+    options = get_form("tucker2").rank_options(sites[0])
+    assert (64, 8) in options and (16, 32) in options  # R_out = C_out with R_in = C_in / 4, and the mirror
+    assert all(get_form("tucker2").cost(sites[0], r).macs < sites[0].shape.macs() for r in options)
+    assert find_sites  # imported for the site records the options are built on
+
+
+@pytest.mark.parametrize("refit", ["last", "core"])
+@pytest.mark.parametrize("ranks", [(16, 4), (6, 8)])
+def test_calibration_refits_both_two_conv_shapes(refit, ranks):
+    """1x1 -> kxk refits its kxk last conv on im2col rows; kxk -> 1x1 its last 1x1 (and the core with
+    ``refit="core"``): the held-out output error falls against the data-free fit."""
+    rng = np.random.default_rng(7)
+    model = conv_model(c_in=8, c_out=16, spatial=(10, 10), attrs={"pads": [1, 1, 1, 1]})
+    base = rng.standard_normal((224, 1, 10, 10)).astype(np.float32)
+    data = (0.8 * base + 0.4 * rng.standard_normal((224, 8, 10, 10)) + 0.5).astype(np.float32)
+    cal, held = {"x": data[:192]}, data[192:]
+    plain, _ = compress(model, ranks={"conv": ranks}, force=True)
+    calibrated, report = compress(model, ranks={"conv": ranks}, force=True, calibration=cal, refit=refit)
+    [entry] = report.calibration["layers"].values()
+    assert entry["output_error_after"] < entry["output_error_before"]
+    reference = run(model, held)
+    assert relative(reference, run(calibrated, held)) < relative(reference, run(plain, held))
+    assert [n.op_type for n in calibrated.graph.node].count("Conv") == 2

@@ -1,9 +1,19 @@
 """Tucker-2 of a kxk Conv: 1x1 input factor -> kxk core (the original geometry) -> 1x1 output factor (bias).
 
 The math is :func:`onnx_tucker.decompose.tucker2`; this module adapts it to the Factorization protocol
-and does the graph surgery (onnx-graphsurgeon) for its three nodes.
+and does the graph surgery (onnx-graphsurgeon) for its nodes.
+
+Two-conv forms (issue 11): when one rank equals its mode's size, that factor is a square matrix a conv
+can absorb, so it is folded into the core and the chain has two convs:
+- ``R_out = C_out``: ``1x1 -> kxk`` (roles first, core; the core writes the output, with the bias);
+- ``R_in = C_in``: ``kxk -> 1x1`` (roles core, last).
+Both ranks full keeps all three convs (nothing to gain; it is the exactness check of the whole chain).
+The measured budget offers both two-conv shapes next to the three-conv ones (``rank_options``); on GPUs
+they were measured faster than three convs on small layers (issue 13).
 """
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -17,6 +27,9 @@ from onnx_tucker.ranks import Cost, energy_ranks, ratio_ranks, round_to_multiple
 # Rank fractions the measured budget tries for each channel mode.
 FRACTIONS = (1 / 16, 1 / 8, 3 / 16, 1 / 4, 5 / 16, 3 / 8, 1 / 2, 5 / 8, 3 / 4)
 SKEW = 2.0  # largest ratio between the two modes' rank fractions
+# The other mode's fractions for the two-conv shapes (one mode whole): fewer, since each option is a
+# whole-model probe and, at equal MACs, a two-conv chain has a much smaller rank than a three-conv one.
+TWO_CONV_FRACTIONS = (1 / 8, 1 / 4, 3 / 8, 1 / 2)
 
 
 class Tucker2Form:
@@ -50,7 +63,8 @@ class Tucker2Form:
     def rank_options(self, site, rank_multiple: int = 1) -> list[tuple[int, int]]:
         """Distinct profitable (R_out, R_in) pairs: channel fractions from ``FRACTIONS`` for each mode,
         the two at most ``SKEW`` apart (measured on the seed CNN: the knapsack then often keeps R_in
-        near R_out / 2, and the 5x drop went from -3.3 to -2.6 points against equal fractions)."""
+        near R_out / 2, and the 5x drop went from -3.3 to -2.6 points against equal fractions); then
+        the two-conv shapes, one mode whole and the other at ``TWO_CONV_FRACTIONS``."""
         shape = site.shape
         max_out, max_in = self.max_ranks(site)
         seen = []
@@ -60,13 +74,40 @@ class Tucker2Form:
                     continue
                 r_out = round_to_multiple(min(max(1, round(f_out * shape.c_out)), max_out), rank_multiple, max_out)
                 r_in = round_to_multiple(min(max(1, round(f_in * shape.c_in)), max_in), rank_multiple, max_in)
-                if (r_out, r_in) not in seen and shape.chain_macs(r_out, r_in) < shape.macs():
+                if (r_out, r_in) not in seen and self.cost(site, (r_out, r_in)).macs < shape.macs():
                     seen.append((r_out, r_in))
+        # the two-conv shapes: one mode kept whole, the other at a few fractions
+        for f in TWO_CONV_FRACTIONS:
+            r_out = round_to_multiple(min(max(1, round(f * shape.c_out)), max_out), rank_multiple, max_out)
+            r_in = round_to_multiple(min(max(1, round(f * shape.c_in)), max_in), rank_multiple, max_in)
+            for pair in ((shape.c_out, r_in), (r_out, shape.c_in)):
+                if pair[0] <= max_out and pair[1] <= max_in and pair not in seen and self.cost(site, pair).macs < shape.macs():
+                    seen.append(pair)
         return seen
+
+    @staticmethod
+    def folded(site, ranks) -> str | None:
+        """Which factor a chain at ``ranks`` folds into its core: "last" (R_out = C_out), "first" (R_in = C_in) or None."""
+        r_out, r_in = ranks
+        full_out, full_in = r_out == site.shape.c_out, r_in == site.shape.c_in
+        if full_out and not full_in:
+            return "last"
+        if full_in and not full_out:
+            return "first"
+        return None
 
     def cost(self, site, ranks) -> Cost:
         r_out, r_in = ranks
-        return Cost(macs=site.shape.chain_macs(r_out, r_in), params=site.shape.chain_params(r_out, r_in))
+        shape = site.shape
+        macs, params = shape.chain_macs(r_out, r_in), shape.chain_params(r_out, r_in)
+        folded = self.folded(site, ranks)
+        out_pixels = math.prod(shape.out_spatial) if shape.known else 1
+        in_pixels = math.prod(shape.in_spatial) if shape.known else 1
+        if folded == "last":  # no output 1x1; the core maps R_in -> C_out
+            return Cost(macs=macs - shape.c_out * r_out * out_pixels, params=params - shape.c_out * r_out)
+        if folded == "first":  # no input 1x1; the core reads C_in
+            return Cost(macs=macs - r_in * shape.c_in * in_pixels, params=params - r_in * shape.c_in)
+        return Cost(macs=macs, params=params)
 
     def fit(self, site, ranks, *, n_iter_max: int, method: str = "eig", input_covariance=None):
         r_out, r_in = ranks
@@ -76,22 +117,33 @@ class Tucker2Form:
         # first then core as one (R_out, C_in*k*k) map: the core's output at each position
         inner = np.einsum("rskl,sc->rckl", factors.core.astype(np.float64), factors.first.astype(np.float64))
         inner = inner.reshape(factors.core.shape[0], -1)
-        if upto_last:
+        if upto_last and self.folded(site, factors.ranks) != "last":
             return inner
+        if upto_last:  # 1x1 -> kxk: the core is the last node, so the map before it is the whole layer
+            return factors.last.astype(np.float64) @ inner
         return (factors.last.astype(np.float64) @ inner).reshape(site.weight.shape)
 
     def constants(self, site, factors, taken: set[str]) -> dict:
         dtype = site.weight.dtype
         nd = site.weight.ndim - 2
         base = site.name
-        return {
-            "first": gs.Constant(unique_name(f"{base}_tucker_in_W", taken), factors.first.reshape(factors.first.shape + (1,) * nd).astype(dtype)),
-            "core": gs.Constant(unique_name(f"{base}_tucker_core_W", taken), factors.core.astype(dtype)),
-            "last": gs.Constant(unique_name(f"{base}_tucker_out_W", taken), factors.last.reshape(factors.last.shape + (1,) * nd).astype(dtype)),
-        }
+        folded = self.folded(site, factors.ranks)
+        core = factors.core.astype(np.float64)
+        if folded == "last":  # core' = U_out x core: (C_out, R_in, k...)
+            core = np.tensordot(factors.last.astype(np.float64), core, axes=(1, 0))
+        elif folded == "first":  # core' = core x U_in^T: (R_out, C_in, k...)
+            core = np.moveaxis(np.tensordot(core, factors.first.astype(np.float64), axes=(1, 0)), -1, 1)
+        constants = {}
+        if folded != "first":
+            constants["first"] = gs.Constant(unique_name(f"{base}_tucker_in_W", taken), factors.first.reshape(factors.first.shape + (1,) * nd).astype(dtype))
+        constants["core"] = gs.Constant(unique_name(f"{base}_tucker_core_W", taken), core.astype(dtype))
+        if folded != "last":
+            constants["last"] = gs.Constant(unique_name(f"{base}_tucker_out_W", taken), factors.last.reshape(factors.last.shape + (1,) * nd).astype(dtype))
+        return constants
 
     def emit(self, graph, site, constants: dict, taken: set[str]) -> Chain:
-        """Replace ``site.node`` by 1x1 (first) -> core (original strides/pads/dilations) -> 1x1 (last, bias).
+        """Replace ``site.node`` by 1x1 (first) -> core (original strides/pads/dilations) -> 1x1 (last, bias),
+        without the roles ``constants`` lacks (the two-conv forms: the bias then goes on the core when it is last).
 
         The last conv writes the original output tensor, so graph outputs and consumers keep their
         names. ``site.weight`` is released: the graph no longer uses it, and holding every decomposed
@@ -100,29 +152,36 @@ class Tucker2Form:
         node = site.node
         nd = len(site.shape.kernel)
         base = site.name
-        first, core, last = constants["first"], constants["core"], constants["last"]
-        dtype = first.values.dtype
+        core = constants["core"]
+        dtype = core.values.dtype
         ones = [1] * nd
         x = node.inputs[0]
         bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].name else None
-        mid1 = gs.Variable(unique_name(f"{base}_tucker_in_out", taken), dtype=dtype)
-        mid2 = gs.Variable(unique_name(f"{base}_tucker_core_out", taken), dtype=dtype)
         core_attrs = {"kernel_shape": list(site.shape.kernel)}
         for attr in ("auto_pad", "pads", "strides", "dilations"):
             if attr in node.attrs:
                 core_attrs[attr] = node.attrs[attr]
-        n1 = gs.Node("Conv", unique_name(f"{base}_tucker_in", taken), attrs={"kernel_shape": ones}, inputs=[x, first], outputs=[mid1])
-        n2 = gs.Node("Conv", unique_name(f"{base}_tucker_core", taken), attrs=core_attrs, inputs=[mid1, core], outputs=[mid2])
-        last_inputs = [mid2, last] + ([bias] if bias is not None else [])
+        specs = {"first": ("tucker_in", {"kernel_shape": ones}), "core": ("tucker_core", core_attrs),
+                 "last": ("tucker_out", {"kernel_shape": ones})}
+        roles = [r for r in self.roles if r in constants]
         output = node.outputs[0].name
-        n3 = gs.Node("Conv", unique_name(f"{base}_tucker_out", taken), attrs={"kernel_shape": ones}, inputs=last_inputs, outputs=list(node.outputs))
+        made, current = {}, x
+        for i, role in enumerate(roles):
+            suffix, attrs = specs[role]
+            is_last = i == len(roles) - 1
+            inputs = [current, constants[role]] + ([bias] if is_last and bias is not None else [])
+            outputs = list(node.outputs) if is_last else [gs.Variable(unique_name(f"{base}_{suffix}_out", taken), dtype=dtype)]
+            made[role] = gs.Node("Conv", unique_name(f"{base}_{suffix}", taken), attrs=attrs, inputs=inputs, outputs=outputs)
+            current = outputs[0]
         node.outputs.clear()
         node.inputs.clear()
-        graph.nodes.extend([n1, n2, n3])
+        graph.nodes.extend(made.values())
         site.weight = None
+        r_out = int(core.values.shape[0]) if "last" not in constants else int(constants["last"].values.shape[1])
+        r_in = int(core.values.shape[1]) if "first" not in constants else int(constants["first"].values.shape[0])
         return Chain(
-            layer=site.name, form=self.name, ranks=(int(core.values.shape[0]), int(core.values.shape[1])),
-            nodes={"first": n1.name, "core": n2.name, "last": n3.name},
-            weights={"first": first.name, "core": core.name, "last": last.name},
+            layer=site.name, form=self.name, ranks=(r_out, r_in),
+            nodes={role: n.name for role, n in made.items()},
+            weights={role: constants[role].name for role in made},
             bias=bias.name if bias is not None else None, input=x.name, output=output,
         )
