@@ -64,7 +64,7 @@ BINS = 4000  # MAC budget resolution of the knapsack (costs round up, so the tar
 def allocate_measured(candidates: list, curves: dict, opts, fixed: int = 0) -> dict:
     """Per-layer ranks with the smallest summed measured distortion whose conv MACs meet the target.
 
-    ``curves``: layer -> [(chain MACs, distortion, ranks)] from
+    ``curves``: layer -> [(chain MACs, distortion, ranks, ...)] from
     ``sensitivity.distortion_curves``; leaving a layer whole costs its MACs and no distortion.
     A multiple-choice knapsack solved exactly by dynamic programming over MAC bins.
     """
@@ -73,7 +73,7 @@ def allocate_measured(candidates: list, curves: dict, opts, fixed: int = 0) -> d
         raise UsageError(f"target MACs must be a fraction in (0, 1], got {target}")
     total = fixed + sum(c.shape.macs() for c in candidates)
     budget = target * total - fixed
-    smallest = fixed + sum(min([c.shape.macs()] + [m for m, _, _ in curves.get(c.name, [])]) for c in candidates)
+    smallest = fixed + sum(min([c.shape.macs()] + [entry[0] for entry in curves.get(c.name, [])]) for c in candidates)
     if smallest > target * total:
         raise UsageError(f"target MACs {target:g} cannot be met: the smallest ranks give {smallest / total:.3f} of the original conv MACs")
     unit = budget / BINS
@@ -83,7 +83,7 @@ def allocate_measured(candidates: list, curves: dict, opts, fixed: int = 0) -> d
         options = [(cand.shape.macs(), 0.0, None)] + list(curves.get(cand.name, []))
         new = np.full(BINS + 1, np.inf)
         pick = np.full(BINS + 1, -1)
-        for index, (macs, distortion, _) in enumerate(options):
+        for index, (macs, distortion) in enumerate(entry[:2] for entry in options):
             cost = int(np.ceil(macs / unit - 1e-9))
             if cost > BINS:
                 continue
@@ -98,7 +98,7 @@ def allocate_measured(candidates: list, curves: dict, opts, fixed: int = 0) -> d
     planned, b = {}, BINS
     for cand, options, pick in reversed(choices):
         index = int(pick[b])
-        macs, _, ranks = options[index]
+        macs, ranks = options[index][0], options[index][2]
         planned[cand.name] = ranks
         b -= int(np.ceil(macs / unit - 1e-9))
     return planned

@@ -107,6 +107,9 @@ class CompressOptions:
         scales are positive) into the first 1x1 conv of the chain it feeds: exact, and faster on the CPU (default True).
     curves: a file for the measured budget's distortion curves: reused by a later run on the same model and
         calibration data (at any target), and resumed after an interruption.
+    probes: how the measured budget measures its curves: "auto" (a few whole-model probes per layer, the
+        rest predicted from each option's layer-output error, then refined where the budget chooses; the
+        default) or "all" (a whole-model probe for every option: the exact curves, several times slower).
     distill: after the fit (and refit), train the chains' weights so the compressed model's outputs match
         the original's on the calibration inputs (label-free, needs ``calibration`` and torch): a dict of
         ``onnx_tucker.distill.distill`` keyword options ({} for its measured defaults), or None (off).
@@ -135,6 +138,7 @@ class CompressOptions:
     input_shapes: dict | None = None
     fold_affine: bool = True
     curves: str | None = None
+    probes: str = "auto"
     distill: dict | None = None
 
     @classmethod
@@ -161,6 +165,8 @@ class CompressOptions:
             self.target_macs = check_ratio(self.target_macs, "target MACs")
         if self.budget_rule not in BUDGET_RULES:
             raise UsageError(f"unknown budget rule {self.budget_rule!r}: choose auto, measured or uniform")
+        if self.probes not in ("auto", "all"):
+            raise UsageError(f"unknown probes mode {self.probes!r}: choose auto or all")
         if self.refit is True:
             self.refit = "core"
         if self.refit in (None, "none"):
@@ -284,6 +290,9 @@ class BudgetArgs:
         parser.add_argument("--curves", metavar="FILE.json",
                             help="keep the measured budget's distortion curves in FILE: a later run on the same model and "
                             "calibration data reuses them at any --target-macs, and an interrupted run resumes")
+        parser.add_argument("--probes", choices=("auto", "all"), default=None,
+                            help="measured budget: 'auto' probes a few ranks per layer, predicts the rest from the layer's "
+                            "output error and refines where the budget chooses (default); 'all' probes every rank (slower)")
 
     @staticmethod
     def parse(args) -> dict:
@@ -291,9 +300,13 @@ class BudgetArgs:
             raise UsageError("--budget-rule only applies with --target-macs")
         if args.curves is not None and (args.target_macs is None or not getattr(args, "calibrate", None)):
             raise UsageError("--curves only applies with --target-macs and --calibrate (the measured budget)")
+        if args.probes is not None and (args.target_macs is None or not getattr(args, "calibrate", None)):
+            raise UsageError("--probes only applies with --target-macs and --calibrate (the measured budget)")
         if args.target_macs is None:
             return {}
         options = {"target_macs": args.target_macs, "budget_rule": args.budget_rule or "auto"}
+        if args.probes is not None:
+            options["probes"] = args.probes
         if args.curves is not None:
             from pathlib import Path
 

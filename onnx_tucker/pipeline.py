@@ -51,7 +51,7 @@ def compress(model, ratio: float = 0.5, **options) -> tuple[onnx.ModelProto, Rep
     arguments, are the fields of :class:`onnx_tucker.options.CompressOptions` (its docstring
     describes each): ``force``, ``rank_multiple``, ``n_iter_max``, ``method``, ``ranks``, ``exclude``,
     ``rank_method``, ``energy``, ``target_macs``, ``budget_rule``, ``calibration``, ``refit``,
-    ``whiten``, ``latency_aware``, ``latency_batch``, ``forms``, ``layers``, ``input_shapes``, ``fold_affine``, ``curves``, ``distill``. An unknown option or a bad value
+    ``whiten``, ``latency_aware``, ``latency_batch``, ``forms``, ``layers``, ``input_shapes``, ``fold_affine``, ``curves``, ``probes``, ``distill``. An unknown option or a bad value
     raises :class:`UsageError`.
 
     Returns ``(new_model, report)``; ``report.chains`` lists what each rewrite produced. When no layer
@@ -195,18 +195,21 @@ def plan_ranks(sites: list, opts: CompressOptions, fixed_macs: int = 0, model=No
 
             try:
                 measured = distortion_curves(model, sites, opts.calibration, covariances, opts.rank_multiple, fixed_macs=fixed_macs,
-                                             cache_path=opts.curves)
+                                             cache_path=opts.curves, probes=opts.probes)
+                planned, refined = _refined_allocation(sites, measured, opts, fixed_macs)
             except Unsupported as exc:
                 if report is not None:
                     report.notes.append(f"measured budget unavailable ({exc}): uniform ratio used")
                 return allocate_ranks(sites, opts, fixed_macs)
             if report is not None:
+                curves = measured["curves"]
                 report.sensitivity = {
                     "seconds": measured["seconds"], "eval_samples": measured["eval_samples"],
                     "cached_layers": measured.get("cached_layers", 0), "provider": measured.get("provider"),
-                    "curves": {k: [[m, d, list(r)] for m, d, r in v] for k, v in measured["curves"].items()},
+                    "probes": measured.get("probes", 0) + refined, "options": sum(len(v) for v in curves.values()),
+                    "curves": {k: [[m, d, list(r), bool(known)] for m, d, r, known, _ in v] for k, v in curves.items()},
                 }
-            return allocate_measured(sites, measured["curves"], opts, fixed_macs)
+            return planned
         return allocate_ranks(sites, opts, fixed_macs)
     planned = {}
     for site in sites:
@@ -215,6 +218,29 @@ def plan_ranks(sites: list, opts: CompressOptions, fixed_macs: int = 0, model=No
         else:
             planned[site.name] = get_form(site.form).rule_ranks(site, opts.rank_method, opts.ratio, opts.energy)
     return planned
+
+
+REFINE_ROUNDS = 6  # allocate, measure the chosen options that were predicted, allocate again
+
+
+def _refined_allocation(sites: list, measured: dict, opts: CompressOptions, fixed_macs: int) -> tuple[dict, int]:
+    """The knapsack on the curves, refined until every chosen option's distortion was measured, not
+    predicted (or ``REFINE_ROUNDS`` is spent). Returns (layer -> ranks, probes run while refining)."""
+    from onnx_tucker.budget import allocate_measured
+
+    curves, runs = measured["curves"], 0
+    planned = allocate_measured(sites, curves, opts, fixed_macs)
+    for _ in range(REFINE_ROUNDS):
+        wanted = {}
+        for name, ranks in planned.items():
+            entry = next((e for e in curves.get(name, []) if ranks is not None and tuple(e[2]) == tuple(ranks)), None)
+            if entry is not None and not entry[3]:
+                wanted[name] = tuple(ranks)
+        if not wanted:
+            break
+        runs += measured["refine"](wanted)
+        planned = allocate_measured(sites, curves, opts, fixed_macs)
+    return planned, runs
 
 
 def _layout(site, chain) -> str:

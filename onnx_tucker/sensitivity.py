@@ -21,9 +21,9 @@ import time
 
 import numpy as np
 import onnx
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 
-from onnx_tucker.calibrate import patches_at, relu_solve
+from onnx_tucker.calibrate import patches_at
 from onnx_tucker.capture import iterate
 from onnx_tucker.factorization import get_form, not_worth_it
 from onnx_tucker.graph import cut, expose, feeds_only_relu, probe_model, suffix_model, tensor_types
@@ -34,8 +34,9 @@ FIT_ROWS = 12_000  # sampled output positions per layer for the refit
 EVAL_SAMPLES = 128  # calibration images the distortion is measured on (not used by the refit)
 FIT_SAMPLES = 512  # calibration images the per-option refits use
 BATCH = 64
-RELU_AWARE = False  # ReLU-aware refits in the curves: same allocation on the seed CNN, 4x slower
 FIT_ITERATIONS = 1  # HOOI sweeps per option: the curves rank options, the final fit iterates fully
+PROBES = 5  # whole-model probes per layer before the budget's refinement (probes="auto")
+PROBE_MODES = ("auto", "all")
 
 
 class Unsupported(Exception):
@@ -92,6 +93,9 @@ def _softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(1, keepdims=True)
 
 
+SCHEMA = "onnx-tucker.curves/2"  # /2: each point says whether it was measured or predicted
+
+
 class CurveCache:
     """Curves on disk (``--curves FILE``): a run at another target reuses them, an interrupted run resumes.
 
@@ -115,7 +119,7 @@ class CurveCache:
         for name in sorted(feeds):
             digest.update(name.encode() + str(feeds[name].shape).encode() + str(feeds[name].dtype).encode())
             digest.update(np.ascontiguousarray(feeds[name]).tobytes())
-        digest.update(json.dumps([rank_multiple, seed, EVAL_SAMPLES, FIT_SAMPLES, FIT_ROWS, FIT_ITERATIONS, RELU_AWARE]).encode())
+        digest.update(json.dumps([SCHEMA, rank_multiple, seed, EVAL_SAMPLES, FIT_SAMPLES, FIT_ROWS, FIT_ITERATIONS]).encode())
         self.key = digest.hexdigest()
         self.layers = {}
         if self.path.is_file():
@@ -130,15 +134,15 @@ class CurveCache:
         entry = self.layers.get(name)
         if entry is None or [tuple(o) for o in entry["options"]] != [tuple(o) for o in options]:
             return None
-        return [(int(m), float(d), tuple(r)) for m, d, r in entry["curve"]]
+        return [(int(m), float(d), tuple(r), bool(measured), float(e)) for m, d, r, measured, e in entry["curve"]]
 
     def put(self, name: str, options: list, curve: list) -> None:
         import json
         import os
 
-        self.layers[name] = {"options": [list(o) for o in options], "curve": [[m, d, list(r)] for m, d, r in curve]}
+        self.layers[name] = {"options": [list(o) for o in options], "curve": [[m, d, list(r), bool(k), e] for m, d, r, k, e in curve]}
         tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps({"schema": "onnx-tucker.curves/1", "key": self.key, "layers": self.layers}))
+        tmp.write_text(json.dumps({"schema": SCHEMA, "key": self.key, "layers": self.layers}))
         os.replace(tmp, self.path)
 
 
@@ -151,8 +155,15 @@ def measured_options(candidates: list, rank_multiple: int, fixed_macs: int) -> d
 
 def distortion_curves(model: onnx.ModelProto, candidates: list, feeds: dict, covariances: dict | None,
                       rank_multiple: int = 1, seed: int = 0, progress: bool = True, fixed_macs: int = 0,
-                      cache_path=None) -> dict:
-    """Layer -> [(chain MACs, measured distortion, ranks)], plus the seconds it took.
+                      cache_path=None, probes: str = "auto", _setup: bool = False) -> dict:
+    """Layer -> [(chain MACs, distortion, ranks, measured, layer-output error)], plus the seconds it took
+    and ``refine(wanted)``, which measures chosen options (and their neighbours) that were only predicted.
+
+    ``probes="all"`` measures every option with a whole-model probe (the exact curves). ``"auto"``
+    computes every option's layer-output error (cheap: a small solve from the layer's moments), measures
+    ``PROBES`` options spread over that error's range, and predicts the others by a per-layer power law
+    fitted on those; the budget then refines (``refine``) near its choice until every chosen option is
+    measured (issue 15: the same allocations with far fewer probes).
 
     With ``cache_path`` the curves are read from and written to that file (:class:`CurveCache`).
     Raises :class:`Unsupported` for models the probe cannot handle (non-2-D or grouped convs
@@ -164,9 +175,15 @@ def distortion_curves(model: onnx.ModelProto, candidates: list, feeds: dict, cov
     cached = {c.name: cache.get(c.name, options[c.name]) for c in candidates} if cache is not None else {}
     n = len(next(iter(feeds.values())))
     n_eval = min(EVAL_SAMPLES, max(n // 4, 1))
-    if cache is not None and all(v is not None for v in cached.values()):
+    if not _setup and cache is not None and all(v is not None for v in cached.values()) and (probes != "all" or all(map(_all_measured, cached.values()))):
+        def refine(wanted: dict) -> int:  # the measuring state is built only if the budget wants a probe
+            full = distortion_curves(model, candidates, feeds, covariances, rank_multiple, seed, progress, fixed_macs,
+                                     cache_path, probes, _setup=True)
+            runs = full["refine"](wanted)
+            cached.update(full["curves"])
+            return runs
         return {"curves": cached, "seconds": round(time.perf_counter() - start, 2), "eval_samples": n_eval,
-                "cached_layers": len(cached)}
+                "cached_layers": len(cached), "probes": 0, "refine": refine}
     n_eval = min(EVAL_SAMPLES, max(n // 4, 1))
     fit_feeds = {k: v[: min(n - n_eval, FIT_SAMPLES)] if n > n_eval else v for k, v in feeds.items()}
     eval_feeds = {k: v[n - n_eval :] for k, v in feeds.items()}
@@ -197,82 +214,200 @@ def distortion_curves(model: onnx.ModelProto, candidates: list, feeds: dict, cov
         if geometry is None or cand.shape.in_spatial is None or cand.shape.out_spatial is None:
             raise Unsupported(f"{cand.name} is not a 2-D ungrouped conv of known size")
         geometries[cand.name] = geometry
-    # Sampled patches (inputs) and outputs of every layer on the fit images, batch by batch.
-    rng = np.random.default_rng(seed)
+    # Per layer, the Gram matrices of the sampled patches (inputs, with a ones column for the bias) and
+    # their products with the outputs, summed batch by batch over the fit images: every option's
+    # least-squares refit is then solved from these small matrices, without keeping any patch rows.
     n_fit = len(next(iter(fit_feeds.values())))
     per_image = {c.name: max(1, FIT_ROWS // max(n_fit, 1)) for c in candidates}
-    rows = {c.name: ([], []) for c in candidates}
-    fetch = []
-    for cand in candidates:
-        fetch += [names[cand.name][2], names[cand.name][3]]
+    todo = [c for c in candidates if cached.get(c.name) is None or (probes == "all" and not _all_measured(cached[c.name]))]
+    stats = {}
+
+    def collect(cands: list) -> None:
+        """One pass over the fit images: the moments of each of ``cands``."""
+        # one generator per layer: its sampled rows do not depend on which other layers are collected
+        index = {c.name: i for i, c in enumerate(candidates)}
+        rngs = {c.name: np.random.default_rng([seed, index[c.name]]) for c in cands}
+        for cand in cands:
+            stats[cand.name] = _Moments(names[cand.name][1] is not None)
+        fetch = [t for t in dict.fromkeys(t for c in cands for t in names[c.name][2:4]) if t not in graph_inputs]
+        for batch, outputs in (iterate(session, fit_feeds, fetch, BATCH, extra=weights) if cands else ()):
+            values = dict(zip(fetch, outputs))
+            values.update(batch)
+            for cand in cands:
+                x, y = values[names[cand.name][2]], values[names[cand.name][3]]
+                if geometries[cand.name] is None:  # dense: rows of (features) per sample
+                    x2, y2 = x.reshape(len(x), -1, x.shape[-1]), y.reshape(len(y), -1, y.shape[-1])
+                    count = min(per_image[cand.name], x2.shape[1])
+                    pick = np.stack([rngs[cand.name].choice(x2.shape[1], count, replace=False) for _ in range(len(x2))])
+                    n_idx = np.repeat(np.arange(len(x2)), count)
+                    stats[cand.name].add(x2[n_idx, pick.ravel()], y2[n_idx, pick.ravel()])
+                    continue
+                oh_total, ow_total = y.shape[2], y.shape[3]
+                count = min(per_image[cand.name], oh_total * ow_total)
+                n_idx = np.repeat(np.arange(len(x)), count)
+                flat = np.concatenate([rngs[cand.name].choice(oh_total * ow_total, count, replace=False) for _ in range(len(x))])
+                oh, ow = np.divmod(flat, ow_total)
+                stats[cand.name].add(patches_at(x, n_idx, oh, ow, geometries[cand.name]), y[n_idx, :, oh, ow])
+
     graph_inputs = {i.name for i in model.graph.input}
-    fetch = [t for t in dict.fromkeys(fetch) if t not in graph_inputs]
-    for batch, outputs in iterate(session, fit_feeds, fetch, BATCH, extra=weights):
-        values = dict(zip(fetch, outputs))
-        values.update(batch)
-        for cand in candidates:
-            x, y = values[names[cand.name][2]], values[names[cand.name][3]]
-            if geometries[cand.name] is None:  # dense: rows of (features) per sample
-                x2, y2 = x.reshape(len(x), -1, x.shape[-1]), y.reshape(len(y), -1, y.shape[-1])
-                count = min(per_image[cand.name], x2.shape[1])
-                pick = np.stack([rng.choice(x2.shape[1], count, replace=False) for _ in range(len(x2))])
-                n_idx = np.repeat(np.arange(len(x2)), count)
-                rows[cand.name][0].append(x2[n_idx, pick.ravel()].astype(np.float64))
-                rows[cand.name][1].append(y2[n_idx, pick.ravel()].astype(np.float64))
-                continue
-            oh_total, ow_total = y.shape[2], y.shape[3]
-            count = min(per_image[cand.name], oh_total * ow_total)
-            n_idx = np.repeat(np.arange(len(x)), count)
-            flat = np.concatenate([rng.choice(oh_total * ow_total, count, replace=False) for _ in range(len(x))])
-            oh, ow = np.divmod(flat, ow_total)
-            rows[cand.name][0].append(patches_at(x, n_idx, oh, ow, geometries[cand.name]).astype(np.float64))
-            rows[cand.name][1].append(y[n_idx, :, oh, ow].astype(np.float64))
+    collect(todo)
     # Each option only changes one layer: run the model from that layer on, fed at the cut with
     # the original activations (computed once), not the whole model.
     values = session.run([output_name] + cut_tensors, {**eval_feeds, **weights})
     reference, at_cut = values[0], dict(zip(cut_tensors, values[1:]))
     at_cut.update(eval_feeds)
     at_cut.update(weights)
+    by_name = {c.name: c for c in candidates}
+    blas = ThreadpoolController()  # found once: threadpool_limits searches the libraries again on every call
+
+    def solve(cand, ranks):
+        """The option's probe feed (composed weight and bias) and its layer-output relative error."""
+        form = get_form(cand.form)
+        cov = covariances.get(cand.input_name) if covariances else None
+        with blas.limit(limits=1, user_api="blas"):  # small eigh calls: one thread is faster
+            factors = form.fit(cand, ranks, n_iter_max=FIT_ITERATIONS, input_covariance=cov)
+        # every factor before the last as one (R, C_in*k*k) map: its output at each sampled position
+        inner = form.compose(cand, factors, upto_last=True)
+        solution, error = stats[cand.name].solve(inner)
+        w_name, b_name, _, _ = names[cand.name]
+        return _probe_weights(cand, solution, inner, w_name, b_name), error
+
+    def probe_session(cand):
+        if cuts[cand.name] is None:
+            return session, {**eval_feeds, **weights}
+        suffix_feeds = {t: at_cut[t] for t in cuts[cand.name]}
+        return make_session(suffix_model(probe, cand.node.name, output_name, suffix_feeds), provider), suffix_feeds
+
+    def measure(cand, ranks_list, suffix=None):
+        suffix_session, suffix_feeds = suffix or probe_session(cand)
+        out = {}
+        for ranks in ranks_list:
+            feed, _ = solve(cand, ranks)
+            result = suffix_session.run([output_name], {**suffix_feeds, **feed})[0]
+            out[tuple(ranks)] = _distortion(reference, result)
+            bar.update()
+        return out
+
     from tqdm import tqdm
 
-    # A bar on a terminal only (disable=None): measuring takes (layers x options) forward passes.
-    todo = [c for c in candidates if cached.get(c.name) is None]
-    bar = tqdm(total=sum(len(options[c.name]) for c in todo), desc="measuring ranks", unit="option", file=sys.stderr,
+    # A bar on a terminal only (disable=None): measuring takes (layers x probes) forward passes.
+    per_layer = {c.name: len(options[c.name]) if probes == "all" else min(PROBES, len(options[c.name])) for c in todo}
+    bar = tqdm(total=sum(per_layer.values()), desc="measuring ranks", unit="probe", file=sys.stderr,
                leave=False, disable=None if progress else True)
     curves = {name: curve for name, curve in cached.items() if curve is not None}
+    count = 0
     for cand in todo:
-        if cuts[cand.name] is None:
-            suffix_session, suffix_feeds = session, {**eval_feeds, **weights}
-        else:
-            suffix_feeds = {t: at_cut[t] for t in cuts[cand.name]}
-            suffix_session = make_session(suffix_model(probe, cand.node.name, output_name, suffix_feeds), provider)
-        patches = np.concatenate(rows[cand.name][0])
-        target = np.concatenate(rows[cand.name][1])
-        design_ones = np.ones((len(patches), 1 if names[cand.name][1] is not None else 0))  # a MatMul: no intercept
-        relu = feeds_only_relu(model, names[cand.name][3])
-        w_name, b_name, _, _ = names[cand.name]
-        cov = covariances.get(cand.input_name) if covariances else None
-        form = get_form(cand.form)
-        curve = []
-        for ranks in options[cand.name]:
-            with threadpool_limits(limits=1, user_api="blas"):  # small eigh calls: one thread is faster
-                factors = form.fit(cand, ranks, n_iter_max=FIT_ITERATIONS, input_covariance=cov)
-            # every factor before the last as one (R, C_in*k*k) map: its output at each sampled position
-            inner = form.compose(cand, factors, upto_last=True)
-            design = np.hstack([patches @ inner.T, design_ones])
-            gram = design.T @ design
-            gram += (1e-6 * np.trace(gram) / len(gram) + 1e-12) * np.eye(len(gram))
-            solution = np.linalg.solve(gram, design.T @ target)
-            if relu and RELU_AWARE:
-                solution = relu_solve(design, target, solution, 1e-6, iterations=2)
-            feed = _probe_weights(cand, solution, inner, w_name, b_name)
-            out = suffix_session.run([output_name], {**suffix_feeds, **feed})[0]
-            curve.append((form.cost(cand, ranks).macs, _distortion(reference, out), tuple(ranks)))
-            bar.update()
-        curves[cand.name] = curve
+        errors = {tuple(r): solve(cand, r)[1] for r in options[cand.name]}
+        known = {tuple(e[2]): e[1] for e in curves.get(cand.name, []) if e[3]}
+        chosen = [r for r in (list(errors) if probes == "all" else _spread(errors, PROBES)) if r not in known]
+        known.update(measure(cand, chosen))
+        count += len(chosen)
+        curves[cand.name] = _predicted_curve(cand, options[cand.name], errors, known)
         if cache is not None:
-            cache.put(cand.name, options[cand.name], curve)
+            cache.put(cand.name, options[cand.name], curves[cand.name])
     bar.close()
-    curves = {c.name: curves[c.name] for c in candidates}  # graph order, cached or not
+
+    def refine(wanted: dict) -> int:
+        """Measure the wanted (layer -> ranks) options not measured yet, with their neighbours on the layer's
+        curve; updates the curves (and the cache). Returns the number of probes run."""
+        nonlocal bar
+        runs = 0
+        bar = tqdm(total=0, desc="refining ranks", unit="probe", file=sys.stderr, leave=False, disable=None if progress else True)
+        for name, ranks in wanted.items():
+            curve = curves[name]
+            order = sorted(range(len(curve)), key=lambda i: curve[i][0])
+            at = next(i for i, entry in enumerate(curve) if tuple(entry[2]) == tuple(ranks))
+            position = order.index(at)
+            near = [order[j] for j in (position - 1, position, position + 1) if 0 <= j < len(order)]
+            missing = [tuple(curve[i][2]) for i in near if not curve[i][3]]
+            if not missing:
+                continue
+            cand = by_name[name]
+            if cand.name not in stats:  # a cached curve: its moments were never computed in this run
+                collect([cand])
+            bar.total += len(missing)
+            known = {tuple(e[2]): e[1] for e in curve if e[3]}
+            known.update(measure(cand, missing))
+            runs += len(missing)
+            errors = {tuple(r): e for r, e in zip([tuple(c[2]) for c in curve], [c[4] for c in curve])}
+            curves[name] = _predicted_curve(cand, options[name], errors, known)
+            if cache is not None:
+                cache.put(name, options[name], curves[name])
+        bar.close()
+        return runs
+
+    curves = {c.name: curves[c.name] for c in candidates}  # graph order, cached or not (refine updates this dict)
     return {"curves": curves, "seconds": round(time.perf_counter() - start, 2), "eval_samples": n_eval,
-            "cached_layers": len(candidates) - len(todo), "provider": provider}
+            "cached_layers": len(candidates) - len(todo), "provider": provider, "probes": count, "refine": refine}
+
+
+class _Moments:
+    """Gram matrix of one layer's sampled input rows (a ones column appended when it has a bias), their
+    products with the output rows and the outputs' squared norm: what every option's refit needs."""
+
+    def __init__(self, bias: bool):
+        self.bias = bias
+        self.gram = self.cross = None
+        self.norm = 0.0
+
+    def add(self, x: np.ndarray, y: np.ndarray) -> None:
+        x = x.astype(np.float64, copy=False)
+        if self.bias:
+            x = np.hstack([x, np.ones((len(x), 1))])
+        y = y.astype(np.float64, copy=False)
+        gram, cross = x.T @ x, x.T @ y
+        self.gram = gram if self.gram is None else self.gram + gram
+        self.cross = cross if self.cross is None else self.cross + cross
+        self.norm += float(np.sum(y * y))
+
+    def solve(self, inner: np.ndarray) -> tuple[np.ndarray, float]:
+        """Least squares of the outputs on ``[patches @ inner.T, 1]`` (a small ridge) from the moments;
+        returns the (R [+1], C_out) solution and the relative output error it leaves."""
+        if self.bias:
+            lift = np.zeros((inner.shape[0] + 1, inner.shape[1] + 1))
+            lift[:-1, :-1], lift[-1, -1] = inner, 1.0
+        else:
+            lift = inner
+        gram = lift @ self.gram @ lift.T
+        rhs = lift @ self.cross
+        ridge = (1e-6 * np.trace(gram) / len(gram) + 1e-12) * np.eye(len(gram))
+        solution = np.linalg.solve(gram + ridge, rhs)
+        residual = float(np.sum(solution * (gram @ solution)) - 2 * np.sum(solution * rhs) + self.norm)
+        return solution, float(np.sqrt(max(residual, 0.0) / max(self.norm, 1e-30)))
+
+
+def _spread(errors: dict, count: int) -> list[tuple]:
+    """``count`` options spread evenly over the range of layer-output errors (log scale), extremes included."""
+    ranked = sorted(errors, key=lambda r: errors[r])
+    if len(ranked) <= count:
+        return ranked
+    picks = np.unique(np.round(np.linspace(0, len(ranked) - 1, count)).astype(int))
+    return [ranked[i] for i in picks]
+
+
+def _predicted_curve(cand, options: list, errors: dict, known: dict) -> list:
+    """[(MACs, distortion, ranks, measured, layer error)]: measured distortions where known, else predicted
+    from the layer-output error by a power law fitted on this layer's measured options (log-log)."""
+    form = get_form(cand.form)
+    points = [(errors[r], d) for r, d in known.items() if r in errors and errors[r] > 0 and d > 0]
+    if len(points) >= 2:
+        le, ld = np.log([p[0] for p in points]), np.log([p[1] for p in points])
+        slope = float(np.clip(np.polyfit(le, ld, 1)[0], 0.5, 4.0)) if np.ptp(le) > 1e-9 else 2.0
+        offset = float(np.mean(ld - slope * le))
+    elif points:
+        slope, offset = 2.0, float(np.log(points[0][1]) - 2.0 * np.log(points[0][0]))
+    else:
+        slope, offset = 2.0, 0.0
+    curve = []
+    for ranks in options:
+        r = tuple(ranks)
+        if r in known:
+            value, measured = known[r], True
+        else:
+            value, measured = float(np.exp(offset + slope * np.log(max(errors[r], 1e-12)))), False
+        curve.append((form.cost(cand, r).macs, float(value), r, measured, float(errors[r])))
+    return curve
+
+
+def _all_measured(curve: list) -> bool:
+    return all(entry[3] for entry in curve)

@@ -109,7 +109,7 @@ def test_measured_budget_meets_the_target_and_records_its_curves(target):
     assert t["macs_after"] <= target * t["macs_before"]
     curves = report.sensitivity["curves"]
     assert set(curves) == {"stem", "block_conv", "down"}
-    assert all(d >= 0 for curve in curves.values() for _, d, _ in curve)
+    assert all(d >= 0 for curve in curves.values() for _, d, _, _ in curve)
     chosen = {r.layer: tuple(r.ranks) for r in report.decomposed}
     for layer, ranks in chosen.items():
         assert list(ranks) in [c[2] for c in curves[layer]]
@@ -118,9 +118,10 @@ def test_measured_budget_meets_the_target_and_records_its_curves(target):
 
 def test_measured_distortion_falls_as_ranks_grow():
     model = residual_model(channels=32)
-    _, report = compress(model, target_macs=0.5, calibration={"x": samples(48, seed=6)})
+    _, report = compress(model, target_macs=0.5, calibration={"x": samples(48, seed=6)}, probes="all")
     for curve in filter(None, report.sensitivity["curves"].values()):  # the stem has no option worth measuring
-        distortions = [d for _, d, _ in sorted(curve)]
+        assert all(measured for *_, measured in curve)
+        distortions = [d for _, d, _, _ in sorted(curve)]
         assert distortions[-1] < distortions[0]
 
 

@@ -87,7 +87,7 @@ def test_svd_takes_the_1x1_convs_tucker_the_kxk_ones_under_one_budget_with_calib
     t = report.totals()
     assert t["macs_after"] <= 0.6 * t["macs_before"]
     assert set(report.sensitivity["curves"]) >= {"pointwise", "block_conv"}
-    assert any(len(r) == 1 for _, _, r in report.sensitivity["curves"]["pointwise"])
+    assert any(len(r) == 1 for _, _, r, _ in report.sensitivity["curves"]["pointwise"])
     times = {n.name: 1.0 for n in new.graph.node}
     rows = bench.layer_rows(model, new, {n.name: 10.0 for n in model.graph.node}, times)
     assert {r["layer"] for r in rows} == {c.layer for c in report.chains}

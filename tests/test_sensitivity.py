@@ -2,6 +2,7 @@
 import json
 
 import numpy as np
+import pytest
 
 from onnx_tucker import compress
 
@@ -46,3 +47,38 @@ def test_other_calibration_data_or_model_invalidates_the_file(tmp_path):
     assert other_data.sensitivity["cached_layers"] == 0
     _, other_model = compress(residual_model(seed=3), target_macs=0.6, calibration=feeds(seed=1), curves=str(path))
     assert other_model.sensitivity["cached_layers"] == 0
+
+
+def test_moments_solve_equals_least_squares_on_the_rows():
+    """The per-option refit from the layer's moments is the least-squares fit on the explicit rows."""
+    from onnx_tucker.sensitivity import _Moments
+
+    rng = np.random.default_rng(0)
+    patches, inner = rng.standard_normal((500, 12)), rng.standard_normal((4, 12))
+    target = patches @ rng.standard_normal((12, 6)) + 0.3
+    moments = _Moments(bias=True)
+    for part in np.array_split(np.arange(500), 3):  # summed batch by batch
+        moments.add(patches[part], target[part])
+    solution, error = moments.solve(inner)
+    design = np.hstack([patches @ inner.T, np.ones((500, 1))])
+    expected = np.linalg.lstsq(design, target, rcond=None)[0]
+    np.testing.assert_allclose(solution, expected, rtol=1e-5, atol=1e-6)
+    residual = np.linalg.norm(design @ expected - target) / np.linalg.norm(target)
+    assert abs(error - residual) < 1e-6
+
+
+def test_auto_probes_measure_every_chosen_option_and_fewer_than_all():
+    """probes="auto" measures a few options per layer, predicts the rest, and refines until each option the
+    budget keeps was measured; its measured points are exactly those of probes="all"."""
+    model, cal = residual_model(channels=32), feeds()
+    _, auto = compress(model, target_macs=0.5, calibration=cal, probes="auto")
+    _, full = compress(model, target_macs=0.5, calibration=cal, probes="all")
+    assert auto.sensitivity["probes"] < full.sensitivity["probes"] == full.sensitivity["options"]
+    for record in auto.decomposed:
+        [point] = [p for p in auto.sensitivity["curves"][record.layer] if tuple(p[2]) == tuple(record.ranks)]
+        assert point[3], f"{record.layer}: the kept option was never measured"
+    exact = {(layer, tuple(p[2])): p[1] for layer, curve in full.sensitivity["curves"].items() for p in curve}
+    for layer, curve in auto.sensitivity["curves"].items():
+        for macs, distortion, ranks, measured in curve:
+            if measured:
+                assert distortion == pytest.approx(exact[(layer, tuple(ranks))], rel=1e-6, abs=1e-12)
