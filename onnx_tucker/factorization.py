@@ -90,19 +90,23 @@ def layer_plan(layers: tuple[str, ...] | None, forms: tuple[str, ...] | None = N
 # an image stem of 1-4 channels cut to 1-2 channels loses colour information outright (a MobileNetV2
 # stem at R_in = 1 cost 7.6 points of top-1 for 0.4% fewer MACs).
 CRUMBS = 0.001
+PARAM_SHARE = 0.01  # ... unless it saves at least 1% of the layers' parameters (where --ratio is asked to save them)
 TINY_INPUT = 4
 TINY_RANK = 2
 
 
-def not_worth_it(site, ranks: tuple, cost, total_macs: int) -> str:
+def not_worth_it(site, ranks: tuple, cost, total_macs: int, total_params: int = 0) -> str:
     """Why a chain at ``ranks`` is not worth building by default ('' when it is): it saves no MACs,
-    a negligible share of the model's, or squeezes a tiny input to one or two channels."""
+    a negligible share of the model's (and, when ``total_params`` is given, of its parameters), or
+    squeezes a tiny input to one or two channels."""
     before = site.shape.macs()
     if cost.macs >= before:
         return f"chain would not reduce MACs ({before:,} -> {cost.macs:,})"
     if site.shape.c_in <= TINY_INPUT and min(ranks) <= TINY_RANK:
         return f"would cut a {site.shape.c_in}-channel input to rank {min(ranks)} (an image stem): left whole"
-    if total_macs and before - cost.macs < CRUMBS * total_macs:
+    # a dense layer can hold a large share of the parameters for almost no MACs (VGG16's fc2: 12% and 0.08%)
+    saves_params = total_params and site.shape.params() - cost.params >= PARAM_SHARE * total_params
+    if total_macs and before - cost.macs < CRUMBS * total_macs and not saves_params:
         share = 100 * (before - cost.macs) / total_macs
         return f"chain saves only {share:.3f}% of the model's conv MACs (< {100 * CRUMBS:g}%): left whole"
     return ""

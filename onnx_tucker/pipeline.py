@@ -83,6 +83,7 @@ def _compress(model: onnx.ModelProto, opts: CompressOptions) -> tuple[onnx.Model
     eligible = [s for s in sites if s.eligible]
     fixed_macs = sum(s.shape.macs() for s in sites if not s.eligible and s.shape is not None)
     total_macs = fixed_macs + sum(s.shape.macs() for s in eligible)
+    total_params = sum(s.shape.params() for s in sites if s.shape is not None)
     input_stats = None
     if opts.calibration is not None and opts.whiten and eligible:
         from onnx_tucker.calibrate import input_covariances
@@ -102,7 +103,7 @@ def _compress(model: onnx.ModelProto, opts: CompressOptions) -> tuple[onnx.Model
         ranks = tuple(round_to_multiple(min(r, m), opts.rank_multiple, m) for r, m in zip(planned[site.name], limits))
         cost = form.cost(site, ranks)
         record.ranks, record.params_after, record.macs_after = ranks, cost.params, cost.macs
-        why = "" if opts.force else not_worth_it(site, ranks, cost, total_macs)
+        why = "" if opts.force else not_worth_it(site, ranks, cost, total_macs, total_params)
         if why:
             record.reason = why
             record.params_after, record.macs_after = record.params_before, record.macs_before

@@ -283,3 +283,21 @@ def test_calibration_refits_both_two_conv_shapes(refit, ranks):
     reference = run(model, held)
     assert relative(reference, run(calibrated, held)) < relative(reference, run(plain, held))
     assert [n.op_type for n in calibrated.graph.node].count("Conv") == 2
+
+
+def test_a_dense_layer_holding_the_parameters_is_not_crumbs():
+    """A classifier with few MACs but most of the parameters (VGG16's fc layers) is factored at --ratio;
+    the MAC-crumbs rule alone would leave it whole (0.09% of the MACs here, 78% of the parameters)."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((32, 32, 3, 3)).astype(np.float32) / 10, "W"),
+             numpy_helper.from_array(rng.standard_normal((32, 1024)).astype(np.float32) / 10, "D")]
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("GlobalAveragePool", ["c"], ["g"]),
+             helper.make_node("Flatten", ["g"], ["f"]),
+             helper.make_node("Gemm", ["f", "D"], ["y"], name="fc")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 32, 64, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    _, report = compress(model, ratio=0.25, layers=("kxk", "dense"))
+    fc = next(r for r in report.layers if r.layer == "fc")
+    assert fc.decomposed and fc.params_after == 8 * (32 + 1024)
