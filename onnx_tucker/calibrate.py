@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 
 from onnx_tucker.capture import batch_size_for, capture_named, fixed_batch, iterate
-from onnx_tucker.graph import Initializers, feeds_only_relu, nodes_by_name, with_outputs
+from onnx_tucker.graph import Initializers, feeds_only_relu, nodes_by_name, prefix_model, with_outputs
 from onnx_tucker.runtime import make_session
 from onnx_tucker.site import GeometryError, conv_geometry
 
@@ -358,4 +358,4 @@ def _output_hw(in_hw, geometry) -> tuple[int, int]:
 
 def _collect(model: onnx.ModelProto, feeds: dict, name: str) -> np.ndarray:
     """One tensor of ``model`` over all of ``feeds``."""
-    return capture_named(with_outputs(model, [name]), feeds, [name], batch_size=batch_size_for(model, BATCH))[name]
+    return capture_named(prefix_model(model, [name]), feeds, [name], batch_size=batch_size_for(model, BATCH))[name]

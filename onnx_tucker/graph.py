@@ -126,6 +126,43 @@ def with_outputs(model: onnx.ModelProto, names: list[str], types: dict[str, int]
     return exposed
 
 
+def prefix_model(model: onnx.ModelProto, names: list[str], types: dict[str, int] | None = None) -> onnx.ModelProto:
+    """A copy of ``model`` that computes only the named tensors (its outputs): the nodes they depend on.
+
+    onnxruntime runs every node of a graph whatever outputs are fetched, so a layer's input captured
+    through :func:`with_outputs` costs the whole model; this costs the model up to that layer. A graph
+    with subgraphs (If, Loop, Scan: their outer-scope reads are not node inputs) gets :func:`with_outputs`.
+    """
+    graph = model.graph
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
+        return with_outputs(model, names, types)
+    producers = {o: i for i, n in enumerate(graph.node) for o in n.output}
+    needed, stack = set(), list(names)
+    while stack:
+        index = producers.get(stack.pop())
+        if index is None or index in needed:
+            continue
+        needed.add(index)
+        stack.extend(t for t in graph.node[index].input if t)
+    used = {t for i in needed for t in graph.node[i].input}
+    prefix = onnx.ModelProto()
+    prefix.CopyFrom(model)
+    del prefix.graph.node[:]
+    prefix.graph.node.extend(graph.node[i] for i in sorted(needed))
+    keep = [init for init in graph.initializer if init.name in used]
+    del prefix.graph.initializer[:]
+    prefix.graph.initializer.extend(keep)
+    del prefix.graph.output[:]
+    known = {o.name: o for o in graph.output}
+    for name in dict.fromkeys(names):
+        if name in known:
+            prefix.graph.output.append(known[name])
+        else:
+            elem = (types or {}).get(name) or onnx.TensorProto.FLOAT
+            prefix.graph.output.append(onnx.helper.make_tensor_value_info(name, elem, None))
+    return prefix
+
+
 def expose(model: onnx.ModelProto, names: list[str], types: dict[str, int] | None = None) -> None:
     """Add ``names`` to ``model``'s outputs in place (shape tensors need their real type: pass ``types``)."""
     existing = {o.name for o in model.graph.output}

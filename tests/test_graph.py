@@ -54,3 +54,17 @@ def test_metadata_entries_are_set_replaced_and_removed_in_place():
     set_metadata(model, {"onnx_tucker.a": "1", "onnx_tucker.b": "2"})
     set_metadata(model, {"onnx_tucker.a": "3", "onnx_tucker.b": ""})
     assert [(p.key, p.value) for p in model.metadata_props] == [("user", "kept"), ("onnx_tucker.a", "3")]
+
+
+def test_prefix_model_computes_the_named_tensor_with_only_the_nodes_it_needs():
+    from onnx_tucker.graph import prefix_model, with_outputs
+
+    model = residual_model()
+    tensor = next(n for n in model.graph.node if n.op_type == "Conv").output[0]
+    prefix = prefix_model(model, [tensor])
+    assert len(prefix.graph.node) < len(model.graph.node) and [o.name for o in prefix.graph.output] == [tensor]
+    used = {t for n in prefix.graph.node for t in n.input}
+    assert all(i.name in used for i in prefix.graph.initializer)
+    x = {"x": np.random.default_rng(0).standard_normal((2, 3, 10, 10)).astype(np.float32)}
+    full = make_session(with_outputs(model, [tensor])).run([tensor], x)[0]
+    np.testing.assert_array_equal(make_session(prefix).run([tensor], x)[0], full)
