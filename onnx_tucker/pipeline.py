@@ -51,7 +51,7 @@ def compress(model, ratio: float = 0.5, **options) -> tuple[onnx.ModelProto, Rep
     arguments, are the fields of :class:`onnx_tucker.options.CompressOptions` (its docstring
     describes each): ``force``, ``rank_multiple``, ``n_iter_max``, ``method``, ``ranks``, ``exclude``,
     ``rank_method``, ``energy``, ``target_macs``, ``budget_rule``, ``calibration``, ``refit``,
-    ``whiten``, ``latency_aware``, ``latency_batch``, ``forms``, ``layers``, ``input_shapes``, ``fold_affine``, ``curves``, ``distill``. An unknown option or a bad value
+    ``whiten``, ``latency_aware``, ``latency_batch``, ``forms``, ``layers``, ``input_shapes``, ``fold_affine``, ``curves``, ``distill``, ``ray``. An unknown option or a bad value
     raises :class:`UsageError`.
 
     Returns ``(new_model, report)``; ``report.chains`` lists what each rewrite produced. When no layer
@@ -194,7 +194,7 @@ def plan_ranks(sites: list, opts: CompressOptions, fixed_macs: int = 0, model=No
 
             try:
                 measured = distortion_curves(model, sites, opts.calibration, covariances, opts.rank_multiple, fixed_macs=fixed_macs,
-                                             cache_path=opts.curves)
+                                             cache_path=opts.curves, ray=opts.ray)
             except Unsupported as exc:
                 if report is not None:
                     report.notes.append(f"measured budget unavailable ({exc}): uniform ratio used")
@@ -203,6 +203,7 @@ def plan_ranks(sites: list, opts: CompressOptions, fixed_macs: int = 0, model=No
                 report.sensitivity = {
                     "seconds": measured["seconds"], "eval_samples": measured["eval_samples"],
                     "cached_layers": measured.get("cached_layers", 0), "provider": measured.get("provider"),
+                    **({"ray": measured["ray"]} if measured.get("ray") else {}),
                     "curves": {k: [[m, d, list(r)] for m, d, r in v] for k, v in measured["curves"].items()},
                 }
             return allocate_measured(sites, measured["curves"], opts, fixed_macs)

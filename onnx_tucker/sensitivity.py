@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -151,10 +152,12 @@ def measured_options(candidates: list, rank_multiple: int, fixed_macs: int) -> d
 
 def distortion_curves(model: onnx.ModelProto, candidates: list, feeds: dict, covariances: dict | None,
                       rank_multiple: int = 1, seed: int = 0, progress: bool = True, fixed_macs: int = 0,
-                      cache_path=None) -> dict:
+                      cache_path=None, ray: str | None = None) -> dict:
     """Layer -> [(chain MACs, measured distortion, ranks)], plus the seconds it took.
 
     With ``cache_path`` the curves are read from and written to that file (:class:`CurveCache`).
+    With ``ray`` (``"auto"`` or a cluster address) each layer's curve is a Ray task (``onnx_tucker.fanout``):
+    the same curves, measured over the cluster's workers; the cache is still written here, layer by layer.
     Raises :class:`Unsupported` for models the probe cannot handle (non-2-D or grouped convs
     among the candidates, unknown spatial sizes, non-constant biases).
     """
@@ -233,46 +236,128 @@ def distortion_curves(model: onnx.ModelProto, candidates: list, feeds: dict, cov
     reference, at_cut = values[0], dict(zip(cut_tensors, values[1:]))
     at_cut.update(eval_feeds)
     at_cut.update(weights)
-    from tqdm import tqdm
-
-    # A bar on a terminal only (disable=None): measuring takes (layers x options) forward passes.
     todo = [c for c in candidates if cached.get(c.name) is None]
-    bar = tqdm(total=sum(len(options[c.name]) for c in todo), desc="measuring ranks", unit="option", file=sys.stderr,
-               leave=False, disable=None if progress else True)
     curves = {name: curve for name, curve in cached.items() if curve is not None}
+    jobs = []
     for cand in todo:
-        if cuts[cand.name] is None:
-            suffix_session, suffix_feeds = session, {**eval_feeds, **weights}
-        else:
-            suffix_feeds = {t: at_cut[t] for t in cuts[cand.name]}
-            suffix_session = make_session(suffix_model(probe, cand.node.name, output_name, suffix_feeds), provider)
-        patches = np.concatenate(rows[cand.name][0])
-        target = np.concatenate(rows[cand.name][1])
-        design_ones = np.ones((len(patches), 1 if names[cand.name][1] is not None else 0))  # a MatMul: no intercept
-        relu = feeds_only_relu(model, names[cand.name][3])
-        w_name, b_name, _, _ = names[cand.name]
-        cov = covariances.get(cand.input_name) if covariances else None
-        form = get_form(cand.form)
-        curve = []
-        for ranks in options[cand.name]:
-            with threadpool_limits(limits=1, user_api="blas"):  # small eigh calls: one thread is faster
-                factors = form.fit(cand, ranks, n_iter_max=FIT_ITERATIONS, input_covariance=cov)
-            # every factor before the last as one (R, C_in*k*k) map: its output at each sampled position
-            inner = form.compose(cand, factors, upto_last=True)
-            design = np.hstack([patches @ inner.T, design_ones])
-            gram = design.T @ design
-            gram += (1e-6 * np.trace(gram) / len(gram) + 1e-12) * np.eye(len(gram))
-            solution = np.linalg.solve(gram, design.T @ target)
-            if relu and RELU_AWARE:
-                solution = relu_solve(design, target, solution, 1e-6, iterations=2)
-            feed = _probe_weights(cand, solution, inner, w_name, b_name)
-            out = suffix_session.run([output_name], {**suffix_feeds, **feed})[0]
-            curve.append((form.cost(cand, ranks).macs, _distortion(reference, out), tuple(ranks)))
-            bar.update()
-        curves[cand.name] = curve
+        w_name, b_name, _, y_name = names[cand.name]
+        jobs.append(LayerJob(
+            site=detached(cand), options=options[cand.name], weight_name=w_name, bias_name=b_name,
+            whole=cuts[cand.name] is None, feed_names=list(eval_feeds) + list(weights) if cuts[cand.name] is None else cuts[cand.name],
+            relu=feeds_only_relu(model, y_name),
+            covariance=covariances.get(cand.input_name) if covariances else None,
+            patches=np.concatenate(rows[cand.name][0]), target=np.concatenate(rows[cand.name][1])))
+        del rows[cand.name]  # the job holds them now
+    shared = dict(probe=probe, reference=reference, at_cut=at_cut, output_name=output_name, provider=provider)
+
+    def done(job, curve):
+        curves[job.site.name] = curve
         if cache is not None:
-            cache.put(cand.name, options[cand.name], curve)
-    bar.close()
+            cache.put(job.site.name, job.options, curve)
+
+    if ray is not None and jobs:
+        from onnx_tucker.fanout import cluster, map_tasks
+
+        # the probe crosses as bytes; each task builds its own suffix model and session
+        shared["probe"] = probe.SerializeToString()
+        shared["threads"] = 1  # a task holds one of the cluster's CPUs
+        with cluster(ray):
+            map_tasks(layer_curve, jobs, shared=shared, labels=[f"layer {j.site.name}" for j in jobs],
+                      weights=[len(j.options) for j in jobs], progress=progress, desc="measuring ranks", unit="option",
+                      on_result=lambda i, curve: done(jobs[i], curve))  # cached as each layer arrives
+    else:
+        from tqdm import tqdm
+
+        # A bar on a terminal only (disable=None): measuring takes (layers x options) forward passes.
+        bar = tqdm(total=sum(len(j.options) for j in jobs), desc="measuring ranks", unit="option", file=sys.stderr,
+                   leave=False, disable=None if progress else True)
+        for job in jobs:
+            done(job, layer_curve(job, **shared, session=session, on_option=bar.update))
+        bar.close()
     curves = {c.name: curves[c.name] for c in candidates}  # graph order, cached or not
-    return {"curves": curves, "seconds": round(time.perf_counter() - start, 2), "eval_samples": n_eval,
-            "cached_layers": len(candidates) - len(todo), "provider": provider}
+    result = {"curves": curves, "seconds": round(time.perf_counter() - start, 2), "eval_samples": n_eval,
+              "cached_layers": len(candidates) - len(todo), "provider": provider}
+    if ray is not None:
+        result["ray"] = ray
+    return result
+
+
+class _Node:
+    """What the curve of a layer reads of its graph node (a picklable stand-in for the gs.Node)."""
+
+    def __init__(self, node):
+        self.name, self.op, self.attrs = node.name, node.op, dict(node.attrs)
+
+
+def detached(site):
+    """``site`` without its graph: the values a fit, a compose and a cost need, safe to send to a worker."""
+    from dataclasses import replace
+
+    return replace(site, node=_Node(site.node), extra=dict(site.extra))
+
+
+@dataclass
+class LayerJob:
+    """One layer's measurement: everything it needs besides what all layers share (see :func:`layer_curve`)."""
+
+    site: object  # a detached Site
+    options: list  # rank tuples, measured in this order
+    weight_name: str  # the probe's graph inputs for this layer's weight and bias
+    bias_name: str | None
+    whole: bool  # the whole probe runs (a later node holds a subgraph), not the suffix from this layer on
+    feed_names: list  # what the suffix (or the whole probe) is fed with from ``at_cut``
+    relu: bool
+    covariance: object  # the input's channel covariance or None
+    patches: np.ndarray  # sampled inputs (rows) of the layer on the fit images, float64
+    target: np.ndarray  # and its outputs there
+
+
+def layer_curve(job: LayerJob, probe, reference: np.ndarray, at_cut: dict, output_name: str, provider: str,
+                session=None, threads: int | None = None, on_option=None) -> list:
+    """[(chain MACs, distortion, ranks)] of one layer, one entry per option: the same bits here or in a Ray task.
+
+    ``probe`` is the probe model (or its bytes); ``at_cut`` holds every cut tensor, the eval feeds and the
+    original weights; ``session`` (optional) is an open session on the probe, used when the whole probe runs;
+    ``threads``: onnxruntime's intra-op threads (None: its default). numpy's BLAS runs on one thread
+    throughout (the products' rounding then does not depend on the machine's thread count; and the
+    small products are faster so).
+    """
+    with threadpool_limits(limits=1, user_api="blas"):
+        return _layer_curve(job, probe, reference, at_cut, output_name, provider, session, threads, on_option)
+
+
+def _layer_curve(job, probe, reference, at_cut, output_name, provider, session, threads, on_option) -> list:
+    cand = job.site
+    suffix_feeds = {t: at_cut[t] for t in job.feed_names}
+    if job.whole:
+        suffix_session = session if session is not None else make_session(_as_model(probe), provider, threads)
+    else:
+        suffix_session = make_session(suffix_model(_as_model(probe), cand.node.name, output_name, suffix_feeds), provider, threads)
+    patches, target = job.patches, job.target
+    design_ones = np.ones((len(patches), 1 if job.bias_name is not None else 0))  # a MatMul: no intercept
+    form = get_form(cand.form)
+    curve = []
+    for ranks in job.options:
+        factors = form.fit(cand, ranks, n_iter_max=FIT_ITERATIONS, input_covariance=job.covariance)
+        # every factor before the last as one (R, C_in*k*k) map: its output at each sampled position
+        inner = form.compose(cand, factors, upto_last=True)
+        design = np.hstack([patches @ inner.T, design_ones])
+        gram = design.T @ design
+        gram += (1e-6 * np.trace(gram) / len(gram) + 1e-12) * np.eye(len(gram))
+        solution = np.linalg.solve(gram, design.T @ target)
+        if job.relu and RELU_AWARE:
+            solution = relu_solve(design, target, solution, 1e-6, iterations=2)
+        feed = _probe_weights(cand, solution, inner, job.weight_name, job.bias_name)
+        out = suffix_session.run([output_name], {**suffix_feeds, **feed})[0]
+        curve.append((form.cost(cand, ranks).macs, _distortion(reference, out), tuple(ranks)))
+        if on_option is not None:
+            on_option()
+    return curve
+
+
+def _as_model(probe) -> onnx.ModelProto:
+    if isinstance(probe, (bytes, bytearray)):
+        model = onnx.ModelProto()
+        model.ParseFromString(probe)
+        return model
+    return probe
