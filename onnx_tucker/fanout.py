@@ -55,12 +55,14 @@ def cluster(address: str):
     ray = require_ray()
     address = check_address(address)
     owned = not ray.is_initialized()
+    if owned and address != "auto":
+        _reachable(address)
     if owned:
         import logging
 
         runtime_env = {"py_modules": [str(Path(__file__).resolve().parent)]}
         kwargs = dict(address=None if address == "auto" else address, runtime_env=runtime_env,
-                      logging_level=logging.WARNING, log_to_driver=False)
+                      logging_level=logging.ERROR, log_to_driver=False)
         if address == "auto" and not os.environ.get("RAY_ADDRESS"):
             kwargs["include_dashboard"] = False
         try:
@@ -73,6 +75,19 @@ def cluster(address: str):
     finally:
         if owned:
             ray.shutdown()
+
+
+def _reachable(address: str, timeout: float = 10.0) -> None:
+    """A one-line error now when nothing listens at the address (Ray itself would wait minutes for it)."""
+    import socket
+
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise OnnxTuckerError(f"--ray: cannot connect to the Ray cluster at {address}: {exc.strerror or exc} "
+                              f"(is `ray start --head` running there?)") from None
+
 
 
 class _Refused:

@@ -62,6 +62,13 @@ def test_ray_flag_without_effect_or_with_a_bad_address_is_a_usage_error(tmp_path
     assert err.count("\n") == 1 and needle in err, err
 
 
+@needs_ray
+def test_an_unreachable_cluster_is_one_line_at_once():
+    assert not ray.is_initialized()
+    with pytest.raises(OnnxTuckerError, match=r"^--ray: cannot connect to the Ray cluster at 127.0.0.1:1: .*ray start --head"):
+        compress(residual_model(), target_macs=0.6, calibration=feeds(), ray="127.0.0.1:1")
+
+
 @pytest.fixture(scope="module")
 def two_nodes():
     """A Ray cluster of two nodes with one CPU each, on this machine (as two machines would be)."""
@@ -93,6 +100,7 @@ def test_curves_and_ranks_on_two_nodes_are_the_local_ones(two_nodes, tmp_path):
     assert again.sensitivity["cached_layers"] == len(local.sensitivity["curves"])
 
 
+@pytest.mark.slow
 @needs_ray
 def test_a_real_cnn_gets_the_same_allocation_on_two_nodes(two_nodes):
     """The seed CIFAR-10 CNN on 128 test-sample images, its last three convs measured (the others left whole)."""
