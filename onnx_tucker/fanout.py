@@ -69,12 +69,15 @@ def cluster(address: str):
             ray.init(**kwargs)
         except Exception as exc:  # ConnectionError, TimeoutError, RuntimeError, ValueError...
             where = "a local Ray cluster" if address == "auto" else f"the Ray cluster at {address}"
-            raise OnnxTuckerError(f"--ray: cannot connect to {where}: {first_line(exc)}") from None
+            hint = ("" if address == "auto" or os.environ.get("RAY_AUTH_MODE") else
+                    " (a cluster from `ray start` asks for its token: set RAY_AUTH_MODE=token, README 'Many machines')")
+            raise OnnxTuckerError(f"--ray: cannot connect to {where}: {first_line(exc)}{hint}") from None
     try:
         yield int(ray.cluster_resources().get("CPU", 0))
     finally:
         if owned:
             ray.shutdown()
+
 
 
 def _reachable(address: str, timeout: float = 10.0) -> None:
