@@ -114,6 +114,7 @@ def run_sweep(config: SweepConfig) -> dict:
     from onnx_tucker.options import DEFAULT_CALIB_SIZE
     from onnx_tucker.io import check_output_path, load_model, save_model
     from onnx_tucker.outputs import check_paths
+
     settings = settings_of(config)
     if config.threads < 1 or config.runs < 1 or config.warmup < 0:
         raise UsageError("--threads and --runs must be positive, --warmup >= 0")
