@@ -238,16 +238,16 @@ def distortion_curves(model: onnx.ModelProto, candidates: list, feeds: dict, cov
     at_cut.update(weights)
     todo = [c for c in candidates if cached.get(c.name) is None]
     curves = {name: curve for name, curve in cached.items() if curve is not None}
-    jobs = []
-    for cand in todo:
+
+    def job_of(cand) -> LayerJob:
         w_name, b_name, _, y_name = names[cand.name]
-        jobs.append(LayerJob(
+        return LayerJob(
             site=detached(cand), options=options[cand.name], weight_name=w_name, bias_name=b_name,
             whole=cuts[cand.name] is None, feed_names=list(eval_feeds) + list(weights) if cuts[cand.name] is None else cuts[cand.name],
             relu=feeds_only_relu(model, y_name),
             covariance=covariances.get(cand.input_name) if covariances else None,
-            patches=np.concatenate(rows[cand.name][0]), target=np.concatenate(rows[cand.name][1])))
-        del rows[cand.name]  # the job holds them now
+            patches=np.concatenate(rows[cand.name][0]), target=np.concatenate(rows[cand.name][1]))
+
     shared = dict(probe=probe, reference=reference, at_cut=at_cut, output_name=output_name, provider=provider)
 
     def done(job, curve):
@@ -255,9 +255,13 @@ def distortion_curves(model: onnx.ModelProto, candidates: list, feeds: dict, cov
         if cache is not None:
             cache.put(job.site.name, job.options, curve)
 
-    if ray is not None and jobs:
+    if ray is not None and todo:
         from onnx_tucker.fanout import cluster, map_tasks
 
+        jobs = []
+        for cand in todo:
+            jobs.append(job_of(cand))
+            del rows[cand.name]  # the job holds them now
         # the probe crosses as bytes; each task builds its own suffix model and session
         shared["probe"] = probe.SerializeToString()
         shared["threads"] = 1  # a task holds one of the cluster's CPUs
@@ -269,10 +273,12 @@ def distortion_curves(model: onnx.ModelProto, candidates: list, feeds: dict, cov
         from tqdm import tqdm
 
         # A bar on a terminal only (disable=None): measuring takes (layers x options) forward passes.
-        bar = tqdm(total=sum(len(j.options) for j in jobs), desc="measuring ranks", unit="option", file=sys.stderr,
+        bar = tqdm(total=sum(len(options[c.name]) for c in todo), desc="measuring ranks", unit="option", file=sys.stderr,
                    leave=False, disable=None if progress else True)
-        for job in jobs:
+        for cand in todo:  # one layer's concatenated rows at a time (memory as before)
+            job = job_of(cand)
             done(job, layer_curve(job, **shared, session=session, on_option=bar.update))
+            del job
         bar.close()
     curves = {c.name: curves[c.name] for c in candidates}  # graph order, cached or not
     result = {"curves": curves, "seconds": round(time.perf_counter() - start, 2), "eval_samples": n_eval,
