@@ -16,7 +16,7 @@ import numpy as np
 
 from onnx_tucker import __version__
 from onnx_tucker.errors import ModelError, OnnxTuckerError, UsageError, first_line
-from onnx_tucker.options import (BudgetArgs, CalibrationArgs, CheckArgs, DataArgs, DistillArgs, LatencyArgs, RankArgs, RuntimeArgs,
+from onnx_tucker.options import (BudgetArgs, CalibrationArgs, CheckArgs, DataArgs, DistillArgs, LatencyArgs, RankArgs, RayArgs, RuntimeArgs,
                                  check_fraction_list, check_int_list, check_positive_int, check_tolerance, parse_input_shapes)
 
 SUBCOMMANDS = ("compress", "inspect", "convert", "bench", "sweep")
@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     RankArgs.add(c)
     BudgetArgs.add(c)
     CalibrationArgs.add(c)
+    RayArgs.add(c)
     DistillArgs.add(c)
     LatencyArgs.add(c)
     CheckArgs.add(c)
@@ -104,7 +105,8 @@ def cmd_compress(args) -> int:
     note = lambda text: print(f"onnx-tucker: notice: {text.removeprefix('note: ')}", file=sys.stderr)  # noqa: E731
     check = CheckArgs.parse(args)
     DataArgs.parse(args)
-    options = {**RankArgs.parse(args), **BudgetArgs.parse(args), **LatencyArgs.parse(args), **DistillArgs.parse(args)}
+    options = {**RankArgs.parse(args), **BudgetArgs.parse(args), **LatencyArgs.parse(args), **DistillArgs.parse(args),
+               **RayArgs.parse(args)}
     model = load_model(args.input)
     from onnx_tucker.runtime import graph_inputs
 
@@ -348,6 +350,7 @@ def add_sweep_parser(sub) -> None:
     RuntimeArgs.add(s, batch_default="1,32", providers=False)
     s.set_defaults(runs=30)
     s.add_argument("--rank-multiple", type=lambda t: check_positive_int(t, "--rank-multiple"), default=1, metavar="N", help="round ranks to multiples of N")
+    RayArgs.add(s)
 
 
 def cmd_sweep(args) -> int:
@@ -370,7 +373,7 @@ def cmd_sweep(args) -> int:
         calibrate=Path(args.calibrate) if args.calibrate else None, calib_size=args.calib_size,
         out_dir=Path(args.out_dir), data_limit=args.data_limit, threads=args.threads,
         batches=tuple(check_int_list(args.batch, "--batch")), runs=args.runs, rank_multiple=args.rank_multiple,
-        progress=not args.no_progress,
+        progress=not args.no_progress, ray=RayArgs.parse(args, needs_measured=False).get("ray"),
     )
     result = sweep.run_sweep(config)
     paths = sweep.write_outputs(result, config.out_dir)

@@ -115,6 +115,9 @@ class CompressOptions:
         ``onnx_tucker.distill.distill`` keyword options ({} for its measured defaults), or None (off).
     input_shapes: {input name: dims} for inputs with dynamic spatial sizes: the cost model counts MACs at
         these sizes (without it such layers' MACs are unknown and profitability is judged on parameters).
+    ray: measure the measured budget's curves as Ray tasks, one per layer (``onnx_tucker.fanout``, needs
+        ``pip install 'onnx-tucker[ray]'``): "auto" (this machine's cluster, or a new local one) or a cluster
+        address like "HEAD:6379"; None (default) measures here. The curves and ranks are the same.
     """
 
     ratio: float = 0.5
@@ -140,6 +143,7 @@ class CompressOptions:
     curves: str | None = None
     probes: str = "auto"
     distill: dict | None = None
+    ray: str | None = None
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "CompressOptions":
@@ -185,6 +189,11 @@ class CompressOptions:
 
             self.layers = tuple(self.layers.split(",")) if isinstance(self.layers, str) else tuple(self.layers)
             layer_plan(self.layers, self.forms)  # refuses unknown kinds
+        if self.ray is not None:
+            from onnx_tucker.fanout import check_address, require_ray
+
+            self.ray = check_address(self.ray)
+            require_ray()
         return self
 
 
@@ -317,6 +326,30 @@ class BudgetArgs:
                 raise UsageError(f"--curves: folder does not exist: {path.parent}")
             options["curves"] = str(path)
         return options
+
+
+class RayArgs:
+    """Fan the independent work out over a Ray cluster (needs ``pip install 'onnx-tucker[ray]'``)."""
+
+    @staticmethod
+    def add(parser) -> None:
+        parser.add_argument("--ray", metavar="ADDRESS|auto",
+                            help="fan the independent work out as Ray tasks (compress: the measured budget's curves, one task per "
+                            "layer; sweep: one task per setting): 'auto' (this machine's Ray cluster, or a new local one on its CPUs) "
+                            "or a cluster's head address, e.g. HEAD:6379 (README 'Many machines'); the results are the same as without")
+
+    @staticmethod
+    def parse(args, needs_measured: bool = True) -> dict:
+        if args.ray is None:
+            return {}
+        if needs_measured and (getattr(args, "target_macs", None) is None or not getattr(args, "calibrate", None)
+                               or getattr(args, "budget_rule", None) == "uniform"):
+            raise UsageError("--ray only applies with --target-macs and --calibrate (the measured budget's curves)")
+        from onnx_tucker.fanout import require_ray, check_address
+
+        address = check_address(args.ray)
+        require_ray()  # a missing ray is a usage error now, before any work
+        return {"ray": address}
 
 
 class CalibrationArgs:

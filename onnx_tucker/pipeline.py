@@ -51,7 +51,7 @@ def compress(model, ratio: float = 0.5, **options) -> tuple[onnx.ModelProto, Rep
     arguments, are the fields of :class:`onnx_tucker.options.CompressOptions` (its docstring
     describes each): ``force``, ``rank_multiple``, ``n_iter_max``, ``method``, ``ranks``, ``exclude``,
     ``rank_method``, ``energy``, ``target_macs``, ``budget_rule``, ``calibration``, ``refit``,
-    ``whiten``, ``latency_aware``, ``latency_batch``, ``forms``, ``layers``, ``input_shapes``, ``fold_affine``, ``curves``, ``probes``, ``distill``. An unknown option or a bad value
+    ``whiten``, ``latency_aware``, ``latency_batch``, ``forms``, ``layers``, ``input_shapes``, ``fold_affine``, ``curves``, ``probes``, ``distill``, ``ray``. An unknown option or a bad value
     raises :class:`UsageError`.
 
     Returns ``(new_model, report)``; ``report.chains`` lists what each rewrite produced. When no layer
@@ -184,7 +184,7 @@ def _latency_aware(model: onnx.ModelProto, opts: CompressOptions):
 def plan_ranks(sites: list, opts: CompressOptions, fixed_macs: int = 0, model=None, covariances=None, report=None) -> dict:
     """Layer name -> rank tuple before rounding, or None to leave the layer at full rank."""
     if opts.target_macs is not None:
-        from onnx_tucker.budget import allocate_measured, allocate_ranks
+        from onnx_tucker.budget import allocate_ranks
 
         rule = opts.budget_rule
         if rule == "auto":
@@ -196,7 +196,7 @@ def plan_ranks(sites: list, opts: CompressOptions, fixed_macs: int = 0, model=No
 
             try:
                 measured = distortion_curves(model, sites, opts.calibration, covariances, opts.rank_multiple, fixed_macs=fixed_macs,
-                                             cache_path=opts.curves, probes=opts.probes)
+                                             cache_path=opts.curves, probes=opts.probes, ray=opts.ray)
                 planned, refined = _refined_allocation(sites, measured, opts, fixed_macs)
             except Unsupported as exc:
                 if report is not None:
@@ -207,6 +207,7 @@ def plan_ranks(sites: list, opts: CompressOptions, fixed_macs: int = 0, model=No
                 report.sensitivity = {
                     "seconds": measured["seconds"], "eval_samples": measured["eval_samples"],
                     "cached_layers": measured.get("cached_layers", 0), "provider": measured.get("provider"),
+                    **({"ray": measured["ray"]} if measured.get("ray") else {}),
                     "probes": measured.get("probes", 0) + refined, "options": sum(len(v) for v in curves.values()),
                     "curves": {k: [[m, d, list(r), bool(known)] for m, d, r, known, _ in v] for k, v in curves.items()},
                 }

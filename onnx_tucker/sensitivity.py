@@ -23,18 +23,18 @@ graph inputs, so each measurement is one forward pass with no session rebuild.
 """
 from __future__ import annotations
 
-import math
 import sys
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from threadpoolctl import ThreadpoolController
+from threadpoolctl import threadpool_limits
 
 from onnx_tucker.calibrate import patches_at
 from onnx_tucker.capture import iterate
 from onnx_tucker.factorization import get_form, not_worth_it
-from onnx_tucker.graph import cut, expose, feeds_only_relu, probe_model, suffix_model, tensor_types
+from onnx_tucker.graph import cut, expose, probe_model, suffix_model, tensor_types
 from onnx_tucker.providers import fastest_available
 from onnx_tucker.runtime import make_session
 
@@ -163,7 +163,7 @@ def measured_options(candidates: list, rank_multiple: int, fixed_macs: int) -> d
 
 def distortion_curves(model: onnx.ModelProto, candidates: list, feeds: dict, covariances: dict | None,
                       rank_multiple: int = 1, seed: int = 0, progress: bool = True, fixed_macs: int = 0,
-                      cache_path=None, probes: str = "auto", _setup: bool = False) -> dict:
+                      cache_path=None, probes: str = "auto", ray: str | None = None, _setup: bool = False) -> dict:
     """Layer -> [(chain MACs, distortion, ranks, measured, layer-output error)], plus the seconds it took
     and ``refine(wanted)``, which measures chosen options (and their neighbours) that were only predicted.
 
@@ -174,6 +174,8 @@ def distortion_curves(model: onnx.ModelProto, candidates: list, feeds: dict, cov
     measured (issue 15: the same allocations with far fewer probes).
 
     With ``cache_path`` the curves are read from and written to that file (:class:`CurveCache`).
+    With ``ray`` (``"auto"`` or a cluster address) each layer's curve is a Ray task (``onnx_tucker.fanout``):
+    the same curves, measured over the cluster's workers; the cache is still written here, layer by layer.
     Raises :class:`Unsupported` for models the probe cannot handle (non-2-D or grouped convs
     among the candidates, unknown spatial sizes, non-constant biases).
     """
@@ -266,87 +268,171 @@ def distortion_curves(model: onnx.ModelProto, candidates: list, feeds: dict, cov
     at_cut.update(eval_feeds)
     at_cut.update(weights)
     by_name = {c.name: c for c in candidates}
-    blas = ThreadpoolController()  # found once: threadpool_limits searches the libraries again on every call
+    curves = {name: curve for name, curve in cached.items() if curve is not None}
 
-    def solve(cand, ranks):
-        """The option's probe feed (composed weight and bias) and its layer-output relative error."""
-        form = get_form(cand.form)
-        cov = covariances.get(cand.input_name) if covariances else None
-        with blas.limit(limits=1, user_api="blas"):  # small eigh calls: one thread is faster
-            factors = form.fit(cand, ranks, n_iter_max=FIT_ITERATIONS, input_covariance=cov)
-        # every factor before the last as one (R, C_in*k*k) map: its output at each sampled position
-        inner = form.compose(cand, factors, upto_last=True)
-        solution, error = stats[cand.name].solve(inner)
+    def job_of(cand) -> LayerJob:
+        if cand.name not in stats:  # a cached curve: its moments were never computed in this run
+            collect([cand])
         w_name, b_name, _, _ = names[cand.name]
-        return _probe_weights(cand, solution, inner, w_name, b_name), error
+        known = {tuple(e[2]): e[1] for e in curves.get(cand.name, []) if e[3]}
+        return LayerJob(
+            site=detached(cand), options=options[cand.name], weight_name=w_name, bias_name=b_name,
+            whole=cuts[cand.name] is None, feed_names=list(eval_feeds) + list(weights) if cuts[cand.name] is None else cuts[cand.name],
+            covariance=covariances.get(cand.input_name) if covariances else None,
+            moments=stats[cand.name], probes=probes, known=known)
 
-    def probe_session(cand):
-        if cuts[cand.name] is None:
-            return session, {**eval_feeds, **weights}
-        suffix_feeds = {t: at_cut[t] for t in cuts[cand.name]}
-        return make_session(suffix_model(probe, cand.node.name, output_name, suffix_feeds), provider), suffix_feeds
+    shared = dict(probe=probe, reference=reference, at_cut=at_cut, output_name=output_name, provider=provider)
 
-    def measure(cand, ranks_list, suffix=None):
-        suffix_session, suffix_feeds = suffix or probe_session(cand)
-        out = {}
-        for ranks in ranks_list:
-            feed, _ = solve(cand, ranks)
-            result = suffix_session.run([output_name], {**suffix_feeds, **feed})[0]
-            out[tuple(ranks)] = _distortion(reference, result)
-            bar.update()
-        return out
+    def done(name, curve):
+        curves[name] = curve
+        if cache is not None:
+            cache.put(name, options[name], curve)
 
     from tqdm import tqdm
 
-    # A bar on a terminal only (disable=None): measuring takes (layers x probes) forward passes.
-    per_layer = {c.name: len(options[c.name]) if probes == "all" else min(PROBES, len(options[c.name])) for c in todo}
-    bar = tqdm(total=sum(per_layer.values()), desc="measuring ranks", unit="probe", file=sys.stderr,
-               leave=False, disable=None if progress else True)
-    curves = {name: curve for name, curve in cached.items() if curve is not None}
-    count = 0
-    for cand in todo:
-        errors = {tuple(r): solve(cand, r)[1] for r in options[cand.name]}
-        known = {tuple(e[2]): e[1] for e in curves.get(cand.name, []) if e[3]}
-        chosen = [r for r in (list(errors) if probes == "all" else _spread(errors, PROBES)) if r not in known]
-        known.update(measure(cand, chosen))
-        count += len(chosen)
-        curves[cand.name] = _predicted_curve(cand, options[cand.name], errors, known)
-        if cache is not None:
-            cache.put(cand.name, options[cand.name], curves[cand.name])
-    bar.close()
+    count = sum(len(options[c.name]) if probes == "all" else min(PROBES, len(options[c.name])) for c in todo)
+    if ray is not None and todo:
+        from onnx_tucker.fanout import cluster, map_tasks
+
+        jobs = [job_of(cand) for cand in todo]
+        # the probe crosses as bytes; each task builds its own suffix model and session
+        shared["probe"] = probe.SerializeToString()
+        shared["threads"] = 1  # a task holds one of the cluster's CPUs
+        with cluster(ray):
+            map_tasks(layer_curve, jobs, shared=shared, labels=[f"layer {j.site.name}" for j in jobs],
+                      weights=[len(j.options) for j in jobs], progress=progress, desc="measuring ranks", unit="option",
+                      on_result=lambda i, curve: done(jobs[i].site.name, curve))  # cached as each layer arrives
+    else:
+        # A bar on a terminal only (disable=None): measuring takes (layers x probes) forward passes.
+        bar = tqdm(total=count, desc="measuring ranks", unit="probe", file=sys.stderr, leave=False,
+                   disable=None if progress else True)
+        for cand in todo:
+            done(cand.name, layer_curve(job_of(cand), **shared, session=session, on_option=bar.update))
+        bar.close()
 
     def refine(wanted: dict) -> int:
         """Measure the wanted (layer -> ranks) options not measured yet, with their neighbours on the layer's
-        curve; updates the curves (and the cache). Returns the number of probes run."""
-        nonlocal bar
-        runs = 0
-        bar = tqdm(total=0, desc="refining ranks", unit="probe", file=sys.stderr, leave=False, disable=None if progress else True)
+        curve (in MACs); updates the curves (and the cache). Returns the number of probes run."""
+        runs, todo_refine = 0, []
         for name, ranks in wanted.items():
             curve = curves[name]
             order = sorted(range(len(curve)), key=lambda i: curve[i][0])
-            at = next(i for i, entry in enumerate(curve) if tuple(entry[2]) == tuple(ranks))
-            position = order.index(at)
+            position = order.index(next(i for i, e in enumerate(curve) if tuple(e[2]) == tuple(ranks)))
             near = [order[j] for j in (position - 1, position, position + 1) if 0 <= j < len(order)]
             missing = [tuple(curve[i][2]) for i in near if not curve[i][3]]
-            if not missing:
-                continue
-            cand = by_name[name]
-            if cand.name not in stats:  # a cached curve: its moments were never computed in this run
-                collect([cand])
-            bar.total += len(missing)
-            known = {tuple(e[2]): e[1] for e in curve if e[3]}
-            known.update(measure(cand, missing))
+            if missing:
+                todo_refine.append((name, missing))
+        bar = tqdm(total=sum(len(m) for _, m in todo_refine), desc="refining ranks", unit="probe", file=sys.stderr,
+                   leave=False, disable=None if progress else True)
+        for name, missing in todo_refine:
+            job = job_of(by_name[name])
+            errors = {tuple(e[2]): e[4] for e in curves[name]}
+            with threadpool_limits(limits=1, user_api="blas"):
+                measured = _measure(job, missing, *_suffix(job, **shared, session=session), reference, output_name, bar.update)
+            job.known.update(measured)
             runs += len(missing)
-            errors = {tuple(r): e for r, e in zip([tuple(c[2]) for c in curve], [c[4] for c in curve])}
-            curves[name] = _predicted_curve(cand, options[name], errors, known)
-            if cache is not None:
-                cache.put(name, options[name], curves[name])
+            done(name, _predicted_curve(job.site, job.options, errors, job.known))
         bar.close()
         return runs
 
     curves = {c.name: curves[c.name] for c in candidates}  # graph order, cached or not (refine updates this dict)
-    return {"curves": curves, "seconds": round(time.perf_counter() - start, 2), "eval_samples": n_eval,
-            "cached_layers": len(candidates) - len(todo), "provider": provider, "probes": count, "refine": refine}
+    result = {"curves": curves, "seconds": round(time.perf_counter() - start, 2), "eval_samples": n_eval,
+              "cached_layers": len(candidates) - len(todo), "provider": provider, "probes": count, "refine": refine}
+    if ray is not None:
+        result["ray"] = ray
+    return result
+
+
+class _Node:
+    """What the curve of a layer reads of its graph node (a picklable stand-in for the gs.Node)."""
+
+    def __init__(self, node):
+        self.name, self.op, self.attrs = node.name, node.op, dict(node.attrs)
+
+
+def detached(site):
+    """``site`` without its graph: the values a fit, a compose and a cost need, safe to send to a worker."""
+    from dataclasses import replace
+
+    return replace(site, node=_Node(site.node), extra=dict(site.extra))
+
+
+@dataclass
+class LayerJob:
+    """One layer's measurement: everything it needs besides what all layers share (see :func:`layer_curve`)."""
+
+    site: object  # a detached Site
+    options: list  # rank tuples, in this order
+    weight_name: str  # the probe's graph inputs for this layer's weight and bias
+    bias_name: str | None
+    whole: bool  # the whole probe runs (a later node holds a subgraph), not the suffix from this layer on
+    feed_names: list  # what the suffix (or the whole probe) is fed with from ``at_cut``
+    covariance: object  # the input's channel covariance or None
+    moments: "_Moments"  # the layer's sampled input/output moments on the fit images
+    probes: str  # "auto" or "all"
+    known: dict  # ranks -> distortion already measured (a cached curve)
+
+
+def layer_curve(job: LayerJob, probe, reference: np.ndarray, at_cut: dict, output_name: str, provider: str,
+                session=None, threads: int | None = None, on_option=None) -> list:
+    """One layer's curve [(MACs, distortion, ranks, measured, layer error)]: the same bits here or in a Ray task.
+
+    Every option's layer-output error comes from the moments; the whole-model probe runs for every option
+    (``probes="all"``) or for ``PROBES`` of them spread over those errors, the rest predicted.
+    ``probe`` is the probe model (or its bytes); ``at_cut`` holds every cut tensor, the eval feeds and the
+    original weights; ``session`` (optional) is an open session on the probe, used when the whole probe runs;
+    ``threads``: onnxruntime's intra-op threads (None: its default). numpy's BLAS runs on one thread
+    throughout (the products' rounding then does not depend on the machine's thread count; and the
+    small products are faster so).
+    """
+    with threadpool_limits(limits=1, user_api="blas"):
+        errors = {tuple(r): _solve(job, r)[1] for r in job.options}
+        chosen = list(errors) if job.probes == "all" else _spread(errors, PROBES)
+        chosen = [r for r in chosen if r not in job.known]
+        known = dict(job.known)
+        if chosen:
+            suffix = _suffix(job, probe, reference, at_cut, output_name, provider, session, threads)
+            known.update(_measure(job, chosen, *suffix, reference, output_name, on_option))
+        return _predicted_curve(job.site, job.options, errors, known)
+
+
+def _solve(job: LayerJob, ranks) -> tuple[dict, float]:
+    """The option's probe feed (composed weight and bias) and its layer-output relative error."""
+    cand = job.site
+    form = get_form(cand.form)
+    factors = form.fit(cand, ranks, n_iter_max=FIT_ITERATIONS, input_covariance=job.covariance)
+    # every factor before the last as one (R, C_in*k*k) map: its output at each sampled position
+    inner = form.compose(cand, factors, upto_last=True)
+    solution, error = job.moments.solve(inner)
+    return _probe_weights(cand, solution, inner, job.weight_name, job.bias_name), error
+
+
+def _suffix(job: LayerJob, probe, reference, at_cut, output_name, provider, session=None, threads=None):
+    """(session, feeds) that run the model from the job's layer on."""
+    feeds = {t: at_cut[t] for t in job.feed_names}
+    if job.whole:
+        return (session if session is not None else make_session(_as_model(probe), provider, threads)), feeds
+    return make_session(suffix_model(_as_model(probe), job.site.node.name, output_name, feeds), provider, threads), feeds
+
+
+def _measure(job: LayerJob, ranks_list: list, suffix_session, suffix_feeds: dict, reference, output_name: str, on_option=None) -> dict:
+    """Ranks -> measured distortion of each option (one forward pass each)."""
+    out = {}
+    for ranks in ranks_list:
+        feed, _ = _solve(job, ranks)
+        result = suffix_session.run([output_name], {**suffix_feeds, **feed})[0]
+        out[tuple(ranks)] = _distortion(reference, result)
+        if on_option is not None:
+            on_option()
+    return out
+
+
+def _as_model(probe) -> onnx.ModelProto:
+    if isinstance(probe, (bytes, bytearray)):
+        model = onnx.ModelProto()
+        model.ParseFromString(probe)
+        return model
+    return probe
 
 
 class _Moments:

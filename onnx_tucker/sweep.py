@@ -52,6 +52,7 @@ class SweepConfig:
     warmup: int = 5
     rank_multiple: int = 1
     progress: bool = True
+    ray: str | None = None  # "auto" or a cluster address: each setting's compress is a Ray task (onnx_tucker.fanout)
 
 
 def parse_fractions(text: str, what: str) -> list[float]:
@@ -113,7 +114,6 @@ def run_sweep(config: SweepConfig) -> dict:
     from onnx_tucker.options import DEFAULT_CALIB_SIZE
     from onnx_tucker.io import check_output_path, load_model, save_model
     from onnx_tucker.outputs import check_paths
-    from onnx_tucker.pipeline import compress
 
     settings = settings_of(config)
     if config.threads < 1 or config.runs < 1 or config.warmup < 0:
@@ -140,26 +140,25 @@ def run_sweep(config: SweepConfig) -> dict:
         "top1": top1(reference, labels), "latency": {},
     }
     results = []
-    bar = _bar(len(settings), "sweep", config.progress)
-    for label, kind, value in settings:
+    if config.ray is not None:  # every setting's compress as a Ray task; the rest (files, top-1, latency) here
+        from onnx_tucker.fanout import cluster, map_tasks
+
+        with cluster(config.ray):
+            outcomes = map_tasks(compress_setting, settings, labels=[f"setting {label}" for label, _, _ in settings],
+                                 shared={"model": model.SerializeToString(), "calibration": calibration,
+                                         "rank_multiple": config.rank_multiple},
+                                 progress=config.progress, desc="sweep (ray)", unit="setting")
+    else:
+        outcomes = (compress_setting(setting, model, calibration, config.rank_multiple) for setting in settings)
+    bar = _bar(len(settings), "sweep", config.progress and config.ray is None)
+    for (label, kind, value), (error, new_model, report) in zip(settings, outcomes):
         bar.set_description(f"sweep {label}")
-        row = {"setting": label, "kind": kind, "value": value, "file": None, "error": None}
-        options = {"rank_multiple": config.rank_multiple}
-        if calibration is not None:
-            options["calibration"] = calibration
-        if kind == "target":
-            options["target_macs"] = value
-        try:
-            new_model, report = compress(model, ratio=value if kind == "ratio" else 1.0, **options)
-        except ModelError as exc:
-            row["error"] = str(exc)
-        else:
-            if not report.decomposed:  # nothing profitable at this setting: a row that says why
-                row["error"] = report.notes[-1] if report.notes else "no layer was decomposed"
+        row = {"setting": label, "kind": kind, "value": value, "file": None, "error": error}
         if row["error"]:
             results.append(row)
             bar.update()
             continue
+        new_model = _as_model(new_model)
         t = report.totals()
         original["conv_macs"], original["conv_params"] = t["macs_before"], t["params_before"]
         path = check_output_path(config.model, model_files[(kind, value)])
@@ -199,6 +198,34 @@ def run_sweep(config: SweepConfig) -> dict:
         "original": original,
         "results": results,
     }
+
+
+def compress_setting(setting: tuple, model, calibration: dict | None, rank_multiple: int) -> tuple:
+    """One setting's compress: (error or None, new model, report); the model as bytes when given as bytes (a Ray task)."""
+    from onnx_tucker.pipeline import compress
+
+    _, kind, value = setting
+    as_bytes = isinstance(model, (bytes, bytearray))
+    options = {"rank_multiple": rank_multiple}
+    if calibration is not None:
+        options["calibration"] = calibration
+    if kind == "target":
+        options["target_macs"] = value
+    try:
+        new_model, report = compress(_as_model(model), ratio=value if kind == "ratio" else 1.0, **options)
+    except ModelError as exc:
+        return str(exc), None, None
+    if not report.decomposed:  # nothing profitable at this setting: a row that says why
+        return (report.notes[-1] if report.notes else "no layer was decomposed"), None, None
+    return None, new_model.SerializeToString() if as_bytes else new_model, report
+
+
+def _as_model(model) -> onnx.ModelProto:
+    if isinstance(model, (bytes, bytearray)):
+        proto = onnx.ModelProto()
+        proto.ParseFromString(model)
+        return proto
+    return model
 
 
 def agreement(a: np.ndarray, b: np.ndarray) -> float:
