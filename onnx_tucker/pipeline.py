@@ -51,7 +51,7 @@ def compress(model, ratio: float = 0.5, **options) -> tuple[onnx.ModelProto, Rep
     arguments, are the fields of :class:`onnx_tucker.options.CompressOptions` (its docstring
     describes each): ``force``, ``rank_multiple``, ``n_iter_max``, ``method``, ``ranks``, ``exclude``,
     ``rank_method``, ``energy``, ``target_macs``, ``budget_rule``, ``calibration``, ``refit``,
-    ``whiten``, ``latency_aware``, ``latency_batch``, ``forms``, ``layers``, ``input_shapes``, ``fold_affine``, ``curves``, ``distill``. An unknown option or a bad value
+    ``whiten``, ``latency_aware``, ``latency_batch``, ``target_latency``, ``provider``, ``latency_table``, ``forms``, ``layers``, ``input_shapes``, ``fold_affine``, ``curves``, ``distill``. An unknown option or a bad value
     raises :class:`UsageError`.
 
     Returns ``(new_model, report)``; ``report.chains`` lists what each rewrite produced. When no layer
@@ -59,8 +59,6 @@ def compress(model, ratio: float = 0.5, **options) -> tuple[onnx.ModelProto, Rep
     a model without any Conv raises :class:`ModelError`.
     """
     opts = CompressOptions.from_kwargs(ratio=ratio, **options)
-    if opts.latency_aware:
-        return _latency_aware(_as_model(model), opts)
     return _compress(_as_model(model), opts)
 
 
@@ -83,13 +81,34 @@ def _compress(model: onnx.ModelProto, opts: CompressOptions) -> tuple[onnx.Model
     eligible = [s for s in sites if s.eligible]
     fixed_macs = sum(s.shape.macs() for s in sites if not s.eligible and s.shape is not None)
     total_macs = fixed_macs + sum(s.shape.macs() for s in eligible)
+    table = None
+    if (opts.latency_aware or opts.target_latency is not None or opts.rank_multiple == "auto") and eligible:
+        from onnx_tucker.latency_table import LatencyTable, default_path
+
+        table = LatencyTable(opts.latency_table or default_path(), opts.provider, opts.latency_batch)
+        report.latency = {"provider": table.provider, "device": table.device, "onnxruntime": table.ort_version,
+                          "batch": table.batch, "table": str(table.path), "layers": {}}
+    if opts.rank_multiple == "auto":
+        from dataclasses import replace
+
+        from onnx_tucker.latency_table import choose_multiple
+
+        if table is None:
+            opts = replace(opts, rank_multiple=1)
+        else:
+            choice = choose_multiple(table, eligible)
+            opts = replace(opts, rank_multiple=choice["multiple"])
+            report.latency["rank_multiple"] = choice
+            report.notes.append(f"--rank-multiple auto: {choice['multiple']} (chains at ranks rounded up to each multiple, summed time against unrounded ranks on {table.provider}, "
+                                f"batch {table.batch}: " + ", ".join(f"{m}: {v:.2f}" for m, v in choice["scores"].items()) + ")")
     input_stats = None
     if opts.calibration is not None and opts.whiten and eligible:
         from onnx_tucker.calibrate import input_covariances
 
         input_stats = input_covariances(model, opts.calibration, [s.input_name for s in eligible],
                                         axes={s.input_name: s.extra.get("channel_axis", 1) for s in eligible})
-    planned = plan_ranks(eligible, opts, fixed_macs, model=model, covariances=input_stats, report=report)
+    planned = plan_ranks(eligible, opts, fixed_macs, model=model, covariances=input_stats, report=report, table=table)
+    left_whole = {}
     blas = ThreadpoolController()  # finds the BLAS libraries once (threadpool_limits searches again per fit: ~4 ms each)
     shared: dict[tuple, tuple[dict, float]] = {}
     for site in eligible:
@@ -103,6 +122,8 @@ def _compress(model: onnx.ModelProto, opts: CompressOptions) -> tuple[onnx.Model
         cost = form.cost(site, ranks)
         record.ranks, record.params_after, record.macs_after = ranks, cost.params, cost.macs
         why = "" if opts.force else not_worth_it(site, ranks, cost, total_macs)
+        if not why and table is not None and (opts.latency_aware or opts.target_latency is not None):
+            why = _latency_verdict(table, site, ranks, record, report, left_whole, strict=opts.latency_aware)
         if why:
             record.reason = why
             record.params_after, record.macs_after = record.params_before, record.macs_before
@@ -145,42 +166,70 @@ def _compress(model: onnx.ModelProto, opts: CompressOptions) -> tuple[onnx.Model
         new_model = onnx.ModelProto()
         new_model.CopyFrom(model)
     report.settings = settings_of(opts)
+    if table is not None:
+        report.settings["provider"] = table.provider
+        report.settings["latency_batch"] = table.batch
+        if opts.latency_aware:
+            report.settings["latency_aware"] = {"batch": table.batch, "provider": table.provider,
+                                                "left_whole": {k: list(v) for k, v in left_whole.items()}}
+        if opts.target_latency is not None or opts.latency_aware:
+            _measure_whole(model, new_model, table, report)
     _set_metadata(new_model, report)
     return new_model, report
 
 
-def _latency_aware(model: onnx.ModelProto, opts: CompressOptions):
-    """Compress, measure each chain against its layer on the CPU EP, and redo without the slower ones."""
-    from dataclasses import replace
+def _latency_verdict(table, site, ranks, record, report, left_whole: dict, strict: bool) -> str:
+    """Time the chain at ``ranks`` against the layer (the table; cached); '' when it is kept, else why not.
 
-    from onnx_tucker.latency import slower_layers
+    ``strict`` (``--latency-aware``): kept only when measured faster (:func:`latency_table.verdict`); otherwise
+    (``--target-latency`` alone, whose knapsack already left out options not faster) the times are recorded only.
+    """
+    from onnx_tucker.latency_table import verdict
 
-    plain = replace(opts, latency_aware=False)
-    # the measuring pass needs the chains' shapes only: no distillation there (it runs once, at the end)
-    new_model, report = _compress(model, replace(plain, distill=None) if plain.distill is not None else plain)
-    slow = slower_layers(model, new_model, batch=opts.latency_batch) if report.decomposed else {}
-    if not slow and plain.distill is not None:
-        new_model, report = _compress(model, plain)
-    if not slow:
-        report.settings["latency_aware"] = {"batch": opts.latency_batch, "left_whole": {}}
-        _set_metadata(new_model, report)
-        return new_model, report
-    new_model, report = _compress(model, replace(plain, exclude=tuple(plain.exclude) + tuple(slow)))
-    for record in report.layers:
-        if record.layer in slow:
-            before, chain, verdict = slow[record.layer]
-            if verdict == "slower":
-                record.reason = f"chain measured slower on the CPU EP ({chain:.0f} us vs {before:.0f} us, batch {opts.latency_batch})"
-            else:
-                record.reason = (f"chain not faster in every profiled round on the CPU EP (median {chain:.0f} us vs {before:.0f} us, "
-                                 f"batch {opts.latency_batch}): inside the noise, left whole")
-    report.settings["latency_aware"] = {"batch": opts.latency_batch, "left_whole": {k: list(v) for k, v in slow.items()}}
-    _set_metadata(new_model, report)
-    return new_model, report
+    entry = table.measure(site, [ranks])[ranks]
+    before, chain = entry["original_us"], entry["cost_us"]
+    record.original_us, record.chain_us = before, chain
+    report.latency["layers"][site.name] = {"ranks": list(ranks), "original_us": before, "chain_us": chain,
+                                           "ratio": entry["ratio"], "q3": entry["q3"]}
+    if not strict:
+        return ""
+    decision = verdict(entry)
+    report.latency["layers"][site.name]["verdict"] = decision
+    if decision == "faster":
+        return ""
+    left_whole[site.name] = (before, chain, decision)
+    where = f"on {table.provider}, batch {table.batch}"
+    if decision == "slower":
+        return f"chain measured slower {where} ({chain:.0f} us vs {before:.0f} us)"
+    return (f"chain not faster in 3 of 4 paired runs {where} (median {chain:.0f} us vs {before:.0f} us): "
+            "inside the noise, left whole")
 
 
-def plan_ranks(sites: list, opts: CompressOptions, fixed_macs: int = 0, model=None, covariances=None, report=None) -> dict:
+def _measure_whole(model, new_model, table, report) -> None:
+    """Predicted (table) and measured (interleaved medians) whole-model latency, side by side in the report."""
+    from onnx_tucker.latency_table import time_models
+
+    measured = time_models(model, new_model, table.provider, table.batch, table.threads)
+    latency = report.latency
+    latency["measured"] = measured
+    prediction = latency.get("prediction")
+    if prediction is None:  # --latency-aware alone: the original's measured time, less what the kept chains save
+        saved = sum(r.original_us - r.chain_us for r in report.layers if r.decomposed and r.original_us is not None)
+        whole = measured["original_ms"] * 1e3
+        prediction = latency["prediction"] = {"original_us": whole, "predicted_us": whole - saved,
+                                              "predicted_ratio": (whole - saved) / whole}
+    report.notes.append(
+        f"latency on {table.provider} ({table.device}), batch {table.batch}: predicted {prediction['predicted_ratio']:.3f} x the original "
+        f"({prediction['predicted_us'] / 1e3:.2f} ms of {prediction['original_us'] / 1e3:.2f} ms, per-layer table), measured "
+        f"{1 / measured['speedup']:.3f} x ({measured['compressed_ms']:.2f} ms vs {measured['original_ms']:.2f} ms, "
+        f"speedup {measured['speedup']:.2f}x, median of {measured['runs']} interleaved pairs)")
+
+
+def plan_ranks(sites: list, opts: CompressOptions, fixed_macs: int = 0, model=None, covariances=None, report=None,
+               table=None) -> dict:
     """Layer name -> rank tuple before rounding, or None to leave the layer at full rank."""
+    if opts.target_latency is not None:
+        return _plan_latency(sites, opts, fixed_macs, model, covariances, report, table)
     if opts.target_macs is not None:
         from onnx_tucker.budget import allocate_measured, allocate_ranks
 
@@ -213,6 +262,35 @@ def plan_ranks(sites: list, opts: CompressOptions, fixed_macs: int = 0, model=No
             planned[site.name] = tuple(opts.ranks[site.name])
         else:
             planned[site.name] = get_form(site.form).rule_ranks(site, opts.rank_method, opts.ratio, opts.energy)
+    return planned
+
+
+def _plan_latency(sites, opts, fixed_macs, model, covariances, report, table) -> dict:
+    """``target_latency``: measured distortion curves, measured per-layer latencies, the latency knapsack."""
+    from onnx_tucker.budget import allocate_latency
+    from onnx_tucker.latency_table import option_costs, whole_model_us
+
+    if opts.calibration is None:
+        raise UsageError("a target latency needs calibration data (--calibrate): it spends latency against measured distortion")
+    from onnx_tucker.sensitivity import Unsupported, distortion_curves
+
+    try:
+        measured = distortion_curves(model, sites, opts.calibration, covariances, opts.rank_multiple, fixed_macs=fixed_macs,
+                                     cache_path=opts.curves)
+    except Unsupported as exc:
+        raise ModelError(f"a target latency needs the measured distortion curves, unavailable here: {exc}") from None
+    costs = option_costs(table, sites, measured["curves"])
+    whole = whole_model_us(model, table.provider, table.batch, table.threads)
+    planned, prediction = allocate_latency(sites, measured["curves"], costs, opts.target_latency, whole)
+    if report is not None:
+        report.sensitivity = {
+            "seconds": measured["seconds"], "eval_samples": measured["eval_samples"],
+            "cached_layers": measured.get("cached_layers", 0), "provider": measured.get("provider"),
+            "curves": {k: [[m, d, list(r)] for m, d, r in v] for k, v in measured["curves"].items()},
+        }
+        report.latency["prediction"] = prediction
+        report.latency["options"] = {name: {"original_us": before, "chains": [[list(r), us] for r, us in chain.items()]}
+                                     for name, (before, chain) in costs.items()}
     return planned
 
 
