@@ -104,13 +104,14 @@ def allocate_measured(candidates: list, curves: dict, opts, fixed: int = 0) -> d
     return planned
 
 
-def allocate_latency(candidates: list, curves: dict, costs: dict, target: float, whole_us: float) -> tuple[dict, dict]:
+def allocate_latency(candidates: list, curves: dict, costs: dict, target: float, whole_us: float,
+                     fixed_us: float | None = None) -> tuple[dict, dict]:
     """Per-layer ranks with the smallest summed measured distortion whose predicted latency meets the target.
 
     The multiple-choice knapsack of :func:`allocate_measured`, spending measured latency instead of MACs.
     ``costs``: layer -> (original us, {ranks: chain us}) from the latency table (``latency_table.option_costs``);
     ``whole_us``: the original model's measured latency. The target is a fraction of the WHOLE model's latency:
-    the part outside the candidate layers (``whole_us`` minus their summed table times, at least 0) is fixed.
+    the part outside the candidate layers (``fixed_us``, by default ``whole_us`` minus their summed times) is fixed.
     Options not faster than their original are never chosen. Returns (planned ranks, prediction) where the
     prediction holds ``fixed_us``, ``original_us`` (= whole), ``predicted_us`` and ``predicted_ratio``.
     """
@@ -118,7 +119,7 @@ def allocate_latency(candidates: list, curves: dict, costs: dict, target: float,
     if not 0 < target <= 1:
         raise UsageError(f"target latency must be a fraction in (0, 1], got {target}")
     layer_us = {c.name: costs[c.name][0] for c in candidates}
-    fixed = max(0.0, whole_us - sum(layer_us.values()))
+    fixed = whole_us - sum(layer_us.values()) if fixed_us is None else fixed_us  # may be < 0 (see latency_table.snapshot)
     budget = target * whole_us - fixed
     options_of = {}
     for cand in candidates:

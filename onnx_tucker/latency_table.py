@@ -152,6 +152,70 @@ def layer_model(site, batch: int, form=None, ranks: tuple | None = None):
     return _export(graph)
 
 
+def foldable_affine(site, shapes: dict) -> tuple | None:
+    """(input dims at batch 1, scale, shift) of the per-channel Mul -> Add that ``fold.fold_affine_into_chains``
+    folds into this site's chain (directly before it, or before a MaxPool before it), else None.
+
+    A chain makes those two ops vanish, so the layer's whole cost is the conv plus them: the table times them
+    too (``affine`` entries), and the latency budget counts them with the layer, not in the fixed part.
+    """
+    from onnx_tucker.site import resolve_constant
+
+    if site.op != "Conv" or site.geometry is None or site.shape is None:
+        return None
+    tensor = site.node.inputs[0]
+    producer = tensor.inputs[0] if tensor.inputs else None
+    pool = None
+    if producer is not None and producer.op == "MaxPool" and len(tensor.outputs) == 1:
+        pool, tensor = producer, producer.inputs[0]
+        producer = tensor.inputs[0] if tensor.inputs else None
+    if producer is None or producer.op != "Add" or len(tensor.outputs) != 1:
+        return None
+    add = producer
+    values = [resolve_constant(t)[0] if t is not None else None for t in add.inputs]
+    if len(values) != 2 or (values[0] is None) == (values[1] is None):
+        return None
+    shift = values[0] if values[0] is not None else values[1]
+    mid = add.inputs[1] if values[0] is not None else add.inputs[0]
+    mul = mid.inputs[0] if mid.inputs else None
+    if mul is None or mul.op != "Mul" or len(mid.outputs) != 1:
+        return None
+    values = [resolve_constant(t)[0] if t is not None else None for t in mul.inputs]
+    if len(values) != 2 or (values[0] is None) == (values[1] is None):
+        return None
+    scale = values[0] if values[0] is not None else values[1]
+    source = mul.inputs[1] if values[0] is not None else mul.inputs[0]
+    channels = site.shape.c_in
+    for v in (scale, shift):
+        if v.size != 1 and (v.size != channels or v.ndim < 1):
+            return None
+    if pool is not None and not np.all(np.asarray(scale) > 0):
+        return None
+    dims = shapes.get(source.name)
+    if dims is None or len(dims) < 2 or any(not isinstance(d, int) or d <= 0 for d in dims[1:]):
+        return None
+    return tuple(dims), np.asarray(scale), np.asarray(shift)
+
+
+def affine_model(dims: list, scale: np.ndarray, shift: np.ndarray, dtype: str):
+    """x -> Mul(scale) -> Add(shift): the ops a chain's fold removes."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    elem = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "float64": TensorProto.DOUBLE}[dtype]
+    nd = len(dims)
+    def const(name, v):
+        v = np.asarray(v, dtype=dtype)
+        v = v.reshape((1, -1) + (1,) * (nd - 2)) if v.size > 1 else v.reshape(())
+        return numpy_helper.from_array(v, name)
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "a"], ["m"]), helper.make_node("Add", ["m", "b"], ["y"])], "affine",
+        [helper.make_tensor_value_info("x", elem, list(dims))], [helper.make_tensor_value_info("y", elem, None)],
+        [const("a", scale), const("b", shift)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 8
+    return model
+
+
 # --- the table ---------------------------------------------------------------------------------------
 
 class LatencyTable:
@@ -238,8 +302,8 @@ class LatencyTable:
                 progress(site, len(todo))
         return {r: self.option(site, r) for r in options}
 
-    def _time(self, models: list) -> list[list[float]]:
-        """Seconds per interleaved run of each model (the first is the original)."""
+    def _time(self, models: list, feeds: list | None = None, runs: int | None = None) -> list[list[float]]:
+        """Seconds per interleaved run of each model (the first is the reference: the original layer)."""
         from onnx_tucker.bench import bind, open_session, time_interleaved
         from onnx_tucker.providers import get
         from onnx_tucker.runtime import random_inputs
@@ -251,7 +315,8 @@ class LatencyTable:
                 path = Path(folder) / f"layer{index}.onnx"
                 path.write_bytes(model.SerializeToString())
                 session = open_session(path, self.provider, self.threads, get(self.provider).options())
-                runners.append(bind(session, random_inputs(model, batch=self.batch, seed=0), device))
+                given = feeds[index] if feeds is not None else None
+                runners.append(bind(session, given if given is not None else random_inputs(model, batch=self.batch, seed=0), device))
             warmup = get(self.provider).warmup(self.warmup)
             # calibrate the number of iterations on the original alone
             import time
@@ -260,7 +325,7 @@ class LatencyTable:
             for _ in range(max(warmup, 1)):
                 runners[0]()
             each = (time.perf_counter() - start) / max(warmup, 1)
-            runs = max(self.runs, min(MAX_RUNS, int(MIN_SECONDS / max(each, 1e-6))))
+            runs = runs or max(self.runs, min(MAX_RUNS, int(MIN_SECONDS / max(each, 1e-6))))
             times = time_interleaved(runners, runs, warmup)
         self.measured += len(models)
         return times
@@ -268,13 +333,53 @@ class LatencyTable:
 
 # --- uses of the table -------------------------------------------------------------------------------
 
-def option_costs(table: LatencyTable, sites: list, curves: dict) -> dict:
-    """Layer -> (original us, {ranks: chain us}) for every option of the measured curves, timed where not cached."""
+def snapshot(table: LatencyTable, model, sites: list, shapes: dict | None = None, runs: int = 20) -> dict:
+    """The whole model, each site's original layer and its foldable Mul/Add (:func:`foldable_affine`, with
+    ``shapes``), timed together, interleaved, at the table's batch: {"whole_us", "layers": {name: (layer us,
+    affine us)}, "fixed_us"}. Absolute times drift with the load of a shared machine; times taken in the same
+    iterations do not drift apart, so the part of the model outside the sites (``fixed_us`` = whole minus the
+    layers and affines) is measured, not a difference of two moments."""
+    from onnx_tucker.bench import timing_feeds
+    from onnx_tucker.capture import fixed_batch
+    from onnx_tucker.errors import UsageError
+    from onnx_tucker.runtime import random_inputs
+
+    fixed = fixed_batch(model)
+    if fixed and fixed != table.batch:
+        raise UsageError(f"the model is exported for batch {fixed} only: --latency-batch {table.batch} cannot run it")
+    models, feeds, slots = [model], [timing_feeds(model, table.batch)], []
+    for site in sites:
+        models.append(layer_model(site, table.batch))
+        feeds.append(None)
+        affine = foldable_affine(site, shapes) if shapes is not None else None
+        if affine is not None:
+            models.append(affine_model([table.batch] + list(affine[0][1:]), affine[1], affine[2], site_dtype(site)))
+            feeds.append(None)
+        slots.append((site.name, affine is not None))
+    times = table._time(models, feeds=[f if f is not None else random_inputs(m, batch=table.batch, seed=0) for m, f in zip(models, feeds)],
+                        runs=runs)
+    medians = [float(np.median(t)) * 1e6 for t in times]
+    layers, k = {}, 1
+    for name, has_affine in slots:
+        layers[name] = (medians[k], medians[k + 1] if has_affine else 0.0)
+        k += 2 if has_affine else 1
+    whole = medians[0]
+    # ``fixed_us`` may be negative: a layer timed alone pays its own layout reorders (NCHW <-> NCHWc on the CPU EP)
+    # that the whole model pays once; its chain alone pays them too, so they cancel in fixed + sum(chains).
+    return {"whole_us": whole, "layers": layers, "fixed_us": whole - sum(a + b for a, b in layers.values())}
+
+
+def option_costs(table: LatencyTable, sites: list, curves: dict, snap: dict) -> dict:
+    """Layer -> (original us, {ranks: chain us}) for every option of the measured curves (timed where not cached).
+
+    The original's time and its foldable Mul/Add come from ``snap`` (:func:`snapshot`, same moment as the whole
+    model); a chain's time is its cached ratio to the original layer times that layer's time in ``snap``."""
     costs = {}
     for site in sites:
         options = [tuple(r) for _, _, r in curves.get(site.name, [])]
         entries = table.measure(site, options)
-        costs[site.name] = (table.original_us(site), {r: e["cost_us"] for r, e in entries.items()})
+        layer, affine = snap["layers"][site.name]
+        costs[site.name] = (layer + affine, {r: e["ratio"] * layer for r, e in entries.items()})
     return costs
 
 
@@ -345,23 +450,3 @@ def time_models(original, compressed, provider: str = "cpu", batch: int = 1, thr
     return {"provider": chosen.key, "batch": batch, "runs": runs,
             "original_ms": statistics.median(times[0]) * 1e3, "compressed_ms": statistics.median(times[1]) * 1e3,
             "speedup": paired_speedup(times[0], times[1])["median"]}
-
-
-def whole_model_us(model, provider: str = "cpu", batch: int = 1, threads: int | None = None, runs: int = 20, warmup: int = 3) -> float:
-    """Median latency (us) of one model on the provider at ``batch``."""
-    from onnx_tucker.bench import bind, open_session, time_interleaved, timing_feeds
-    from onnx_tucker.capture import fixed_batch
-    from onnx_tucker.errors import UsageError
-    from onnx_tucker.providers import get
-
-    fixed = fixed_batch(model)
-    if fixed and fixed != batch:
-        raise UsageError(f"the model is exported for batch {fixed} only: --latency-batch {batch} cannot run it")
-    chosen = get(provider)
-    with tempfile.TemporaryDirectory(prefix="onnx-tucker-latency-") as folder:
-        path = Path(folder) / "model.onnx"
-        path.write_bytes(model.SerializeToString())
-        runner = bind(open_session(path, chosen.key, threads or min(2, os.cpu_count() or 1), chosen.options()),
-                      timing_feeds(model, batch), chosen.device)
-        times = time_interleaved([runner], runs, chosen.warmup(warmup))
-    return statistics.median(times[0]) * 1e6

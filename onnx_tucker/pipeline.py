@@ -115,7 +115,7 @@ def _compress(model: onnx.ModelProto, opts: CompressOptions) -> tuple[onnx.Model
         form = get_form(site.form)
         record = records[site.name]
         if planned.get(site.name) is None:
-            record.reason = "left whole by the MAC budget allocation"
+            record.reason = "left whole by the " + ("latency" if opts.target_latency is not None else "MAC") + " budget allocation"
             continue
         limits = form.max_ranks(site)
         ranks = tuple(round_to_multiple(min(r, m), opts.rank_multiple, m) for r, m in zip(planned[site.name], limits))
@@ -268,7 +268,7 @@ def plan_ranks(sites: list, opts: CompressOptions, fixed_macs: int = 0, model=No
 def _plan_latency(sites, opts, fixed_macs, model, covariances, report, table) -> dict:
     """``target_latency``: measured distortion curves, measured per-layer latencies, the latency knapsack."""
     from onnx_tucker.budget import allocate_latency
-    from onnx_tucker.latency_table import option_costs, whole_model_us
+    from onnx_tucker.latency_table import option_costs, snapshot
 
     if opts.calibration is None:
         raise UsageError("a target latency needs calibration data (--calibrate): it spends latency against measured distortion")
@@ -279,9 +279,10 @@ def _plan_latency(sites, opts, fixed_macs, model, covariances, report, table) ->
                                      cache_path=opts.curves)
     except Unsupported as exc:
         raise ModelError(f"a target latency needs the measured distortion curves, unavailable here: {exc}") from None
-    costs = option_costs(table, sites, measured["curves"])
-    whole = whole_model_us(model, table.provider, table.batch, table.threads)
-    planned, prediction = allocate_latency(sites, measured["curves"], costs, opts.target_latency, whole)
+    shapes = infer_shapes(model, opts.input_shapes) if opts.fold_affine else None  # the folded Mul/Add count with their layer
+    snap = snapshot(table, model, sites, shapes)
+    costs = option_costs(table, sites, measured["curves"], snap)
+    planned, prediction = allocate_latency(sites, measured["curves"], costs, opts.target_latency, snap["whole_us"], snap["fixed_us"])
     if report is not None:
         report.sensitivity = {
             "seconds": measured["seconds"], "eval_samples": measured["eval_samples"],
