@@ -59,10 +59,51 @@ def compress(model, ratio: float = 0.5, **options) -> tuple[onnx.ModelProto, Rep
     a model without any Conv raises :class:`ModelError`.
     """
     opts = CompressOptions.from_kwargs(ratio=ratio, **options)
+    if opts.target_latency is not None:
+        return _target_latency(_as_model(model), opts)
     return _compress(_as_model(model), opts)
 
 
-def _compress(model: onnx.ModelProto, opts: CompressOptions) -> tuple[onnx.ModelProto, Report]:
+FEEDBACK_AIM = 0.9  # the corrected plan aims this far under the target: the measurement that checks it is noisy
+FEEDBACK_SLACK = 0.1  # no second plan when the first one's measured latency is within this of the target (and meets it)
+
+
+def _target_latency(model: onnx.ModelProto, opts: CompressOptions) -> tuple[onnx.ModelProto, Report]:
+    """``target_latency``: plan on the per-layer table, build, measure the whole models; when the measured ratio
+    is off the prediction, plan once more with the prediction corrected by that measurement (same curves and
+    table: only the knapsack, fits and refits run again), and keep the plan whose measured latency meets the
+    target with the larger budget (less distortion); when none meets it, the faster one."""
+    memo: dict = {}
+    first = _compress(model, opts, memo)
+    latency = first[1].latency or {}
+    if not first[1].decomposed or "measured" not in latency:
+        return first
+    predicted, measured = latency["prediction"]["predicted_ratio"], 1 / latency["measured"]["speedup"]
+    target = opts.target_latency
+    if measured <= target and measured >= (1 - FEEDBACK_SLACK) * target:
+        return first
+    correction = measured / predicted
+    memo["planned_target"] = min(1.0, FEEDBACK_AIM * target / correction)
+    memo["correction"] = correction
+    try:
+        second = _compress(model, opts, memo)
+    except UsageError as exc:  # the corrected target cannot be planned: keep the first
+        first[1].notes.append(f"no second plan with the measured correction ({first_line(exc)})")
+        return first
+    again = 1 / second[1].latency["measured"]["speedup"]
+    keep = second if again <= target or (measured > target and again < measured) else first
+    keep[1].notes.append(
+        f"latency feedback: first plan predicted {predicted:.3f}, measured {measured:.3f}; second plan on the corrected prediction "
+        f"(x {correction:.3f}, aiming at {FEEDBACK_AIM:g} x the target) measured {again:.3f}: kept the "
+        f"{'second' if keep is second else 'first'}")
+    keep[1].latency["feedback"] = {"first": {"predicted": predicted, "measured": measured}, "correction": correction,
+                                   "planned_target": memo["planned_target"], "second_measured": again,
+                                   "kept": "second" if keep is second else "first"}
+    _set_metadata(keep[0], keep[1])
+    return keep
+
+
+def _compress(model: onnx.ModelProto, opts: CompressOptions, memo: dict | None = None) -> tuple[onnx.ModelProto, Report]:
     graph, sites = factorable_sites(model, opts.forms, opts.input_shapes, opts.layers)
     if not sites:
         raise ModelError("the model has no Conv node: nothing to compress")
@@ -102,12 +143,16 @@ def _compress(model: onnx.ModelProto, opts: CompressOptions) -> tuple[onnx.Model
             report.notes.append(f"--rank-multiple auto: {choice['multiple']} (chains at ranks rounded up to each multiple, summed time against unrounded ranks on {table.provider}, "
                                 f"batch {table.batch}: " + ", ".join(f"{m}: {v:.2f}" for m, v in choice["scores"].items()) + ")")
     input_stats = None
-    if opts.calibration is not None and opts.whiten and eligible:
+    if memo is not None and "input_stats" in memo:
+        input_stats = memo["input_stats"]
+    elif opts.calibration is not None and opts.whiten and eligible:
         from onnx_tucker.calibrate import input_covariances
 
         input_stats = input_covariances(model, opts.calibration, [s.input_name for s in eligible],
                                         axes={s.input_name: s.extra.get("channel_axis", 1) for s in eligible})
-    planned = plan_ranks(eligible, opts, fixed_macs, model=model, covariances=input_stats, report=report, table=table)
+    if memo is not None:
+        memo["input_stats"] = input_stats
+    planned = plan_ranks(eligible, opts, fixed_macs, model=model, covariances=input_stats, report=report, table=table, memo=memo)
     left_whole = {}
     blas = ThreadpoolController()  # finds the BLAS libraries once (threadpool_limits searches again per fit: ~4 ms each)
     shared: dict[tuple, tuple[dict, float]] = {}
@@ -220,16 +265,17 @@ def _measure_whole(model, new_model, table, report) -> None:
                                               "predicted_ratio": (whole - saved) / whole}
     report.notes.append(
         f"latency on {table.provider} ({table.device}), batch {table.batch}: predicted {prediction['predicted_ratio']:.3f} x the original "
-        f"({prediction['predicted_us'] / 1e3:.2f} ms of {prediction['original_us'] / 1e3:.2f} ms, per-layer table), measured "
+        f"({prediction['predicted_us'] / 1e3:.2f} ms of {prediction['original_us'] / 1e3:.2f} ms, per-layer table"
+        f"{', corrected x %.3f by the first plan' % prediction['correction'] if 'correction' in prediction else ''}), measured "
         f"{1 / measured['speedup']:.3f} x ({measured['compressed_ms']:.2f} ms vs {measured['original_ms']:.2f} ms, "
         f"speedup {measured['speedup']:.2f}x, median of {measured['runs']} interleaved pairs)")
 
 
 def plan_ranks(sites: list, opts: CompressOptions, fixed_macs: int = 0, model=None, covariances=None, report=None,
-               table=None) -> dict:
+               table=None, memo: dict | None = None) -> dict:
     """Layer name -> rank tuple before rounding, or None to leave the layer at full rank."""
     if opts.target_latency is not None:
-        return _plan_latency(sites, opts, fixed_macs, model, covariances, report, table)
+        return _plan_latency(sites, opts, fixed_macs, model, covariances, report, table, memo if memo is not None else {})
     if opts.target_macs is not None:
         from onnx_tucker.budget import allocate_measured, allocate_ranks
 
@@ -265,8 +311,11 @@ def plan_ranks(sites: list, opts: CompressOptions, fixed_macs: int = 0, model=No
     return planned
 
 
-def _plan_latency(sites, opts, fixed_macs, model, covariances, report, table) -> dict:
-    """``target_latency``: measured distortion curves, measured per-layer latencies, the latency knapsack."""
+def _plan_latency(sites, opts, fixed_macs, model, covariances, report, table, memo: dict) -> dict:
+    """``target_latency``: measured distortion curves, measured per-layer latencies, the latency knapsack.
+
+    ``memo`` keeps the curves, costs and snapshot for a second plan; with ``memo["planned_target"]`` (the
+    target corrected by a measurement, :func:`_target_latency`) the knapsack aims there."""
     from onnx_tucker.budget import allocate_latency
     from onnx_tucker.latency_table import option_costs, snapshot
 
@@ -274,15 +323,23 @@ def _plan_latency(sites, opts, fixed_macs, model, covariances, report, table) ->
         raise UsageError("a target latency needs calibration data (--calibrate): it spends latency against measured distortion")
     from onnx_tucker.sensitivity import Unsupported, distortion_curves
 
-    try:
-        measured = distortion_curves(model, sites, opts.calibration, covariances, opts.rank_multiple, fixed_macs=fixed_macs,
-                                     cache_path=opts.curves)
-    except Unsupported as exc:
-        raise ModelError(f"a target latency needs the measured distortion curves, unavailable here: {exc}") from None
-    shapes = infer_shapes(model, opts.input_shapes) if opts.fold_affine else None  # the folded Mul/Add count with their layer
-    snap = snapshot(table, model, sites, shapes)
-    costs = option_costs(table, sites, measured["curves"], snap)
-    planned, prediction = allocate_latency(sites, measured["curves"], costs, opts.target_latency, snap["whole_us"], snap["fixed_us"])
+    if "curves" not in memo:
+        try:
+            memo["curves"] = distortion_curves(model, sites, opts.calibration, covariances, opts.rank_multiple, fixed_macs=fixed_macs,
+                                               cache_path=opts.curves)
+        except Unsupported as exc:
+            raise ModelError(f"a target latency needs the measured distortion curves, unavailable here: {exc}") from None
+        shapes = infer_shapes(model, opts.input_shapes) if opts.fold_affine else None  # the folded Mul/Add count with their layer
+        memo["snap"] = snapshot(table, model, sites, shapes)
+        memo["costs"] = option_costs(table, sites, memo["curves"]["curves"], memo["snap"])
+    measured, snap, costs = memo["curves"], memo["snap"], memo["costs"]
+    target = memo.get("planned_target", opts.target_latency)
+    planned, prediction = allocate_latency(sites, measured["curves"], costs, target, snap["whole_us"], snap["fixed_us"])
+    if "correction" in memo:
+        prediction = prediction | {"target": opts.target_latency, "planned_target": target, "correction": memo["correction"],
+                                   "raw_predicted_ratio": prediction["predicted_ratio"],
+                                   "predicted_ratio": prediction["predicted_ratio"] * memo["correction"],
+                                   "predicted_us": prediction["predicted_us"] * memo["correction"]}
     if report is not None:
         report.sensitivity = {
             "seconds": measured["seconds"], "eval_samples": measured["eval_samples"],
