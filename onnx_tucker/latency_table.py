@@ -224,8 +224,8 @@ class LatencyTable:
     ``measured`` counts the models timed by this object (0 after a run served from the cache).
     """
 
-    def __init__(self, path=None, provider: str = "cpu", batch: int = 1, threads: int | None = None, runs: int = RUNS,
-                 warmup: int = WARMUP):
+    def __init__(self, path=None, provider: str = "cpu", batch: int = 1, threads: int | None = None, runs: int | None = None,
+                 warmup: int | None = None, min_seconds: float | None = None):
         from onnx_tucker.providers import onnxruntime, require
 
         self.provider = require(provider).key  # a missing provider is a one-line error here
@@ -233,7 +233,9 @@ class LatencyTable:
         self.ort_version = onnxruntime().__version__
         self.batch = int(batch)
         self.threads = threads or min(2, os.cpu_count() or 1)
-        self.runs, self.warmup = int(runs), int(warmup)
+        self.runs = int(RUNS if runs is None else runs)
+        self.warmup = int(WARMUP if warmup is None else warmup)
+        self.min_seconds = MIN_SECONDS if min_seconds is None else float(min_seconds)
         self.path = Path(path) if path is not None else None
         self.entries: dict[str, dict] = self._load()
         self.measured = 0
@@ -325,7 +327,7 @@ class LatencyTable:
             for _ in range(max(warmup, 1)):
                 runners[0]()
             each = (time.perf_counter() - start) / max(warmup, 1)
-            runs = runs or max(self.runs, min(MAX_RUNS, int(MIN_SECONDS / max(each, 1e-6))))
+            runs = runs or max(self.runs, min(MAX_RUNS, int(self.min_seconds / max(each, 1e-6))))
             times = time_interleaved(runners, runs, warmup)
         self.measured += len(models)
         return times

@@ -250,7 +250,7 @@ class RankArgs:
         parser.add_argument("--exclude", default="", metavar="LAYERS",
                             help="comma-separated conv names or 0-based indices to leave alone (e.g. 0 for the first conv)")
         parser.add_argument("--rank-multiple", type=_type(check_rank_multiple, "--rank-multiple"), default=1, metavar="N|auto",
-                            help="round ranks to multiples of N; auto: the multiple (1, 4, 8, 16) measured fastest per MAC on --provider")
+                            help="round ranks to multiples of N")
         parser.add_argument("--rank-method", choices=RANK_METHODS, default="ratio",
                             help="per-layer rank rule: ratio (R*C, default), energy (keep a fraction --energy of each "
                             "channel unfolding's squared singular values) or vbmf (EVBMF estimate, Kim et al. 2016)")
@@ -459,7 +459,8 @@ class LatencyArgs:
         parser.add_argument("--latency-batch", type=_type(check_positive_int, "--latency-batch"), default=None, metavar="N",
                             help="batch size of the latency measurements (default 1)")
         parser.add_argument("--provider", default=None, metavar="NAME",
-                            help="execution provider the latencies are measured on: cpu (default), cuda, tensorrt")
+                            help="execution provider the latencies are measured on: cpu (default), cuda, tensorrt; also what "
+                            "'--rank-multiple auto' measures on (the largest multiple of 1, 4, 8, 16 whose rounded-up ranks cost no time)")
         parser.add_argument("--latency-table", default=None, metavar="FILE.json",
                             help="per-layer latency cache (default ~/.cache/onnx-tucker/latency.json): a rerun on the same "
                             "provider, device, onnxruntime, batch and shapes measures nothing")

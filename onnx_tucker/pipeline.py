@@ -219,6 +219,7 @@ def _compress(model: onnx.ModelProto, opts: CompressOptions, memo: dict | None =
                                                 "left_whole": {k: list(v) for k, v in left_whole.items()}}
         if opts.target_latency is not None or opts.latency_aware:
             _measure_whole(model, new_model, table, report)
+        report.latency["timed_layer_models"] = table.measured  # 0: every per-layer time came from the cache
     _set_metadata(new_model, report)
     return new_model, report
 
