@@ -55,7 +55,7 @@ def device_name(provider: str) -> str:
                                  capture_output=True, text=True, timeout=10)
             if out.returncode == 0 and out.stdout.strip():
                 return out.stdout.strip().splitlines()[0]
-        except (OSError, ValueError, Exception):  # noqa: BLE001 (best effort: the name is only a cache key)
+        except Exception:  # noqa: BLE001 (best effort: the name is only a cache key)
             pass
         return f"{get(provider).device} device 0"
     try:
