@@ -102,3 +102,71 @@ def allocate_measured(candidates: list, curves: dict, opts, fixed: int = 0) -> d
         planned[cand.name] = ranks
         b -= int(np.ceil(macs / unit - 1e-9))
     return planned
+
+
+def allocate_latency(candidates: list, curves: dict, costs: dict, target: float, whole_us: float,
+                     fixed_us: float | None = None) -> tuple[dict, dict]:
+    """Per-layer ranks with the smallest summed measured distortion whose predicted latency meets the target.
+
+    The multiple-choice knapsack of :func:`allocate_measured`, spending measured latency instead of MACs.
+    ``costs``: layer -> (original us, {ranks: chain us}) from the latency table (``latency_table.option_costs``);
+    ``whole_us``: the original model's measured latency. The target is a fraction of the WHOLE model's latency:
+    the part outside the candidate layers (``fixed_us``, by default ``whole_us`` minus their summed times) is fixed.
+    Options not faster than their original are never chosen. Returns (planned ranks, prediction) where the
+    prediction holds ``fixed_us``, ``original_us`` (= whole), ``predicted_us`` and ``predicted_ratio``.
+    """
+    target = float(target)
+    if not 0 < target <= 1:
+        raise UsageError(f"target latency must be a fraction in (0, 1], got {target}")
+    layer_us = {c.name: costs[c.name][0] for c in candidates}
+    fixed = whole_us - sum(layer_us.values()) if fixed_us is None else fixed_us  # may be < 0 (see latency_table.snapshot)
+    budget = target * whole_us - fixed
+    options_of = {}
+    for cand in candidates:
+        before, chain = costs[cand.name]
+        by_ranks = {tuple(e[2]): e[1] for e in curves.get(cand.name, [])}
+        options_of[cand.name] = [(before, 0.0, None)] + [(us, by_ranks[r], r) for r, us in chain.items()
+                                                          if r in by_ranks and us < before]
+    smallest = fixed + sum(min(us for us, _, _ in options_of[c.name]) for c in candidates)
+    if budget <= 0 or smallest > target * whole_us:
+        raise UsageError(f"target latency {target:g} cannot be met: the fastest measured options give "
+                         f"{smallest / whole_us:.3f} of the model's latency ({smallest / 1e3:.2f} of {whole_us / 1e3:.2f} ms)")
+    picks = _knapsack([options_of[c.name] for c in candidates], budget)
+    if picks is None:
+        raise UsageError(f"target latency {target:g} cannot be met at this budget resolution: try a larger target")
+    planned, predicted = {}, fixed
+    for cand, index in zip(candidates, picks):
+        us, _, ranks = options_of[cand.name][index]
+        planned[cand.name] = ranks
+        predicted += us
+    return planned, {"fixed_us": fixed, "original_us": whole_us, "predicted_us": predicted, "predicted_ratio": predicted / whole_us,
+                     "target": target}
+
+
+def _knapsack(options: list[list[tuple]], budget: float, bins: int = BINS) -> list[int] | None:
+    """Multiple-choice knapsack: one option (cost, distortion, _) per group, summed cost within ``budget``
+    (costs rounded up to bins, so the budget always holds), least summed distortion. Indices, or None."""
+    unit = budget / bins
+    best = np.zeros(bins + 1)
+    choices = []
+    for group in options:
+        new = np.full(bins + 1, np.inf)
+        pick = np.full(bins + 1, -1)
+        for index, (cost, distortion, _) in enumerate(group):
+            steps = int(np.ceil(cost / unit - 1e-9))
+            if steps > bins:
+                continue
+            shifted = np.full(bins + 1, np.inf)
+            shifted[steps:] = best[: bins + 1 - steps] + distortion
+            better = shifted < new
+            new[better], pick[better] = shifted[better], index
+        best = new
+        choices.append((group, pick))
+    if not np.isfinite(best[bins]):
+        return None
+    picks, b = [], bins
+    for group, pick in reversed(choices):
+        index = int(pick[b])
+        picks.append(index)
+        b -= int(np.ceil(group[index][0] / unit - 1e-9))
+    return picks[::-1]

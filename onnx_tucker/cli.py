@@ -17,6 +17,7 @@ import numpy as np
 from onnx_tucker import __version__
 from onnx_tucker.errors import ModelError, OnnxTuckerError, UsageError, first_line
 from onnx_tucker.options import (BudgetArgs, CalibrationArgs, CheckArgs, DataArgs, DistillArgs, LatencyArgs, RankArgs, RayArgs, RuntimeArgs,
+                                 add_layers_argument, parse_layers,
                                  check_fraction_list, check_int_list, check_positive_int, check_tolerance, parse_input_shapes)
 
 SUBCOMMANDS = ("compress", "inspect", "convert", "bench", "sweep")
@@ -63,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--ratios", default="0.25,0.5,0.75", help="comma-separated rank ratios (default 0.25,0.5,0.75)")
     i.add_argument("--rank-multiple", type=lambda t: check_positive_int(t, "--rank-multiple"), default=1, metavar="N", help="round ranks to multiples of N")
     i.add_argument("--json", metavar="PATH", help="write the listing as JSON")
+    add_layers_argument(i)
     add_bench_parser(sub)
     add_sweep_parser(sub)
     return parser
@@ -249,8 +251,9 @@ def cmd_inspect(args) -> int:
         from onnx_tucker.io import check_output_path
 
         check_output_path(args.input, args.json, "--json")
+    layers = parse_layers(args.layers) if args.layers is not None else None
     model = load_model(args.input)
-    _, sites = factorable_sites(model)
+    _, sites = factorable_sites(model, layers=layers)
     if not sites:
         print("no Conv layers")
         return 0
@@ -259,7 +262,7 @@ def cmd_inspect(args) -> int:
     total_after = {r: 0 for r in ratios}
     for site in sites:
         s = site.shape
-        entry = {"layer": site.name, "op": site.op, "kind": site.kind if site.geometry else None, "form": site.form or None,
+        entry = {"layer": site.name, "op": site.op, "kind": site.kind, "form": site.form or None,
                  "op_shape": None, "macs": None, "params": None, "eligible": site.eligible, "reason": site.reason, "ratios": {}}
         if s is not None:
             entry["op_shape"] = [s.c_out, s.c_in // s.group, *s.kernel]
@@ -351,6 +354,7 @@ def add_sweep_parser(sub) -> None:
     s.set_defaults(runs=30)
     s.add_argument("--rank-multiple", type=lambda t: check_positive_int(t, "--rank-multiple"), default=1, metavar="N", help="round ranks to multiples of N")
     RayArgs.add(s)
+    add_layers_argument(s)
 
 
 def cmd_sweep(args) -> int:
@@ -374,6 +378,7 @@ def cmd_sweep(args) -> int:
         out_dir=Path(args.out_dir), data_limit=args.data_limit, threads=args.threads,
         batches=tuple(check_int_list(args.batch, "--batch")), runs=args.runs, rank_multiple=args.rank_multiple,
         progress=not args.no_progress, ray=RayArgs.parse(args, needs_measured=False).get("ray"),
+        layers=parse_layers(args.layers) if args.layers is not None else None,
     )
     result = sweep.run_sweep(config)
     paths = sweep.write_outputs(result, config.out_dir)

@@ -1,4 +1,6 @@
-"""Latency-aware compression: measure each decomposed layer's chain against its original layer.
+"""Whole-model check: each decomposed layer's chain against its original layer inside the two models.
+
+(``--latency-aware`` itself times each layer alone on any provider: ``latency_table``.)
 
 onnxruntime's profiler (CPU EP) gives per-node kernel times; a layer whose chain takes longer than the
 layer it replaces is not worth its accuracy loss. One profile is noisy (two runs of the same command

@@ -50,6 +50,16 @@ def check_count(value, what: str) -> int:
     return _check_int(value, what, 0, "a whole number >= 0")
 
 
+def check_rank_multiple(value, what: str = "rank_multiple"):
+    """A positive integer, or "auto" (chosen per provider from measurements)."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    try:
+        return check_positive_int(value, what)
+    except UsageError:
+        raise UsageError(f"{what}: expected a positive integer or auto, got {value!r}") from None
+
+
 def check_fraction_list(text: str, what: str) -> list[float]:
     """Comma-separated fractions in (0, 1]; an empty item is an error, not skipped."""
     items = [t.strip() for t in str(text).split(",")]
@@ -84,7 +94,8 @@ class CompressOptions:
 
     ratio: rank ratio in (0, 1] for ``rank_method="ratio"``: R = max(1, int(ratio * C)) per channel mode.
     force: decompose every eligible layer, even where its chain would not reduce MACs.
-    rank_multiple: round every rank to a multiple of N (>= 1).
+    rank_multiple: round every rank to a multiple of N (>= 1), or "auto": the multiple (1, 4, 8, 16) whose chains
+        run fastest per MAC on ``provider``, measured on the largest layers (``latency_table.choose_multiple``).
     n_iter_max: HOOI iterations after the SVD start (>= 0, default 10).
     method: "eig" (our HOOI, default) or "tensorly" (``partial_tucker``, the reference).
     ranks: {layer name: rank tuple}, overriding the rule for those layers.
@@ -97,8 +108,13 @@ class CompressOptions:
     refit: with calibration: "core" (core by reduced-rank regression, then the last factor; default),
         "last" (only the last 1x1 conv and bias) or False / "none".
     whiten: with calibration: fit the input factor in the metric of the input's channel covariance.
-    latency_aware: leave whole the layers whose chain is measured slower than the original (CPU EP).
-    latency_batch: batch size for ``latency_aware``.
+    latency_aware: leave whole the layers whose chain is not measured faster than the original layer on
+        ``provider`` (each timed alone at ``latency_batch``, interleaved with the original; ``latency_table``).
+    latency_batch: batch size of every latency measurement (``latency_aware``, ``target_latency``, "auto" multiple).
+    target_latency: with ``calibration``: per-layer ranks with the least measured distortion whose predicted
+        whole-model latency on ``provider`` is at most this fraction of the original's (a budget; overrides the rule).
+    provider: the execution provider the latencies are measured on ("cpu" default, "cuda", "tensorrt").
+    latency_table: the per-layer latency cache file (default ``~/.cache/onnx-tucker/latency.json``).
     forms: factorization names to use, tried in order per layer (default ``factorization.DEFAULT_FORMS``:
         Tucker-2 on kxk convs); ``("tucker2", "svd")`` also factors 1x1 convs. See ``factorization.FORMS``.
     layers: which kinds of layer to factor: "kxk" (kxk convs, Tucker-2; the default), "1x1" (1x1 convs, SVD),
@@ -136,6 +152,9 @@ class CompressOptions:
     whiten: bool = True
     latency_aware: bool = False
     latency_batch: int = 1
+    target_latency: float | None = None
+    provider: str = "cpu"
+    latency_table: str | None = None
     forms: tuple | None = None
     layers: tuple | None = None
     input_shapes: dict | None = None
@@ -157,7 +176,7 @@ class CompressOptions:
         from onnx_tucker.ranks import check_energy
 
         self.ratio = check_ratio(self.ratio)
-        self.rank_multiple = check_positive_int(self.rank_multiple, "rank_multiple")
+        self.rank_multiple = check_rank_multiple(self.rank_multiple)
         self.n_iter_max = check_count(self.n_iter_max, "iterations")
         self.latency_batch = check_positive_int(self.latency_batch, "latency_batch")
         if self.method not in METHODS:
@@ -167,6 +186,18 @@ class CompressOptions:
         self.energy = check_energy(self.energy)
         if self.target_macs is not None:
             self.target_macs = check_ratio(self.target_macs, "target MACs")
+        if self.target_latency is not None:
+            self.target_latency = check_ratio(self.target_latency, "target latency")
+            if self.target_macs is not None:
+                raise UsageError("give one budget: target MACs or target latency, not both")
+        if self.latency_aware or self.target_latency is not None or self.rank_multiple == "auto":
+            from onnx_tucker.providers import require
+
+            self.provider = require(self.provider).key  # one line saying why it is missing
+        else:
+            from onnx_tucker.providers import get
+
+            self.provider = get(self.provider).key
         if self.budget_rule not in BUDGET_RULES:
             raise UsageError(f"unknown budget rule {self.budget_rule!r}: choose auto, measured or uniform")
         if self.probes not in ("auto", "all"):
@@ -200,10 +231,12 @@ class CompressOptions:
 def settings_of(opts: CompressOptions, report_decomposed: bool = True) -> dict:
     """The settings a report and the output's metadata record."""
     return {
-        "rank_method": "target_macs" if opts.target_macs is not None else opts.rank_method,
-        "ratio": opts.ratio if opts.target_macs is None and opts.rank_method == "ratio" else None,
-        "energy": opts.energy if opts.rank_method == "energy" and opts.target_macs is None else None,
+        "rank_method": "target_macs" if opts.target_macs is not None else
+                       "target_latency" if opts.target_latency is not None else opts.rank_method,
+        "ratio": opts.ratio if opts.target_macs is None and opts.target_latency is None and opts.rank_method == "ratio" else None,
+        "energy": opts.energy if opts.rank_method == "energy" and opts.target_macs is None and opts.target_latency is None else None,
         "target_macs": opts.target_macs,
+        "target_latency": opts.target_latency,
         "calibration_samples": int(len(next(iter(opts.calibration.values())))) if opts.calibration else 0,
         "refit": (opts.refit or "none") if opts.calibration else None,
         "rank_multiple": opts.rank_multiple,
@@ -231,7 +264,7 @@ class RankArgs:
         parser.add_argument("--force", action="store_true", help="decompose every eligible conv, even where MACs would not fall")
         parser.add_argument("--exclude", default="", metavar="LAYERS",
                             help="comma-separated conv names or 0-based indices to leave alone (e.g. 0 for the first conv)")
-        parser.add_argument("--rank-multiple", type=_type(check_positive_int, "--rank-multiple"), default=1, metavar="N",
+        parser.add_argument("--rank-multiple", type=_type(check_rank_multiple, "--rank-multiple"), default=1, metavar="N|auto",
                             help="round ranks to multiples of N")
         parser.add_argument("--rank-method", choices=RANK_METHODS, default="ratio",
                             help="per-layer rank rule: ratio (R*C, default), energy (keep a fraction --energy of each "
@@ -242,9 +275,7 @@ class RankArgs:
                             help=f"HOOI iterations after the SVD start (default {DEFAULT_ITERATIONS})")
         parser.add_argument("--method", choices=METHODS, default="eig",
                             help="decomposition routine (default: eig, our fast HOOI; tensorly: partial_tucker)")
-        parser.add_argument("--layers", default=None, metavar="KINDS",
-                            help="which layers to factor: kxk (kxk convs, Tucker-2; the default), 1x1 (1x1 convs, SVD), "
-                            "dense (Gemm/MatMul with a constant weight, SVD), e.g. kxk,1x1,dense")
+        add_layers_argument(parser)
         parser.add_argument("--no-fold", action="store_true",
                             help="keep a Mul/Add (BatchNorm after a ReLU) that feeds a chain as it is, instead of folding it "
                             "exactly into the chain's first 1x1 conv")
@@ -267,10 +298,7 @@ class RankArgs:
         if args.no_fold:
             options["fold_affine"] = False
         if args.layers is not None:
-            items = [k.strip() for k in args.layers.split(",")]
-            if not all(items):
-                raise UsageError(f"--layers: expected comma-separated kinds (kxk, 1x1, dense), got {args.layers!r}")
-            options["layers"] = tuple(items)
+            options["layers"] = parse_layers(args.layers)
         if args.forms is not None:
             items = [f.strip() for f in args.forms.split(",")]
             if not all(items):
@@ -284,6 +312,24 @@ def _energy(text, check_energy):
         return check_energy(text)
     except UsageError as exc:
         raise UsageError(f"--energy: {exc}") from None
+
+
+def add_layers_argument(parser) -> None:
+    """``--layers``: shared by compress, inspect and sweep."""
+    parser.add_argument("--layers", default=None, metavar="KINDS",
+                        help="which layers to factor: kxk (kxk convs, Tucker-2; the default), 1x1 (1x1 convs, SVD), "
+                        "dense (Gemm/MatMul with a constant weight, SVD), e.g. kxk,1x1,dense")
+
+
+def parse_layers(text: str) -> tuple:
+    """``--layers`` text -> kinds (checked against the known kinds by ``factorization.layer_plan``)."""
+    from onnx_tucker.factorization import layer_plan
+
+    items = [k.strip() for k in text.split(",")]
+    if not all(items):
+        raise UsageError(f"--layers: expected comma-separated kinds (kxk, 1x1, dense), got {text!r}")
+    layer_plan(tuple(items))  # an unknown kind is a usage error now, not after the data is loaded
+    return tuple(items)
 
 
 class BudgetArgs:
@@ -307,13 +353,15 @@ class BudgetArgs:
     def parse(args) -> dict:
         if args.budget_rule is not None and args.target_macs is None:
             raise UsageError("--budget-rule only applies with --target-macs")
-        if args.curves is not None and (args.target_macs is None or not getattr(args, "calibrate", None)):
+        budget = args.target_macs is not None or getattr(args, "target_latency", None) is not None
+        if args.curves is not None and (not budget or not getattr(args, "calibrate", None)):
             raise UsageError("--curves only applies with --target-macs and --calibrate (the measured budget)")
-        if args.probes is not None and (args.target_macs is None or not getattr(args, "calibrate", None)):
+        budget = args.target_macs is not None or getattr(args, "target_latency", None) is not None
+        if args.probes is not None and (not budget or not getattr(args, "calibrate", None)):
             raise UsageError("--probes only applies with --target-macs and --calibrate (the measured budget)")
-        if args.target_macs is None:
+        if not budget:
             return {}
-        options = {"target_macs": args.target_macs, "budget_rule": args.budget_rule or "auto"}
+        options = {"target_macs": args.target_macs, "budget_rule": args.budget_rule or "auto"} if args.target_macs is not None else {}
         if args.probes is not None:
             options["probes"] = args.probes
         if args.curves is not None:
@@ -462,17 +510,56 @@ class LatencyArgs:
     @staticmethod
     def add(parser) -> None:
         parser.add_argument("--latency-aware", action="store_true",
-                            help="profile each decomposed layer on the CPU EP and leave whole those whose chain is slower")
+                            help="time each layer and its chain alone on --provider (interleaved) and leave whole those whose chain "
+                            "is not faster; the table shows both times")
+        parser.add_argument("--target-latency", type=_type(check_ratio, "--target-latency"), metavar="F",
+                            help="with --calibrate: choose per-layer ranks so the predicted whole-model latency on --provider is at "
+                            "most F x the original's (measured per-layer times against measured distortion); reports predicted "
+                            "and measured latency")
         parser.add_argument("--latency-batch", type=_type(check_positive_int, "--latency-batch"), default=None, metavar="N",
-                            help="batch size for --latency-aware (default 1)")
+                            help="batch size of the latency measurements (default 1)")
+        parser.add_argument("--provider", default=None, metavar="NAME",
+                            help="execution provider the latencies are measured on: cpu (default), cuda, tensorrt; also what "
+                            "'--rank-multiple auto' measures on (the largest multiple of 1, 4, 8, 16 whose rounded-up ranks cost no time)")
+        parser.add_argument("--latency-table", default=None, metavar="FILE.json",
+                            help="per-layer latency cache (default ~/.cache/onnx-tucker/latency.json): a rerun on the same "
+                            "provider, device, onnxruntime, batch and shapes measures nothing")
 
     @staticmethod
     def parse(args) -> dict:
-        if args.latency_batch is not None and not args.latency_aware:
-            raise UsageError("--latency-batch only applies with --latency-aware")
-        if not args.latency_aware:
+        target = getattr(args, "target_latency", None)
+        auto = getattr(args, "rank_multiple", None) == "auto"
+        measuring = args.latency_aware or target is not None or auto
+        for flag, value in (("--latency-batch", args.latency_batch), ("--provider", args.provider),
+                            ("--latency-table", args.latency_table)):
+            if value is not None and not measuring:
+                raise UsageError(f"{flag} only applies with --latency-aware, --target-latency or --rank-multiple auto")
+        if target is not None:
+            if getattr(args, "target_macs", None) is not None:
+                raise UsageError("give one budget: --target-macs or --target-latency, not both")
+            if not getattr(args, "calibrate", None):
+                raise UsageError("--target-latency needs --calibrate (it spends latency against measured distortion)")
+        if not measuring:
             return {}
-        return {"latency_aware": True, "latency_batch": args.latency_batch or 1}
+        options = {"latency_batch": args.latency_batch or 1}
+        if args.latency_aware:
+            options["latency_aware"] = True
+        if target is not None:
+            options["target_latency"] = target
+        if args.provider is not None:
+            from onnx_tucker.providers import require
+
+            options["provider"] = require(args.provider).key
+        if args.latency_table is not None:
+            from pathlib import Path
+
+            path = Path(args.latency_table)
+            if path.exists() and not path.is_file():
+                raise UsageError(f"--latency-table: {path} exists and is not a regular file")
+            if not path.parent.is_dir():
+                raise UsageError(f"--latency-table: folder does not exist: {path.parent}")
+            options["latency_table"] = str(path)
+        return options
 
 
 def parse_input_shapes(items: list[str] | None, input_names: list[str]) -> dict | None:

@@ -51,7 +51,7 @@ def compress(model, ratio: float = 0.5, **options) -> tuple[onnx.ModelProto, Rep
     arguments, are the fields of :class:`onnx_tucker.options.CompressOptions` (its docstring
     describes each): ``force``, ``rank_multiple``, ``n_iter_max``, ``method``, ``ranks``, ``exclude``,
     ``rank_method``, ``energy``, ``target_macs``, ``budget_rule``, ``calibration``, ``refit``,
-    ``whiten``, ``latency_aware``, ``latency_batch``, ``forms``, ``layers``, ``input_shapes``, ``fold_affine``, ``curves``, ``probes``, ``distill``, ``ray``. An unknown option or a bad value
+    ``whiten``, ``latency_aware``, ``latency_batch``, ``target_latency``, ``provider``, ``latency_table``, ``forms``, ``layers``, ``input_shapes``, ``fold_affine``, ``curves``, ``probes``, ``distill``, ``ray``. An unknown option or a bad value
     raises :class:`UsageError`.
 
     Returns ``(new_model, report)``; ``report.chains`` lists what each rewrite produced. When no layer
@@ -59,12 +59,51 @@ def compress(model, ratio: float = 0.5, **options) -> tuple[onnx.ModelProto, Rep
     a model without any Conv raises :class:`ModelError`.
     """
     opts = CompressOptions.from_kwargs(ratio=ratio, **options)
-    if opts.latency_aware:
-        return _latency_aware(_as_model(model), opts)
+    if opts.target_latency is not None:
+        return _target_latency(_as_model(model), opts)
     return _compress(_as_model(model), opts)
 
 
-def _compress(model: onnx.ModelProto, opts: CompressOptions) -> tuple[onnx.ModelProto, Report]:
+FEEDBACK_AIM = 0.9  # the corrected plan aims this far under the target: the measurement that checks it is noisy
+FEEDBACK_SLACK = 0.1  # no second plan when the first one's measured latency is within this of the target (and meets it)
+
+
+def _target_latency(model: onnx.ModelProto, opts: CompressOptions) -> tuple[onnx.ModelProto, Report]:
+    """``target_latency``: plan on the per-layer table, build, measure the whole models; when the measured ratio
+    is off the prediction, plan once more with the prediction corrected by that measurement (same curves and
+    table: only the knapsack, fits and refits run again), and keep the plan whose measured latency meets the
+    target with the larger budget (less distortion); when none meets it, the faster one."""
+    memo: dict = {}
+    first = _compress(model, opts, memo)
+    latency = first[1].latency or {}
+    if not first[1].decomposed or "measured" not in latency:
+        return first
+    predicted, measured = latency["prediction"]["predicted_ratio"], 1 / latency["measured"]["speedup"]
+    target = opts.target_latency
+    if measured <= target and measured >= (1 - FEEDBACK_SLACK) * target:
+        return first
+    correction = measured / predicted
+    memo["planned_target"] = min(1.0, FEEDBACK_AIM * target / correction)
+    memo["correction"] = correction
+    try:
+        second = _compress(model, opts, memo)
+    except UsageError as exc:  # the corrected target cannot be planned: keep the first
+        first[1].notes.append(f"no second plan with the measured correction ({first_line(exc)})")
+        return first
+    again = 1 / second[1].latency["measured"]["speedup"]
+    keep = second if again <= target or (measured > target and again < measured) else first
+    keep[1].notes.append(
+        f"latency feedback: first plan predicted {predicted:.3f}, measured {measured:.3f}; second plan on the corrected prediction "
+        f"(x {correction:.3f}, aiming at {FEEDBACK_AIM:g} x the target) measured {again:.3f}: kept the "
+        f"{'second' if keep is second else 'first'}")
+    keep[1].latency["feedback"] = {"first": {"predicted": predicted, "measured": measured}, "correction": correction,
+                                   "planned_target": memo["planned_target"], "second_measured": again,
+                                   "kept": "second" if keep is second else "first"}
+    _set_metadata(keep[0], keep[1])
+    return keep
+
+
+def _compress(model: onnx.ModelProto, opts: CompressOptions, memo: dict | None = None) -> tuple[onnx.ModelProto, Report]:
     graph, sites = factorable_sites(model, opts.forms, opts.input_shapes, opts.layers)
     if not sites:
         raise ModelError("the model has no Conv node: nothing to compress")
@@ -84,26 +123,53 @@ def _compress(model: onnx.ModelProto, opts: CompressOptions) -> tuple[onnx.Model
     fixed_macs = sum(s.shape.macs() for s in sites if not s.eligible and s.shape is not None)
     total_macs = fixed_macs + sum(s.shape.macs() for s in eligible)
     total_params = sum(s.shape.params() for s in sites if s.shape is not None)
+    table = None
+    if (opts.latency_aware or opts.target_latency is not None or opts.rank_multiple == "auto") and eligible:
+        from onnx_tucker.latency_table import LatencyTable, default_path
+
+        table = LatencyTable(opts.latency_table or default_path(), opts.provider, opts.latency_batch)
+        report.latency = {"provider": table.provider, "device": table.device, "onnxruntime": table.ort_version,
+                          "batch": table.batch, "table": str(table.path), "layers": {}}
+    if opts.rank_multiple == "auto":
+        from dataclasses import replace
+
+        from onnx_tucker.latency_table import choose_multiple
+
+        if table is None:
+            opts = replace(opts, rank_multiple=1)
+        else:
+            choice = choose_multiple(table, eligible)
+            opts = replace(opts, rank_multiple=choice["multiple"])
+            report.latency["rank_multiple"] = choice
+            report.notes.append(f"--rank-multiple auto: {choice['multiple']} (chains at ranks rounded up to each multiple, summed time against unrounded ranks on {table.provider}, "
+                                f"batch {table.batch}: " + ", ".join(f"{m}: {v:.2f}" for m, v in choice["scores"].items()) + ")")
     input_stats = None
-    if opts.calibration is not None and opts.whiten and eligible:
+    if memo is not None and "input_stats" in memo:
+        input_stats = memo["input_stats"]
+    elif opts.calibration is not None and opts.whiten and eligible:
         from onnx_tucker.calibrate import input_covariances
 
         input_stats = input_covariances(model, opts.calibration, [s.input_name for s in eligible],
                                         axes={s.input_name: s.extra.get("channel_axis", 1) for s in eligible})
-    planned = plan_ranks(eligible, opts, fixed_macs, model=model, covariances=input_stats, report=report)
+    if memo is not None:
+        memo["input_stats"] = input_stats
+    planned = plan_ranks(eligible, opts, fixed_macs, model=model, covariances=input_stats, report=report, table=table, memo=memo)
+    left_whole = {}
     blas = ThreadpoolController()  # finds the BLAS libraries once (threadpool_limits searches again per fit: ~4 ms each)
     shared: dict[tuple, tuple[dict, float]] = {}
     for site in eligible:
         form = get_form(site.form)
         record = records[site.name]
         if planned.get(site.name) is None:
-            record.reason = "left whole by the MAC budget allocation"
+            record.reason = "left whole by the " + ("latency" if opts.target_latency is not None else "MAC") + " budget allocation"
             continue
         limits = form.max_ranks(site)
         ranks = tuple(round_to_multiple(min(r, m), opts.rank_multiple, m) for r, m in zip(planned[site.name], limits))
         cost = form.cost(site, ranks)
         record.ranks, record.params_after, record.macs_after = ranks, cost.params, cost.macs
         why = "" if opts.force else not_worth_it(site, ranks, cost, total_macs, total_params)
+        if not why and table is not None and (opts.latency_aware or opts.target_latency is not None):
+            why = _latency_verdict(table, site, ranks, record, report, left_whole, strict=opts.latency_aware)
         if why:
             record.reason = why
             record.params_after, record.macs_after = record.params_before, record.macs_before
@@ -147,42 +213,72 @@ def _compress(model: onnx.ModelProto, opts: CompressOptions) -> tuple[onnx.Model
         new_model = onnx.ModelProto()
         new_model.CopyFrom(model)
     report.settings = settings_of(opts)
+    if table is not None:
+        report.settings["provider"] = table.provider
+        report.settings["latency_batch"] = table.batch
+        if opts.latency_aware:
+            report.settings["latency_aware"] = {"batch": table.batch, "provider": table.provider,
+                                                "left_whole": {k: list(v) for k, v in left_whole.items()}}
+        if opts.target_latency is not None or opts.latency_aware:
+            _measure_whole(model, new_model, table, report)
+        report.latency["timed_layer_models"] = table.measured  # 0: every per-layer time came from the cache
     _set_metadata(new_model, report)
     return new_model, report
 
 
-def _latency_aware(model: onnx.ModelProto, opts: CompressOptions):
-    """Compress, measure each chain against its layer on the CPU EP, and redo without the slower ones."""
-    from dataclasses import replace
+def _latency_verdict(table, site, ranks, record, report, left_whole: dict, strict: bool) -> str:
+    """Time the chain at ``ranks`` against the layer (the table; cached); '' when it is kept, else why not.
 
-    from onnx_tucker.latency import slower_layers
+    ``strict`` (``--latency-aware``): kept only when measured faster (:func:`latency_table.verdict`); otherwise
+    (``--target-latency`` alone, whose knapsack already left out options not faster) the times are recorded only.
+    """
+    from onnx_tucker.latency_table import verdict
 
-    plain = replace(opts, latency_aware=False)
-    # the measuring pass needs the chains' shapes only: no distillation there (it runs once, at the end)
-    new_model, report = _compress(model, replace(plain, distill=None) if plain.distill is not None else plain)
-    slow = slower_layers(model, new_model, batch=opts.latency_batch) if report.decomposed else {}
-    if not slow and plain.distill is not None:
-        new_model, report = _compress(model, plain)
-    if not slow:
-        report.settings["latency_aware"] = {"batch": opts.latency_batch, "left_whole": {}}
-        _set_metadata(new_model, report)
-        return new_model, report
-    new_model, report = _compress(model, replace(plain, exclude=tuple(plain.exclude) + tuple(slow)))
-    for record in report.layers:
-        if record.layer in slow:
-            before, chain, verdict = slow[record.layer]
-            if verdict == "slower":
-                record.reason = f"chain measured slower on the CPU EP ({chain:.0f} us vs {before:.0f} us, batch {opts.latency_batch})"
-            else:
-                record.reason = (f"chain not faster in every profiled round on the CPU EP (median {chain:.0f} us vs {before:.0f} us, "
-                                 f"batch {opts.latency_batch}): inside the noise, left whole")
-    report.settings["latency_aware"] = {"batch": opts.latency_batch, "left_whole": {k: list(v) for k, v in slow.items()}}
-    _set_metadata(new_model, report)
-    return new_model, report
+    entry = table.measure(site, [ranks])[ranks]
+    before, chain = entry["original_us"], entry["cost_us"]
+    record.original_us, record.chain_us = before, chain
+    report.latency["layers"][site.name] = {"ranks": list(ranks), "original_us": before, "chain_us": chain,
+                                           "ratio": entry["ratio"], "q3": entry["q3"]}
+    if not strict:
+        return ""
+    decision = verdict(entry)
+    report.latency["layers"][site.name]["verdict"] = decision
+    if decision == "faster":
+        return ""
+    left_whole[site.name] = (before, chain, decision)
+    where = f"on {table.provider}, batch {table.batch}"
+    if decision == "slower":
+        return f"chain measured slower {where} ({chain:.0f} us vs {before:.0f} us)"
+    return (f"chain not faster in 3 of 4 paired runs {where} (median {chain:.0f} us vs {before:.0f} us): "
+            "inside the noise, left whole")
 
 
-def plan_ranks(sites: list, opts: CompressOptions, fixed_macs: int = 0, model=None, covariances=None, report=None) -> dict:
+def _measure_whole(model, new_model, table, report) -> None:
+    """Predicted (table) and measured (interleaved medians) whole-model latency, side by side in the report."""
+    from onnx_tucker.latency_table import time_models
+
+    measured = time_models(model, new_model, table.provider, table.batch, table.threads)
+    latency = report.latency
+    latency["measured"] = measured
+    prediction = latency.get("prediction")
+    if prediction is None:  # --latency-aware alone: the original's measured time, less what the kept chains save
+        saved = sum(r.original_us - r.chain_us for r in report.layers if r.decomposed and r.original_us is not None)
+        whole = measured["original_ms"] * 1e3
+        prediction = latency["prediction"] = {"original_us": whole, "predicted_us": whole - saved,
+                                              "predicted_ratio": (whole - saved) / whole}
+    report.notes.append(
+        f"latency on {table.provider} ({table.device}), batch {table.batch}: predicted {prediction['predicted_ratio']:.3f} x the original "
+        f"({prediction['predicted_us'] / 1e3:.2f} ms of {prediction['original_us'] / 1e3:.2f} ms, per-layer table"
+        f"{', corrected x %.3f by the first plan' % prediction['correction'] if 'correction' in prediction else ''}), measured "
+        f"{1 / measured['speedup']:.3f} x ({measured['compressed_ms']:.2f} ms vs {measured['original_ms']:.2f} ms, "
+        f"speedup {measured['speedup']:.2f}x, median of {measured['runs']} interleaved pairs)")
+
+
+def plan_ranks(sites: list, opts: CompressOptions, fixed_macs: int = 0, model=None, covariances=None, report=None,
+               table=None, memo: dict | None = None) -> dict:
     """Layer name -> rank tuple before rounding, or None to leave the layer at full rank."""
+    if opts.target_latency is not None:
+        return _plan_latency(sites, opts, fixed_macs, model, covariances, report, table, memo if memo is not None else {})
     if opts.target_macs is not None:
         from onnx_tucker.budget import allocate_ranks
 
@@ -252,6 +348,48 @@ def _layout(site, chain) -> str:
     kxk = "x".join(str(k) for k in site.shape.kernel)
     pointwise = "x".join("1" for _ in site.shape.kernel)
     return " -> ".join(kxk if role == "core" else pointwise for role in chain.roles)
+
+
+def _plan_latency(sites, opts, fixed_macs, model, covariances, report, table, memo: dict) -> dict:
+    """``target_latency``: measured distortion curves, measured per-layer latencies, the latency knapsack.
+
+    ``memo`` keeps the curves, costs and snapshot for a second plan; with ``memo["planned_target"]`` (the
+    target corrected by a measurement, :func:`_target_latency`) the knapsack aims there."""
+    from onnx_tucker.budget import allocate_latency
+    from onnx_tucker.latency_table import option_costs, snapshot
+
+    if opts.calibration is None:
+        raise UsageError("a target latency needs calibration data (--calibrate): it spends latency against measured distortion")
+    from onnx_tucker.sensitivity import Unsupported, distortion_curves
+
+    if "curves" not in memo:
+        try:
+            memo["curves"] = distortion_curves(model, sites, opts.calibration, covariances, opts.rank_multiple, fixed_macs=fixed_macs,
+                                               cache_path=opts.curves, probes="all")  # the latency knapsack wants exact curves
+        except Unsupported as exc:
+            raise ModelError(f"a target latency needs the measured distortion curves, unavailable here: {exc}") from None
+        shapes = infer_shapes(model, opts.input_shapes) if opts.fold_affine else None  # the folded Mul/Add count with their layer
+        memo["snap"] = snapshot(table, model, sites, shapes)
+        memo["costs"] = option_costs(table, sites, memo["curves"]["curves"], memo["snap"])
+    measured, snap, costs = memo["curves"], memo["snap"], memo["costs"]
+    target = memo.get("planned_target", opts.target_latency)
+    planned, prediction = allocate_latency(sites, measured["curves"], costs, target, snap["whole_us"], snap["fixed_us"])
+    if "correction" in memo:
+        prediction = prediction | {"target": opts.target_latency, "planned_target": target, "correction": memo["correction"],
+                                   "raw_predicted_ratio": prediction["predicted_ratio"],
+                                   "predicted_ratio": prediction["predicted_ratio"] * memo["correction"],
+                                   "predicted_us": prediction["predicted_us"] * memo["correction"]}
+    if report is not None:
+        report.sensitivity = {
+            "seconds": measured["seconds"], "eval_samples": measured["eval_samples"],
+            "cached_layers": measured.get("cached_layers", 0), "provider": measured.get("provider"),
+            "probes": measured.get("probes", 0), "options": sum(len(v) for v in measured["curves"].values()),
+            "curves": {k: [[m, d, list(r), bool(known)] for m, d, r, known, _ in v] for k, v in measured["curves"].items()},
+        }
+        report.latency["prediction"] = prediction
+        report.latency["options"] = {name: {"original_us": before, "chains": [[list(r), us] for r, us in chain.items()]}
+                                     for name, (before, chain) in costs.items()}
+    return planned
 
 
 def _set_metadata(model: onnx.ModelProto, report: Report) -> None:

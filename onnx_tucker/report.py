@@ -22,6 +22,8 @@ class LayerRecord:
     op: str = "Conv"
     form: str = ""  # the factorization used ("" when left whole)
     layout: str = ""  # the chain's nodes, e.g. "1x1 -> 3x3 -> 1x1" or the two-conv "1x1 -> 3x3"
+    original_us: float | None = None  # the layer alone, timed on the latency provider (latency_table)
+    chain_us: float | None = None  # its chain at ``ranks``, timed interleaved with it
 
     @classmethod
     def from_site(cls, site) -> "LayerRecord":
@@ -50,6 +52,7 @@ class Report:
     chains: list = field(default_factory=list)  # chain.Chain of every rewrite, in graph order
     verdict: dict | None = None  # the self-check's {"passed", "reason"}
     distill: dict | None = None  # label-free distillation's statistics (steps, holdout agreement before/after, kept)
+    latency: dict | None = None  # per-layer table times, predicted and measured whole-model latency (latency_table)
 
     @property
     def decomposed(self) -> list:
@@ -85,6 +88,7 @@ class Report:
             "chains": [c.to_dict() for c in self.chains],
             "verdict": self.verdict,
             "distill": self.distill,
+            "latency": self.latency,
         }
 
     def to_json(self) -> str:
@@ -114,7 +118,9 @@ def format_table(report: Report) -> str:
                 r.layer, kernel, r.form, ",".join(str(x) for x in r.ranks),
                 f"{_n(r.params_before)} -> {_n(r.params_after)}",
                 f"{_n(r.macs_before)} -> {_n(r.macs_after)}" if r.macs_known else "unknown*",
-                f"{r.relative_error:.4f}", f"decomposed: {r.layout}" if r.layout else "decomposed",
+                f"{r.relative_error:.4f}",
+                ("decomposed" + (f": {r.layout}" if r.layout else "")
+                 + (f" ({r.original_us:.0f} -> {r.chain_us:.0f} us)" if r.original_us is not None and r.chain_us is not None else "")),
             ])
         else:
             rows.append([r.layer, kernel, "-", "-", _n(r.params_before), _n(r.macs_before) if r.macs_known else "unknown*", "-", r.reason])

@@ -53,6 +53,7 @@ class SweepConfig:
     rank_multiple: int = 1
     progress: bool = True
     ray: str | None = None  # "auto" or a cluster address: each setting's compress is a Ray task (onnx_tucker.fanout)
+    layers: tuple | None = None  # --layers kinds (kxk, 1x1, dense); None: compress's default
 
 
 def parse_fractions(text: str, what: str) -> list[float]:
@@ -146,10 +147,10 @@ def run_sweep(config: SweepConfig) -> dict:
         with cluster(config.ray):
             outcomes = map_tasks(compress_setting, settings, labels=[f"setting {label}" for label, _, _ in settings],
                                  shared={"model": model.SerializeToString(), "calibration": calibration,
-                                         "rank_multiple": config.rank_multiple},
+                                         "rank_multiple": config.rank_multiple, "layers": config.layers},
                                  progress=config.progress, desc="sweep (ray)", unit="setting")
     else:
-        outcomes = (compress_setting(setting, model, calibration, config.rank_multiple) for setting in settings)
+        outcomes = (compress_setting(setting, model, calibration, config.rank_multiple, config.layers) for setting in settings)
     bar = _bar(len(settings), "sweep", config.progress and config.ray is None)
     for (label, kind, value), (error, new_model, report) in zip(settings, outcomes):
         bar.set_description(f"sweep {label}")
@@ -169,6 +170,10 @@ def run_sweep(config: SweepConfig) -> dict:
             "params": count_params(new_model), "macs_reduction": t["macs_reduction"],
             "params_reduction": t["params_reduction"], "decomposed": t["decomposed"],
             "ranks": {r.layer: list(r.ranks) for r in report.decomposed},
+            "layers": {r.layer: {"op": r.op, "form": r.form, "layout": r.layout, "ranks": list(r.ranks),
+                                 "macs": [r.macs_before, r.macs_after], "params": [r.params_before, r.params_after]}
+                       for r in report.decomposed},
+            "forms": forms_summary(report.decomposed),
             "top1": top1(outputs, labels), "agreement": agreement(reference, outputs),
             "latency": {},
         })
@@ -200,13 +205,15 @@ def run_sweep(config: SweepConfig) -> dict:
     }
 
 
-def compress_setting(setting: tuple, model, calibration: dict | None, rank_multiple: int) -> tuple:
+def compress_setting(setting: tuple, model, calibration: dict | None, rank_multiple: int, layers: tuple | None = None) -> tuple:
     """One setting's compress: (error or None, new model, report); the model as bytes when given as bytes (a Ray task)."""
     from onnx_tucker.pipeline import compress
 
     _, kind, value = setting
     as_bytes = isinstance(model, (bytes, bytearray))
     options = {"rank_multiple": rank_multiple}
+    if layers is not None:
+        options["layers"] = tuple(layers)
     if calibration is not None:
         options["calibration"] = calibration
     if kind == "target":
@@ -226,6 +233,15 @@ def _as_model(model) -> onnx.ModelProto:
         proto.ParseFromString(model)
         return proto
     return model
+
+
+def forms_summary(records: list) -> str:
+    """"tucker2 1x1 -> 3x3 -> 1x1: 5, svd dense -> dense: 2": how many layers got each form and layout."""
+    counts = {}
+    for r in records:
+        key = f"{r.form} {r.layout}".strip()
+        counts[key] = counts.get(key, 0) + 1
+    return ", ".join(f"{k}: {v}" for k, v in counts.items())
 
 
 def agreement(a: np.ndarray, b: np.ndarray) -> float:
@@ -265,18 +281,18 @@ def _m(value) -> str:
 
 def markdown_table(result: dict) -> str:
     batches = [str(b) for b in result["settings"]["batches"]]
-    headers = ["setting", "conv MACs", "MACs x", "params", "top-1", "change", "agreement"]
+    headers = ["setting", "conv MACs", "MACs x", "params", "top-1", "change", "agreement", "forms"]
     for b in batches:
         headers += [f"ms b{b}", f"speedup b{b}"]
     o = result["original"]
-    rows = [["original", _m(o["conv_macs"]), "1.00x", _m(o["params"]), f"{100 * o['top1']:.2f}%", "-", "-"]
+    rows = [["original", _m(o["conv_macs"]), "1.00x", _m(o["params"]), f"{100 * o['top1']:.2f}%", "-", "-", "-"]
             + sum(([f"{o['latency'][b]['median_ms']:.3f}", "1.00x"] for b in batches), [])]
     for r in result["results"]:
         if r["error"]:
             rows.append([r["setting"]] + ["-"] * (len(headers) - 2) + [f"failed: {r['error']}"[:80]])
             continue
         cells = [r["setting"], _m(r["conv_macs"]), f"{r['macs_reduction']:.2f}x", _m(r["params"]),
-                 f"{100 * r['top1']:.2f}%", f"{100 * r['top1_change']:+.2f}", f"{100 * r['agreement']:.1f}%"]
+                 f"{100 * r['top1']:.2f}%", f"{100 * r['top1_change']:+.2f}", f"{100 * r['agreement']:.1f}%", r.get("forms", "")]
         for b in batches:
             lat = r["latency"][b]
             cells += [f"{lat['median_ms']:.3f}", f"{lat['speedup']['median']:.2f}x"]

@@ -112,3 +112,9 @@ def saved_residual(tmp_path):
     path = tmp_path / "residual.onnx"
     onnx.save(residual_model(), str(path))
     return path
+
+
+@pytest.fixture(autouse=True)
+def _latency_cache_in_tmp(tmp_path_factory, monkeypatch):
+    """The per-layer latency cache (``latency_table.default_path``) goes to a temporary folder, never ~/.cache."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "cache"))

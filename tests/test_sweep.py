@@ -163,3 +163,14 @@ def test_sweep_with_a_bad_calibration_file_exits_1_with_one_line(setup, capsys, 
     assert sweep(root, "--calibrate", str(bad), "--calib-size", "4", "--out-dir", str(tmp_path / "o")) == 1
     err = capsys.readouterr().err
     assert err.startswith("onnx-tucker: error:") and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_forms_summary_counts_each_form_and_layout():
+    from onnx_tucker.report import LayerRecord
+    from onnx_tucker.sweep import forms_summary
+
+    records = [LayerRecord(layer="a", kernel=[], form="tucker2", layout="1x1 -> 3x3 -> 1x1"),
+               LayerRecord(layer="b", kernel=[], form="tucker2", layout="1x1 -> 3x3"),
+               LayerRecord(layer="c", kernel=[], form="tucker2", layout="1x1 -> 3x3 -> 1x1"),
+               LayerRecord(layer="d", kernel=[], form="svd", layout="dense -> dense")]
+    assert forms_summary(records) == "tucker2 1x1 -> 3x3 -> 1x1: 2, tucker2 1x1 -> 3x3: 1, svd dense -> dense: 1"

@@ -1,0 +1,168 @@
+"""Per-layer latency tables (issue 13): one-layer models emitted by the forms, the disk cache, the latency
+knapsack, --target-latency and --rank-multiple auto. Correctness only: no test asserts a speed."""
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import onnx
+import pytest
+
+from conftest import conv_model, residual_model, run_model
+from onnx_tucker import compress
+from onnx_tucker.budget import allocate_latency
+from onnx_tucker.cli import main
+from onnx_tucker.errors import OnnxTuckerError, UsageError
+from onnx_tucker.factorization import get_form
+from onnx_tucker.latency_table import MULTIPLES, LatencyTable, choose_multiple, layer_model, verdict
+from onnx_tucker.pipeline import factorable_sites
+from onnx_tucker.providers import available_providers
+
+SEED_CNN = "models/cifar10_cnn.onnx"
+
+
+def sites_of(model, forms=None, layers=None):
+    _, sites = factorable_sites(model, forms=forms, layers=layers)
+    return [s for s in sites if s.eligible]
+
+
+def test_option_models_are_what_the_form_emits_and_run():
+    model = residual_model(channels=16, spatial=(8, 8))
+    site = sites_of(model)[0]
+    original = layer_model(site, batch=3)
+    chain = layer_model(site, batch=3, form=get_form("tucker2"), ranks=(8, 2))
+    assert [n.op_type for n in original.graph.node] == ["Conv"]
+    assert [n.op_type for n in chain.graph.node] == ["Conv", "Conv", "Conv"]
+    # a two-conv shape (R_in = C_in = 3: kxk -> 1x1) is timed as the form emits it
+    assert [n.op_type for n in layer_model(site, batch=3, form=get_form("tucker2"), ranks=(8, 3)).graph.node] == ["Conv", "Conv"]
+    x = {"x": np.random.default_rng(0).standard_normal([3] + list(site.input_shape[1:])).astype(np.float32)}
+    assert run_model(original, x)[0].shape == run_model(chain, x)[0].shape
+    assert site.weight is not None and site.node.outputs  # the real site is untouched
+
+
+def test_svd_option_is_two_nodes():
+    model = residual_model(channels=16, spatial=(8, 8))
+    site = next(s for s in sites_of(model, forms=("svd",), layers=("1x1",)))
+    assert [n.op_type for n in layer_model(site, 2, get_form("svd"), (4,)).graph.node] == ["Conv", "Conv"]
+
+
+def test_a_rerun_is_served_from_the_cache_and_keys_follow_batch_and_provider(tmp_path):
+    model = residual_model(channels=16, spatial=(8, 8))
+    site = sites_of(model)[0]
+    path = tmp_path / "latency.json"
+    table = LatencyTable(path, "cpu", batch=2, runs=3, warmup=1)
+    first = table.measure(site, [(8, 8), (4, 4)])
+    assert table.measured == 3 and path.is_file()
+    assert all(e["original_us"] > 0 and e["ratio"] > 0 and e["cost_us"] > 0 for e in first.values())
+    again = LatencyTable(path, "cpu", batch=2, runs=3, warmup=1)
+    assert again.measure(site, [(8, 8), (4, 4)]) == first and again.measured == 0  # nothing timed
+    assert again.measure(site, [(8, 8), (8, 4)]) and again.measured == 2  # the original and the new option only
+    other_batch = LatencyTable(path, "cpu", batch=4)
+    assert other_batch.key(site) != table.key(site) and other_batch.option(site, (8, 8)) is None
+    entries = json.loads(path.read_text())["entries"]
+    assert all(key.startswith("cpu|") and "onnxruntime " in key for key in entries)
+    renamed = LatencyTable(path, "cpu", batch=2)
+    renamed.provider = "tensorrt"
+    assert renamed.key(site, "tucker2", (8, 8)) != table.key(site, "tucker2", (8, 8))
+
+
+def test_a_damaged_cache_is_measured_again(tmp_path):
+    path = tmp_path / "latency.json"
+    path.write_text("{not json")
+    assert LatencyTable(path).entries == {}
+
+
+@pytest.mark.skipif("cuda" in available_providers(), reason="CUDA EP present")
+def test_cuda_when_missing_is_a_one_line_error(tmp_path, capsys):
+    with pytest.raises(OnnxTuckerError) as exc:
+        LatencyTable(None, "cuda")
+    assert "cuda execution provider not available" in str(exc.value) and "\n" not in str(exc.value)
+    with pytest.raises(OnnxTuckerError):
+        compress(residual_model(), latency_aware=True, provider="cuda")
+    src = tmp_path / "in.onnx"
+    onnx.save(residual_model(), src)
+    code = main([str(src), str(tmp_path / "out.onnx"), "--latency-aware", "--provider", "cuda"])
+    err = capsys.readouterr().err
+    assert code != 0 and len(err.strip().splitlines()) == 1 and "cuda execution provider not available" in err
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_latency_flags_need_a_latency_option(tmp_path, capsys):
+    src = tmp_path / "in.onnx"
+    onnx.save(residual_model(), src)
+    for args, needle in ((["--provider", "cpu"], "--provider only applies"),
+                         (["--target-latency", "0.5"], "--target-latency needs --calibrate"),
+                         (["--rank-multiple", "3.5"], "positive integer or auto")):
+        assert main([str(src), str(tmp_path / "out.onnx"), *args]) == 2
+        assert needle in capsys.readouterr().err
+
+
+def _site(name, macs=100):
+    return SimpleNamespace(name=name, shape=SimpleNamespace(macs=lambda: macs))
+
+
+def test_latency_knapsack_meets_the_target_on_predicted_latency_with_least_distortion():
+    sites = [_site("a"), _site("b")]
+    curves = {"a": [(50, 0.1, (8,)), (20, 0.5, (4,)), (90, 0.0, (12,))], "b": [(50, 0.2, (8,)), (20, 0.3, (4,))]}
+    costs = {"a": (1000.0, {(8,): 500.0, (4,): 300.0, (12,): 1200.0}),  # (12,) is slower than the layer: never chosen
+             "b": (1000.0, {(8,): 400.0, (4,): 200.0})}
+    planned, prediction = allocate_latency(sites, curves, costs, 0.5, whole_us=2500.0, fixed_us=500.0)
+    assert prediction["predicted_us"] <= 0.5 * 2500 + 1e-6
+    assert planned == {"a": (8,), "b": (4,)}  # 500 + 500 + 200 = 1200 <= 1250, distortion 0.4 (least)
+    planned, prediction = allocate_latency(sites, curves, costs, 0.9, whole_us=2500.0, fixed_us=500.0)
+    assert planned["a"] is None or planned["a"] != (12,)
+    with pytest.raises(UsageError, match="cannot be met"):
+        allocate_latency(sites, curves, costs, 0.2, whole_us=2500.0, fixed_us=500.0)
+
+
+def test_verdict_needs_three_of_four_paired_runs_faster():
+    assert verdict({"ratio": 0.8, "q3": 0.9}) == "faster"
+    assert verdict({"ratio": 0.95, "q3": 1.05}) == "noise"
+    assert verdict({"ratio": 1.1, "q3": 1.3}) == "slower"
+
+
+def test_rank_multiple_auto_picks_from_the_candidates(tmp_path):
+    model = residual_model(channels=32, spatial=(8, 8))
+    table = LatencyTable(tmp_path / "t.json", runs=3, warmup=1)
+    choice = choose_multiple(table, sites_of(model))
+    assert choice["multiple"] in MULTIPLES and set(choice["scores"]) == {str(m) for m in MULTIPLES}
+    new, report = compress(model, ratio=0.5, rank_multiple="auto", latency_table=str(tmp_path / "t.json"))
+    chosen = report.settings["rank_multiple"]
+    assert chosen in MULTIPLES and report.latency["rank_multiple"]["multiple"] == chosen
+    assert all(r % chosen == 0 or r == m for rec in report.decomposed for r, m in zip(rec.ranks, rec.kernel[:2]))
+    assert any("--rank-multiple auto" in n for n in report.notes)
+
+
+def test_latency_aware_shows_both_times(tmp_path):
+    model = residual_model(channels=32, spatial=(16, 16))
+    new, report = compress(model, ratio=0.5, latency_aware=True, latency_table=str(tmp_path / "t.json"), latency_batch=2)
+    onnx.checker.check_model(new)
+    for record in report.layers:
+        if record.layer in report.latency["layers"]:
+            assert record.original_us > 0 and record.chain_us > 0
+    assert "us)" in report.table()
+    assert report.latency["measured"]["speedup"] > 0 and any("predicted" in n and "measured" in n for n in report.notes)
+
+
+def test_target_latency_end_to_end_on_the_seed_cnn(tmp_path, monkeypatch):
+    """Small calibration, batch 1, few timed runs: the plan meets the target on predicted latency, and the report has both."""
+    import onnx_tucker.latency_table as latency_table
+    import onnx_tucker.pipeline as pipeline
+
+    monkeypatch.setattr(latency_table, "RUNS", 3)
+    monkeypatch.setattr(latency_table, "MIN_SECONDS", 0.0)
+    monkeypatch.setattr(pipeline, "FEEDBACK_SLACK", 1.0)  # a second plan only when the first misses the target
+    model = onnx.load(SEED_CNN)
+
+    x = np.random.default_rng(0).integers(0, 256, (64, 32, 32, 3)).astype(np.float32)
+    # conv2-4 (the largest spatial sizes) left out: the distortion curves of the other three take ~40 s on 2 busy cores
+    new, report = compress(model, target_latency=0.9, calibration={"pixels": x}, latency_table=str(tmp_path / "t.json"),
+                           latency_batch=1, exclude=(1, 2, 3))
+    prediction, measured = report.latency["prediction"], report.latency["measured"]
+    assert prediction["target"] == 0.9 and prediction["predicted_ratio"] <= prediction.get("planned_target", 0.9) + 1e-9
+    assert measured["original_ms"] > 0 and measured["compressed_ms"] > 0
+    assert report.settings["rank_method"] == "target_latency" and report.decomposed
+    assert any("predicted" in n and "measured" in n for n in report.notes)
+    with pytest.raises(UsageError, match="calibration"):
+        compress(model, target_latency=0.9, latency_table=str(tmp_path / "t.json"))
+    with pytest.raises(UsageError, match="not both"):
+        compress(model, target_latency=0.9, target_macs=0.5, calibration={"pixels": x})
