@@ -21,6 +21,8 @@ from onnx_tucker.runtime import make_session
 from onnx_tucker.site import GeometryError, conv_geometry
 
 MAX_ROWS = 30_000
+ROW_SPREAD = 4  # candidate positions per sampled row: the images a layer's rows come from hold >= 4 x MAX_ROWS positions
+MIN_IMAGES = 512  # ... and are at least this many (128 calibration images in all ruined a refit: issue 12 finding)
 MIN_ROWS_PER_UNKNOWN = 20
 CORE_RIDGE = 1e-2  # the core refit shrinks towards the Tucker solution: it has many unknowns  # pixel samples per layer for the least-squares refit
 BATCH = 64
@@ -82,34 +84,43 @@ def refit_chains(original: onnx.ModelProto, compressed: onnx.ModelProto, feeds: 
     # The original layers' outputs: computed once, on the original model.
     reference = capture_named(with_outputs(original, targets), feeds, targets, batch_size=batch_size_for(original, BATCH))
     rng = np.random.default_rng(seed)
-    picks = {}
+    picks, images = {}, {}
+    n = len(next(iter(feeds.values())))
     for name, value in reference.items():
-        total = value.size // value.shape[axes[name]]
-        picks[name] = np.sort(rng.choice(total, min(total, MAX_ROWS), replace=False))
-    target_rows = {n: _rows(v, picks[n], axes[n]) for n, v in reference.items()}
+        per_image = value.size // value.shape[axes[name]] // n
+        # The rows come from a seeded subset of the images, large enough that the rows stay spread
+        # (ROW_SPREAD x MAX_ROWS positions, at least MIN_IMAGES images): each layer's input is then
+        # captured on that subset only (a ResNet-20's 32x32 layers: 512 of 2048 images).
+        count = min(n, max(MIN_IMAGES, -(-ROW_SPREAD * MAX_ROWS // per_image)))
+        chosen = np.sort(rng.choice(n, count, replace=False)) if count < n else np.arange(n)
+        local = np.sort(rng.choice(count * per_image, min(count * per_image, MAX_ROWS), replace=False))
+        global_rows = chosen[local // per_image] * per_image + local % per_image
+        picks[name], images[name] = (local, global_rows), chosen
+    target_rows = {name: _rows(v, picks[name][1], axes[name]) for name, v in reference.items()}
     del reference
-    result = {"layers": {}, "samples": int(len(next(iter(feeds.values()))))}
+    result = {"layers": {}, "samples": int(n)}
     for chain in chains:
         last = nodes[chain.nodes[chain.last_role]]
         core_node = nodes.get(chain.nodes.get("core", ""))
         target = target_rows[chain.output].astype(np.float64)
-        pick = picks[chain.output]
+        pick = picks[chain.output][0]  # flat positions within the chosen images
+        feeds_of_layer = feeds if len(images[chain.output]) == n else {k: v[images[chain.output]] for k, v in feeds.items()}
         relu = relu_aware and feeds_only_relu(compressed, chain.output)
         if core_node is not None and core_node.name == last.name:  # 1x1 -> kxk: the kxk core writes the output
-            result["layers"][chain.layer] = _refit_kxk_last(compressed, chain, last, inits, feeds, pick, target, ridge, relu)
+            result["layers"][chain.layer] = _refit_kxk_last(compressed, chain, last, inits, feeds_of_layer, pick, target, ridge, relu)
             continue
         # The core refit has R_in*k*k unknowns per output channel: with too few calibration
         # rows (late layers with small feature maps) it over-fits, so refit only the last conv.
         if (mode == "core" and core_node is not None and _is_2d_conv(core_node)
                 and len(pick) >= MIN_ROWS_PER_UNKNOWN * _core_unknowns(core_node, inits)):
             first_out = core_node.input[0]
-            f = _collect(compressed, feeds, first_out)
+            f = _collect(compressed, feeds_of_layer, first_out)
             geometry = _core_geometry(core_node, inits, f.shape[2:])
             if geometry is not None:
                 result["layers"][chain.layer] = _refit_core_and_last(compressed, chain, core_node, last, inits, f, pick, target, geometry, ridge, relu)
                 continue
         before_last = last.input[0]
-        z = _rows(_collect(compressed, feeds, before_last), pick, chain.channel_axis).astype(np.float64)
+        z = _rows(_collect(compressed, feeds_of_layer, before_last), pick, chain.channel_axis).astype(np.float64)
         result["layers"][chain.layer] = _refit_last(chain, last, inits, z, target, ridge, relu=relu)
     result["seconds"] = round(time.perf_counter() - start, 2)
     return result
