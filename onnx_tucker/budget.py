@@ -58,6 +58,17 @@ def allocate_ranks(sites: list, opts, fixed: int = 0) -> dict:
     return {s.name: _ratio_ranks(s, base) for s in sites}
 
 
+def check_measured_target(candidates: list, options: dict, opts, fixed: int = 0) -> None:
+    """Refuse a MAC target the measured budget's options cannot reach, before any curve is measured
+    (a ResNet50 at 224 px used to measure for 8 minutes and then refuse)."""
+    target = float(opts.target_macs)
+    total = fixed + sum(c.shape.macs() for c in candidates)
+    smallest = fixed + sum(min([c.shape.macs()] + [get_form(c.form).cost(c, r).macs for r in options.get(c.name, [])])
+                           for c in candidates)
+    if smallest > target * total:
+        raise UsageError(f"target MACs {target:g} cannot be met: the smallest ranks give {smallest / total:.3f} of the original conv MACs")
+
+
 BINS = 4000  # MAC budget resolution of the knapsack (costs round up, so the target always holds)
 
 

@@ -290,6 +290,10 @@ def plan_ranks(sites: list, opts: CompressOptions, fixed_macs: int = 0, model=No
                 raise UsageError("the measured budget rule needs calibration data (--calibrate)")
             from onnx_tucker.sensitivity import Unsupported, distortion_curves
 
+            from onnx_tucker.budget import check_measured_target
+            from onnx_tucker.sensitivity import measured_options
+
+            check_measured_target(sites, measured_options(sites, opts.rank_multiple, fixed_macs), opts, fixed_macs)
             try:
                 measured = distortion_curves(model, sites, opts.calibration, covariances, opts.rank_multiple, fixed_macs=fixed_macs,
                                              cache_path=opts.curves, probes=opts.probes, ray=opts.ray)

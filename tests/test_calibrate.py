@@ -281,3 +281,16 @@ def test_refit_rows_from_an_image_subset_line_up_with_their_targets(monkeypatch)
     calibrated, _ = compress(model, ratio=0.5, calibration=cal, refit="last")
     held_out = {"x": samples(32, seed=8)}
     assert layer_error(model, calibrated, "b", held_out) < layer_error(model, plain, "b", held_out)
+
+
+def test_an_unreachable_measured_budget_is_refused_before_any_probe(monkeypatch):
+    """The measured budget checks its options' smallest MACs first: no curve is measured for a target
+    it cannot meet (a ResNet50 used to measure for 8 minutes, then refuse)."""
+    import onnx_tucker.sensitivity as sensitivity
+
+    def never(*args, **kwargs):
+        raise AssertionError("curves measured for an unreachable target")
+
+    monkeypatch.setattr(sensitivity, "distortion_curves", never)
+    with pytest.raises(UsageError, match="cannot be met"):
+        compress(residual_model(), target_macs=0.01, calibration={"x": samples(48, seed=9)})
