@@ -143,6 +143,12 @@ def _compress(model: onnx.ModelProto, opts: CompressOptions, memo: dict | None =
             report.latency["rank_multiple"] = choice
             report.notes.append(f"--rank-multiple auto: {choice['multiple']} (chains at ranks rounded up to each multiple, summed time against unrounded ranks on {table.provider}, "
                                 f"batch {table.batch}: " + ", ".join(f"{m}: {v:.2f}" for m, v in choice["scores"].items()) + ")")
+    if opts.target_macs is not None and opts.calibration is not None and opts.budget_rule != "uniform" and eligible:
+        from onnx_tucker.budget import check_measured_target
+        from onnx_tucker.sensitivity import measured_options
+
+        # before the covariances and the curves: a ResNet50 used to measure for 8 minutes, then refuse
+        check_measured_target(eligible, measured_options(eligible, opts.rank_multiple, fixed_macs), opts, fixed_macs)
     input_stats = None
     if memo is not None and "input_stats" in memo:
         input_stats = memo["input_stats"]
@@ -290,10 +296,6 @@ def plan_ranks(sites: list, opts: CompressOptions, fixed_macs: int = 0, model=No
                 raise UsageError("the measured budget rule needs calibration data (--calibrate)")
             from onnx_tucker.sensitivity import Unsupported, distortion_curves
 
-            from onnx_tucker.budget import check_measured_target
-            from onnx_tucker.sensitivity import measured_options
-
-            check_measured_target(sites, measured_options(sites, opts.rank_multiple, fixed_macs), opts, fixed_macs)
             try:
                 measured = distortion_curves(model, sites, opts.calibration, covariances, opts.rank_multiple, fixed_macs=fixed_macs,
                                              cache_path=opts.curves, probes=opts.probes, ray=opts.ray)
