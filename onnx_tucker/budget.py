@@ -20,6 +20,10 @@ from onnx_tucker.factorization import get_form, not_worth_it
 from onnx_tucker.ranks import round_to_multiple
 
 
+def unreachable_macs(target: float, share: float) -> UsageError:
+    return UsageError(f"target MACs {target:g} cannot be met: the smallest ranks give {share:.3f} of the original conv MACs")
+
+
 def _ratio_ranks(site, ratio: float) -> tuple:
     return get_form(site.form).rule_ranks(site, "ratio", ratio, 1.0)
 
@@ -40,9 +44,7 @@ def uniform_ratio(sites: list, opts, target: float, fixed: int = 0) -> float:
 
     lo, hi = 1e-3, 1.0
     if macs_at(lo) > target * total:
-        raise UsageError(
-            f"target MACs {target:g} cannot be met: the smallest ranks give {macs_at(lo) / total:.3f} of the original conv MACs"
-        )
+        raise unreachable_macs(target, macs_at(lo) / total)
     for _ in range(40):
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if macs_at(mid) <= target * total else (lo, mid)
@@ -66,7 +68,7 @@ def check_measured_target(candidates: list, options: dict, opts, fixed: int = 0)
     smallest = fixed + sum(min([c.shape.macs()] + [get_form(c.form).cost(c, r).macs for r in options.get(c.name, [])])
                            for c in candidates)
     if smallest > target * total:
-        raise UsageError(f"target MACs {target:g} cannot be met: the smallest ranks give {smallest / total:.3f} of the original conv MACs")
+        raise unreachable_macs(target, smallest / total)
 
 
 BINS = 4000  # MAC budget resolution of the knapsack (costs round up, so the target always holds)
@@ -86,33 +88,12 @@ def allocate_measured(candidates: list, curves: dict, opts, fixed: int = 0) -> d
     budget = target * total - fixed
     smallest = fixed + sum(min([c.shape.macs()] + [entry[0] for entry in curves.get(c.name, [])]) for c in candidates)
     if smallest > target * total:
-        raise UsageError(f"target MACs {target:g} cannot be met: the smallest ranks give {smallest / total:.3f} of the original conv MACs")
-    unit = budget / BINS
-    best = np.zeros(BINS + 1)  # best[b]: least distortion of the layers so far within b bins
-    choices = []
-    for cand in candidates:
-        options = [(cand.shape.macs(), 0.0, None)] + list(curves.get(cand.name, []))
-        new = np.full(BINS + 1, np.inf)
-        pick = np.full(BINS + 1, -1)
-        for index, (macs, distortion) in enumerate(entry[:2] for entry in options):
-            cost = int(np.ceil(macs / unit - 1e-9))
-            if cost > BINS:
-                continue
-            shifted = np.full(BINS + 1, np.inf)
-            shifted[cost:] = best[: BINS + 1 - cost] + distortion
-            better = shifted < new
-            new[better], pick[better] = shifted[better], index
-        best = new
-        choices.append((cand, options, pick))
-    if not np.isfinite(best[BINS]):
+        raise unreachable_macs(target, smallest / total)
+    options_of = [[(cand.shape.macs(), 0.0, None)] + list(curves.get(cand.name, [])) for cand in candidates]
+    picks = _knapsack(options_of, budget)
+    if picks is None:
         raise UsageError(f"target MACs {target:g} cannot be met at this budget resolution: try a larger target")
-    planned, b = {}, BINS
-    for cand, options, pick in reversed(choices):
-        index = int(pick[b])
-        macs, ranks = options[index][0], options[index][2]
-        planned[cand.name] = ranks
-        b -= int(np.ceil(macs / unit - 1e-9))
-    return planned
+    return {cand.name: options[index][2] for cand, options, index in zip(candidates, options_of, picks)}
 
 
 def allocate_latency(candidates: list, curves: dict, costs: dict, target: float, whole_us: float,
@@ -155,15 +136,16 @@ def allocate_latency(candidates: list, curves: dict, costs: dict, target: float,
 
 
 def _knapsack(options: list[list[tuple]], budget: float, bins: int = BINS) -> list[int] | None:
-    """Multiple-choice knapsack: one option (cost, distortion, _) per group, summed cost within ``budget``
-    (costs rounded up to bins, so the budget always holds), least summed distortion. Indices, or None."""
+    """Multiple-choice knapsack: one option (cost, distortion, ...) per group, summed cost within ``budget``
+    (costs rounded up to bins, so the budget always holds), least summed distortion, solved exactly by
+    dynamic programming over the bins. Indices, or None."""
     unit = budget / bins
     best = np.zeros(bins + 1)
     choices = []
     for group in options:
         new = np.full(bins + 1, np.inf)
         pick = np.full(bins + 1, -1)
-        for index, (cost, distortion, _) in enumerate(group):
+        for index, (cost, distortion) in enumerate(entry[:2] for entry in group):
             steps = int(np.ceil(cost / unit - 1e-9))
             if steps > bins:
                 continue

@@ -118,6 +118,15 @@ def tensor_types(model: onnx.ModelProto) -> dict[str, int]:
 
 # --- exposing tensors, probe and suffix models ---------------------------------------------------
 
+def from_bytes(model) -> onnx.ModelProto:
+    """``model`` itself, or parsed from its serialized bytes (how a model crosses to a Ray task)."""
+    if isinstance(model, (bytes, bytearray)):
+        proto = onnx.ModelProto()
+        proto.ParseFromString(model)
+        return proto
+    return model
+
+
 def with_outputs(model: onnx.ModelProto, names: list[str], types: dict[str, int] | None = None) -> onnx.ModelProto:
     """A copy of ``model`` that also outputs the named intermediate tensors (typed from ``types``, else float)."""
     exposed = onnx.ModelProto()

@@ -34,7 +34,7 @@ from threadpoolctl import threadpool_limits
 from onnx_tucker.calibrate import patches_at
 from onnx_tucker.capture import iterate
 from onnx_tucker.factorization import get_form, not_worth_it
-from onnx_tucker.graph import cut, expose, probe_model, suffix_model, tensor_types
+from onnx_tucker.graph import cut, expose, from_bytes, probe_model, suffix_model, tensor_types
 from onnx_tucker.providers import fastest_available
 from onnx_tucker.runtime import make_session
 
@@ -411,8 +411,8 @@ def _suffix(job: LayerJob, probe, reference, at_cut, output_name, provider, sess
     """(session, feeds) that run the model from the job's layer on."""
     feeds = {t: at_cut[t] for t in job.feed_names}
     if job.whole:
-        return (session if session is not None else make_session(_as_model(probe), provider, threads)), feeds
-    return make_session(suffix_model(_as_model(probe), job.site.node.name, output_name, feeds), provider, threads), feeds
+        return (session if session is not None else make_session(from_bytes(probe), provider, threads)), feeds
+    return make_session(suffix_model(from_bytes(probe), job.site.node.name, output_name, feeds), provider, threads), feeds
 
 
 def _measure(job: LayerJob, ranks_list: list, suffix_session, suffix_feeds: dict, reference, output_name: str, on_option=None) -> dict:
@@ -427,12 +427,6 @@ def _measure(job: LayerJob, ranks_list: list, suffix_session, suffix_feeds: dict
     return out
 
 
-def _as_model(probe) -> onnx.ModelProto:
-    if isinstance(probe, (bytes, bytearray)):
-        model = onnx.ModelProto()
-        model.ParseFromString(probe)
-        return model
-    return probe
 
 
 class _Moments:

@@ -31,6 +31,7 @@ import onnx
 
 from onnx_tucker import __version__
 from onnx_tucker.errors import ModelError, OnnxTuckerError, UsageError
+from onnx_tucker.graph import from_bytes
 
 SCHEMA = "onnx-tucker.sweep/1"
 DEFAULT_RATIOS = (0.25, 0.5, 0.75)
@@ -159,7 +160,7 @@ def run_sweep(config: SweepConfig) -> dict:
             results.append(row)
             bar.update()
             continue
-        new_model = _as_model(new_model)
+        new_model = from_bytes(new_model)
         t = report.totals()
         original["conv_macs"], original["conv_params"] = t["macs_before"], t["params_before"]
         path = check_output_path(config.model, model_files[(kind, value)])
@@ -219,7 +220,7 @@ def compress_setting(setting: tuple, model, calibration: dict | None, rank_multi
     if kind == "target":
         options["target_macs"] = value
     try:
-        new_model, report = compress(_as_model(model), ratio=value if kind == "ratio" else 1.0, **options)
+        new_model, report = compress(from_bytes(model), ratio=value if kind == "ratio" else 1.0, **options)
     except ModelError as exc:
         return str(exc), None, None
     if not report.decomposed:  # nothing profitable at this setting: a row that says why
@@ -227,12 +228,6 @@ def compress_setting(setting: tuple, model, calibration: dict | None, rank_multi
     return None, new_model.SerializeToString() if as_bytes else new_model, report
 
 
-def _as_model(model) -> onnx.ModelProto:
-    if isinstance(model, (bytes, bytearray)):
-        proto = onnx.ModelProto()
-        proto.ParseFromString(model)
-        return proto
-    return model
 
 
 def forms_summary(records: list) -> str:

@@ -118,3 +118,27 @@ def saved_residual(tmp_path):
 def _latency_cache_in_tmp(tmp_path_factory, monkeypatch):
     """The per-layer latency cache (``latency_table.default_path``) goes to a temporary folder, never ~/.cache."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def torch_basic_block(torch):
+    """A ResNet basic block (conv-BN-ReLU, conv-BN, add, ReLU; a 1x1 conv-BN shortcut when the shape
+    changes) as a torch module class: the BatchNorm-folded residual unit users export."""
+    nn = torch.nn
+
+    class BasicBlock(nn.Module):
+        def __init__(self, c_in, c_out, stride):
+            super().__init__()
+            self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(c_out)
+            self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+            self.bn2 = nn.BatchNorm2d(c_out)
+            self.down = None
+            if stride != 1 or c_in != c_out:
+                self.down = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+        def forward(self, x):
+            y = torch.relu(self.bn1(self.conv1(x)))
+            y = self.bn2(self.conv2(y))
+            return torch.relu(y + (x if self.down is None else self.down(x)))
+
+    return BasicBlock

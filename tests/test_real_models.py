@@ -13,7 +13,7 @@ import onnx
 import pytest
 
 import onnx_tucker
-from conftest import relative_error, run_model
+from conftest import relative_error, run_model, torch_basic_block
 
 SIZE = 64
 CLASSES = 10
@@ -142,21 +142,7 @@ def _nets():
     torch = _torch()
     nn = torch.nn
 
-    class BasicBlock(nn.Module):
-        def __init__(self, c_in, c_out, stride):
-            super().__init__()
-            self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
-            self.bn1 = nn.BatchNorm2d(c_out)
-            self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
-            self.bn2 = nn.BatchNorm2d(c_out)
-            self.down = None
-            if stride != 1 or c_in != c_out:
-                self.down = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
-
-        def forward(self, x):
-            y = torch.relu(self.bn1(self.conv1(x)))
-            y = self.bn2(self.conv2(y))
-            return torch.relu(y + (x if self.down is None else self.down(x)))
+    BasicBlock = torch_basic_block(torch)
 
     class SmallResNet(nn.Module):
         def __init__(self):
