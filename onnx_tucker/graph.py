@@ -128,7 +128,7 @@ def from_bytes(model) -> onnx.ModelProto:
 
 
 def with_outputs(model: onnx.ModelProto, names: list[str], types: dict[str, int] | None = None) -> onnx.ModelProto:
-    """A copy of ``model`` that also outputs the named intermediate tensors (typed from ``types``, else float)."""
+    """A copy of ``model`` that also outputs the named intermediate tensors (typed from ``types``, else by inference)."""
     exposed = onnx.ModelProto()
     exposed.CopyFrom(model)
     expose(exposed, names, types)
@@ -163,21 +163,31 @@ def prefix_model(model: onnx.ModelProto, names: list[str], types: dict[str, int]
     prefix.graph.initializer.extend(keep)
     del prefix.graph.output[:]
     known = {o.name: o for o in graph.output}
+    types = _types_for(model, [n for n in names if n not in known], types)
     for name in dict.fromkeys(names):
         if name in known:
             prefix.graph.output.append(known[name])
         else:
-            elem = (types or {}).get(name) or onnx.TensorProto.FLOAT
-            prefix.graph.output.append(onnx.helper.make_tensor_value_info(name, elem, None))
+            prefix.graph.output.append(onnx.helper.make_tensor_value_info(name, types.get(name) or onnx.TensorProto.FLOAT, None))
     return prefix
 
 
+def _types_for(model: onnx.ModelProto, names: list[str], types: dict[str, int] | None) -> dict[str, int]:
+    """``types``, completed by shape inference when it lacks one of ``names`` (a float16 model's tensors
+    are not float; inference runs on the weightless skeleton, so it is cheap)."""
+    types = dict(types or {})
+    if any(name not in types for name in names):
+        types = {**tensor_types(model), **types}
+    return types
+
+
 def expose(model: onnx.ModelProto, names: list[str], types: dict[str, int] | None = None) -> None:
-    """Add ``names`` to ``model``'s outputs in place (shape tensors need their real type: pass ``types``)."""
+    """Add ``names`` to ``model``'s outputs in place, typed from ``types`` or else by shape inference."""
     existing = {o.name for o in model.graph.output}
+    types = _types_for(model, [n for n in names if n not in existing], types)
     for name in names:
         if name not in existing:
-            elem = (types or {}).get(name) or onnx.TensorProto.FLOAT
+            elem = types.get(name) or onnx.TensorProto.FLOAT
             model.graph.output.append(onnx.helper.make_tensor_value_info(name, elem, None))
             existing.add(name)
 
