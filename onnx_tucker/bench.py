@@ -17,7 +17,7 @@ JSON written by ``--json`` (``schema: "onnx-tucker.bench/1"``)::
 
     {"schema", "tool_version", "onnxruntime_version", "host": {"platform", "python", "cpu_count"},
      "settings": {"threads", "spinning", "warmup", "runs", "batches", "cudnn_conv_algo_search", "inputs",
-                  "interleaved"},
+                  "interleaved", "precision" ("as stored" or "float16": --fp16), "cuda_graph"},
      "providers": {"requested", "benchmarked", "unavailable": {provider: reason}},
      "models": [{"index", "path", "name"}],
      "results": [{"provider", "batch", "model", "model_index", "session_providers", "warmup", "runs",
@@ -129,8 +129,13 @@ class BoundRun:
         self.session.run_with_iobinding(self.binding)
         self.binding.synchronize_outputs()  # a GPU run is finished when the timer stops
 
+    def outputs(self) -> list[np.ndarray]:
+        return [v.numpy() for v in self.binding.get_outputs()]
 
-def bind(session, feeds: dict[str, np.ndarray], device: str) -> BoundRun:
+
+def bind(session, feeds: dict[str, np.ndarray], device: str, fixed_outputs: bool = False) -> BoundRun:
+    """Inputs copied to the device once and outputs bound there. ``fixed_outputs`` preallocates each output
+    (shapes from one run): CUDA graph capture replays fixed addresses, so onnxruntime must not allocate them."""
     from onnx_tucker.providers import onnxruntime
 
     ort = onnxruntime()
@@ -141,8 +146,15 @@ def bind(session, feeds: dict[str, np.ndarray], device: str) -> BoundRun:
         value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), device, 0)
         binding.bind_ortvalue_input(name, value)
         values.append(value)
-    for output in session.get_outputs():
-        binding.bind_output(output.name, device, 0)
+    if fixed_outputs:
+        shapes = [(o.name, a.shape, a.dtype) for o, a in zip(session.get_outputs(), session.run(None, feeds))]
+        for name, shape, dtype in shapes:
+            value = ort.OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, device, 0)
+            binding.bind_ortvalue_output(name, value)
+            values.append(value)
+    else:
+        for output in session.get_outputs():
+            binding.bind_output(output.name, device, 0)
     return BoundRun(session, binding, values)
 
 
@@ -347,6 +359,8 @@ class BenchConfig:
     per_layer: bool = False
     per_layer_runs: int = 10
     progress: bool = True
+    fp16: bool = False  # time float16 copies of the models (onnx_tucker.precision.to_float16)
+    cuda_graph: bool = False  # onnxruntime's CUDA graph capture on cuda/tensorrt
 
 
 def parse_batches(text: str) -> list[int]:
@@ -449,6 +463,9 @@ def run_bench(config: BenchConfig) -> dict:
     if config.cudnn_algo not in CUDNN_ALGOS:
         raise UsageError(f"--cudnn-algo: choose from {', '.join(CUDNN_ALGOS)}")
     providers, unavailable = choose_providers(config.providers)
+    if config.cuda_graph:
+        for provider in providers:
+            get_provider(provider).options(cuda_graph=True)  # a provider without graph capture: one-line error
     models = check_models(config.models, config.batches)
     check_batch_memory(models[0], config.batches)
     given = load_inputs(config.inputs, models[0]) if config.inputs else None
@@ -457,12 +474,13 @@ def run_bench(config: BenchConfig) -> dict:
     bar = _progress(config, total)
     results = []
     with tempfile.TemporaryDirectory(prefix="onnx-tucker-bench-") as scratch:
+        paths = float16_copies(config.models, models, scratch) if config.fp16 else list(config.models)
         for provider in providers:
-            options = get_provider(provider).options(config.cudnn_algo, scratch)
-            sessions = [open_session(p, provider, config.threads, options, config.spinning) for p in config.models]
+            options = get_provider(provider).options(config.cudnn_algo, scratch, cuda_graph=config.cuda_graph, fp16=config.fp16)
+            sessions = [open_session(p, provider, config.threads, options, config.spinning) for p in paths]
             for batch in config.batches:
                 feeds = timing_feeds(models[0], batch, given)
-                runners = [bind(s, feeds, get_provider(provider).device) for s in sessions]
+                runners = [bind(s, feeds, get_provider(provider).device, fixed_outputs=config.cuda_graph) for s in sessions]
                 if bar is not None:
                     bar.set_description(f"{provider} batch {batch}")
                 warmup = warmup_for(provider, config.warmup)
@@ -476,7 +494,7 @@ def run_bench(config: BenchConfig) -> dict:
             del sessions
         if bar is not None:
             bar.close()
-        accuracy = measure_accuracy(config, models, providers) if config.data or config.inputs or n > 1 else None
+        accuracy = measure_accuracy(config, models, providers, paths) if config.data or config.inputs or n > 1 else None
         per_layer = profile_layers(config, models, given, scratch) if config.per_layer else None
     return {
         "schema": SCHEMA,
@@ -487,6 +505,7 @@ def run_bench(config: BenchConfig) -> dict:
             "threads": config.threads, "spinning": config.spinning, "warmup": config.warmup, "runs": config.runs, "batches": config.batches,
             "cudnn_conv_algo_search": config.cudnn_algo if any(p != "cpu" for p in providers) else None,
             "inputs": config.inputs or "random, seed 0", "interleaved": True,
+            "precision": "float16" if config.fp16 else "as stored", "cuda_graph": config.cuda_graph,
         },
         "providers": {"requested": config.providers, "benchmarked": providers, "unavailable": unavailable},
         "models": [{"index": i, "path": str(p), "name": p.name} for i, p in enumerate(config.models)],
@@ -496,8 +515,23 @@ def run_bench(config: BenchConfig) -> dict:
     }
 
 
-def measure_accuracy(config: BenchConfig, models: list, providers: list[str]) -> list[dict]:
-    """Top-1 on labelled ``--data``, else agreement with the first model on ``--inputs`` or random inputs."""
+def float16_copies(paths: list[Path], models: list, folder: str) -> list[Path]:
+    """Each model's float16 copy (float32 inputs and outputs kept), written to ``folder``."""
+    import onnx
+
+    from onnx_tucker.precision import to_float16
+
+    copies = []
+    for index, (path, model) in enumerate(zip(paths, models)):
+        copy = Path(folder) / f"fp16_{index}_{path.name}"
+        onnx.save(to_float16(model), str(copy))
+        copies.append(copy)
+    return copies
+
+
+def measure_accuracy(config: BenchConfig, models: list, providers: list[str], paths: list[Path] | None = None) -> list[dict]:
+    """Top-1 on labelled ``--data``, else agreement with the first model on ``--inputs`` or random inputs
+    (of the models timed: ``paths``, e.g. their float16 copies)."""
     from onnx_tucker.runtime import load_inputs, random_inputs
 
     if config.data:
@@ -510,7 +544,7 @@ def measure_accuracy(config: BenchConfig, models: list, providers: list[str]) ->
     rows = []
     for provider in providers:
         options = get_provider(provider).options(config.cudnn_algo)
-        outputs = [run_outputs(p, feeds, provider, config.threads, options, model=m) for p, m in zip(config.models, models)]
+        outputs = [run_outputs(p, feeds, provider, config.threads, options, model=m) for p, m in zip(paths or config.models, models)]
         for row in accuracy_rows(outputs, labels, provider):
             rows.append({"provider": row["provider"], "model": config.models[row["model_index"]].name} | row)
     return rows
@@ -580,6 +614,8 @@ def summary_lines(result: dict) -> list[str]:
         lines.append(f"note: {provider} not benchmarked: {reason}")
     s = result["settings"]
     algo = f", cudnn_conv_algo_search {s['cudnn_conv_algo_search']}" if s["cudnn_conv_algo_search"] else ""
+    algo += ", float16 copies" if s.get("precision") == "float16" else ""
+    algo += ", CUDA graph capture" if s.get("cuda_graph") else ""
     spin = "on" if s["spinning"] else "off"
     lines.append(f"onnxruntime {result['onnxruntime_version']}, {s['threads']} intra-op threads (spinning {spin}), {s['warmup']} warm-up + "
                  f"{s['runs']} interleaved runs per model, inputs {s['inputs']}{algo}")

@@ -83,6 +83,8 @@ def add_bench_parser(sub) -> None:
     b.add_argument("--data", metavar="FILE.npz", help="labelled data (x_test/y_test or x/y): top-1 of each model and agreement with the first")
     b.add_argument("--inputs", metavar="FILE.npz", help="inputs for timing and output agreement (default: seeded random)")
     b.add_argument("--per-layer", action="store_true", help="profile each decomposed layer's chain against the original layer (CPU EP)")
+    b.add_argument("--fp16", action="store_true", help="time float16 copies of the models (inputs/outputs stay float32; TensorRT also gets trt_fp16_enable)")
+    b.add_argument("--cuda-graph", action="store_true", help="onnxruntime's CUDA graph capture (cuda and tensorrt providers): replays without per-node launches")
     b.add_argument("--json", metavar="PATH", help="write every number as JSON (schema onnx-tucker.bench/1, see onnx_tucker/bench.py)")
     b.epilog = "providers: " + ", ".join(f"{p.key} ({p.ort_name})" for p in PROVIDERS.values())
 
@@ -320,6 +322,7 @@ def cmd_bench(args) -> int:
         batches=runtime["batches"],
         threads=args.threads, spinning=args.spin, warmup=args.warmup, runs=args.runs, cudnn_algo=args.cudnn_algo,
         data=args.data, inputs=args.inputs, per_layer=args.per_layer, progress=not args.no_progress,
+        fp16=args.fp16, cuda_graph=args.cuda_graph,
     )
     result = bench.run_bench(config)
     for line in bench.summary_lines(result):

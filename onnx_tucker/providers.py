@@ -41,8 +41,12 @@ class Provider:
     missing: Callable[[], str] | None = None  # why it is not offered, when it is not
     note_missing: bool = False  # say why it is missing even when nobody asked for it (bench's default set)
 
-    def options(self, cudnn_algo: str = "EXHAUSTIVE", cache_dir: str | None = None) -> dict:
-        return self.make_options(cudnn_algo=cudnn_algo, cache_dir=cache_dir)
+    graph_capture: bool = False  # offers onnxruntime's CUDA graph capture (bench --cuda-graph)
+
+    def options(self, cudnn_algo: str = "EXHAUSTIVE", cache_dir: str | None = None, cuda_graph: bool = False, fp16: bool = False) -> dict:
+        if cuda_graph and not self.graph_capture:
+            raise UsageError(f"--cuda-graph: the {self.key} execution provider has no CUDA graph capture (use cuda or tensorrt)")
+        return self.make_options(cudnn_algo=cudnn_algo, cache_dir=cache_dir, cuda_graph=cuda_graph, fp16=fp16)
 
     def session_providers(self, options: dict | None = None) -> list[tuple[str, dict]]:
         return [(self.ort_name, options or {})] + [(name, {}) for name in self.fallback if name != self.ort_name]
@@ -51,14 +55,21 @@ class Provider:
         return max(requested, self.min_warmup)
 
 
-def _cuda_options(cudnn_algo: str = "EXHAUSTIVE", **_) -> dict:
-    return {"device_id": 0, "cudnn_conv_algo_search": cudnn_algo}
+def _cuda_options(cudnn_algo: str = "EXHAUSTIVE", cuda_graph: bool = False, **_) -> dict:
+    options = {"device_id": 0, "cudnn_conv_algo_search": cudnn_algo}
+    if cuda_graph:  # replays the captured kernels: no per-node launch cost (needs fixed I/O addresses)
+        options["enable_cuda_graph"] = "1"
+    return options
 
 
-def _tensorrt_options(cache_dir: str | None = None, **_) -> dict:
+def _tensorrt_options(cache_dir: str | None = None, cuda_graph: bool = False, fp16: bool = False, **_) -> dict:
     options = {"device_id": 0}
     if cache_dir:
         options.update(trt_engine_cache_enable="True", trt_engine_cache_path=cache_dir)
+    if cuda_graph:
+        options["trt_cuda_graph_enable"] = "True"
+    if fp16:  # TensorRT picks fp16 kernels itself where they are faster
+        options["trt_fp16_enable"] = "True"
     return options
 
 
@@ -108,9 +119,10 @@ PROVIDERS: dict[str, Provider] = {
     p.key: p
     for p in (
         Provider("cuda", "CUDAExecutionProvider", "cuda", ("gpu",), min_warmup=20, make_options=_cuda_options, missing=_cuda_missing,
-                 note_missing=True),
+                 note_missing=True, graph_capture=True),
         Provider("tensorrt", "TensorrtExecutionProvider", "cuda", ("trt",), min_warmup=20,
-                 fallback=("CUDAExecutionProvider", "CPUExecutionProvider"), make_options=_tensorrt_options, missing=_tensorrt_missing),
+                 fallback=("CUDAExecutionProvider", "CPUExecutionProvider"), make_options=_tensorrt_options, missing=_tensorrt_missing,
+                 graph_capture=True),
         Provider("cpu", "CPUExecutionProvider", "cpu"),
     )
 }

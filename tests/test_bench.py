@@ -217,7 +217,8 @@ def test_json_has_the_documented_schema(tmp_path):
     assert result["schema"] == bench.SCHEMA
     assert set(result) == {"schema", "tool_version", "onnxruntime_version", "host", "settings", "providers", "models",
                            "results", "accuracy", "per_layer"}
-    assert set(result["settings"]) == {"threads", "spinning", "warmup", "runs", "batches", "cudnn_conv_algo_search", "inputs", "interleaved"}
+    assert set(result["settings"]) == {"threads", "spinning", "warmup", "runs", "batches", "cudnn_conv_algo_search", "inputs", "interleaved",
+                                       "precision", "cuda_graph"}
     assert result["settings"]["threads"] == 1 and result["settings"]["interleaved"] is True and result["settings"]["spinning"] is False
     assert set(result["providers"]) == {"requested", "benchmarked", "unavailable"} and "cpu" in result["providers"]["benchmarked"]
     cpu = [r for r in result["results"] if r["provider"] == "cpu"]
@@ -296,3 +297,77 @@ def test_a_batch_whose_inputs_would_not_fit_in_memory_is_refused():
     bench.check_batch_memory(model, [1, 32], limit=10**6)
     with pytest.raises(bench.UsageError, match="--batch 1000: the inputs alone would take"):
         bench.check_batch_memory(model, [1, 1000], limit=10**6)
+
+
+# --- float16 copies and CUDA graph capture ---------------------------------------------------------
+
+def test_fp16_bench_times_float16_copies_and_measures_their_agreement(residual_pair):
+    config = bench.BenchConfig(models=list(residual_pair), providers=["cpu"], batches=[2], threads=1, warmup=1, runs=3,
+                               progress=False, fp16=True)
+    result = bench.run_bench(config)
+    assert result["settings"]["precision"] == "float16"
+    assert len(result["results"]) == 2
+    first, second = result["accuracy"]
+    assert first["top1_agreement"] == 1.0 and first["max_abs_diff"] == 0
+    assert np.isfinite(second["max_abs_diff"])
+    assert "float16 copies" in bench.summary_lines(result)[-1]
+
+
+def test_fp16_agreement_is_measured_on_the_float16_copies(residual_pair, monkeypatch):
+    seen = []
+    real = bench.run_outputs
+    monkeypatch.setattr(bench, "run_outputs", lambda path, *a, **k: seen.append(Path(path).name) or real(path, *a, **k))
+    bench.run_bench(bench.BenchConfig(models=list(residual_pair), providers=["cpu"], batches=[1], threads=1, warmup=0, runs=1,
+                                      progress=False, fp16=True))
+    assert seen and all(name.startswith("fp16_") for name in seen)
+
+
+def test_float16_copies_are_float16_and_keep_float32_inputs(residual_pair, tmp_path):
+    from onnx_tucker.precision import weight_dtype
+
+    models = [onnx.load(str(p)) for p in residual_pair]
+    copies = bench.float16_copies(list(residual_pair), models, str(tmp_path))
+    for copy in copies:
+        model = onnx.load(str(copy))
+        assert weight_dtype(model) == "float16"
+        assert model.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT
+
+
+def test_cuda_graph_is_refused_on_a_provider_without_graph_capture(saved_residual):
+    with pytest.raises(bench.UsageError, match="--cuda-graph: the cpu execution provider has no CUDA graph capture"):
+        bench.run_bench(bench.BenchConfig(models=[Path(saved_residual)], providers=["cpu"], cuda_graph=True, progress=False))
+    r = cli("bench", saved_residual, "--providers", "cpu", "--cuda-graph")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_graph_capture_and_fp16_reach_the_provider_options():
+    assert providers.get("cuda").options("HEURISTIC", cuda_graph=True) == {
+        "device_id": 0, "cudnn_conv_algo_search": "HEURISTIC", "enable_cuda_graph": "1"}
+    assert "enable_cuda_graph" not in providers.get("cuda").options()
+    trt = providers.get("tensorrt").options(cuda_graph=True, fp16=True)
+    assert trt["trt_cuda_graph_enable"] == "True" and trt["trt_fp16_enable"] == "True"
+
+
+def test_preallocated_outputs_give_the_same_values_as_a_plain_run(saved_residual):
+    session = bench.open_session(Path(saved_residual), "cpu", 1, {})
+    feeds = bench.timing_feeds(residual_model(), 3)
+    fixed = bench.bind(session, feeds, "cpu", fixed_outputs=True)
+    fixed()
+    expected = session.run(None, feeds)
+    for got, want in zip(fixed.outputs(), expected):
+        np.testing.assert_array_equal(got, want)
+    before = [v.data_ptr() for v in fixed.binding.get_outputs()]
+    fixed()
+    assert [v.data_ptr() for v in fixed.binding.get_outputs()] == before  # the addresses a CUDA graph replays
+
+
+@pytest.mark.cuda
+def test_bench_on_cuda_with_graph_capture_and_fp16(residual_pair):
+    if "cuda" not in available_providers():
+        pytest.skip("CUDA EP not available")
+    config = bench.BenchConfig(models=list(residual_pair), providers=["cuda"], batches=[1, 8], warmup=2, runs=10,
+                               progress=False, cuda_graph=True, fp16=True)
+    result = bench.run_bench(config)
+    assert result["settings"]["cuda_graph"] and result["settings"]["precision"] == "float16"
+    assert all(r["session_providers"][0] == "CUDAExecutionProvider" for r in result["results"])
+    assert all(np.isfinite(row["max_abs_diff"]) for row in result["accuracy"])
