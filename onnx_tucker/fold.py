@@ -1,10 +1,15 @@
-"""Fold per-channel affine ops (a BatchNorm left as Mul/Add after a ReLU) into a chain's first 1x1 conv.
+"""Fold per-channel affine ops into a chain's convs: before its first 1x1 conv, and after its last conv.
 
-``y = W1 (a * x + b)`` is ``(W1 diag(a)) x + W1 b``: exact for a 1x1 conv without padding, which is what a
-chain's first node is (the padded core comes after it). When a MaxPool sits between the affine and the
-chain and every scale is positive, the affine commutes with the max (``max(a x + b) = a max(x) + b``)
-and is folded the same way. The Mul and Add then vanish from the graph: the seed CNN spends a large
-share of its CPU time on them (issue 13).
+Before: ``y = W1 (a * x + b)`` is ``(W1 diag(a)) x + W1 b``: exact for a 1x1 conv without padding, which is
+what a chain's first node is (the padded core comes after it). When a MaxPool sits between the affine and
+the chain and every scale is positive, the affine commutes with the max (``max(a x + b) = a max(x) + b``)
+and is folded the same way. The seed CNN's BatchNorm after each ReLU is such a Mul/Add, and it takes a
+large share of its CPU time (issue 13).
+
+After: ``a * (W x + c) + b`` is ``(diag(a) W) x + (a c + b)``, exact for any conv (the output side has no
+padding to respect): a Mul, Add, Sub (constant second input) or inference BatchNormalization reading only the
+chain's output, as an exporter leaves an unfolded BatchNorm. The ops vanish from the written model instead of
+depending on the runtime's optimizer to fuse them.
 """
 from __future__ import annotations
 
@@ -30,17 +35,92 @@ def _per_channel_of(inits, node, const_index: int, channels: int, rank: int) -> 
 
 
 def fold_affine_into_chains(model: onnx.ModelProto, chains: list) -> list[str]:
-    """Fold the Mul/Add (and Mul/Add -> MaxPool) feeding each chain's first 1x1 conv; edits ``model`` and
-    ``chains`` in place. Returns the layers folded into."""
+    """Fold the Mul/Add (and Mul/Add -> MaxPool) feeding each chain's first 1x1 conv, and the per-channel
+    affine ops reading its last conv; edits ``model`` and ``chains`` in place. Returns the layers folded into."""
     folded = []
     for chain in chains:
         if chain.form not in ("tucker2", "svd") or chain.channel_axis != 1:
             continue
-        if _fold_one(model, chain):
+        before = _fold_one(model, chain)
+        after = _fold_after(model, chain)
+        if before or after:
             folded.append(chain.layer)
     if folded:
         _drop_unused(model)
     return folded
+
+
+def _affine_of(node, inits, channels: int, rank: int) -> tuple[np.ndarray, np.ndarray, str] | None:
+    """(scale, shift, data input) when ``node`` is ``x -> scale * x + shift`` per channel (axis 1), else None."""
+    if node.op_type == "BatchNormalization":
+        if len(node.output) != 1 or any(t not in inits for t in node.input[1:5]):
+            return None  # training mode (running stats as outputs) or computed statistics
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if attrs.get("training_mode", 0):
+            return None
+        gamma, beta, mean, var = (inits.array(t).astype(np.float64).reshape(-1) for t in node.input[1:5])
+        if gamma.size != channels:
+            return None
+        scale = gamma / np.sqrt(var + attrs.get("epsilon", 1e-5))
+        return scale, beta - mean * scale, node.input[0]
+    if node.op_type not in ("Mul", "Add", "Sub") or len(node.input) != 2:
+        return None
+    const = 1 if node.input[1] in inits else 0 if node.input[0] in inits and node.op_type != "Sub" else None
+    if const is None:
+        return None
+    value = _per_channel_of(inits, node, const, channels, rank)
+    if value is None:
+        return None
+    ones, zeros = np.ones(channels), np.zeros(channels)
+    affine = {"Mul": (value, zeros), "Add": (ones, value), "Sub": (ones, -value)}[node.op_type]
+    return affine[0], affine[1], node.input[1 - const]
+
+
+def _fold_after(model, chain) -> bool:
+    """Fold the per-channel affine ops that read the chain's last conv (one after another) into that conv."""
+    nodes = nodes_by_name(model)
+    last = nodes.get(chain.nodes[chain.last_role])
+    if last is None or last.op_type != "Conv":
+        return False
+    inits = Initializers(model)
+    if len(consumers(model, last.input[1])) != 1:
+        return False  # a weight two chains share (identical layers) would be scaled for both
+    w = inits.array(last.input[1])
+    channels = w.shape[0]
+    graph_outputs = {o.name for o in model.graph.output}
+    scale, shift, ops, tensor = np.ones(channels), np.zeros(channels), [], last.output[0]
+    while tensor not in graph_outputs:
+        readers = consumers(model, tensor)
+        if len(readers) != 1:
+            break
+        affine = _affine_of(readers[0], inits, channels, w.ndim)
+        if affine is None or affine[2] != tensor:
+            break
+        scale, shift = scale * affine[0], shift * affine[0] + affine[1]  # the new op runs on the folded result
+        ops.append(readers[0])
+        tensor = readers[0].output[0]
+    if not ops:
+        return False
+    bias = inits.array(last.input[2]).astype(np.float64) if len(last.input) > 2 and last.input[2] else np.zeros(channels)
+    inits.set(last.input[1], (w.astype(np.float64) * scale.reshape(-1, *([1] * (w.ndim - 1)))).astype(w.dtype))
+    new_bias = (bias * scale + shift).astype(w.dtype)
+    if len(last.input) > 2 and last.input[2] and len(consumers(model, last.input[2])) == 1:
+        inits.set(last.input[2], new_bias)
+        bias_name = last.input[2]
+    else:
+        bias_name = unique_name(f"{chain.nodes[chain.last_role]}_B", set(inits.by_name))
+        model.graph.initializer.add().CopyFrom(onnx.numpy_helper.from_array(new_bias, bias_name))
+    while len(last.input) < 3:
+        last.input.append("")
+    last.input[2] = bias_name
+    last.output[0] = tensor  # the conv now writes what the last affine op wrote: every reader stays as it was
+    gone = {id(op) for op in ops}
+    keep = [n for n in model.graph.node if id(n) not in gone]
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+    chain.output, chain.bias = tensor, bias_name
+    chain.extra["folded_after"] = {"ops": [op.op_type for op in ops], "bias": bias_name}
+    return True
 
 
 def _fold_one(model, chain) -> bool:

@@ -208,9 +208,13 @@ def _compress(model: onnx.ModelProto, opts: CompressOptions, memo: dict | None =
         if opts.fold_affine:
             from onnx_tucker.fold import fold_affine_into_chains
 
-            folded = fold_affine_into_chains(new_model, report.chains)
-            if folded:
-                report.notes.append(f"folded the per-channel Mul/Add before {len(folded)} chain(s) into their first 1x1 conv (exact)")
+            fold_affine_into_chains(new_model, report.chains)
+            before = sum("folded_affine" in c.extra for c in report.chains)
+            after = sum("folded_after" in c.extra for c in report.chains)
+            if before:
+                report.notes.append(f"folded the per-channel Mul/Add before {before} chain(s) into their first 1x1 conv (exact)")
+            if after:
+                report.notes.append(f"folded the per-channel affine ops after {after} chain(s) into their last conv (exact)")
     else:
         reasons = "; ".join(sorted({r.reason for r in report.layers if r.reason}))
         if all(site.extra.get("defect") for site in sites):  # not a choice: no layer of this model can be factored

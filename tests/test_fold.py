@@ -62,3 +62,92 @@ def test_affine_is_left_where_folding_would_change_the_result(kwargs):
     kept, _ = compress(model, ratio=0.5, fold_affine=False)
     for a, b in zip(outputs(new, x), outputs(kept, x)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+# --- after a chain's last conv ---------------------------------------------------------------------
+
+def after_model(ops=("Mul", "Add"), bias=True, extra_reader=False, seed=0):
+    """x -> conv(3x3, 16 -> 32) -> per-channel ops (Mul, Add, Sub, BatchNormalization) -> relu -> y"""
+    rng = np.random.default_rng(seed)
+    c = 32
+    inits = [numpy_helper.from_array((rng.standard_normal((c, 16, 3, 3)) / 12).astype(np.float32), "W")]
+    conv_inputs = ["x", "W"]
+    if bias:
+        inits.append(numpy_helper.from_array(rng.standard_normal(c).astype(np.float32), "Wb"))
+        conv_inputs.append("Wb")
+    nodes = [helper.make_node("Conv", conv_inputs, ["t0"], name="conv", pads=[1] * 4)]
+    for i, op in enumerate(ops):
+        src, dst = f"t{i}", f"t{i + 1}"
+        if op == "BatchNormalization":
+            stats = [np.abs(rng.standard_normal(c)) + 0.5, rng.standard_normal(c), rng.standard_normal(c), np.abs(rng.standard_normal(c)) + 0.1]
+            names = [f"bn{i}_{k}" for k in ("scale", "B", "mean", "var")]
+            inits += [numpy_helper.from_array(v.astype(np.float32), n) for v, n in zip(stats, names)]
+            nodes.append(helper.make_node("BatchNormalization", [src] + names, [dst], name=f"op{i}", epsilon=1e-3))
+        else:
+            inits.append(numpy_helper.from_array(rng.standard_normal((1, c, 1, 1)).astype(np.float32), f"k{i}"))
+            nodes.append(helper.make_node(op, [src, f"k{i}"], [dst], name=f"op{i}"))
+    nodes.append(helper.make_node("Relu", [f"t{len(ops)}"], ["y"], name="relu"))
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
+    if extra_reader:
+        outputs.append(helper.make_tensor_value_info("t0", TensorProto.FLOAT, None))
+    graph = helper.make_graph(nodes, "after", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16, 10, 10])], outputs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("ops, bias", [(("Mul", "Add"), True), (("Mul", "Add"), False), (("BatchNormalization",), True),
+                                       (("Sub", "Mul"), True), (("Add",), False)])
+def test_affine_after_a_chain_is_folded_exactly(ops, bias):
+    model = after_model(ops, bias)
+    x = np.random.default_rng(3).standard_normal((4, 16, 10, 10)).astype(np.float32)
+    folded, report = compress(model, ranks={"conv": (12, 8)})
+    kept, _ = compress(model, ranks={"conv": (12, 8)}, fold_affine=False)
+    assert {n.op_type for n in folded.graph.node} == {"Conv", "Relu"}
+    assert set(ops) <= {n.op_type for n in kept.graph.node}
+    np.testing.assert_allclose(outputs(folded, x)[0], outputs(kept, x)[0], rtol=1e-4, atol=1e-4)
+    (chain,) = report.chains
+    assert chain.extra["folded_after"]["ops"] == list(ops) and chain.bias == chain.extra["folded_after"]["bias"]
+    assert chain.output == f"t{len(ops)}"  # the chain now writes what the last op wrote; its readers are untouched
+    assert any("after 1 chain(s)" in n for n in report.notes)
+    # the record in the written model names the conv that writes the chain's output
+    from onnx_tucker.chain import chains_of
+    last = {n.name: n for n in folded.graph.node}[chains_of(folded)[0].nodes[chain.last_role]]
+    assert last.output[0] == chain.output and last.input[2] == chain.bias
+
+
+def test_affine_after_a_two_conv_chain_goes_into_its_kxk_core():
+    model = after_model(("Mul", "Add"))
+    x = np.random.default_rng(4).standard_normal((2, 16, 10, 10)).astype(np.float32)
+    folded, report = compress(model, ranks={"conv": (32, 6)})  # R_out = C_out: 1x1 -> 3x3, the core is last
+    kept, _ = compress(model, ranks={"conv": (32, 6)}, fold_affine=False)
+    (chain,) = report.chains
+    assert chain.last_role == "core" and "folded_after" in chain.extra
+    np.testing.assert_allclose(outputs(folded, x)[0], outputs(kept, x)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_affine_after_is_left_when_another_node_reads_the_chain_output():
+    new, report = compress(after_model(extra_reader=True), ranks={"conv": (12, 8)})
+    assert {"Mul", "Add"} <= {n.op_type for n in new.graph.node}
+    assert "folded_after" not in report.chains[0].extra
+
+
+def test_unfolded_batchnorm_of_a_torch_export_is_folded_after_the_chain(tmp_path):
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
+                              torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.BatchNorm2d(32), torch.nn.ReLU())
+    for m in net:
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1), m.running_var.uniform_(0.5, 2), m.weight.data.uniform_(0.5, 2)
+    net.eval()
+    path = tmp_path / "bn.onnx"
+    torch.onnx.export(net, torch.randn(1, 3, 12, 12), str(path), dynamo=False, do_constant_folding=False, input_names=["x"],
+                      dynamic_axes={"x": {0: "N"}})
+    model = onnx.load(str(path))
+    assert sum(n.op_type == "BatchNormalization" for n in model.graph.node) == 2  # the exporter left them unfolded
+    folded, report = compress(model, ratio=0.5)
+    chain = next(c for c in report.chains if "folded_after" in c.extra)
+    assert chain.extra["folded_after"]["ops"] == ["BatchNormalization"]
+    x = np.random.default_rng(5).standard_normal((3, 3, 12, 12)).astype(np.float32)
+    kept, _ = compress(model, ratio=0.5, fold_affine=False)
+    np.testing.assert_allclose(outputs(folded, x)[0], outputs(kept, x)[0], rtol=1e-4, atol=1e-4)
+    assert sum(n.op_type == "BatchNormalization" for n in folded.graph.node) == 1  # the stem's stays: it is left whole
