@@ -50,15 +50,27 @@ def fold_affine_into_chains(model: onnx.ModelProto, chains: list) -> list[str]:
     return folded
 
 
-def _affine_of(node, inits, channels: int, rank: int) -> tuple[np.ndarray, np.ndarray, str] | None:
+def _through_identity(model, inits, name: str) -> str:
+    """The initializer behind ``name`` when it is one, or reached through Identity nodes (torch.onnx without
+    constant folding routes BatchNorm statistics so); ``name`` itself otherwise."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    seen = set()
+    while name not in inits and name in producers and producers[name].op_type == "Identity" and name not in seen:
+        seen.add(name)
+        name = producers[name].input[0]
+    return name
+
+
+def _affine_of(model, node, inits, channels: int, rank: int) -> tuple[np.ndarray, np.ndarray, str] | None:
     """(scale, shift, data input) when ``node`` is ``x -> scale * x + shift`` per channel (axis 1), else None."""
     if node.op_type == "BatchNormalization":
-        if len(node.output) != 1 or any(t not in inits for t in node.input[1:5]):
+        stats = [_through_identity(model, inits, t) for t in node.input[1:5]]
+        if len(node.output) != 1 or len(stats) != 4 or any(t not in inits for t in stats):
             return None  # training mode (running stats as outputs) or computed statistics
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         if attrs.get("training_mode", 0):
             return None
-        gamma, beta, mean, var = (inits.array(t).astype(np.float64).reshape(-1) for t in node.input[1:5])
+        gamma, beta, mean, var = (inits.array(t).astype(np.float64).reshape(-1) for t in stats)
         if gamma.size != channels:
             return None
         scale = gamma / np.sqrt(var + attrs.get("epsilon", 1e-5))
@@ -93,7 +105,7 @@ def _fold_after(model, chain) -> bool:
         readers = consumers(model, tensor)
         if len(readers) != 1:
             break
-        affine = _affine_of(readers[0], inits, channels, w.ndim)
+        affine = _affine_of(model, readers[0], inits, channels, w.ndim)
         if affine is None or affine[2] != tensor:
             break
         scale, shift = scale * affine[0], shift * affine[0] + affine[1]  # the new op runs on the folded result
@@ -187,7 +199,17 @@ def _fold_one(model, chain) -> bool:
 
 
 def _drop_unused(model: onnx.ModelProto) -> None:
-    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+    """Drop Identity nodes nobody reads any more (they fed a folded BatchNorm its statistics), then initializers."""
+    outputs = {o.name for o in model.graph.output}
+    while True:
+        read = {i for n in model.graph.node for i in n.input} | outputs
+        dead = [n for n in model.graph.node if n.op_type == "Identity" and not any(o in read for o in n.output)]
+        if not dead:
+            break
+        keep = [n for n in model.graph.node if all(n is not d for d in dead)]
+        del model.graph.node[:]
+        model.graph.node.extend(keep)
+    used = {i for n in model.graph.node for i in n.input} | outputs
     keep = [i for i in model.graph.initializer if i.name in used]
     del model.graph.initializer[:]
     model.graph.initializer.extend(keep)

@@ -151,3 +151,5 @@ def test_unfolded_batchnorm_of_a_torch_export_is_folded_after_the_chain(tmp_path
     kept, _ = compress(model, ratio=0.5, fold_affine=False)
     np.testing.assert_allclose(outputs(folded, x)[0], outputs(kept, x)[0], rtol=1e-4, atol=1e-4)
     assert sum(n.op_type == "BatchNormalization" for n in folded.graph.node) == 1  # the stem's stays: it is left whole
+    read = {i for n in folded.graph.node for i in n.input} | {o.name for o in folded.graph.output}
+    assert all(o in read for n in folded.graph.node for o in n.output)  # no Identity left feeding the removed BatchNorm
