@@ -16,7 +16,8 @@ import numpy as np
 
 from onnx_tucker import __version__
 from onnx_tucker.errors import ModelError, OnnxTuckerError, UsageError, first_line
-from onnx_tucker.options import (BudgetArgs, CalibrationArgs, CheckArgs, DataArgs, DistillArgs, LatencyArgs, RankArgs, RayArgs, RuntimeArgs,
+from onnx_tucker.options import (BudgetArgs, CalibrationArgs, CheckArgs, DataArgs, DistillArgs, LatencyArgs, MultipleArgs, RankArgs, RayArgs,
+                                 RuntimeArgs,
                                  add_layers_argument, parse_layers,
                                  check_fraction_list, check_int_list, check_positive_int, check_tolerance, parse_input_shapes)
 
@@ -62,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="list the Conv layers, their MACs and what each ratio would save")
     i.add_argument("input", help="input .onnx model")
     i.add_argument("--ratios", default="0.25,0.5,0.75", help="comma-separated rank ratios (default 0.25,0.5,0.75)")
-    i.add_argument("--rank-multiple", type=lambda t: check_positive_int(t, "--rank-multiple"), default=1, metavar="N", help="round ranks to multiples of N")
+    MultipleArgs.add(i)
     i.add_argument("--json", metavar="PATH", help="write the listing as JSON")
     add_layers_argument(i)
     add_bench_parser(sub)
@@ -254,11 +255,20 @@ def cmd_inspect(args) -> int:
 
         check_output_path(args.input, args.json, "--json")
     layers = parse_layers(args.layers) if args.layers is not None else None
+    auto = MultipleArgs.parse(args)
     model = load_model(args.input)
     _, sites = factorable_sites(model, layers=layers)
     if not sites:
         print("no Conv layers")
         return 0
+    multiple = args.rank_multiple
+    if auto:
+        from onnx_tucker.latency_table import resolve_multiple
+
+        choice = resolve_multiple([s for s in sites if s.eligible], auto["provider"], auto["batch"], auto["table"])
+        multiple = choice["multiple"]
+        print(f"--rank-multiple auto: {multiple} on {choice['provider']}, batch {choice['batch']} (summed chain time against unrounded "
+              "ranks: " + ", ".join(f"{m}: {v:.2f}" for m, v in choice["scores"].items()) + ")")
     rows, listing = [], []
     total_before = 0
     total_after = {r: 0 for r in ratios}
@@ -274,7 +284,7 @@ def cmd_inspect(args) -> int:
             after = s.macs() if s is not None else 0
             if site.eligible:
                 form = get_form(site.form)
-                ranks = tuple(round_to_multiple(min(x, m), args.rank_multiple, m)
+                ranks = tuple(round_to_multiple(min(x, m), multiple, m)
                               for x, m in zip(form.rule_ranks(site, "ratio", r, 1.0), form.max_ranks(site)))
                 cost = form.cost(site, ranks)
                 entry["ratios"][str(r)] = {"ranks": list(ranks), "macs": cost.macs, "params": cost.params, "profitable": cost.macs < s.macs()}
@@ -296,7 +306,8 @@ def cmd_inspect(args) -> int:
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
     print("xR: MAC reduction of that layer (and of the model) at ratio R, with unprofitable layers left alone")
     if args.json:
-        args.outputs.write_text(args.json, json.dumps({"layers": listing, "macs_total": total_before}, indent=2), "--json")
+        args.outputs.write_text(args.json, json.dumps({"layers": listing, "macs_total": total_before, "rank_multiple": multiple,
+                                                       **({"rank_multiple_auto": choice} if auto else {})}, indent=2), "--json")
     return 0
 
 
@@ -355,7 +366,7 @@ def add_sweep_parser(sub) -> None:
     s.add_argument("--out-dir", default="sweep", metavar="DIR", help="folder for sweep.md/json/png and the models (default ./sweep)")
     RuntimeArgs.add(s, batch_default="1,32", providers=False)
     s.set_defaults(runs=30)
-    s.add_argument("--rank-multiple", type=lambda t: check_positive_int(t, "--rank-multiple"), default=1, metavar="N", help="round ranks to multiples of N")
+    MultipleArgs.add(s)
     RayArgs.add(s)
     add_layers_argument(s)
 
@@ -380,7 +391,7 @@ def cmd_sweep(args) -> int:
         calibrate=Path(args.calibrate) if args.calibrate else None, calib_size=args.calib_size,
         out_dir=Path(args.out_dir), data_limit=args.data_limit, threads=args.threads,
         batches=tuple(check_int_list(args.batch, "--batch")), runs=args.runs, rank_multiple=args.rank_multiple,
-        progress=not args.no_progress, ray=RayArgs.parse(args, needs_measured=False).get("ray"),
+        multiple_at=MultipleArgs.parse(args), progress=not args.no_progress, ray=RayArgs.parse(args, needs_measured=False).get("ray"),
         layers=parse_layers(args.layers) if args.layers is not None else None,
     )
     result = sweep.run_sweep(config)

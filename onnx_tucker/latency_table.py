@@ -428,6 +428,15 @@ def choose_multiple(table: LatencyTable, sites: list, candidates=MULTIPLES, frac
     return {"multiple": chosen, "scores": {str(m): round(v, 4) for m, v in scores.items()}, "layers": [s.name for s in ranked]}
 
 
+def resolve_multiple(sites: list, provider: str = "cpu", batch: int = 1, path=None) -> dict:
+    """``--rank-multiple auto`` outside compress (inspect, sweep): :func:`choose_multiple` on a table at ``path``
+    (default :func:`default_path`), with the provider and batch it measured on."""
+    table = LatencyTable(path or default_path(), provider, batch)
+    choice = choose_multiple(table, sites)
+    table.save()
+    return choice | {"provider": table.provider, "batch": table.batch, "timed_layer_models": table.measured}
+
+
 def time_models(original, compressed, provider: str = "cpu", batch: int = 1, threads: int | None = None, runs: int = 40,
                 warmup: int = 5) -> dict:
     """Whole-model latency of the two models, interleaved: medians (ms) and the paired median speedup."""

@@ -265,7 +265,7 @@ class RankArgs:
         parser.add_argument("--exclude", default="", metavar="LAYERS",
                             help="comma-separated conv names or 0-based indices to leave alone (e.g. 0 for the first conv)")
         parser.add_argument("--rank-multiple", type=_type(check_rank_multiple, "--rank-multiple"), default=1, metavar="N|auto",
-                            help="round ranks to multiples of N")
+                            help=RANK_MULTIPLE_HELP)
         parser.add_argument("--rank-method", choices=RANK_METHODS, default="ratio",
                             help="per-layer rank rule: ratio (R*C, default), energy (keep a fraction --energy of each "
                             "channel unfolding's squared singular values) or vbmf (EVBMF estimate, Kim et al. 2016)")
@@ -504,6 +504,40 @@ class DistillArgs:
         return {"distill": settings}
 
 
+RANK_MULTIPLE_HELP = ("round ranks to multiples of N, or auto: the largest of 1, 4, 8, 16 whose rounded-up ranks cost no time on "
+                      "--provider (measured on the two largest layers, cached)")
+PROVIDER_HELP = ("execution provider the latencies are measured on: cpu (default), cuda, tensorrt; also what "
+                 "'--rank-multiple auto' measures on")
+LATENCY_BATCH_HELP = "batch size of the latency measurements (default 1)"
+LATENCY_TABLE_HELP = ("per-layer latency cache (default ~/.cache/onnx-tucker/latency.json): a rerun on the same "
+                      "provider, device, onnxruntime, batch and shapes measures nothing")
+
+
+class MultipleArgs:
+    """``--rank-multiple N|auto`` and where "auto" measures (inspect, sweep); compress has the full LatencyArgs."""
+
+    @staticmethod
+    def add(parser) -> None:
+        parser.add_argument("--rank-multiple", type=_type(check_rank_multiple, "--rank-multiple"), default=1, metavar="N|auto",
+                            help=RANK_MULTIPLE_HELP)
+        parser.add_argument("--provider", default=None, metavar="NAME", help=PROVIDER_HELP)
+        parser.add_argument("--latency-batch", type=_type(check_positive_int, "--latency-batch"), default=None, metavar="N",
+                            help=LATENCY_BATCH_HELP)
+        parser.add_argument("--latency-table", default=None, metavar="FILE.json", help=LATENCY_TABLE_HELP)
+
+    @staticmethod
+    def parse(args) -> dict:
+        """{"provider", "batch", "table"} when the multiple is "auto", else {} (a measuring flag without it is an error)."""
+        if args.rank_multiple != "auto":
+            for flag, value in (("--provider", args.provider), ("--latency-batch", args.latency_batch), ("--latency-table", args.latency_table)):
+                if value is not None:
+                    raise UsageError(f"{flag} only applies with --rank-multiple auto")
+            return {}
+        from onnx_tucker.providers import require
+
+        return {"provider": require(args.provider or "cpu").key, "batch": args.latency_batch or 1, "table": args.latency_table}
+
+
 class LatencyArgs:
     """Latency-aware compression."""
 
@@ -517,13 +551,9 @@ class LatencyArgs:
                             "most F x the original's (measured per-layer times against measured distortion); reports predicted "
                             "and measured latency")
         parser.add_argument("--latency-batch", type=_type(check_positive_int, "--latency-batch"), default=None, metavar="N",
-                            help="batch size of the latency measurements (default 1)")
-        parser.add_argument("--provider", default=None, metavar="NAME",
-                            help="execution provider the latencies are measured on: cpu (default), cuda, tensorrt; also what "
-                            "'--rank-multiple auto' measures on (the largest multiple of 1, 4, 8, 16 whose rounded-up ranks cost no time)")
-        parser.add_argument("--latency-table", default=None, metavar="FILE.json",
-                            help="per-layer latency cache (default ~/.cache/onnx-tucker/latency.json): a rerun on the same "
-                            "provider, device, onnxruntime, batch and shapes measures nothing")
+                            help=LATENCY_BATCH_HELP)
+        parser.add_argument("--provider", default=None, metavar="NAME", help=PROVIDER_HELP)
+        parser.add_argument("--latency-table", default=None, metavar="FILE.json", help=LATENCY_TABLE_HELP)
 
     @staticmethod
     def parse(args) -> dict:

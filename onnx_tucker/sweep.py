@@ -51,7 +51,8 @@ class SweepConfig:
     batches: tuple = (1, 32)
     runs: int = 30
     warmup: int = 5
-    rank_multiple: int = 1
+    rank_multiple: int | str = 1  # "auto": measured once (onnx_tucker.latency_table.resolve_multiple), used by every setting
+    multiple_at: dict = field(default_factory=dict)  # with "auto": {"provider", "batch", "table"} (options.MultipleArgs)
     progress: bool = True
     ray: str | None = None  # "auto" or a cluster address: each setting's compress is a Ray task (onnx_tucker.fanout)
     layers: tuple | None = None  # --layers kinds (kxk, 1x1, dense); None: compress's default
@@ -136,6 +137,16 @@ def run_sweep(config: SweepConfig) -> dict:
         got = len(next(iter(calibration.values())))
         if got < size:
             print(f"note: {config.calibrate} holds {got} calibration samples, fewer than the {size} asked for: using all {got}", file=sys.stderr)
+    rank_multiple, auto = config.rank_multiple, None
+    if rank_multiple == "auto":  # once, here: every setting (and every Ray worker) uses the same measured multiple
+        from onnx_tucker.latency_table import resolve_multiple
+        from onnx_tucker.pipeline import factorable_sites
+
+        _, sites = factorable_sites(model, layers=config.layers)
+        at = {"provider": "cpu", "batch": 1, "table": None} | config.multiple_at
+        auto = resolve_multiple([s for s in sites if s.eligible], at["provider"], at["batch"], at["table"])
+        rank_multiple = auto["multiple"]
+        print(f"note: --rank-multiple auto: {rank_multiple} on {auto['provider']}, batch {auto['batch']}", file=sys.stderr)
     reference = predict(model, feeds)
     original = {
         "file": str(config.model), "conv_macs": None, "conv_params": None, "params": count_params(model),
@@ -148,10 +159,10 @@ def run_sweep(config: SweepConfig) -> dict:
         with cluster(config.ray):
             outcomes = map_tasks(compress_setting, settings, labels=[f"setting {label}" for label, _, _ in settings],
                                  shared={"model": model.SerializeToString(), "calibration": calibration,
-                                         "rank_multiple": config.rank_multiple, "layers": config.layers},
+                                         "rank_multiple": rank_multiple, "layers": config.layers},
                                  progress=config.progress, desc="sweep (ray)", unit="setting")
     else:
-        outcomes = (compress_setting(setting, model, calibration, config.rank_multiple, config.layers) for setting in settings)
+        outcomes = (compress_setting(setting, model, calibration, rank_multiple, config.layers) for setting in settings)
     bar = _bar(len(settings), "sweep", config.progress and config.ray is None)
     for (label, kind, value), (error, new_model, report) in zip(settings, outcomes):
         bar.set_description(f"sweep {label}")
@@ -200,7 +211,8 @@ def run_sweep(config: SweepConfig) -> dict:
         "calibration": None if calibration is None else {
             "file": str(config.calibrate), "samples": int(len(next(iter(calibration.values()))))},
         "settings": {"threads": config.threads, "runs": config.runs, "warmup": config.warmup,
-                     "batches": list(config.batches), "rank_multiple": config.rank_multiple},
+                     "batches": list(config.batches), "rank_multiple": rank_multiple,
+                     **({"rank_multiple_auto": auto} if auto else {})},
         "original": original,
         "results": results,
     }

@@ -227,3 +227,24 @@ def test_dynamic_spatial_sizes_need_an_input_shape_and_never_call_parameters_mac
     assert "MACs 2.40x fewer" in out and "unknown" not in out
     assert main([str(src), str(tmp_path / "d.onnx"), "--input-shape", "nope:1x3x32x32"]) == 2
     assert "no input 'nope'" in capsys.readouterr().err
+
+
+def test_inspect_rank_multiple_auto_measures_once_and_rounds_every_rank(saved_residual, tmp_path):
+    table, out = tmp_path / "latency.json", tmp_path / "inspect.json"
+    r = cli("inspect", saved_residual, "--rank-multiple", "auto", "--latency-table", table, "--json", out)
+    assert r.returncode == 0, r.stderr
+    listing = json.loads(out.read_text())
+    choice = listing["rank_multiple_auto"]
+    multiple = listing["rank_multiple"]
+    assert multiple == choice["multiple"] in (1, 4, 8, 16) and choice["provider"] == "cpu" and choice["timed_layer_models"] > 0
+    assert f"--rank-multiple auto: {multiple} on cpu" in r.stdout
+    for layer in listing["layers"]:
+        for info, limits in ((i, layer["op_shape"][:2]) for i in layer["ratios"].values()):
+            assert all(rank % multiple == 0 or rank == limit for rank, limit in zip(info["ranks"], limits))
+    again = cli("inspect", saved_residual, "--rank-multiple", "auto", "--latency-table", table, "--json", out)
+    assert again.returncode == 0 and json.loads(out.read_text())["rank_multiple_auto"]["timed_layer_models"] == 0  # cached
+
+
+def test_inspect_measuring_flags_need_rank_multiple_auto(saved_residual):
+    r = cli("inspect", saved_residual, "--provider", "cpu")
+    assert r.returncode == 2 and r.stderr.strip() == "onnx-tucker: error: --provider only applies with --rank-multiple auto"

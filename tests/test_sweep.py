@@ -174,3 +174,20 @@ def test_forms_summary_counts_each_form_and_layout():
                LayerRecord(layer="c", kernel=[], form="tucker2", layout="1x1 -> 3x3 -> 1x1"),
                LayerRecord(layer="d", kernel=[], form="svd", layout="dense -> dense")]
     assert forms_summary(records) == "tucker2 1x1 -> 3x3 -> 1x1: 2, tucker2 1x1 -> 3x3: 1, svd dense -> dense: 1"
+
+
+def test_sweep_rank_multiple_auto_is_measured_once_for_every_setting(setup, capsys, tmp_path):
+    root, _ = setup
+    out = root / "auto"
+    assert sweep(root, "--ratios", "0.5,0.75", "--out-dir", str(out), "--rank-multiple", "auto",
+                 "--latency-table", str(tmp_path / "latency.json")) == 0
+    result = json.loads((out / "sweep.json").read_text())
+    settings = result["settings"]
+    multiple = settings["rank_multiple"]
+    assert multiple == settings["rank_multiple_auto"]["multiple"] in (1, 4, 8, 16)
+    assert f"--rank-multiple auto: {multiple} on cpu" in capsys.readouterr().err
+    for row in result["results"]:  # at 16 the rounded ranks are whole on this 16-channel model: nothing pays
+        if row["error"] is None:
+            assert all(r % multiple == 0 or r == 16 for ranks in row["ranks"].values() for r in ranks)
+        else:
+            assert multiple == 16 and "would not reduce MACs" in row["error"]
