@@ -282,6 +282,20 @@ class LatencyTable:
             return None
         return entry | {"original_us": original, "cost_us": entry["ratio"] * original}
 
+    def whole_models(self, original, compressed) -> dict:
+        """:func:`time_models` of the two whole models on this table's provider and batch, cached by both models'
+        bytes (a rerun that writes the same model times nothing; ``cached`` says which it was)."""
+        import hashlib
+
+        digest = "|".join(hashlib.sha256(m.SerializeToString()).hexdigest()[:24] for m in (original, compressed))
+        key = f"{self._prefix()}|whole|{digest}"
+        if key in self.entries:
+            return self.entries[key] | {"cached": True}
+        measured = time_models(original, compressed, self.provider, self.batch, self.threads)
+        self.entries[key] = measured
+        self.save()
+        return measured | {"cached": False}
+
     def measure(self, site, options: list, progress=None) -> dict:
         """{ranks: entry} for ``options`` of ``site`` (its form), timing only those not cached yet."""
         from onnx_tucker.factorization import get_form

@@ -265,9 +265,7 @@ def _latency_verdict(table, site, ranks, record, report, left_whole: dict, stric
 
 def _measure_whole(model, new_model, table, report) -> None:
     """Predicted (table) and measured (interleaved medians) whole-model latency, side by side in the report."""
-    from onnx_tucker.latency_table import time_models
-
-    measured = time_models(model, new_model, table.provider, table.batch, table.threads)
+    measured = table.whole_models(model, new_model)
     latency = report.latency
     latency["measured"] = measured
     prediction = latency.get("prediction")

@@ -166,3 +166,16 @@ def test_target_latency_end_to_end_on_the_seed_cnn(tmp_path, monkeypatch):
         compress(model, target_latency=0.9, latency_table=str(tmp_path / "t.json"))
     with pytest.raises(UsageError, match="not both"):
         compress(model, target_latency=0.9, target_macs=0.5, calibration={"pixels": x})
+
+
+def test_whole_model_timing_is_cached_by_both_models_bytes(tmp_path):
+    model = residual_model(channels=32, spatial=(8, 8))
+    path = str(tmp_path / "t.json")
+    _, first = compress(model, ratio=0.5, latency_aware=True, latency_table=path)
+    _, second = compress(model, ratio=0.5, latency_aware=True, latency_table=path)
+    assert first.latency["measured"]["cached"] is False and second.latency["measured"]["cached"] is True
+    assert second.latency["timed_layer_models"] == 0  # the rerun timed nothing at all
+    same = {k: v for k, v in first.latency["measured"].items() if k != "cached"}
+    assert {k: second.latency["measured"][k] for k in same} == same
+    _, other = compress(model, ratio=0.25, latency_aware=True, latency_table=path)
+    assert other.latency["measured"]["cached"] is False  # another compressed model: timed again
