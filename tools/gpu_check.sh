@@ -17,6 +17,8 @@
 #   WHEELS=.whl tools/gpu_check.sh         first install the wheels in .whl (offline) into a temporary folder
 #   PYTHON=python3.12 RUNS=200 BIG_RUNS=50 DEADLINE=300 BIG=0   other knobs (BIG=0: skip ResNet50/VGG16)
 #   PROVIDER=cpu RUNS=5 BIG=0 tools/gpu_check.sh /tmp/dry.txt    a dry run of every step on the CPU EP (no GPU needed)
+#   SCALE=1 tools/gpu_check.sh             also issue 15's figure: ResNet50 --target-macs 0.5 --layers kxk,1x1 --calibrate DIR
+#                                          (512 seeded noise PNGs), timed (up to 4 more minutes; off by default)
 set -u
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -30,6 +32,7 @@ CPU_THREADS=${CPU_THREADS:-2}
 DEADLINE=${DEADLINE:-300}
 PROVIDER=${PROVIDER:-cuda}  # what the "GPU" steps run on; cpu for a dry run
 BIG=${BIG:-1}
+SCALE=${SCALE:-0}
 TMP=$(mktemp -d /tmp/onnx-tucker-gpu-check.XXXXXX)
 trap 'rm -rf "$TMP"' EXIT
 mkdir -p "$(dirname "$OUT")" "$TMP/json"
@@ -148,6 +151,16 @@ if [ "$HAVE_CUDA" = 1 ] && [ "$BIG" = 1 ]; then
         section "bench $model on CUDA (batch 1 and 32, $BIG_RUNS runs)"
         in_time && bench_on "${model}_cuda" "$PROVIDER" 1,32 "$BIG_RUNS" -- "${MODELS[@]}"
     done
+fi
+
+if [ "$HAVE_CUDA" = 1 ] && [ "$SCALE" = 1 ]; then
+    section "issue 15: ResNet50 --target-macs 0.5 --layers kxk,1x1 --calibrate DIR (512 noise PNGs), wall time"
+    [ -f "$TMP/resnet50.onnx" ] || step 90 "$PY" tools/zoo_models.py resnet50 "$TMP/resnet50.onnx"
+    step 60 "$PY" tools/zoo_models.py images "$TMP/imgs" --shape 512,32,32,3
+    T0=$(date +%s)
+    step 240 "$PY" -m onnx_tucker "$TMP/resnet50.onnx" "$TMP/resnet50_t05.onnx" --target-macs 0.5 --layers kxk,1x1 \
+        --calibrate "$TMP/imgs" --calib-size 512 --no-check --report "$TMP/json/compress_resnet50_t05_folder.json"
+    say "ResNet50 image-folder budget: $(( $(date +%s) - T0 )) s wall"
 fi
 
 section "CIFAR-10 CNN on the CPU EP: batch 1 and 32, $CPU_THREADS threads, $CPU_RUNS runs, per-layer profile"

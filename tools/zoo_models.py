@@ -7,6 +7,7 @@ configuration D), exported with BatchNorm folded into the convs (torch.onnx, eva
     python tools/zoo_models.py resnet50 /tmp/resnet50.onnx
     python tools/zoo_models.py vgg16 /tmp/vgg16.onnx
     python tools/zoo_models.py noise /tmp/noise.npz --shape 64,3,224,224    # seeded inputs for --calibrate
+    python tools/zoo_models.py images /tmp/imgs --shape 512,32,32,3         # seeded noise PNGs (--calibrate DIR)
 """
 from __future__ import annotations
 
@@ -72,14 +73,24 @@ def export(name: str, path: str, seed: int = 0) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=("resnet50", "vgg16", "noise"))
+    parser.add_argument("what", choices=("resnet50", "vgg16", "noise", "images"))
     parser.add_argument("out")
     parser.add_argument("--shape", default="64,3,224,224", help="noise: the array's shape")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    shape = tuple(int(d) for d in args.shape.split(","))
     if args.what == "noise":
-        shape = tuple(int(d) for d in args.shape.split(","))
         np.savez(args.out, x=np.random.default_rng(args.seed).standard_normal(shape).astype(np.float32))
+    elif args.what == "images":
+        from pathlib import Path
+
+        from PIL import Image
+
+        folder = Path(args.out)
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = np.random.default_rng(args.seed).integers(0, 256, shape, dtype=np.uint8)
+        for i, image in enumerate(pixels):
+            Image.fromarray(image).save(folder / f"{i:05d}.png")
     else:
         export(args.what, args.out, args.seed)
     print(f"wrote {args.out}")
