@@ -73,3 +73,14 @@ def test_float16_model_through_the_measured_budget_and_calibration():
     feeds = _feeds(model, seed=5)
     (a,), (b,) = run_model(model, feeds), run_model(new, feeds)
     assert np.isfinite(b).all() and a.shape == b.shape
+
+
+def test_float16_layers_are_timed_in_float16(tmp_path):
+    import json
+
+    model = to_float16(residual_model(channels=32, spatial=(8, 8)))
+    table = tmp_path / "t.json"
+    _, report = compress(model, ratio=0.5, latency_aware=True, latency_table=str(table))
+    keys = [k for k in json.loads(table.read_text())["entries"] if "|whole|" not in k]
+    assert keys and all('"dtype": "float16"' in k for k in keys)
+    assert report.latency["measured"]["speedup"] > 0
