@@ -33,6 +33,8 @@ DEFAULT_LR = 1e-4
 DEFAULT_BATCH = 64
 DEFAULT_TEMPERATURE = 4.0
 DEFAULT_HOLDOUT = 0.1
+# Local reconstruction of each chain before the global loss (onnx_tucker.reconstruct): steps per chain.
+DEFAULT_RECONSTRUCT_STEPS = 200
 TRAIN_CHECK = 512  # training samples on which the fit is also reported
 CHECKPOINTS = 10  # holdout KL evaluations during training (diagnostics: stats['check_curve'])
 WARMUP_FRACTION = 0.05  # linear warm-up, then cosine decay to 0
@@ -246,6 +248,7 @@ def distill(
     progress: bool = True,
     threads: int | None = None,
     keep_worse: bool = False,
+    reconstruct_steps: int = DEFAULT_RECONSTRUCT_STEPS,
 ) -> tuple[onnx.ModelProto, dict]:
     """Train the ``trainable`` initializers of ``compressed`` to reproduce ``original``'s outputs.
 
@@ -258,7 +261,10 @@ def distill(
     reflect-padded shifts (up to 1/8 of the side) of 4-D image inputs, NHWC or NCHW detected from the
     shape. ``threads``: torch CPU threads for the run (default: torch's). ``keep_worse``: return the
     trained weights even when the check fails (for measurements; ``stats['kept']`` still says whether
-    it passed). Same seed, inputs and threads on CPU: the same result.
+    it passed). ``reconstruct_steps`` (0: off): first fit each chain alone to the original's activated
+    output at that point (``onnx_tucker.reconstruct``, on the same training inputs, judged on the same
+    holdout), then distil from there; the model returned is the one of {reconstructed, distilled}
+    that passes the holdout check with the lower KL. Same seed, inputs and threads on CPU: the same result.
 
     Returns ``(model, stats)``: the distilled model (same graph and names, only the trainable
     initializers' values differ), or ``compressed`` itself when the distilled one is not better on
@@ -298,14 +304,14 @@ def distill(
         return _distill(torch, TorchGraph, original, compressed, {k: np.asarray(feeds[k]) for k in names}, trainable, n,
                         steps=steps, lr=float(lr), batch_size=batch_size, augment=augment, holdout=holdout,
                         temperature=float(temperature), seed=seed, dev=dev, progress=progress, keep_worse=keep_worse,
-                        started=started)
+                        started=started, reconstruct_steps=reconstruct_steps, threads=threads)
     finally:
         if threads:
             torch.set_num_threads(old_threads)
 
 
 def _distill(torch, TorchGraph, original, compressed, feeds, trainable, n, *, steps, lr, batch_size, augment,
-             holdout, temperature, seed, dev, progress, keep_worse, started):
+             holdout, temperature, seed, dev, progress, keep_worse, started, reconstruct_steps, threads):
     from tqdm import tqdm
 
     rng = np.random.default_rng(seed)
@@ -324,11 +330,18 @@ def _distill(torch, TorchGraph, original, compressed, feeds, trainable, n, *, st
     student_ort = _session(_with_outputs(compressed, s_logits))
     before = agreement_and_kl(reference, _run(student_ort, check))
     fit_before = agreement_and_kl(fit_reference, _run(student_ort, fit)) if n_hold else None
+    start, local, reconstructed = compressed, None, None
+    if reconstruct_steps:
+        from onnx_tucker.reconstruct import chains_in, reconstruct
+
+        start, local = reconstruct(original, compressed, chains_in(compressed), train, check, trainable,
+                                   steps=reconstruct_steps, seed=seed, threads=threads)
+        reconstructed = agreement_and_kl(reference, _run(_session(_with_outputs(start, s_logits)), check))
 
     n_logits = len(s_logits)
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    student = TorchGraph(compressed, trainable, outputs=s_logits).to(dev)
+    student = TorchGraph(start, trainable, outputs=s_logits).to(dev)
     params = list(student.onnx_parameters().values())
     teacher_torch = TorchGraph(original, (), outputs=t_logits).to(dev) if dev.type != "cpu" else None
 
@@ -414,14 +427,21 @@ def _distill(torch, TorchGraph, original, compressed, feeds, trainable, n, *, st
         bar.close()
     train_seconds = time.perf_counter() - t_train
 
-    candidate = student.write_back(compressed)
+    candidate = student.write_back(start)
     finite = all(np.all(np.isfinite(v)) for v in student.trained_arrays().values())
     after = fit_after = None
     if finite and not diverged:
         trained_ort = _session(_with_outputs(candidate, s_logits))
         after = agreement_and_kl(reference, _run(trained_ort, check))
         fit_after = agreement_and_kl(fit_reference, _run(trained_ort, fit)) if n_hold else None
-    kept = bool(after is not None and after["kl"] < before["kl"] and after["agreement"] >= before["agreement"])
+    def passes(m):
+        return m is not None and m["kl"] < before["kl"] and m["agreement"] >= before["agreement"]
+
+    # Of the reconstructed and the distilled model, the one that passes the check with the lower KL.
+    choices = [(m, model, name) for m, model, name in ((after, candidate, "distilled"), (reconstructed, start, "reconstructed"))
+               if passes(m)]
+    best = min(choices, key=lambda c: c[0]["kl"]) if choices else (before, compressed, "compressed")
+    kept = best[2] != "compressed"
     stats = {
         "steps": len(losses), "steps_asked": steps, "lr": lr, "batch_size": batch_size, "temperature": temperature,
         "augment": sorted(layouts.items()) if layouts else False, "seed": seed, "device": str(dev),
@@ -430,8 +450,11 @@ def _distill(torch, TorchGraph, original, compressed, feeds, trainable, n, *, st
         "train_samples": int(m), "holdout_samples": int(n_hold), "check_on": "holdout" if n_hold else "train",
         "before": before, "after": after, "kept": kept, "diverged": diverged,
         "train_fit": {"samples": len(fit_idx), "before": fit_before, "after": fit_after} if n_hold else None,
-        "check_curve": check_curve,
+        "check_curve": check_curve, "returned": best[2],
+        "reconstruct": local, "reconstructed": reconstructed,
         "loss": _curve(losses), "train_seconds": round(train_seconds, 2),
         "seconds": round(time.perf_counter() - started, 2),
     }
-    return (candidate if kept or (keep_worse and after is not None) else compressed), stats
+    if keep_worse and after is not None:
+        return candidate, stats
+    return best[1], stats

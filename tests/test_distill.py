@@ -118,6 +118,7 @@ def _distill(original, compressed, feeds, **kwargs):
     kwargs.setdefault("batch_size", 32)
     kwargs.setdefault("progress", False)
     kwargs.setdefault("threads", 1)
+    kwargs.setdefault("reconstruct_steps", 0)  # the global loss alone; the local phase: tests/test_reconstruct.py
     return distill(original, compressed, feeds, kwargs.pop("trainable", tucker_trainable(compressed)), **kwargs)
 
 
