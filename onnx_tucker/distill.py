@@ -35,6 +35,8 @@ DEFAULT_TEMPERATURE = 4.0
 DEFAULT_HOLDOUT = 0.1
 # Local reconstruction of each chain before the global loss (onnx_tucker.reconstruct): steps per chain.
 DEFAULT_RECONSTRUCT_STEPS = 200
+# Weight of the intermediate-target loss (chains' activated outputs, normalised MSE) next to the KL.
+DEFAULT_FEATURE_WEIGHT = 0.0
 TRAIN_CHECK = 512  # training samples on which the fit is also reported
 CHECKPOINTS = 10  # holdout KL evaluations during training (diagnostics: stats['check_curve'])
 WARMUP_FRACTION = 0.05  # linear warm-up, then cosine decay to 0
@@ -129,6 +131,15 @@ def _run(session, feeds: dict[str, np.ndarray], batch: int = 256) -> list[np.nda
     n = len(next(iter(feeds.values())))
     parts = [session.run(None, {k: v[s : s + batch] for k, v in feeds.items()}) for s in range(0, n, batch)]
     return [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
+
+
+def _feature_names(original: onnx.ModelProto, compressed: onnx.ModelProto) -> list[str]:
+    """The reconstruction targets of the compressed model's chains that the original computes too."""
+    from onnx_tucker.reconstruct import chains_in, target_of, units
+
+    made = {o for n in original.graph.node for o in n.output}
+    names = [target_of(compressed, u[-1])[0] for u in units(compressed, chains_in(compressed))]
+    return [n for n in dict.fromkeys(names) if n in made]
 
 
 # --- metrics ---------------------------------------------------------------------------------------
@@ -249,6 +260,7 @@ def distill(
     threads: int | None = None,
     keep_worse: bool = False,
     reconstruct_steps: int = DEFAULT_RECONSTRUCT_STEPS,
+    feature_weight: float = DEFAULT_FEATURE_WEIGHT,
 ) -> tuple[onnx.ModelProto, dict]:
     """Train the ``trainable`` initializers of ``compressed`` to reproduce ``original``'s outputs.
 
@@ -304,14 +316,14 @@ def distill(
         return _distill(torch, TorchGraph, original, compressed, {k: np.asarray(feeds[k]) for k in names}, trainable, n,
                         steps=steps, lr=float(lr), batch_size=batch_size, augment=augment, holdout=holdout,
                         temperature=float(temperature), seed=seed, dev=dev, progress=progress, keep_worse=keep_worse,
-                        started=started, reconstruct_steps=reconstruct_steps, threads=threads)
+                        started=started, reconstruct_steps=reconstruct_steps, threads=threads, feature_weight=float(feature_weight))
     finally:
         if threads:
             torch.set_num_threads(old_threads)
 
 
 def _distill(torch, TorchGraph, original, compressed, feeds, trainable, n, *, steps, lr, batch_size, augment,
-             holdout, temperature, seed, dev, progress, keep_worse, started, reconstruct_steps, threads):
+             holdout, temperature, seed, dev, progress, keep_worse, started, reconstruct_steps, threads, feature_weight):
     from tqdm import tqdm
 
     rng = np.random.default_rng(seed)
@@ -339,11 +351,14 @@ def _distill(torch, TorchGraph, original, compressed, feeds, trainable, n, *, st
         reconstructed = agreement_and_kl(reference, _run(_session(_with_outputs(start, s_logits)), check))
 
     n_logits = len(s_logits)
+    # Intermediate targets: each chain's (or residual block's) activated output, same name in both models.
+    features = _feature_names(original, compressed) if feature_weight else []
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    student = TorchGraph(start, trainable, outputs=s_logits).to(dev)
+    student = TorchGraph(start, trainable, outputs=s_logits + features).to(dev)
     params = list(student.onnx_parameters().values())
-    teacher_torch = TorchGraph(original, (), outputs=t_logits).to(dev) if dev.type != "cpu" else None
+    teacher_torch = TorchGraph(original, (), outputs=t_logits + features).to(dev) if dev.type != "cpu" else None
+    train_teacher = _session(_with_outputs(original, t_logits + features), torch.get_num_threads()) if features else teacher_ort
 
     layouts = {}
     if augment:
@@ -354,7 +369,7 @@ def _distill(torch, TorchGraph, original, compressed, feeds, trainable, n, *, st
     data = {k: torch.from_numpy(np.ascontiguousarray(v)).to(dev) for k, v in train.items()}
     cached = None
     if not layouts:  # nothing changes between epochs: the teacher runs once
-        cached = [torch.from_numpy(t).to(dev) for t in _run(teacher_ort, train)]
+        cached = [torch.from_numpy(t).to(dev) for t in _run(train_teacher, train)]
 
     def teacher(batch, idx):
         if cached is not None:
@@ -362,7 +377,7 @@ def _distill(torch, TorchGraph, original, compressed, feeds, trainable, n, *, st
         with torch.no_grad():
             if teacher_torch is not None:
                 return list(teacher_torch(**batch))
-            outs = teacher_ort.run(None, {k: v.cpu().numpy() for k, v in batch.items()})
+            outs = train_teacher.run(None, {k: v.cpu().numpy() for k, v in batch.items()})
             return [torch.from_numpy(o).to(dev) for o in outs]
 
     optimizer = torch.optim.Adam(params, lr=lr)
@@ -402,13 +417,16 @@ def _distill(torch, TorchGraph, original, compressed, feeds, trainable, n, *, st
             targets = teacher(batch, idx)
             outs = student(**batch)
             loss = 0.0
-            for t, s in zip(targets, outs):
+            for t, s in zip(targets[:n_logits], outs[:n_logits]):
                 t = t.reshape(-1, t.shape[-1]).float()
                 s = s.reshape(-1, s.shape[-1]).float()
                 log_p = torch.log_softmax(t / temperature, -1)
                 log_q = torch.log_softmax(s / temperature, -1)
                 loss = loss + (log_p.exp() * (log_p - log_q)).sum(-1).mean() * temperature**2
             loss = loss / n_logits
+            if features:  # normalised MSE per feature, averaged
+                loss = loss + feature_weight * sum(((s - t) ** 2).mean() / (t**2).mean().clamp_min(1e-12)
+                                                   for t, s in zip(targets[n_logits:], outs[n_logits:])) / len(features)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             value = float(loss.detach())
@@ -450,7 +468,7 @@ def _distill(torch, TorchGraph, original, compressed, feeds, trainable, n, *, st
         "train_samples": int(m), "holdout_samples": int(n_hold), "check_on": "holdout" if n_hold else "train",
         "before": before, "after": after, "kept": kept, "diverged": diverged,
         "train_fit": {"samples": len(fit_idx), "before": fit_before, "after": fit_after} if n_hold else None,
-        "check_curve": check_curve, "returned": best[2],
+        "check_curve": check_curve, "returned": best[2], "feature_weight": feature_weight, "features": len(features),
         "reconstruct": local, "reconstructed": reconstructed,
         "loss": _curve(losses), "train_seconds": round(train_seconds, 2),
         "seconds": round(time.perf_counter() - started, 2),

@@ -478,13 +478,17 @@ class DistillArgs:
                             help="training steps (default: measured, see docs/distill.md)")
         parser.add_argument("--distill-lr", type=lambda t: check_tolerance(t, "--distill-lr", 1e-8, 1.0), default=None, metavar="LR",
                             help="Adam learning rate (default: measured, see docs/distill.md)")
+        parser.add_argument("--reconstruct-steps", type=_type(check_count, "--reconstruct-steps"), default=None, metavar="N",
+                            help="before distilling, fit each chain (or residual block) alone to the original's activated "
+                            "output, N steps each; 0: off (default: measured, see docs/distill.md)")
         parser.add_argument("--no-augment", action="store_true", help="no flips or shifts of image inputs while distilling")
         parser.add_argument("--distill-device", choices=("cpu", "cuda"), default=None, help="torch device (default cpu)")
 
     @staticmethod
     def parse(args) -> dict:
         extras = (("--distill-steps", args.distill_steps), ("--distill-lr", args.distill_lr),
-                  ("--distill-device", args.distill_device), ("--no-augment", args.no_augment or None))
+                  ("--distill-device", args.distill_device), ("--no-augment", args.no_augment or None),
+                  ("--reconstruct-steps", args.reconstruct_steps))
         if not args.distill:
             for flag, value in extras:
                 if value is not None:
@@ -501,6 +505,8 @@ class DistillArgs:
             settings["device"] = args.distill_device
         if args.no_augment:
             settings["augment"] = False
+        if args.reconstruct_steps is not None:
+            settings["reconstruct_steps"] = args.reconstruct_steps
         return {"distill": settings}
 
 

@@ -142,3 +142,30 @@ def test_distill_with_reconstruction_never_returns_worse_on_the_holdout():
     passing = [m for m in (stats2["after"], stats2["reconstructed"])
                if m and m["kl"] < stats2["before"]["kl"] and m["agreement"] >= stats2["before"]["agreement"]]
     assert best["kl"] == min(m["kl"] for m in passing)
+
+
+def test_reconstruct_steps_flag_reaches_distill():
+    from onnx_tucker.cli import build_parser
+    from onnx_tucker.options import DistillArgs
+
+    parser = build_parser()
+    args = parser.parse_args(["compress", "in.onnx", "out.onnx", "--calibrate", "x.npz", "--distill", "--reconstruct-steps", "0"])
+    assert DistillArgs.parse(args) == {"distill": {"reconstruct_steps": 0}}
+    args = parser.parse_args(["compress", "in.onnx", "out.onnx", "--calibrate", "x.npz", "--distill"])
+    assert DistillArgs.parse(args) == {"distill": {}}
+
+
+@needs_torch
+def test_feature_targets_are_the_chains_activated_outputs_and_train():
+    from onnx_tucker.distill import _feature_names, distill, tucker_trainable
+
+    original, compressed = tiny_pair()
+    assert _feature_names(original, compressed) == ["r2"]
+    feeds = feeds_for(original)
+    model, stats = distill(original, compressed, feeds, tucker_trainable(compressed), steps=40, lr=3e-3, batch_size=32,
+                           progress=False, threads=1, reconstruct_steps=0, feature_weight=1.0)
+    assert stats["features"] == 1 and stats["feature_weight"] == 1.0 and stats["kept"]
+    assert strip_values(model) == strip_values(compressed)
+    _, plain = distill(original, compressed, feeds, tucker_trainable(compressed), steps=40, lr=3e-3, batch_size=32,
+                       progress=False, threads=1, reconstruct_steps=0)
+    assert plain["features"] == 0 and plain["loss"] != stats["loss"]
