@@ -207,9 +207,11 @@ def _augment(torch, batch: dict, layouts: dict, generator):
 # --- the step --------------------------------------------------------------------------------------
 
 
-def _check_args(steps, lr, batch_size, holdout, temperature):
-    if not isinstance(steps, int) or steps < 1:
-        raise UsageError(f"distillation steps must be a positive integer, got {steps}")
+def _check_args(steps, lr, batch_size, holdout, temperature, reconstruct_steps=0):
+    if not isinstance(reconstruct_steps, int) or reconstruct_steps < 0:
+        raise UsageError(f"reconstruction steps must be a whole number >= 0, got {reconstruct_steps}")
+    if not isinstance(steps, int) or steps < (0 if reconstruct_steps else 1):  # 0: reconstruction alone
+        raise UsageError(f"distillation steps must be a positive integer (0 only with reconstruction), got {steps}")
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise UsageError(f"distillation learning rate must be positive, got {lr}")
     if not isinstance(batch_size, int) or batch_size < 1:
@@ -290,7 +292,7 @@ def distill(
     torch = _import_torch()
     from onnx_tucker.torch_exec import TorchGraph
 
-    _check_args(steps, lr, batch_size, holdout, temperature)
+    _check_args(steps, lr, batch_size, holdout, temperature, reconstruct_steps)
     dev = _device(torch, device)
     trainable = list(dict.fromkeys(trainable))
     if not trainable:
@@ -448,7 +450,7 @@ def _distill(torch, TorchGraph, original, compressed, feeds, trainable, n, *, st
     candidate = student.write_back(start)
     finite = all(np.all(np.isfinite(v)) for v in student.trained_arrays().values())
     after = fit_after = None
-    if finite and not diverged:
+    if finite and not diverged and steps:  # steps 0: reconstruction alone, no global phase
         trained_ort = _session(_with_outputs(candidate, s_logits))
         after = agreement_and_kl(reference, _run(trained_ort, check))
         fit_after = agreement_and_kl(fit_reference, _run(trained_ort, fit)) if n_hold else None

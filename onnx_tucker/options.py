@@ -474,8 +474,9 @@ class DistillArgs:
         parser.add_argument("--distill", action="store_true",
                             help="train the new factors so the compressed model's outputs match the original's on the "
                             "--calibrate inputs (no labels; a held-out part decides whether the result is kept)")
-        parser.add_argument("--distill-steps", type=_type(check_positive_int, "--distill-steps"), default=None, metavar="N",
-                            help="training steps (default: measured, see docs/distill.md)")
+        parser.add_argument("--distill-steps", type=_type(check_count, "--distill-steps"), default=None, metavar="N",
+                            help="training steps of the global loss (default: measured, see docs/distill.md); 0: the "
+                            "local reconstruction alone")
         parser.add_argument("--distill-lr", type=lambda t: check_tolerance(t, "--distill-lr", 1e-8, 1.0), default=None, metavar="LR",
                             help="Adam learning rate (default: measured, see docs/distill.md)")
         parser.add_argument("--reconstruct-steps", type=_type(check_count, "--reconstruct-steps"), default=None, metavar="N",
@@ -497,6 +498,8 @@ class DistillArgs:
         if not args.calibrate:
             raise UsageError("--distill needs --calibrate: it trains on those inputs (no labels)")
         settings = {}
+        if args.distill_steps == 0 and args.reconstruct_steps == 0:
+            raise UsageError("--distill-steps 0 with --reconstruct-steps 0 leaves nothing to train")
         if args.distill_steps is not None:
             settings["steps"] = args.distill_steps
         if args.distill_lr is not None:

@@ -353,7 +353,7 @@ def test_cuda_without_a_gpu_is_a_usage_error():
     [
         ({"steps": 0}, "steps"), ({"lr": 0.0}, "learning rate"), ({"batch_size": 0}, "batch size"),
         ({"holdout": 1.0}, "holdout"), ({"temperature": -1.0}, "temperature"), ({"trainable": []}, "at least one"),
-        ({"trainable": ["nope"]}, "'nope' is not an initializer"),
+        ({"trainable": ["nope"]}, "'nope' is not an initializer"), ({"reconstruct_steps": -1}, "reconstruction steps"),
     ],
 )
 def test_bad_arguments(kwargs, match):

@@ -169,3 +169,23 @@ def test_feature_targets_are_the_chains_activated_outputs_and_train():
     _, plain = distill(original, compressed, feeds, tucker_trainable(compressed), steps=40, lr=3e-3, batch_size=32,
                        progress=False, threads=1, reconstruct_steps=0)
     assert plain["features"] == 0 and plain["loss"] != stats["loss"]
+
+
+@needs_torch
+def test_distill_steps_zero_is_the_reconstruction_alone():
+    from onnx_tucker.distill import distill, tucker_trainable
+
+    original, compressed = tiny_pair()
+    feeds = feeds_for(original)
+    model, stats = distill(original, compressed, feeds, tucker_trainable(compressed), steps=0, progress=False, threads=1,
+                           reconstruct_steps=100)
+    assert stats["steps"] == 0 and stats["after"] is None and stats["returned"] == "reconstructed"
+    from onnx_tucker.reconstruct import chains_in, reconstruct
+
+    # the same model as the reconstruction on distill's split
+    n = len(feeds["x"])
+    order = np.random.default_rng(0).permutation(n)
+    hold, train = np.sort(order[:26]), np.sort(order[26:])
+    alone, _ = reconstruct(original, compressed, chains_in(compressed), {"x": feeds["x"][train]}, {"x": feeds["x"][hold]},
+                           tucker_trainable(compressed), steps=100, threads=1)
+    assert model.SerializeToString() == alone.SerializeToString()
