@@ -33,6 +33,7 @@ DEFAULT_BATCH = 16  # images per step: ~16k target rows at 32x32
 DEFAULT_JOINT = True  # fit chains that feed only each other (a residual block's two convs) together
 ACTIVATIONS = ("Relu", "Clip", "LeakyRelu")
 EVAL_BATCH = 256
+MAX_BYTES = 1 << 30  # a unit's inputs and target held in memory; beyond, a seeded subset of the images
 
 
 def chains_in(model: onnx.ModelProto) -> list[Chain]:
@@ -134,6 +135,14 @@ def reconstruct(original: onnx.ModelProto, compressed: onnx.ModelProto, chains: 
     import torch
 
     from onnx_tucker.distill import _run, _session, _with_outputs
+
+    def subset(feeds: dict[str, np.ndarray], cap: int) -> dict[str, np.ndarray]:
+        n = len(next(iter(feeds.values())))
+        if n <= cap:
+            return feeds
+        rows = np.sort(np.random.default_rng(seed).choice(n, cap, replace=False))
+        return {k: v[rows] for k, v in feeds.items()}
+
     from onnx_tucker.torch_exec import TorchGraph
 
     started = time.perf_counter()
@@ -153,10 +162,14 @@ def reconstruct(original: onnx.ModelProto, compressed: onnx.ModelProto, chains: 
         # Teacher: the original's tensor; inputs: the compressed model's own (earlier chains already fitted).
         teacher = _session(_with_outputs(original, [target]), threads)
         student_in = _session(_with_outputs(model, cut), threads)
-        x_train = [torch.from_numpy(np.ascontiguousarray(a)) for a in _run(student_in, train)]
-        x_check = [torch.from_numpy(np.ascontiguousarray(a)) for a in _run(student_in, check)]
-        y_train = torch.from_numpy(np.ascontiguousarray(_run(teacher, train)[0]))
-        y_check = torch.from_numpy(np.ascontiguousarray(_run(teacher, check)[0]))
+        one = {k: v[:1] for k, v in train.items()}
+        per_image = sum(a.nbytes for a in _run(student_in, one)) + _run(teacher, one)[0].nbytes
+        cap = max(1, MAX_BYTES // max(per_image, 1))
+        fit, held = subset(train, cap), subset(check, cap)
+        x_train = [torch.from_numpy(np.ascontiguousarray(a)) for a in _run(student_in, fit)]
+        x_check = [torch.from_numpy(np.ascontiguousarray(a)) for a in _run(student_in, held)]
+        y_train = torch.from_numpy(np.ascontiguousarray(_run(teacher, fit)[0]))
+        y_check = torch.from_numpy(np.ascontiguousarray(_run(teacher, held)[0]))
         block = TorchGraph(model, params, outputs=[target], inputs=cut)
         opt_params = list(block.onnx_parameters().values())
 
@@ -166,7 +179,6 @@ def reconstruct(original: onnx.ModelProto, compressed: onnx.ModelProto, chains: 
             return _rel_error(out.double(), y_check.double())
 
         before = check_error()
-        initial = {k: v.detach().clone() for k, v in block.onnx_parameters().items()}
         optimizer = torch.optim.Adam(opt_params, lr=lr)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
         m = len(y_train)
@@ -184,13 +196,10 @@ def reconstruct(original: onnx.ModelProto, compressed: onnx.ModelProto, chains: 
             scheduler.step()
         after = check_error()
         kept = math.isfinite(after) and after < before
-        if kept:
+        if kept:  # else the chain stays as it was
             model = block.write_back(model)
-        else:  # the chain stays as it was
-            with torch.no_grad():
-                for k, p in block.onnx_parameters().items():
-                    p.copy_(initial[k])
-        rows.append({"layer": "+".join(c.layer for c in unit), "target": target, "inputs": len(cut), "before": round(before, 6),
+        rows.append({"layer": "+".join(c.layer for c in unit), "target": target, "inputs": len(cut), "images": len(y_train),
+                     "before": round(before, 6),
                      "after": round(after, 6), "kept": kept, "seconds": round(time.perf_counter() - t0, 2)})
     stats = {"steps": steps, "lr": lr, "batch_size": batch_size, "seed": seed, "chains": rows,
              "kept": sum(r["kept"] for r in rows), "seconds": round(time.perf_counter() - started, 2)}

@@ -189,3 +189,17 @@ def test_distill_steps_zero_is_the_reconstruction_alone():
     alone, _ = reconstruct(original, compressed, chains_in(compressed), {"x": feeds["x"][train]}, {"x": feeds["x"][hold]},
                            tucker_trainable(compressed), steps=100, threads=1)
     assert model.SerializeToString() == alone.SerializeToString()
+
+
+@needs_torch
+def test_large_inputs_use_a_seeded_subset_of_the_images(monkeypatch):
+    import onnx_tucker.reconstruct as rec
+
+    original, compressed = tiny_pair()
+    feeds = feeds_for(original, n=256)
+    monkeypatch.setattr(rec, "MAX_BYTES", 100 * (8 * 8 * 8 + 12 * 8 * 8) * 4)  # room for 100 images' input + target
+    model, stats = _reconstruct(original, compressed, feeds)
+    row = stats["chains"][0]
+    assert row["images"] == 100 and row["kept"] and row["after"] < row["before"]
+    again, _ = _reconstruct(original, compressed, feeds)
+    assert model.SerializeToString() == again.SerializeToString()
