@@ -135,6 +135,7 @@ def reconstruct(original: onnx.ModelProto, compressed: onnx.ModelProto, chains: 
     import torch
 
     from onnx_tucker.distill import _run, _session, _with_outputs
+    from onnx_tucker.torch_exec import TorchGraph
 
     def subset(feeds: dict[str, np.ndarray], cap: int) -> dict[str, np.ndarray]:
         n = len(next(iter(feeds.values())))
@@ -143,20 +144,19 @@ def reconstruct(original: onnx.ModelProto, compressed: onnx.ModelProto, chains: 
         rows = np.sort(np.random.default_rng(seed).choice(n, cap, replace=False))
         return {k: v[rows] for k, v in feeds.items()}
 
-    from onnx_tucker.torch_exec import TorchGraph
-
     started = time.perf_counter()
     allowed = set(trainable)
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = compressed
+    in_original = {o for n in original.graph.node for o in n.output}
     rows = []
     for unit in units(model, chains, joint):
         params = list(dict.fromkeys(t for c in unit for t in c.trainable() if t in allowed))
-        if not params:
-            continue
         paths = [target_of(model, c) for c in unit]
         target, path = paths[-1][0], [n for _, p in paths for n in p]
+        if not params or target not in in_original:  # nothing to train, or no counterpart to fit to
+            continue
         cut = _cut_inputs(model, unit, path)
         t0 = time.perf_counter()
         # Teacher: the original's tensor; inputs: the compressed model's own (earlier chains already fitted).

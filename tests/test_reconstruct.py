@@ -203,3 +203,15 @@ def test_large_inputs_use_a_seeded_subset_of_the_images(monkeypatch):
     assert row["images"] == 100 and row["kept"] and row["after"] < row["before"]
     again, _ = _reconstruct(original, compressed, feeds)
     assert model.SerializeToString() == again.SerializeToString()
+
+
+@needs_torch
+def test_a_target_the_original_lacks_is_skipped():
+    original, compressed = tiny_pair()
+    renamed = onnx.ModelProto()
+    renamed.CopyFrom(original)
+    for node in renamed.graph.node:
+        node.output[:] = ["r2_elsewhere" if o == "r2" else o for o in node.output]
+        node.input[:] = ["r2_elsewhere" if i == "r2" else i for i in node.input]
+    model, stats = _reconstruct(renamed, compressed, feeds_for(original))
+    assert stats["chains"] == [] and model is compressed
