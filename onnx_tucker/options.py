@@ -474,17 +474,22 @@ class DistillArgs:
         parser.add_argument("--distill", action="store_true",
                             help="train the new factors so the compressed model's outputs match the original's on the "
                             "--calibrate inputs (no labels; a held-out part decides whether the result is kept)")
-        parser.add_argument("--distill-steps", type=_type(check_positive_int, "--distill-steps"), default=None, metavar="N",
-                            help="training steps (default: measured, see docs/distill.md)")
+        parser.add_argument("--distill-steps", type=_type(check_count, "--distill-steps"), default=None, metavar="N",
+                            help="training steps of the global loss (default: measured, see docs/distill.md); 0: the "
+                            "local reconstruction alone")
         parser.add_argument("--distill-lr", type=lambda t: check_tolerance(t, "--distill-lr", 1e-8, 1.0), default=None, metavar="LR",
                             help="Adam learning rate (default: measured, see docs/distill.md)")
+        parser.add_argument("--reconstruct-steps", type=_type(check_count, "--reconstruct-steps"), default=None, metavar="N",
+                            help="before distilling, fit each chain (or residual block) alone to the original's activated "
+                            "output, N steps each; 0: off (default: measured, see docs/distill.md)")
         parser.add_argument("--no-augment", action="store_true", help="no flips or shifts of image inputs while distilling")
         parser.add_argument("--distill-device", choices=("cpu", "cuda"), default=None, help="torch device (default cpu)")
 
     @staticmethod
     def parse(args) -> dict:
         extras = (("--distill-steps", args.distill_steps), ("--distill-lr", args.distill_lr),
-                  ("--distill-device", args.distill_device), ("--no-augment", args.no_augment or None))
+                  ("--distill-device", args.distill_device), ("--no-augment", args.no_augment or None),
+                  ("--reconstruct-steps", args.reconstruct_steps))
         if not args.distill:
             for flag, value in extras:
                 if value is not None:
@@ -493,6 +498,8 @@ class DistillArgs:
         if not args.calibrate:
             raise UsageError("--distill needs --calibrate: it trains on those inputs (no labels)")
         settings = {}
+        if args.distill_steps == 0 and args.reconstruct_steps == 0:
+            raise UsageError("--distill-steps 0 with --reconstruct-steps 0 leaves nothing to train")
         if args.distill_steps is not None:
             settings["steps"] = args.distill_steps
         if args.distill_lr is not None:
@@ -501,6 +508,8 @@ class DistillArgs:
             settings["device"] = args.distill_device
         if args.no_augment:
             settings["augment"] = False
+        if args.reconstruct_steps is not None:
+            settings["reconstruct_steps"] = args.reconstruct_steps
         return {"distill": settings}
 
 

@@ -432,16 +432,18 @@ class TorchGraph(torch.nn.Module):
     ``trainable``: initializer names to register as ``nn.Parameter`` (float tensors); every other
     initializer and every ``Constant`` becomes a buffer. ``outputs``: tensor names to return (any
     tensor of the graph; default: the graph outputs). Only the nodes the outputs need are run.
-    ``forward`` takes the graph inputs positionally (graph order) or by name and returns a tuple of
-    tensors in ``outputs`` order.
+    ``inputs``: tensor names to feed instead of the graph inputs (the graph is cut there: nothing
+    that produces them runs; default: the graph inputs). ``forward`` takes the inputs positionally
+    (in that order) or by name and returns a tuple of tensors in ``outputs`` order.
     """
 
-    def __init__(self, model: onnx.ModelProto, trainable: Iterable[str] = (), outputs: Sequence[str] | None = None):
+    def __init__(self, model: onnx.ModelProto, trainable: Iterable[str] = (), outputs: Sequence[str] | None = None,
+                 inputs: Sequence[str] | None = None):
         super().__init__()
         graph = model.graph
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
         init_names = [i.name for i in graph.initializer]
-        self.input_names = [i.name for i in graph.input if i.name not in set(init_names)]
+        self.input_names = list(inputs) if inputs is not None else [i.name for i in graph.input if i.name not in set(init_names)]
         self.output_names = list(outputs) if outputs is not None else [o.name for o in graph.output]
         trainable = list(dict.fromkeys(trainable))
         missing = [n for n in trainable if n not in set(init_names)]
@@ -458,6 +460,8 @@ class TorchGraph(torch.nn.Module):
         needed, stack = set(), list(self.output_names)
         while stack:
             name = stack.pop()
+            if name in known:
+                continue
             if name in producer and producer[name] not in needed:
                 needed.add(producer[name])
                 stack.extend(n for n in graph.node[producer[name]].input if n)
@@ -555,6 +559,7 @@ class TorchGraph(torch.nn.Module):
         return out
 
 
-def to_torch(model: onnx.ModelProto, trainable: Iterable[str] = (), outputs: Sequence[str] | None = None) -> TorchGraph:
+def to_torch(model: onnx.ModelProto, trainable: Iterable[str] = (), outputs: Sequence[str] | None = None,
+             inputs: Sequence[str] | None = None) -> TorchGraph:
     """Shorthand for :class:`TorchGraph`."""
-    return TorchGraph(model, trainable, outputs)
+    return TorchGraph(model, trainable, outputs, inputs)

@@ -118,6 +118,7 @@ def _distill(original, compressed, feeds, **kwargs):
     kwargs.setdefault("batch_size", 32)
     kwargs.setdefault("progress", False)
     kwargs.setdefault("threads", 1)
+    kwargs.setdefault("reconstruct_steps", 0)  # the global loss alone; the local phase: tests/test_reconstruct.py
     return distill(original, compressed, feeds, kwargs.pop("trainable", tucker_trainable(compressed)), **kwargs)
 
 
@@ -352,7 +353,7 @@ def test_cuda_without_a_gpu_is_a_usage_error():
     [
         ({"steps": 0}, "steps"), ({"lr": 0.0}, "learning rate"), ({"batch_size": 0}, "batch size"),
         ({"holdout": 1.0}, "holdout"), ({"temperature": -1.0}, "temperature"), ({"trainable": []}, "at least one"),
-        ({"trainable": ["nope"]}, "'nope' is not an initializer"),
+        ({"trainable": ["nope"]}, "'nope' is not an initializer"), ({"reconstruct_steps": -1}, "reconstruction steps"),
     ],
 )
 def test_bad_arguments(kwargs, match):

@@ -32,6 +32,9 @@ def src(tmp_path):
     (["--min-agreement", "1.5"], "finite number in [0, 1]"),
     (["--no-check", "--max-rel-error", "0.1"], "no effect with --no-check"),
     (["--data-limit", "10"], "--data-limit only applies with --data"),
+    (["--reconstruct-steps", "10"], "--reconstruct-steps only applies with --distill"),
+    (["--distill", "--calibrate", "x.npz", "--reconstruct-steps", "-1"], "whole number >= 0"),
+    (["--distill", "--calibrate", "x.npz", "--distill-steps", "0", "--reconstruct-steps", "0"], "nothing to train"),
     (["--ratio", "nan"], "(0, 1]"),
     (["--target-macs", "0"], "(0, 1]"),
 ])

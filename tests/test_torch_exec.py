@@ -538,3 +538,22 @@ def test_supported_ops_cover_the_brief():
         "Softmax", "Pad", "Identity", "Constant", "Shape", "Gather", "Unsqueeze", "Squeeze", "Cast", "ReduceMean",
     }
     assert brief <= SUPPORTED_OPS
+
+
+def test_inputs_cut_the_graph_there():
+    """Fed the skip and the stem's output, the cut graph runs only what follows and matches onnxruntime."""
+    import torch
+
+    model = residual_model()
+    x = np.random.default_rng(3).standard_normal((2, 3, 10, 10)).astype(np.float32)
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    for name in ("a_r", "s"):
+        probe.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+    _, a_r, s = run_model(probe, {"x": x})
+    cut = TorchGraph(model, ["W2"], outputs=["s"], inputs=["a_r"])
+    assert [step[5] for step in cut._steps] == ["block_conv", "skip_add"]  # the stem does not run
+    got = cut(torch.from_numpy(a_r))[0].detach().numpy()
+    np.testing.assert_allclose(got, s, rtol=1e-5, atol=1e-5)
+    with pytest.raises(UsageError, match="missing graph input 'a_r'"):
+        cut(x=torch.from_numpy(x))

@@ -1,0 +1,206 @@
+"""Local reconstruction: train each chain to reproduce the original layer's activated output.
+
+Global distillation has one target per image (the class distribution); with a few thousand unlabelled
+images it over-fits. A chain's output has one target per position and channel (about a thousand
+positions per 32x32 image), so fitting the chain alone is far better determined. For each chain, in
+graph order (BRECQ-style block reconstruction):
+
+- the *target* is the original model's tensor after the chain's output passes the ops that follow
+  it up to the first activation: a residual ``Add`` (the chain is fitted where the branches merge,
+  with the skip as the compressed model computes it) and then ``Relu`` / ``Clip`` / ``LeakyRelu``;
+- the chain's *inputs* are the compressed model's own tensors (with the chains before it already
+  reconstructed), so later chains also absorb the error of earlier ones;
+- every factor's weight and the bias are trained together with Adam (a closed-form refit can only
+  fit the last factors given the first) on ``mean((s - t)^2) / mean(t^2)``;
+- the trained chain is kept only if that error is lower on held-out images than before.
+
+The graph, names and every other initializer stay as they are. torch is needed (``[distill]``).
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import onnx
+
+from onnx_tucker.chain import Chain, chains_of
+
+DEFAULT_STEPS = 200  # per chain (measured in docs/distill.md)
+DEFAULT_LR = 1e-3
+DEFAULT_BATCH = 16  # images per step: ~16k target rows at 32x32
+DEFAULT_JOINT = True  # fit chains that feed only each other (a residual block's two convs) together
+ACTIVATIONS = ("Relu", "Clip", "LeakyRelu")
+EVAL_BATCH = 256
+MAX_BYTES = 1 << 30  # a unit's inputs and target held in memory; beyond, a seeded subset of the images
+
+
+def chains_in(model: onnx.ModelProto) -> list[Chain]:
+    """The model's chain records, or for a model without them (older onnx-tucker output) the chains
+    read from the node names: nodes named ``<layer>_tucker_<role>``, grouped by layer, graph order."""
+    recorded = chains_of(model)
+    if recorded:
+        return recorded
+    groups: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        if "_tucker_" in node.name:
+            groups.setdefault(node.name.rsplit("_tucker_", 1)[0], []).append(node)
+    inits = {i.name for i in model.graph.initializer}
+    chains = []
+    for layer, nodes in groups.items():
+        made = {o for n in nodes for o in n.output}
+        read = {i for n in nodes for i in n.input}
+        ins = [i for n in nodes for i in n.input if i and i not in made and i not in inits]
+        outs = [o for n in nodes for o in n.output if o not in read]
+        if len(set(ins)) != 1 or len(outs) != 1:
+            continue
+        last = nodes[-1]
+        roles = {n.name.rsplit("_tucker_", 1)[1]: n.name for n in nodes}
+        chains.append(Chain(layer=layer, form="", ranks=(), nodes=roles,
+                            weights={n.name.rsplit("_tucker_", 1)[1]: n.input[1] for n in nodes if len(n.input) > 1},
+                            bias=last.input[2] if len(last.input) > 2 and last.input[2] in inits else None,
+                            input=ins[0], output=outs[0]))
+    return chains
+
+
+def target_of(model: onnx.ModelProto, chain: Chain) -> tuple[str, list[onnx.NodeProto]]:
+    """The tensor a chain is reconstructed at and the nodes after the chain leading to it.
+
+    From the chain's output, follow a sole consumer that is a residual ``Add`` (both inputs
+    computed, at most one) and then an activation; stop elsewhere.
+    """
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in set(node.input):
+            consumers.setdefault(name, []).append(node)
+    inits = {i.name for i in model.graph.initializer}
+    outputs = {o.name for o in model.graph.output}
+    tensor, path, merged = chain.output, [], False
+    while tensor not in outputs and len(consumers.get(tensor, [])) == 1:
+        node = consumers[tensor][0]
+        if node.op_type == "Add" and not merged and len(node.input) == 2 and not (set(node.input) & inits):
+            merged = True
+        elif node.op_type in ACTIVATIONS:
+            path.append(node)
+            return node.output[0], path
+        else:
+            break
+        path.append(node)
+        tensor = node.output[0]
+    return tensor, path
+
+
+def units(model: onnx.ModelProto, chains: Sequence[Chain], joint: bool = True) -> list[list[Chain]]:
+    """Chains fitted together: with ``joint``, a chain whose target only the next chain reads joins it
+    (the two convs of a residual block are then fitted to the block's output after the Add), else one each."""
+    readers: dict[str, set[str]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, set()).add(node.name)
+    out: list[list[Chain]] = []
+    for chain in chains:
+        if joint and out:
+            target, _ = target_of(model, out[-1][-1])
+            if readers.get(target) and readers[target] <= set(chain.node_names()):
+                out[-1].append(chain)
+                continue
+        out.append([chain])
+    return out
+
+
+def _cut_inputs(model: onnx.ModelProto, chain: Chain | Sequence[Chain], path: Sequence[onnx.NodeProto]) -> list[str]:
+    """Tensors the chains and their paths read that they do not compute themselves (not initializers)."""
+    names = {n for c in ([chain] if isinstance(chain, Chain) else chain) for n in c.node_names()}
+    nodes = [n for n in model.graph.node if n.name in names] + list(path)
+    made = {o for n in nodes for o in n.output}
+    inits = {i.name for i in model.graph.initializer}
+    return list(dict.fromkeys(i for n in nodes for i in n.input if i and i not in made and i not in inits))
+
+
+def _rel_error(student, target) -> float:
+    return float(((student - target) ** 2).sum() / max(float((target**2).sum()), 1e-30))
+
+
+def reconstruct(original: onnx.ModelProto, compressed: onnx.ModelProto, chains: Sequence[Chain],
+                train: dict[str, np.ndarray], check: dict[str, np.ndarray], trainable: Sequence[str], *,
+                steps: int = DEFAULT_STEPS, lr: float = DEFAULT_LR, batch_size: int = DEFAULT_BATCH,
+                seed: int = 0, threads: int | None = None, joint: bool = DEFAULT_JOINT) -> tuple[onnx.ModelProto, dict]:
+    """Reconstruct ``chains`` of ``compressed`` one after the other (see the module docstring).
+
+    ``train`` / ``check``: graph inputs to fit on and to judge on (held out). Only names in
+    ``trainable`` change. Returns ``(model, stats)``; stats['chains'] has per chain the target tensor,
+    the held-out relative error before and after and whether the new weights were kept.
+    """
+    import torch
+
+    from onnx_tucker.distill import _run, _session, _with_outputs
+    from onnx_tucker.torch_exec import TorchGraph
+
+    def subset(feeds: dict[str, np.ndarray], cap: int) -> dict[str, np.ndarray]:
+        n = len(next(iter(feeds.values())))
+        if n <= cap:
+            return feeds
+        rows = np.sort(np.random.default_rng(seed).choice(n, cap, replace=False))
+        return {k: v[rows] for k, v in feeds.items()}
+
+    started = time.perf_counter()
+    allowed = set(trainable)
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = compressed
+    in_original = {o for n in original.graph.node for o in n.output}
+    rows = []
+    for unit in units(model, chains, joint):
+        params = list(dict.fromkeys(t for c in unit for t in c.trainable() if t in allowed))
+        paths = [target_of(model, c) for c in unit]
+        target, path = paths[-1][0], [n for _, p in paths for n in p]
+        if not params or target not in in_original:  # nothing to train, or no counterpart to fit to
+            continue
+        cut = _cut_inputs(model, unit, path)
+        t0 = time.perf_counter()
+        # Teacher: the original's tensor; inputs: the compressed model's own (earlier chains already fitted).
+        teacher = _session(_with_outputs(original, [target]), threads)
+        student_in = _session(_with_outputs(model, cut), threads)
+        one = {k: v[:1] for k, v in train.items()}
+        per_image = sum(a.nbytes for a in _run(student_in, one)) + _run(teacher, one)[0].nbytes
+        cap = max(1, MAX_BYTES // max(per_image, 1))
+        fit, held = subset(train, cap), subset(check, cap)
+        x_train = [torch.from_numpy(np.ascontiguousarray(a)) for a in _run(student_in, fit)]
+        x_check = [torch.from_numpy(np.ascontiguousarray(a)) for a in _run(student_in, held)]
+        y_train = torch.from_numpy(np.ascontiguousarray(_run(teacher, fit)[0]))
+        y_check = torch.from_numpy(np.ascontiguousarray(_run(teacher, held)[0]))
+        block = TorchGraph(model, params, outputs=[target], inputs=cut)
+        opt_params = list(block.onnx_parameters().values())
+
+        def check_error() -> float:
+            with torch.no_grad():
+                out = torch.cat([block(*[x[s : s + EVAL_BATCH] for x in x_check])[0] for s in range(0, len(y_check), EVAL_BATCH)])
+            return _rel_error(out.double(), y_check.double())
+
+        before = check_error()
+        optimizer = torch.optim.Adam(opt_params, lr=lr)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+        m = len(y_train)
+        b = min(batch_size, m)
+        scale = float((y_train.double() ** 2).mean())
+        for _ in range(steps):
+            idx = torch.randint(0, m, (b,), generator=generator)
+            out = block(*[x[idx] for x in x_train])[0]
+            loss = ((out - y_train[idx]) ** 2).mean() / max(scale, 1e-30)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if not math.isfinite(float(loss.detach())):
+                break
+            optimizer.step()
+            scheduler.step()
+        after = check_error()
+        kept = math.isfinite(after) and after < before
+        if kept:  # else the chain stays as it was
+            model = block.write_back(model)
+        rows.append({"layer": "+".join(c.layer for c in unit), "target": target, "inputs": len(cut), "images": len(y_train),
+                     "before": round(before, 6),
+                     "after": round(after, 6), "kept": kept, "seconds": round(time.perf_counter() - t0, 2)})
+    stats = {"steps": steps, "lr": lr, "batch_size": batch_size, "seed": seed, "chains": rows,
+             "kept": sum(r["kept"] for r in rows), "seconds": round(time.perf_counter() - started, 2)}
+    return model, stats
