@@ -15,6 +15,8 @@ import time
 import numpy as np
 import onnx
 
+from threadpoolctl import threadpool_limits
+
 from onnx_tucker.capture import batch_size_for, capture_named, fixed_batch, iterate
 from onnx_tucker.graph import Initializers, feeds_only_relu, nodes_by_name, prefix_model, with_outputs
 from onnx_tucker.runtime import make_session
@@ -62,11 +64,6 @@ def _flat(value: np.ndarray, axis: int = 1) -> np.ndarray:
     return np.moveaxis(value, axis, -1).reshape(-1, value.shape[axis])
 
 
-def _rows(value: np.ndarray, pick: np.ndarray, axis: int = 1) -> np.ndarray:
-    """(N, C, spatial...) -> (rows, C) at the chosen flat positions."""
-    return _flat(value, axis)[pick]
-
-
 def refit_chains(original: onnx.ModelProto, compressed: onnx.ModelProto, feeds: dict, chains: list,
                  ridge: float = 1e-6, seed: int = 0, mode: str = "last", relu_aware: bool = True) -> dict:
     """Sequential least-squares refit of each chain's last node; edits ``compressed`` (and ``chains``) in place.
@@ -79,51 +76,154 @@ def refit_chains(original: onnx.ModelProto, compressed: onnx.ModelProto, feeds: 
     nodes = nodes_by_name(compressed)
     inits = Initializers(compressed)
     chains = [c for c in chains if c.nodes.get(c.last_role) in nodes]
-    targets = [c.output for c in chains]
-    axes = {c.output: c.channel_axis for c in chains}
-    # The original layers' outputs: computed once, on the original model.
-    reference = capture_named(with_outputs(original, targets), feeds, targets, batch_size=batch_size_for(original, BATCH))
-    rng = np.random.default_rng(seed)
-    picks, images = {}, {}
     n = len(next(iter(feeds.values())))
-    for name, value in reference.items():
-        per_image = value.size // value.shape[axes[name]] // n
-        # The rows come from a seeded subset of the images, large enough that the rows stay spread
-        # (ROW_SPREAD x MAX_ROWS positions, at least MIN_IMAGES images): each layer's input is then
-        # captured on that subset only (a ResNet-20's 32x32 layers: 512 of 2048 images).
-        count = min(n, max(MIN_IMAGES, -(-ROW_SPREAD * MAX_ROWS // per_image)))
-        chosen = np.sort(rng.choice(n, count, replace=False)) if count < n else np.arange(n)
-        local = np.sort(rng.choice(count * per_image, min(count * per_image, MAX_ROWS), replace=False))
-        global_rows = chosen[local // per_image] * per_image + local % per_image
-        picks[name], images[name] = (local, global_rows), chosen
-    target_rows = {name: _rows(v, picks[name][1], axes[name]) for name, v in reference.items()}
-    del reference
+    picks, images, per_image, target_rows = _reference_rows(original, feeds, chains, seed)
+    # The compressed model runs forward once over the images any layer's rows come from, a segment per
+    # chain (issue 15: one prefix pass per chain cost a ResNet50 ~26 whole passes).
+    chosen = np.unique(np.concatenate([images[c.output] for c in chains])) if chains else np.arange(0)
+    forward = _Forward(compressed, feeds if len(chosen) == n else {k: v[chosen] for k, v in feeds.items()}, chosen)
     result = {"layers": {}, "samples": int(n)}
-    for chain in chains:
-        last = nodes[chain.nodes[chain.last_role]]
-        core_node = nodes.get(chain.nodes.get("core", ""))
-        target = target_rows[chain.output].astype(np.float64)
-        pick = picks[chain.output][0]  # flat positions within the chosen images
-        feeds_of_layer = feeds if len(images[chain.output]) == n else {k: v[images[chain.output]] for k, v in feeds.items()}
-        relu = relu_aware and feeds_only_relu(compressed, chain.output)
-        if core_node is not None and core_node.name == last.name:  # 1x1 -> kxk: the kxk core writes the output
-            result["layers"][chain.layer] = _refit_kxk_last(compressed, chain, last, inits, feeds_of_layer, pick, target, ridge, relu)
-            continue
-        # The core refit has R_in*k*k unknowns per output channel: with too few calibration
-        # rows (late layers with small feature maps) it over-fits, so refit only the last conv.
-        if (mode == "core" and core_node is not None and _is_2d_conv(core_node)
-                and len(pick) >= MIN_ROWS_PER_UNKNOWN * _core_unknowns(core_node, inits)):
-            first_out = core_node.input[0]
-            f = _collect(compressed, feeds_of_layer, first_out)
-            geometry = _core_geometry(core_node, inits, f.shape[2:])
-            if geometry is not None:
-                result["layers"][chain.layer] = _refit_core_and_last(compressed, chain, core_node, last, inits, f, pick, target, geometry, ridge, relu)
+    # One BLAS thread: many small solves (relu_solve: one per output channel), which threaded OpenBLAS
+    # runs 2-3x slower on a loaded 2-core machine (0.97 s against 2.35 s for a ResNet-20 layer).
+    with threadpool_limits(limits=1, user_api="blas"):
+        for chain in chains:
+            last = nodes[chain.nodes[chain.last_role]]
+            core_node = nodes.get(chain.nodes.get("core", ""))
+            target = target_rows[chain.output].astype(np.float64)
+            pick = picks[chain.output]  # flat positions within the chain's chosen images
+
+            def collect(tensor, node):  # the tensor, computed with every earlier refit in place
+                return forward.value(tensor, node, images[chain.output], per_image[chain.output])
+            relu = relu_aware and feeds_only_relu(compressed, chain.output)
+            if core_node is not None and core_node.name == last.name:  # 1x1 -> kxk: the kxk core writes the output
+                result["layers"][chain.layer] = _refit_kxk_last(compressed, chain, last, inits, collect, pick, target, ridge, relu)
                 continue
-        before_last = last.input[0]
-        z = _rows(_collect(compressed, feeds_of_layer, before_last), pick, chain.channel_axis).astype(np.float64)
-        result["layers"][chain.layer] = _refit_last(chain, last, inits, z, target, ridge, relu=relu)
+            # The core refit has R_in*k*k unknowns per output channel: with too few calibration
+            # rows (late layers with small feature maps) it over-fits, so refit only the last conv.
+            if (mode == "core" and core_node is not None and _is_2d_conv(core_node)
+                    and len(pick) >= MIN_ROWS_PER_UNKNOWN * _core_unknowns(core_node, inits)):
+                f, f_pick = collect(core_node.input[0], core_node)
+                geometry = _core_geometry(core_node, inits, f.shape[2:])
+                if geometry is not None:
+                    result["layers"][chain.layer] = _refit_core_and_last(compressed, chain, core_node, last, inits, f, f_pick(pick), target, geometry, ridge, relu)
+                    continue
+            z, z_pick = collect(last.input[0], last)
+            z = _picked_rows(z, z_pick(pick), chain.channel_axis).astype(np.float64)
+            result["layers"][chain.layer] = _refit_last(chain, last, inits, z, target, ridge, relu=relu)
+    result["capture"] = "one forward pass, a segment per chain" if forward.usable else "a prefix model per chain"
     result["seconds"] = round(time.perf_counter() - start, 2)
     return result
+
+
+def _reference_rows(original, feeds: dict, chains: list, seed: int) -> tuple[dict, dict, dict, dict]:
+    """Per chain output: flat positions within its chosen images, the chosen images, its positions per
+    image and the original layer's rows there. The original model runs once, batch by batch, and keeps
+    only the chosen rows (a ResNet50's 53 layer outputs over 512 images would not fit in memory)."""
+    targets = list(dict.fromkeys(c.output for c in chains))
+    axes = {c.output: c.channel_axis for c in chains}
+    rng = np.random.default_rng(seed)
+    n = len(next(iter(feeds.values())))
+    picks, images, rows, global_rows = {}, {}, {t: [] for t in targets}, {}
+    exposed = with_outputs(original, targets)
+    session = make_session(exposed)
+    fixed = fixed_batch(session)
+    done = 0
+    for batch, values in iterate(session, feeds, targets, fixed or batch_size_for(original, BATCH), fixed=fixed is not None):
+        count_here = len(next(iter(batch.values())))
+        for name, value in zip(targets, values):
+            axis = axes[name]
+            if name not in picks:  # the first batch gives each layer's positions per image
+                per_image = value.size // value.shape[axis] // count_here
+                # The rows come from a seeded subset of the images, large enough that the rows stay spread
+                # (ROW_SPREAD x MAX_ROWS positions, at least MIN_IMAGES images): each layer's input is then
+                # captured on that subset only (a ResNet-20's 32x32 layers: 512 of 2048 images).
+                count = min(n, max(MIN_IMAGES, -(-ROW_SPREAD * MAX_ROWS // per_image)))
+                chosen = np.sort(rng.choice(n, count, replace=False)) if count < n else np.arange(n)
+                local = np.sort(rng.choice(count * per_image, min(count * per_image, MAX_ROWS), replace=False))
+                picks[name], images[name] = local, chosen
+                global_rows[name] = (chosen[local // per_image] * per_image + local % per_image, per_image)
+            flat, per_image = global_rows[name]
+            lo, hi = np.searchsorted(flat, [done * per_image, (done + count_here) * per_image])
+            if hi > lo:
+                rows[name].append(_flat(value, axis)[flat[lo:hi] - done * per_image])
+        done += count_here
+    return picks, images, {t: v[1] for t, v in global_rows.items()}, {t: np.concatenate(r) if r else np.zeros((0, 0), np.float32) for t, r in rows.items()}
+
+
+def _picked_rows(value: np.ndarray, pick: np.ndarray, axis: int = 1) -> np.ndarray:
+    """(N, C, spatial...) -> (rows, C) at flat positions ``pick`` (sample-major, like :func:`_flat`), copying only those."""
+    moved = np.moveaxis(value, axis, -1)
+    n_idx, rest = np.divmod(pick, int(np.prod(moved.shape[1:-1], dtype=np.int64)))
+    return moved[(n_idx, *np.unravel_index(rest, moved.shape[1:-1]))]
+
+
+class _Forward:
+    """The compressed model run forward once over the refit's images, a segment at a time: the tensors
+    that cross the current cut are kept (for those images), and each chain's input is computed from
+    them with every earlier refit in place, as a prefix model would, at the cost of the segment.
+
+    Falls back to a prefix model per tensor (the old way, exact whatever the graph) when a tensor lies
+    behind the cut, a cut holds a tensor that is not one row per image (a shape tensor), or the graph has
+    subgraphs; after such a fallback the kept state may be stale, so every later tensor takes it too."""
+
+    def __init__(self, model: onnx.ModelProto, feeds: dict, chosen: np.ndarray):
+        from onnx_tucker.graph import tensor_types
+
+        self.model, self.feeds, self.chosen = model, feeds, chosen
+        self.index, self.state, self.usable = 0, dict(feeds), True
+        self.types = tensor_types(model) if len(model.graph.node) else {}
+        self.batch = batch_size_for(model, BATCH)
+        self.fixed = fixed_batch(model) is not None
+
+    def value(self, tensor: str, node, images: np.ndarray, per_image: int):
+        """(array over some images, pick mapper): ``mapper(local)`` turns flat positions within ``images``
+        (``per_image`` output positions each) into flat positions within the returned array's images."""
+        index = next(i for i, nd in enumerate(self.model.graph.node) if nd.name == node.name)
+        value = self._advance(index, tensor) if self.usable else None
+        if value is None:  # the old way: a prefix model over the layer's images
+            self.usable = False
+            sub = self.feeds if len(images) == len(self.chosen) else {k: v[np.searchsorted(self.chosen, images)] for k, v in self.feeds.items()}
+            return _collect(self.model, sub, tensor), lambda local: local
+        where = np.searchsorted(self.chosen, images)
+        if len(where) == len(self.chosen):
+            return value, lambda local: local
+
+        def mapper(local):
+            n_idx, rest = np.divmod(local, per_image)
+            return where[n_idx] * per_image + rest
+        return value, mapper
+
+    def _advance(self, index: int, tensor: str):
+        """Run the nodes up to ``index`` (exclusive) from the current cut; the tensor's value, or None (fall back)."""
+        from onnx_tucker.graph import cut_at, segment_model
+
+        if index < self.index:
+            return None
+        if index > self.index:
+            after = cut_at(self.model, index)
+            if after is None:
+                return None
+            produced = {o for nd in list(self.model.graph.node)[self.index:index] for o in nd.output}
+            wanted = [t for t in dict.fromkeys(after + [tensor]) if t in produced]
+            segment = segment_model(self.model, self.index, index, wanted, self.types)
+            if segment is None:
+                return None
+            inputs = [i.name for i in segment.graph.input]
+            if any(not self._per_image(self.state[t]) for t in inputs):
+                return None
+            session = make_session(segment)
+            chunks = [values for _, values in iterate(session, {t: self.state[t] for t in inputs}, wanted, self.batch, fixed=self.fixed)]
+            new = {t: np.concatenate([c[i] for c in chunks]) for i, t in enumerate(wanted)} if chunks else {}
+            if any(not self._per_image(v) for v in new.values()):
+                return None
+            if any(t not in new and t not in self.state for t in after):
+                return None
+            self.state = {t: new[t] if t in new else self.state[t] for t in dict.fromkeys(after)}
+            self.index = index
+        return self.state.get(tensor)
+
+    def _per_image(self, value) -> bool:
+        return isinstance(value, np.ndarray) and value.ndim >= 1 and len(value) == len(self.chosen) and value.dtype.kind == "f"
 
 
 RELU_ITERATIONS = 3
@@ -227,13 +327,14 @@ def _refit_last(chain, last, inits, z, target, ridge, relu: bool = False) -> dic
     return result
 
 
-def _refit_kxk_last(model, chain, last, inits, feeds, pick, target, ridge, relu) -> dict:
+def _refit_kxk_last(model, chain, last, inits, collect, pick, target, ridge, relu) -> dict:
     """Least squares for a kxk last conv (weight and bias) on the im2col rows of its real input, shrunk
     towards the fitted core (it has R_in*k*k unknowns per output channel); skipped with too few rows."""
     if not _is_2d_conv(last) or len(pick) < MIN_ROWS_PER_UNKNOWN * (_core_unknowns(last, inits) + 1):
         return {"refit": "none (a kxk last conv needs a 2-D ungrouped conv and enough calibration rows)",
                 "output_error_before": None, "output_error_after": None}
-    f = _collect(model, feeds, last.input[0])
+    f, mapper = collect(last.input[0], last)
+    pick = mapper(pick)
     geometry = _core_geometry(last, inits, f.shape[2:])
     if geometry is None:
         return {"refit": "none (unsupported core geometry)", "output_error_before": None, "output_error_after": None}

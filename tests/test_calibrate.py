@@ -294,3 +294,59 @@ def test_an_unreachable_measured_budget_is_refused_before_any_probe(monkeypatch)
     monkeypatch.setattr(sensitivity, "distortion_curves", never)
     with pytest.raises(UsageError, match="cannot be met"):
         compress(residual_model(), target_macs=0.01, calibration={"x": samples(48, seed=9)})
+
+
+def _refit_weights(model, cal, **kwargs):
+    from onnx import numpy_helper
+
+    new, report = compress(model, calibration=cal, **kwargs)
+    return {i.name: numpy_helper.to_array(i) for i in new.graph.initializer}, report.calibration
+
+
+@pytest.mark.parametrize("refit", ["last", "core"])
+def test_refit_in_one_segmented_pass_equals_a_prefix_model_per_chain(monkeypatch, refit):
+    """The refit runs the compressed model forward once, a segment per chain (issue 15); each chain's
+    input must be what the old prefix model per chain computed with the earlier refits in place."""
+    import onnx_tucker.calibrate as calibrate
+
+    monkeypatch.setattr(calibrate, "MIN_IMAGES", 8)
+    monkeypatch.setattr(calibrate, "MAX_ROWS", 300)
+    monkeypatch.setattr(calibrate, "ROW_SPREAD", 2)  # layers then take different image subsets
+    model, cal = residual_model(), {"x": samples(64, seed=7)}
+    segmented, info = _refit_weights(model, cal, ratio=0.5, refit=refit)
+    assert info["capture"] == "one forward pass, a segment per chain"
+    monkeypatch.setattr(calibrate._Forward, "_advance", lambda self, index, tensor: None)  # the old way
+    prefixed, old = _refit_weights(model, cal, ratio=0.5, refit=refit)
+    assert old["capture"] == "a prefix model per chain"
+    assert set(segmented) == set(prefixed)
+    for name, value in prefixed.items():
+        np.testing.assert_allclose(segmented[name], value, rtol=1e-4, atol=1e-5 * np.abs(value).max(), err_msg=name)
+    assert [v["refit"] for v in info["layers"].values()] == [v["refit"] for v in old["layers"].values()]
+
+
+def test_refit_falls_back_to_prefix_models_when_a_shape_tensor_crosses_a_cut():
+    """A tensor that is not one row per image (a Shape output read after a chain) cannot be batched:
+    the refit then computes each chain's input with a prefix model, as before."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(3)
+    w1 = numpy_helper.from_array((rng.standard_normal((16, 3, 3, 3)) / 5).astype(np.float32), "W1")
+    w2 = numpy_helper.from_array((rng.standard_normal((16, 16, 3, 3)) / 12).astype(np.float32), "W2")
+    nodes = [
+        helper.make_node("Shape", ["x"], ["shape"], name="shape"),
+        helper.make_node("Conv", ["x", "W1"], ["a"], name="conv_a", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["a"], ["ar"], name="relu"),
+        helper.make_node("Conv", ["ar", "W2"], ["b"], name="conv_b", pads=[1, 1, 1, 1]),
+        helper.make_node("Reshape", ["b", "shape_flat"], ["flat"], name="reshape"),
+        helper.make_node("Slice", ["shape", "zero", "one"], ["n"], name="slice"),
+        helper.make_node("Concat", ["n", "minus_one"], ["shape_flat"], name="concat", axis=0),
+    ]
+    consts = [numpy_helper.from_array(np.array(v, np.int64), k) for k, v in (("zero", [0]), ("one", [1]), ("minus_one", [-1]))]
+    order = [nodes[0], nodes[5], nodes[6], nodes[1], nodes[2], nodes[3], nodes[4]]
+    graph = helper.make_graph(order, "shape_cut", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 10, 10])],
+                              [helper.make_tensor_value_info("flat", TensorProto.FLOAT, ["N", 1600])], [w1, w2, *consts])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    new, report = compress(model, ratio=0.5, force=True, calibration={"x": samples(48, seed=4)}, refit="last")
+    assert report.calibration["capture"] == "a prefix model per chain"
+    assert len(report.calibration["layers"]) == 2
