@@ -32,12 +32,13 @@ COV_POSITIONS = 64  # spatial positions per sample for the input covariances
 
 
 def input_covariances(model: onnx.ModelProto, feeds: dict, tensor_names: list[str], seed: int = 0,
-                      axes: dict[str, int] | None = None) -> dict[str, np.ndarray]:
+                      axes: dict[str, int] | None = None, batch_size: int = BATCH) -> dict[str, np.ndarray]:
     """Channel second moment E[x x^T] (over samples and positions) of each named NC... tensor
     (channels on ``axes[name]``: 1 by default, -1 for a dense layer's features).
 
     Estimated on at most ``COV_POSITIONS`` random positions per sample: plenty for a C x C
-    moment, and it keeps calibration time flat in the image size.
+    moment, and it keeps calibration time flat in the image size. ``batch_size``: fewer samples a batch
+    where every layer's input of a big model would not fit (``capture.batch_for_bytes``).
     """
     names = list(dict.fromkeys(tensor_names))
     exposed = with_outputs(model, names)
@@ -45,7 +46,7 @@ def input_covariances(model: onnx.ModelProto, feeds: dict, tensor_names: list[st
     rng = np.random.default_rng(seed)
     sums = {n: None for n in names}
     counts = {n: 0 for n in names}
-    for _, values in iterate(session, feeds, names, batch_size_for(model, BATCH), fixed=fixed_batch(model) is not None):
+    for _, values in iterate(session, feeds, names, batch_size_for(model, batch_size), fixed=fixed_batch(model) is not None):
         for name, value in zip(names, values):
             if (axes or {}).get(name, 1) != 1:
                 value = np.moveaxis(value, (axes or {})[name], 1) if value.ndim > 2 else value
@@ -229,6 +230,10 @@ class _Forward:
 RELU_ITERATIONS = 3
 RELU_RIDGE = 1e-3
 RELU_ROWS = 16_000  # rows per layer for the per-channel ReLU-aware solves
+# Multiply-adds of one ReLU-aware iteration (rows x C_out x unknowns^2) above which it is skipped (the
+# linear refit is kept): the seed CNN's largest layer at 3/4 ranks needs 1.5e11; a ResNet50's conv5
+# layers 1.2e12 each, minutes apiece on 2 cores (issue 15).
+RELU_WORK = 2e11
 
 
 def relu_solve(design: np.ndarray, target: np.ndarray, solution: np.ndarray, ridge: float,
@@ -236,7 +241,10 @@ def relu_solve(design: np.ndarray, target: np.ndarray, solution: np.ndarray, rid
     """Least squares on what the ReLU lets through: per output channel, the rows where the
     original or the fitted pre-activation is positive (elsewhere both are cut to 0 and any
     error is invisible downstream). Iterated, since the fitted side moves. One Gram matrix per
-    channel, so it runs on a row subsample in float32 (the solve itself is float64)."""
+    channel, so it runs on a row subsample in float32 (the solve itself is float64); ``solution``
+    is returned as it is where that would cost more than ``RELU_WORK`` (:func:`relu_too_costly`)."""
+    if relu_too_costly(design, target, max_rows):
+        return solution
     if len(design) > max_rows:
         keep = np.sort(np.random.default_rng(seed).choice(len(design), max_rows, replace=False))
         design, target = design[keep], target[keep]
@@ -259,6 +267,11 @@ def relu_solve(design: np.ndarray, target: np.ndarray, solution: np.ndarray, rid
             new[:, c] = np.linalg.solve(gram + lam * eye, design[mask].T @ relu_target[mask, c] + lam * solution[:, c])
         solution = new
     return solution
+
+
+def relu_too_costly(design: np.ndarray, target: np.ndarray, max_rows: int = RELU_ROWS) -> bool:
+    """Whether one ReLU-aware iteration would exceed ``RELU_WORK`` multiply-adds (then :func:`relu_solve` is skipped)."""
+    return min(len(design), max_rows) * target.shape[1] * design.shape[1] ** 2 > RELU_WORK
 
 
 def _owned_last(chain, last, inits):
@@ -402,11 +415,15 @@ def _core_geometry(core_node, inits, in_hw):
 def patches_at(x: np.ndarray, n_idx: np.ndarray, oh: np.ndarray, ow: np.ndarray, geometry) -> np.ndarray:
     """im2col rows (C-major like OIHW) of ``x`` (N, C, H, W) at output positions (n, oh, ow)."""
     (kh, kw), (sh, sw), (pt, pl, pb, pr), (dh, dw) = geometry
-    padded = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
-    rows = oh[:, None] * sh + np.arange(kh)[None, :] * dh  # (P, kh)
-    cols = ow[:, None] * sw + np.arange(kw)[None, :] * dw  # (P, kw)
+    # Gathered from ``x`` itself, zero where a tap falls in the padding: padding the whole batch first
+    # copied every activation (a ResNet50 batch: hundreds of MB per layer for a few rows).
+    rows = oh[:, None] * sh - pt + np.arange(kh)[None, :] * dh  # (P, kh)
+    cols = ow[:, None] * sw - pl + np.arange(kw)[None, :] * dw  # (P, kw)
+    inside = ((rows >= 0) & (rows < x.shape[2]))[:, :, None] & ((cols >= 0) & (cols < x.shape[3]))[:, None, :]  # (P, kh, kw)
+    rows, cols = np.clip(rows, 0, x.shape[2] - 1), np.clip(cols, 0, x.shape[3] - 1)
     channels = np.arange(x.shape[1])[None, :, None, None]
-    patches = padded[n_idx[:, None, None, None], channels, rows[:, None, :, None], cols[:, None, None, :]]
+    patches = x[n_idx[:, None, None, None], channels, rows[:, None, :, None], cols[:, None, None, :]]
+    patches = np.where(inside[:, None, :, :], patches, np.zeros((), patches.dtype))
     return patches.reshape(len(n_idx), -1)
 
 

@@ -155,8 +155,12 @@ def _compress(model: onnx.ModelProto, opts: CompressOptions, memo: dict | None =
     elif opts.calibration is not None and opts.whiten and eligible:
         from onnx_tucker.calibrate import input_covariances
 
+        from onnx_tucker.capture import activation_bytes, batch_for_bytes
+
+        per_sample = sum(activation_bytes(s.shape, "in") for s in {s.input_name: s for s in eligible}.values())
         input_stats = input_covariances(model, opts.calibration, [s.input_name for s in eligible],
-                                        axes={s.input_name: s.extra.get("channel_axis", 1) for s in eligible})
+                                        axes={s.input_name: s.extra.get("channel_axis", 1) for s in eligible},
+                                        batch_size=batch_for_bytes(per_sample))
     if memo is not None:
         memo["input_stats"] = input_stats
     planned = plan_ranks(eligible, opts, fixed_macs, model=model, covariances=input_stats, report=report, table=table, memo=memo)

@@ -350,3 +350,18 @@ def test_refit_falls_back_to_prefix_models_when_a_shape_tensor_crosses_a_cut():
     new, report = compress(model, ratio=0.5, force=True, calibration={"x": samples(48, seed=4)}, refit="last")
     assert report.calibration["capture"] == "a prefix model per chain"
     assert len(report.calibration["layers"]) == 2
+
+
+def test_relu_solve_is_skipped_where_it_would_cost_too_much(monkeypatch):
+    """Above RELU_WORK multiply-adds an iteration (a ResNet50's conv5: 1.2e12) the linear solution is kept."""
+    import onnx_tucker.calibrate as calibrate
+
+    rng = np.random.default_rng(0)
+    design = np.hstack([rng.standard_normal((2000, 8)), np.ones((2000, 1))])
+    target = np.abs(design @ rng.standard_normal((9, 4))) - 0.5  # not linear in the design
+    linear = np.linalg.lstsq(design, target, rcond=None)[0]
+    assert not calibrate.relu_too_costly(design, target)
+    assert not np.allclose(calibrate.relu_solve(design, target, linear, 1e-6), linear)
+    monkeypatch.setattr(calibrate, "RELU_WORK", 2000 * 4 * 9 * 9 - 1)
+    assert calibrate.relu_too_costly(design, target)
+    assert np.array_equal(calibrate.relu_solve(design, target, linear, 1e-6), linear)
