@@ -223,8 +223,8 @@ class _Forward:
             self.index = index
         return self.state.get(tensor)
 
-    def _per_image(self, value) -> bool:
-        return isinstance(value, np.ndarray) and value.ndim >= 1 and len(value) == len(self.chosen) and value.dtype.kind == "f"
+    def _per_image(self, value) -> bool:  # an array, or a streamed image folder (decoded batch by batch)
+        return hasattr(value, "__array__") and value.ndim >= 1 and len(value) == len(self.chosen) and value.dtype.kind == "f"
 
 
 RELU_ITERATIONS = 3

@@ -63,7 +63,7 @@ def batches(feeds: dict, size: int, fixed: bool = False) -> Iterator[tuple[dict,
     """``(batch feeds, real rows)`` along axis 0; with ``fixed`` the last batch is padded to ``size``."""
     n = len(next(iter(feeds.values())))
     for start in range(0, n, size):
-        batch = {k: v[start : start + size] for k, v in feeds.items()}
+        batch = {k: np.asarray(v[start : start + size]) for k, v in feeds.items()}  # a streamed image folder decodes here
         rows = len(next(iter(batch.values())))
         if fixed and rows < size:
             batch = {k: np.concatenate([v, np.repeat(v[-1:], size - rows, axis=0)]) for k, v in batch.items()}

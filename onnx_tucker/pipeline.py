@@ -5,6 +5,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from threadpoolctl import ThreadpoolController
@@ -208,7 +209,8 @@ def _compress(model: onnx.ModelProto, opts: CompressOptions, memo: dict | None =
             from onnx_tucker.distill import distill
 
             trainable = list(dict.fromkeys(t for c in report.chains for t in c.trainable()))
-            new_model, report.distill = distill(model, new_model, opts.calibration, trainable, **opts.distill)
+            feeds = {k: np.asarray(v) for k, v in opts.calibration.items()}  # a streamed image folder: decoded now
+            new_model, report.distill = distill(model, new_model, feeds, trainable, **opts.distill)
         if opts.fold_affine:
             from onnx_tucker.fold import fold_affine_into_chains
 

@@ -206,7 +206,7 @@ def distortion_curves(model: onnx.ModelProto, candidates: list, feeds: dict, cov
         return {"curves": cached, "seconds": round(time.perf_counter() - start, 2), "eval_samples": n_eval,
                 "cached_layers": len(cached), "probes": 0, "refine": refine}
     fit_feeds = {k: v[: min(n - n_eval, FIT_SAMPLES)] if n > n_eval else v for k, v in feeds.items()}
-    eval_feeds = {k: v[n - n_eval :] for k, v in feeds.items()}
+    eval_feeds = {k: np.asarray(v[n - n_eval :]) for k, v in feeds.items()}  # fed whole to every probe
     probe, names = probe_model(model, candidates)
     # The activations each option's suffix model is fed with (residual branches too) are outputs as well.
     cuts = {cand.name: cut(probe, cand.node.name) for cand in candidates}
