@@ -17,7 +17,7 @@ import onnx
 
 from threadpoolctl import threadpool_limits
 
-from onnx_tucker.capture import batch_size_for, capture_named, fixed_batch, iterate
+from onnx_tucker.capture import batch_for_bytes, batch_size_for, capture_named, fixed_batch, iterate
 from onnx_tucker.graph import Initializers, feeds_only_relu, nodes_by_name, prefix_model, with_outputs
 from onnx_tucker.runtime import make_session
 from onnx_tucker.site import GeometryError, conv_geometry
@@ -128,8 +128,11 @@ def _reference_rows(original, feeds: dict, chains: list, seed: int) -> tuple[dic
     exposed = with_outputs(original, targets)
     session = make_session(exposed)
     fixed = fixed_batch(session)
+    if fixed is None:  # every layer's output of a batch is fetched at once: size the batch on one sample's
+        one = session.run(targets, {k: np.asarray(v[:1]) for k, v in feeds.items()})
+        size = batch_for_bytes(sum(v.nbytes for v in one), BATCH)
     done = 0
-    for batch, values in iterate(session, feeds, targets, fixed or batch_size_for(original, BATCH), fixed=fixed is not None):
+    for batch, values in iterate(session, feeds, targets, fixed or size, fixed=fixed is not None):
         count_here = len(next(iter(batch.values())))
         for name, value in zip(targets, values):
             axis = axes[name]
