@@ -157,6 +157,8 @@ def _reference_rows(original, feeds: dict, chains: list, seed: int) -> tuple[dic
 def _picked_rows(value: np.ndarray, pick: np.ndarray, axis: int = 1) -> np.ndarray:
     """(N, C, spatial...) -> (rows, C) at flat positions ``pick`` (sample-major, like :func:`_flat`), copying only those."""
     moved = np.moveaxis(value, axis, -1)
+    if moved.ndim == 2:  # a dense layer's (samples, features): one row per sample
+        return moved[pick]
     n_idx, rest = np.divmod(pick, int(np.prod(moved.shape[1:-1], dtype=np.int64)))
     return moved[(n_idx, *np.unravel_index(rest, moved.shape[1:-1]))]
 
