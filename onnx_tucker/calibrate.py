@@ -11,6 +11,7 @@ Two tools, both measured in docs/calibration.md:
 from __future__ import annotations
 
 import time
+from contextlib import closing
 
 import numpy as np
 import onnx
@@ -98,7 +99,7 @@ def refit_chains(original: onnx.ModelProto, compressed: onnx.ModelProto, feeds: 
     # is a later site than its block's first conv but comes first in the graph). Only independent branches
     # swap places, so every chain still sees the same earlier refits.
     order = sorted(chains, key=first_change)
-    with threadpool_limits(limits=1, user_api="blas"):
+    with threadpool_limits(limits=1, user_api="blas"), closing(target_rows):
         for chain in order:
             last = nodes[chain.nodes[chain.last_role]]
             core_node = nodes.get(chain.nodes.get("core", ""))
@@ -129,7 +130,7 @@ def refit_chains(original: onnx.ModelProto, compressed: onnx.ModelProto, feeds: 
     return result
 
 
-def _reference_rows(original, feeds: dict, chains: list, seed: int) -> tuple[dict, dict, dict, dict]:
+def _reference_rows(original, feeds: dict, chains: list, seed: int) -> tuple[dict, dict, dict, "_RowStore"]:
     """Per chain output: flat positions within its chosen images, the chosen images, its positions per
     image and the original layer's rows there. The original model runs once, batch by batch, and keeps
     only the chosen rows (a ResNet50's 53 layer outputs over 512 images would not fit in memory)."""
@@ -137,7 +138,7 @@ def _reference_rows(original, feeds: dict, chains: list, seed: int) -> tuple[dic
     axes = {c.output: c.channel_axis for c in chains}
     rng = np.random.default_rng(seed)
     n = len(next(iter(feeds.values())))
-    picks, images, rows, global_rows = {}, {}, {t: [] for t in targets}, {}
+    picks, images, global_rows, store = {}, {}, {}, None
     exposed = with_outputs(original, targets)
     session = make_session(exposed)
     fixed = fixed_batch(session)
@@ -149,7 +150,7 @@ def _reference_rows(original, feeds: dict, chains: list, seed: int) -> tuple[dic
         count_here = len(next(iter(batch.values())))
         for name, value in zip(targets, values):
             axis = axes[name]
-            if name not in picks:  # the first batch gives each layer's positions per image
+            if name not in picks:  # the first batch gives each layer's positions per image and channels
                 per_image = value.size // value.shape[axis] // count_here
                 # The rows come from a seeded subset of the images, large enough that the rows stay spread
                 # (ROW_SPREAD x MAX_ROWS positions, at least MIN_IMAGES images): each layer's input is then
@@ -159,12 +160,52 @@ def _reference_rows(original, feeds: dict, chains: list, seed: int) -> tuple[dic
                 local = np.sort(rng.choice(count * per_image, min(count * per_image, MAX_ROWS), replace=False))
                 picks[name], images[name] = local, chosen
                 global_rows[name] = (chosen[local // per_image] * per_image + local % per_image, per_image)
+        if store is None:
+            store = _RowStore(sum(len(global_rows[t][0]) * v.shape[axes[t]] * v.itemsize for t, v in zip(targets, values)))
+        for name, value in zip(targets, values):
             flat, per_image = global_rows[name]
             lo, hi = np.searchsorted(flat, [done * per_image, (done + count_here) * per_image])
             if hi > lo:
-                rows[name].append(_flat(value, axis)[flat[lo:hi] - done * per_image])
+                store.append(name, _flat(value, axes[name])[flat[lo:hi] - done * per_image])
         done += count_here
-    return picks, images, {t: v[1] for t, v in global_rows.items()}, {t: np.concatenate(r) if r else np.zeros((0, 0), np.float32) for t, r in rows.items()}
+    return picks, images, {t: v[1] for t, v in global_rows.items()}, store if store is not None else _RowStore(0)
+
+
+SPILL_BYTES = 512 << 20
+
+
+class _RowStore:
+    """The original layers' rows, appended batch by batch: in memory, or, past ``SPILL_BYTES`` in all (a
+    ResNet50's 43 layers x 30000 rows: 2.1 GB), in files of a temporary folder, read back one layer at a
+    time when its refit comes. ``close`` removes the folder."""
+
+    def __init__(self, expected_bytes: int):
+        import tempfile
+
+        self.folder = tempfile.mkdtemp(prefix="onnx_tucker_rows_") if expected_bytes > SPILL_BYTES else None
+        self.chunks, self.files = {}, {}
+
+    def append(self, name: str, rows: np.ndarray) -> None:
+        if self.folder is None:
+            self.chunks.setdefault(name, []).append(rows)
+            return
+        import os
+
+        path, _, _ = self.files.setdefault(name, (os.path.join(self.folder, f"{len(self.files)}.bin"), rows.dtype, rows.shape[1]))
+        with open(path, "ab") as f:
+            f.write(np.ascontiguousarray(rows).tobytes())
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if self.folder is None:
+            return np.concatenate(self.chunks[name]) if name in self.chunks else np.zeros((0, 0), np.float32)
+        path, dtype, channels = self.files[name]
+        return np.fromfile(path, dtype).reshape(-1, channels)
+
+    def close(self) -> None:
+        if self.folder is not None:
+            import shutil
+
+            shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def _picked_rows(value: np.ndarray, pick: np.ndarray, axis: int = 1) -> np.ndarray:

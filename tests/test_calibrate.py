@@ -389,3 +389,25 @@ def test_refit_goes_through_the_graph_in_order_whatever_order_the_chains_come_in
     assert reverse_order == order[::-1]  # the report lists the chains as given
     for name, value in first.items():
         np.testing.assert_allclose(second[name], value, rtol=1e-6, atol=1e-7)
+
+
+def test_reference_rows_spilled_to_files_give_the_same_refit(monkeypatch, tmp_path):
+    """Past SPILL_BYTES the original layers' rows go to a temporary folder (a ResNet50's: 2.1 GB), read back
+    a layer at a time: the same weights as in memory, and the folder is gone afterwards."""
+    import tempfile
+
+    import onnx_tucker.calibrate as calibrate
+
+    model, cal = residual_model(), {"x": samples(64, seed=7)}
+    in_memory, _ = _refit_weights(model, cal, ratio=0.5, refit="core")
+    monkeypatch.setattr(calibrate, "SPILL_BYTES", 0)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    spilled, _ = _refit_weights(model, cal, ratio=0.5, refit="core")
+    assert not list(tmp_path.glob("onnx_tucker_rows_*"))
+    made = []
+    real = tempfile.mkdtemp
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda **kw: made.append(real(**kw)) or made[-1])
+    _refit_weights(model, cal, ratio=0.5, refit="core")
+    assert made and not any(__import__("os").path.exists(p) for p in made)  # it did spill, and cleaned up
+    for name, value in in_memory.items():
+        np.testing.assert_array_equal(spilled[name], value, err_msg=name)
