@@ -11,11 +11,14 @@ Two tools, both measured in docs/calibration.md:
 from __future__ import annotations
 
 import time
+from contextlib import closing
 
 import numpy as np
 import onnx
 
-from onnx_tucker.capture import batch_size_for, capture_named, fixed_batch, iterate
+from threadpoolctl import threadpool_limits
+
+from onnx_tucker.capture import batch_for_bytes, batch_size_for, capture_named, fixed_batch, iterate
 from onnx_tucker.graph import Initializers, feeds_only_relu, nodes_by_name, prefix_model, with_outputs
 from onnx_tucker.runtime import make_session
 from onnx_tucker.site import GeometryError, conv_geometry
@@ -30,12 +33,13 @@ COV_POSITIONS = 64  # spatial positions per sample for the input covariances
 
 
 def input_covariances(model: onnx.ModelProto, feeds: dict, tensor_names: list[str], seed: int = 0,
-                      axes: dict[str, int] | None = None) -> dict[str, np.ndarray]:
+                      axes: dict[str, int] | None = None, batch_size: int = BATCH) -> dict[str, np.ndarray]:
     """Channel second moment E[x x^T] (over samples and positions) of each named NC... tensor
     (channels on ``axes[name]``: 1 by default, -1 for a dense layer's features).
 
     Estimated on at most ``COV_POSITIONS`` random positions per sample: plenty for a C x C
-    moment, and it keeps calibration time flat in the image size.
+    moment, and it keeps calibration time flat in the image size. ``batch_size``: fewer samples a batch
+    where every layer's input of a big model would not fit (``capture.batch_for_bytes``).
     """
     names = list(dict.fromkeys(tensor_names))
     exposed = with_outputs(model, names)
@@ -43,7 +47,7 @@ def input_covariances(model: onnx.ModelProto, feeds: dict, tensor_names: list[st
     rng = np.random.default_rng(seed)
     sums = {n: None for n in names}
     counts = {n: 0 for n in names}
-    for _, values in iterate(session, feeds, names, batch_size_for(model, BATCH), fixed=fixed_batch(model) is not None):
+    for _, values in iterate(session, feeds, names, batch_size_for(model, batch_size), fixed=fixed_batch(model) is not None):
         for name, value in zip(names, values):
             if (axes or {}).get(name, 1) != 1:
                 value = np.moveaxis(value, (axes or {})[name], 1) if value.ndim > 2 else value
@@ -62,11 +66,6 @@ def _flat(value: np.ndarray, axis: int = 1) -> np.ndarray:
     return np.moveaxis(value, axis, -1).reshape(-1, value.shape[axis])
 
 
-def _rows(value: np.ndarray, pick: np.ndarray, axis: int = 1) -> np.ndarray:
-    """(N, C, spatial...) -> (rows, C) at the chosen flat positions."""
-    return _flat(value, axis)[pick]
-
-
 def refit_chains(original: onnx.ModelProto, compressed: onnx.ModelProto, feeds: dict, chains: list,
                  ridge: float = 1e-6, seed: int = 0, mode: str = "last", relu_aware: bool = True) -> dict:
     """Sequential least-squares refit of each chain's last node; edits ``compressed`` (and ``chains``) in place.
@@ -79,56 +78,231 @@ def refit_chains(original: onnx.ModelProto, compressed: onnx.ModelProto, feeds: 
     nodes = nodes_by_name(compressed)
     inits = Initializers(compressed)
     chains = [c for c in chains if c.nodes.get(c.last_role) in nodes]
-    targets = [c.output for c in chains]
-    axes = {c.output: c.channel_axis for c in chains}
-    # The original layers' outputs: computed once, on the original model.
-    reference = capture_named(with_outputs(original, targets), feeds, targets, batch_size=batch_size_for(original, BATCH))
-    rng = np.random.default_rng(seed)
-    picks, images = {}, {}
     n = len(next(iter(feeds.values())))
-    for name, value in reference.items():
-        per_image = value.size // value.shape[axes[name]] // n
-        # The rows come from a seeded subset of the images, large enough that the rows stay spread
-        # (ROW_SPREAD x MAX_ROWS positions, at least MIN_IMAGES images): each layer's input is then
-        # captured on that subset only (a ResNet-20's 32x32 layers: 512 of 2048 images).
-        count = min(n, max(MIN_IMAGES, -(-ROW_SPREAD * MAX_ROWS // per_image)))
-        chosen = np.sort(rng.choice(n, count, replace=False)) if count < n else np.arange(n)
-        local = np.sort(rng.choice(count * per_image, min(count * per_image, MAX_ROWS), replace=False))
-        global_rows = chosen[local // per_image] * per_image + local % per_image
-        picks[name], images[name] = (local, global_rows), chosen
-    target_rows = {name: _rows(v, picks[name][1], axes[name]) for name, v in reference.items()}
-    del reference
+    picks, images, per_image, target_rows = _reference_rows(original, feeds, chains, seed)
+    # The compressed model runs forward once over the images any layer's rows come from, a segment per
+    # chain (issue 15: one prefix pass per chain cost a ResNet50 ~26 whole passes).
+    chosen = np.unique(np.concatenate([images[c.output] for c in chains])) if chains else np.arange(0)
+    forward = _Forward(compressed, feeds if len(chosen) == n else {k: v[chosen] for k, v in feeds.items()}, chosen)
     result = {"layers": {}, "samples": int(n)}
-    for chain in chains:
-        last = nodes[chain.nodes[chain.last_role]]
-        core_node = nodes.get(chain.nodes.get("core", ""))
-        target = target_rows[chain.output].astype(np.float64)
-        pick = picks[chain.output][0]  # flat positions within the chosen images
-        feeds_of_layer = feeds if len(images[chain.output]) == n else {k: v[images[chain.output]] for k, v in feeds.items()}
-        relu = relu_aware and feeds_only_relu(compressed, chain.output)
-        if core_node is not None and core_node.name == last.name:  # 1x1 -> kxk: the kxk core writes the output
-            result["layers"][chain.layer] = _refit_kxk_last(compressed, chain, last, inits, feeds_of_layer, pick, target, ridge, relu)
-            continue
-        # The core refit has R_in*k*k unknowns per output channel: with too few calibration
-        # rows (late layers with small feature maps) it over-fits, so refit only the last conv.
-        if (mode == "core" and core_node is not None and _is_2d_conv(core_node)
-                and len(pick) >= MIN_ROWS_PER_UNKNOWN * _core_unknowns(core_node, inits)):
-            first_out = core_node.input[0]
-            f = _collect(compressed, feeds_of_layer, first_out)
-            geometry = _core_geometry(core_node, inits, f.shape[2:])
-            if geometry is not None:
-                result["layers"][chain.layer] = _refit_core_and_last(compressed, chain, core_node, last, inits, f, pick, target, geometry, ridge, relu)
+    # One BLAS thread: many small solves (relu_solve: one per output channel), which threaded OpenBLAS
+    # runs 2-3x slower on a loaded 2-core machine (0.97 s against 2.35 s for a ResNet-20 layer).
+    position = {nd.name: i for i, nd in enumerate(compressed.graph.node)}
+
+    def first_change(chain) -> int:  # where the chain's refit first changes a weight: its core, or its last node
+        last, core = nodes[chain.nodes[chain.last_role]], nodes.get(chain.nodes.get("core", ""))
+        if (mode == "core" and core is not None and core.name != last.name and _is_2d_conv(core)
+                and len(picks[chain.output]) >= MIN_ROWS_PER_UNKNOWN * _core_unknowns(core, inits)):
+            return position[core.name]
+        return position[last.name]
+    # In the compressed graph's order, so the forward pass never has to go back (a ResNet's shortcut conv
+    # is a later site than its block's first conv but comes first in the graph). Only independent branches
+    # swap places, so every chain still sees the same earlier refits.
+    order = sorted(chains, key=first_change)
+    with threadpool_limits(limits=1, user_api="blas"), closing(target_rows):
+        for chain in order:
+            last = nodes[chain.nodes[chain.last_role]]
+            core_node = nodes.get(chain.nodes.get("core", ""))
+            target = target_rows[chain.output].astype(np.float64)
+            pick = picks[chain.output]  # flat positions within the chain's chosen images
+
+            def collect(tensor, node):  # the tensor, computed with every earlier refit in place
+                return forward.value(tensor, node, images[chain.output], per_image[chain.output])
+            relu = relu_aware and feeds_only_relu(compressed, chain.output)
+            if core_node is not None and core_node.name == last.name:  # 1x1 -> kxk: the kxk core writes the output
+                result["layers"][chain.layer] = _refit_kxk_last(compressed, chain, last, inits, collect, pick, target, ridge, relu)
                 continue
-        before_last = last.input[0]
-        z = _rows(_collect(compressed, feeds_of_layer, before_last), pick, chain.channel_axis).astype(np.float64)
-        result["layers"][chain.layer] = _refit_last(chain, last, inits, z, target, ridge, relu=relu)
+            # The core refit has R_in*k*k unknowns per output channel: with too few calibration
+            # rows (late layers with small feature maps) it over-fits, so refit only the last conv.
+            if (mode == "core" and core_node is not None and _is_2d_conv(core_node)
+                    and len(pick) >= MIN_ROWS_PER_UNKNOWN * _core_unknowns(core_node, inits)):
+                f, f_pick = collect(core_node.input[0], core_node)
+                geometry = _core_geometry(core_node, inits, f.shape[2:])
+                if geometry is not None:
+                    result["layers"][chain.layer] = _refit_core_and_last(compressed, chain, core_node, last, inits, f, f_pick(pick), target, geometry, ridge, relu)
+                    continue
+            z, z_pick = collect(last.input[0], last)
+            z = _picked_rows(z, z_pick(pick), chain.channel_axis).astype(np.float64)
+            result["layers"][chain.layer] = _refit_last(chain, last, inits, z, target, ridge, relu=relu)
+    result["layers"] = {c.layer: result["layers"][c.layer] for c in chains if c.layer in result["layers"]}  # site order
+    result["capture"] = "one forward pass, a segment per chain" if forward.usable else "a prefix model per chain"
     result["seconds"] = round(time.perf_counter() - start, 2)
     return result
+
+
+def _reference_rows(original, feeds: dict, chains: list, seed: int) -> tuple[dict, dict, dict, "_RowStore"]:
+    """Per chain output: flat positions within its chosen images, the chosen images, its positions per
+    image and the original layer's rows there. The original model runs once, batch by batch, and keeps
+    only the chosen rows (a ResNet50's 53 layer outputs over 512 images would not fit in memory)."""
+    targets = list(dict.fromkeys(c.output for c in chains))
+    axes = {c.output: c.channel_axis for c in chains}
+    rng = np.random.default_rng(seed)
+    n = len(next(iter(feeds.values())))
+    picks, images, global_rows, store = {}, {}, {}, None
+    exposed = with_outputs(original, targets)
+    session = make_session(exposed)
+    fixed = fixed_batch(session)
+    if fixed is None:  # every layer's output of a batch is fetched at once: size the batch on one sample's
+        one = session.run(targets, {k: np.asarray(v[:1]) for k, v in feeds.items()})
+        size = batch_for_bytes(sum(v.nbytes for v in one), BATCH)
+    done = 0
+    for batch, values in iterate(session, feeds, targets, fixed or size, fixed=fixed is not None):
+        count_here = len(next(iter(batch.values())))
+        for name, value in zip(targets, values):
+            axis = axes[name]
+            if name not in picks:  # the first batch gives each layer's positions per image and channels
+                per_image = value.size // value.shape[axis] // count_here
+                # The rows come from a seeded subset of the images, large enough that the rows stay spread
+                # (ROW_SPREAD x MAX_ROWS positions, at least MIN_IMAGES images): each layer's input is then
+                # captured on that subset only (a ResNet-20's 32x32 layers: 512 of 2048 images).
+                count = min(n, max(MIN_IMAGES, -(-ROW_SPREAD * MAX_ROWS // per_image)))
+                chosen = np.sort(rng.choice(n, count, replace=False)) if count < n else np.arange(n)
+                local = np.sort(rng.choice(count * per_image, min(count * per_image, MAX_ROWS), replace=False))
+                picks[name], images[name] = local, chosen
+                global_rows[name] = (chosen[local // per_image] * per_image + local % per_image, per_image)
+        if store is None:
+            store = _RowStore(sum(len(global_rows[t][0]) * v.shape[axes[t]] * v.itemsize for t, v in zip(targets, values)))
+        for name, value in zip(targets, values):
+            flat, per_image = global_rows[name]
+            lo, hi = np.searchsorted(flat, [done * per_image, (done + count_here) * per_image])
+            if hi > lo:
+                store.append(name, _flat(value, axes[name])[flat[lo:hi] - done * per_image])
+        done += count_here
+    return picks, images, {t: v[1] for t, v in global_rows.items()}, store if store is not None else _RowStore(0)
+
+
+SPILL_BYTES = 512 << 20
+
+
+class _RowStore:
+    """The original layers' rows, appended batch by batch: in memory, or, past ``SPILL_BYTES`` in all (a
+    ResNet50's 43 layers x 30000 rows: 2.1 GB), in files of a temporary folder, read back one layer at a
+    time when its refit comes. ``close`` removes the folder."""
+
+    def __init__(self, expected_bytes: int):
+        import tempfile
+
+        self.folder = tempfile.mkdtemp(prefix="onnx_tucker_rows_") if expected_bytes > SPILL_BYTES else None
+        self.chunks, self.files = {}, {}
+
+    def append(self, name: str, rows: np.ndarray) -> None:
+        if self.folder is None:
+            self.chunks.setdefault(name, []).append(rows)
+            return
+        import os
+
+        path, _, _ = self.files.setdefault(name, (os.path.join(self.folder, f"{len(self.files)}.bin"), rows.dtype, rows.shape[1]))
+        with open(path, "ab") as f:
+            f.write(np.ascontiguousarray(rows).tobytes())
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if self.folder is None:
+            return np.concatenate(self.chunks[name]) if name in self.chunks else np.zeros((0, 0), np.float32)
+        path, dtype, channels = self.files[name]
+        return np.fromfile(path, dtype).reshape(-1, channels)
+
+    def close(self) -> None:
+        if self.folder is not None:
+            import shutil
+
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _picked_rows(value: np.ndarray, pick: np.ndarray, axis: int = 1) -> np.ndarray:
+    """(N, C, spatial...) -> (rows, C) at flat positions ``pick`` (sample-major, like :func:`_flat`), copying only those."""
+    moved = np.moveaxis(value, axis, -1)
+    if moved.ndim == 2:  # a dense layer's (samples, features): one row per sample
+        return moved[pick]
+    n_idx, rest = np.divmod(pick, int(np.prod(moved.shape[1:-1], dtype=np.int64)))
+    return moved[(n_idx, *np.unravel_index(rest, moved.shape[1:-1]))]
+
+
+class _Forward:
+    """The compressed model run forward once over the refit's images, a segment at a time: the tensors
+    that cross the current cut are kept (for those images), and each chain's input is computed from
+    them with every earlier refit in place, as a prefix model would, at the cost of the segment.
+
+    Falls back to a prefix model per tensor (the old way, exact whatever the graph) when a tensor lies
+    behind the cut, a cut holds a tensor that is not one row per image (a shape tensor), or the graph has
+    subgraphs; after such a fallback the kept state may be stale, so every later tensor takes it too."""
+
+    def __init__(self, model: onnx.ModelProto, feeds: dict, chosen: np.ndarray):
+        from onnx_tucker.graph import tensor_types
+
+        self.model, self.feeds, self.chosen = model, feeds, chosen
+        self.index, self.state, self.usable = 0, dict(feeds), True
+        self.types = tensor_types(model) if len(model.graph.node) else {}
+        self.batch = batch_size_for(model, BATCH)
+        self.fixed = fixed_batch(model) is not None
+
+    def value(self, tensor: str, node, images: np.ndarray, per_image: int):
+        """(array over some images, pick mapper): ``mapper(local)`` turns flat positions within ``images``
+        (``per_image`` output positions each) into flat positions within the returned array's images."""
+        index = next(i for i, nd in enumerate(self.model.graph.node) if nd.name == node.name)
+        value = self._advance(index, tensor) if self.usable else None
+        if value is None:  # the old way: a prefix model over the layer's images
+            self.usable = False
+            sub = self.feeds if len(images) == len(self.chosen) else {k: v[np.searchsorted(self.chosen, images)] for k, v in self.feeds.items()}
+            return _collect(self.model, sub, tensor), lambda local: local
+        where = np.searchsorted(self.chosen, images)
+        if len(where) == len(self.chosen):
+            return value, lambda local: local
+
+        def mapper(local):
+            n_idx, rest = np.divmod(local, per_image)
+            return where[n_idx] * per_image + rest
+        return value, mapper
+
+    def _advance(self, index: int, tensor: str):
+        """Run the nodes up to ``index`` (exclusive) from the current cut; the tensor's value, or None (fall back)."""
+        from onnx_tucker.graph import cut_at, segment_model
+
+        if index < self.index:
+            return None
+        if index > self.index:
+            after = cut_at(self.model, index)
+            if after is None:
+                return None
+            produced = {o for nd in list(self.model.graph.node)[self.index:index] for o in nd.output}
+            wanted = [t for t in dict.fromkeys(after + [tensor]) if t in produced]
+            segment = segment_model(self.model, self.index, index, wanted, self.types)
+            if segment is None:
+                return None
+            inputs = [i.name for i in segment.graph.input]
+            if any(not self._per_image(self.state[t]) for t in inputs):
+                return None
+            session = make_session(segment)
+            # written batch by batch into arrays for every image (no list of chunks to concatenate: at a
+            # ResNet50's stem, 512 images' activations are 1.6 GB a tensor)
+            new, done = {}, 0
+            for batch, values in iterate(session, {t: self.state[t] for t in inputs}, wanted, self.batch, fixed=self.fixed):
+                rows = len(next(iter(batch.values())))
+                for t, v in zip(wanted, values):
+                    if not isinstance(v, np.ndarray) or v.ndim < 1 or v.dtype.kind != "f" or len(v) != rows:
+                        return None  # not one row per image (a shape tensor)
+                    if t not in new:
+                        new[t] = np.empty((len(self.chosen),) + v.shape[1:], v.dtype)
+                    new[t][done : done + rows] = v
+                done += rows
+            if done != len(self.chosen):
+                return None
+            if any(t not in new and t not in self.state for t in after):
+                return None
+            self.state = {t: new[t] if t in new else self.state[t] for t in dict.fromkeys(after)}
+            self.index = index
+        return self.state.get(tensor)
+
+    def _per_image(self, value) -> bool:  # an array, or a streamed image folder (decoded batch by batch)
+        return hasattr(value, "__array__") and value.ndim >= 1 and len(value) == len(self.chosen) and value.dtype.kind == "f"
 
 
 RELU_ITERATIONS = 3
 RELU_RIDGE = 1e-3
 RELU_ROWS = 16_000  # rows per layer for the per-channel ReLU-aware solves
+# Multiply-adds of one ReLU-aware iteration (rows x C_out x unknowns^2) above which it is skipped (the
+# linear refit is kept): the seed CNN's largest layer at 3/4 ranks needs 1.5e11; a ResNet50's conv5
+# layers 1.2e12 each, minutes apiece on 2 cores (issue 15).
+RELU_WORK = 2e11
 
 
 def relu_solve(design: np.ndarray, target: np.ndarray, solution: np.ndarray, ridge: float,
@@ -136,7 +310,10 @@ def relu_solve(design: np.ndarray, target: np.ndarray, solution: np.ndarray, rid
     """Least squares on what the ReLU lets through: per output channel, the rows where the
     original or the fitted pre-activation is positive (elsewhere both are cut to 0 and any
     error is invisible downstream). Iterated, since the fitted side moves. One Gram matrix per
-    channel, so it runs on a row subsample in float32 (the solve itself is float64)."""
+    channel, so it runs on a row subsample in float32 (the solve itself is float64); ``solution``
+    is returned as it is where that would cost more than ``RELU_WORK`` (:func:`relu_too_costly`)."""
+    if relu_too_costly(design, target, max_rows):
+        return solution
     if len(design) > max_rows:
         keep = np.sort(np.random.default_rng(seed).choice(len(design), max_rows, replace=False))
         design, target = design[keep], target[keep]
@@ -159,6 +336,11 @@ def relu_solve(design: np.ndarray, target: np.ndarray, solution: np.ndarray, rid
             new[:, c] = np.linalg.solve(gram + lam * eye, design[mask].T @ relu_target[mask, c] + lam * solution[:, c])
         solution = new
     return solution
+
+
+def relu_too_costly(design: np.ndarray, target: np.ndarray, max_rows: int = RELU_ROWS) -> bool:
+    """Whether one ReLU-aware iteration would exceed ``RELU_WORK`` multiply-adds (then :func:`relu_solve` is skipped)."""
+    return min(len(design), max_rows) * target.shape[1] * design.shape[1] ** 2 > RELU_WORK
 
 
 def _owned_last(chain, last, inits):
@@ -227,13 +409,14 @@ def _refit_last(chain, last, inits, z, target, ridge, relu: bool = False) -> dic
     return result
 
 
-def _refit_kxk_last(model, chain, last, inits, feeds, pick, target, ridge, relu) -> dict:
+def _refit_kxk_last(model, chain, last, inits, collect, pick, target, ridge, relu) -> dict:
     """Least squares for a kxk last conv (weight and bias) on the im2col rows of its real input, shrunk
     towards the fitted core (it has R_in*k*k unknowns per output channel); skipped with too few rows."""
     if not _is_2d_conv(last) or len(pick) < MIN_ROWS_PER_UNKNOWN * (_core_unknowns(last, inits) + 1):
         return {"refit": "none (a kxk last conv needs a 2-D ungrouped conv and enough calibration rows)",
                 "output_error_before": None, "output_error_after": None}
-    f = _collect(model, feeds, last.input[0])
+    f, mapper = collect(last.input[0], last)
+    pick = mapper(pick)
     geometry = _core_geometry(last, inits, f.shape[2:])
     if geometry is None:
         return {"refit": "none (unsupported core geometry)", "output_error_before": None, "output_error_after": None}
@@ -301,11 +484,15 @@ def _core_geometry(core_node, inits, in_hw):
 def patches_at(x: np.ndarray, n_idx: np.ndarray, oh: np.ndarray, ow: np.ndarray, geometry) -> np.ndarray:
     """im2col rows (C-major like OIHW) of ``x`` (N, C, H, W) at output positions (n, oh, ow)."""
     (kh, kw), (sh, sw), (pt, pl, pb, pr), (dh, dw) = geometry
-    padded = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
-    rows = oh[:, None] * sh + np.arange(kh)[None, :] * dh  # (P, kh)
-    cols = ow[:, None] * sw + np.arange(kw)[None, :] * dw  # (P, kw)
+    # Gathered from ``x`` itself, zero where a tap falls in the padding: padding the whole batch first
+    # copied every activation (a ResNet50 batch: hundreds of MB per layer for a few rows).
+    rows = oh[:, None] * sh - pt + np.arange(kh)[None, :] * dh  # (P, kh)
+    cols = ow[:, None] * sw - pl + np.arange(kw)[None, :] * dw  # (P, kw)
+    inside = ((rows >= 0) & (rows < x.shape[2]))[:, :, None] & ((cols >= 0) & (cols < x.shape[3]))[:, None, :]  # (P, kh, kw)
+    rows, cols = np.clip(rows, 0, x.shape[2] - 1), np.clip(cols, 0, x.shape[3] - 1)
     channels = np.arange(x.shape[1])[None, :, None, None]
-    patches = padded[n_idx[:, None, None, None], channels, rows[:, None, :, None], cols[:, None, None, :]]
+    patches = x[n_idx[:, None, None, None], channels, rows[:, None, :, None], cols[:, None, None, :]]
+    patches = np.where(inside[:, None, :, :], patches, np.zeros((), patches.dtype))
     return patches.reshape(len(n_idx), -1)
 
 

@@ -15,6 +15,7 @@ import onnx
 from onnx_tucker.errors import ModelError, first_line
 
 DEFAULT_BATCH = 64
+BATCH_BYTES = 512 << 20  # fetched tensors per batch when many layers' activations are kept (ResNet50 at 224 px)
 
 
 def fixed_batch(model_or_session) -> int | None:
@@ -42,11 +43,27 @@ def batch_size_for(model, wanted: int = DEFAULT_BATCH) -> int:
     return fixed_batch(model) or wanted
 
 
+def batch_for_bytes(per_sample_bytes: int, wanted: int = DEFAULT_BATCH, budget: int = BATCH_BYTES) -> int:
+    """``wanted``, or fewer so that a batch's fetched tensors (``per_sample_bytes`` each sample) stay in ``budget``:
+    small models keep their batch (a CIFAR ResNet-20's inputs of every layer: ~1 MB a sample)."""
+    return max(1, min(wanted, budget // max(int(per_sample_bytes), 1)))
+
+
+def activation_bytes(shape, side: str = "in", itemsize: int = 4) -> int:
+    """Bytes per sample of a site's input (``side="in"``) or output, from its cost-model shape (0 when unknown)."""
+    import math
+
+    spatial = shape.in_spatial if side == "in" else shape.out_spatial
+    if spatial is None:
+        return 0
+    return itemsize * (shape.c_in if side == "in" else shape.c_out) * math.prod(spatial)
+
+
 def batches(feeds: dict, size: int, fixed: bool = False) -> Iterator[tuple[dict, int]]:
     """``(batch feeds, real rows)`` along axis 0; with ``fixed`` the last batch is padded to ``size``."""
     n = len(next(iter(feeds.values())))
     for start in range(0, n, size):
-        batch = {k: v[start : start + size] for k, v in feeds.items()}
+        batch = {k: np.asarray(v[start : start + size]) for k, v in feeds.items()}  # a streamed image folder decodes here
         rows = len(next(iter(batch.values())))
         if fixed and rows < size:
             batch = {k: np.concatenate([v, np.repeat(v[-1:], size - rows, axis=0)]) for k, v in batch.items()}

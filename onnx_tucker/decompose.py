@@ -266,8 +266,30 @@ def tucker2(
     return Tucker2(first=first, core=core, last=u_out, relative_error=error)
 
 
+_MEMO: list = []  # [(inputs, result)]: the last few per-layer results every rank option of a layer shares
+
+
+def memo(inputs: tuple, compute):
+    """``compute()``, reused while called with the very same objects (identity, kept alive here): the
+    measured budget fits each layer at dozens of ranks, and a ResNet50's 2048-channel covariance root
+    (an eigendecomposition) or weight SVD took seconds per rank (issue 15)."""
+    for keys, result in _MEMO:
+        if len(keys) == len(inputs) and all(a is b for a, b in zip(keys, inputs)):
+            return result
+    result = compute()
+    _MEMO.insert(0, (inputs, result))
+    del _MEMO[4:]
+    return result
+
+
 def _symmetric_sqrt(cov: np.ndarray, damping: float = 1e-3) -> tuple[np.ndarray, np.ndarray]:
     """S^(1/2) and S^(-1/2) of a damped PSD matrix (damping relative to its mean eigenvalue)."""
+    if isinstance(cov, np.ndarray) and damping == 1e-3:
+        return memo(("sqrt", cov), lambda: _symmetric_sqrt_of(cov, damping))
+    return _symmetric_sqrt_of(cov, damping)
+
+
+def _symmetric_sqrt_of(cov: np.ndarray, damping: float) -> tuple[np.ndarray, np.ndarray]:
     cov = np.asarray(cov, dtype=np.float64)
     cov = (cov + cov.T) / 2
     values, vectors = np.linalg.eigh(cov)

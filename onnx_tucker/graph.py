@@ -228,8 +228,12 @@ def cut(probe: onnx.ModelProto, node_name: str) -> list[str] | None:
     before it: activations, graph inputs and probe weights. None when a later node holds a subgraph
     (its outer-scope references are invisible here), and the whole model must run instead."""
     nodes = list(probe.graph.node)
-    index = next(i for i, n in enumerate(nodes) if n.name == node_name)
-    tail = nodes[index:]
+    return cut_at(probe, next(i for i, n in enumerate(nodes) if n.name == node_name))
+
+
+def cut_at(probe: onnx.ModelProto, index: int) -> list[str] | None:
+    """:func:`cut` before the node at ``index``."""
+    tail = list(probe.graph.node)[index:]
     if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in tail for a in n.attribute):
         return None
     produced = {o for n in tail for o in n.output}
@@ -255,6 +259,28 @@ def suffix_model(probe: onnx.ModelProto, node_name: str, output: str, cut_values
     suffix = onnx.helper.make_model(graph, opset_imports=probe.opset_import, ir_version=probe.ir_version)
     suffix.functions.extend(probe.functions)
     return suffix
+
+
+def segment_model(model: onnx.ModelProto, start: int, stop: int, outputs: list[str], types: dict[str, int]) -> onnx.ModelProto | None:
+    """The nodes ``start:stop`` of ``model`` as a model: its inputs are :func:`cut_at` ``start``, its outputs
+    the named tensors (made in the segment). None when the graph holds subgraphs (outer-scope reads
+    are not node inputs). How the refit runs a model forward once, a segment per layer."""
+    inputs = cut_at(model, start)
+    if inputs is None or any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                             for n in model.graph.node for a in n.attribute):
+        return None
+    nodes = list(model.graph.node)[start:stop]
+    needed = {t for n in nodes for t in n.input}
+    used = [t for t in inputs if t in needed]
+    graph = onnx.helper.make_graph(
+        nodes, f"{model.graph.name}_segment",
+        [onnx.helper.make_tensor_value_info(t, types.get(t) or onnx.TensorProto.FLOAT, None) for t in used],
+        [onnx.helper.make_tensor_value_info(t, types.get(t) or onnx.TensorProto.FLOAT, None) for t in outputs],
+        [i for i in model.graph.initializer if i.name in needed],
+    )
+    segment = onnx.helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
+    segment.functions.extend(model.functions)
+    return segment
 
 
 # --- consumers and initializers -------------------------------------------------------------------

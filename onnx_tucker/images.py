@@ -7,7 +7,9 @@ Preprocessing, stated and taken from the model's input where possible:
 - values: ``(pixel * scale - mean) / std`` per channel, defaults scale 1, mean 0, std 1: raw 0..255 floats,
   what the project's models take (they normalise inside). Give ``--image-scale 1/255 --image-mean ...``
   for a model that expects normalised input.
-Images are decoded one at a time into the calibration array (only the chosen subset is decoded).
+Streamed (issue 15): the seeded subset is chosen from the sorted recursive listing and each chosen file's
+header is checked first (format, channels: the one-line errors come before any work); the pixels are then
+decoded batch by batch as the loops consume them (:class:`ImageStream`), so a big folder need not fit in memory.
 """
 from __future__ import annotations
 
@@ -52,6 +54,13 @@ def input_layout(model) -> tuple[str, str, int, int, int]:
 def load_image_folder(folder, model, size: int, seed: int = 0, scale: float = 1.0, mean=(0.0,), std=(1.0,),
                       input_shapes: dict | None = None) -> dict[str, np.ndarray]:
     """``{input name: array}`` of ``size`` (or all, if fewer) seeded images from ``folder``, preprocessed for ``model``."""
+    return {name: np.asarray(stream) for name, stream in
+            stream_image_folder(folder, model, size, seed, scale, mean, std, input_shapes).items()}
+
+
+def stream_image_folder(folder, model, size: int, seed: int = 0, scale: float = 1.0, mean=(0.0,), std=(1.0,),
+                        input_shapes: dict | None = None) -> dict[str, "ImageStream"]:
+    """:func:`load_image_folder` as ``{input name: ImageStream}``: the same values, decoded when a loop takes a batch."""
     from PIL import Image, UnidentifiedImageError
 
     folder = Path(folder)
@@ -67,22 +76,75 @@ def load_image_folder(folder, model, size: int, seed: int = 0, scale: float = 1.
     std = np.broadcast_to(np.asarray(std, np.float32), (channels,))
     if np.any(std == 0):
         raise UsageError("--image-std must not be 0")
-    out = np.empty((len(files), height, width, channels), np.float32)
-    for i, path in enumerate(files):
+    for path in files:  # headers only: a bad file is refused before any work, as when everything was decoded first
         try:
             with Image.open(path) as image:
-                if _channels_of(image.mode) > channels or (channels == 1 and image.mode not in ("L", "1", "I", "I;16", "P")):
-                    raise DataError(f"{path} is a {image.mode} image with more channels than the model's {channels}")
-                pixels = image.convert(mode).resize((width, height), Image.BILINEAR)
-                array = np.asarray(pixels, np.float32)
+                _check_mode(path, image.mode, channels)
         except DataError:
             raise
         except (UnidentifiedImageError, OSError, ValueError) as exc:
-            raise DataError(f"cannot read image {path}: {str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}") from None
-        out[i] = (array.reshape(height, width, channels) * scale - mean) / std
-    if layout == "NCHW":
-        out = np.ascontiguousarray(out.transpose(0, 3, 1, 2))
-    return {name: out}
+            raise DataError(_unreadable(path, exc)) from None
+
+    def decode(path) -> np.ndarray:
+        try:
+            with Image.open(path) as image:
+                _check_mode(path, image.mode, channels)
+                array = np.asarray(image.convert(mode).resize((width, height), Image.BILINEAR), np.float32)
+        except DataError:
+            raise
+        except (UnidentifiedImageError, OSError, ValueError) as exc:  # a file truncated after its header
+            raise DataError(_unreadable(path, exc)) from None
+        out = (array.reshape(height, width, channels) * scale - mean) / std
+        return np.ascontiguousarray(out.transpose(2, 0, 1)) if layout == "NCHW" else out
+    shape = (channels, height, width) if layout == "NCHW" else (height, width, channels)
+    return {name: ImageStream(files, decode, shape)}
+
+
+class ImageStream:
+    """A calibration array over image files, decoded on demand: ``len``, ``shape``, ``dtype``; a slice or an
+    index array gives another stream (nothing decoded); ``np.asarray`` decodes its images (``capture.batches``
+    does, one batch at a time). ``decoded`` counts the images decoded so far (shared by its views)."""
+
+    ndim = 4
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, files: list, decode, sample_shape: tuple, index: np.ndarray | None = None, counter: list | None = None):
+        self.files, self.decode, self.sample_shape = files, decode, tuple(sample_shape)
+        self.index = np.arange(len(files)) if index is None else index
+        self.counter = counter if counter is not None else [0]
+
+    @property
+    def decoded(self) -> int:
+        return self.counter[0]
+
+    @property
+    def shape(self) -> tuple:
+        return (len(self.index), *self.sample_shape)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, key):
+        if isinstance(key, (int, np.integer)):
+            self.counter[0] += 1
+            return self.decode(self.files[self.index[key]])
+        return ImageStream(self.files, self.decode, self.sample_shape, self.index[key], self.counter)
+
+    def __array__(self, dtype=None, copy=None):
+        out = np.empty(self.shape, np.float32)
+        for i, j in enumerate(self.index):
+            out[i] = self.decode(self.files[j])
+        self.counter[0] += len(self.index)
+        return out if dtype is None else out.astype(dtype)
+
+
+def _check_mode(path, mode: str, channels: int) -> None:
+    if _channels_of(mode) > channels or (channels == 1 and mode not in ("L", "1", "I", "I;16", "P")):
+        raise DataError(f"{path} is a {mode} image with more channels than the model's {channels}")
+
+
+def _unreadable(path, exc) -> str:
+    return f"cannot read image {path}: {str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}"
 
 
 def _channels_of(mode: str) -> int:
@@ -122,4 +184,4 @@ def eval_fraction(text: str) -> float:
     return float(text)
 
 
-__all__ = ["load_image_folder", "image_files", "input_layout", "parse_floats", "EXTENSIONS", "os"]
+__all__ = ["load_image_folder", "stream_image_folder", "ImageStream", "image_files", "input_layout", "parse_floats", "EXTENSIONS", "os"]

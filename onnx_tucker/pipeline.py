@@ -5,6 +5,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from threadpoolctl import ThreadpoolController
@@ -155,8 +156,12 @@ def _compress(model: onnx.ModelProto, opts: CompressOptions, memo: dict | None =
     elif opts.calibration is not None and opts.whiten and eligible:
         from onnx_tucker.calibrate import input_covariances
 
+        from onnx_tucker.capture import activation_bytes, batch_for_bytes
+
+        per_sample = sum(activation_bytes(s.shape, "in") for s in {s.input_name: s for s in eligible}.values())
         input_stats = input_covariances(model, opts.calibration, [s.input_name for s in eligible],
-                                        axes={s.input_name: s.extra.get("channel_axis", 1) for s in eligible})
+                                        axes={s.input_name: s.extra.get("channel_axis", 1) for s in eligible},
+                                        batch_size=batch_for_bytes(per_sample))
     if memo is not None:
         memo["input_stats"] = input_stats
     planned = plan_ranks(eligible, opts, fixed_macs, model=model, covariances=input_stats, report=report, table=table, memo=memo)
@@ -204,7 +209,8 @@ def _compress(model: onnx.ModelProto, opts: CompressOptions, memo: dict | None =
             from onnx_tucker.distill import distill
 
             trainable = list(dict.fromkeys(t for c in report.chains for t in c.trainable()))
-            new_model, report.distill = distill(model, new_model, opts.calibration, trainable, **opts.distill)
+            feeds = {k: np.asarray(v) for k, v in opts.calibration.items()}  # a streamed image folder: decoded now
+            new_model, report.distill = distill(model, new_model, feeds, trainable, **opts.distill)
         if opts.fold_affine:
             from onnx_tucker.fold import fold_affine_into_chains
 

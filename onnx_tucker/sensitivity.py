@@ -32,14 +32,16 @@ import onnx
 from threadpoolctl import threadpool_limits
 
 from onnx_tucker.calibrate import patches_at
-from onnx_tucker.capture import iterate
+from onnx_tucker.capture import activation_bytes, batch_for_bytes, iterate
 from onnx_tucker.factorization import get_form, not_worth_it
 from onnx_tucker.graph import cut, expose, from_bytes, probe_model, suffix_model, tensor_types
 from onnx_tucker.providers import fastest_available
 from onnx_tucker.runtime import make_session
 
 FIT_ROWS = 12_000  # sampled output positions per layer for the refit
-EVAL_SAMPLES = 128  # calibration images the distortion is measured on (not used by the refit)
+EVAL_SAMPLES = 128  # calibration images the distortion is measured on (not used by the refit) ...
+EVAL_ELEMENTS = 128 * 32 * 32 * 3  # ... at most this many input values in all (128 CIFAR images; issue 15) ...
+EVAL_MIN = 8  # ... but at least this many images: a ResNet50 at 224 px gets 8, each probe costing 8 forward passes
 FIT_SAMPLES = 512  # calibration images the per-option refits use
 BATCH = 64
 FIT_ITERATIONS = 1  # HOOI sweeps per option: the curves rank options, the final fit iterates fully
@@ -127,7 +129,7 @@ class CurveCache:
         for name in sorted(feeds):
             digest.update(name.encode() + str(feeds[name].shape).encode() + str(feeds[name].dtype).encode())
             digest.update(np.ascontiguousarray(feeds[name]).tobytes())
-        digest.update(json.dumps([SCHEMA, rank_multiple, seed, EVAL_SAMPLES, FIT_SAMPLES, FIT_ROWS, FIT_ITERATIONS]).encode())
+        digest.update(json.dumps([SCHEMA, rank_multiple, seed, EVAL_SAMPLES, EVAL_ELEMENTS, EVAL_MIN, FIT_SAMPLES, FIT_ROWS, FIT_ITERATIONS]).encode())
         self.key = digest.hexdigest()
         self.layers = {}
         if self.path.is_file():
@@ -152,6 +154,15 @@ class CurveCache:
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text(json.dumps({"schema": SCHEMA, "key": self.key, "layers": self.layers}))
         os.replace(tmp, self.path)
+
+
+def eval_samples(feeds: dict) -> int:
+    """Held-out images the distortion is measured on: ``EVAL_SAMPLES``, fewer for big inputs (at most
+    ``EVAL_ELEMENTS`` input values, at least ``EVAL_MIN`` images), and at most a quarter of the data.
+    Every probe runs the model on all of them, and the cut activations of every layer are kept for them."""
+    n = len(next(iter(feeds.values())))
+    per_sample = sum(int(np.prod(v.shape[1:], dtype=np.int64)) for v in feeds.values())
+    return min(EVAL_SAMPLES, max(EVAL_MIN, EVAL_ELEMENTS // max(per_sample, 1)), max(n // 4, 1))
 
 
 def measured_options(candidates: list, rank_multiple: int, fixed_macs: int) -> dict:
@@ -184,7 +195,7 @@ def distortion_curves(model: onnx.ModelProto, candidates: list, feeds: dict, cov
     cache = CurveCache(cache_path, model, feeds, rank_multiple, seed) if cache_path is not None else None
     cached = {c.name: cache.get(c.name, options[c.name]) for c in candidates} if cache is not None else {}
     n = len(next(iter(feeds.values())))
-    n_eval = min(EVAL_SAMPLES, max(n // 4, 1))
+    n_eval = eval_samples(feeds)
     if not _setup and cache is not None and all(v is not None for v in cached.values()) and (probes != "all" or all(map(_all_measured, cached.values()))):
         def refine(wanted: dict) -> int:  # the measuring state is built only if the budget wants a probe
             full = distortion_curves(model, candidates, feeds, covariances, rank_multiple, seed, progress, fixed_macs,
@@ -194,9 +205,8 @@ def distortion_curves(model: onnx.ModelProto, candidates: list, feeds: dict, cov
             return runs
         return {"curves": cached, "seconds": round(time.perf_counter() - start, 2), "eval_samples": n_eval,
                 "cached_layers": len(cached), "probes": 0, "refine": refine}
-    n_eval = min(EVAL_SAMPLES, max(n // 4, 1))
     fit_feeds = {k: v[: min(n - n_eval, FIT_SAMPLES)] if n > n_eval else v for k, v in feeds.items()}
-    eval_feeds = {k: v[n - n_eval :] for k, v in feeds.items()}
+    eval_feeds = {k: np.asarray(v[n - n_eval :]) for k, v in feeds.items()}  # fed whole to every probe
     probe, names = probe_model(model, candidates)
     # The activations each option's suffix model is fed with (residual branches too) are outputs as well.
     cuts = {cand.name: cut(probe, cand.node.name) for cand in candidates}
@@ -240,7 +250,9 @@ def distortion_curves(model: onnx.ModelProto, candidates: list, feeds: dict, cov
         for cand in cands:
             stats[cand.name] = _Moments(names[cand.name][1] is not None)
         fetch = [t for t in dict.fromkeys(t for c in cands for t in names[c.name][2:4]) if t not in graph_inputs]
-        for batch, outputs in (iterate(session, fit_feeds, fetch, BATCH, extra=weights) if cands else ()):
+        # every layer's input and output of a batch are fetched at once: fewer images a batch for big models
+        batch_size = batch_for_bytes(sum(activation_bytes(c.shape, "in") + activation_bytes(c.shape, "out") for c in cands), BATCH)
+        for batch, outputs in (iterate(session, fit_feeds, fetch, batch_size, extra=weights) if cands else ()):
             values = dict(zip(fetch, outputs))
             values.update(batch)
             for cand in cands:
@@ -258,6 +270,8 @@ def distortion_curves(model: onnx.ModelProto, candidates: list, feeds: dict, cov
                 flat = np.concatenate([rngs[cand.name].choice(oh_total * ow_total, count, replace=False) for _ in range(len(x))])
                 oh, ow = np.divmod(flat, ow_total)
                 stats[cand.name].add(patches_at(x, n_idx, oh, ow, geometries[cand.name]), y[n_idx, :, oh, ow])
+        for cand in cands:
+            stats[cand.name]._flush()  # a job sent to a Ray worker carries the Gram matrices, not rows
 
     graph_inputs = {i.name for i in model.graph.input}
     collect(todo)
@@ -431,26 +445,46 @@ def _measure(job: LayerJob, ranks_list: list, suffix_session, suffix_feeds: dict
 
 class _Moments:
     """Gram matrix of one layer's sampled input rows (a ones column appended when it has a bias), their
-    products with the output rows and the outputs' squared norm: what every option's refit needs."""
+    products with the output rows and the outputs' squared norm: what every option's refit needs.
+
+    Rows are buffered and multiplied ``FLUSH_ROWS`` at a time: a big model's batches hold a few images,
+    and a thin product plus a fresh D x D sum per batch cost a ResNet50 four minutes (issue 15)."""
+
+    FLUSH_ROWS = 4096
+    FLUSH_BYTES = 32 << 20  # buffered input rows per layer (a ResNet50 has 53 layers buffering at once)
 
     def __init__(self, bias: bool):
         self.bias = bias
         self.gram = self.cross = None
         self.norm = 0.0
+        self.pending, self.rows = [], 0
 
     def add(self, x: np.ndarray, y: np.ndarray) -> None:
-        x = x.astype(np.float64, copy=False)
+        self.pending.append((x, y))
+        self.rows += len(x)
+        if self.rows >= self.FLUSH_ROWS or self.rows * x.shape[1] * x.itemsize >= self.FLUSH_BYTES:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self.pending:
+            return
+        x = np.concatenate([p[0] for p in self.pending]).astype(np.float64, copy=False)
+        y = np.concatenate([p[1] for p in self.pending]).astype(np.float64, copy=False)
+        self.pending, self.rows = [], 0
         if self.bias:
             x = np.hstack([x, np.ones((len(x), 1))])
-        y = y.astype(np.float64, copy=False)
         gram, cross = x.T @ x, x.T @ y
-        self.gram = gram if self.gram is None else self.gram + gram
-        self.cross = cross if self.cross is None else self.cross + cross
+        if self.gram is None:
+            self.gram, self.cross = gram, cross
+        else:
+            self.gram += gram
+            self.cross += cross
         self.norm += float(np.sum(y * y))
 
     def solve(self, inner: np.ndarray) -> tuple[np.ndarray, float]:
         """Least squares of the outputs on ``[patches @ inner.T, 1]`` (a small ridge) from the moments;
         returns the (R [+1], C_out) solution and the relative output error it leaves."""
+        self._flush()
         if self.bias:
             lift = np.zeros((inner.shape[0] + 1, inner.shape[1] + 1))
             lift[:-1, :-1], lift[-1, -1] = inner, 1.0

@@ -294,3 +294,120 @@ def test_an_unreachable_measured_budget_is_refused_before_any_probe(monkeypatch)
     monkeypatch.setattr(sensitivity, "distortion_curves", never)
     with pytest.raises(UsageError, match="cannot be met"):
         compress(residual_model(), target_macs=0.01, calibration={"x": samples(48, seed=9)})
+
+
+def _refit_weights(model, cal, **kwargs):
+    from onnx import numpy_helper
+
+    new, report = compress(model, calibration=cal, **kwargs)
+    return {i.name: numpy_helper.to_array(i) for i in new.graph.initializer}, report.calibration
+
+
+@pytest.mark.parametrize("refit", ["last", "core"])
+def test_refit_in_one_segmented_pass_equals_a_prefix_model_per_chain(monkeypatch, refit):
+    """The refit runs the compressed model forward once, a segment per chain (issue 15); each chain's
+    input must be what the old prefix model per chain computed with the earlier refits in place."""
+    import onnx_tucker.calibrate as calibrate
+
+    monkeypatch.setattr(calibrate, "MIN_IMAGES", 8)
+    monkeypatch.setattr(calibrate, "MAX_ROWS", 300)
+    monkeypatch.setattr(calibrate, "ROW_SPREAD", 2)  # layers then take different image subsets
+    model, cal = residual_model(), {"x": samples(64, seed=7)}
+    segmented, info = _refit_weights(model, cal, ratio=0.5, refit=refit)
+    assert info["capture"] == "one forward pass, a segment per chain"
+    monkeypatch.setattr(calibrate._Forward, "_advance", lambda self, index, tensor: None)  # the old way
+    prefixed, old = _refit_weights(model, cal, ratio=0.5, refit=refit)
+    assert old["capture"] == "a prefix model per chain"
+    assert set(segmented) == set(prefixed)
+    for name, value in prefixed.items():
+        np.testing.assert_allclose(segmented[name], value, rtol=1e-4, atol=1e-5 * np.abs(value).max(), err_msg=name)
+    assert [v["refit"] for v in info["layers"].values()] == [v["refit"] for v in old["layers"].values()]
+
+
+def test_refit_falls_back_to_prefix_models_when_a_shape_tensor_crosses_a_cut():
+    """A tensor that is not one row per image (a Shape output read after a chain) cannot be batched:
+    the refit then computes each chain's input with a prefix model, as before."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(3)
+    w1 = numpy_helper.from_array((rng.standard_normal((16, 3, 3, 3)) / 5).astype(np.float32), "W1")
+    w2 = numpy_helper.from_array((rng.standard_normal((16, 16, 3, 3)) / 12).astype(np.float32), "W2")
+    nodes = [
+        helper.make_node("Shape", ["x"], ["shape"], name="shape"),
+        helper.make_node("Conv", ["x", "W1"], ["a"], name="conv_a", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["a"], ["ar"], name="relu"),
+        helper.make_node("Conv", ["ar", "W2"], ["b"], name="conv_b", pads=[1, 1, 1, 1]),
+        helper.make_node("Reshape", ["b", "shape_flat"], ["flat"], name="reshape"),
+        helper.make_node("Slice", ["shape", "zero", "one"], ["n"], name="slice"),
+        helper.make_node("Concat", ["n", "minus_one"], ["shape_flat"], name="concat", axis=0),
+    ]
+    consts = [numpy_helper.from_array(np.array(v, np.int64), k) for k, v in (("zero", [0]), ("one", [1]), ("minus_one", [-1]))]
+    order = [nodes[0], nodes[5], nodes[6], nodes[1], nodes[2], nodes[3], nodes[4]]
+    graph = helper.make_graph(order, "shape_cut", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 10, 10])],
+                              [helper.make_tensor_value_info("flat", TensorProto.FLOAT, ["N", 1600])], [w1, w2, *consts])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    new, report = compress(model, ratio=0.5, force=True, calibration={"x": samples(48, seed=4)}, refit="last")
+    assert report.calibration["capture"] == "a prefix model per chain"
+    assert len(report.calibration["layers"]) == 2
+
+
+def test_relu_solve_is_skipped_where_it_would_cost_too_much(monkeypatch):
+    """Above RELU_WORK multiply-adds an iteration (a ResNet50's conv5: 1.2e12) the linear solution is kept."""
+    import onnx_tucker.calibrate as calibrate
+
+    rng = np.random.default_rng(0)
+    design = np.hstack([rng.standard_normal((2000, 8)), np.ones((2000, 1))])
+    target = np.abs(design @ rng.standard_normal((9, 4))) - 0.5  # not linear in the design
+    linear = np.linalg.lstsq(design, target, rcond=None)[0]
+    assert not calibrate.relu_too_costly(design, target)
+    assert not np.allclose(calibrate.relu_solve(design, target, linear, 1e-6), linear)
+    monkeypatch.setattr(calibrate, "RELU_WORK", 2000 * 4 * 9 * 9 - 1)
+    assert calibrate.relu_too_costly(design, target)
+    assert np.array_equal(calibrate.relu_solve(design, target, linear, 1e-6), linear)
+
+
+def test_refit_goes_through_the_graph_in_order_whatever_order_the_chains_come_in():
+    """Chains are refitted in the compressed graph's order (a ResNet's shortcut conv is a later site but an
+    earlier node): given in reverse, the one forward pass still serves every chain, with the same result."""
+    import copy
+
+    from onnx import numpy_helper
+
+    from onnx_tucker.calibrate import refit_chains
+
+    model, cal = residual_model(), {"x": samples(64, seed=7)}
+    new, report = compress(model, ratio=0.5, force=True, calibration=cal, refit=False)
+    assert len(report.chains) >= 2
+    results = []
+    for chains in (report.chains, report.chains[::-1]):
+        target = copy.deepcopy(new)
+        info = refit_chains(model, target, cal, copy.deepcopy(chains), mode="core")
+        assert info["capture"] == "one forward pass, a segment per chain"
+        results.append(({i.name: numpy_helper.to_array(i) for i in target.graph.initializer}, list(info["layers"])))
+    (first, order), (second, reverse_order) = results
+    assert reverse_order == order[::-1]  # the report lists the chains as given
+    for name, value in first.items():
+        np.testing.assert_allclose(second[name], value, rtol=1e-6, atol=1e-7)
+
+
+def test_reference_rows_spilled_to_files_give_the_same_refit(monkeypatch, tmp_path):
+    """Past SPILL_BYTES the original layers' rows go to a temporary folder (a ResNet50's: 2.1 GB), read back
+    a layer at a time: the same weights as in memory, and the folder is gone afterwards."""
+    import tempfile
+
+    import onnx_tucker.calibrate as calibrate
+
+    model, cal = residual_model(), {"x": samples(64, seed=7)}
+    in_memory, _ = _refit_weights(model, cal, ratio=0.5, refit="core")
+    monkeypatch.setattr(calibrate, "SPILL_BYTES", 0)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    spilled, _ = _refit_weights(model, cal, ratio=0.5, refit="core")
+    assert not list(tmp_path.glob("onnx_tucker_rows_*"))
+    made = []
+    real = tempfile.mkdtemp
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda **kw: made.append(real(**kw)) or made[-1])
+    _refit_weights(model, cal, ratio=0.5, refit="core")
+    assert made and not any(__import__("os").path.exists(p) for p in made)  # it did spill, and cleaned up
+    for name, value in in_memory.items():
+        np.testing.assert_array_equal(spilled[name], value, err_msg=name)

@@ -44,3 +44,17 @@ def test_intermediate_tensors_are_captured_by_name():
     assert values["a_r"].shape == (6, 16, 10, 10) and values["d"].shape == (6, 32, 5, 5)
     assert values["a_r"].min() >= 0  # after the ReLU
     assert fixed_batch(residual_model()) is None
+
+
+def test_batches_shrink_only_when_the_fetched_tensors_would_not_fit():
+    from onnx_tucker.capture import BATCH_BYTES, activation_bytes, batch_for_bytes
+    from onnx_tucker.ranks import ConvShape
+
+    small = ConvShape(c_out=16, c_in=16, kernel=(3, 3), in_spatial=(32, 32), out_spatial=(32, 32))
+    big = ConvShape(c_out=256, c_in=64, kernel=(1, 1), in_spatial=(56, 56), out_spatial=(56, 56))
+    assert activation_bytes(small, "in") == 4 * 16 * 32 * 32
+    assert activation_bytes(big, "out") == 4 * 256 * 56 * 56
+    assert activation_bytes(ConvShape(c_out=1, c_in=1, kernel=(1, 1)), "in") == 0  # unknown size
+    assert batch_for_bytes(20 * activation_bytes(small, "in")) == 64  # a ResNet-20's inputs: batch kept
+    assert batch_for_bytes(50 * activation_bytes(big, "out")) == BATCH_BYTES // (50 * activation_bytes(big, "out")) == 3
+    assert batch_for_bytes(10 * BATCH_BYTES) == 1

@@ -139,3 +139,22 @@ def test_float64_weights_near_exact_fit_stays_exact():
     w = reconstruct(u_in.T, rng.standard_normal((6, 5, 3, 3)), u_out) + 1e-9 * rng.standard_normal((40, 30, 3, 3))
     t = tucker2(w, 6, 5)
     assert t.relative_error < 1e-8
+
+
+def test_every_rank_of_a_layer_reuses_its_covariance_root_and_svd(monkeypatch):
+    """The measured budget fits a layer at dozens of ranks: the covariance's root and the weight's SVD are
+    computed once per layer (memo, by identity), and give what a fresh computation gives."""
+    import onnx_tucker.decompose as decompose
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((500, 12))
+    cov = x.T @ x / 500
+    calls = []
+    real = np.linalg.eigh
+    monkeypatch.setattr(np.linalg, "eigh", lambda m: calls.append(m.shape) or real(m))
+    first = decompose._symmetric_sqrt(cov)
+    again = decompose._symmetric_sqrt(cov)
+    assert again is first and calls == [(12, 12)]
+    fresh = decompose._symmetric_sqrt(cov.copy())  # another object: computed again, same values
+    assert len(calls) == 2
+    np.testing.assert_array_equal(fresh[0], first[0])

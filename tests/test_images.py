@@ -64,3 +64,32 @@ def test_cli_calibrates_from_a_folder_and_refuses_a_bad_one(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no JPEG or PNG" in err and not (tmp_path / "p.onnx").exists()
     assert main([str(src), str(tmp_path / "q.onnx"), "--image-scale", "1/255"]) == 2
+
+
+def test_a_folder_is_decoded_batch_by_batch_and_compresses_as_the_decoded_array(tmp_path, monkeypatch):
+    """``--calibrate DIR`` streams (issue 15): no loop decodes more than a batch of images at once, and the
+    measured budget, the fits and the refits give what the whole decoded array gives."""
+    from onnx import numpy_helper
+
+    from onnx_tucker import compress
+    from onnx_tucker.images import ImageStream, stream_image_folder
+
+    folder = make_folder(tmp_path / "imgs", n=150)
+    model = residual_model()
+    sizes = []
+    whole = ImageStream.__array__
+
+    def counted(self, dtype=None, copy=None):
+        sizes.append(len(self))
+        return whole(self, dtype, copy)
+    monkeypatch.setattr(ImageStream, "__array__", counted)
+    streamed = stream_image_folder(folder, model, size=150, scale=1 / 255)
+    assert streamed["x"].decoded == 0 and streamed["x"].shape == (150, 3, 10, 10)  # headers only so far
+    new_s, report_s = compress(model, target_macs=0.6, calibration=streamed)
+    assert max(sizes) <= 64 < 150 and streamed["x"].decoded >= 3 * 150  # covariances, moments, refit...
+    arrays = load_image_folder(folder, model, size=150, scale=1 / 255)
+    new_a, report_a = compress(model, target_macs=0.6, calibration=arrays)
+    assert [r.ranks for r in report_s.layers] == [r.ranks for r in report_a.layers]
+    a = {i.name: numpy_helper.to_array(i) for i in new_a.graph.initializer}
+    for init in new_s.graph.initializer:
+        np.testing.assert_allclose(numpy_helper.to_array(init), a[init.name], rtol=1e-4, atol=1e-6)

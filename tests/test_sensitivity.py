@@ -82,3 +82,15 @@ def test_auto_probes_measure_every_chosen_option_and_fewer_than_all():
         for macs, distortion, ranks, measured in curve:
             if measured:
                 assert distortion == pytest.approx(exact[(layer, tuple(ranks))], rel=1e-6, abs=1e-12)
+
+
+def test_big_inputs_are_measured_on_fewer_held_out_images():
+    """The distortion's held-out images: 128 CIFAR-sized images as before, fewer (at least EVAL_MIN) for big
+    inputs, so that a probe costs about the same input values; never more than a quarter of the data."""
+    from onnx_tucker.sensitivity import EVAL_MIN, EVAL_SAMPLES, eval_samples
+
+    assert eval_samples({"x": np.zeros((2048, 32, 32, 3), np.float32)}) == EVAL_SAMPLES == 128
+    assert eval_samples({"x": np.zeros((512, 3, 10, 10), np.float32)}) == 128
+    assert eval_samples({"x": np.zeros((512, 64, 64, 3), np.float32)}) == 32
+    assert eval_samples({"x": np.zeros((512, 224, 224, 3), np.float32)}) == EVAL_MIN == 8
+    assert eval_samples({"x": np.zeros((40, 3, 10, 10), np.float32)}) == 10

@@ -93,17 +93,18 @@ class SVDForm:
         return Cost(macs=params * pixels, params=params)
 
     def fit(self, site, ranks, *, n_iter_max: int = 0, method: str = "eig", input_covariance=None) -> SVDFactors:
+        from onnx_tucker.decompose import _symmetric_sqrt, memo
+
         (r,) = ranks
         w = _matrix(site)
         root = inverse_root = None
         if input_covariance is not None:
-            from onnx_tucker.decompose import _symmetric_sqrt
-
             root, inverse_root = _symmetric_sqrt(input_covariance)
             w_fit = w @ root
         else:
             w_fit = w
-        u, s, vt = np.linalg.svd(w_fit, full_matrices=False)
+        # one SVD per layer and covariance, whatever the rank (the measured budget asks for dozens)
+        u, s, vt = memo(("svd", site.weight, input_covariance), lambda: np.linalg.svd(w_fit, full_matrices=False))
         first = s[:r, None] * vt[:r]  # (R, C_in)
         if inverse_root is not None:
             first = first @ inverse_root

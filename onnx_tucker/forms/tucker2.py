@@ -115,7 +115,8 @@ class Tucker2Form:
 
     def compose(self, site, factors, *, upto_last: bool = False) -> np.ndarray:
         # first then core as one (R_out, C_in*k*k) map: the core's output at each position
-        inner = np.einsum("rskl,sc->rckl", factors.core.astype(np.float64), factors.first.astype(np.float64))
+        # tensordot (BLAS), not einsum: a ResNet50 conv5 option took 1.7 s in einsum's loops, 0.06 s so
+        inner = np.moveaxis(np.tensordot(factors.core.astype(np.float64), factors.first.astype(np.float64), axes=(1, 0)), -1, 1)
         inner = inner.reshape(factors.core.shape[0], -1)
         if upto_last and self.folded(site, factors.ranks) != "last":
             return inner
