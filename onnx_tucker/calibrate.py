@@ -343,6 +343,12 @@ def relu_too_costly(design: np.ndarray, target: np.ndarray, max_rows: int = RELU
     return min(len(design), max_rows) * target.shape[1] * design.shape[1] ** 2 > RELU_WORK
 
 
+def _relu_label(design: np.ndarray, target: np.ndarray) -> str:
+    """How the refit treated the ReLU: the error is measured after it either way; the per-channel solve may
+    have been skipped for its cost (:func:`relu_too_costly`), and the label says so."""
+    return " (after the ReLU; ReLU-aware solve skipped: too costly)" if relu_too_costly(design, target) else " (after the ReLU)"
+
+
 def _owned_last(chain, last, inits):
     """The last node's weight and bias initializers, owned by this chain (copied if shared, bias created;
     a MatMul has no bias: None)."""
@@ -384,7 +390,7 @@ def _refit_last(chain, last, inits, z, target, ridge, relu: bool = False) -> dic
             solution = relu_solve(z, target, solution, ridge)
         after = z @ solution
         clip = (lambda v: np.maximum(v, 0)) if relu else (lambda v: v)  # noqa: E731
-        result = _errors(clip(before), clip(after), clip(target), "last factor" + (" (after the ReLU)" if relu else ""))
+        result = _errors(clip(before), clip(after), clip(target), "last factor" + (_relu_label(z, target) if relu else ""))
         if _kept(result):
             inits.set(weight_init.name, solution.astype(w.dtype) if not _out_first(last) else solution.T.reshape(w.shape).astype(w.dtype))
         return result
@@ -401,7 +407,7 @@ def _refit_last(chain, last, inits, z, target, ridge, relu: bool = False) -> dic
         solution = relu_solve(design, target, solution, ridge)
         after = design @ solution
         relu_target = np.maximum(target, 0)
-        result = _errors(np.maximum(before, 0), np.maximum(after, 0), relu_target, "last conv (after the ReLU)")
+        result = _errors(np.maximum(before, 0), np.maximum(after, 0), relu_target, "last conv" + _relu_label(design, target))
     else:
         result = _errors(before, design @ solution, target, "last conv")
     if _kept(result):
@@ -431,7 +437,7 @@ def _refit_kxk_last(model, chain, last, inits, collect, pick, target, ridge, rel
     if relu:
         solution = relu_solve(design, target, solution, ridge)
         clip = (lambda v: np.maximum(v, 0))  # noqa: E731
-        result = _errors(clip(before), clip(design @ solution), clip(target), "kxk last conv (after the ReLU)")
+        result = _errors(clip(before), clip(design @ solution), clip(target), "kxk last conv" + _relu_label(design, target))
     else:
         result = _errors(before, design @ solution, target, "kxk last conv")
     if _kept(result):
@@ -543,7 +549,7 @@ def _refit_core_and_last(model, chain, core_node, last, inits, f, pick, target, 
     inits.set(last_init.name, v.reshape(lw.shape).astype(dtype))
     inits.set(bias.name, new_bias.astype(dtype))
     if relu:
-        return _errors(np.maximum(before, 0), np.maximum(after, 0), np.maximum(target, 0), "core + last conv (after the ReLU)")
+        return _errors(np.maximum(before, 0), np.maximum(after, 0), np.maximum(target, 0), "core + last conv" + _relu_label(design, target))
     return _errors(before, after, target, "core + last conv (reduced-rank regression)")
 
 

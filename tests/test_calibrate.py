@@ -367,6 +367,21 @@ def test_relu_solve_is_skipped_where_it_would_cost_too_much(monkeypatch):
     assert np.array_equal(calibrate.relu_solve(design, target, linear, 1e-6), linear)
 
 
+def test_the_report_says_when_the_relu_aware_solve_was_skipped(monkeypatch):
+    import onnx_tucker.calibrate as calibrate
+
+    def labels():
+        model = conv_model(c_in=16, c_out=32, spatial=(10, 10))  # conv -> Relu: the refit is ReLU-aware
+        feeds = {"x": np.random.default_rng(3).standard_normal((48, 16, 10, 10)).astype(np.float32)}
+        _, report = compress(model, ratio=0.5, calibration=feeds)
+        return [entry["refit"] for entry in report.calibration["layers"].values() if "ReLU" in str(entry.get("refit"))]
+
+    assert labels() and not any("skipped" in label for label in labels())
+    monkeypatch.setattr(calibrate, "RELU_WORK", 0)
+    skipped = labels()
+    assert skipped and all("ReLU-aware solve skipped: too costly" in label for label in skipped)
+
+
 def test_refit_goes_through_the_graph_in_order_whatever_order_the_chains_come_in():
     """Chains are refitted in the compressed graph's order (a ResNet's shortcut conv is a later site but an
     earlier node): given in reverse, the one forward pass still serves every chain, with the same result."""
