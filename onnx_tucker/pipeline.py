@@ -67,6 +67,7 @@ def compress(model, ratio: float = 0.5, **options) -> tuple[onnx.ModelProto, Rep
 
 FEEDBACK_AIM = 0.9  # the corrected plan aims this far under the target: the measurement that checks it is noisy
 FEEDBACK_SLACK = 0.1  # no second plan when the first one's measured latency is within this of the target (and meets it)
+CONFIRM_RUNS = 120  # a first measurement that would start a second plan is repeated with this many interleaved pairs first
 
 
 def _target_latency(model: onnx.ModelProto, opts: CompressOptions) -> tuple[onnx.ModelProto, Report]:
@@ -81,7 +82,23 @@ def _target_latency(model: onnx.ModelProto, opts: CompressOptions) -> tuple[onnx
         return first
     predicted, measured = latency["prediction"]["predicted_ratio"], 1 / latency["measured"]["speedup"]
     target = opts.target_latency
-    if measured <= target and measured >= (1 - FEEDBACK_SLACK) * target:
+    within = lambda ratio: (1 - FEEDBACK_SLACK) * target <= ratio <= target  # noqa: E731
+    if within(measured):
+        return first
+    # One whole-model measurement is noisy (two runs of the same plan measured 0.395 and 1.21x its prediction):
+    # repeat it, with more pairs, before replanning on it.
+    from onnx_tucker.latency_table import time_models
+
+    confirm = time_models(model, first[0], latency["provider"], latency["batch"], runs=CONFIRM_RUNS)
+    confirmed = confirm | {"first_measured": measured}
+    repeat_note = (f"latency feedback: the first plan measured {measured:.3f} x the original, outside "
+                   f"[{(1 - FEEDBACK_SLACK) * target:.3f}, {target:.3f}]; a repeat of {CONFIRM_RUNS} interleaved pairs "
+                   f"measured {1 / confirm['speedup']:.3f}")
+    measured = 1 / confirm["speedup"]
+    if within(measured):
+        latency["confirmed"] = confirmed
+        first[1].notes.append(repeat_note)
+        _set_metadata(first[0], first[1])
         return first
     correction = measured / predicted
     memo["planned_target"] = min(1.0, FEEDBACK_AIM * target / correction)
@@ -89,12 +106,16 @@ def _target_latency(model: onnx.ModelProto, opts: CompressOptions) -> tuple[onnx
     try:
         second = _compress(model, opts, memo)
     except UsageError as exc:  # the corrected target cannot be planned: keep the first
-        first[1].notes.append(f"no second plan with the measured correction ({first_line(exc)})")
+        latency["confirmed"] = confirmed
+        first[1].notes += [repeat_note, f"no second plan with the measured correction ({first_line(exc)})"]
+        _set_metadata(first[0], first[1])
         return first
     again = 1 / second[1].latency["measured"]["speedup"]
     keep = second if again <= target or (measured > target and again < measured) else first
+    keep[1].notes.append(repeat_note)
+    keep[1].latency["confirmed"] = confirmed
     keep[1].notes.append(
-        f"latency feedback: first plan predicted {predicted:.3f}, measured {measured:.3f}; second plan on the corrected prediction "
+        f"latency feedback: first plan predicted {predicted:.3f}, measured {measured:.3f} (the repeat); second plan on the corrected prediction "
         f"(x {correction:.3f}, aiming at {FEEDBACK_AIM:g} x the target) measured {again:.3f}: kept the "
         f"{'second' if keep is second else 'first'}")
     keep[1].latency["feedback"] = {"first": {"predicted": predicted, "measured": measured}, "correction": correction,

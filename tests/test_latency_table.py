@@ -179,3 +179,42 @@ def test_whole_model_timing_is_cached_by_both_models_bytes(tmp_path):
     assert {k: second.latency["measured"][k] for k in same} == same
     _, other = compress(model, ratio=0.25, latency_aware=True, latency_table=path)
     assert other.latency["measured"]["cached"] is False  # another compressed model: timed again
+
+
+def _scripted_whole_timing(monkeypatch, target, ratios):
+    """Each whole-model timing really runs, but reports the next of ``ratios`` (compressed / original) as its
+    measurement: a noisy first measurement, scripted, to test what the feedback step does with it."""
+    import onnx_tucker.latency_table as latency_table
+
+    real, script, calls = latency_table.time_models, list(ratios), []
+
+    def timed(*args, **kwargs):
+        result = real(*args, **kwargs)
+        ratio = script.pop(0) * target
+        calls.append(kwargs.get("runs", 40))
+        return result | {"speedup": 1 / ratio, "compressed_ms": result["original_ms"] * ratio}
+
+    monkeypatch.setattr(latency_table, "time_models", timed)
+    return calls
+
+
+@pytest.mark.parametrize("repeat, replanned", [(0.95, False), (1.3, True)], ids=["noise", "confirmed"])
+def test_a_measurement_that_would_start_a_second_plan_is_repeated_first(tmp_path, monkeypatch, repeat, replanned):
+    import onnx_tucker.latency_table as latency_table
+    import onnx_tucker.pipeline as pipeline
+
+    monkeypatch.setattr(latency_table, "RUNS", 3)
+    monkeypatch.setattr(latency_table, "MIN_SECONDS", 0.0)
+    monkeypatch.setattr(pipeline, "CONFIRM_RUNS", 7)
+    target = 1.0  # the budget itself is not the point here: any plan, then what the feedback does with its measurement
+    calls = _scripted_whole_timing(monkeypatch, target, [1.3, repeat, 0.93])  # first plan, its repeat, a second plan
+    model = residual_model(channels=64, spatial=(16, 16))
+    cal = {"x": np.random.default_rng(0).standard_normal((48, 3, 16, 16)).astype(np.float32)}
+    new, report = compress(model, target_latency=target, calibration=cal, latency_table=str(tmp_path / "t.json"))
+    confirmed = report.latency["confirmed"]
+    assert "a repeat of 7 interleaved pairs" in " ".join(report.notes) and calls[1] == 7
+    assert confirmed["first_measured"] == pytest.approx(1.3 * target) and 1 / confirmed["speedup"] == pytest.approx(repeat * target)
+    if replanned:  # the second plan was corrected by the repeat's measurement, not the first's
+        assert report.latency["feedback"]["first"]["measured"] == pytest.approx(repeat * target) and len(calls) == 3
+    else:
+        assert "feedback" not in report.latency and len(calls) == 2  # the first plan kept, no second plan
