@@ -214,7 +214,11 @@ def test_a_measurement_that_would_start_a_second_plan_is_repeated_first(tmp_path
     confirmed = report.latency["confirmed"]
     assert "a repeat of 7 interleaved pairs" in " ".join(report.notes) and calls[1] == 7
     assert confirmed["first_measured"] == pytest.approx(1.3 * target) and 1 / confirmed["speedup"] == pytest.approx(repeat * target)
-    if replanned:  # the second plan was corrected by the repeat's measurement, not the first's
-        assert report.latency["feedback"]["first"]["measured"] == pytest.approx(repeat * target) and len(calls) == 3
+    if replanned:  # a confirmed miss: a second plan, corrected by the repeat's measurement, not the first's
+        feedback = report.latency.get("feedback")
+        if feedback is None:  # this machine's timings leave the corrected target unreachable: the first kept, and said so
+            assert any("no second plan with the measured correction" in n for n in report.notes) and len(calls) == 2
+        else:
+            assert feedback["first"]["measured"] == pytest.approx(repeat * target) and len(calls) == 3
     else:
         assert "feedback" not in report.latency and len(calls) == 2  # the first plan kept, no second plan
