@@ -14,7 +14,9 @@
 # one JSON next to it; on a machine without CUDA it runs to the end and records why.
 #
 #   tools/gpu_check.sh [OUT.txt]           default docs/gpu_check.txt (JSON: docs/gpu_check.json)
-#   WHEELS=.whl tools/gpu_check.sh         first install the wheels in .whl (offline) into a temporary folder
+#   WHEELS=.whl tools/gpu_check.sh         first install the wheels in .whl (offline) into a temporary folder:
+#                                          onnxruntime-gpu and the pure-Python packages missing there
+#                                          (onnx-graphsurgeon, tensorly, tqdm, ...; /work/.library/device/README.md)
 #   PYTHON=python3.12 RUNS=200 BIG_RUNS=50 DEADLINE=300 BIG=0   other knobs (BIG=0: skip ResNet50/VGG16)
 #   PROVIDER=cpu RUNS=5 BIG=0 tools/gpu_check.sh /tmp/dry.txt    a dry run of every step on the CPU EP (no GPU needed)
 #   SCALE=1 tools/gpu_check.sh             also issue 15's figure: ResNet50 --target-macs 0.5 --layers kxk,1x1 --calibrate DIR
