@@ -365,14 +365,7 @@ class BudgetArgs:
         if args.probes is not None:
             options["probes"] = args.probes
         if args.curves is not None:
-            from pathlib import Path
-
-            path = Path(args.curves)
-            if path.exists() and not path.is_file():
-                raise UsageError(f"--curves: {path} exists and is not a regular file")
-            if not path.parent.is_dir():
-                raise UsageError(f"--curves: folder does not exist: {path.parent}")
-            options["curves"] = str(path)
+            options["curves"] = check_cache_file(args.curves, "--curves")
         return options
 
 
@@ -513,6 +506,19 @@ class DistillArgs:
         return {"distill": settings}
 
 
+def check_cache_file(text: str, flag: str) -> str:
+    """A cache file the tool reads and rewrites (``--curves``, ``--latency-table``): a regular file or a new
+    one in an existing folder."""
+    from pathlib import Path
+
+    path = Path(text)
+    if path.exists() and not path.is_file():
+        raise UsageError(f"{flag}: {path} exists and is not a regular file")
+    if not path.parent.is_dir():
+        raise UsageError(f"{flag}: folder does not exist: {path.parent}")
+    return str(path)
+
+
 RANK_MULTIPLE_HELP = ("round ranks to multiples of N, or auto: the largest of 1, 4, 8, 16 whose rounded-up ranks cost no time on "
                       "--provider (measured on the two largest layers, cached)")
 PROVIDER_HELP = ("execution provider the latencies are measured on: cpu (default), cuda, tensorrt; also what "
@@ -544,7 +550,8 @@ class MultipleArgs:
             return {}
         from onnx_tucker.providers import require
 
-        return {"provider": require(args.provider or "cpu").key, "batch": args.latency_batch or 1, "table": args.latency_table}
+        table = check_cache_file(args.latency_table, "--latency-table") if args.latency_table is not None else None
+        return {"provider": require(args.provider or "cpu").key, "batch": args.latency_batch or 1, "table": table}
 
 
 class LatencyArgs:
@@ -590,14 +597,7 @@ class LatencyArgs:
 
             options["provider"] = require(args.provider).key
         if args.latency_table is not None:
-            from pathlib import Path
-
-            path = Path(args.latency_table)
-            if path.exists() and not path.is_file():
-                raise UsageError(f"--latency-table: {path} exists and is not a regular file")
-            if not path.parent.is_dir():
-                raise UsageError(f"--latency-table: folder does not exist: {path.parent}")
-            options["latency_table"] = str(path)
+            options["latency_table"] = check_cache_file(args.latency_table, "--latency-table")
         return options
 
 

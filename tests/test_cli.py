@@ -248,3 +248,9 @@ def test_inspect_rank_multiple_auto_measures_once_and_rounds_every_rank(saved_re
 def test_inspect_measuring_flags_need_rank_multiple_auto(saved_residual):
     r = cli("inspect", saved_residual, "--provider", "cpu")
     assert r.returncode == 2 and r.stderr.strip() == "onnx-tucker: error: --provider only applies with --rank-multiple auto"
+
+
+def test_inspect_latency_table_must_be_a_file(saved_residual, tmp_path):
+    r = cli("inspect", saved_residual, "--rank-multiple", "auto", "--latency-table", tmp_path)
+    assert r.returncode == 2 and "--latency-table" in r.stderr and "not a regular file" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
