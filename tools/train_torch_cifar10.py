@@ -8,7 +8,9 @@ with a final linear classifier:
 - ``vgg11_bn``: VGG-11 with BatchNorm, CIFAR variant (one 3x3 conv stack, five max-pools,
   linear classifier on the 1x1 map); ``--vgg-width`` scales the channels (0.5: 32..256);
 - ``mobilenetv2``: MobileNetV2 CIFAR variant (stride-1 stem and first two stages at 32x32,
-  inverted residuals 1x1 expand / 3x3 depthwise / 1x1 project); ``--mbv2-width`` multiplier.
+  inverted residuals 1x1 expand / 3x3 depthwise / 1x1 project); ``--mbv2-width`` multiplier;
+- ``resnet56``: the deeper CIFAR ResNet-56 (9 blocks a stage), kept out of development: the
+  "pretrained-style" model that the tool was not tuned on.
 
 Input of every exported model: ``input``, float32 **NHWC raw pixels 0..255**, shape (N, 32, 32, 3),
 exactly the layout of the .npz files (``x_train``/``x_test`` uint8 cast to float) and of the
@@ -25,6 +27,9 @@ With ``--minutes arch=M,...`` each network trains for a wall-clock budget instea
 epochs: the one-cycle learning rate follows the fraction of the budget spent, so a run on a shared
 CPU ends on time (with fewer steps when contended); the log records the steps and epochs done.
 Writes models/cifar10_<arch>.onnx, .train.json (rewritten after every epoch) and .pt (state dict).
+``--device cuda`` trains on a GPU (``--bf16`` then autocasts on the GPU). Without ``cifar10_test.npz``
+in ``--data`` (a GPU machine that was sent only training images) the test top-1 is left out, and
+``--evaluate`` fills it in later from the exported ONNX with onnxruntime on the CPU.
 ``--bench`` only measures training throughput (images/s, forward+backward at the batch size).
 """
 from __future__ import annotations
@@ -42,7 +47,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
-ARCHS = ("resnet20", "vgg11_bn", "mobilenetv2")
+ARCHS = ("resnet20", "vgg11_bn", "mobilenetv2", "resnet56")
 # Per-channel statistics of the CIFAR-10 training images (RGB, on the 0..1 scale).
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
@@ -172,6 +177,8 @@ def build(arch: str, args) -> nn.Module:
         return VGGCifar(args.vgg_width)
     if arch == "mobilenetv2":
         return MobileNetV2Cifar(args.mbv2_width, args.mbv2_last, args.mbv2_stage2_stride)
+    if arch == "resnet56":
+        return ResNetCifar(56)
     raise ValueError(arch)
 
 
@@ -198,10 +205,18 @@ def count_macs(model: nn.Module) -> int:
 
 
 # ---------------------------------------------------------------- data
-def load_cifar10(data_dir: Path):
-    tr = np.load(data_dir / "cifar10_train.npz", allow_pickle=False)
-    te = np.load(data_dir / "cifar10_test.npz", allow_pickle=False)
-    return tr["x_train"], tr["y_train"].reshape(-1).astype(np.int64), te["x_test"], te["y_test"].reshape(-1).astype(np.int64)
+def load_cifar10(data_dir: Path, need_train: bool = True):
+    """(x_train, y_train, x_test, y_test); the test pair is (None, None) when its file is absent."""
+    x_train = y_train = x_test = y_test = None
+    if need_train:
+        tr = np.load(data_dir / "cifar10_train.npz", allow_pickle=False)
+        x_train, y_train = tr["x_train"], tr["y_train"].reshape(-1).astype(np.int64)
+    if (data_dir / "cifar10_test.npz").exists():
+        te = np.load(data_dir / "cifar10_test.npz", allow_pickle=False)
+        x_test, y_test = te["x_test"], te["y_test"].reshape(-1).astype(np.int64)
+    elif not need_train:
+        raise SystemExit(f"error: {data_dir / 'cifar10_test.npz'} not found")
+    return x_train, y_train, x_test, y_test
 
 
 def augment(padded: np.ndarray, idx: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -220,12 +235,12 @@ def to_tensor(x_uint8: np.ndarray) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model, x, y, batch=500, bf16=False):
+def evaluate(model, x, y, batch=500, bf16=False, device="cpu"):
     model.eval()
     correct, loss = 0, 0.0
     for s in range(0, len(x), batch):
-        xb, yb = to_tensor(x[s : s + batch]), torch.from_numpy(y[s : s + batch])
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        xb, yb = to_tensor(x[s : s + batch]).to(device), torch.from_numpy(y[s : s + batch]).to(device)
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
             out = model(xb).float()
         loss += F.cross_entropy(out, yb, reduction="sum").item()
         correct += (out.argmax(1) == yb).sum().item()
@@ -312,6 +327,8 @@ def train(arch, epochs, minutes, args, data):
     model = build(arch, args)
     params = sum(p.numel() for p in model.parameters())
     macs = count_macs(model)
+    device = torch.device(args.device)
+    model = model.to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     decay, no_decay = [], []
@@ -331,6 +348,7 @@ def train(arch, epochs, minutes, args, data):
     log_path = stem.with_suffix(".train.json")
     arch_desc = {
         "resnet20": "ResNet-20 (3x3 basic blocks, 16-32-64, 1x1 conv+BN projection shortcuts)",
+        "resnet56": "ResNet-56 (3x3 basic blocks, 9 a stage, 16-32-64, 1x1 conv+BN projection shortcuts)",
         "vgg11_bn": f"VGG-11-BN CIFAR variant, width x{args.vgg_width}",
         "mobilenetv2": f"MobileNetV2 CIFAR variant, width x{args.mbv2_width}, last conv {_make_divisible(args.mbv2_last * max(1.0, args.mbv2_width))}",
     }[arch]
@@ -344,7 +362,8 @@ def train(arch, epochs, minutes, args, data):
                      "final_div_factor": args.final_div_factor},
         "label_smoothing": args.label_smoothing, "augmentation": "random crop 32 of 4-pixel zero pad, horizontal flip p=0.5",
         "seed": args.seed, "bf16_autocast": args.bf16, "channels_last": args.channels_last,
-        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "device": device.type if device.type == "cpu" else
+        f"{device.type}: {torch.cuda.get_device_name(device)}",
         "input": "input: float32 NHWC (N,32,32,3) raw pixels 0..255; model transposes to NCHW and normalises (x/255-mean)/std",
         "normalisation": {"mean": CIFAR_MEAN, "std": CIFAR_STD},
         "output": "logits: (N,10), no softmax",
@@ -368,8 +387,9 @@ def train(arch, epochs, minutes, args, data):
             for g in opt.param_groups:
                 g["lr"] = lr
             idx = perm[step * args.batch_size : (step + 1) * args.batch_size]
-            xb, yb = to_tensor(augment(padded, idx, rng)), torch.from_numpy(y_train[idx])
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            xb = to_tensor(augment(padded, idx, rng)).to(device, non_blocking=True)
+            yb = torch.from_numpy(y_train[idx]).to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
                 out = model(xb).float()
             loss = criterion(out, yb)
             opt.zero_grad(set_to_none=True)
@@ -391,7 +411,7 @@ def train(arch, epochs, minutes, args, data):
             break
         epoch += 1
         train_s = time.time() - t0
-        val_acc, val_loss = evaluate(model, x_val, y_val, bf16=args.bf16)
+        val_acc, val_loss = evaluate(model, x_val, y_val, bf16=args.bf16, device=device)
         row = {"epoch": epoch, "steps": seen // args.batch_size, "lr_end": round(lr, 6), "loss": round(loss_sum / seen, 4),
                "train_acc": round(correct / seen, 4), "val_loss": round(val_loss, 4), "val_acc": round(val_acc, 4),
                "epoch_s": round(train_s, 1), "images_per_s": round(seen / train_s, 1), "elapsed_s": round(time.time() - start, 1)}
@@ -404,27 +424,47 @@ def train(arch, epochs, minutes, args, data):
     if budget_s:
         log["epochs"] = log["epochs_done"]
 
-    model = model.to(memory_format=torch.contiguous_format).float().eval()
+    model = model.to("cpu", memory_format=torch.contiguous_format).float().eval()
     torch.save(model.state_dict(), stem.with_suffix(".pt"))
     onnx_path = stem.with_suffix(".onnx")
     _, ops = export_onnx(model, onnx_path)
+    log.update({
+        "wall_seconds": round(time.time() - start, 1),
+        "onnx": onnx_path.name,
+        "onnx_ops": {op: ops.count(op) for op in sorted(set(ops))},
+        "final_val_acc": log["history"][-1]["val_acc"] if log["history"] else None,
+    })
+    if x_test is None:
+        log_path.write_text(json.dumps(log, indent=1))
+        print(f"[{arch}] done in {log['wall_seconds'] / 60:.1f} min; wrote {onnx_path} (no test file: "
+              f"run --evaluate where cifar10_test.npz is)", flush=True)
+        return
     test_torch, _ = evaluate(model, x_test, y_test)  # float32, no autocast: what the ONNX model computes
     test_ort, ort_out = ort_top1(onnx_path, x_test, y_test)
     with torch.no_grad():
         torch_out = torch.cat([model(to_tensor(x_test[s : s + 500])) for s in range(0, 1000, 500)]).numpy()
     log.update({
-        "wall_seconds": round(time.time() - start, 1),
-        "onnx": onnx_path.name,
-        "onnx_ops": {op: ops.count(op) for op in sorted(set(ops))},
         "test_images": len(x_test),
         "test_top1_torch": round(test_torch, 4),
         "test_top1_onnxruntime": round(test_ort, 4),
         "max_abs_logit_diff_torch_vs_ort_first1000": float(np.abs(torch_out - ort_out[:1000]).max()),
-        "final_val_acc": log["history"][-1]["val_acc"] if log["history"] else None,
     })
     log_path.write_text(json.dumps(log, indent=1))
     print(f"[{arch}] done in {log['wall_seconds'] / 60:.1f} min: test top-1 torch {test_torch:.4f}, onnxruntime {test_ort:.4f}; "
           f"wrote {onnx_path}", flush=True)
+
+
+def evaluate_exported(arch: str, args, x_test, y_test):
+    """Test top-1 of an exported model (onnxruntime, CPU) written into its log: for models trained
+    where the test set was not at hand."""
+    stem = Path(args.out_dir) / f"cifar10_{arch}"
+    log_path = stem.with_suffix(".train.json")
+    log = json.loads(log_path.read_text())
+    test_ort, _ = ort_top1(stem.with_suffix(".onnx"), x_test, y_test)
+    log.update({"test_images": len(x_test), "test_top1_onnxruntime": round(test_ort, 4),
+                "test_evaluated": "later, with --evaluate (onnxruntime, CPU)"})
+    log_path.write_text(json.dumps(log, indent=1))
+    print(f"[{arch}] test top-1 onnxruntime {test_ort:.4f} ({len(x_test)} images); updated {log_path}", flush=True)
 
 
 def parse_epochs(text: str, archs, kind=int) -> dict:
@@ -463,6 +503,9 @@ def main(argv=None):
                    help="stride of the 24-channel stage: 1 (CIFAR variant, 32x32) or 2 (ImageNet's, 16x16; ~3x cheaper)")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast for training (AMX/AVX512-BF16 CPUs); export is float32")
     p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--device", default="cpu", help="torch device to train on: cpu or cuda")
+    p.add_argument("--evaluate", action="store_true",
+                   help="only measure the test top-1 of the exported models in --out-dir and write it into their logs")
     p.add_argument("--max-steps", type=int, default=0, help="smoke test: at most this many steps per epoch")
     p.add_argument("--bench", action="store_true", help="only measure training images/s")
     p.add_argument("--bench-steps", type=int, default=10)
@@ -471,6 +514,11 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     torch.set_num_interop_threads(1)
     archs = ARCHS if args.arch == "all" else (args.arch,)
+    if args.evaluate:
+        _, _, x_test, y_test = load_cifar10(Path(args.data), need_train=False)
+        for arch in archs:
+            evaluate_exported(arch, args, x_test, y_test)
+        return
     if args.bench:
         for arch in archs:
             bench(arch, args)
