@@ -28,6 +28,7 @@ from onnx_tucker.data import load_labelled, predict, top1  # noqa: E402
 
 SETTINGS = [
     ("ratio 0.5", {"ratio": 0.5}),
+    ("MACs <= 1/2", {"target_macs": 0.5}),
     ("ratio 0.4", {"ratio": 0.4}),
     ("MACs <= 1/3", {"target_macs": 1 / 3}),
     ("ratio 0.3", {"ratio": 0.3}),
