@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -112,6 +113,7 @@ def cmd_compress(args) -> int:
     DataArgs.parse(args)
     options = {**RankArgs.parse(args), **BudgetArgs.parse(args), **LatencyArgs.parse(args), **DistillArgs.parse(args),
                **RayArgs.parse(args)}
+    started = time.perf_counter()
     model = load_model(args.input)
     from onnx_tucker.runtime import graph_inputs
 
@@ -130,7 +132,9 @@ def cmd_compress(args) -> int:
         feeds = {k: v[:64] for k, v in labelled[0].items()}
     if feeds is None and not args.no_check:
         feeds = random_inputs(model, batch=check["check_batch"], seed=0, shapes=input_shapes)
+    loaded = time.perf_counter() - started  # the model, the labelled data and the calibration set
     new_model, report = compress(model, **options)
+    report.timings = {"load": loaded, **report.timings}
     tolerances = Tolerances(min_agreement=check["min_agreement"], max_rel_error=check["max_rel_error"],
                             min_cosine=COLLAPSE_COSINE if real_inputs else None)
     check_source = args.inputs or (f"first 64 samples of {args.data}" if labelled is not None else f"random, seed 0, batch {check['check_batch']}")
@@ -149,19 +153,24 @@ def cmd_compress(args) -> int:
     result = None
     in_memory = model_size(new_model) <= PROTOBUF_LIMIT and model_size(model) <= PROTOBUF_LIMIT
     if not args.no_check and in_memory:
-        result = self_check(model, new_model)
+        with report.phase("check"):
+            result = self_check(model, new_model)
         if not result.passed and not check["keep_failed"]:
             return _failed(report, result, say, written=None)
     protected = [Path(args.input)] + external_data_files(model, Path(args.input).parent)
     # staged beside OUT; renamed into place with the report only when nothing below has failed
-    staged, data_file = args.outputs.save_model(new_model, out, external_data=args.external_data or None, protected=protected)
+    with report.phase("save"):
+        staged, data_file = args.outputs.save_model(new_model, out, external_data=args.external_data or None, protected=protected)
     if not args.no_check and not in_memory:
-        result = self_check(Path(args.input), staged)
+        with report.phase("check"):
+            result = self_check(Path(args.input), staged)
         if not result.passed and not check["keep_failed"]:
             args.outputs.discard()
             return _failed(report, result, say, written=None)
     if labelled is not None:
-        report.accuracy = accuracy_of(model, staged, *labelled, source=args.data)
+        with report.phase("accuracy"):
+            report.accuracy = accuracy_of(model, staged, *labelled, source=args.data)
+    report.timings["total"] = time.perf_counter() - started
     report.verdict = result.to_dict() if result is not None else None
     if args.report:
         args.outputs.write_text(args.report, report.to_json(), "--report")
@@ -177,6 +186,7 @@ def cmd_compress(args) -> int:
             f"top-1 on {a['samples']} labelled samples ({a['data']}): original {100 * a['original']:.2f}%, "
             f"compressed {100 * a['compressed']:.2f}% ({100 * a['change']:+.2f} points), agreement {100 * a['agreement']:.2f}%"
         )
+    say(report.timing_line())
     if result is not None and not result.passed:  # --keep-failed: written, still a failure
         print(f"FAILED: {result.reason} (written anyway: --keep-failed)")
         print(f"onnx-tucker: error: self-check FAILED: {result.reason} (written anyway: --keep-failed)", file=sys.stderr)

@@ -180,12 +180,14 @@ def _compress(model: onnx.ModelProto, opts: CompressOptions, memo: dict | None =
         from onnx_tucker.capture import activation_bytes, batch_for_bytes
 
         per_sample = sum(activation_bytes(s.shape, "in") for s in {s.input_name: s for s in eligible}.values())
-        input_stats = input_covariances(model, opts.calibration, [s.input_name for s in eligible],
-                                        axes={s.input_name: s.extra.get("channel_axis", 1) for s in eligible},
-                                        batch_size=batch_for_bytes(per_sample))
+        with report.phase("statistics"):
+            input_stats = input_covariances(model, opts.calibration, [s.input_name for s in eligible],
+                                            axes={s.input_name: s.extra.get("channel_axis", 1) for s in eligible},
+                                            batch_size=batch_for_bytes(per_sample))
     if memo is not None:
         memo["input_stats"] = input_stats
-    planned = plan_ranks(eligible, opts, fixed_macs, model=model, covariances=input_stats, report=report, table=table, memo=memo)
+    with report.phase("plan"):  # with a measured budget: the distortion curves
+        planned = plan_ranks(eligible, opts, fixed_macs, model=model, covariances=input_stats, report=report, table=table, memo=memo)
     left_whole = {}
     blas = ThreadpoolController()  # finds the BLAS libraries once (threadpool_limits searches again per fit: ~4 ms each)
     shared: dict[tuple, tuple[dict, float]] = {}
@@ -211,7 +213,7 @@ def _compress(model: onnx.ModelProto, opts: CompressOptions, memo: dict | None =
             cov = input_stats.get(site.input_name) if input_stats else None
             # One BLAS thread: the fits are many small eigendecompositions, which threaded OpenBLAS
             # runs ~3x slower on 2 cores (ResNet50: 6.1 s single-threaded vs 17 s, docs/tool_speed.md).
-            with blas.limit(limits=1, user_api="blas"):
+            with blas.limit(limits=1, user_api="blas"), report.phase("fit"):
                 factors = form.fit(site, ranks, n_iter_max=opts.n_iter_max, method=opts.method, input_covariance=cov)
             shared[key] = (form.constants(site, factors, taken), factors.relative_error)
         constants, record.relative_error = shared[key]
@@ -219,11 +221,13 @@ def _compress(model: onnx.ModelProto, opts: CompressOptions, memo: dict | None =
         report.chains.append(chain)
         record.decomposed, record.form, record.layout = True, form.name, _layout(site, chain)
     if report.decomposed:
-        new_model = export(graph, model)
+        with report.phase("export"):
+            new_model = export(graph, model)
         if opts.calibration is not None and opts.refit:
             from onnx_tucker.calibrate import refit_chains
 
-            report.calibration = refit_chains(model, new_model, opts.calibration, report.chains, mode=opts.refit)
+            with report.phase("refit"):
+                report.calibration = refit_chains(model, new_model, opts.calibration, report.chains, mode=opts.refit)
         if opts.distill is not None:
             if opts.calibration is None:
                 raise UsageError("distillation needs unlabelled inputs: give calibration data (--calibrate)")
@@ -231,7 +235,8 @@ def _compress(model: onnx.ModelProto, opts: CompressOptions, memo: dict | None =
 
             trainable = list(dict.fromkeys(t for c in report.chains for t in c.trainable()))
             feeds = {k: np.asarray(v) for k, v in opts.calibration.items()}  # a streamed image folder: decoded now
-            new_model, report.distill = distill(model, new_model, feeds, trainable, **opts.distill)
+            with report.phase("distill"):
+                new_model, report.distill = distill(model, new_model, feeds, trainable, **opts.distill)
         if opts.fold_affine:
             from onnx_tucker.fold import fold_affine_into_chains
 

@@ -176,6 +176,13 @@ def fastest_available() -> str:
     return available_providers()[0]
 
 
+def probe_options(name: str) -> dict:
+    """Session options for runs whose outputs matter and whose speed does not (distortion probes,
+    calibration passes): cuDNN picks its conv algorithm by heuristic instead of timing every one
+    (the EXHAUSTIVE default), which each new session and input shape would pay again."""
+    return get(name).options(cudnn_algo="HEURISTIC") if get(name).key != "cpu" else {}
+
+
 def require(name: str) -> Provider:
     """The provider, or a one-line error saying why it is missing."""
     provider = get(name)

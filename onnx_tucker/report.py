@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import math
+import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 
@@ -53,6 +55,7 @@ class Report:
     verdict: dict | None = None  # the self-check's {"passed", "reason"}
     distill: dict | None = None  # label-free distillation's statistics (steps, holdout agreement before/after, kept)
     latency: dict | None = None  # per-layer table times, predicted and measured whole-model latency (latency_table)
+    timings: dict = field(default_factory=dict)  # wall seconds per phase, in the order they ran (phase_timer)
 
     @property
     def decomposed(self) -> list:
@@ -89,7 +92,22 @@ class Report:
             "verdict": self.verdict,
             "distill": self.distill,
             "latency": self.latency,
+            "timings": {k: round(v, 3) for k, v in self.timings.items()},
         }
+
+    @contextmanager
+    def phase(self, name: str):
+        """Adds the wall time of the block to ``timings[name]`` (where a run's time goes: people size
+        budgets and machines by it, and a GPU run shows which phases the GPU sped up)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+
+    def timing_line(self) -> str:
+        parts = [f"{name} {seconds:.1f} s" for name, seconds in self.timings.items() if seconds >= 0.05]
+        return "time: " + (", ".join(parts) if parts else "-")
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=False)

@@ -35,7 +35,7 @@ from onnx_tucker.calibrate import patches_at
 from onnx_tucker.capture import activation_bytes, batch_for_bytes, iterate
 from onnx_tucker.factorization import get_form, not_worth_it
 from onnx_tucker.graph import cut, expose, from_bytes, probe_model, suffix_model, tensor_types
-from onnx_tucker.providers import fastest_available
+from onnx_tucker.providers import fastest_available, probe_options
 from onnx_tucker.runtime import make_session
 
 FIT_ROWS = 12_000  # sampled output positions per layer for the refit
@@ -215,7 +215,7 @@ def distortion_curves(model: onnx.ModelProto, candidates: list, feeds: dict, cov
     if any(t not in {o.name for o in probe.graph.output} for t in cut_tensors):
         expose(probe, cut_tensors, tensor_types(model))  # shape tensors are int64: typed by inference
     provider = fastest_available()  # probes run where they run fastest (CUDA when present)
-    session = make_session(probe, provider)
+    session = make_session(probe, provider, provider_options=probe_options(provider))
     output_name = model.graph.output[0].name
     weights = {}
     for cand in candidates:
@@ -425,8 +425,9 @@ def _suffix(job: LayerJob, probe, reference, at_cut, output_name, provider, sess
     """(session, feeds) that run the model from the job's layer on."""
     feeds = {t: at_cut[t] for t in job.feed_names}
     if job.whole:
-        return (session if session is not None else make_session(from_bytes(probe), provider, threads)), feeds
-    return make_session(suffix_model(from_bytes(probe), job.site.node.name, output_name, feeds), provider, threads), feeds
+        return (session if session is not None else make_session(from_bytes(probe), provider, threads, probe_options(provider))), feeds
+    return make_session(suffix_model(from_bytes(probe), job.site.node.name, output_name, feeds), provider, threads,
+                        probe_options(provider)), feeds
 
 
 def _measure(job: LayerJob, ranks_list: list, suffix_session, suffix_feeds: dict, reference, output_name: str, on_option=None) -> dict:

@@ -254,3 +254,25 @@ def test_inspect_latency_table_must_be_a_file(saved_residual, tmp_path):
     r = cli("inspect", saved_residual, "--rank-multiple", "auto", "--latency-table", tmp_path)
     assert r.returncode == 2 and "--latency-table" in r.stderr and "not a regular file" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_the_report_and_the_output_say_where_the_time_went(tmp_path, capsys):
+    """People size machines and budgets by the phases: load, statistics, plan (the measured curves),
+    fit, export, refit, check, save, accuracy, total; the report's phases sum to about the total."""
+    from onnx_tucker.cli import main
+
+    src = tmp_path / "in.onnx"
+    onnx.save(residual_model(), src)
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "train.npz", x_train=rng.standard_normal((96, 3, 10, 10)).astype(np.float32))
+    np.savez(tmp_path / "test.npz", x_test=rng.standard_normal((20, 3, 10, 10)).astype(np.float32), y_test=rng.integers(0, 4, 20))
+    out, report = tmp_path / "out.onnx", tmp_path / "report.json"
+    assert main([str(src), str(out), "--target-macs", "0.6", "--calibrate", str(tmp_path / "train.npz"), "--data",
+                 str(tmp_path / "test.npz"), "--report", str(report), "--max-rel-error", "10"]) == 0
+    timings = json.loads(report.read_text())["timings"]
+    assert list(timings) == ["load", "statistics", "plan", "fit", "export", "refit", "check", "save", "accuracy", "total"]
+    assert all(v >= 0 for v in timings.values())
+    phases = sum(v for k, v in timings.items() if k != "total")
+    assert phases <= timings["total"] * 1.01 + 0.01 and phases >= 0.5 * timings["total"]
+    line = [t for t in capsys.readouterr().out.splitlines() if t.startswith("time: ")]
+    assert len(line) == 1 and "total" in line[0]

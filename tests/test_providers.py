@@ -139,3 +139,11 @@ def test_missing_onnxruntime_says_which_extra_to_install(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_ort)
     with pytest.raises(UsageError, match=r"onnx-tucker\[cpu\]"):
         runtime.onnxruntime()
+
+
+def test_probe_options_pick_cudnn_heuristics_on_cuda_and_nothing_on_the_cpu():
+    from onnx_tucker.providers import probe_options
+
+    assert probe_options("cuda")["cudnn_conv_algo_search"] == "HEURISTIC"
+    assert probe_options("gpu") == probe_options("cuda")
+    assert probe_options("cpu") == {}

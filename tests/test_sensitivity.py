@@ -94,3 +94,26 @@ def test_big_inputs_are_measured_on_fewer_held_out_images():
     assert eval_samples({"x": np.zeros((512, 64, 64, 3), np.float32)}) == 32
     assert eval_samples({"x": np.zeros((512, 224, 224, 3), np.float32)}) == EVAL_MIN == 8
     assert eval_samples({"x": np.zeros((40, 3, 10, 10), np.float32)}) == 10
+
+
+def test_probes_on_cuda_ask_cudnn_for_a_heuristic_algorithm(monkeypatch):
+    """Probes measure outputs, not speed: on CUDA their sessions (the probe model and every suffix model)
+    skip cuDNN's exhaustive algorithm timing, which each new session would pay again. Run here on the CPU
+    EP with the provider choice and session factory observed; the curves must equal a plain CPU run's."""
+    from onnx_tucker import sensitivity
+    from onnx_tucker.runtime import make_session
+
+    asked = []
+
+    def observed(model, provider="cpu", threads=None, provider_options=None, **kw):
+        asked.append((provider, provider_options))
+        return make_session(model, "cpu", threads, **kw)
+
+    model, cal = residual_model(), feeds()
+    _, plain = compress(model, target_macs=0.6, calibration=cal, probes="all")
+    monkeypatch.setattr(sensitivity, "fastest_available", lambda: "cuda")
+    monkeypatch.setattr(sensitivity, "make_session", observed)
+    _, probed = compress(model, target_macs=0.6, calibration=cal, probes="all")
+    assert len(asked) >= 2 and all(p == "cuda" for p, _ in asked)  # the probe model and at least one suffix model
+    assert all(o["cudnn_conv_algo_search"] == "HEURISTIC" for _, o in asked)
+    assert probed.sensitivity["curves"] == plain.sensitivity["curves"]
