@@ -19,7 +19,7 @@ import onnx
 from threadpoolctl import threadpool_limits
 
 from onnx_tucker.capture import batch_for_bytes, batch_size_for, capture_named, fixed_batch, iterate
-from onnx_tucker.graph import Initializers, feeds_only_relu, nodes_by_name, prefix_model, with_outputs
+from onnx_tucker.graph import Initializers, consumers, feeds_only_relu, nodes_by_name, prefix_model, with_outputs
 from onnx_tucker.runtime import make_session
 from onnx_tucker.site import GeometryError, conv_geometry
 
@@ -66,12 +66,35 @@ def _flat(value: np.ndarray, axis: int = 1) -> np.ndarray:
     return np.moveaxis(value, axis, -1).reshape(-1, value.shape[axis])
 
 
+# A chain whose output goes only into a residual Add is fitted to what the Add must give (the original
+# Add's output less the compressed model's other branch), so that each block also cancels the error
+# that earlier blocks pass down the shortcut, instead of reproducing its own conv alone.
+RESIDUAL_TARGET = True
+
+
+def residual_merge(model: onnx.ModelProto, tensor: str) -> tuple[str, str] | None:
+    """(the Add's output, its other input) when ``tensor``'s only consumer is an Add of two computed
+    tensors (not a constant: that is a bias), else None."""
+    users = consumers(model, tensor)
+    if len(users) != 1 or users[0].op_type != "Add" or len(users[0].input) != 2 or tensor in {o.name for o in model.graph.output}:
+        return None
+    add = users[0]
+    constants = {i.name for i in model.graph.initializer} | {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    other = [t for t in add.input if t != tensor]
+    if len(other) != 1 or other[0] in constants:
+        return None
+    return add.output[0], other[0]
+
+
 def refit_chains(original: onnx.ModelProto, compressed: onnx.ModelProto, feeds: dict, chains: list,
-                 ridge: float = 1e-6, seed: int = 0, mode: str = "last", relu_aware: bool = True) -> dict:
+                 ridge: float = 1e-6, seed: int = 0, mode: str = "last", relu_aware: bool = True,
+                 residual: bool | None = None) -> dict:
     """Sequential least-squares refit of each chain's last node; edits ``compressed`` (and ``chains``) in place.
 
     ``mode="last"`` refits the last 1x1 conv and bias; ``mode="core"`` also refits the core by
     reduced-rank regression, for forms that have one, where there are enough calibration rows.
+    ``residual`` (default ``RESIDUAL_TARGET``): a chain that feeds a residual Add is fitted to the
+    original Add's output less the compressed model's other Add input (``residual_merge``).
     Returns per-layer output errors (relative, on the calibration rows) before and after.
     """
     start = time.perf_counter()
@@ -79,7 +102,10 @@ def refit_chains(original: onnx.ModelProto, compressed: onnx.ModelProto, feeds: 
     inits = Initializers(compressed)
     chains = [c for c in chains if c.nodes.get(c.last_role) in nodes]
     n = len(next(iter(feeds.values())))
-    picks, images, per_image, target_rows = _reference_rows(original, feeds, chains, seed)
+    residual = RESIDUAL_TARGET if residual is None else residual
+    outputs = {c.output for c in chains}
+    merges = {c.output: m for c in chains if residual and (m := residual_merge(compressed, c.output)) is not None and m[0] not in outputs}
+    picks, images, per_image, target_rows = _reference_rows(original, feeds, chains, seed, {k: m[0] for k, m in merges.items()})
     # The compressed model runs forward once over the images any layer's rows come from, a segment per
     # chain (issue 15: one prefix pass per chain cost a ResNet50 ~26 whole passes).
     chosen = np.unique(np.concatenate([images[c.output] for c in chains])) if chains else np.arange(0)
@@ -99,6 +125,7 @@ def refit_chains(original: onnx.ModelProto, compressed: onnx.ModelProto, feeds: 
     # is a later site than its block's first conv but comes first in the graph). Only independent branches
     # swap places, so every chain still sees the same earlier refits.
     order = sorted(chains, key=first_change)
+    merged_into = {}
     with threadpool_limits(limits=1, user_api="blas"), closing(target_rows):
         for chain in order:
             last = nodes[chain.nodes[chain.last_role]]
@@ -109,8 +136,22 @@ def refit_chains(original: onnx.ModelProto, compressed: onnx.ModelProto, feeds: 
             def collect(tensor, node):  # the tensor, computed with every earlier refit in place
                 return forward.value(tensor, node, images[chain.output], per_image[chain.output])
             relu = relu_aware and feeds_only_relu(compressed, chain.output)
+            offset = None
+            core_path = (mode == "core" and core_node is not None and core_node.name != last.name and _is_2d_conv(core_node)
+                         and len(pick) >= MIN_ROWS_PER_UNKNOWN * _core_unknowns(core_node, inits))
+            if chain.output in merges:  # the other branch, where it is already computed at the refit's cut
+                found = forward.peek(merges[chain.output][1], core_node if core_path else last, images[chain.output], per_image[chain.output])
+                if found is not None:
+                    other, mapper = found
+                    rows = _picked_rows(other, mapper(pick), chain.channel_axis)
+                    if rows.shape == target.shape:
+                        target = target_rows[merges[chain.output][0]].astype(np.float64) - rows
+                        merged_into[chain.output] = merges[chain.output][0]
+                        # the ReLU after the Add sees this chain's output plus the other branch
+                        if relu_aware and feeds_only_relu(compressed, merges[chain.output][0]):
+                            relu, offset = True, rows.astype(np.float64)
             if core_node is not None and core_node.name == last.name:  # 1x1 -> kxk: the kxk core writes the output
-                result["layers"][chain.layer] = _refit_kxk_last(compressed, chain, last, inits, collect, pick, target, ridge, relu)
+                result["layers"][chain.layer] = _refit_kxk_last(compressed, chain, last, inits, collect, pick, target, ridge, relu, offset)
                 continue
             # The core refit has R_in*k*k unknowns per output channel: with too few calibration
             # rows (late layers with small feature maps) it over-fits, so refit only the last conv.
@@ -119,23 +160,31 @@ def refit_chains(original: onnx.ModelProto, compressed: onnx.ModelProto, feeds: 
                 f, f_pick = collect(core_node.input[0], core_node)
                 geometry = _core_geometry(core_node, inits, f.shape[2:])
                 if geometry is not None:
-                    result["layers"][chain.layer] = _refit_core_and_last(compressed, chain, core_node, last, inits, f, f_pick(pick), target, geometry, ridge, relu)
+                    result["layers"][chain.layer] = _refit_core_and_last(compressed, chain, core_node, last, inits, f, f_pick(pick), target, geometry,
+                                                                         ridge, relu, offset)
                     continue
             z, z_pick = collect(last.input[0], last)
             z = _picked_rows(z, z_pick(pick), chain.channel_axis).astype(np.float64)
-            result["layers"][chain.layer] = _refit_last(chain, last, inits, z, target, ridge, relu=relu)
+            result["layers"][chain.layer] = _refit_last(chain, last, inits, z, target, ridge, relu=relu, offset=offset)
+    for chain in order:  # say which refits aimed at a residual Add's output
+        if chain.layer in result["layers"] and chain.output in merged_into:
+            result["layers"][chain.layer]["target"] = f"residual Add '{merged_into[chain.output]}' less its other input"
     result["layers"] = {c.layer: result["layers"][c.layer] for c in chains if c.layer in result["layers"]}  # site order
     result["capture"] = "one forward pass, a segment per chain" if forward.usable else "a prefix model per chain"
     result["seconds"] = round(time.perf_counter() - start, 2)
     return result
 
 
-def _reference_rows(original, feeds: dict, chains: list, seed: int) -> tuple[dict, dict, dict, "_RowStore"]:
+def _reference_rows(original, feeds: dict, chains: list, seed: int, extra: dict | None = None) -> tuple[dict, dict, dict, "_RowStore"]:
     """Per chain output: flat positions within its chosen images, the chosen images, its positions per
     image and the original layer's rows there. The original model runs once, batch by batch, and keeps
-    only the chosen rows (a ResNet50's 53 layer outputs over 512 images would not fit in memory)."""
-    targets = list(dict.fromkeys(c.output for c in chains))
+    only the chosen rows (a ResNet50's 53 layer outputs over 512 images would not fit in memory).
+    ``extra`` ({chain output: another tensor of its shape}) keeps that tensor's rows at the same positions."""
+    extra = {k: v for k, v in (extra or {}).items() if v not in {c.output for c in chains}}
+    targets = list(dict.fromkeys([c.output for c in chains] + list(extra.values())))
     axes = {c.output: c.channel_axis for c in chains}
+    axes.update({v: axes[k] for k, v in extra.items()})
+    twin = {v: k for k, v in extra.items()}  # an extra tensor takes its chain output's positions
     rng = np.random.default_rng(seed)
     n = len(next(iter(feeds.values())))
     picks, images, global_rows, store = {}, {}, {}, None
@@ -150,6 +199,8 @@ def _reference_rows(original, feeds: dict, chains: list, seed: int) -> tuple[dic
         count_here = len(next(iter(batch.values())))
         for name, value in zip(targets, values):
             axis = axes[name]
+            if name in twin:
+                continue
             if name not in picks:  # the first batch gives each layer's positions per image and channels
                 per_image = value.size // value.shape[axis] // count_here
                 # The rows come from a seeded subset of the images, large enough that the rows stay spread
@@ -160,6 +211,8 @@ def _reference_rows(original, feeds: dict, chains: list, seed: int) -> tuple[dic
                 local = np.sort(rng.choice(count * per_image, min(count * per_image, MAX_ROWS), replace=False))
                 picks[name], images[name] = local, chosen
                 global_rows[name] = (chosen[local // per_image] * per_image + local % per_image, per_image)
+        for name in twin:
+            global_rows.setdefault(name, global_rows[twin[name]])
         if store is None:
             store = _RowStore(sum(len(global_rows[t][0]) * v.shape[axes[t]] * v.itemsize for t, v in zip(targets, values)))
         for name, value in zip(targets, values):
@@ -168,7 +221,7 @@ def _reference_rows(original, feeds: dict, chains: list, seed: int) -> tuple[dic
             if hi > lo:
                 store.append(name, _flat(value, axes[name])[flat[lo:hi] - done * per_image])
         done += count_here
-    return picks, images, {t: v[1] for t, v in global_rows.items()}, store if store is not None else _RowStore(0)
+    return picks, images, {t: v[1] for t, v in global_rows.items() if t not in twin}, store if store is not None else _RowStore(0)
 
 
 SPILL_BYTES = 512 << 20
@@ -253,6 +306,26 @@ class _Forward:
             return where[n_idx] * per_image + rest
         return value, mapper
 
+    def peek(self, tensor: str, node, images: np.ndarray, per_image: int):
+        """``value``'s (array, mapper) where the one-pass forward holds ``tensor`` at ``node``'s cut, else None:
+        never the prefix-model fallback (an optional tensor must not slow every later chain down)."""
+        if not self.usable:
+            return None
+        index = next(i for i, nd in enumerate(self.model.graph.node) if nd.name == node.name)
+        if index < self.index:
+            return None
+        value = self._advance(index, tensor)
+        if value is None:
+            return None
+        where = np.searchsorted(self.chosen, images)
+        if len(where) == len(self.chosen):
+            return value, lambda local: local
+
+        def mapper(local):
+            n_idx, rest = np.divmod(local, per_image)
+            return where[n_idx] * per_image + rest
+        return value, mapper
+
     def _advance(self, index: int, tensor: str):
         """Run the nodes up to ``index`` (exclusive) from the current cut; the tensor's value, or None (fall back)."""
         from onnx_tucker.graph import cut_at, segment_model
@@ -306,24 +379,29 @@ RELU_WORK = 2e11
 
 
 def relu_solve(design: np.ndarray, target: np.ndarray, solution: np.ndarray, ridge: float,
-               iterations: int = RELU_ITERATIONS, max_rows: int = RELU_ROWS, seed: int = 0) -> np.ndarray:
+               iterations: int = RELU_ITERATIONS, max_rows: int = RELU_ROWS, seed: int = 0,
+               offset: np.ndarray | None = None) -> np.ndarray:
     """Least squares on what the ReLU lets through: per output channel, the rows where the
     original or the fitted pre-activation is positive (elsewhere both are cut to 0 and any
     error is invisible downstream). Iterated, since the fitted side moves. One Gram matrix per
     channel, so it runs on a row subsample in float32 (the solve itself is float64); ``solution``
-    is returned as it is where that would cost more than ``RELU_WORK`` (:func:`relu_too_costly`)."""
+    is returned as it is where that would cost more than ``RELU_WORK`` (:func:`relu_too_costly`).
+    ``offset`` (rows x C_out): what is added before the ReLU, as a residual Add's other branch: the
+    ReLU then sees ``design @ solution + offset`` and the original ``target + offset``."""
     if relu_too_costly(design, target, max_rows):
         return solution
+    offset = np.zeros((1, target.shape[1])) if offset is None else offset
     if len(design) > max_rows:
         keep = np.sort(np.random.default_rng(seed).choice(len(design), max_rows, replace=False))
         design, target = design[keep], target[keep]
+        offset = offset[keep] if len(offset) > 1 else offset
     d32 = design.astype(np.float32)
     eye = np.eye(design.shape[1])
     # Where the original is cut by the ReLU, reaching 0 is enough: aiming at the negative
     # value would spend the fit on error nobody downstream sees.
-    relu_target = np.maximum(target, 0)
+    relu_target = np.maximum(target + offset, 0) - offset
     for _ in range(iterations):
-        active = (target > 0) | ((design @ solution) > 0)
+        active = (target + offset > 0) | ((design @ solution + offset) > 0)
         new = np.empty_like(solution)
         for c in range(target.shape[1]):
             mask = active[:, c]
@@ -375,8 +453,10 @@ def _beta(node) -> float:
     return next((a.f for a in node.attribute if a.name == "beta"), 1.0) if node.op_type == "Gemm" else 1.0
 
 
-def _refit_last(chain, last, inits, z, target, ridge, relu: bool = False) -> dict:
-    """Least squares for the last node's weight (and bias, where it has one), given its input rows ``z``."""
+def _refit_last(chain, last, inits, z, target, ridge, relu: bool = False, offset=None) -> dict:
+    """Least squares for the last node's weight (and bias, where it has one), given its input rows ``z``
+    (``offset``: what a residual Add adds before the ReLU, see :func:`relu_solve`)."""
+    off = 0.0 if offset is None else offset
     weight_init, w, bias = _owned_last(chain, last, inits)
     matrix = w.reshape(w.shape[0], -1) if _out_first(last) else w.T  # (out, in)
     beta = _beta(last)
@@ -387,9 +467,9 @@ def _refit_last(chain, last, inits, z, target, ridge, relu: bool = False) -> dic
         gram += ridge * np.trace(gram) / len(gram) * np.eye(len(gram))
         solution = np.linalg.solve(gram, z.T @ target)
         if relu:
-            solution = relu_solve(z, target, solution, ridge)
+            solution = relu_solve(z, target, solution, ridge, offset=offset)
         after = z @ solution
-        clip = (lambda v: np.maximum(v, 0)) if relu else (lambda v: v)  # noqa: E731
+        clip = (lambda v: np.maximum(v + off, 0)) if relu else (lambda v: v)  # noqa: E731
         result = _errors(clip(before), clip(after), clip(target), "last factor" + (_relu_label(z, target) if relu else ""))
         if _kept(result):
             inits.set(weight_init.name, solution.astype(w.dtype) if not _out_first(last) else solution.T.reshape(w.shape).astype(w.dtype))
@@ -404,10 +484,10 @@ def _refit_last(chain, last, inits, z, target, ridge, relu: bool = False) -> dic
     gram += ridge * np.trace(gram) / len(gram) * np.eye(len(gram))
     solution = np.linalg.solve(gram, design.T @ target)  # (R_out + 1, C_out)
     if relu:
-        solution = relu_solve(design, target, solution, ridge)
+        solution = relu_solve(design, target, solution, ridge, offset=offset)
         after = design @ solution
-        relu_target = np.maximum(target, 0)
-        result = _errors(np.maximum(before, 0), np.maximum(after, 0), relu_target, "last conv" + _relu_label(design, target))
+        relu_target = np.maximum(target + off, 0)
+        result = _errors(np.maximum(before + off, 0), np.maximum(after + off, 0), relu_target, "last conv" + _relu_label(design, target))
     else:
         result = _errors(before, design @ solution, target, "last conv")
     if _kept(result):
@@ -415,7 +495,7 @@ def _refit_last(chain, last, inits, z, target, ridge, relu: bool = False) -> dic
     return result
 
 
-def _refit_kxk_last(model, chain, last, inits, collect, pick, target, ridge, relu) -> dict:
+def _refit_kxk_last(model, chain, last, inits, collect, pick, target, ridge, relu, offset=None) -> dict:
     """Least squares for a kxk last conv (weight and bias) on the im2col rows of its real input, shrunk
     towards the fitted core (it has R_in*k*k unknowns per output channel); skipped with too few rows."""
     if not _is_2d_conv(last) or len(pick) < MIN_ROWS_PER_UNKNOWN * (_core_unknowns(last, inits) + 1):
@@ -435,8 +515,9 @@ def _refit_kxk_last(model, chain, last, inits, collect, pick, target, ridge, rel
     lam = max(ridge, CORE_RIDGE) * np.trace(gram) / len(gram) + 1e-12
     solution = np.linalg.solve(gram + lam * np.eye(len(gram)), design.T @ target + lam * prior)
     if relu:
-        solution = relu_solve(design, target, solution, ridge)
-        clip = (lambda v: np.maximum(v, 0))  # noqa: E731
+        solution = relu_solve(design, target, solution, ridge, offset=offset)
+        off = 0.0 if offset is None else offset
+        clip = (lambda v: np.maximum(v + off, 0))  # noqa: E731
         result = _errors(clip(before), clip(design @ solution), clip(target), "kxk last conv" + _relu_label(design, target))
     else:
         result = _errors(before, design @ solution, target, "kxk last conv")
@@ -509,7 +590,7 @@ def _patches(f: np.ndarray, pick: np.ndarray, out_hw: tuple, geometry) -> np.nda
     return patches_at(f, n_idx, oh, ow, geometry)
 
 
-def _refit_core_and_last(model, chain, core_node, last, inits, f, pick, target, geometry, ridge, relu=False) -> dict:
+def _refit_core_and_last(model, chain, core_node, last, inits, f, pick, target, geometry, ridge, relu=False, offset=None) -> dict:
     """Reduced-rank regression of core+last on the first conv's real output.
 
     Fits the combined kxk conv (C_out x R_in*k*k) by least squares, shrunk towards
@@ -542,14 +623,16 @@ def _refit_core_and_last(model, chain, core_node, last, inits, f, pick, target, 
     after = p @ (full @ v @ v.T) + new_bias
     if relu:  # then the last factor and bias again, for the error the ReLU lets through
         design = np.hstack([p @ full @ v, np.ones((len(p), 1))])
-        solution = relu_solve(design, target, np.vstack([v.T, new_bias[None, :]]), ridge)
+        solution = relu_solve(design, target, np.vstack([v.T, new_bias[None, :]]), ridge, offset=offset)
         v, new_bias = solution[:-1].T, solution[-1]
         after = design @ solution
     inits.set(core_init.name, new_core.astype(dtype))
     inits.set(last_init.name, v.reshape(lw.shape).astype(dtype))
     inits.set(bias.name, new_bias.astype(dtype))
     if relu:
-        return _errors(np.maximum(before, 0), np.maximum(after, 0), np.maximum(target, 0), "core + last conv" + _relu_label(design, target))
+        off = 0.0 if offset is None else offset
+        return _errors(np.maximum(before + off, 0), np.maximum(after + off, 0), np.maximum(target + off, 0),
+                       "core + last conv" + _relu_label(design, target))
     return _errors(before, after, target, "core + last conv (reduced-rank regression)")
 
 

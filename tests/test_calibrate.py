@@ -426,3 +426,59 @@ def test_reference_rows_spilled_to_files_give_the_same_refit(monkeypatch, tmp_pa
     assert made and not any(__import__("os").path.exists(p) for p in made)  # it did spill, and cleaned up
     for name, value in in_memory.items():
         np.testing.assert_array_equal(spilled[name], value, err_msg=name)
+
+
+def _two_block_model(seed=0):
+    """x -> convP -> Relu -> h; h -> convA -> Add(h, .) -> Relu -> y: convA's chain feeds a residual Add
+    whose other input carries convP's compression error."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    w = lambda name, shape: numpy_helper.from_array((rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))).astype(np.float32), name)  # noqa: E731
+    inits = [w("WP", (16, 8, 3, 3)), w("BP", (16,)), w("WA", (16, 16, 3, 3)), w("BA", (16,))]
+    nodes = [
+        helper.make_node("Conv", ["x", "WP", "BP"], ["p"], name="convP", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["p"], ["h"], name="reluP"),
+        helper.make_node("Conv", ["h", "WA", "BA"], ["a"], name="convA", pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["h", "a"], ["s"], name="merge"),
+        helper.make_node("Relu", ["s"], ["y"], name="reluS"),
+    ]
+    graph = helper.make_graph(nodes, "two_blocks", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 12, 12])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16, 12, 12])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    return model
+
+
+def test_residual_merge_finds_the_other_branch_and_not_a_bias():
+    from onnx import helper, numpy_helper
+
+    from onnx_tucker.calibrate import residual_merge
+
+    model = _two_block_model()
+    assert residual_merge(model, "a") == ("s", "h")
+    assert residual_merge(model, "p") is None  # into a Relu
+    model.graph.initializer.append(numpy_helper.from_array(np.zeros((1, 16, 1, 1), np.float32), "bias"))
+    model.graph.node[3].CopyFrom(helper.make_node("Add", ["a", "bias"], ["s"], name="merge"))
+    assert residual_merge(model, "a") is None  # a constant addend is a bias, not a branch
+
+
+def test_residual_target_fits_what_the_add_must_give(monkeypatch):
+    """With the residual target, the chain before the Add is fitted to what the block must output: the
+    original Add's output less the compressed other branch (which carries convP's error), through the ReLU
+    that follows the Add. The block's output is then closer to the original's than when the chain copies
+    its own conv, on the calibration inputs and on fresh ones."""
+    from onnx_tucker import calibrate
+
+    model = _two_block_model()
+    x = np.random.default_rng(1).standard_normal((96, 8, 12, 12)).astype(np.float32)
+    fresh = np.random.default_rng(2).standard_normal((96, 8, 12, 12)).astype(np.float32)
+    errors = {}
+    for flag in (False, True):
+        monkeypatch.setattr(calibrate, "RESIDUAL_TARGET", flag)
+        new, report = compress(model, ratio=0.5, force=True, calibration={"x": x})
+        errors[flag] = [relative_error(run_model(new, {"x": v})[0], run_model(model, {"x": v})[0]) for v in (x, fresh)]
+        layer = report.calibration["layers"]["convA"]
+        assert ("residual Add 's'" in layer.get("target", "")) == flag, layer
+        assert ("after the ReLU" in layer["refit"]) == flag, layer  # the ReLU follows the Add, not the conv
+    assert errors[True][0] < 0.97 * errors[False][0] and errors[True][1] < 0.97 * errors[False][1], errors
