@@ -328,7 +328,7 @@ class _Forward:
 
     def _advance(self, index: int, tensor: str):
         """Run the nodes up to ``index`` (exclusive) from the current cut; the tensor's value, or None (fall back)."""
-        from onnx_tucker.graph import cut_at, segment_model
+        from onnx_tucker.graph import constant_outputs, cut_at, segment_model
 
         if index < self.index:
             return None
@@ -336,6 +336,8 @@ class _Forward:
             after = cut_at(self.model, index)
             if after is None:
                 return None
+            constants = constant_outputs(self.model)  # copied into each segment, never kept as state
+            after = [t for t in after if t not in constants]
             produced = {o for nd in list(self.model.graph.node)[self.index:index] for o in nd.output}
             wanted = [t for t in dict.fromkeys(after + [tensor]) if t in produced]
             segment = segment_model(self.model, self.index, index, wanted, self.types)

@@ -271,7 +271,12 @@ def segment_model(model: onnx.ModelProto, start: int, stop: int, outputs: list[s
         return None
     nodes = list(model.graph.node)[start:stop]
     needed = {t for n in nodes for t in n.input}
-    used = [t for t in inputs if t in needed]
+    # A Constant node before the segment (Clip's bounds in a torch export) is copied in, not fed: its
+    # value is not one row per image, and feeding it would stop the one-pass forward (constant_outputs).
+    constants = constant_outputs(model)
+    copied = [constants[t] for t in dict.fromkeys(t for t in inputs if t in needed and t in constants)]
+    nodes = copied + nodes
+    used = [t for t in inputs if t in needed and t not in constants]
     graph = onnx.helper.make_graph(
         nodes, f"{model.graph.name}_segment",
         [onnx.helper.make_tensor_value_info(t, types.get(t) or onnx.TensorProto.FLOAT, None) for t in used],
@@ -281,6 +286,11 @@ def segment_model(model: onnx.ModelProto, start: int, stop: int, outputs: list[s
     segment = onnx.helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
     segment.functions.extend(model.functions)
     return segment
+
+
+def constant_outputs(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    """Tensor name -> the Constant node (no inputs) that makes it."""
+    return {o: n for n in model.graph.node if n.op_type == "Constant" and not n.input for o in n.output}
 
 
 # --- consumers and initializers -------------------------------------------------------------------

@@ -482,3 +482,37 @@ def test_residual_target_fits_what_the_add_must_give(monkeypatch):
         assert ("residual Add 's'" in layer.get("target", "")) == flag, layer
         assert ("after the ReLU" in layer["refit"]) == flag, layer  # the ReLU follows the Add, not the conv
     assert errors[True][0] < 0.97 * errors[False][0] and errors[True][1] < 0.97 * errors[False][1], errors
+
+
+def test_constant_nodes_crossing_a_cut_keep_the_one_pass_refit(monkeypatch):
+    """torch.onnx writes Clip's bounds (ReLU6) as Constant nodes, often long before the Clip. Their values are
+    not one row per image; they are copied into the segment that reads them, so the refit still runs forward
+    once (MobileNetV2 fell back to a prefix model per chain), with the same weights as the prefix models."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    import onnx_tucker.calibrate as calibrate
+
+    rng = np.random.default_rng(5)
+    w = lambda name, shape: numpy_helper.from_array((rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))).astype(np.float32), name)  # noqa: E731
+    const = lambda name, v: helper.make_node("Constant", [], [name], name=f"{name}_node", value=numpy_helper.from_array(np.array(v, np.float32), name))  # noqa: E731
+    nodes = [
+        const("lo", 0.0), const("hi", 6.0),
+        helper.make_node("Conv", ["x", "W1"], ["a"], name="conv_a", pads=[1, 1, 1, 1]),
+        helper.make_node("Clip", ["a", "lo", "hi"], ["ac"], name="clip_a"),
+        helper.make_node("Conv", ["ac", "W2"], ["b"], name="conv_b", pads=[1, 1, 1, 1]),
+        helper.make_node("Clip", ["b", "lo", "hi"], ["bc"], name="clip_b"),
+        helper.make_node("Conv", ["bc", "W3"], ["y"], name="conv_c", pads=[1, 1, 1, 1]),
+    ]
+    graph = helper.make_graph(nodes, "clip_consts", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 10, 10])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16, 10, 10])],
+                              [w("W1", (16, 8, 3, 3)), w("W2", (16, 16, 3, 3)), w("W3", (16, 16, 3, 3))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    cal = {"x": (3 * rng.standard_normal((48, 8, 10, 10))).astype(np.float32)}
+    segmented, info = _refit_weights(model, cal, ratio=0.5, force=True, refit="last")
+    assert info["capture"] == "one forward pass, a segment per chain"
+    monkeypatch.setattr(calibrate._Forward, "_advance", lambda self, index, tensor: None)  # the old way
+    prefixed, old = _refit_weights(model, cal, ratio=0.5, force=True, refit="last")
+    assert old["capture"] == "a prefix model per chain"
+    for name, value in prefixed.items():
+        np.testing.assert_allclose(segmented[name], value, rtol=1e-4, atol=1e-5 * np.abs(value).max(), err_msg=name)
