@@ -20,6 +20,7 @@ from threadpoolctl import threadpool_limits
 
 from onnx_tucker.capture import batch_for_bytes, batch_size_for, capture_named, fixed_batch, iterate
 from onnx_tucker.graph import Initializers, consumers, feeds_only_relu, nodes_by_name, prefix_model, with_outputs
+from onnx_tucker.providers import fastest_available, probe_options
 from onnx_tucker.runtime import make_session
 from onnx_tucker.site import GeometryError, conv_geometry
 
@@ -30,6 +31,13 @@ MIN_ROWS_PER_UNKNOWN = 20
 CORE_RIDGE = 1e-2  # the core refit shrinks towards the Tucker solution: it has many unknowns  # pixel samples per layer for the least-squares refit
 BATCH = 64
 COV_POSITIONS = 64  # spatial positions per sample for the input covariances
+
+
+def _session(model: onnx.ModelProto):
+    """A session for the calibration passes (covariances, reference rows, the refit's forward segments):
+    on the fastest provider, like the probes, with cuDNN's heuristic algorithm choice (``probe_options``)."""
+    provider = fastest_available()
+    return make_session(model, provider, provider_options=probe_options(provider))
 
 
 def input_covariances(model: onnx.ModelProto, feeds: dict, tensor_names: list[str], seed: int = 0,
@@ -43,7 +51,7 @@ def input_covariances(model: onnx.ModelProto, feeds: dict, tensor_names: list[st
     """
     names = list(dict.fromkeys(tensor_names))
     exposed = with_outputs(model, names)
-    session = make_session(exposed)
+    session = _session(exposed)
     rng = np.random.default_rng(seed)
     sums = {n: None for n in names}
     counts = {n: 0 for n in names}
@@ -189,7 +197,7 @@ def _reference_rows(original, feeds: dict, chains: list, seed: int, extra: dict 
     n = len(next(iter(feeds.values())))
     picks, images, global_rows, store = {}, {}, {}, None
     exposed = with_outputs(original, targets)
-    session = make_session(exposed)
+    session = _session(exposed)
     fixed = fixed_batch(session)
     if fixed is None:  # every layer's output of a batch is fetched at once: size the batch on one sample's
         one = session.run(targets, {k: np.asarray(v[:1]) for k, v in feeds.items()})
@@ -346,7 +354,7 @@ class _Forward:
             inputs = [i.name for i in segment.graph.input]
             if any(not self._per_image(self.state[t]) for t in inputs):
                 return None
-            session = make_session(segment)
+            session = _session(segment)
             # written batch by batch into arrays for every image (no list of chunks to concatenate: at a
             # ResNet50's stem, 512 images' activations are 1.6 GB a tensor)
             new, done = {}, 0

@@ -516,3 +516,29 @@ def test_constant_nodes_crossing_a_cut_keep_the_one_pass_refit(monkeypatch):
     assert old["capture"] == "a prefix model per chain"
     for name, value in prefixed.items():
         np.testing.assert_allclose(segmented[name], value, rtol=1e-4, atol=1e-5 * np.abs(value).max(), err_msg=name)
+
+
+def test_calibration_passes_run_on_the_fastest_provider_with_cudnn_heuristics(monkeypatch):
+    """The covariance pass, the reference rows and the refit's forward segments run where the probes do (CUDA
+    when present), asking cuDNN for heuristic algorithms: each is a new session that would otherwise time
+    every conv algorithm. Observed here on the CPU EP; the weights must equal a plain CPU run's."""
+    from onnx import numpy_helper
+
+    import onnx_tucker.calibrate as calibrate
+    from onnx_tucker.runtime import make_session
+
+    model, cal = residual_model(), {"x": samples(64, seed=7)}
+    plain, _ = compress(model, ratio=0.5, calibration=cal)
+    asked = []
+
+    def observed(m, provider="cpu", threads=None, provider_options=None, **kw):
+        asked.append((provider, provider_options))
+        return make_session(m, "cpu", threads, **kw)
+
+    monkeypatch.setattr(calibrate, "fastest_available", lambda: "cuda")
+    monkeypatch.setattr(calibrate, "make_session", observed)
+    routed, report = compress(model, ratio=0.5, calibration=cal)
+    assert len(asked) >= 3 and report.calibration["capture"] == "one forward pass, a segment per chain"
+    assert all(p == "cuda" and o["cudnn_conv_algo_search"] == "HEURISTIC" for p, o in asked), asked
+    for a, b in zip(plain.graph.initializer, routed.graph.initializer):
+        np.testing.assert_array_equal(numpy_helper.to_array(a), numpy_helper.to_array(b), err_msg=a.name)
