@@ -542,3 +542,17 @@ def test_calibration_passes_run_on_the_fastest_provider_with_cudnn_heuristics(mo
     assert all(p == "cuda" and o["cudnn_conv_algo_search"] == "HEURISTIC" for p, o in asked), asked
     for a, b in zip(plain.graph.initializer, routed.graph.initializer):
         np.testing.assert_array_equal(numpy_helper.to_array(a), numpy_helper.to_array(b), err_msg=a.name)
+
+
+def test_a_relu_after_a_residual_add_gets_a_lower_cost_cap():
+    """Through a residual Add the ReLU-aware solve is kept for work below RESIDUAL_RELU_WORK (the CIFAR
+    ResNets' 1x1 last convs), linear above it (a ResNet50's 512-channel expansions), where plain chains
+    still get the ReLU-aware solve up to RELU_WORK."""
+    from onnx_tucker.calibrate import RELU_WORK, RESIDUAL_RELU_WORK, relu_too_costly
+
+    design, target = np.zeros((16_000, 81)), np.zeros((16_000, 512))  # 5.4e10 multiply-adds an iteration
+    assert RESIDUAL_RELU_WORK < 16_000 * 512 * 81 ** 2 < RELU_WORK
+    assert not relu_too_costly(design, target)
+    assert relu_too_costly(design, target, offset=np.zeros((1, 512)))
+    small = np.zeros((16_000, 65))
+    assert not relu_too_costly(small, np.zeros((16_000, 64)), offset=np.zeros((1, 64)))
