@@ -19,7 +19,7 @@ import onnx
 from threadpoolctl import threadpool_limits
 
 from onnx_tucker.capture import batch_for_bytes, batch_size_for, capture_named, fixed_batch, iterate
-from onnx_tucker.graph import Initializers, consumers, feeds_only_relu, nodes_by_name, prefix_model, with_outputs
+from onnx_tucker.graph import Initializers, constant_outputs, consumers, feeds_only_relu, nodes_by_name, prefix_model, with_outputs
 from onnx_tucker.providers import fastest_available, probe_options
 from onnx_tucker.runtime import make_session
 from onnx_tucker.site import GeometryError, conv_geometry
@@ -87,7 +87,7 @@ def residual_merge(model: onnx.ModelProto, tensor: str) -> tuple[str, str] | Non
     if len(users) != 1 or users[0].op_type != "Add" or len(users[0].input) != 2 or tensor in {o.name for o in model.graph.output}:
         return None
     add = users[0]
-    constants = {i.name for i in model.graph.initializer} | {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    constants = {i.name for i in model.graph.initializer} | set(constant_outputs(model))
     other = [t for t in add.input if t != tensor]
     if len(other) != 1 or other[0] in constants:
         return None
@@ -123,12 +123,15 @@ def refit_chains(original: onnx.ModelProto, compressed: onnx.ModelProto, feeds: 
     # runs 2-3x slower on a loaded 2-core machine (0.97 s against 2.35 s for a ResNet-20 layer).
     position = {nd.name: i for i, nd in enumerate(compressed.graph.node)}
 
-    def first_change(chain) -> int:  # where the chain's refit first changes a weight: its core, or its last node
+    def refits_core(chain) -> bool:
+        # The core refit has R_in*k*k unknowns per output channel: with too few calibration
+        # rows (late layers with small feature maps) it over-fits, so refit only the last conv.
         last, core = nodes[chain.nodes[chain.last_role]], nodes.get(chain.nodes.get("core", ""))
-        if (mode == "core" and core is not None and core.name != last.name and _is_2d_conv(core)
-                and len(picks[chain.output]) >= MIN_ROWS_PER_UNKNOWN * _core_unknowns(core, inits)):
-            return position[core.name]
-        return position[last.name]
+        return (mode == "core" and core is not None and core.name != last.name and _is_2d_conv(core)
+                and len(picks[chain.output]) >= MIN_ROWS_PER_UNKNOWN * _core_unknowns(core, inits))
+
+    def first_change(chain) -> int:  # where the chain's refit first changes a weight: its core, or its last node
+        return position[chain.nodes["core"] if refits_core(chain) else chain.nodes[chain.last_role]]
     # In the compressed graph's order, so the forward pass never has to go back (a ResNet's shortcut conv
     # is a later site than its block's first conv but comes first in the graph). Only independent branches
     # swap places, so every chain still sees the same earlier refits.
@@ -145,8 +148,7 @@ def refit_chains(original: onnx.ModelProto, compressed: onnx.ModelProto, feeds: 
                 return forward.value(tensor, node, images[chain.output], per_image[chain.output])
             relu = relu_aware and feeds_only_relu(compressed, chain.output)
             offset = None
-            core_path = (mode == "core" and core_node is not None and core_node.name != last.name and _is_2d_conv(core_node)
-                         and len(pick) >= MIN_ROWS_PER_UNKNOWN * _core_unknowns(core_node, inits))
+            core_path = refits_core(chain)
             if chain.output in merges:  # the other branch, where it is already computed at the refit's cut
                 found = forward.peek(merges[chain.output][1], core_node if core_path else last, images[chain.output], per_image[chain.output])
                 if found is not None:
@@ -161,10 +163,7 @@ def refit_chains(original: onnx.ModelProto, compressed: onnx.ModelProto, feeds: 
             if core_node is not None and core_node.name == last.name:  # 1x1 -> kxk: the kxk core writes the output
                 result["layers"][chain.layer] = _refit_kxk_last(compressed, chain, last, inits, collect, pick, target, ridge, relu, offset)
                 continue
-            # The core refit has R_in*k*k unknowns per output channel: with too few calibration
-            # rows (late layers with small feature maps) it over-fits, so refit only the last conv.
-            if (mode == "core" and core_node is not None and _is_2d_conv(core_node)
-                    and len(pick) >= MIN_ROWS_PER_UNKNOWN * _core_unknowns(core_node, inits)):
+            if core_path:
                 f, f_pick = collect(core_node.input[0], core_node)
                 geometry = _core_geometry(core_node, inits, f.shape[2:])
                 if geometry is not None:
@@ -299,40 +298,32 @@ class _Forward:
     def value(self, tensor: str, node, images: np.ndarray, per_image: int):
         """(array over some images, pick mapper): ``mapper(local)`` turns flat positions within ``images``
         (``per_image`` output positions each) into flat positions within the returned array's images."""
-        index = next(i for i, nd in enumerate(self.model.graph.node) if nd.name == node.name)
-        value = self._advance(index, tensor) if self.usable else None
+        value = self._advance(self._index(node), tensor) if self.usable else None
         if value is None:  # the old way: a prefix model over the layer's images
             self.usable = False
             sub = self.feeds if len(images) == len(self.chosen) else {k: v[np.searchsorted(self.chosen, images)] for k, v in self.feeds.items()}
             return _collect(self.model, sub, tensor), lambda local: local
-        where = np.searchsorted(self.chosen, images)
-        if len(where) == len(self.chosen):
-            return value, lambda local: local
-
-        def mapper(local):
-            n_idx, rest = np.divmod(local, per_image)
-            return where[n_idx] * per_image + rest
-        return value, mapper
+        return value, self._mapper(images, per_image)
 
     def peek(self, tensor: str, node, images: np.ndarray, per_image: int):
         """``value``'s (array, mapper) where the one-pass forward holds ``tensor`` at ``node``'s cut, else None:
         never the prefix-model fallback (an optional tensor must not slow every later chain down)."""
-        if not self.usable:
-            return None
-        index = next(i for i, nd in enumerate(self.model.graph.node) if nd.name == node.name)
-        if index < self.index:
-            return None
-        value = self._advance(index, tensor)
-        if value is None:
-            return None
+        value = self._advance(self._index(node), tensor) if self.usable else None
+        return None if value is None else (value, self._mapper(images, per_image))
+
+    def _index(self, node) -> int:
+        return next(i for i, nd in enumerate(self.model.graph.node) if nd.name == node.name)
+
+    def _mapper(self, images: np.ndarray, per_image: int):
+        """Flat positions within ``images`` -> flat positions within the kept state's images (``chosen``)."""
         where = np.searchsorted(self.chosen, images)
         if len(where) == len(self.chosen):
-            return value, lambda local: local
+            return lambda local: local
 
         def mapper(local):
             n_idx, rest = np.divmod(local, per_image)
             return where[n_idx] * per_image + rest
-        return value, mapper
+        return mapper
 
     def _advance(self, index: int, tensor: str):
         """Run the nodes up to ``index`` (exclusive) from the current cut; the tensor's value, or None (fall back)."""

@@ -180,7 +180,7 @@ def probe_options(name: str) -> dict:
     """Session options for runs whose outputs matter and whose speed does not (distortion probes,
     calibration passes): cuDNN picks its conv algorithm by heuristic instead of timing every one
     (the EXHAUSTIVE default), which each new session and input shape would pay again."""
-    return get(name).options(cudnn_algo="HEURISTIC") if get(name).key != "cpu" else {}
+    return get(name).options(cudnn_algo="HEURISTIC")  # the CPU EP takes no options: {}
 
 
 def require(name: str) -> Provider:

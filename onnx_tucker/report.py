@@ -55,7 +55,7 @@ class Report:
     verdict: dict | None = None  # the self-check's {"passed", "reason"}
     distill: dict | None = None  # label-free distillation's statistics (steps, holdout agreement before/after, kept)
     latency: dict | None = None  # per-layer table times, predicted and measured whole-model latency (latency_table)
-    timings: dict = field(default_factory=dict)  # wall seconds per phase, in the order they ran (phase_timer)
+    timings: dict = field(default_factory=dict)  # wall seconds per phase, in the order they ran (``phase``)
 
     @property
     def decomposed(self) -> list:
