@@ -79,12 +79,6 @@ def _flat(value: np.ndarray, axis: int = 1) -> np.ndarray:
 # that earlier blocks pass down the shortcut, instead of reproducing its own conv alone.
 RESIDUAL_TARGET = True
 
-# A Tucker chain's input factor is refitted by least squares to the chain's target before its core and
-# last factor are (the core + last refit is optimal given it): it was chosen on the original model's
-# channel covariance alone, blind to the spatial correlations of the kxk patches and to the target.
-FIRST_REFIT = False
-FIRST_MAX_UNKNOWNS = 8192  # R_in x C_in: the normal equations are that size squared (8192: 0.5 GB, seconds)
-
 
 def residual_merge(model: onnx.ModelProto, tensor: str) -> tuple[str, str] | None:
     """(the Add's output, its other input) when ``tensor``'s only consumer is an Add of two computed
@@ -136,18 +130,8 @@ def refit_chains(original: onnx.ModelProto, compressed: onnx.ModelProto, feeds: 
         return (mode == "core" and core is not None and core.name != last.name and _is_2d_conv(core)
                 and len(picks[chain.output]) >= MIN_ROWS_PER_UNKNOWN * _core_unknowns(core, inits))
 
-    def refits_first(chain) -> bool:
-        first = nodes.get(chain.nodes.get("first", ""))
-        return (FIRST_REFIT and refits_core(chain) and first is not None and first.name != chain.nodes["core"]
-                and _is_pointwise(first) and _first_unknowns(first, inits) <= FIRST_MAX_UNKNOWNS)
-
-    def cut_node(chain):  # where the chain's refit first changes a weight: its first factor, core, or last node
-        if refits_first(chain):
-            return nodes[chain.nodes["first"]]
-        return nodes[chain.nodes["core"] if refits_core(chain) else chain.nodes[chain.last_role]]
-
-    def first_change(chain) -> int:
-        return position[cut_node(chain).name]
+    def first_change(chain) -> int:  # where the chain's refit first changes a weight: its core, or its last node
+        return position[chain.nodes["core"] if refits_core(chain) else chain.nodes[chain.last_role]]
     # In the compressed graph's order, so the forward pass never has to go back (a ResNet's shortcut conv
     # is a later site than its block's first conv but comes first in the graph). Only independent branches
     # swap places, so every chain still sees the same earlier refits.
@@ -166,7 +150,7 @@ def refit_chains(original: onnx.ModelProto, compressed: onnx.ModelProto, feeds: 
             offset = None
             core_path = refits_core(chain)
             if chain.output in merges:  # the other branch, where it is already computed at the refit's cut
-                found = forward.peek(merges[chain.output][1], cut_node(chain), images[chain.output], per_image[chain.output])
+                found = forward.peek(merges[chain.output][1], core_node if core_path else last, images[chain.output], per_image[chain.output])
                 if found is not None:
                     other, mapper = found
                     rows = _picked_rows(other, mapper(pick), chain.channel_axis)
@@ -179,21 +163,12 @@ def refit_chains(original: onnx.ModelProto, compressed: onnx.ModelProto, feeds: 
             if core_node is not None and core_node.name == last.name:  # 1x1 -> kxk: the kxk core writes the output
                 result["layers"][chain.layer] = _refit_kxk_last(compressed, chain, last, inits, collect, pick, target, ridge, relu, offset)
                 continue
-            first_result = None
-            if core_path and refits_first(chain):
-                first = nodes[chain.nodes["first"]]
-                x, x_pick = collect(first.input[0], first)
-                geometry = _core_geometry(core_node, inits, x.shape[2:])
-                if geometry is not None:
-                    first_result = _refit_first(chain, first, core_node, last, inits, x, x_pick(pick), target, geometry, ridge)
             if core_path:
                 f, f_pick = collect(core_node.input[0], core_node)
                 geometry = _core_geometry(core_node, inits, f.shape[2:])
                 if geometry is not None:
                     result["layers"][chain.layer] = _refit_core_and_last(compressed, chain, core_node, last, inits, f, f_pick(pick), target, geometry,
                                                                          ridge, relu, offset)
-                    if first_result is not None:
-                        result["layers"][chain.layer]["first"] = first_result
                     continue
             z, z_pick = collect(last.input[0], last)
             z = _picked_rows(z, z_pick(pick), chain.channel_axis).astype(np.float64)
@@ -665,81 +640,6 @@ def _refit_core_and_last(model, chain, core_node, last, inits, f, pick, target, 
         return _errors(np.maximum(before + off, 0), np.maximum(after + off, 0), np.maximum(target + off, 0),
                        "core + last conv" + _relu_label(design, target, offset))
     return _errors(before, after, target, "core + last conv (reduced-rank regression)")
-
-
-def _is_pointwise(node: onnx.NodeProto) -> bool:
-    """A 1x1, stride-1, unpadded, ungrouped 2-D Conv (a Tucker chain's input factor)."""
-    attrs = _node_attrs(node)
-    return (_is_2d_conv(node) and list(attrs.get("kernel_shape", [])) == [1, 1] and all(v == 1 for v in attrs.get("strides", [1, 1]))
-            and not any(attrs.get("pads", [0] * 4)) and attrs.get("auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET", b"VALID", "VALID"))
-
-
-def _first_unknowns(first, inits) -> int:
-    dims = inits[first.input[1]].dims
-    return int(dims[0] * dims[1])
-
-
-FIRST_ALS_ROUNDS = 3
-
-
-def _refit_first(chain, first, core_node, last, inits, x, pick, target, geometry, ridge) -> dict:
-    """Alternating least squares for the input factor F (R_in x C_in) and the combined core + last map M
-    (C_out x R_in x K, rank R_out), linear, on the centred patches of the chain's input: the output at a
-    position is sum_k M_k F x_k. Given F, M is the reduced-rank regression of ``_refit_core_and_last``; given
-    M, F solves normal equations built from the patch moments, N[(r,c),(s,d)] = sum_{k,l} G[k,r,l,s]
-    S[c,k,d,l] with G = M^T M per tap pair. Each step shrinks towards the current iterate. Only F is kept:
-    the ReLU-aware core + last refit that follows is optimal given it. The pre-activation is the target."""
-    if len(pick) < MIN_ROWS_PER_UNKNOWN * (_core_unknowns(core_node, inits) + 1):
-        return {"refit": "none (too few calibration rows)"}
-    first_init = inits.owned(first, 1, chain.weights["first"])
-    chain.weights["first"] = first_init.name
-    fw = inits.array(first_init.name)
-    f = fw.reshape(fw.shape[0], -1).astype(np.float64)  # (R_in, C_in)
-    core = inits.array(core_node.input[1]).astype(np.float64)  # (R_out, R_in, kh, kw)
-    lw = inits.array(last.input[1]).astype(np.float64)
-    r_out, r_in, c_in = core.shape[0], f.shape[0], f.shape[1]
-    taps = core.shape[2] * core.shape[3]
-    m = (lw.reshape(lw.shape[0], -1) @ core.reshape(r_out, -1)).reshape(-1, r_in, taps)  # (C_out, R_in, K): the Tucker map
-    p = _patches(x, pick, _output_hw(x.shape[2:], geometry), geometry).astype(np.float64)  # (P, C_in*K), C-major
-    p -= p.mean(0)
-    p3 = p.reshape(len(p), c_in, taps)
-    t = target - target.mean(0)
-    norm = np.linalg.norm(t) or 1.0
-    moments = (p.T @ p).reshape(c_in, taps, c_in, taps)  # S[c, k, d, l]
-    cross = (t.T @ p).reshape(-1, c_in, taps)  # (C_out, C_in, K)
-
-    def error(f, m):
-        return float(np.linalg.norm(np.einsum("pck,rc,ork->po", p3, f, m, optimize=True) - t) / norm)
-
-    def fit_map(f, m):  # reduced-rank regression of the core + last map on F's output patches
-        z = np.einsum("pck,rc->prk", p3, f, optimize=True).reshape(len(p), -1)
-        gram = z.T @ z
-        prior = m.reshape(len(m), -1).T
-        lam = max(ridge, CORE_RIDGE) * np.trace(gram) / len(gram) + 1e-12
-        full = np.linalg.solve(gram + lam * np.eye(len(gram)), z.T @ t + lam * prior)
-        fitted = z @ full
-        v = np.linalg.eigh(fitted.T @ fitted)[1][:, ::-1][:, :r_out]
-        return (full @ v @ v.T).T.reshape(m.shape)
-
-    def fit_first(f, m):
-        g = np.einsum("ork,osl->krls", m, m)  # G[k, r, l, s]
-        normal = np.einsum("krls,ckdl->rcsd", g, moments, optimize=True).reshape(r_in * c_in, r_in * c_in)
-        rhs = np.einsum("ork,ock->rc", m, cross, optimize=True).reshape(-1)
-        lam = max(ridge, CORE_RIDGE) * np.trace(normal) / len(normal) + 1e-12
-        return np.linalg.solve(normal + lam * np.eye(len(normal)), rhs + lam * f.reshape(-1)).reshape(r_in, c_in)
-
-    m = fit_map(f, m)
-    before = error(f, m)  # the refit's starting point: the best core + last for the current F
-    f_new = f
-    for _ in range(FIRST_ALS_ROUNDS):
-        f_new = fit_first(f_new, m)
-        m = fit_map(f_new, m)
-    after = error(f_new, m)
-    result = {"refit": f"first factor ({FIRST_ALS_ROUNDS} alternating linear rounds with core + last)",
-              "output_error_before": before, "output_error_after": after}
-    if _kept(result):
-        inits.set(first_init.name, f_new.reshape(fw.shape).astype(fw.dtype))
-    return result
 
 
 def _output_hw(in_hw, geometry) -> tuple[int, int]:

@@ -8,9 +8,6 @@ and appended to ``--out``.
         cifar10_resnet56:t0.5 cifar10_mobilenetv2:t0.6+1x1 --out docs/residual_target.jsonl
 
 SETTING: ``rX`` for ``--ratio X``, ``tX`` for ``--target-macs X``; ``+1x1`` adds ``--layers kxk,1x1``.
-``--switch FIRST_REFIT`` A/Bs another of calibrate's switches the same way (the input-factor refit):
-
-    python tools/residual_target_results.py cifar10_resnet20:t0.5 --switch FIRST_REFIT --out docs/first_refit.jsonl
 """
 from __future__ import annotations
 
@@ -45,8 +42,6 @@ def main(argv=None) -> int:
     ap.add_argument("--flags", default="0,1", help="residual target off (0) and/or on (1)")
     ap.add_argument("--data", default=os.environ.get("CIFAR10_DIR", str(ROOT.parent / "shared/data/cifar10")))
     ap.add_argument("--calib-size", type=int, default=2048)
-    ap.add_argument("--switch", default="RESIDUAL_TARGET", choices=["RESIDUAL_TARGET", "FIRST_REFIT"],
-                    help="which of calibrate's switches is turned off and on")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     data = Path(args.data)
@@ -59,15 +54,14 @@ def main(argv=None) -> int:
         feeds, labels = load_labelled(data / "cifar10_test.npz", model)
         base = top1(predict(model, feeds), labels)
         for flag in (f.strip() == "1" for f in args.flags.split(",")):
-            setattr(calibrate, args.switch, flag)
+            calibrate.RESIDUAL_TARGET = flag
             start = time.perf_counter()
             new, report = compress(model, calibration={model.graph.input[0].name: cal_x}, **options(setting))
             seconds = time.perf_counter() - start
             acc = top1(predict(new, feeds), labels)
-            row = {"model": name, "setting": setting, args.switch.lower(): flag, "change": round(100 * (acc - base), 2),
+            row = {"model": name, "setting": setting, "residual_target": flag, "change": round(100 * (acc - base), 2),
                    "top1": acc, "base": base, "macs": round(report.totals()["macs_reduction"], 3), "seconds": round(seconds, 1),
-                   "targets": sum("target" in v for v in report.calibration["layers"].values()),
-                   "first_refits": sum(v.get("first", {}).get("refit", "").startswith("first factor") for v in report.calibration["layers"].values())}
+                   "targets": sum("target" in v for v in report.calibration["layers"].values())}
             print(json.dumps(row), flush=True)
             if args.out:
                 with open(args.out, "a") as f:
