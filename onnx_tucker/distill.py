@@ -47,7 +47,6 @@ WARMUP_FRACTION = 0.05  # linear warm-up, then cosine decay to 0
 SHIFT_FRACTION = 1 / 8  # pad-crop shifts up to 1/8 of the image side (4 pixels at 32x32)
 MIN_SPATIAL = 8  # smaller "images" are not augmented
 CURVE_POINTS = 10
-DEFAULT_MIXUP = 0.0  # Beta(a, a) mixing of image pairs (teacher and student see the same mix); 0: off
 
 
 def _import_torch():
@@ -181,29 +180,13 @@ def image_layout(shape: Sequence[int]) -> str | None:
     return None
 
 
-def _augment(torch, batch: dict, layouts: dict, generator, mixup: float = 0.0):
-    """Random horizontal flips and reflect-padded shifts, the same draw for every image input of a sample;
-    with ``mixup`` > 0, each sample is then mixed with another of the batch, weight ~ Beta(mixup, mixup)."""
+def _augment(torch, batch: dict, layouts: dict, generator):
+    """Random horizontal flips and reflect-padded shifts, the same draw for every image input of a sample."""
     import torch.nn.functional as F
 
     if not layouts:
         return batch
     n = len(next(iter(batch.values())))
-    out = _flip_shift(torch, F, batch, layouts, generator, n)
-    if mixup > 0:
-        # the weights from a numpy generator seeded by the torch one: the run stays reproducible
-        draw = np.random.default_rng(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
-        weight = torch.from_numpy(draw.beta(mixup, mixup, n).astype(np.float32))
-        partner = torch.randperm(n, generator=generator)
-        for name in layouts:
-            x = out[name]
-            w = weight.to(device=x.device, dtype=x.dtype).view(-1, *([1] * (x.dim() - 1)))
-            out[name] = w * x + (1 - w) * x[partner.to(x.device)]
-    return out
-
-
-def _flip_shift(torch, F, batch, layouts, generator, n):
-    """Random horizontal flips and reflect-padded shifts (up to ``SHIFT_FRACTION`` of the side)."""
     flip = torch.rand(n, generator=generator) < 0.5
     draws = {}
     out = dict(batch)
@@ -284,7 +267,6 @@ def distill(
     keep_worse: bool = False,
     reconstruct_steps: int = DEFAULT_RECONSTRUCT_STEPS,
     feature_weight: float = DEFAULT_FEATURE_WEIGHT,
-    mixup: float = DEFAULT_MIXUP,
 ) -> tuple[onnx.ModelProto, dict]:
     """Train the ``trainable`` initializers of ``compressed`` to reproduce ``original``'s outputs.
 
@@ -340,14 +322,14 @@ def distill(
         return _distill(torch, TorchGraph, original, compressed, {k: np.asarray(feeds[k]) for k in names}, trainable, n,
                         steps=steps, lr=float(lr), batch_size=batch_size, augment=augment, holdout=holdout,
                         temperature=float(temperature), seed=seed, dev=dev, progress=progress, keep_worse=keep_worse,
-                        started=started, reconstruct_steps=reconstruct_steps, threads=threads, feature_weight=float(feature_weight), mixup=float(mixup))
+                        started=started, reconstruct_steps=reconstruct_steps, threads=threads, feature_weight=float(feature_weight))
     finally:
         if threads:
             torch.set_num_threads(old_threads)
 
 
 def _distill(torch, TorchGraph, original, compressed, feeds, trainable, n, *, steps, lr, batch_size, augment,
-             holdout, temperature, seed, dev, progress, keep_worse, started, reconstruct_steps, threads, feature_weight, mixup=0.0):
+             holdout, temperature, seed, dev, progress, keep_worse, started, reconstruct_steps, threads, feature_weight):
     from tqdm import tqdm
 
     rng = np.random.default_rng(seed)
@@ -437,7 +419,7 @@ def _distill(torch, TorchGraph, original, compressed, feeds, trainable, n, *, st
             pos += batch_size
             batch = {k: v[idx.to(dev)] for k, v in data.items()}
             if layouts:
-                batch = _augment(torch, batch, layouts, generator, mixup)
+                batch = _augment(torch, batch, layouts, generator)
             targets = teacher(batch, idx)
             outs = student(**batch)
             loss = 0.0
@@ -492,7 +474,7 @@ def _distill(torch, TorchGraph, original, compressed, feeds, trainable, n, *, st
         "train_samples": int(m), "holdout_samples": int(n_hold), "check_on": "holdout" if n_hold else "train",
         "before": before, "after": after, "kept": kept, "diverged": diverged,
         "train_fit": {"samples": len(fit_idx), "before": fit_before, "after": fit_after} if n_hold else None,
-        "check_curve": check_curve, "returned": best[2], "feature_weight": feature_weight, "features": len(features), "mixup": mixup,
+        "check_curve": check_curve, "returned": best[2], "feature_weight": feature_weight, "features": len(features),
         "reconstruct": local, "reconstructed": reconstructed,
         "loss": _curve(losses), "train_seconds": round(train_seconds, 2),
         "seconds": round(time.perf_counter() - started, 2),

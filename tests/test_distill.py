@@ -284,40 +284,6 @@ def test_augment_same_draws_for_nchw_and_nhwc():
 
 
 @needs_torch
-def test_mixup_mixes_each_augmented_sample_with_another_of_the_batch():
-    import torch
-
-    from onnx_tucker.distill import _augment
-
-    x = torch.from_numpy(np.random.default_rng(0).standard_normal((12, 3, 16, 16)).astype(np.float32))
-    plain = _augment(torch, {"x": x}, {"x": "NCHW"}, torch.Generator().manual_seed(5))["x"].numpy().reshape(12, -1)
-    mixed = _augment(torch, {"x": x}, {"x": "NCHW"}, torch.Generator().manual_seed(5), mixup=1.0)["x"].numpy().reshape(12, -1)
-    again = _augment(torch, {"x": x}, {"x": "NCHW"}, torch.Generator().manual_seed(5), mixup=1.0)["x"].numpy().reshape(12, -1)
-    assert np.array_equal(mixed, again)  # seeded
-    weights = []
-    for i in range(12):  # mixed_i = w plain_i + (1 - w) plain_j for some j, 0 <= w <= 1
-        fits = []
-        for j in range(12):
-            d = plain[i] - plain[j]
-            w = 1.0 if j == i else float(d @ (mixed[i] - plain[j]) / (d @ d))
-            fits.append((np.linalg.norm(w * plain[i] + (1 - w) * plain[j] - mixed[i]), w))
-        residual, w = min(fits)
-        assert residual < 1e-4 * np.linalg.norm(mixed[i]) and -1e-6 <= w <= 1 + 1e-6
-        weights.append(w)
-    assert np.std(weights) > 0.1  # Beta(1, 1) draws, not one weight
-
-
-@needs_torch
-def test_mixup_in_a_run_is_reported_and_changes_the_result():
-    original, compressed = tiny_pair()
-    feeds = feeds_for(original)
-    plain, _ = _distill(original, compressed, feeds)
-    mixed, stats = _distill(original, compressed, feeds, mixup=0.4)
-    assert stats["mixup"] == 0.4
-    assert plain.SerializeToString() != mixed.SerializeToString()
-
-
-@needs_torch
 def test_keep_worse_returns_the_trained_weights_anyway():
     original, compressed = tiny_pair()
     model, stats = _distill(original, compressed, feeds_for(original), lr=1e3, keep_worse=True)

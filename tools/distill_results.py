@@ -85,7 +85,6 @@ def main() -> None:
     ap.add_argument("--feature-weight", type=float, default=DEFAULT_FEATURE_WEIGHT, help="intermediate-target loss weight")
     ap.add_argument("--reconstruct-steps", type=int, default=DEFAULT_RECONSTRUCT_STEPS, help="per chain; 0: no local reconstruction")
     ap.add_argument("--threads", type=int, default=1, help="torch and onnxruntime threads (1: best on the shared 2-core VM)")
-    ap.add_argument("--mixup", type=float, default=0.0, help="Beta(a, a) mixing of image pairs; 0: off")
     ap.add_argument("--calib-size", type=int, default=2048)
     ap.add_argument("--out", default=str(ROOT / "docs" / "distill_results.jsonl"))
     ap.add_argument("--cache", default="/tmp/distill_outputs_cache", help="test outputs of unchanged model files")
@@ -114,7 +113,7 @@ def main() -> None:
         original, compressed, feeds, tucker_trainable(compressed), steps=args.steps, lr=args.lr, batch_size=args.batch,
         augment=not args.no_augment, holdout=args.holdout, temperature=args.temperature, seed=args.seed,
         threads=args.threads, progress=sys.stderr.isatty(), keep_worse=not args.reconstruct_steps,
-        reconstruct_steps=args.reconstruct_steps, feature_weight=args.feature_weight, mixup=args.mixup,
+        reconstruct_steps=args.reconstruct_steps, feature_weight=args.feature_weight,
     )
     wall = time.perf_counter() - t0
     if args.reconstruct_steps:  # what distill returns; the refused trained weights are not measured
@@ -134,7 +133,7 @@ def main() -> None:
         "load_average": round(os.getloadavg()[0], 2),
         "top1_original": top1(out_orig, labels), "top1_before": top1(out_before, labels),
         "top1_after": top1(out_after, labels), "top1_trained": None if out_trained is None else top1(out_trained, labels),
-        "reconstruct_steps": args.reconstruct_steps, "feature_weight": args.feature_weight, "mixup": args.mixup,
+        "reconstruct_steps": args.reconstruct_steps, "feature_weight": args.feature_weight,
         "test_agreement_before": agreement(out_orig, out_before), "test_agreement_after": agreement(out_orig, out_after),
         "test_agreement_trained": None if out_trained is None else agreement(out_orig, out_trained),
         "stats": stats,
