@@ -32,6 +32,7 @@ DEFAULT_LR = 1e-3
 DEFAULT_BATCH = 16  # images per step: ~16k target rows at 32x32
 DEFAULT_JOINT = True  # fit chains that feed only each other (a residual block's two convs) together
 ACTIVATIONS = ("Relu", "Clip", "LeakyRelu")
+AFFINE = ("Mul", "Add", "Sub", "Div")  # after the activation, with a constant second operand
 EVAL_BATCH = 256
 MAX_BYTES = 1 << 30  # a unit's inputs and target held in memory; beyond, a seeded subset of the images
 
@@ -68,22 +69,28 @@ def target_of(model: onnx.ModelProto, chain: Chain) -> tuple[str, list[onnx.Node
     """The tensor a chain is reconstructed at and the nodes after the chain leading to it.
 
     From the chain's output, follow a sole consumer that is a residual ``Add`` (both inputs
-    computed, at most one) and then an activation; stop elsewhere.
+    computed, at most one), then an activation, then any elementwise op with a constant operand (an
+    unfolded BatchNorm's ``Mul``/``Add`` after the ReLU: the error is then weighed as the next layer
+    sees it, not in the ReLU's raw scale); stop elsewhere.
     """
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for node in model.graph.node:
         for name in set(node.input):
             consumers.setdefault(name, []).append(node)
-    inits = {i.name for i in model.graph.initializer}
+    constants = {i.name for i in model.graph.initializer} | {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
     outputs = {o.name for o in model.graph.output}
-    tensor, path, merged = chain.output, [], False
+    tensor, path, merged, activated = chain.output, [], False, False
     while tensor not in outputs and len(consumers.get(tensor, [])) == 1:
         node = consumers[tensor][0]
-        if node.op_type == "Add" and not merged and len(node.input) == 2 and not (set(node.input) & inits):
+        if activated:
+            other = [i for i in node.input if i != tensor]
+            if not (node.op_type in AFFINE and len(node.input) == 2 and len(other) == 1 and other[0] in constants
+                    and (node.op_type in ("Mul", "Add") or node.input[0] == tensor)):  # x - c, x / c; not c / x
+                break
+        elif node.op_type == "Add" and not merged and len(node.input) == 2 and not (set(node.input) & constants):
             merged = True
         elif node.op_type in ACTIVATIONS:
-            path.append(node)
-            return node.output[0], path
+            activated = True
         else:
             break
         path.append(node)

@@ -77,6 +77,39 @@ def test_target_follows_a_residual_add_then_the_activation():
     assert _cut_inputs(model, chain, path) == ["x", "skip"]  # the skip comes from the compressed model as it is
 
 
+def _bn_after_relu_model(tail):
+    """l_tucker_out -> Relu -> ``tail`` nodes (the seed CNN's unfolded BatchNorm sits after the ReLU)."""
+    from onnx_tucker.chain import Chain
+
+    nodes = [helper.make_node("Conv", ["x", "Wa"], ["y"], name="l_tucker_out"), helper.make_node("Relu", ["y"], ["r"], name="relu")] + tail
+    inits = [numpy_helper.from_array(np.ones((1, 1, 1, 1), np.float32), "Wa"),
+             numpy_helper.from_array(np.full((1, 1, 1, 1), 2.0, np.float32), "scale"),
+             numpy_helper.from_array(np.full((1, 1, 1, 1), 0.5, np.float32), "shift")]
+    last = tail[-1].output[0] if tail else "r"
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, None)],
+                              [helper.make_tensor_value_info(last, onnx.TensorProto.FLOAT, None)], inits)
+    chain = Chain(layer="l", form="", ranks=(), nodes={"out": "l_tucker_out"}, weights={"out": "Wa"}, bias=None, input="x", output="y")
+    return helper.make_model(graph), chain
+
+
+@pytest.mark.parametrize("tail,want", [
+    # the unfolded BatchNorm after the ReLU is part of the target: channels weigh as the next layer sees them
+    ([helper.make_node("Mul", ["r", "scale"], ["m"], name="bn_mul"), helper.make_node("Add", ["shift", "m"], ["a"], name="bn_add"),
+      helper.make_node("MaxPool", ["a"], ["p"], name="pool", kernel_shape=[2, 2])], ["relu", "bn_mul", "bn_add"]),
+    ([helper.make_node("Sub", ["r", "shift"], ["a"], name="sub"), helper.make_node("Div", ["a", "scale"], ["d"], name="div")],
+     ["relu", "sub", "div"]),
+    ([helper.make_node("Div", ["scale", "r"], ["d"], name="div")], ["relu"]),  # c / x is not an affine map of x
+    ([helper.make_node("Mul", ["r", "x"], ["m"], name="gate")], ["relu"]),  # a computed operand: stop
+])
+def test_target_follows_a_constant_affine_after_the_activation(tail, want):
+    from onnx_tucker.reconstruct import target_of
+
+    model, chain = _bn_after_relu_model(tail)
+    target, path = target_of(model, chain)
+    assert [n.name for n in path] == want
+    assert target == path[-1].output[0]
+
+
 @needs_torch
 def test_reconstruction_lowers_the_held_out_output_error_and_changes_only_the_chain():
     original, compressed = tiny_pair(rank=2)
