@@ -179,6 +179,34 @@ def test_distill_with_reconstruction_never_returns_worse_on_the_holdout():
     assert best["kl"] == min(m["kl"] for m in passing)
 
 
+@needs_torch
+def test_distillation_starts_from_the_compressed_model_when_the_reconstruction_agrees_worse(monkeypatch):
+    import onnx_tucker.reconstruct as rec
+    from onnx_tucker.distill import distill, tucker_trainable
+
+    original, compressed = tiny_pair()
+    feeds = feeds_for(original)
+    real = rec.reconstruct
+
+    def worse(*args, **kwargs):  # the real reconstruction, then its core halved: it now agrees worse
+        model, stats = real(*args, **kwargs)
+        inits = Initializers(model)
+        inits.set("conv2_tucker_core_W", 0.5 * inits.array("conv2_tucker_core_W"))
+        return model, stats
+
+    monkeypatch.setattr(rec, "reconstruct", worse)
+    kwargs = dict(steps=40, lr=3e-3, batch_size=32, progress=False, threads=1)
+    model, stats = distill(original, compressed, feeds, tucker_trainable(compressed), reconstruct_steps=50, **kwargs)
+    assert stats["reconstructed"]["kl"] > stats["before"]["kl"]
+    assert stats["distilled_from"] == "compressed" and stats["returned"] == "distilled"
+    plain, plain_stats = distill(original, compressed, feeds, tucker_trainable(compressed), reconstruct_steps=0, **kwargs)
+    assert plain_stats["distilled_from"] == "compressed"
+    assert model.SerializeToString() == plain.SerializeToString()  # the same global phase as without reconstruction
+    monkeypatch.setattr(rec, "reconstruct", real)
+    _, good = distill(original, compressed, feeds, tucker_trainable(compressed), reconstruct_steps=50, **kwargs)
+    assert good["distilled_from"] == "reconstructed"
+
+
 def test_reconstruct_steps_flag_reaches_distill():
     from onnx_tucker.cli import build_parser
     from onnx_tucker.options import DistillArgs
