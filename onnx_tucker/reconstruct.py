@@ -132,11 +132,13 @@ def _rel_error(student, target) -> float:
 def reconstruct(original: onnx.ModelProto, compressed: onnx.ModelProto, chains: Sequence[Chain],
                 train: dict[str, np.ndarray], check: dict[str, np.ndarray], trainable: Sequence[str], *,
                 steps: int = DEFAULT_STEPS, lr: float = DEFAULT_LR, batch_size: int = DEFAULT_BATCH,
-                seed: int = 0, threads: int | None = None, joint: bool = DEFAULT_JOINT) -> tuple[onnx.ModelProto, dict]:
+                seed: int = 0, threads: int | None = None, joint: bool = DEFAULT_JOINT,
+                progress: bool = False) -> tuple[onnx.ModelProto, dict]:
     """Reconstruct ``chains`` of ``compressed`` one after the other (see the module docstring).
 
     ``train`` / ``check``: graph inputs to fit on and to judge on (held out). Only names in
-    ``trainable`` change. Returns ``(model, stats)``; stats['chains'] has per chain the target tensor,
+    ``trainable`` change. ``progress``: a bar over all units' steps on stderr (800 steps a unit take
+    minutes on a deep model). Returns ``(model, stats)``; stats['chains'] has per chain the target tensor,
     the held-out relative error before and after and whether the new weights were kept.
     """
     import torch
@@ -155,14 +157,22 @@ def reconstruct(original: onnx.ModelProto, compressed: onnx.ModelProto, chains: 
     allowed = set(trainable)
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
+    import sys
+
+    from tqdm import tqdm
+
     model = compressed
     in_original = {o for n in original.graph.node for o in n.output}
     rows = []
-    for unit in units(model, chains, joint):
+    todo = units(model, chains, joint)
+    bar = tqdm(total=steps * len(todo), desc="reconstruct", unit="step", file=sys.stderr, disable=not progress, leave=False)
+    for index, unit in enumerate(todo):
+        bar.set_postfix(unit=f"{index + 1}/{len(todo)}")
         params = list(dict.fromkeys(t for c in unit for t in c.trainable() if t in allowed))
         paths = [target_of(model, c) for c in unit]
         target, path = paths[-1][0], [n for _, p in paths for n in p]
         if not params or target not in in_original:  # nothing to train, or no counterpart to fit to
+            bar.update(steps)
             continue
         cut = _cut_inputs(model, unit, path)
         t0 = time.perf_counter()
@@ -201,6 +211,7 @@ def reconstruct(original: onnx.ModelProto, compressed: onnx.ModelProto, chains: 
                 break
             optimizer.step()
             scheduler.step()
+            bar.update(1)
         after = check_error()
         kept = math.isfinite(after) and after < before
         if kept:  # else the chain stays as it was
@@ -208,6 +219,7 @@ def reconstruct(original: onnx.ModelProto, compressed: onnx.ModelProto, chains: 
         rows.append({"layer": "+".join(c.layer for c in unit), "target": target, "inputs": len(cut), "images": len(y_train),
                      "before": round(before, 6),
                      "after": round(after, 6), "kept": kept, "seconds": round(time.perf_counter() - t0, 2)})
+    bar.close()
     stats = {"steps": steps, "lr": lr, "batch_size": batch_size, "seed": seed, "chains": rows,
              "kept": sum(r["kept"] for r in rows), "seconds": round(time.perf_counter() - started, 2)}
     return model, stats

@@ -207,6 +207,16 @@ def test_distillation_starts_from_the_compressed_model_when_the_reconstruction_a
     assert good["distilled_from"] == "reconstructed"
 
 
+@needs_torch
+def test_reconstruction_shows_progress_only_when_asked(capsys):
+    original, compressed = tiny_pair()
+    feeds = feeds_for(original, n=128)
+    _reconstruct(original, compressed, feeds, steps=20, progress=True)
+    assert "reconstruct" in capsys.readouterr().err
+    _reconstruct(original, compressed, feeds, steps=20)
+    assert "reconstruct" not in capsys.readouterr().err
+
+
 def test_reconstruct_steps_flag_reaches_distill():
     from onnx_tucker.cli import build_parser
     from onnx_tucker.options import DistillArgs
