@@ -125,6 +125,38 @@ def _cut_inputs(model: onnx.ModelProto, chain: Chain | Sequence[Chain], path: Se
     return list(dict.fromkeys(i for n in nodes for i in n.input if i and i not in made and i not in inits))
 
 
+class _Passes:
+    """Tensors of a model over fixed inputs, for one unit after the other: the model runs forward once, a
+    segment at a time (``calibrate._Forward``), instead of a session from the inputs per unit (ResNet-56:
+    two passes of about 5 s a unit, 27 units). A tensor the forward does not hold at the cut (a shortcut
+    conv placed after the unit's first node) comes from a pruned prefix model, as does everything after
+    the forward had to give up on the graph."""
+
+    def __init__(self, model: onnx.ModelProto, feeds: dict[str, np.ndarray]):
+        from onnx_tucker.calibrate import _Forward
+
+        self.feeds = feeds
+        self.forward = _Forward(model, feeds, np.arange(len(next(iter(feeds.values())))))
+
+    def at(self, model: onnx.ModelProto, tensors: Sequence[str], index: int) -> list[np.ndarray]:
+        """``tensors`` as ``model`` (the weights reconstructed so far, same graph) computes them, the forward
+        advanced to node ``index``."""
+        from onnx_tucker.calibrate import _collect
+
+        forward = self.forward
+        forward.model = model
+        values = []
+        for tensor in tensors:
+            value = None
+            if forward.usable:
+                behind = index < forward.index
+                value = forward._advance(index, tensor)
+                if value is None and not behind and forward.index != index:  # the segment itself failed
+                    forward.usable = False
+            values.append(np.asarray(value) if value is not None else _collect(model, self.feeds, tensor))
+        return values
+
+
 def _rel_error(student, target) -> float:
     return float(((student - target) ** 2).sum() / max(float((target**2).sum()), 1e-30))
 
@@ -143,7 +175,8 @@ def reconstruct(original: onnx.ModelProto, compressed: onnx.ModelProto, chains: 
     """
     import torch
 
-    from onnx_tucker.distill import _run, _session, _with_outputs
+    from onnx_tucker.distill import _run, _session
+    from onnx_tucker.graph import prefix_model
     from onnx_tucker.torch_exec import TorchGraph
 
     def subset(feeds: dict[str, np.ndarray], cap: int) -> dict[str, np.ndarray]:
@@ -165,6 +198,11 @@ def reconstruct(original: onnx.ModelProto, compressed: onnx.ModelProto, chains: 
     in_original = {o for n in original.graph.node for o in n.output}
     rows = []
     todo = units(model, chains, joint)
+    both = {k: np.concatenate([train[k], check[k]]) for k in train}
+    n_train, n_all = len(next(iter(train.values()))), len(next(iter(both.values())))
+    student_pass, teacher_pass = _Passes(model, both), _Passes(original, both)
+    position = {nd.name: i for i, nd in enumerate(model.graph.node)}
+    producer = {o: i for i, nd in enumerate(original.graph.node) for o in nd.output}
     bar = tqdm(total=steps * len(todo), desc="reconstruct", unit="step", file=sys.stderr, disable=not progress, leave=False)
     for index, unit in enumerate(todo):
         bar.set_postfix(unit=f"{index + 1}/{len(todo)}")
@@ -177,16 +215,25 @@ def reconstruct(original: onnx.ModelProto, compressed: onnx.ModelProto, chains: 
         cut = _cut_inputs(model, unit, path)
         t0 = time.perf_counter()
         # Teacher: the original's tensor; inputs: the compressed model's own (earlier chains already fitted).
-        teacher = _session(_with_outputs(original, [target]), threads)
-        student_in = _session(_with_outputs(model, cut), threads)
+        teacher = _session(prefix_model(original, [target]), threads)  # only the nodes the tensors need
+        student_in = _session(prefix_model(model, cut), threads)
         one = {k: v[:1] for k, v in train.items()}
         per_image = sum(a.nbytes for a in _run(student_in, one)) + _run(teacher, one)[0].nbytes
         cap = max(1, MAX_BYTES // max(per_image, 1))
-        fit, held = subset(train, cap), subset(check, cap)
-        x_train = [torch.from_numpy(np.ascontiguousarray(a)) for a in _run(student_in, fit)]
-        x_check = [torch.from_numpy(np.ascontiguousarray(a)) for a in _run(student_in, held)]
-        y_train = torch.from_numpy(np.ascontiguousarray(_run(teacher, fit)[0]))
-        y_check = torch.from_numpy(np.ascontiguousarray(_run(teacher, held)[0]))
+        if cap >= n_all:  # every image fits: the tensors come from the two forward passes, a segment a unit
+            first = min(position[nd] for c in unit for nd in c.node_names() if nd in position)
+            xs = student_pass.at(model, cut, first)
+            y = teacher_pass.at(original, [target], producer[target] + 1)[0]
+            x_train, x_check = [x[:n_train] for x in xs], [x[n_train:] for x in xs]
+            y_train, y_check = y[:n_train], y[n_train:]
+        else:  # a seeded subset of the images, through prefix sessions (a big model's early layers)
+            fit, held = subset(train, cap), subset(check, cap)
+            x_train, x_check = _run(student_in, fit), _run(student_in, held)
+            y_train, y_check = _run(teacher, fit)[0], _run(teacher, held)[0]
+        x_train = [torch.from_numpy(np.ascontiguousarray(a)) for a in x_train]
+        x_check = [torch.from_numpy(np.ascontiguousarray(a)) for a in x_check]
+        y_train = torch.from_numpy(np.ascontiguousarray(y_train))
+        y_check = torch.from_numpy(np.ascontiguousarray(y_check))
         block = TorchGraph(model, params, outputs=[target], inputs=cut)
         opt_params = list(block.onnx_parameters().values())
 
