@@ -294,3 +294,71 @@ def test_a_target_the_original_lacks_is_skipped():
         node.input[:] = ["r2_elsewhere" if i == "r2" else i for i in node.input]
     model, stats = _reconstruct(renamed, compressed, feeds_for(original))
     assert stats["chains"] == [] and model is compressed
+
+
+def _projection_blocks():
+    """Two residual blocks: x -> conv A (3x3) -> Relu -> conv B (3x3, 8 -> 16), with a shortcut conv S
+    (1x1, 8 -> 16) on x placed *after* A in graph order, Add, Relu; then C, D (3x3, 16 -> 16) with the
+    identity shortcut; GlobalAveragePool. Random weights, NCHW."""
+    rng = np.random.default_rng(3)
+    inits = [numpy_helper.from_array((rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))).astype(np.float32), name)
+             for name, shape in (("WA", (8, 8, 3, 3)), ("WB", (16, 8, 3, 3)), ("WS", (16, 8, 1, 1)),
+                                 ("WC", (16, 16, 3, 3)), ("WD", (16, 16, 3, 3)))]
+    nodes = [
+        helper.make_node("Conv", ["x", "WA"], ["a"], name="A", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["a"], ["ra"], name="relu_a"),
+        helper.make_node("Conv", ["x", "WS"], ["s"], name="S"),
+        helper.make_node("Conv", ["ra", "WB"], ["b"], name="B", pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["b", "s"], ["sum"], name="add"),
+        helper.make_node("Relu", ["sum"], ["r"], name="relu"),
+        helper.make_node("Conv", ["r", "WC"], ["c"], name="C", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["rc"], name="relu_c"),
+        helper.make_node("Conv", ["rc", "WD"], ["d"], name="D", pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["r", "d"], ["sum2"], name="add2"),
+        helper.make_node("Relu", ["sum2"], ["r2"], name="relu2"),
+        helper.make_node("GlobalAveragePool", ["r2"], ["y"], name="gap"),
+    ]
+    graph = helper.make_graph(nodes, "block", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 8, 10, 10])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@needs_torch
+def test_one_forward_pass_trains_what_prefix_models_per_unit_train(monkeypatch):
+    """The reconstruction's inputs and targets come from one forward pass per model, a segment per unit
+    (the second block's input computed with the first block's reconstructed weights); the shortcut conv
+    that lies past the unit's first node comes from a prefix model. The same weights as when every tensor
+    comes from a prefix model of its own."""
+    import onnx_tucker.reconstruct as rec
+    from onnx_tucker import compress
+    from onnx_tucker.calibrate import _collect
+    from onnx_tucker.chain import chains_of
+    from onnx_tucker.distill import tucker_trainable
+
+    original = _projection_blocks()
+    compressed, _ = compress(original, ratio=0.5)
+    chains = chains_of(compressed)
+    assert sorted(c.layer for c in chains) == ["A", "B", "C", "D"]
+    assert len(rec.units(compressed, chains)) == 2  # each block's two chains together, fitted after its Add
+    x = np.random.default_rng(0).standard_normal((96, 8, 10, 10)).astype(np.float32)
+    train, check = {"x": x[32:]}, {"x": x[:32]}
+    trainable = tucker_trainable(compressed)
+    real_at, seen = rec._Passes.at, []
+
+    def spy(self, model, tensors, index):
+        values = real_at(self, model, tensors, index)
+        seen.append((list(tensors), self.forward.usable, self.forward.index))
+        return values
+    monkeypatch.setattr(rec._Passes, "at", spy)
+    one_pass, stats = rec.reconstruct(original, compressed, chains, train, check, trainable, steps=40, threads=1)
+    assert all(row["kept"] and row["after"] < row["before"] for row in stats["chains"])
+    student = [(tensors, usable, index) for tensors, usable, index in seen[::2]]
+    assert student[0][0] == ["x", "s"] and "s" in student[0][0]  # the shortcut's output: an input of the first unit
+    assert all(usable for _, usable, _ in seen) and student[1][2] > 0  # the forward moved on to the second block
+
+    monkeypatch.setattr(rec._Passes, "at", lambda self, model, tensors, index: [_collect(model, self.feeds, t) for t in tensors])
+    prefix, prefix_stats = rec.reconstruct(original, compressed, chains, train, check, trainable, steps=40, threads=1)
+    for got, want in zip(stats["chains"], prefix_stats["chains"]):
+        assert abs(got["before"] - want["before"]) < 1e-6 and abs(got["after"] - want["after"]) < 1e-5
+    for name in trainable:
+        np.testing.assert_allclose(init_arrays(one_pass)[name], init_arrays(prefix)[name], rtol=1e-3, atol=1e-5)
