@@ -126,6 +126,10 @@ class CompressOptions:
     probes: how the measured budget measures its curves: "auto" (a few whole-model probes per layer, the
         rest predicted from each option's layer-output error, then refined where the budget chooses; the
         default) or "all" (a whole-model probe for every option: the exact curves, several times slower).
+    probe_images: held-out calibration images each whole-model probe runs on (default 128; fewer for big
+        inputs, at most a quarter of the calibration set). More cost time in proportion and steady the
+        allocation against the choice of calibration subset (ResNet-20 at 2x, four subsets: 512 images gave
+        -1.11 points on average against -1.33, in 49 s against 25 s).
     distill: after the fit (and refit), train the chains' weights so the compressed model's outputs match
         the original's on the calibration inputs (label-free, needs ``calibration`` and torch): a dict of
         ``onnx_tucker.distill.distill`` keyword options ({} for its measured defaults), or None (off).
@@ -161,6 +165,7 @@ class CompressOptions:
     fold_affine: bool = True
     curves: str | None = None
     probes: str = "auto"
+    probe_images: int = 128  # sensitivity.EVAL_SAMPLES (not imported here: options stay light)
     distill: dict | None = None
     ray: str | None = None
 
@@ -202,6 +207,7 @@ class CompressOptions:
             raise UsageError(f"unknown budget rule {self.budget_rule!r}: choose auto, measured or uniform")
         if self.probes not in ("auto", "all"):
             raise UsageError(f"unknown probes mode {self.probes!r}: choose auto or all")
+        self.probe_images = _check_int(self.probe_images, "probe_images", 1, "a whole number >= 1")
         if self.refit is True:
             self.refit = "core"
         if self.refit in (None, "none"):
@@ -348,6 +354,9 @@ class BudgetArgs:
         parser.add_argument("--probes", choices=("auto", "all"), default=None,
                             help="measured budget: 'auto' probes a few ranks per layer, predicts the rest from the layer's "
                             "output error and refines where the budget chooses (default); 'all' probes every rank (slower)")
+        parser.add_argument("--probe-images", type=_type(_check_int, "--probe-images", 1, "a whole number >= 1"), default=None, metavar="N",
+                            help="measured budget: held-out calibration images each probe runs on (default 128); more take "
+                            "longer in proportion and make the allocation steadier across calibration subsets")
 
     @staticmethod
     def parse(args) -> dict:
@@ -359,11 +368,15 @@ class BudgetArgs:
         budget = args.target_macs is not None or getattr(args, "target_latency", None) is not None
         if args.probes is not None and (not budget or not getattr(args, "calibrate", None)):
             raise UsageError("--probes only applies with --target-macs and --calibrate (the measured budget)")
+        if getattr(args, "probe_images", None) is not None and (not budget or not getattr(args, "calibrate", None)):
+            raise UsageError("--probe-images only applies with --target-macs and --calibrate (the measured budget)")
         if not budget:
             return {}
         options = {"target_macs": args.target_macs, "budget_rule": args.budget_rule or "auto"} if args.target_macs is not None else {}
         if args.probes is not None:
             options["probes"] = args.probes
+        if getattr(args, "probe_images", None) is not None:
+            options["probe_images"] = args.probe_images
         if args.curves is not None:
             options["curves"] = check_cache_file(args.curves, "--curves")
         return options

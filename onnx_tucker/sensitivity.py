@@ -114,7 +114,7 @@ class CurveCache:
     Written atomically after every layer.
     """
 
-    def __init__(self, path, model: onnx.ModelProto, feeds: dict, rank_multiple: int, seed: int):
+    def __init__(self, path, model: onnx.ModelProto, feeds: dict, rank_multiple: int, seed: int, probe_images: int = EVAL_SAMPLES):
         import hashlib
         import json
         from pathlib import Path
@@ -129,7 +129,7 @@ class CurveCache:
         for name in sorted(feeds):
             digest.update(name.encode() + str(feeds[name].shape).encode() + str(feeds[name].dtype).encode())
             digest.update(np.ascontiguousarray(feeds[name]).tobytes())
-        digest.update(json.dumps([SCHEMA, rank_multiple, seed, EVAL_SAMPLES, EVAL_ELEMENTS, EVAL_MIN, FIT_SAMPLES, FIT_ROWS, FIT_ITERATIONS]).encode())
+        digest.update(json.dumps([SCHEMA, rank_multiple, seed, probe_images, EVAL_ELEMENTS, EVAL_MIN, FIT_SAMPLES, FIT_ROWS, FIT_ITERATIONS]).encode())
         self.key = digest.hexdigest()
         self.layers = {}
         if self.path.is_file():
@@ -156,13 +156,14 @@ class CurveCache:
         os.replace(tmp, self.path)
 
 
-def eval_samples(feeds: dict) -> int:
-    """Held-out images the distortion is measured on: ``EVAL_SAMPLES``, fewer for big inputs (at most
-    ``EVAL_ELEMENTS`` input values, at least ``EVAL_MIN`` images), and at most a quarter of the data.
-    Every probe runs the model on all of them, and the cut activations of every layer are kept for them."""
+def eval_samples(feeds: dict, wanted: int = EVAL_SAMPLES) -> int:
+    """Held-out images the distortion is measured on: ``wanted`` (``EVAL_SAMPLES`` by default), fewer for big
+    inputs (at most ``EVAL_ELEMENTS`` input values per ``EVAL_SAMPLES`` wanted, at least ``EVAL_MIN`` images),
+    and at most a quarter of the data. Every probe runs the model on all of them, and the cut activations of
+    every layer are kept for them."""
     n = len(next(iter(feeds.values())))
     per_sample = sum(int(np.prod(v.shape[1:], dtype=np.int64)) for v in feeds.values())
-    return min(EVAL_SAMPLES, max(EVAL_MIN, EVAL_ELEMENTS // max(per_sample, 1)), max(n // 4, 1))
+    return min(wanted, max(EVAL_MIN, EVAL_ELEMENTS * wanted // EVAL_SAMPLES // max(per_sample, 1)), max(n // 4, 1))
 
 
 def measured_options(candidates: list, rank_multiple: int, fixed_macs: int) -> dict:
@@ -174,7 +175,8 @@ def measured_options(candidates: list, rank_multiple: int, fixed_macs: int) -> d
 
 def distortion_curves(model: onnx.ModelProto, candidates: list, feeds: dict, covariances: dict | None,
                       rank_multiple: int = 1, seed: int = 0, progress: bool = True, fixed_macs: int = 0,
-                      cache_path=None, probes: str = "auto", ray: str | None = None, _setup: bool = False) -> dict:
+                      cache_path=None, probes: str = "auto", ray: str | None = None, probe_images: int = EVAL_SAMPLES,
+                      _setup: bool = False) -> dict:
     """Layer -> [(chain MACs, distortion, ranks, measured, layer-output error)], plus the seconds it took
     and ``refine(wanted)``, which measures chosen options (and their neighbours) that were only predicted.
 
@@ -184,6 +186,7 @@ def distortion_curves(model: onnx.ModelProto, candidates: list, feeds: dict, cov
     fitted on those; the budget then refines (``refine``) near its choice until every chosen option is
     measured (issue 15: the same allocations with far fewer probes).
 
+    ``probe_images``: held-out calibration images each probe runs on (:func:`eval_samples`).
     With ``cache_path`` the curves are read from and written to that file (:class:`CurveCache`).
     With ``ray`` (``"auto"`` or a cluster address) each layer's curve is a Ray task (``onnx_tucker.fanout``):
     the same curves, measured over the cluster's workers; the cache is still written here, layer by layer.
@@ -192,14 +195,14 @@ def distortion_curves(model: onnx.ModelProto, candidates: list, feeds: dict, cov
     """
     start = time.perf_counter()
     options = measured_options(candidates, rank_multiple, fixed_macs)
-    cache = CurveCache(cache_path, model, feeds, rank_multiple, seed) if cache_path is not None else None
+    cache = CurveCache(cache_path, model, feeds, rank_multiple, seed, probe_images) if cache_path is not None else None
     cached = {c.name: cache.get(c.name, options[c.name]) for c in candidates} if cache is not None else {}
     n = len(next(iter(feeds.values())))
-    n_eval = eval_samples(feeds)
+    n_eval = eval_samples(feeds, probe_images)
     if not _setup and cache is not None and all(v is not None for v in cached.values()) and (probes != "all" or all(map(_all_measured, cached.values()))):
         def refine(wanted: dict) -> int:  # the measuring state is built only if the budget wants a probe
             full = distortion_curves(model, candidates, feeds, covariances, rank_multiple, seed, progress, fixed_macs,
-                                     cache_path, probes, _setup=True)
+                                     cache_path, probes, probe_images=probe_images, _setup=True)
             runs = full["refine"](wanted)
             cached.update(full["curves"])
             return runs

@@ -35,6 +35,8 @@ def src(tmp_path):
     (["--reconstruct-steps", "10"], "--reconstruct-steps only applies with --distill"),
     (["--distill", "--calibrate", "x.npz", "--reconstruct-steps", "-1"], "whole number >= 0"),
     (["--distill", "--calibrate", "x.npz", "--distill-steps", "0", "--reconstruct-steps", "0"], "nothing to train"),
+    (["--target-macs", "0.5", "--probe-images", "256"], "--probe-images only applies with --target-macs and --calibrate"),
+    (["--target-macs", "0.5", "--calibrate", "x.npz", "--probe-images", "0"], "whole number >= 1"),
     (["--ratio", "nan"], "(0, 1]"),
     (["--target-macs", "0"], "(0, 1]"),
 ])

@@ -117,3 +117,21 @@ def test_probes_on_cuda_ask_cudnn_for_a_heuristic_algorithm(monkeypatch):
     assert len(asked) >= 2 and all(p == "cuda" for p, _ in asked)  # the probe model and at least one suffix model
     assert all(o["cudnn_conv_algo_search"] == "HEURISTIC" for _, o in asked)
     assert probed.sensitivity["curves"] == plain.sensitivity["curves"]
+
+
+def test_probe_images_sets_the_held_out_images_of_every_probe_and_the_cache_key(tmp_path):
+    from onnx_tucker.sensitivity import eval_samples
+
+    cal = feeds(n=256)
+    assert eval_samples(cal) == 64  # 128 asked, at most a quarter of the data
+    assert eval_samples(cal, 40) == 40
+    big = {"x": np.broadcast_to(np.float32(0), (4096, 3, 64, 64))}  # shape only, no memory
+    assert (eval_samples(big), eval_samples(big, 512)) == (32, 128)  # the cap on input values scales with the count asked
+    path = tmp_path / "curves.json"
+    model = residual_model()
+    _, few = compress(model, target_macs=0.6, calibration=cal, curves=str(path), probe_images=40)
+    assert few.sensitivity["eval_samples"] == 40
+    _, again = compress(model, target_macs=0.6, calibration=cal, curves=str(path), probe_images=40)
+    assert again.sensitivity["cached_layers"] == len(few.sensitivity["curves"])
+    _, other = compress(model, target_macs=0.6, calibration=cal, curves=str(path), probe_images=20)
+    assert other.sensitivity["cached_layers"] == 0 and other.sensitivity["eval_samples"] == 20  # other probes: remeasured
