@@ -422,7 +422,7 @@ def _distill(torch, TorchGraph, original, compressed, feeds, trainable, n, *, st
     perm, pos = torch.randperm(m, generator=generator), 0
     losses, diverged = [], False
     t_train = time.perf_counter()
-    bar = tqdm(total=steps, desc="distill", unit="step", file=sys.stderr, disable=not progress, leave=False)
+    bar = tqdm(total=steps, desc="distill", unit="step", file=sys.stderr, disable=None if progress else True, leave=False)  # a terminal only (None), like the probes
     try:
         for step in range(steps):
             if pos + batch_size > m:

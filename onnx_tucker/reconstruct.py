@@ -203,7 +203,7 @@ def reconstruct(original: onnx.ModelProto, compressed: onnx.ModelProto, chains: 
     student_pass, teacher_pass = _Passes(model, both), _Passes(original, both)
     position = {nd.name: i for i, nd in enumerate(model.graph.node)}
     producer = {o: i for i, nd in enumerate(original.graph.node) for o in nd.output}
-    bar = tqdm(total=steps * len(todo), desc="reconstruct", unit="step", file=sys.stderr, disable=not progress, leave=False)
+    bar = tqdm(total=steps * len(todo), desc="reconstruct", unit="step", file=sys.stderr, disable=None if progress else True, leave=False)  # a terminal only (None), like the probes
     for index, unit in enumerate(todo):
         bar.set_postfix(unit=f"{index + 1}/{len(todo)}")
         params = list(dict.fromkeys(t for c in unit for t in c.trainable() if t in allowed))

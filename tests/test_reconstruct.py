@@ -208,13 +208,22 @@ def test_distillation_starts_from_the_compressed_model_when_the_reconstruction_a
 
 
 @needs_torch
-def test_reconstruction_shows_progress_only_when_asked(capsys):
+@pytest.mark.parametrize("terminal", [True, False])
+def test_reconstruction_shows_progress_on_a_terminal_when_asked(monkeypatch, terminal):
+    import io
+    import sys
+
+    class Stream(io.StringIO):
+        def isatty(self):
+            return terminal
+
     original, compressed = tiny_pair()
     feeds = feeds_for(original, n=128)
-    _reconstruct(original, compressed, feeds, steps=20, progress=True)
-    assert "reconstruct" in capsys.readouterr().err
-    _reconstruct(original, compressed, feeds, steps=20)
-    assert "reconstruct" not in capsys.readouterr().err
+    for asked in (True, False):
+        stream = Stream()
+        monkeypatch.setattr(sys, "stderr", stream)
+        _reconstruct(original, compressed, feeds, steps=20, progress=asked)
+        assert ("reconstruct" in stream.getvalue()) == (asked and terminal)  # no bar in a toolchain's log
 
 
 def test_reconstruct_steps_flag_reaches_distill():
