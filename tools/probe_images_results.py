@@ -1,9 +1,9 @@
 """Top-1 of a measured budget against the number of probe images, on several calibration subsets.
 
-The measured budget probes each rank option on ``sensitivity.EVAL_SAMPLES`` held-out calibration images
-(128). Each run: 2048 training images drawn by a seeded generator (or the CLI's own subset), then
-``compress(model, calibration, target_macs=T)`` with the probe count set, then top-1 on the full CIFAR-10
-test set. One JSON line per run on stdout and appended to ``--out``.
+The measured budget probes each rank option on 128 held-out calibration images by default
+(``--probe-images``). Each run: 2048 training images drawn by a seeded generator (or the CLI's own subset),
+then ``compress(model, calibration, target_macs=T, probe_images=N)``, then top-1 on the full CIFAR-10 test
+set. One JSON line per run on stdout and appended to ``--out``.
 
     python tools/probe_images_results.py --model cifar10_resnet20 --target-macs 0.5 --evals 128,512 \\
         --subsets 0,cli,1,2 --out docs/probe_images.jsonl
@@ -23,7 +23,7 @@ import onnx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from onnx_tucker import compress, sensitivity  # noqa: E402
+from onnx_tucker import compress  # noqa: E402
 from onnx_tucker.data import load_calibration, load_labelled, predict, top1  # noqa: E402
 
 
@@ -49,10 +49,9 @@ def main(argv=None) -> int:
         else:
             subsets[f"rng {key}"] = {name: x[np.random.default_rng(int(key)).choice(len(x), 2048, replace=False)].astype(np.float32)}
     for evals in (int(e) for e in args.evals.split(",")):
-        sensitivity.EVAL_SAMPLES, sensitivity.EVAL_ELEMENTS = evals, evals * int(np.prod(next(iter(subsets.values()))[name].shape[1:]))
         for key, calibration in subsets.items():
             start = time.perf_counter()
-            new, _ = compress(model, calibration=calibration, target_macs=args.target_macs)
+            new, _ = compress(model, calibration=calibration, target_macs=args.target_macs, probe_images=evals)
             row = {"model": args.model, "target_macs": args.target_macs, "eval_samples": evals, "subset": key,
                    "change": round(100 * (top1(predict(new, feeds), labels) - base), 2), "seconds": round(time.perf_counter() - start, 1)}
             print(json.dumps(row), flush=True)
