@@ -20,7 +20,6 @@ from threadpoolctl import threadpool_limits
 
 from onnx_tucker.capture import batch_for_bytes, batch_size_for, capture_named, fixed_batch, iterate
 from onnx_tucker.graph import Initializers, constant_outputs, consumers, feeds_only_relu, nodes_by_name, prefix_model, with_outputs
-from onnx_tucker.next_metric import next_layer_metric, sqrt_and_inverse
 from onnx_tucker.providers import fastest_available, probe_options
 from onnx_tucker.runtime import make_session
 from onnx_tucker.site import GeometryError, conv_geometry
@@ -30,7 +29,6 @@ ROW_SPREAD = 4  # candidate positions per sampled row: the images a layer's rows
 MIN_IMAGES = 512  # ... and are at least this many (128 calibration images in all ruined a refit: issue 12 finding)
 MIN_ROWS_PER_UNKNOWN = 20
 CORE_RIDGE = 1e-2  # the core refit shrinks towards the Tucker solution: it has many unknowns  # pixel samples per layer for the least-squares refit
-OUTPUT_METRIC = True  # the core refit picks its output subspace as the next layers see the error (next_metric)
 BATCH = 64
 COV_POSITIONS = 64  # spatial positions per sample for the input covariances
 
@@ -169,9 +167,8 @@ def refit_chains(original: onnx.ModelProto, compressed: onnx.ModelProto, feeds: 
                 f, f_pick = collect(core_node.input[0], core_node)
                 geometry = _core_geometry(core_node, inits, f.shape[2:])
                 if geometry is not None:
-                    metric = next_layer_metric(original, chain.output) if OUTPUT_METRIC and chain.output not in merged_into else None
                     result["layers"][chain.layer] = _refit_core_and_last(compressed, chain, core_node, last, inits, f, f_pick(pick), target, geometry,
-                                                                         ridge, relu, offset, metric=metric)
+                                                                         ridge, relu, offset)
                     continue
             z, z_pick = collect(last.input[0], last)
             z = _picked_rows(z, z_pick(pick), chain.channel_axis).astype(np.float64)
@@ -599,8 +596,7 @@ def _patches(f: np.ndarray, pick: np.ndarray, out_hw: tuple, geometry) -> np.nda
     return patches_at(f, n_idx, oh, ow, geometry)
 
 
-def _refit_core_and_last(model, chain, core_node, last, inits, f, pick, target, geometry, ridge, relu=False, offset=None,
-                         metric=None) -> dict:
+def _refit_core_and_last(model, chain, core_node, last, inits, f, pick, target, geometry, ridge, relu=False, offset=None) -> dict:
     """Reduced-rank regression of core+last on the first conv's real output.
 
     Fits the combined kxk conv (C_out x R_in*k*k) by least squares, shrunk towards
@@ -626,18 +622,13 @@ def _refit_core_and_last(model, chain, core_node, last, inits, f, pick, target, 
     lam = max(ridge, CORE_RIDGE) * np.trace(gram) / len(gram) + 1e-12
     full = np.linalg.solve(gram + lam * np.eye(len(gram)), pc.T @ tc + lam * prior)
     fitted = pc @ full
-    # The rank-R_out output subspace: the top principal directions of the fitted outputs, measured as the
-    # next layers see them where a metric is given (next_metric), else in plain channel space.
-    root, inverse = sqrt_and_inverse(metric) if metric is not None else (None, None)
-    weighted = fitted @ root if root is not None else fitted
-    _, vectors = np.linalg.eigh(weighted.T @ weighted)
-    w = vectors[:, ::-1][:, :r_out]
-    into, v = (root @ w, inverse @ w) if root is not None else (w, w)  # core: full @ into; last factor: v (C_out, R_out)
-    new_core = (full @ into).T.reshape(core.shape)
-    new_bias = mean_t - mean_p @ (full @ into @ v.T)
-    after = p @ (full @ into @ v.T) + new_bias
+    _, vectors = np.linalg.eigh(fitted.T @ fitted)
+    v = vectors[:, ::-1][:, :r_out]  # (C_out, R_out)
+    new_core = (full @ v).T.reshape(core.shape)
+    new_bias = mean_t - mean_p @ (full @ v @ v.T)
+    after = p @ (full @ v @ v.T) + new_bias
     if relu:  # then the last factor and bias again, for the error the ReLU lets through
-        design = np.hstack([p @ full @ into, np.ones((len(p), 1))])
+        design = np.hstack([p @ full @ v, np.ones((len(p), 1))])
         solution = relu_solve(design, target, np.vstack([v.T, new_bias[None, :]]), ridge, offset=offset)
         v, new_bias = solution[:-1].T, solution[-1]
         after = design @ solution
