@@ -1,0 +1,77 @@
+"""A/B of one module constant of onnx_tucker on the committed CIFAR-10 models (top-1 on the full test set).
+
+Each run: ``compress(model, calibration=2048 seeded training images (--rng), SETTING)`` once per value of the
+constant (``--flags``: 0/1 for a bool, numbers otherwise), then top-1 with onnxruntime. One JSON line per run
+on stdout and appended to ``--out``. For experiments: an idea goes behind a constant, this measures it.
+
+    python tools/switch_ab.py calibrate.RESIDUAL_TARGET cifar10_resnet20:t0.5 cifar10_cnn:r0.5 --out rows.jsonl
+
+SETTING as in tools/residual_target_results.py: ``rX`` (--ratio X), ``tX`` (--target-macs X), ``+1x1``.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+
+from onnx_tucker import compress  # noqa: E402
+from onnx_tucker.data import load_labelled, predict, top1  # noqa: E402
+from residual_target_results import options  # noqa: E402
+
+
+def value_of(current, flag: str):
+    """``flag`` as the constant's type: 0/1 for a bool."""
+    return flag.strip() == "1" if isinstance(current, bool) else type(current)(float(flag))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("switch", help="MODULE.CONSTANT of onnx_tucker, e.g. calibrate.RESIDUAL_TARGET")
+    ap.add_argument("runs", nargs="+", help="MODEL:SETTING (MODEL names models/MODEL.onnx)")
+    ap.add_argument("--flags", default="0,1", help="the constant's values, comma-separated")
+    ap.add_argument("--rng", type=int, default=0, help="seed of the 2048-image calibration subset")
+    ap.add_argument("--probe-images", type=int, default=128)
+    ap.add_argument("--data", default=os.environ.get("CIFAR10_DIR", str(ROOT.parent / "shared/data/cifar10")))
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    module_name, constant = args.switch.rsplit(".", 1)
+    module = importlib.import_module("onnx_tucker." + module_name)
+    data = Path(args.data)
+    train = np.load(data / "cifar10_train.npz")
+    pick = np.random.default_rng(args.rng).choice(len(train["x_train"]), 2048, replace=False)
+    cal_x = train["x_train"][pick].astype(np.float32)
+    for run in args.runs:
+        name, setting = run.split(":")
+        model = onnx.load(str(ROOT / "models" / f"{name}.onnx"))
+        feeds, labels = load_labelled(data / "cifar10_test.npz", model)
+        base = top1(predict(model, feeds), labels)
+        for flag in args.flags.split(","):
+            setattr(module, constant, value_of(getattr(module, constant), flag))
+            start = time.perf_counter()
+            new, report = compress(model, calibration={model.graph.input[0].name: cal_x}, probe_images=args.probe_images,
+                                   **options(setting))
+            seconds = time.perf_counter() - start
+            acc = top1(predict(new, feeds), labels)
+            row = {"switch": args.switch, "flag": flag, "model": name, "setting": setting, "rng": args.rng,
+                   "change": round(100 * (acc - base), 2), "macs": round(report.totals()["macs_reduction"], 3),
+                   "seconds": round(seconds, 1)}
+            print(json.dumps(row), flush=True)
+            if args.out:
+                with open(args.out, "a") as fh:
+                    fh.write(json.dumps(row) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
