@@ -148,33 +148,6 @@ def _feature_names(original: onnx.ModelProto, compressed: onnx.ModelProto) -> li
     return [n for n in dict.fromkeys(names) if n in made]
 
 
-def _penultimate_names(model: onnx.ModelProto, logits: Sequence[str], before_pool: bool = False) -> list[str]:
-    """Per logit tensor, the features its classifier (the last Gemm/MatMul) reads.
-
-    ``before_pool``: walk further back over Flatten/Squeeze/Reshape and a global average pool to the
-    spatial map (MiR's "mimic the features before the head"); a model without one keeps the pooled vector.
-    """
-    producer = {o: n for n in model.graph.node for o in n.output}
-    inits = {i.name for i in model.graph.initializer}
-    names = []
-    for name in logits:
-        node = producer.get(name)
-        if node is not None and node.op_type == "Add":  # MatMul + bias
-            data = [i for i in node.input if i not in inits]
-            node = producer.get(data[0]) if len(data) == 1 else None
-        if node is None or node.op_type not in ("Gemm", "MatMul"):
-            raise UsageError(f"no classifier (Gemm/MatMul) found before the output '{name}' for penultimate features")
-        feature = node.input[0]
-        if before_pool:
-            walk = producer.get(feature)
-            while walk is not None and walk.op_type in ("Flatten", "Squeeze", "Reshape"):
-                walk = producer.get(walk.input[0])
-            if walk is not None and walk.op_type in ("GlobalAveragePool", "ReduceMean"):
-                feature = walk.input[0]
-        names.append(feature)
-    return names
-
-
 # --- metrics ---------------------------------------------------------------------------------------
 
 
@@ -301,8 +274,6 @@ def distill(
     keep_worse: bool = False,
     reconstruct_steps: int = DEFAULT_RECONSTRUCT_STEPS,
     feature_weight: float = DEFAULT_FEATURE_WEIGHT,
-    feature_target: str = "chains",
-    optimizer: str = "adam",
 ) -> tuple[onnx.ModelProto, dict]:
     """Train the ``trainable`` initializers of ``compressed`` to reproduce ``original``'s outputs.
 
@@ -358,16 +329,14 @@ def distill(
         return _distill(torch, TorchGraph, original, compressed, {k: np.asarray(feeds[k]) for k in names}, trainable, n,
                         steps=steps, lr=float(lr), batch_size=batch_size, augment=augment, holdout=holdout,
                         temperature=float(temperature), seed=seed, dev=dev, progress=progress, keep_worse=keep_worse,
-                        started=started, reconstruct_steps=reconstruct_steps, threads=threads, feature_weight=float(feature_weight),
-                        feature_target=feature_target, optimizer_name=optimizer)
+                        started=started, reconstruct_steps=reconstruct_steps, threads=threads, feature_weight=float(feature_weight))
     finally:
         if threads:
             torch.set_num_threads(old_threads)
 
 
 def _distill(torch, TorchGraph, original, compressed, feeds, trainable, n, *, steps, lr, batch_size, augment,
-             holdout, temperature, seed, dev, progress, keep_worse, started, reconstruct_steps, threads, feature_weight,
-             feature_target="chains", optimizer_name="adam"):
+             holdout, temperature, seed, dev, progress, keep_worse, started, reconstruct_steps, threads, feature_weight):
     from tqdm import tqdm
 
     rng = np.random.default_rng(seed)
@@ -401,12 +370,7 @@ def _distill(torch, TorchGraph, original, compressed, feeds, trainable, n, *, st
 
     n_logits = len(s_logits)
     # Intermediate targets: each chain's (or residual block's) activated output, same name in both models.
-    if not feature_weight:
-        features = []
-    elif feature_target == "chains":
-        features = _feature_names(original, compressed)
-    else:
-        features = list(dict.fromkeys(_penultimate_names(compressed, s_logits, before_pool=feature_target == "map")))
+    features = _feature_names(original, compressed) if feature_weight else []
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     student = TorchGraph(start, trainable, outputs=s_logits + features).to(dev)
@@ -434,10 +398,7 @@ def _distill(torch, TorchGraph, original, compressed, feeds, trainable, n, *, st
             outs = train_teacher.run(None, {k: v.cpu().numpy() for k, v in batch.items()})
             return [torch.from_numpy(o).to(dev) for o in outs]
 
-    if optimizer_name == "sgd":
-        optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True)
-    else:
-        optimizer = torch.optim.Adam(params, lr=lr)
+    optimizer = torch.optim.Adam(params, lr=lr)
     warmup = max(1, int(steps * WARMUP_FRACTION))
 
     def factor(step):  # step 0.. steps-1

@@ -83,8 +83,6 @@ def main() -> None:
     ap.add_argument("--holdout", type=float, default=DEFAULT_HOLDOUT)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--feature-weight", type=float, default=DEFAULT_FEATURE_WEIGHT, help="intermediate-target loss weight")
-    ap.add_argument("--feature-target", default="chains", choices=("chains", "penultimate", "map"))
-    ap.add_argument("--optimizer", default="adam", choices=("adam", "sgd"))
     ap.add_argument("--reconstruct-steps", type=int, default=DEFAULT_RECONSTRUCT_STEPS, help="per chain; 0: no local reconstruction")
     ap.add_argument("--threads", type=int, default=1, help="torch and onnxruntime threads (1: best on the shared 2-core VM)")
     ap.add_argument("--calib-size", type=int, default=2048)
@@ -116,7 +114,6 @@ def main() -> None:
         augment=not args.no_augment, holdout=args.holdout, temperature=args.temperature, seed=args.seed,
         threads=args.threads, progress=sys.stderr.isatty(), keep_worse=not args.reconstruct_steps,
         reconstruct_steps=args.reconstruct_steps, feature_weight=args.feature_weight,
-        feature_target=args.feature_target, optimizer=args.optimizer,
     )
     wall = time.perf_counter() - t0
     if args.reconstruct_steps:  # what distill returns; the refused trained weights are not measured
@@ -136,7 +133,7 @@ def main() -> None:
         "load_average": round(os.getloadavg()[0], 2),
         "top1_original": top1(out_orig, labels), "top1_before": top1(out_before, labels),
         "top1_after": top1(out_after, labels), "top1_trained": None if out_trained is None else top1(out_trained, labels),
-        "reconstruct_steps": args.reconstruct_steps, "feature_weight": args.feature_weight, "feature_target": args.feature_target, "optimizer": args.optimizer,
+        "reconstruct_steps": args.reconstruct_steps, "feature_weight": args.feature_weight,
         "test_agreement_before": agreement(out_orig, out_before), "test_agreement_after": agreement(out_orig, out_after),
         "test_agreement_trained": None if out_trained is None else agreement(out_orig, out_trained),
         "stats": stats,
