@@ -379,10 +379,6 @@ def _refined_allocation(sites: list, measured: dict, opts: CompressOptions, fixe
             break
         runs += measured["refine"](wanted)
         planned = allocate_measured(sites, curves, opts, fixed_macs)
-    from onnx_tucker import sensitivity
-
-    for _ in range(sensitivity.CONTEXT_ROUNDS):  # experiment: re-measure in the planned model's context
-        planned = allocate_measured(sites, measured["in_context"](planned, sensitivity.CONTEXT_AROUND), opts, fixed_macs)
     return planned, runs
 
 

@@ -47,9 +47,6 @@ BATCH = 64
 FIT_ITERATIONS = 1  # HOOI sweeps per option: the curves rank options, the final fit iterates fully
 PROBES = 5  # whole-model probes per layer before the budget's refinement (probes="auto")
 PROBE_MODES = ("auto", "all")
-CONTEXT_ROUNDS = 0  # experiment: rounds of re-measured curves in the planned model's context
-CONTEXT_AROUND = None  # ... only options this many places around the planned one (None: all)
-DISTORTION_TEMPERATURE = 1.0  # KL of softmax(logits / T) between original and probe
 
 
 class Unsupported(Exception):
@@ -93,13 +90,8 @@ def _distortion(reference: np.ndarray, output: np.ndarray) -> float:
     out = output.astype(np.float64).reshape(len(output), -1)
     if reference.ndim == 2 and ref.shape[1] > 1:
         is_prob = ref.min() >= 0 and np.allclose(ref.sum(1), 1.0, atol=1e-3)
-        if DISTORTION_TEMPERATURE != 1.0:  # softened: log-probabilities are logits up to a constant
-            if is_prob:
-                ref, out = np.log(np.clip(ref, 1e-12, None)), np.log(np.clip(out, 1e-12, None))
-            p, q = _softmax(ref / DISTORTION_TEMPERATURE), np.clip(_softmax(out / DISTORTION_TEMPERATURE), 1e-300, None)
-        else:
-            p = ref if is_prob else _softmax(ref)
-            q = np.clip(out, 1e-12, None) if is_prob else _softmax(out)
+        p = ref if is_prob else _softmax(ref)
+        q = np.clip(out, 1e-12, None) if is_prob else _softmax(out)
         p = np.clip(p, 1e-12, None)
         return float(np.mean(np.sum(p * (np.log(p) - np.log(q)), axis=1)))
     return float(np.sum((out - ref) ** 2) / max(np.sum(ref**2), 1e-30))
@@ -360,43 +352,8 @@ def distortion_curves(model: onnx.ModelProto, candidates: list, feeds: dict, cov
         bar.close()
         return runs
 
-    def in_context(planned: dict, around: int | None = None) -> dict:
-        """Curves measured with every other layer at its planned option (composed weights fed to the probe):
-        per option, the whole model's distortion less that of the layer left whole in the same context.
-        ``around``: only options within that many places (in MACs) of the planned one; the rest keep
-        their isolated values shifted to meet the measured ones at the ends."""
-        context = dict(weights)
-        jobs = {c.name: job_of(c) for c in candidates}
-        for cand in candidates:
-            ranks = planned.get(cand.name)
-            if ranks is not None:
-                context.update(_solve(jobs[cand.name], ranks)[0])
-        values = session.run([output_name] + cut_tensors, {**eval_feeds, **context})
-        ctx_cut = dict(zip(cut_tensors, values[1:]))
-        ctx_cut.update(eval_feeds)
-        ctx_cut.update(context)
-        out = {}
-        with threadpool_limits(limits=1, user_api="blas"):
-            for cand in candidates:
-                job = jobs[cand.name]
-                w_name, b_name = job.weight_name, job.bias_name
-                suffix_session, feeds = _suffix(job, probe, reference, ctx_cut, output_name, provider, session)
-                whole = {w_name: weights[w_name], **({b_name: weights[b_name]} if b_name else {})}
-                base = _distortion(reference, suffix_session.run([output_name], {**feeds, **whole})[0])
-                options_here = job.options
-                if around is not None and planned.get(cand.name) is not None:
-                    by_macs = [tuple(e[2]) for e in sorted(curves[cand.name], key=lambda e: e[0])]
-                    at = by_macs.index(tuple(planned[cand.name]))
-                    options_here = by_macs[max(0, at - around): at + around + 1]
-                measured = _measure(job, options_here, suffix_session, feeds, reference, output_name)
-                known = {r: d - base for r, d in measured.items()}
-                out[cand.name] = [(m, known[tuple(r)] if tuple(r) in known else None, r, tuple(r) in known, err)
-                                  for m, _, r, _, err in curves[cand.name]]
-                out[cand.name] = _fill(out[cand.name], curves[cand.name])
-        return out
-
     curves = {c.name: curves[c.name] for c in candidates}  # graph order, cached or not (refine updates this dict)
-    result = {"in_context": in_context, "curves": curves, "seconds": round(time.perf_counter() - start, 2), "eval_samples": n_eval,
+    result = {"curves": curves, "seconds": round(time.perf_counter() - start, 2), "eval_samples": n_eval,
               "cached_layers": len(candidates) - len(todo), "provider": provider, "probes": count, "refine": refine}
     if ray is not None:
         result["ray"] = ray
@@ -576,18 +533,6 @@ def _predicted_curve(cand, options: list, errors: dict, known: dict) -> list:
             value, measured = float(np.exp(offset + slope * np.log(max(errors[r], 1e-12)))), False
         curve.append((form.cost(cand, r).macs, float(value), r, measured, float(errors[r])))
     return curve
-
-
-def _fill(ctx: list, isolated: list) -> list:
-    """Options not measured in context: their isolated distortion, shifted by the nearest measured offset."""
-    pairs = [(e[0], e[1] - i[1]) for e, i in zip(ctx, isolated) if e[1] is not None]
-    out = []
-    for e, i in zip(ctx, isolated):
-        if e[1] is None:
-            shift = min(pairs, key=lambda p: abs(p[0] - e[0]))[1] if pairs else 0.0
-            e = (e[0], i[1] + shift, e[2], False, e[4])
-        out.append(e)
-    return out
 
 
 def _all_measured(curve: list) -> bool:
