@@ -360,7 +360,7 @@ def _distill(torch, TorchGraph, original, compressed, feeds, trainable, n, *, st
         from onnx_tucker.reconstruct import chains_in, reconstruct
 
         rebuilt, local = reconstruct(original, compressed, chains_in(compressed), train, check, trainable,
-                                     steps=reconstruct_steps, seed=seed, threads=threads, progress=progress)
+                                     steps=reconstruct_steps, seed=seed, threads=threads, progress=progress, device=dev)
         reconstructed = agreement_and_kl(reference, _run(_session(_with_outputs(rebuilt, s_logits)), check))
         # The global phase starts from the reconstruction only where it agrees better with the original: on
         # the seed CNN (BatchNorm not folded) it lowers every layer's error yet raises the KL, and distilling

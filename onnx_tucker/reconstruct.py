@@ -165,12 +165,14 @@ def reconstruct(original: onnx.ModelProto, compressed: onnx.ModelProto, chains: 
                 train: dict[str, np.ndarray], check: dict[str, np.ndarray], trainable: Sequence[str], *,
                 steps: int = DEFAULT_STEPS, lr: float = DEFAULT_LR, batch_size: int = DEFAULT_BATCH,
                 seed: int = 0, threads: int | None = None, joint: bool = DEFAULT_JOINT,
-                progress: bool = False) -> tuple[onnx.ModelProto, dict]:
+                progress: bool = False, device=None) -> tuple[onnx.ModelProto, dict]:
     """Reconstruct ``chains`` of ``compressed`` one after the other (see the module docstring).
 
     ``train`` / ``check``: graph inputs to fit on and to judge on (held out). Only names in
     ``trainable`` change. ``progress``: a bar over all units' steps on stderr (800 steps a unit take
-    minutes on a deep model). Returns ``(model, stats)``; stats['chains'] has per chain the target tensor,
+    minutes on a deep model). ``device``: where torch trains (a ``torch.device`` or its name; default
+    the CPU); the inputs and targets still come from onnxruntime on the CPU, once per unit, and the
+    minibatches are drawn by a CPU generator (the same indices on any device). Returns ``(model, stats)``; stats['chains'] has per chain the target tensor,
     the held-out relative error before and after and whether the new weights were kept.
     """
     import torch
@@ -187,6 +189,7 @@ def reconstruct(original: onnx.ModelProto, compressed: onnx.ModelProto, chains: 
         return {k: v[rows] for k, v in feeds.items()}
 
     started = time.perf_counter()
+    dev = torch.device(device) if device is not None else torch.device("cpu")
     allowed = set(trainable)
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -230,11 +233,11 @@ def reconstruct(original: onnx.ModelProto, compressed: onnx.ModelProto, chains: 
             fit, held = subset(train, cap), subset(check, cap)
             x_train, x_check = _run(student_in, fit), _run(student_in, held)
             y_train, y_check = _run(teacher, fit)[0], _run(teacher, held)[0]
-        x_train = [torch.from_numpy(np.ascontiguousarray(a)) for a in x_train]
-        x_check = [torch.from_numpy(np.ascontiguousarray(a)) for a in x_check]
-        y_train = torch.from_numpy(np.ascontiguousarray(y_train))
-        y_check = torch.from_numpy(np.ascontiguousarray(y_check))
-        block = TorchGraph(model, params, outputs=[target], inputs=cut)
+        x_train = [torch.from_numpy(np.ascontiguousarray(a)).to(dev) for a in x_train]
+        x_check = [torch.from_numpy(np.ascontiguousarray(a)).to(dev) for a in x_check]
+        y_train = torch.from_numpy(np.ascontiguousarray(y_train)).to(dev)
+        y_check = torch.from_numpy(np.ascontiguousarray(y_check)).to(dev)
+        block = TorchGraph(model, params, outputs=[target], inputs=cut).to(dev)
         opt_params = list(block.onnx_parameters().values())
 
         def check_error() -> float:
@@ -249,7 +252,7 @@ def reconstruct(original: onnx.ModelProto, compressed: onnx.ModelProto, chains: 
         b = min(batch_size, m)
         scale = float((y_train.double() ** 2).mean())
         for _ in range(steps):
-            idx = torch.randint(0, m, (b,), generator=generator)
+            idx = torch.randint(0, m, (b,), generator=generator).to(dev)
             out = block(*[x[idx] for x in x_train])[0]
             loss = ((out - y_train[idx]) ** 2).mean() / max(scale, 1e-30)
             optimizer.zero_grad(set_to_none=True)
@@ -264,6 +267,7 @@ def reconstruct(original: onnx.ModelProto, compressed: onnx.ModelProto, chains: 
         if kept:  # else the chain stays as it was
             model = block.write_back(model)
         rows.append({"layer": "+".join(c.layer for c in unit), "target": target, "inputs": len(cut), "images": len(y_train),
+                     "device": str(dev),
                      "before": round(before, 6),
                      "after": round(after, 6), "kept": kept, "seconds": round(time.perf_counter() - t0, 2)})
     bar.close()

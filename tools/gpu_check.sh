@@ -8,7 +8,8 @@
 #      --latency-aware --provider cuda at batch 1 and 32 (ResNet50 with its 1x1 convs as candidates),
 #      VGG16 and ResNet50 under --target-latency at batch 32 (calibrated on seeded noise: latency only),
 #      benched on CUDA at batch 1 and 32;
-#   4. the CNN on the CPU EP with the per-layer profile.
+#   4. the CNN on the CPU EP with the per-layer profile;
+#   5. (between 1 and 2, when torch sees a GPU) --distill --distill-device cuda on ResNet-20, timed.
 # Each step has its own timeout and the optional ones are skipped past DEADLINE seconds, so the whole
 # run stays inside its budget (6 minutes with the wheel install). Everything goes into one text report and
 # one JSON next to it; on a machine without CUDA it runs to the end and records why.
@@ -92,7 +93,7 @@ HAVE_TRT=0
 
 section "CUDA-marked tests"
 if "$PY" -c "import pytest" 2>/dev/null; then
-    step 120 "$PY" -m pytest -q -p no:cacheprovider -m cuda -rs tests/test_bench.py tests/test_runtime.py tests/test_latency_table.py
+    step 120 "$PY" -m pytest -q -p no:cacheprovider -m cuda -rs tests/test_bench.py tests/test_runtime.py tests/test_latency_table.py tests/test_reconstruct.py
 else
     say "pytest not installed: CUDA-marked tests not run"
 fi
@@ -114,6 +115,17 @@ if [ "$HAVE_CUDA" = 1 ] && [ "$SCALE" = 1 ]; then
     step "${SCALE_LIMIT:-300}" "$PY" -m onnx_tucker "$TMP/resnet50.onnx" "$TMP/resnet50_t05.onnx" --target-macs 0.5 --layers kxk,1x1 \
         --calibrate "$TMP/imgs" --calib-size 512 --no-check --report "$TMP/json/compress_resnet50_t05_folder.json"
     say "ResNet50 image-folder budget: $(( $(date +%s) - T0 )) s wall"
+fi
+
+if "$PY" -c "import torch; raise SystemExit(not torch.cuda.is_available())" 2>/dev/null && in_time; then
+    section "--distill on CUDA (reconstruction and global phase): ResNet-20 --ratio 0.5, 512 noise PNGs (timing only)"
+    [ -d "$TMP/imgs" ] || step 60 "$PY" tools/zoo_models.py images "$TMP/imgs" --shape 512,32,32,3
+    T0=$(date +%s)
+    step 240 "$PY" -m onnx_tucker models/cifar10_resnet20.onnx "$TMP/r20_distill.onnx" --ratio 0.5 --calibrate "$TMP/imgs" \
+        --calib-size 512 --distill --distill-device cuda --no-check -q --report "$TMP/json/compress_r20_distill_cuda.json"
+    say "ResNet-20 --distill on CUDA: $(( $(date +%s) - T0 )) s wall"
+else
+    say "torch sees no CUDA GPU (or past DEADLINE): --distill on CUDA not timed"
 fi
 
 section "CIFAR-10 CNN: ratio 0.5, and latency-aware on CUDA at batch 1 and 32"
