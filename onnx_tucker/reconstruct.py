@@ -34,7 +34,6 @@ DEFAULT_JOINT = True  # fit chains that feed only each other (a residual block's
 ACTIVATIONS = ("Relu", "Clip", "LeakyRelu")
 AFFINE = ("Mul", "Add", "Sub", "Div")  # after the activation, with a constant second operand
 EVAL_BATCH = 256
-QDROP = 0.0  # experiment: probability that an input value comes from the original model instead (QDrop)
 MAX_BYTES = 1 << 30  # a unit's inputs and target held in memory; beyond, a seeded subset of the images
 
 
@@ -227,9 +226,6 @@ def reconstruct(original: onnx.ModelProto, compressed: onnx.ModelProto, chains: 
         if cap >= n_all:  # every image fits: the tensors come from the two forward passes, a segment a unit
             first = min(position[nd] for c in unit for nd in c.node_names() if nd in position)
             xs = student_pass.at(model, cut, first)
-            xt = None
-            if QDROP and all(t in producer for t in cut):
-                xt = teacher_pass.at(original, cut, max(producer[t] for t in cut) + 1)
             y = teacher_pass.at(original, [target], producer[target] + 1)[0]
             x_train, x_check = [x[:n_train] for x in xs], [x[n_train:] for x in xs]
             y_train, y_check = y[:n_train], y[n_train:]
@@ -237,7 +233,6 @@ def reconstruct(original: onnx.ModelProto, compressed: onnx.ModelProto, chains: 
             fit, held = subset(train, cap), subset(check, cap)
             x_train, x_check = _run(student_in, fit), _run(student_in, held)
             y_train, y_check = _run(teacher, fit)[0], _run(teacher, held)[0]
-        x_teacher = [torch.from_numpy(np.ascontiguousarray(a[:n_train])).to(dev) for a in xt] if cap >= n_all and xt is not None else None
         x_train = [torch.from_numpy(np.ascontiguousarray(a)).to(dev) for a in x_train]
         x_check = [torch.from_numpy(np.ascontiguousarray(a)).to(dev) for a in x_check]
         y_train = torch.from_numpy(np.ascontiguousarray(y_train)).to(dev)
@@ -258,12 +253,7 @@ def reconstruct(original: onnx.ModelProto, compressed: onnx.ModelProto, chains: 
         scale = float((y_train.double() ** 2).mean())
         for _ in range(steps):
             idx = torch.randint(0, m, (b,), generator=generator).to(dev)
-            if x_teacher is not None:
-                batch_in = [torch.where(torch.rand(x[idx].shape, generator=generator) < QDROP, t[idx], x[idx])
-                            for x, t in zip(x_train, x_teacher)]
-            else:
-                batch_in = [x[idx] for x in x_train]
-            out = block(*batch_in)[0]
+            out = block(*[x[idx] for x in x_train])[0]
             loss = ((out - y_train[idx]) ** 2).mean() / max(scale, 1e-30)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
