@@ -34,7 +34,6 @@ DEFAULT_JOINT = True  # fit chains that feed only each other (a residual block's
 ACTIVATIONS = ("Relu", "Clip", "LeakyRelu")
 AFFINE = ("Mul", "Add", "Sub", "Div")  # after the activation, with a constant second operand
 EVAL_BATCH = 256
-FISHER = 0.0  # experiment: weigh the error by the pseudo-label Fisher diagonal (BRECQ), plus this much plain MSE; 0: off
 MAX_BYTES = 1 << 30  # a unit's inputs and target held in memory; beyond, a seeded subset of the images
 
 
@@ -158,29 +157,6 @@ class _Passes:
         return values
 
 
-def _fisher(torch, original, target: str, values: np.ndarray, batch: int = 128) -> np.ndarray | None:
-    """Squared gradient of the original's cross-entropy against its own top class, w.r.t. ``target``
-    (the pseudo-label Fisher diagonal), per value of ``values``; None where the rest of the graph needs more
-    than ``target``."""
-    from onnx_tucker.distill import logit_names
-    from onnx_tucker.errors import ModelError
-    from onnx_tucker.torch_exec import TorchGraph
-
-    try:
-        suffix = TorchGraph(original, (), outputs=logit_names(original)[:1], inputs=[target])
-    except ModelError:
-        return None
-    out = np.empty(values.shape, dtype=np.float32)
-    for s in range(0, len(values), batch):
-        z = torch.from_numpy(np.ascontiguousarray(values[s : s + batch])).requires_grad_(True)
-        logits = suffix(z)[0]
-        logits = logits.reshape(-1, logits.shape[-1])
-        loss = torch.nn.functional.cross_entropy(logits, logits.argmax(-1).detach(), reduction="sum")
-        (grad,) = torch.autograd.grad(loss, z)
-        out[s : s + batch] = (grad**2).numpy()
-    return out
-
-
 def _rel_error(student, target) -> float:
     return float(((student - target) ** 2).sum() / max(float((target**2).sum()), 1e-30))
 
@@ -257,13 +233,6 @@ def reconstruct(original: onnx.ModelProto, compressed: onnx.ModelProto, chains: 
             fit, held = subset(train, cap), subset(check, cap)
             x_train, x_check = _run(student_in, fit), _run(student_in, held)
             y_train, y_check = _run(teacher, fit)[0], _run(teacher, held)[0]
-        w_train = w_check = None
-        if FISHER:
-            weights = _fisher(torch, original, target, np.concatenate([y_train, y_check]))
-            if weights is not None:
-                weights = weights / weights.mean() + FISHER
-                w_train = torch.from_numpy(np.ascontiguousarray(weights[: len(y_train)])).to(dev)
-                w_check = torch.from_numpy(np.ascontiguousarray(weights[len(y_train):])).to(dev)
         x_train = [torch.from_numpy(np.ascontiguousarray(a)).to(dev) for a in x_train]
         x_check = [torch.from_numpy(np.ascontiguousarray(a)).to(dev) for a in x_check]
         y_train = torch.from_numpy(np.ascontiguousarray(y_train)).to(dev)
@@ -274,8 +243,6 @@ def reconstruct(original: onnx.ModelProto, compressed: onnx.ModelProto, chains: 
         def check_error() -> float:
             with torch.no_grad():
                 out = torch.cat([block(*[x[s : s + EVAL_BATCH] for x in x_check])[0] for s in range(0, len(y_check), EVAL_BATCH)])
-            if w_check is not None:
-                return float((w_check.double() * (out.double() - y_check.double()) ** 2).sum() / (w_check.double() * y_check.double() ** 2).sum())
             return _rel_error(out.double(), y_check.double())
 
         before = check_error()
@@ -283,14 +250,11 @@ def reconstruct(original: onnx.ModelProto, compressed: onnx.ModelProto, chains: 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
         m = len(y_train)
         b = min(batch_size, m)
-        scale = float((y_train.double() ** 2).mean()) if w_train is None else float((w_train.double() * y_train.double() ** 2).mean())
+        scale = float((y_train.double() ** 2).mean())
         for _ in range(steps):
             idx = torch.randint(0, m, (b,), generator=generator).to(dev)
             out = block(*[x[idx] for x in x_train])[0]
-            if w_train is not None:
-                loss = (w_train[idx] * (out - y_train[idx]) ** 2).mean() / max(scale, 1e-30)
-            else:
-                loss = ((out - y_train[idx]) ** 2).mean() / max(scale, 1e-30)
+            loss = ((out - y_train[idx]) ** 2).mean() / max(scale, 1e-30)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if not math.isfinite(float(loss.detach())):
