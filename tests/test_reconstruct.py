@@ -405,7 +405,8 @@ def test_reconstruction_and_distillation_train_on_cuda_like_on_the_cpu():
     gpu, s_gpu = _reconstruct(original, compressed, feeds, device="cuda")
     assert [r["device"] for r in s_gpu["chains"]] == ["cuda"]
     r_cpu, r_gpu = s_cpu["chains"][0], s_gpu["chains"][0]
-    assert r_gpu["kept"] and r_gpu["before"] == pytest.approx(r_cpu["before"], rel=1e-4)
+    # cuDNN convolves in TF32 by default: about 1e-3 per value, a few percent of a small relative error
+    assert r_gpu["kept"] and r_gpu["before"] == pytest.approx(r_cpu["before"], rel=0.05)
     assert r_gpu["after"] == pytest.approx(r_cpu["after"], rel=0.1)
     assert strip_values(gpu) == strip_values(compressed)
     model, stats = distill(original, compressed, feeds, tucker_trainable(compressed), steps=40, device="cuda",
