@@ -8,6 +8,7 @@ kxk conv, and ``last`` (C_out, R_out) = U_out as a 1x1 conv.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -266,19 +267,23 @@ def tucker2(
     return Tucker2(first=first, core=core, last=u_out, relative_error=error)
 
 
-_MEMO: list = []  # [(inputs, result)]: the last few per-layer results every rank option of a layer shares
+_MEMO = threading.local()  # per thread: [(inputs, result)], the last few per-layer results every rank option shares
 
 
 def memo(inputs: tuple, compute):
     """``compute()``, reused while called with the very same objects (identity, kept alive here): the
     measured budget fits each layer at dozens of ranks, and a ResNet50's 2048-channel covariance root
-    (an eigendecomposition) or weight SVD took seconds per rank (issue 15)."""
-    for keys, result in _MEMO:
+    (an eigendecomposition) or weight SVD took seconds per rank (issue 15). Per thread: the budget fits
+    layers on several threads at once, each its own layer's options."""
+    entries = getattr(_MEMO, "entries", None)
+    if entries is None:
+        entries = _MEMO.entries = []
+    for keys, result in entries:
         if len(keys) == len(inputs) and all(a is b for a, b in zip(keys, inputs)):
             return result
     result = compute()
-    _MEMO.insert(0, (inputs, result))
-    del _MEMO[4:]
+    entries.insert(0, (inputs, result))
+    del entries[4:]
     return result
 
 

@@ -47,6 +47,7 @@ BATCH = 64
 FIT_ITERATIONS = 1  # HOOI sweeps per option: the curves rank options, the final fit iterates fully
 PROBES = 5  # whole-model probes per layer before the budget's refinement (probes="auto")
 PROBE_MODES = ("auto", "all")
+FIT_WORKERS = 16  # threads fitting layers' rank options side by side (each keeps its layer's covariance root)
 
 
 class Unsupported(Exception):
@@ -321,10 +322,12 @@ def distortion_curves(model: onnx.ModelProto, candidates: list, feeds: dict, cov
                       on_result=lambda i, curve: done(jobs[i].site.name, curve))  # cached as each layer arrives
     else:
         # A bar on a terminal only (disable=None): measuring takes (layers x probes) forward passes.
+        jobs = [job_of(cand) for cand in todo]
+        errors = all_option_errors(jobs, progress=progress)  # every option's fit, layers in parallel
         bar = tqdm(total=count, desc="measuring ranks", unit="probe", file=sys.stderr, leave=False,
                    disable=None if progress else True)
-        for cand in todo:
-            done(cand.name, layer_curve(job_of(cand), **shared, session=session, on_option=bar.update))
+        for cand, job, layer_errors in zip(todo, jobs, errors):
+            done(cand.name, layer_curve(job, **shared, session=session, on_option=bar.update, errors=layer_errors))
         bar.close()
 
     def refine(wanted: dict) -> int:
@@ -391,7 +394,7 @@ class LayerJob:
 
 
 def layer_curve(job: LayerJob, probe, reference: np.ndarray, at_cut: dict, output_name: str, provider: str,
-                session=None, threads: int | None = None, on_option=None) -> list:
+                session=None, threads: int | None = None, on_option=None, errors: dict | None = None) -> list:
     """One layer's curve [(MACs, distortion, ranks, measured, layer error)]: the same bits here or in a Ray task.
 
     Every option's layer-output error comes from the moments; the whole-model probe runs for every option
@@ -400,10 +403,11 @@ def layer_curve(job: LayerJob, probe, reference: np.ndarray, at_cut: dict, outpu
     original weights; ``session`` (optional) is an open session on the probe, used when the whole probe runs;
     ``threads``: onnxruntime's intra-op threads (None: its default). numpy's BLAS runs on one thread
     throughout (the products' rounding then does not depend on the machine's thread count; and the
-    small products are faster so).
+    small products are faster so). ``errors``: the options' layer-output errors when already computed
+    (:func:`option_errors`).
     """
     with threadpool_limits(limits=1, user_api="blas"):
-        errors = {tuple(r): _solve(job, r)[1] for r in job.options}
+        errors = errors if errors is not None else option_errors(job)
         chosen = list(errors) if job.probes == "all" else _spread(errors, PROBES)
         chosen = [r for r in chosen if r not in job.known]
         known = dict(job.known)
@@ -411,6 +415,43 @@ def layer_curve(job: LayerJob, probe, reference: np.ndarray, at_cut: dict, outpu
             suffix = _suffix(job, probe, reference, at_cut, output_name, provider, session, threads)
             known.update(_measure(job, chosen, *suffix, reference, output_name, on_option))
         return _predicted_curve(job.site, job.options, errors, known)
+
+
+def option_errors(job: LayerJob) -> dict:
+    """Ranks -> the option's layer-output relative error (a fit and a small solve each, no probe)."""
+    return {tuple(r): _solve(job, r)[1] for r in job.options}
+
+
+def all_option_errors(jobs: list, workers: int | None = None, progress: bool = False) -> list[dict]:
+    """:func:`option_errors` of every job, layers side by side on ``workers`` threads (default: the CPUs,
+    at most ``FIT_WORKERS``).
+
+    The fits are numpy/LAPACK work that releases the GIL, one BLAS thread each (as in :func:`layer_curve`):
+    the same numbers in any order, the cores all busy (a ResNet50 spent 135 s here on one core)."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm import tqdm
+
+    if workers is None:  # the CPUs this process may use, at most FIT_WORKERS (each holds a layer's fit in memory)
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        workers = min(cpus, FIT_WORKERS)
+    workers = max(1, min(workers, len(jobs)))
+    bar = tqdm(total=len(jobs), desc="fitting ranks", unit="layer", file=sys.stderr, leave=False,
+               disable=None if progress else True)
+    try:
+        with threadpool_limits(limits=1, user_api="blas"):
+            if workers == 1:
+                return [_tick(bar, option_errors(job)) for job in jobs]
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                return [_tick(bar, errors) for errors in pool.map(option_errors, jobs)]
+    finally:
+        bar.close()
+
+
+def _tick(bar, value):
+    bar.update(1)
+    return value
 
 
 def _solve(job: LayerJob, ranks) -> tuple[dict, float]:

@@ -135,3 +135,34 @@ def test_probe_images_sets_the_held_out_images_of_every_probe_and_the_cache_key(
     assert again.sensitivity["cached_layers"] == len(few.sensitivity["curves"])
     _, other = compress(model, target_macs=0.6, calibration=cal, curves=str(path), probe_images=20)
     assert other.sensitivity["cached_layers"] == 0 and other.sensitivity["eval_samples"] == 20  # other probes: remeasured
+
+
+def test_options_fitted_on_several_threads_give_the_one_thread_curves(monkeypatch):
+    """The per-option fits run layers side by side (all_option_errors); the curves, the allocation and the
+    weights are those of one thread, bit for bit (each layer's fits are independent, one BLAS thread each)."""
+    from onnx_tucker import sensitivity
+
+    model, cal = residual_model(channels=32), feeds()
+    runs, original = {}, sensitivity.all_option_errors
+    for workers in (1, 3):
+        monkeypatch.setattr(sensitivity, "all_option_errors",
+                            lambda jobs, workers_=workers, progress=False, _f=original: _f(jobs, workers=workers_, progress=progress))
+        runs[workers] = compress(model, target_macs=0.5, calibration=cal)
+    (one, r1), (three, r3) = runs[1], runs[3]
+    assert r3.sensitivity["curves"] == r1.sensitivity["curves"]
+    assert [r.ranks for r in r3.layers] == [r.ranks for r in r1.layers]
+    assert [i.SerializeToString() for i in three.graph.initializer] == [i.SerializeToString() for i in one.graph.initializer]
+
+
+def test_the_covariance_memo_is_per_thread():
+    """Each thread keeps its own few per-layer results: layers fitted side by side do not evict each other's."""
+    import threading
+
+    from onnx_tucker.decompose import memo
+
+    key, seen = object(), []
+    memo((key,), lambda: seen.append("main") or "main")
+    other = threading.Thread(target=lambda: seen.append(memo((key,), lambda: "thread")))
+    other.start()
+    other.join()
+    assert memo((key,), lambda: "again") == "main" and seen == ["main", "thread"]
