@@ -443,7 +443,7 @@ def all_option_errors(jobs: list, workers: int | None = None, progress: bool = F
         with threadpool_limits(limits=1, user_api="blas"):
             if workers == 1:
                 return [_tick(bar, option_errors(job)) for job in jobs]
-            with ThreadPoolExecutor(max_workers=workers) as pool:
+            with ThreadPoolExecutor(max_workers=workers) as pool:  # an error or Ctrl-C cancels the queued layers (map's own cleanup)
                 return [_tick(bar, errors) for errors in pool.map(option_errors, jobs)]
     finally:
         bar.close()

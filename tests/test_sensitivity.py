@@ -166,3 +166,25 @@ def test_the_covariance_memo_is_per_thread():
     other.start()
     other.join()
     assert memo((key,), lambda: "again") == "main" and seen == ["main", "thread"]
+
+
+def test_a_failing_layer_fit_stops_the_layers_still_queued(monkeypatch):
+    """An error (or Ctrl-C) in one layer's fits cancels the layers not started: it surfaces at once."""
+    import time
+
+    from onnx_tucker import sensitivity
+
+    calls = []
+
+    def fits(job):
+        calls.append(job)
+        if job == 0:
+            raise RuntimeError("layer 0 failed")
+        time.sleep(0.05)
+        return {}
+
+    monkeypatch.setattr(sensitivity, "option_errors", fits)
+    with pytest.raises(RuntimeError, match="layer 0 failed"):
+        sensitivity.all_option_errors(list(range(40)), workers=2)
+    time.sleep(0.2)  # the thread still running finishes its layer; nothing new starts
+    assert len(calls) < 10
