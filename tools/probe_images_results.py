@@ -11,10 +11,8 @@ set. One JSON line per run on stdout and appended to ``--out``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +21,9 @@ import onnx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from onnx_tucker import compress  # noqa: E402
+sys.path.insert(0, str(ROOT / "tools"))
+
+from cifar_runs import emit, measured_compress, seeded_subset  # noqa: E402
 from onnx_tucker.data import load_calibration, load_labelled, predict, top1  # noqa: E402
 
 
@@ -47,17 +47,12 @@ def main(argv=None) -> int:
         if key == "cli":
             subsets[key] = load_calibration(data / "cifar10_train.npz", model)
         else:
-            subsets[f"rng {key}"] = {name: x[np.random.default_rng(int(key)).choice(len(x), 2048, replace=False)].astype(np.float32)}
+            subsets[f"rng {key}"] = {name: seeded_subset(x, int(key))}
     for evals in (int(e) for e in args.evals.split(",")):
         for key, calibration in subsets.items():
-            start = time.perf_counter()
-            new, _ = compress(model, calibration=calibration, target_macs=args.target_macs, probe_images=evals)
-            row = {"model": args.model, "target_macs": args.target_macs, "eval_samples": evals, "subset": key,
-                   "change": round(100 * (top1(predict(new, feeds), labels) - base), 2), "seconds": round(time.perf_counter() - start, 1)}
-            print(json.dumps(row), flush=True)
-            if args.out:
-                with open(args.out, "a") as f:
-                    f.write(json.dumps(row) + "\n")
+            measured, _ = measured_compress(model, calibration, feeds, labels, base, target_macs=args.target_macs, probe_images=evals)
+            emit({"model": args.model, "target_macs": args.target_macs, "eval_samples": evals, "subset": key,
+                  "change": measured["change"], "seconds": measured["seconds"]}, args.out)
     return 0
 
 

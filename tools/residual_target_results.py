@@ -12,10 +12,8 @@ SETTING: ``rX`` for ``--ratio X``, ``tX`` for ``--target-macs X``; ``+1x1`` adds
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,16 +22,11 @@ import onnx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from onnx_tucker import calibrate, compress  # noqa: E402
+sys.path.insert(0, str(ROOT / "tools"))
+
+from cifar_runs import emit, measured_compress, options, seeded_subset  # noqa: E402
+from onnx_tucker import calibrate  # noqa: E402
 from onnx_tucker.data import load_labelled, predict, top1  # noqa: E402
-
-
-def options(setting: str) -> dict:
-    base, _, extra = setting.partition("+")
-    opt = {"ratio": float(base[1:])} if base[0] == "r" else {"target_macs": float(base[1:])}
-    if extra:
-        opt["layers"] = ("kxk", extra)
-    return opt
 
 
 def main(argv=None) -> int:
@@ -46,8 +39,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     data = Path(args.data)
     train = np.load(data / "cifar10_train.npz")
-    pick = np.random.default_rng(0).choice(len(train["x_train"]), args.calib_size, replace=False)  # as calibration_results.py
-    cal_x = train["x_train"][pick].astype(np.float32)
+    cal_x = seeded_subset(train["x_train"], 0, args.calib_size)  # as calibration_results.py
     for run in args.runs:
         name, setting = run.split(":")
         model = onnx.load(str(ROOT / "models" / f"{name}.onnx"))
@@ -55,17 +47,10 @@ def main(argv=None) -> int:
         base = top1(predict(model, feeds), labels)
         for flag in (f.strip() == "1" for f in args.flags.split(",")):
             calibrate.RESIDUAL_TARGET = flag
-            start = time.perf_counter()
-            new, report = compress(model, calibration={model.graph.input[0].name: cal_x}, **options(setting))
-            seconds = time.perf_counter() - start
-            acc = top1(predict(new, feeds), labels)
-            row = {"model": name, "setting": setting, "residual_target": flag, "change": round(100 * (acc - base), 2),
-                   "top1": acc, "base": base, "macs": round(report.totals()["macs_reduction"], 3), "seconds": round(seconds, 1),
-                   "targets": sum("target" in v for v in report.calibration["layers"].values())}
-            print(json.dumps(row), flush=True)
-            if args.out:
-                with open(args.out, "a") as f:
-                    f.write(json.dumps(row) + "\n")
+            measured, report = measured_compress(model, {model.graph.input[0].name: cal_x}, feeds, labels, base, **options(setting))
+            emit({"model": name, "setting": setting, "residual_target": flag, "change": measured["change"], "top1": measured["top1"],
+                  "base": base, "macs": measured["macs"], "seconds": measured["seconds"],
+                  "targets": sum("target" in v for v in report.calibration["layers"].values())}, args.out)
     return 0
 
 

@@ -12,22 +12,18 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import onnx
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-from onnx_tucker import compress  # noqa: E402
+from cifar_runs import emit, measured_compress, options, seeded_subset  # noqa: E402
 from onnx_tucker.data import load_labelled, predict, top1  # noqa: E402
-from residual_target_results import options  # noqa: E402
 
 
 def value_of(current, flag: str):
@@ -48,9 +44,7 @@ def main(argv=None) -> int:
     module_name, constant = args.switch.rsplit(".", 1)
     module = importlib.import_module("onnx_tucker." + module_name)
     data = Path(args.data)
-    train = np.load(data / "cifar10_train.npz")
-    pick = np.random.default_rng(args.rng).choice(len(train["x_train"]), 2048, replace=False)
-    cal_x = train["x_train"][pick].astype(np.float32)
+    cal_x = seeded_subset(np.load(data / "cifar10_train.npz")["x_train"], args.rng)
     for run in args.runs:
         name, setting = run.split(":")
         model = onnx.load(str(ROOT / "models" / f"{name}.onnx"))
@@ -58,18 +52,10 @@ def main(argv=None) -> int:
         base = top1(predict(model, feeds), labels)
         for flag in args.flags.split(","):
             setattr(module, constant, value_of(getattr(module, constant), flag))
-            start = time.perf_counter()
-            new, report = compress(model, calibration={model.graph.input[0].name: cal_x}, probe_images=args.probe_images,
-                                   **options(setting))
-            seconds = time.perf_counter() - start
-            acc = top1(predict(new, feeds), labels)
-            row = {"switch": args.switch, "flag": flag, "model": name, "setting": setting, "rng": args.rng,
-                   "change": round(100 * (acc - base), 2), "macs": round(report.totals()["macs_reduction"], 3),
-                   "seconds": round(seconds, 1)}
-            print(json.dumps(row), flush=True)
-            if args.out:
-                with open(args.out, "a") as fh:
-                    fh.write(json.dumps(row) + "\n")
+            measured, _ = measured_compress(model, {model.graph.input[0].name: cal_x}, feeds, labels, base,
+                                            probe_images=args.probe_images, **options(setting))
+            emit({"switch": args.switch, "flag": flag, "model": name, "setting": setting, "rng": args.rng,
+                  "change": measured["change"], "macs": measured["macs"], "seconds": measured["seconds"]}, args.out)
     return 0
 
 

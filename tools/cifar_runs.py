@@ -1,0 +1,50 @@
+"""What the CIFAR-10 result tools share: a run's settings, its calibration subset, one measured compress, its row.
+
+    from cifar_runs import options, seeded_subset, measured_compress, emit
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from onnx_tucker import compress  # noqa: E402
+from onnx_tucker.data import predict, top1  # noqa: E402
+
+
+def options(setting: str) -> dict:
+    """``rX`` -> ``--ratio X``, ``tX`` -> ``--target-macs X``; ``+1x1`` adds ``--layers kxk,1x1``."""
+    base, _, extra = setting.partition("+")
+    opt = {"ratio": float(base[1:])} if base[0] == "r" else {"target_macs": float(base[1:])}
+    if extra:
+        opt["layers"] = ("kxk", extra)
+    return opt
+
+
+def seeded_subset(x: np.ndarray, seed: int, size: int = 2048) -> np.ndarray:
+    """``size`` training images drawn by ``default_rng(seed)``, as float32 (the tools' calibration subsets)."""
+    return x[np.random.default_rng(seed).choice(len(x), size, replace=False)].astype(np.float32)
+
+
+def measured_compress(model, calibration: dict, feeds, labels, base: float, **kwargs) -> tuple[dict, object]:
+    """``compress(model, calibration=..., **kwargs)``, then top-1 on ``feeds``: ({change, top1, macs, seconds}, report)."""
+    start = time.perf_counter()
+    new, report = compress(model, calibration=calibration, **kwargs)
+    seconds = time.perf_counter() - start
+    acc = top1(predict(new, feeds), labels)
+    return {"change": round(100 * (acc - base), 2), "top1": acc, "macs": round(report.totals()["macs_reduction"], 3),
+            "seconds": round(seconds, 1)}, report
+
+
+def emit(row: dict, out: str | None) -> None:
+    """One JSON line on stdout, and appended to ``out`` when given."""
+    print(json.dumps(row), flush=True)
+    if out:
+        with open(out, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
