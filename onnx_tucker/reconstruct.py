@@ -19,6 +19,7 @@ The graph, names and every other initializer stay as they are. torch is needed (
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Sequence
 
@@ -172,8 +173,9 @@ def reconstruct(original: onnx.ModelProto, compressed: onnx.ModelProto, chains: 
     ``trainable`` change. ``progress``: a bar over all units' steps on stderr (800 steps a unit take
     minutes on a deep model). ``device``: where torch trains (a ``torch.device`` or its name; default
     the CPU); the inputs and targets still come from onnxruntime on the CPU, once per unit, and the
-    minibatches are drawn by a CPU generator (the same indices on any device). Returns ``(model, stats)``; stats['chains'] has per chain the target tensor,
-    the held-out relative error before and after and whether the new weights were kept.
+    minibatches are drawn by a CPU generator (the same indices on any device). Returns ``(model, stats)``;
+    stats['chains'] has per unit the target tensor, the device, the held-out relative error before and
+    after and whether the new weights were kept.
     """
     import torch
 
@@ -193,8 +195,6 @@ def reconstruct(original: onnx.ModelProto, compressed: onnx.ModelProto, chains: 
     allowed = set(trainable)
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    import sys
-
     from tqdm import tqdm
 
     model = compressed
