@@ -443,8 +443,11 @@ def all_option_errors(jobs: list, workers: int | None = None, progress: bool = F
         with threadpool_limits(limits=1, user_api="blas"):
             if workers == 1:
                 return [_tick(bar, option_errors(job)) for job in jobs]
-            with ThreadPoolExecutor(max_workers=workers) as pool:  # an error or Ctrl-C cancels the queued layers (map's own cleanup)
+            pool = ThreadPoolExecutor(max_workers=workers)
+            try:
                 return [_tick(bar, errors) for errors in pool.map(option_errors, jobs)]
+            finally:  # an error or Ctrl-C surfaces now: the queued layers are dropped, the running ones not awaited
+                pool.shutdown(wait=False, cancel_futures=True)
     finally:
         bar.close()
 

@@ -170,21 +170,28 @@ def test_the_covariance_memo_is_per_thread():
 
 def test_a_failing_layer_fit_stops_the_layers_still_queued(monkeypatch):
     """An error (or Ctrl-C) in one layer's fits cancels the layers not started: it surfaces at once."""
+    import threading
     import time
 
     from onnx_tucker import sensitivity
 
-    calls = []
+    calls, release = [], threading.Event()
 
     def fits(job):
         calls.append(job)
         if job == 0:
             raise RuntimeError("layer 0 failed")
-        time.sleep(0.05)
+        release.wait(10)  # the other workers hold their layer until the error has surfaced
         return {}
 
     monkeypatch.setattr(sensitivity, "option_errors", fits)
-    with pytest.raises(RuntimeError, match="layer 0 failed"):
-        sensitivity.all_option_errors(list(range(40)), workers=2)
-    time.sleep(0.2)  # the thread still running finishes its layer; nothing new starts
-    assert len(calls) < 10
+    start = time.perf_counter()
+    try:
+        with pytest.raises(RuntimeError, match="layer 0 failed"):
+            sensitivity.all_option_errors(list(range(40)), workers=2)
+        waited = time.perf_counter() - start
+    finally:
+        release.set()
+    assert waited < 5, "the error waited for the layers still running"
+    # two workers: layer 0, then at most one layer each before the rest was cancelled
+    assert len(calls) <= 3
