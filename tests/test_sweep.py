@@ -188,6 +188,28 @@ def test_sweep_rank_multiple_auto_is_measured_once_for_every_setting(setup, caps
     assert f"--rank-multiple auto: {multiple} on cpu" in capsys.readouterr().err
     for row in result["results"]:  # at 16 the rounded ranks are whole on this 16-channel model: nothing pays
         if row["error"] is None:
-            assert all(r % multiple == 0 or r == 16 for ranks in row["ranks"].values() for r in ranks)
+            assert_ranks_round_to(row["ranks"], multiple, setup[1])
         else:
             assert multiple == 16 and "would not reduce MACs" in row["error"]
+
+
+def assert_ranks_round_to(ranks: dict, multiple: int, model):
+    """Each (output, input) rank is a multiple of N, or the layer's whole channel count (3 on the stem's input)."""
+    shapes = {i.name: tuple(i.dims) for i in model.graph.initializer}
+    weight = {n.name: shapes[n.input[1]] for n in model.graph.node if n.op_type == "Conv"}
+    for layer, layer_ranks in ranks.items():
+        limits = weight[layer][:2]
+        assert all(r % multiple == 0 or r == limit for r, limit in zip(layer_ranks, limits)), (layer, layer_ranks, multiple)
+
+
+@pytest.mark.parametrize("multiple", [4, 8])
+def test_sweep_rank_multiple_rounds_every_rank_or_keeps_the_whole_channel_count(setup, tmp_path, multiple):
+    # the auto test above sees whichever multiple this machine's timings pick; these two always run
+    root, model = setup
+    out = tmp_path / str(multiple)
+    assert sweep(root, "--ratios", "0.5,0.75", "--out-dir", str(out), "--rank-multiple", str(multiple)) == 0
+    rows = json.loads((out / "sweep.json").read_text())["results"]
+    assert all(row["error"] is None for row in rows)
+    for row in rows:
+        assert_ranks_round_to(row["ranks"], multiple, model)
+    assert rows[0]["ranks"]["stem"] == [8, 3]  # rounding 1.5 up to 4 would exceed the 3 channels: whole instead
