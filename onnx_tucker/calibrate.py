@@ -15,6 +15,7 @@ from contextlib import closing
 
 import numpy as np
 import onnx
+import scipy.linalg
 
 from threadpoolctl import threadpool_limits
 
@@ -28,7 +29,8 @@ MAX_ROWS = 30_000
 ROW_SPREAD = 4  # candidate positions per sampled row: the images a layer's rows come from hold >= 4 x MAX_ROWS positions
 MIN_IMAGES = 512  # ... and are at least this many (128 calibration images in all ruined a refit: issue 12 finding)
 MIN_ROWS_PER_UNKNOWN = 20
-CORE_RIDGE = 1e-2  # the core refit shrinks towards the Tucker solution: it has many unknowns  # pixel samples per layer for the least-squares refit
+CORE_RIDGE = 1e-2  # the core refit shrinks towards the Tucker solution: it has many unknowns
+CORE_RELU_ITERATIONS = 3  # majorize-minimize rounds of the core refit on the error a following ReLU lets through
 BATCH = 64
 COV_POSITIONS = 64  # spatial positions per sample for the input covariances
 
@@ -620,12 +622,19 @@ def _refit_core_and_last(model, chain, core_node, last, inits, f, pick, target, 
     pc, tc = p - mean_p, target - mean_t
     gram = pc.T @ pc
     lam = max(ridge, CORE_RIDGE) * np.trace(gram) / len(gram) + 1e-12
-    full = np.linalg.solve(gram + lam * np.eye(len(gram)), pc.T @ tc + lam * prior)
-    fitted = pc @ full
-    _, vectors = np.linalg.eigh(fitted.T @ fitted)
-    v = vectors[:, ::-1][:, :r_out]  # (C_out, R_out)
+    factor = scipy.linalg.cho_factor(gram + lam * np.eye(len(gram)))
+    full, fitted, v, new_bias = _reduced_rank(pc, mean_p, factor, tc, mean_t, lam * prior, r_out)
+    if relu:
+        # The ReLU after the layer hides any error where the original and the fit are both <= 0. Each
+        # round aims those rows at the fit's own value (a majorizer of the error after the ReLU, tight at
+        # the current fit), so the rank-R_out core is spent on what the next layer sees.
+        off = 0.0 if offset is None else offset
+        for _ in range(CORE_RELU_ITERATIONS):
+            current = ((fitted @ v) + mean_p @ full @ v) @ v.T + new_bias  # p @ full @ v v^T + bias
+            aimed = np.where(target + off > 0, target, np.minimum(current + off, 0) - off)
+            mean_a = aimed.mean(0)
+            full, fitted, v, new_bias = _reduced_rank(pc, mean_p, factor, aimed - mean_a, mean_a, lam * prior, r_out)
     new_core = (full @ v).T.reshape(core.shape)
-    new_bias = mean_t - mean_p @ (full @ v @ v.T)
     after = p @ (full @ v @ v.T) + new_bias
     if relu:  # then the last factor and bias again, for the error the ReLU lets through
         design = np.hstack([p @ full @ v, np.ones((len(p), 1))])
@@ -640,6 +649,17 @@ def _refit_core_and_last(model, chain, core_node, last, inits, f, pick, target, 
         return _errors(np.maximum(before + off, 0), np.maximum(after + off, 0), np.maximum(target + off, 0),
                        "core + last conv" + _relu_label(design, target, offset))
     return _errors(before, after, target, "core + last conv (reduced-rank regression)")
+
+
+def _reduced_rank(pc, mean_p, factor, tc, mean_t, shrink, rank):
+    """Ridge least squares of centred targets ``tc`` on centred patches ``pc`` (``factor``: the Cholesky
+    factor of their shrunk Gram matrix, ``shrink``: the pull towards the prior), then its best rank-``rank``
+    part: the combined kxk weight, its centred outputs, the output subspace ``v`` (C_out x rank), the bias."""
+    full = scipy.linalg.cho_solve(factor, pc.T @ tc + shrink)
+    fitted = pc @ full
+    _, vectors = np.linalg.eigh(fitted.T @ fitted)
+    v = vectors[:, ::-1][:, :rank]
+    return full, fitted, v, mean_t - mean_p @ (full @ v @ v.T)
 
 
 def _output_hw(in_hw, geometry) -> tuple[int, int]:

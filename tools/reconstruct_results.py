@@ -5,7 +5,7 @@ held out), each chain (or residual block) fitted to the original's activated out
 full CIFAR-10 test set of the original, the compressed model and the reconstructed one. Per chain: the
 held-out relative error of the activated output before and after. One JSON line per run to ``--out``.
 
-    python tools/reconstruct_results.py ORIGINAL.onnx COMPRESSED.onnx --label "resnet ratio 0.5" [--steps N --lr X --no-joint]
+    python tools/reconstruct_results.py ORIGINAL.onnx COMPRESSED.onnx --label "resnet ratio 0.5" [--steps N --lr X --no-joint --freeze in]
 """
 from __future__ import annotations
 
@@ -38,6 +38,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=DEFAULT_LR)
     ap.add_argument("--batch", type=int, default=DEFAULT_BATCH)
     ap.add_argument("--no-joint", action="store_true", help="one chain at a time, also inside residual blocks")
+    ap.add_argument("--freeze", default="", help="factor roles left untrained, comma-separated (in, core, out): which factors the gain needs")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--calib-size", type=int, default=2048)
@@ -54,16 +55,18 @@ def main() -> None:
     order = np.random.default_rng(args.seed).permutation(n)  # the split distill makes
     n_hold = min(n - 1, max(1, int(round(DEFAULT_HOLDOUT * n))))
     hold, train = np.sort(order[:n_hold]), np.sort(order[n_hold:])
+    frozen = [f"_tucker_{role.strip()}_" for role in args.freeze.split(",") if role.strip()]
+    trainable = [name for name in tucker_trainable(compressed) if not any(f in name for f in frozen)]
     t0 = time.perf_counter()
     model, stats = reconstruct(original, compressed, chains_in(compressed), {k: v[train] for k, v in feeds.items()},
-                               {k: v[hold] for k, v in feeds.items()}, tucker_trainable(compressed), steps=args.steps,
+                               {k: v[hold] for k, v in feeds.items()}, trainable, steps=args.steps,
                                lr=args.lr, batch_size=args.batch, seed=args.seed, threads=args.threads, joint=not args.no_joint)
     wall = time.perf_counter() - t0
     test = load_labelled(DATA / "cifar10_test.npz", original)
     acc = {name: top1(predict(m, test[0], batch_size=250), test[1]) for name, m in
            (("original", original), ("before", compressed), ("after", model))}
     row = {"label": args.label, "original": args.original, "compressed": args.compressed, "steps": args.steps, "lr": args.lr,
-           "batch": args.batch, "joint": not args.no_joint, "seed": args.seed, "threads": args.threads,
+           "batch": args.batch, "joint": not args.no_joint, "frozen": args.freeze, "seed": args.seed, "threads": args.threads,
            "calib_size": args.calib_size, "seconds": round(wall, 1), "load_average": round(os.getloadavg()[0], 2),
            **{f"top1_{k}": v for k, v in acc.items()}, "stats": stats}
     print(json.dumps({k: v for k, v in row.items() if k != "stats"}))
