@@ -213,9 +213,12 @@ def _augment(torch, batch: dict, layouts: dict, generator):
 # --- the step --------------------------------------------------------------------------------------
 
 
-def _check_args(steps, lr, batch_size, holdout, temperature, reconstruct_steps=0):
+def _check_args(steps, lr, batch_size, holdout, temperature, reconstruct_steps=0, reconstruct_blocks=None):
     if not isinstance(reconstruct_steps, int) or reconstruct_steps < 0:
         raise UsageError(f"reconstruction steps must be a whole number >= 0, got {reconstruct_steps}")
+    if reconstruct_blocks is not None and (not isinstance(reconstruct_blocks, int) or isinstance(reconstruct_blocks, bool)
+                                           or reconstruct_blocks < 1):
+        raise UsageError(f"reconstruction blocks must be a whole number >= 1, got {reconstruct_blocks}")
     if not isinstance(steps, int) or steps < (0 if reconstruct_steps else 1):  # 0: reconstruction alone
         raise UsageError(f"distillation steps must be a positive integer (0 only with reconstruction), got {steps}")
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
@@ -273,6 +276,7 @@ def distill(
     threads: int | None = None,
     keep_worse: bool = False,
     reconstruct_steps: int = DEFAULT_RECONSTRUCT_STEPS,
+    reconstruct_blocks: int | None = None,
     feature_weight: float = DEFAULT_FEATURE_WEIGHT,
 ) -> tuple[onnx.ModelProto, dict]:
     """Train the ``trainable`` initializers of ``compressed`` to reproduce ``original``'s outputs.
@@ -288,7 +292,8 @@ def distill(
     trained weights even when the check fails (for measurements; ``stats['kept']`` still says whether
     it passed). ``reconstruct_steps`` (0: off): first fit each chain alone to the original's activated
     output at that point (``onnx_tucker.reconstruct``, on the same training inputs, judged on the same
-    holdout), then distil from there; the model returned is the one of {reconstructed, distilled}
+    holdout; ``reconstruct_blocks``: residual blocks in a row fitted as one, default
+    ``reconstruct.DEFAULT_BLOCKS``), then distil from there; the model returned is the one of {reconstructed, distilled}
     that passes the holdout check with the lower KL. Same seed, inputs and threads on CPU: the same result.
 
     Returns ``(model, stats)``: the distilled model (same graph and names, only the trainable
@@ -303,7 +308,7 @@ def distill(
     torch = _import_torch()
     from onnx_tucker.torch_exec import TorchGraph
 
-    _check_args(steps, lr, batch_size, holdout, temperature, reconstruct_steps)
+    _check_args(steps, lr, batch_size, holdout, temperature, reconstruct_steps, reconstruct_blocks)
     dev = _device(torch, device)
     trainable = list(dict.fromkeys(trainable))
     if not trainable:
@@ -329,14 +334,14 @@ def distill(
         return _distill(torch, TorchGraph, original, compressed, {k: np.asarray(feeds[k]) for k in names}, trainable, n,
                         steps=steps, lr=float(lr), batch_size=batch_size, augment=augment, holdout=holdout,
                         temperature=float(temperature), seed=seed, dev=dev, progress=progress, keep_worse=keep_worse,
-                        started=started, reconstruct_steps=reconstruct_steps, threads=threads, feature_weight=float(feature_weight))
+                        started=started, reconstruct_steps=reconstruct_steps, reconstruct_blocks=reconstruct_blocks, threads=threads, feature_weight=float(feature_weight))
     finally:
         if threads:
             torch.set_num_threads(old_threads)
 
 
 def _distill(torch, TorchGraph, original, compressed, feeds, trainable, n, *, steps, lr, batch_size, augment,
-             holdout, temperature, seed, dev, progress, keep_worse, started, reconstruct_steps, threads, feature_weight):
+             holdout, temperature, seed, dev, progress, keep_worse, started, reconstruct_steps, reconstruct_blocks, threads, feature_weight):
     from tqdm import tqdm
 
     rng = np.random.default_rng(seed)
@@ -357,10 +362,11 @@ def _distill(torch, TorchGraph, original, compressed, feeds, trainable, n, *, st
     fit_before = agreement_and_kl(fit_reference, _run(student_ort, fit)) if n_hold else None
     start, local, reconstructed, rebuilt = compressed, None, None, None
     if reconstruct_steps:
-        from onnx_tucker.reconstruct import chains_in, reconstruct
+        from onnx_tucker.reconstruct import DEFAULT_BLOCKS, chains_in, reconstruct
 
-        rebuilt, local = reconstruct(original, compressed, chains_in(compressed), train, check, trainable,
-                                     steps=reconstruct_steps, seed=seed, threads=threads, progress=progress, device=dev)
+        blocks = DEFAULT_BLOCKS if reconstruct_blocks is None else reconstruct_blocks
+        rebuilt, local = reconstruct(original, compressed, chains_in(compressed), train, check, trainable, steps=reconstruct_steps,
+                                     blocks=blocks, seed=seed, threads=threads, progress=progress, device=dev)
         reconstructed = agreement_and_kl(reference, _run(_session(_with_outputs(rebuilt, s_logits)), check))
         # The global phase starts from the reconstruction only where it agrees better with the original: on
         # the seed CNN (BatchNorm not folded) it lowers every layer's error yet raises the KL, and distilling

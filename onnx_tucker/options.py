@@ -488,6 +488,9 @@ class DistillArgs:
         parser.add_argument("--reconstruct-steps", type=_type(check_count, "--reconstruct-steps"), default=None, metavar="N",
                             help="before distilling, fit each chain (or residual block) alone to the original's activated "
                             "output, N steps each; 0: off (default: measured, see docs/distill.md)")
+        parser.add_argument("--reconstruct-blocks", type=_type(check_positive_int, "--reconstruct-blocks"), default=None, metavar="N",
+                            help="residual blocks in a row reconstructed as one, fitted to the last one's output "
+                            "(default: measured, see docs/distill.md); 1: each block alone")
         parser.add_argument("--no-augment", action="store_true", help="no flips or shifts of image inputs while distilling")
         parser.add_argument("--distill-device", choices=("cpu", "cuda"), default=None, help="torch device (default cpu)")
 
@@ -495,7 +498,7 @@ class DistillArgs:
     def parse(args) -> dict:
         extras = (("--distill-steps", args.distill_steps), ("--distill-lr", args.distill_lr),
                   ("--distill-device", args.distill_device), ("--no-augment", args.no_augment or None),
-                  ("--reconstruct-steps", args.reconstruct_steps))
+                  ("--reconstruct-steps", args.reconstruct_steps), ("--reconstruct-blocks", args.reconstruct_blocks))
         if not args.distill:
             for flag, value in extras:
                 if value is not None:
@@ -516,6 +519,10 @@ class DistillArgs:
             settings["augment"] = False
         if args.reconstruct_steps is not None:
             settings["reconstruct_steps"] = args.reconstruct_steps
+        if args.reconstruct_blocks is not None:
+            if args.reconstruct_steps == 0:
+                raise UsageError("--reconstruct-blocks only applies with reconstruction (--reconstruct-steps is 0)")
+            settings["reconstruct_blocks"] = args.reconstruct_blocks
         return {"distill": settings}
 
 

@@ -32,6 +32,7 @@ DEFAULT_STEPS = 200  # per chain (measured in docs/distill.md)
 DEFAULT_LR = 1e-3
 DEFAULT_BATCH = 16  # images per step: ~16k target rows at 32x32
 DEFAULT_JOINT = True  # fit chains that feed only each other (a residual block's two convs) together
+DEFAULT_BLOCKS = 3  # ... and up to this many such units in a row, each fed by the one before (docs/distill.md)
 ACTIVATIONS = ("Relu", "Clip", "LeakyRelu")
 AFFINE = ("Mul", "Add", "Sub", "Div")  # after the activation, with a constant second operand
 EVAL_BATCH = 256
@@ -99,9 +100,12 @@ def target_of(model: onnx.ModelProto, chain: Chain) -> tuple[str, list[onnx.Node
     return tensor, path
 
 
-def units(model: onnx.ModelProto, chains: Sequence[Chain], joint: bool = True) -> list[list[Chain]]:
+def units(model: onnx.ModelProto, chains: Sequence[Chain], joint: bool = True, blocks: int = 1) -> list[list[Chain]]:
     """Chains fitted together: with ``joint``, a chain whose target only the next chain reads joins it
-    (the two convs of a residual block are then fitted to the block's output after the Add), else one each."""
+    (the two convs of a residual block are then fitted to the block's output after the Add), else one each.
+    With ``blocks`` > 1 (and ``joint``), up to that many such units in a row become one where each reads
+    nothing but what the one before computes (a stage-level scope, as in BRECQ): fitted to the last one's
+    target only, so an early block may leave its own output wherever helps the later ones most."""
     readers: dict[str, set[str]] = {}
     for node in model.graph.node:
         for name in node.input:
@@ -114,7 +118,29 @@ def units(model: onnx.ModelProto, chains: Sequence[Chain], joint: bool = True) -
                 out[-1].append(chain)
                 continue
         out.append([chain])
-    return out
+    return _stages(model, out, blocks) if joint and blocks > 1 else out
+
+
+def _stages(model: onnx.ModelProto, blocks_in_order: list[list[Chain]], blocks: int) -> list[list[Chain]]:
+    grouped, count = [], 0
+    for unit in blocks_in_order:
+        if grouped and count < blocks and _fed_by(model, unit, grouped[-1]):
+            grouped[-1].extend(unit)
+            count += 1
+            continue
+        grouped.append(list(unit))
+        count = 1
+    return grouped
+
+
+def _fed_by(model: onnx.ModelProto, unit: Sequence[Chain], before: Sequence[Chain]) -> bool:
+    """Whether every tensor ``unit`` reads from outside itself is computed by ``before`` (its chains and the
+    ops between them and their targets): then the two can be fitted as one."""
+    names = {m for c in before for m in c.node_names()}
+    made = {o for n in model.graph.node if n.name in names for o in n.output}
+    made |= {o for c in before for n in target_of(model, c)[1] for o in n.output}
+    inputs = set(_cut_inputs(model, unit, [n for c in unit for n in target_of(model, c)[1]]))
+    return bool(inputs) and inputs <= made
 
 
 def _cut_inputs(model: onnx.ModelProto, chain: Chain | Sequence[Chain], path: Sequence[onnx.NodeProto]) -> list[str]:
@@ -165,12 +191,12 @@ def _rel_error(student, target) -> float:
 def reconstruct(original: onnx.ModelProto, compressed: onnx.ModelProto, chains: Sequence[Chain],
                 train: dict[str, np.ndarray], check: dict[str, np.ndarray], trainable: Sequence[str], *,
                 steps: int = DEFAULT_STEPS, lr: float = DEFAULT_LR, batch_size: int = DEFAULT_BATCH,
-                seed: int = 0, threads: int | None = None, joint: bool = DEFAULT_JOINT,
+                seed: int = 0, threads: int | None = None, joint: bool = DEFAULT_JOINT, blocks: int = DEFAULT_BLOCKS,
                 progress: bool = False, device=None) -> tuple[onnx.ModelProto, dict]:
     """Reconstruct ``chains`` of ``compressed`` one after the other (see the module docstring).
 
     ``train`` / ``check``: graph inputs to fit on and to judge on (held out). Only names in
-    ``trainable`` change. ``progress``: a bar over all units' steps on stderr (800 steps a unit take
+    ``trainable`` change. ``blocks``: residual blocks in a row fitted as one unit (:func:`units`). ``progress``: a bar over all units' steps on stderr (800 steps a unit take
     minutes on a deep model). ``device``: where torch trains (a ``torch.device`` or its name; default
     the CPU); the inputs and targets still come from onnxruntime on the CPU, once per unit, and the
     minibatches are drawn by a CPU generator (the same indices on any device). Returns ``(model, stats)``;
@@ -200,7 +226,7 @@ def reconstruct(original: onnx.ModelProto, compressed: onnx.ModelProto, chains: 
     model = compressed
     in_original = {o for n in original.graph.node for o in n.output}
     rows = []
-    todo = units(model, chains, joint)
+    todo = units(model, chains, joint, blocks)
     both = {k: np.concatenate([train[k], check[k]]) for k in train}
     n_train, n_all = len(next(iter(train.values()))), len(next(iter(both.values())))
     student_pass, teacher_pass = _Passes(model, both), _Passes(original, both)
@@ -271,6 +297,6 @@ def reconstruct(original: onnx.ModelProto, compressed: onnx.ModelProto, chains: 
                      "before": round(before, 6),
                      "after": round(after, 6), "kept": kept, "seconds": round(time.perf_counter() - t0, 2)})
     bar.close()
-    stats = {"steps": steps, "lr": lr, "batch_size": batch_size, "seed": seed, "chains": rows,
+    stats = {"steps": steps, "lr": lr, "batch_size": batch_size, "seed": seed, "blocks": blocks if joint else 1, "chains": rows,
              "kept": sum(r["kept"] for r in rows), "seconds": round(time.perf_counter() - started, 2)}
     return model, stats

@@ -332,6 +332,62 @@ def _projection_blocks():
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
+def test_blocks_in_a_row_join_where_each_reads_only_what_the_one_before_computes():
+    import onnx_tucker.reconstruct as rec
+    from onnx_tucker import compress
+    from onnx_tucker.chain import chains_of
+
+    original = _projection_blocks()
+    compressed, _ = compress(original, ratio=0.5)
+    chains = chains_of(compressed)
+
+    def layers(**kwargs):
+        return [[c.layer for c in unit] for unit in rec.units(compressed, chains, **kwargs)]
+    assert layers() == layers(blocks=1) == [["A", "B"], ["C", "D"]]
+    assert layers(blocks=2) == layers(blocks=5) == [["A", "B", "C", "D"]]  # the second block reads only r
+    assert layers(joint=False, blocks=3) == [["A"], ["B"], ["C"], ["D"]]
+    # The second block's conv reads the shortcut conv's output instead (same shape), which the first block
+    # does not compute (S is no chain of it): the blocks stay apart.
+    for node in compressed.graph.node:
+        if node.name.startswith("C_tucker"):
+            node.input[:] = ["s" if i == "r" else i for i in node.input]
+    assert layers(blocks=2) == [["A", "B"], ["C", "D"]]
+
+
+@needs_torch
+def test_blocks_reconstructed_as_one_are_fitted_to_the_last_ones_output():
+    from onnx_tucker import compress
+
+    original = _projection_blocks()
+    compressed, _ = compress(original, ratio=0.5)
+    feeds = {"x": np.random.default_rng(0).standard_normal((96, 8, 10, 10)).astype(np.float32)}
+    model, stats = _reconstruct(original, compressed, feeds, steps=60, blocks=2)
+    assert stats["blocks"] == 2 and [row["layer"] for row in stats["chains"]] == ["A+B+C+D"]
+    row = stats["chains"][0]
+    assert row["target"] == "r2" and row["kept"] and row["after"] < row["before"]
+    _, check = _split(feeds)
+    before = _rel(run_model(_with_output(compressed, "r2"), check)[0], run_model(_with_output(original, "r2"), check)[0])
+    after = _rel(run_model(_with_output(model, "r2"), check)[0], run_model(_with_output(original, "r2"), check)[0])
+    assert after == pytest.approx(row["after"], rel=1e-3) and before == pytest.approx(row["before"], rel=1e-3)
+
+
+def test_reconstruct_blocks_flag_reaches_distill_and_bad_values_are_refused():
+    from onnx_tucker import UsageError
+    from onnx_tucker.cli import build_parser
+    from onnx_tucker.options import DistillArgs
+
+    parser = build_parser()
+    base = ["compress", "in.onnx", "out.onnx", "--calibrate", "x.npz"]
+    args = parser.parse_args(base + ["--distill", "--reconstruct-blocks", "1"])
+    assert DistillArgs.parse(args) == {"distill": {"reconstruct_blocks": 1}}
+    for extra, message in ((["--reconstruct-blocks", "2"], "--reconstruct-blocks only applies with --distill"),
+                           (["--distill", "--reconstruct-steps", "0", "--reconstruct-blocks", "2"], "only applies with reconstruction")):
+        with pytest.raises(UsageError, match=message):
+            DistillArgs.parse(parser.parse_args(base + extra))
+    with pytest.raises(UsageError, match="--reconstruct-blocks: expected a positive integer"):
+        parser.parse_args(base + ["--distill", "--reconstruct-blocks", "0"])
+
+
 @needs_torch
 def test_one_forward_pass_trains_what_prefix_models_per_unit_train(monkeypatch):
     """The reconstruction's inputs and targets come from one forward pass per model, a segment per unit
@@ -359,14 +415,14 @@ def test_one_forward_pass_trains_what_prefix_models_per_unit_train(monkeypatch):
         seen.append((list(tensors), self.forward.usable, self.forward.index))
         return values
     monkeypatch.setattr(rec._Passes, "at", spy)
-    one_pass, stats = rec.reconstruct(original, compressed, chains, train, check, trainable, steps=40, threads=1)
+    one_pass, stats = rec.reconstruct(original, compressed, chains, train, check, trainable, steps=40, threads=1, blocks=1)
     assert all(row["kept"] and row["after"] < row["before"] for row in stats["chains"])
     student = [(tensors, usable, index) for tensors, usable, index in seen[::2]]
     assert student[0][0] == ["x", "s"] and "s" in student[0][0]  # the shortcut's output: an input of the first unit
     assert all(usable for _, usable, _ in seen) and student[1][2] > 0  # the forward moved on to the second block
 
     monkeypatch.setattr(rec._Passes, "at", lambda self, model, tensors, index: [_collect(model, self.feeds, t) for t in tensors])
-    prefix, prefix_stats = rec.reconstruct(original, compressed, chains, train, check, trainable, steps=40, threads=1)
+    prefix, prefix_stats = rec.reconstruct(original, compressed, chains, train, check, trainable, steps=40, threads=1, blocks=1)
     for got, want in zip(stats["chains"], prefix_stats["chains"]):
         assert abs(got["before"] - want["before"]) < 1e-6 and abs(got["after"] - want["after"]) < 1e-5
     for name in trainable:

@@ -29,6 +29,7 @@ from onnx_tucker.distill import (  # noqa: E402
     DEFAULT_BATCH, DEFAULT_FEATURE_WEIGHT, DEFAULT_HOLDOUT, DEFAULT_LR, DEFAULT_RECONSTRUCT_STEPS, DEFAULT_STEPS, DEFAULT_TEMPERATURE, distill,
     tucker_trainable,
 )
+from onnx_tucker.reconstruct import DEFAULT_BLOCKS  # noqa: E402
 
 DATA = Path(os.environ.get("CIFAR10_DIR", "/work/shared/data/cifar10"))
 
@@ -84,6 +85,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--feature-weight", type=float, default=DEFAULT_FEATURE_WEIGHT, help="intermediate-target loss weight")
     ap.add_argument("--reconstruct-steps", type=int, default=DEFAULT_RECONSTRUCT_STEPS, help="per chain; 0: no local reconstruction")
+    ap.add_argument("--reconstruct-blocks", type=int, default=DEFAULT_BLOCKS, help="residual blocks in a row reconstructed as one")
     ap.add_argument("--threads", type=int, default=1, help="torch and onnxruntime threads (1: best on the shared 2-core VM)")
     ap.add_argument("--calib-size", type=int, default=2048)
     ap.add_argument("--out", default=str(ROOT / "docs" / "distill_results.jsonl"))
@@ -113,7 +115,7 @@ def main() -> None:
         original, compressed, feeds, tucker_trainable(compressed), steps=args.steps, lr=args.lr, batch_size=args.batch,
         augment=not args.no_augment, holdout=args.holdout, temperature=args.temperature, seed=args.seed,
         threads=args.threads, progress=sys.stderr.isatty(), keep_worse=not args.reconstruct_steps,
-        reconstruct_steps=args.reconstruct_steps, feature_weight=args.feature_weight,
+        reconstruct_steps=args.reconstruct_steps, reconstruct_blocks=args.reconstruct_blocks, feature_weight=args.feature_weight,
     )
     wall = time.perf_counter() - t0
     if args.reconstruct_steps:  # what distill returns; the refused trained weights are not measured
@@ -133,7 +135,7 @@ def main() -> None:
         "load_average": round(os.getloadavg()[0], 2),
         "top1_original": top1(out_orig, labels), "top1_before": top1(out_before, labels),
         "top1_after": top1(out_after, labels), "top1_trained": None if out_trained is None else top1(out_trained, labels),
-        "reconstruct_steps": args.reconstruct_steps, "feature_weight": args.feature_weight,
+        "reconstruct_steps": args.reconstruct_steps, "reconstruct_blocks": args.reconstruct_blocks, "feature_weight": args.feature_weight,
         "test_agreement_before": agreement(out_orig, out_before), "test_agreement_after": agreement(out_orig, out_after),
         "test_agreement_trained": None if out_trained is None else agreement(out_orig, out_trained),
         "stats": stats,

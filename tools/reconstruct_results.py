@@ -5,7 +5,7 @@ held out), each chain (or residual block) fitted to the original's activated out
 full CIFAR-10 test set of the original, the compressed model and the reconstructed one. Per chain: the
 held-out relative error of the activated output before and after. One JSON line per run to ``--out``.
 
-    python tools/reconstruct_results.py ORIGINAL.onnx COMPRESSED.onnx --label "resnet ratio 0.5" [--steps N --lr X --no-joint --freeze in]
+    python tools/reconstruct_results.py ORIGINAL.onnx COMPRESSED.onnx --label "resnet ratio 0.5" [--steps N --lr X --blocks N --no-joint --freeze in]
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from onnx_tucker.data import load_calibration, load_labelled, predict, top1  # noqa: E402
 from onnx_tucker.distill import DEFAULT_HOLDOUT, tucker_trainable  # noqa: E402
-from onnx_tucker.reconstruct import DEFAULT_BATCH, DEFAULT_LR, DEFAULT_STEPS, chains_in, reconstruct  # noqa: E402
+from onnx_tucker.reconstruct import DEFAULT_BATCH, DEFAULT_BLOCKS, DEFAULT_LR, DEFAULT_STEPS, chains_in, reconstruct  # noqa: E402
 
 DATA = Path(os.environ.get("CIFAR10_DIR", "/work/shared/data/cifar10"))
 
@@ -37,6 +37,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     ap.add_argument("--lr", type=float, default=DEFAULT_LR)
     ap.add_argument("--batch", type=int, default=DEFAULT_BATCH)
+    ap.add_argument("--blocks", type=int, default=DEFAULT_BLOCKS, help="residual blocks in a row fitted as one (1: each alone)")
     ap.add_argument("--no-joint", action="store_true", help="one chain at a time, also inside residual blocks")
     ap.add_argument("--freeze", default="", help="factor roles left untrained, comma-separated (in, core, out): which factors the gain needs")
     ap.add_argument("--seed", type=int, default=0)
@@ -60,13 +61,13 @@ def main() -> None:
     t0 = time.perf_counter()
     model, stats = reconstruct(original, compressed, chains_in(compressed), {k: v[train] for k, v in feeds.items()},
                                {k: v[hold] for k, v in feeds.items()}, trainable, steps=args.steps,
-                               lr=args.lr, batch_size=args.batch, seed=args.seed, threads=args.threads, joint=not args.no_joint)
+                               lr=args.lr, batch_size=args.batch, seed=args.seed, threads=args.threads, joint=not args.no_joint, blocks=args.blocks)
     wall = time.perf_counter() - t0
     test = load_labelled(DATA / "cifar10_test.npz", original)
     acc = {name: top1(predict(m, test[0], batch_size=250), test[1]) for name, m in
            (("original", original), ("before", compressed), ("after", model))}
     row = {"label": args.label, "original": args.original, "compressed": args.compressed, "steps": args.steps, "lr": args.lr,
-           "batch": args.batch, "joint": not args.no_joint, "frozen": args.freeze, "seed": args.seed, "threads": args.threads,
+           "batch": args.batch, "joint": not args.no_joint, "blocks": args.blocks, "frozen": args.freeze, "seed": args.seed, "threads": args.threads,
            "calib_size": args.calib_size, "seconds": round(wall, 1), "load_average": round(os.getloadavg()[0], 2),
            **{f"top1_{k}": v for k, v in acc.items()}, "stats": stats}
     print(json.dumps({k: v for k, v in row.items() if k != "stats"}))
