@@ -471,3 +471,19 @@ def test_reconstruction_and_distillation_train_on_cuda_like_on_the_cpu():
     assert strip_values(model) == strip_values(compressed)
     # on the CPU this run takes the holdout KL 0.030 -> 0.022 (reconstructed) -> 0.020 (distilled)
     assert stats["reconstructed"]["kl"] < 0.9 * stats["before"]["kl"] and stats["returned"] == "distilled"
+
+
+@needs_torch
+def test_distill_passes_its_reconstruction_scope_on():
+    from onnx_tucker import compress
+    from onnx_tucker.distill import distill, tucker_trainable
+
+    original = _projection_blocks()
+    compressed, _ = compress(original, ratio=0.5)
+    feeds = {"x": np.random.default_rng(1).standard_normal((80, 8, 10, 10)).astype(np.float32)}
+    units = {}
+    for blocks in (None, 1):  # None: the measured default (3 blocks in a row)
+        _, stats = distill(original, compressed, feeds, tucker_trainable(compressed), steps=0, progress=False, threads=1,
+                           reconstruct_steps=20, reconstruct_blocks=blocks)
+        units[blocks] = (stats["reconstruct"]["blocks"], [row["layer"] for row in stats["reconstruct"]["chains"]])
+    assert units == {None: (3, ["A+B+C+D"]), 1: (1, ["A+B", "C+D"])}
