@@ -341,6 +341,12 @@ class _Forward:
             after = [t for t in after if t not in constants]
             produced = {o for nd in list(self.model.graph.node)[self.index:index] for o in nd.output}
             wanted = [t for t in dict.fromkeys(after + [tensor]) if t in produced]
+            if not wanted:  # the nodes in between make nothing that crosses the cut (only Constant nodes)
+                if any(t not in self.state for t in after):
+                    return None
+                self.state = {t: self.state[t] for t in dict.fromkeys(after)}
+                self.index = index
+                return self.state.get(tensor)
             segment = segment_model(self.model, self.index, index, wanted, self.types)
             if segment is None:
                 return None

@@ -234,6 +234,9 @@ def _compress(model: onnx.ModelProto, opts: CompressOptions, memo: dict | None =
             from onnx_tucker.distill import distill
 
             trainable = list(dict.fromkeys(t for c in report.chains for t in c.trainable()))
+            # The chain records go on the model now (not only when it is written): the reconstruction finds
+            # its chains there; from node names alone it would see only the Tucker ones, not the SVD forms.
+            set_metadata(new_model, {CHAINS_KEY: dump_chains(report.chains)})
             feeds = {k: np.asarray(v) for k, v in opts.calibration.items()}  # a streamed image folder: decoded now
             with report.phase("distill"):
                 new_model, report.distill = distill(model, new_model, feeds, trainable, **opts.distill)

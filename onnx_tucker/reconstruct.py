@@ -144,12 +144,14 @@ def _fed_by(model: onnx.ModelProto, unit: Sequence[Chain], before: Sequence[Chai
 
 
 def _cut_inputs(model: onnx.ModelProto, chain: Chain | Sequence[Chain], path: Sequence[onnx.NodeProto]) -> list[str]:
-    """Tensors the chains and their paths read that they do not compute themselves (not initializers)."""
+    """Tensors the chains and their paths read that they do not compute themselves (not initializers, nor
+    ``Constant`` nodes' outputs, such as the bounds of a torch-exported ReLU6's ``Clip``: the unit computes
+    those itself)."""
     names = {n for c in ([chain] if isinstance(chain, Chain) else chain) for n in c.node_names()}
     nodes = [n for n in model.graph.node if n.name in names] + list(path)
     made = {o for n in nodes for o in n.output}
-    inits = {i.name for i in model.graph.initializer}
-    return list(dict.fromkeys(i for n in nodes for i in n.input if i and i not in made and i not in inits))
+    constant = {i.name for i in model.graph.initializer} | {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    return list(dict.fromkeys(i for n in nodes for i in n.input if i and i not in made and i not in constant))
 
 
 class _Passes:

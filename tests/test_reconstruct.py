@@ -487,3 +487,50 @@ def test_distill_passes_its_reconstruction_scope_on():
                            reconstruct_steps=20, reconstruct_blocks=blocks)
         units[blocks] = (stats["reconstruct"]["blocks"], [row["layer"] for row in stats["reconstruct"]["chains"]])
     assert units == {None: (3, ["A+B+C+D"]), 1: (1, ["A+B", "C+D"])}
+
+
+@needs_torch
+def test_compress_with_distill_reconstructs_the_svd_chains_too():
+    """compress hands distill a model that carries its chain records: the 1x1 conv's SVD chain (named
+    ``*_svd_*``, not ``*_tucker_*``) is reconstructed like the Tucker ones."""
+    from conftest import residual_model
+    from onnx_tucker import compress
+
+    model = residual_model()
+    cal = {"x": np.random.default_rng(0).standard_normal((96, 3, 10, 10)).astype(np.float32)}
+    _, report = compress(model, ratio=0.5, layers=("kxk", "1x1"), calibration=cal,
+                         distill={"steps": 0, "reconstruct_steps": 10, "progress": False, "threads": 1})
+    forms = {c.layer: c.form for c in report.chains}
+    reconstructed = {layer for row in report.distill["reconstruct"]["chains"] for layer in row["layer"].split("+")}
+    assert "svd" in forms.values() and set(forms) <= reconstructed, (forms, reconstructed)
+
+
+@needs_torch
+def test_a_clip_with_constant_node_bounds_is_computed_inside_the_unit():
+    """torch writes ReLU6 as Clip with its bounds in Constant nodes: they are not the unit's inputs (0-d
+    tensors, fed per image, crashed the reconstruction), the unit computes them."""
+    from onnx_tucker import compress
+    from onnx_tucker.reconstruct import _cut_inputs, chains_in, target_of, units
+
+    rng = np.random.default_rng(4)
+    inits = [numpy_helper.from_array((rng.standard_normal(s) / np.sqrt(np.prod(s[1:]))).astype(np.float32), n)
+             for n, s in (("WA", (16, 8, 3, 3)), ("WB", (16, 16, 3, 3)))]
+    scalar = onnx.TensorProto.FLOAT
+    nodes = [
+        helper.make_node("Constant", [], ["lo"], name="lo", value=helper.make_tensor("lo_v", scalar, [], [0.0])),
+        helper.make_node("Constant", [], ["hi"], name="hi", value=helper.make_tensor("hi_v", scalar, [], [6.0])),
+        helper.make_node("Conv", ["x", "WA"], ["a"], name="A", pads=[1, 1, 1, 1]),
+        helper.make_node("Clip", ["a", "lo", "hi"], ["ra"], name="relu6_a"),
+        helper.make_node("Conv", ["ra", "WB"], ["b"], name="B", pads=[1, 1, 1, 1]),
+        helper.make_node("Clip", ["b", "lo", "hi"], ["y"], name="relu6_b"),
+    ]
+    graph = helper.make_graph(nodes, "relu6", [helper.make_tensor_value_info("x", scalar, ["N", 8, 10, 10])],
+                              [helper.make_tensor_value_info("y", scalar, None)], inits)
+    original = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    compressed, _ = compress(original, ratio=0.5)
+    (unit,) = units(compressed, chains_in(compressed))
+    assert _cut_inputs(compressed, unit, [n for c in unit for n in target_of(compressed, c)[1]]) == ["x"]
+    feeds = {"x": (3 * np.random.default_rng(0).standard_normal((96, 8, 10, 10))).astype(np.float32)}
+    _, stats = _reconstruct(original, compressed, feeds, steps=40)
+    (row,) = stats["chains"]
+    assert row["target"] == "y" and row["inputs"] == 1 and row["after"] < row["before"]
