@@ -62,15 +62,24 @@ def _import_torch():
 def tucker_trainable(model: onnx.ModelProto) -> list[str]:
     """The initializers a distillation of an onnx-tucker model should train.
 
-    Initializers whose names contain ``_tucker_`` (the chains' factor weights) plus the bias of each
-    ``*_tucker_out`` conv, unless another node also reads that bias (it would change there too).
+    With chain records (any model onnx-tucker wrote since they exist): every chain's factor weights and
+    biases, whatever its form (Tucker-2 and the SVD forms of 1x1 convs and dense layers). Without: the
+    initializers whose names contain ``_tucker_`` plus the bias of each ``*_tucker_out`` conv. Either way
+    a bias another node also reads is left out (it would change there too).
     """
+    from onnx_tucker.chain import chains_of
+
     inits = [i.name for i in model.graph.initializer]
     init_set = set(inits)
     readers: dict[str, int] = {}
     for node in model.graph.node:
         for name in set(node.input):
             readers[name] = readers.get(name, 0) + 1
+    records = chains_of(model)
+    if records:
+        owned = {w for c in records for w in c.weights.values()}
+        shared_ok = {b for c in records for b in c.trainable() if b not in owned and readers.get(b, 0) == 1}
+        return [n for n in inits if n in owned or n in shared_ok]
     chosen = {n for n in inits if "_tucker_" in n}
     for node in model.graph.node:
         if node.op_type == "Conv" and "_tucker_out" in node.name and len(node.input) > 2:

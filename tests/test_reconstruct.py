@@ -534,3 +534,16 @@ def test_a_clip_with_constant_node_bounds_is_computed_inside_the_unit():
     _, stats = _reconstruct(original, compressed, feeds, steps=40)
     (row,) = stats["chains"]
     assert row["target"] == "y" and row["inputs"] == 1 and row["after"] < row["before"]
+
+
+def test_tucker_trainable_reads_the_chain_records_of_every_form():
+    from conftest import residual_model
+    from onnx_tucker import compress
+    from onnx_tucker.distill import tucker_trainable
+
+    new, report = compress(residual_model(), ratio=0.5, layers=("kxk", "1x1"))
+    names = tucker_trainable(new)
+    assert {c.form for c in report.chains} == {"tucker2", "svd"}
+    for chain in report.chains:  # every form's factor weights, and the bias the chain alone reads
+        assert set(chain.weights.values()) <= set(names) and (chain.bias is None or chain.bias in names)
+    assert len(names) == len(set(names)) and set(names) <= {i.name for i in new.graph.initializer}
