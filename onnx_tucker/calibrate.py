@@ -635,7 +635,7 @@ def _refit_core_and_last(model, chain, core_node, last, inits, f, pick, target, 
         # round aims those rows at the fit's own value (a majorizer of the error after the ReLU, tight at
         # the current fit), so the rank-R_out core is spent on what the next layer sees.
         off = 0.0 if offset is None else offset
-        rows = pc.astype(np.float32) if CORE_RELU_ITERATIONS else pc  # the rounds' products in float32: 2x faster
+        rows = pc.astype(np.float32)  # the rounds' products in float32: 2x faster (each solve stays float64)
         for _ in range(CORE_RELU_ITERATIONS):
             current = ((fitted @ v) + mean_p @ full @ v) @ v.T + new_bias  # p @ full @ v v^T + bias
             aimed = np.where(target + off > 0, target, np.minimum(current + off, 0) - off)
@@ -659,10 +659,10 @@ def _refit_core_and_last(model, chain, core_node, last, inits, f, pick, target, 
 
 
 def _reduced_rank(pc, mean_p, factor, tc, mean_t, shrink, rank):
-    """Ridge least squares of centred targets ``tc`` on centred patches ``pc`` (float64, or float32 for speed;
-    the solve is float64 either way; ``factor``: the Cholesky
-    factor of their shrunk Gram matrix, ``shrink``: the pull towards the prior), then its best rank-``rank``
-    part: the combined kxk weight, its centred outputs, the output subspace ``v`` (C_out x rank), the bias."""
+    """Ridge least squares of centred targets ``tc`` on centred patches ``pc`` (float64 or float32; the solve
+    is float64 either way), given ``factor``, the Cholesky factor of their shrunk Gram matrix, and ``shrink``,
+    the pull towards the prior; then its best rank-``rank`` part. Returns the combined kxk weight, its centred
+    outputs, the output subspace ``v`` (C_out x rank) and the bias."""
     full = scipy.linalg.cho_solve(factor, (pc.T @ tc.astype(pc.dtype, copy=False)).astype(np.float64, copy=False) + shrink)
     fitted = (pc @ full.astype(pc.dtype, copy=False)).astype(np.float64, copy=False)
     _, vectors = np.linalg.eigh(fitted.T @ fitted)

@@ -27,6 +27,7 @@ import numpy as np
 import onnx
 
 from onnx_tucker.chain import Chain, chains_of
+from onnx_tucker.graph import constant_outputs
 
 DEFAULT_STEPS = 200  # per chain (measured in docs/distill.md)
 DEFAULT_LR = 1e-3
@@ -150,7 +151,7 @@ def _cut_inputs(model: onnx.ModelProto, chain: Chain | Sequence[Chain], path: Se
     names = {n for c in ([chain] if isinstance(chain, Chain) else chain) for n in c.node_names()}
     nodes = [n for n in model.graph.node if n.name in names] + list(path)
     made = {o for n in nodes for o in n.output}
-    constant = {i.name for i in model.graph.initializer} | {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    constant = {i.name for i in model.graph.initializer} | set(constant_outputs(model))
     return list(dict.fromkeys(i for n in nodes for i in n.input if i and i not in made and i not in constant))
 
 
