@@ -162,7 +162,7 @@ def refit_chains(original: onnx.ModelProto, compressed: onnx.ModelProto, feeds: 
                         # the ReLU after the Add sees this chain's output plus the other branch
                         if relu_aware and feeds_only_relu(compressed, merges[chain.output][0]):
                             relu, offset = True, rows.astype(np.float64)
-            if core_node is not None and core_node.name == last.name:  # 1x1 -> kxk: the kxk core writes the output
+            if (core_node is not None and core_node.name == last.name) or _spatial_last(last):  # the output comes from a kxk (or 1xk) conv
                 result["layers"][chain.layer] = _refit_kxk_last(compressed, chain, last, inits, collect, pick, target, ridge, relu, offset)
                 continue
             if core_path:
@@ -566,6 +566,11 @@ def _core_unknowns(core_node, inits) -> int:
 
 def _node_attrs(node: onnx.NodeProto) -> dict:
     return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _spatial_last(node: onnx.NodeProto) -> bool:
+    """A 2-D conv whose kernel is more than one pixel (a spatial SVD's ``1 x kw`` last conv)."""
+    return _is_2d_conv(node) and any(k != 1 for k in _node_attrs(node).get("kernel_shape", [1]))
 
 
 def _is_2d_conv(node: onnx.NodeProto) -> bool:

@@ -55,10 +55,11 @@ class Factorization(Protocol):
 
 
 def _registry() -> dict[str, Factorization]:
+    from onnx_tucker.forms.spatial import SpatialSVDForm
     from onnx_tucker.forms.svd import SVDForm
     from onnx_tucker.forms.tucker2 import Tucker2Form
 
-    return {form.name: form for form in (Tucker2Form(), SVDForm())}
+    return {form.name: form for form in (Tucker2Form(), SVDForm(), SpatialSVDForm())}
 
 
 FORMS: dict[str, Factorization] = _registry()

@@ -287,7 +287,7 @@ class RankArgs:
                             "exactly into the chain's first 1x1 conv")
         parser.add_argument("--forms", default=None, metavar="LIST",
                             help="factorizations to use, tried in order per layer: tucker2 (kxk convs, the default), "
-                            "svd (1x1 convs: two 1x1 convs), e.g. tucker2,svd")
+                            "svd (1x1 convs: two 1x1 convs), spatial (kxk convs: kx1 -> 1xk), e.g. tucker2,svd")
 
     @staticmethod
     def parse(args) -> dict:

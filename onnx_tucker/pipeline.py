@@ -389,6 +389,9 @@ def _layout(site, chain) -> str:
     """The chain's nodes as kernel sizes, in data-flow order ("1x1 -> 3x3 -> 1x1"; "dense -> dense")."""
     if site.geometry is None:
         return " -> ".join("dense" for _ in chain.roles)
+    own = getattr(get_form(chain.form), "layout", None)
+    if own is not None:
+        return own(site, chain)
     kxk = "x".join(str(k) for k in site.shape.kernel)
     pointwise = "x".join("1" for _ in site.shape.kernel)
     return " -> ".join(kxk if role == "core" else pointwise for role in chain.roles)

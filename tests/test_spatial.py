@@ -1,0 +1,151 @@
+"""The spatial SVD form (kh x 1 -> 1 x kw): exactness, the composed weight at real ranks, cost, refits, budget."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from conftest import conv_model, residual_model, run_model
+from onnx_tucker import compress
+from onnx_tucker.chain import chains_of
+from onnx_tucker.factorization import get_form
+from onnx_tucker.pipeline import factorable_sites
+
+SPATIAL = get_form("spatial")
+
+ATTRS = [
+    {"pads": [1, 1, 1, 1]},
+    {"strides": [2, 2], "pads": [1, 0, 1, 0]},  # asymmetric pads: top/bottom go to the first conv, left/right to the second
+    {"strides": [1, 2], "pads": [0, 1, 2, 1]},
+    {"dilations": [2, 2], "pads": [2, 2, 2, 2]},
+    {"auto_pad": "SAME_UPPER", "strides": [2, 2]},
+    {},  # no padding
+]
+
+
+def run(model, x):
+    return run_model(model, {"x": x})[0]
+
+
+def relative(a, b) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(a))
+
+
+def weight_of(model) -> np.ndarray:
+    return numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "W"))
+
+
+def with_weight(model, w) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    next(i for i in out.graph.initializer if i.name == "W").CopyFrom(numpy_helper.from_array(w.astype(np.float32), "W"))
+    return out
+
+
+def site_of(model):
+    _, [site] = factorable_sites(model, ("spatial",))
+    return site
+
+
+@pytest.mark.parametrize("attrs", ATTRS)
+@pytest.mark.parametrize("kernel", [(3, 3), (5, 3)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_full_rank_reproduces_the_layer(attrs, kernel, bias):
+    model = conv_model(c_in=6, c_out=10, kernel=kernel, spatial=(11, 13), attrs=attrs, bias=bias)
+    full = min(6 * kernel[0], 10 * kernel[1])
+    new, _ = compress(model, ranks={"conv": (full,)}, forms=("spatial",), force=True)
+    [chain] = chains_of(new)
+    assert chain.form == "spatial" and chain.ranks == (full,) and list(chain.nodes) == ["first", "last"]
+    kernels = [next(a.ints for a in n.attribute if a.name == "kernel_shape") for n in new.graph.node if n.op_type == "Conv"]
+    assert [list(k) for k in kernels] == [[kernel[0], 1], [1, kernel[1]]]
+    x = np.random.default_rng(1).standard_normal((2, 6, 11, 13)).astype(np.float32)
+    assert relative(run(model, x), run(new, x)) < 1e-5
+
+
+@pytest.mark.parametrize("attrs", ATTRS)
+def test_chain_at_a_real_rank_equals_the_layer_with_the_composed_weight(attrs):
+    """Two convs equal one conv whose weight is sum_k H[o,k,w] V[k,i,h] (not the layer itself)."""
+    model = conv_model(c_in=8, c_out=12, spatial=(10, 9), attrs=attrs)
+    site = site_of(model)
+    factors = SPATIAL.fit(site, (5,), n_iter_max=0)
+    new, _ = compress(model, ranks={"conv": (5,)}, forms=("spatial",), force=True)
+    x = np.random.default_rng(2).standard_normal((3, 8, 10, 9)).astype(np.float32)
+    low_rank = run(with_weight(model, SPATIAL.compose(site, factors)), x)
+    np.testing.assert_allclose(run(new, x), low_rank, rtol=1e-4, atol=1e-5)
+    assert relative(run(model, x), run(new, x)) > 1e-2
+    assert factors.relative_error == pytest.approx(relative(weight_of(model), SPATIAL.compose(site, factors)), rel=1e-6)
+
+
+def test_the_probes_map_before_the_last_conv_composes_to_the_layer():
+    """The measured budget refits the last conv through ``compose(upto_last=True)``: the (K*kw, C_in*kh*kw)
+    map times the last conv's weight, read as (C_out, K*kw), is the composed layer."""
+    model = conv_model(c_in=5, c_out=7, kernel=(3, 5), spatial=(9, 9), attrs={"pads": [1, 2, 1, 2]})
+    site = site_of(model)
+    factors = SPATIAL.fit(site, (4,), n_iter_max=0)
+    inner = SPATIAL.compose(site, factors, upto_last=True)
+    last = factors.last.reshape(7, -1)  # (C_out, K*kw), rows (k, w)
+    np.testing.assert_allclose((last @ inner).reshape(site.weight.shape), SPATIAL.compose(site, factors), atol=1e-12)
+
+
+@pytest.mark.parametrize("attrs", [{"pads": [1, 1, 1, 1]}, {"strides": [2, 2], "pads": [1, 1, 1, 1]}, {"strides": [1, 2]}])
+def test_cost_model_counts_the_emitted_convs(attrs):
+    model = conv_model(c_in=8, c_out=16, spatial=(12, 12), attrs=attrs)
+    new, report = compress(model, ranks={"conv": (6,)}, forms=("spatial",), force=True)
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in onnx.shape_inference.infer_shapes(new).graph.value_info}
+    inits = {i.name: numpy_helper.to_array(i) for i in new.graph.initializer}
+    macs = sum(inits[n.input[1]].size * int(np.prod(shapes[n.output[0]][2:])) for n in new.graph.node if n.op_type == "Conv")
+    params = sum(inits[n.input[1]].size for n in new.graph.node if n.op_type == "Conv")
+    assert report.layers[0].macs_after == macs and report.layers[0].params_after == params
+
+
+def test_eligibility_says_why_a_conv_is_left_alone():
+    def reason(**kwargs):
+        _, sites = factorable_sites(conv_model(**kwargs), ("spatial",))
+        return sites[0].reason if sites else "no site"
+
+    assert reason() == ""
+    assert "1x1" in reason(kernel=(1, 1))
+    assert "group" in reason(c_in=8, c_out=8, attrs={"group": 8})
+    assert "one-dimensional" in reason(kernel=(1, 3), attrs={"pads": [0, 1, 0, 1]})
+
+
+def test_rank_options_are_profitable_and_ratio_buys_the_tucker_macs():
+    site = site_of(conv_model(c_in=32, c_out=64, spatial=(16, 16), attrs={"pads": [1, 1, 1, 1]}))
+    options = SPATIAL.rank_options(site)
+    assert len(options) >= 10 and len(set(options)) == len(options)
+    assert all(SPATIAL.cost(site, r).macs < site.shape.macs() for r in options)
+    tucker = get_form("tucker2")
+    tucker_macs = tucker.cost(site, tucker.rule_ranks(site, "ratio", 0.5, 1.0)).macs
+    (k,) = SPATIAL.rule_ranks(site, "ratio", 0.5, 1.0)
+    assert SPATIAL.cost(site, (k,)).macs <= tucker_macs < SPATIAL.cost(site, (k + 1,)).macs
+    assert all(k % 8 == 0 or k == SPATIAL.max_ranks(site)[0] for (k,) in SPATIAL.rank_options(site, rank_multiple=8))
+
+
+def test_whitened_fit_and_the_last_conv_refit_lower_the_held_out_error():
+    """On channel-correlated inputs the input-whitened SVD beats the plain one, and the calibration refit of
+    the 1 x kw last conv (im2col rows of its real input) lowers the error again; all on held-out inputs."""
+    rng = np.random.default_rng(3)
+    model = conv_model(c_in=8, c_out=16, spatial=(10, 10), attrs={"pads": [1, 1, 1, 1]})
+    mix = rng.standard_normal((8, 8)) * np.array([3.0, 2.0, 1.0, 0.5, 0.2, 0.1, 0.1, 0.1])
+    data = (np.einsum("ij,njhw->nihw", mix, rng.standard_normal((256, 8, 10, 10))) + 0.3).astype(np.float32)
+    cal, held = {"x": data[:224]}, data[224:]
+    plain, _ = compress(model, ranks={"conv": (6,)}, forms=("spatial",), force=True)
+    whitened, _ = compress(model, ranks={"conv": (6,)}, forms=("spatial",), force=True, calibration=cal, refit=False)
+    refitted, report = compress(model, ranks={"conv": (6,)}, forms=("spatial",), force=True, calibration=cal, refit="last")
+    [entry] = report.calibration["layers"].values()
+    assert "kxk last conv" in entry["refit"] and entry["output_error_after"] < entry["output_error_before"]
+    reference = run(model, held)
+    errors = [relative(reference, run(m, held)) for m in (plain, whitened, refitted)]
+    assert errors[0] > errors[1] > errors[2], errors
+
+
+def test_measured_budget_meets_the_target_with_the_spatial_form():
+    model = residual_model(channels=16, spatial=(10, 10))
+    data = np.random.default_rng(4).standard_normal((160, 3, 10, 10)).astype(np.float32)
+    new, report = compress(model, target_macs=0.5, calibration={"x": data}, forms=("spatial",))
+    chains = chains_of(new)
+    assert chains and all(c.form == "spatial" for c in chains)
+    assert report.totals()["macs_after"] <= 0.5 * report.totals()["macs_before"] * 1.001
+    x = data[:4]
+    assert relative(run(model, x), run(new, x)) < 0.5
