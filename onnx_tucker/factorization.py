@@ -15,7 +15,7 @@ import numpy as np
 from onnx_tucker.errors import UsageError
 from onnx_tucker.ranks import Cost
 
-__all__ = ["Cost", "Factorization", "FORMS", "DEFAULT_FORMS", "get_form", "chooser", "choose_forms", "not_worth_it"]
+__all__ = ["Cost", "Factorization", "FormChoice", "FORMS", "DEFAULT_FORMS", "get_form", "chooser", "choose_forms", "not_worth_it"]
 
 
 @runtime_checkable
@@ -114,10 +114,85 @@ def not_worth_it(site, ranks: tuple, cost, total_macs: int, total_params: int = 
 
 
 def get_form(name: str) -> Factorization:
+    """The registered form ``name``, or for ``"a|b"`` the :class:`FormChoice` of those forms."""
+    if "|" in name:
+        return _choice(tuple(name.split("|")))
     try:
         return FORMS[name]
     except KeyError:
         raise UsageError(f"unknown factorization {name!r}: choose from {', '.join(FORMS)}") from None
+
+
+class _Chosen:
+    """A sub-form's factors, tagged with the form that made them."""
+
+    def __init__(self, form, factors):
+        self.form, self.factors = form, factors
+        self.relative_error = factors.relative_error
+
+
+class _ChosenConstants(dict):
+    """A sub-form's constants, tagged with the form that emits them."""
+
+    def __init__(self, form, constants: dict):
+        super().__init__(constants)
+        self.form = form
+
+
+class FormChoice:
+    """Several forms that take the same layer, offered together to the measured budget: its knapsack then picks
+    the form with the ranks, per layer (``--forms tucker2,spatial``). The forms' rank tuples differ in length
+    (Tucker-2: ``(R_out, R_in)``, spatial SVD: ``(K,)``), which says whose an option is. Rules without
+    measurements (``--ratio``, ``energy``) and the rank limits are the first form's; :meth:`resolve` gives the
+    pipeline the form that writes the chain, so chains and reports name the real form."""
+
+    def __init__(self, forms: tuple):
+        self.forms = forms
+        self.name = "|".join(f.name for f in forms)
+        self.ops = forms[0].ops
+        self.roles = forms[0].roles
+        self.refits = forms[0].refits
+
+    def resolve(self, site, ranks: tuple):
+        lengths = [len(f.max_ranks(site)) for f in self.forms]
+        return self.forms[lengths.index(len(ranks))] if len(ranks) in lengths else self.forms[0]
+
+    def eligible(self, site) -> str:
+        return self.forms[0].eligible(site)
+
+    def max_ranks(self, site):
+        return self.forms[0].max_ranks(site)
+
+    def rule_ranks(self, site, rule: str, ratio: float, energy: float):
+        return self.forms[0].rule_ranks(site, rule, ratio, energy)
+
+    def rank_options(self, site, rank_multiple: int = 1) -> list:
+        return [r for f in self.forms for r in f.rank_options(site, rank_multiple)]
+
+    def cost(self, site, ranks):
+        return self.resolve(site, ranks).cost(site, ranks)
+
+    def fit(self, site, ranks, **kwargs):
+        form = self.resolve(site, ranks)
+        return _Chosen(form, form.fit(site, ranks, **kwargs))
+
+    def compose(self, site, factors, *, upto_last: bool = False):
+        return factors.form.compose(site, factors.factors, upto_last=upto_last)
+
+    def constants(self, site, factors, taken: set[str]) -> dict:
+        return _ChosenConstants(factors.form, factors.form.constants(site, factors.factors, taken))
+
+    def emit(self, graph, site, constants: dict, taken: set[str]):
+        return constants.form.emit(graph, site, dict(constants), taken)
+
+
+_CHOICES: dict[tuple, FormChoice] = {}
+
+
+def _choice(names: tuple) -> FormChoice:
+    if names not in _CHOICES:
+        _CHOICES[names] = FormChoice(tuple(get_form(n) for n in names))
+    return _CHOICES[names]
 
 
 def chooser(enabled: tuple[str, ...] | None = None, kinds: set | None = None):
@@ -131,15 +206,25 @@ def chooser(enabled: tuple[str, ...] | None = None, kinds: set | None = None):
     def choose(site) -> None:
         if not site.eligible:
             return
-        reasons = []
+        reasons, takers = [], []
         for form in forms:
             why = form.eligible(site)
             if not why and kinds is not None and site.kind not in kinds:
                 why = f"{site.kind} layers are not selected (--layers)"
             if not why:
-                site.form = form.name
-                return
-            reasons.append(why)
+                takers.append(form)
+            else:
+                reasons.append(why)
+        # several forms take it: a FormChoice where their rank tuples tell them apart, else the first
+        distinct = {}
+        for form in takers:
+            distinct.setdefault(len(form.max_ranks(site)), form)
+        if len(distinct) > 1:
+            site.form = _choice(tuple(f.name for f in distinct.values())).name
+            return
+        if takers:
+            site.form = takers[0].name
+            return
         site.reason = reasons[0] if reasons else "no factorization enabled"
         site.weight = None  # nobody will read it: do not hold it (peak memory)
 

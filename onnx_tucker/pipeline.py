@@ -197,6 +197,8 @@ def _compress(model: onnx.ModelProto, opts: CompressOptions, memo: dict | None =
         if planned.get(site.name) is None:
             record.reason = "left whole by the " + ("latency" if opts.target_latency is not None else "MAC") + " budget allocation"
             continue
+        if hasattr(form, "resolve"):  # a FormChoice: the planned ranks say which form writes the chain
+            form = form.resolve(site, tuple(planned[site.name]))
         limits = form.max_ranks(site)
         ranks = tuple(round_to_multiple(min(r, m), opts.rank_multiple, m) for r, m in zip(planned[site.name], limits))
         cost = form.cost(site, ranks)

@@ -149,3 +149,30 @@ def test_measured_budget_meets_the_target_with_the_spatial_form():
     assert report.totals()["macs_after"] <= 0.5 * report.totals()["macs_before"] * 1.001
     x = data[:4]
     assert relative(run(model, x), run(new, x)) < 0.5
+
+
+def test_tucker_and_spatial_together_let_the_measured_budget_pick_the_form_per_layer():
+    """``forms=("tucker2", "spatial")``: every kxk layer is offered both forms' options; the chains name the
+    form the knapsack chose; a uniform ratio (no measurements) keeps the first form."""
+    from onnx_tucker.factorization import FormChoice
+
+    model = residual_model(channels=16, spatial=(10, 10))
+    _, sites = factorable_sites(model, ("tucker2", "spatial"))
+    kxk = [s for s in sites if s.eligible and s.kind == "conv"]
+    assert kxk and all(s.form == "tucker2|spatial" for s in kxk)
+    choice = get_form(kxk[0].form)
+    assert isinstance(choice, FormChoice)
+    options = choice.rank_options(kxk[0])
+    assert {len(r) for r in options} == {1, 2}
+    assert choice.cost(kxk[0], options[-1]) == SPATIAL.cost(kxk[0], options[-1])
+    data = np.random.default_rng(4).standard_normal((160, 3, 10, 10)).astype(np.float32)
+    new, report = compress(model, target_macs=0.5, calibration={"x": data}, forms=("tucker2", "spatial"))
+    decomposed = {r.layer: r for r in report.layers if r.decomposed}
+    assert decomposed and {c.form for c in chains_of(new)} <= {"tucker2", "spatial"}
+    for chain in chains_of(new):
+        assert decomposed[chain.layer].form == chain.form and len(chain.ranks) == (1 if chain.form == "spatial" else 2)
+    assert report.totals()["macs_after"] <= 0.5 * report.totals()["macs_before"] * 1.001
+    uniform, _ = compress(model, ratio=0.5, forms=("tucker2", "spatial"))
+    assert {c.form for c in chains_of(uniform)} == {"tucker2"}
+    explicit, _ = compress(model, ranks={"block_conv": (6,)}, forms=("tucker2", "spatial"), force=True)
+    assert [c.form for c in chains_of(explicit) if c.layer == "block_conv"] == ["spatial"]
