@@ -103,14 +103,23 @@ def not_worth_it(site, ranks: tuple, cost, total_macs: int, total_params: int = 
     before = site.shape.macs()
     if cost.macs >= before:
         return f"chain would not reduce MACs ({before:,} -> {cost.macs:,})"
-    if site.shape.c_in <= TINY_INPUT and min(ranks) <= TINY_RANK:
-        return f"would cut a {site.shape.c_in}-channel input to rank {min(ranks)} (an image stem): left whole"
+    if site.shape.c_in <= TINY_INPUT and _input_rank(site, ranks) <= TINY_RANK:
+        return f"would cut a {site.shape.c_in}-channel input to rank {_input_rank(site, ranks)} (an image stem): left whole"
     # a dense layer can hold a large share of the parameters for almost no MACs (VGG16's fc2: 12% and 0.08%)
     saves_params = total_params and site.shape.params() - cost.params >= PARAM_SHARE * total_params
     if total_macs and before - cost.macs < CRUMBS * total_macs and not saves_params:
         share = 100 * (before - cost.macs) / total_macs
         return f"chain saves only {share:.3f}% of the model's conv MACs (< {100 * CRUMBS:g}%): left whole"
     return ""
+
+
+def _input_rank(site, ranks: tuple) -> int:
+    """The smallest rank of the chain, in input channels' worth where the form says (spatial SVD: K / kh)."""
+    form = get_form(site.form) if site.form else None
+    if form is not None and hasattr(form, "resolve"):
+        form = form.resolve(site, tuple(ranks))
+    own = getattr(form, "input_rank", None)
+    return own(site, ranks) if own is not None else min(ranks)
 
 
 def get_form(name: str) -> Factorization:

@@ -176,3 +176,12 @@ def test_tucker_and_spatial_together_let_the_measured_budget_pick_the_form_per_l
     assert {c.form for c in chains_of(uniform)} == {"tucker2"}
     explicit, _ = compress(model, ranks={"block_conv": (6,)}, forms=("tucker2", "spatial"), force=True)
     assert [c.form for c in chains_of(explicit) if c.layer == "block_conv"] == ["spatial"]
+
+
+def test_an_image_stem_is_not_squeezed_below_three_channels_worth():
+    """The image-stem rule counts K in input channels' worth (K / kh): a 3-channel stem at K <= 6 stays whole."""
+    from onnx_tucker.factorization import not_worth_it
+
+    site = site_of(conv_model(c_in=3, c_out=16, spatial=(16, 16), attrs={"pads": [1, 1, 1, 1]}))
+    assert "image stem" in not_worth_it(site, (6,), SPATIAL.cost(site, (6,)), site.shape.macs())
+    assert not_worth_it(site, (7,), SPATIAL.cost(site, (7,)), site.shape.macs()) == ""
