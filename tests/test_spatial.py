@@ -185,3 +185,29 @@ def test_an_image_stem_is_not_squeezed_below_three_channels_worth():
     site = site_of(conv_model(c_in=3, c_out=16, spatial=(16, 16), attrs={"pads": [1, 1, 1, 1]}))
     assert "image stem" in not_worth_it(site, (6,), SPATIAL.cost(site, (6,)), site.shape.macs())
     assert not_worth_it(site, (7,), SPATIAL.cost(site, (7,)), site.shape.macs()) == ""
+
+
+def test_distillation_and_reconstruction_train_the_spatial_chain():
+    """--distill's engine trains a spatial chain (both convs and the bias) like a Tucker one: only its
+    initializers change, and the distilled model matches the original better on fresh inputs."""
+    pytest.importorskip("torch")
+    from test_distill import _distill, _net, _weights, feeds_for, init_arrays
+
+    w = _weights()
+    original = _net([onnx.helper.make_node("Conv", ["r1", "W2", "B2"], ["c2"], name="conv2", pads=[1, 1, 1, 1])], w)
+    compressed, _ = compress(original, ranks={"conv2": (3,)}, forms=("spatial",), force=True, exclude=["conv1"])
+    [chain] = chains_of(compressed)
+    assert chain.form == "spatial"
+    model, stats = _distill(original, compressed, feeds_for(original), steps=120, reconstruct_steps=60)
+    assert stats["returned"] in ("distilled", "reconstructed")
+    before, after = init_arrays(compressed), init_arrays(model)
+    changed = {k for k in before if not np.array_equal(before[k], after[k])}
+    assert changed and changed <= set(chain.weights.values()) | {chain.bias}
+    fresh = feeds_for(original, n=512, seed=7)
+    want = run_model(original, fresh)[0]
+
+    def kl(m):
+        got = run_model(m, fresh)[0]
+        return float(np.mean(np.sum(want * (np.log(want + 1e-12) - np.log(got + 1e-12)), 1)))
+
+    assert kl(model) < 0.8 * kl(compressed)
