@@ -245,6 +245,10 @@ class LatencyTable:
         return f"{self.provider}|{self.device}|onnxruntime {self.ort_version}|threads {self.threads}|batch {self.batch}"
 
     def key(self, site, form: str | None = None, ranks: tuple | None = None) -> str:
+        if form and "|" in form and ranks is not None:  # a FormChoice: keyed by the form that writes the chain
+            from onnx_tucker.factorization import get_form
+
+            form = get_form(form).resolve(site, tuple(ranks)).name
         what = "original" if ranks is None else f"{form} {','.join(str(int(r)) for r in ranks)}"
         return f"{self._prefix()}|{layer_signature(site, self.batch)}|{what}"
 

@@ -211,3 +211,27 @@ def test_distillation_and_reconstruction_train_the_spatial_chain():
         return float(np.mean(np.sum(want * (np.log(want + 1e-12) - np.log(got + 1e-12)), 1)))
 
     assert kl(model) < 0.8 * kl(compressed)
+
+
+def test_the_latency_budget_times_and_picks_either_form(tmp_path, monkeypatch):
+    """--target-latency with both forms: each option is timed as the chain its own form writes (keyed by the
+    choice and its ranks), and what is written is the form the plan picked."""
+    import onnx_tucker.latency_table as latency_table
+    import onnx_tucker.pipeline as pipeline
+
+    monkeypatch.setattr(latency_table, "RUNS", 3)
+    monkeypatch.setattr(latency_table, "MIN_SECONDS", 0.0)
+    monkeypatch.setattr(pipeline, "FEEDBACK_SLACK", 1.0)
+    model = residual_model(channels=32, spatial=(16, 16))
+    data = np.random.default_rng(5).standard_normal((96, 3, 16, 16)).astype(np.float32)
+    new, report = compress(model, target_latency=0.95, calibration={"x": data}, latency_table=str(tmp_path / "t.json"),
+                           latency_batch=1, forms=("tucker2", "spatial"))
+    import json
+
+    keys = list(json.loads((tmp_path / "t.json").read_text())["entries"])
+    # keyed by the form that writes each chain, so a later run with either form alone reuses the timings
+    assert any(k.endswith("|spatial 12") for k in keys) and any("|tucker2 " in k for k in keys)
+    assert not any("tucker2|spatial" in k for k in keys)
+    for chain in chains_of(new):
+        assert chain.form in ("tucker2", "spatial")
+        assert [r for r in report.layers if r.layer == chain.layer][0].form == chain.form
