@@ -32,6 +32,7 @@ def main(argv=None) -> int:
     ap.add_argument("--forms", default="default/spatial", help="slash-separated sets of comma-separated form names")
     ap.add_argument("--rng", type=int, default=0, help="seed of the 2048-image calibration subset")
     ap.add_argument("--data", default=os.environ.get("CIFAR10_DIR", str(ROOT.parent / "shared/data/cifar10")))
+    ap.add_argument("--probes", default="auto", choices=("auto", "all"), help="the measured budget's probes")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     data = Path(args.data)
@@ -42,14 +43,14 @@ def main(argv=None) -> int:
         feeds, labels = load_labelled(data / "cifar10_test.npz", model)
         base = top1(predict(model, feeds), labels)
         for forms in args.forms.split("/"):
-            kwargs = options(setting)
+            kwargs = options(setting) | {"probes": args.probes}
             if forms != "default":
                 kwargs["forms"] = tuple(forms.split(","))
                 if "layers" in kwargs:  # +1x1: the 1x1 convs keep their SVD form
                     kwargs["forms"] += ("svd",)
             measured, report = measured_compress(model, {model.graph.input[0].name: cal_x}, feeds, labels, base, **kwargs)
             chosen = sorted({c.form for c in report.chains})
-            emit({"forms": forms, "model": name, "setting": setting, "rng": args.rng, "change": measured["change"],
+            emit({"forms": forms, "model": name, "setting": setting, "rng": args.rng, "probes": args.probes, "change": measured["change"],
                   "macs": measured["macs"], "seconds": measured["seconds"], "chain_forms": chosen,
                   "spatial_chains": sum(c.form == "spatial" for c in report.chains), "chains": len(report.chains)}, args.out)
     return 0
