@@ -73,6 +73,17 @@ def test_inspect_lists_layers_without_writing(saved_residual, tmp_path):
     assert set(tmp_path.iterdir()) == before
 
 
+def test_inspect_forms_lists_each_layers_form_and_refuses_unknown_names(saved_residual, tmp_path):
+    r = cli("inspect", saved_residual, "--forms", "spatial", "--json", tmp_path / "l.json")
+    assert r.returncode == 0, r.stderr
+    layers = {e["layer"]: e for e in json.loads((tmp_path / "l.json").read_text())["layers"]}
+    assert layers["block_conv"]["form"] == "spatial" and len(layers["block_conv"]["ratios"]["0.5"]["ranks"]) == 1
+    both = cli("inspect", saved_residual, "--forms", "tucker2,spatial")
+    assert both.returncode == 0 and "tucker2|spatial" in both.stdout
+    bad = cli("inspect", saved_residual, "--forms", "nope")
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "unknown factorization 'nope'" in bad.stderr
+
+
 @pytest.mark.parametrize(
     "make_input, args, code, needle",
     [

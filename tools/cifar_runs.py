@@ -18,12 +18,21 @@ from onnx_tucker import compress  # noqa: E402
 from onnx_tucker.data import predict, top1  # noqa: E402
 
 
+FORM_TOKENS = {"spatial": ("spatial",), "both": ("tucker2", "spatial")}
+
+
 def options(setting: str) -> dict:
-    """``rX`` -> ``--ratio X``, ``tX`` -> ``--target-macs X``; ``+1x1`` adds ``--layers kxk,1x1``."""
-    base, _, extra = setting.partition("+")
+    """``rX`` -> ``--ratio X``, ``tX`` -> ``--target-macs X``; ``+1x1`` adds ``--layers kxk,1x1``; ``+spatial``
+    gives ``--forms spatial`` and ``+both`` ``--forms tucker2,spatial`` (with ``+1x1`` the 1x1 convs keep SVD)."""
+    base, *extras = setting.split("+")
     opt = {"ratio": float(base[1:])} if base[0] == "r" else {"target_macs": float(base[1:])}
-    if extra:
-        opt["layers"] = ("kxk", extra)
+    for extra in extras:
+        if extra in FORM_TOKENS:
+            opt["forms"] = FORM_TOKENS[extra]
+        else:
+            opt["layers"] = ("kxk", extra)
+    if "forms" in opt and "layers" in opt:
+        opt["forms"] += ("svd",)
     return opt
 
 
