@@ -12,6 +12,7 @@ images (128 used); at each MAC fraction F both forms get the ranks that cost F o
 Printed: the relative output error (pre-activation, on the same rows) of each. No top-1 here: tools/forms_ab.py.
 
     python tools/form_layer_errors.py models/cifar10_resnet20.onnx --fractions 0.5,0.33
+    python tools/form_layer_errors.py models/cifar10_resnet20.onnx --fractions 0.5 --transposed   # the other orientation
 """
 from __future__ import annotations
 
@@ -91,6 +92,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model")
     ap.add_argument("--fractions", default="0.5,0.33", help="MAC fractions to compare at")
+    ap.add_argument("--transposed", action="store_true",
+                    help="also the spatial error of the other orientation (1 x kw first, then kh x 1), at the first fraction")
     ap.add_argument("--data", default=os.environ.get("CIFAR10_DIR", str(ROOT.parent / "shared/data/cifar10")))
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
@@ -116,6 +119,9 @@ def main(argv=None) -> int:
         for f in fractions:
             r, et, k, es = layer_errors(w, b, x, stride, pad, f)
             cells.append(f"{et:.4f} ({r}) / {es:.4f} ({k})")
+        if args.transposed:  # the same layer on transposed images is the other orientation
+            *_, other = layer_errors(w.transpose(0, 1, 3, 2).copy(), b, x.transpose(2, 3).contiguous(), stride[::-1], pad[::-1], fractions[0])
+            cells.append(f"1 x kw first: {other:.4f}")
         print(f"{n.name} | {w.shape[0]}x{w.shape[1]} | " + " | ".join(cells), flush=True)
     return 0
 
