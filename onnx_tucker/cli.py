@@ -19,7 +19,7 @@ from onnx_tucker import __version__
 from onnx_tucker.errors import ModelError, OnnxTuckerError, UsageError, first_line
 from onnx_tucker.options import (BudgetArgs, CalibrationArgs, CheckArgs, DataArgs, DistillArgs, LatencyArgs, MultipleArgs, RankArgs, RayArgs,
                                  RuntimeArgs,
-                                 add_layers_argument, parse_layers,
+                                 add_forms_argument, add_layers_argument, parse_forms, parse_layers,
                                  check_fraction_list, check_int_list, check_positive_int, check_tolerance, parse_input_shapes)
 
 SUBCOMMANDS = ("compress", "inspect", "convert", "bench", "sweep")
@@ -67,8 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     MultipleArgs.add(i)
     i.add_argument("--json", metavar="PATH", help="write the listing as JSON")
     add_layers_argument(i)
-    i.add_argument("--forms", default=None, metavar="LIST", help="factorizations, as for compress (e.g. spatial, or tucker2,spatial: "
-                   "the ratio columns use the first form that takes a layer)")
+    add_forms_argument(i)
     add_bench_parser(sub)
     add_sweep_parser(sub)
     return parser
@@ -268,12 +267,7 @@ def cmd_inspect(args) -> int:
         check_output_path(args.input, args.json, "--json")
     layers = parse_layers(args.layers) if args.layers is not None else None
     auto = MultipleArgs.parse(args)
-    forms = None
-    if args.forms is not None:
-        forms = tuple(f.strip() for f in args.forms.split(","))
-        if not all(forms):
-            raise UsageError(f"--forms: expected comma-separated factorization names, got {args.forms!r}")
-        forms = tuple(get_form(f).name for f in forms)  # unknown names: a one-line error before the model loads
+    forms = parse_forms(args.forms) if args.forms is not None else None  # unknown names: refused before the model loads
     model = load_model(args.input)
     _, sites = factorable_sites(model, forms, layers=layers)
     if not sites:

@@ -285,9 +285,7 @@ class RankArgs:
         parser.add_argument("--no-fold", action="store_true",
                             help="keep a Mul/Add (BatchNorm after a ReLU) that feeds a chain as it is, instead of folding it "
                             "exactly into the chain's first 1x1 conv")
-        parser.add_argument("--forms", default=None, metavar="LIST",
-                            help="factorizations to use, tried in order per layer: tucker2 (kxk convs, the default), "
-                            "svd (1x1 convs: two 1x1 convs), spatial (kxk convs: kx1 -> 1xk), e.g. tucker2,svd")
+        add_forms_argument(parser)
 
     @staticmethod
     def parse(args) -> dict:
@@ -306,10 +304,7 @@ class RankArgs:
         if args.layers is not None:
             options["layers"] = parse_layers(args.layers)
         if args.forms is not None:
-            items = [f.strip() for f in args.forms.split(",")]
-            if not all(items):
-                raise UsageError(f"--forms: expected comma-separated factorization names, got {args.forms!r}")
-            options["forms"] = tuple(items)
+            options["forms"] = parse_forms(args.forms)
         return options
 
 
@@ -325,6 +320,24 @@ def add_layers_argument(parser) -> None:
     parser.add_argument("--layers", default=None, metavar="KINDS",
                         help="which layers to factor: kxk (kxk convs, Tucker-2; the default), 1x1 (1x1 convs, SVD), "
                         "dense (Gemm/MatMul with a constant weight, SVD), e.g. kxk,1x1,dense")
+
+
+def add_forms_argument(parser) -> None:
+    """``--forms``: shared by compress and inspect."""
+    parser.add_argument("--forms", default=None, metavar="LIST",
+                        help="factorizations to use: tucker2 (kxk convs, the default), svd (1x1 convs: two 1x1 convs), "
+                        "spatial (kxk convs: kx1 -> 1xk), e.g. tucker2,svd; where two take the same layer (tucker2,spatial) "
+                        "the measured budget picks one per layer, a ratio uses the first")
+
+
+def parse_forms(text: str) -> tuple:
+    """``--forms`` text -> registered form names (an unknown one is a one-line error)."""
+    from onnx_tucker.factorization import get_form
+
+    items = [f.strip() for f in text.split(",")]
+    if not all(items):
+        raise UsageError(f"--forms: expected comma-separated factorization names, got {text!r}")
+    return tuple(get_form(f).name for f in items)
 
 
 def parse_layers(text: str) -> tuple:
