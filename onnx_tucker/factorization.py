@@ -205,9 +205,10 @@ def _choice(names: tuple) -> FormChoice:
 
 
 def chooser(enabled: tuple[str, ...] | None = None, kinds: set | None = None):
-    """``choose(site)``: set a usable site's ``form`` to the first enabled form that takes it, or its ``reason``.
+    """``choose(site)``: set a usable site's ``form`` to the enabled form that takes it, or its ``reason``.
 
-    ``kinds`` (from ``--layers``) limits which site kinds are factored at all. A site no form takes keeps
+    Where several take it and their rank tuples differ in length (Tucker-2 and spatial SVD on a kxk conv), the
+    form is their :class:`FormChoice` (``"tucker2|spatial"``); where they do not, the first. ``kinds`` (from ``--layers``) limits which site kinds are factored at all. A site no form takes keeps
     the first form's reason (the table's note) and releases its weight.
     """
     forms = [get_form(n) for n in (enabled or DEFAULT_FORMS)]
