@@ -44,6 +44,12 @@ def _matrix(weight: np.ndarray) -> np.ndarray:
     return weight.transpose(1, 2, 0, 3).reshape(i * kh, o * kw)
 
 
+def _composed(first: np.ndarray, last: np.ndarray) -> np.ndarray:
+    """``sum_k H[o,k,w] V[k,i,h]`` as an OIHW weight. tensordot (BLAS), not einsum: a ResNet50 conv5 option
+    took 4.7 s in einsum's loops, 0.05 s so."""
+    return np.tensordot(first, last, axes=(0, 1)).transpose(2, 0, 1, 3)
+
+
 class SpatialSVDForm:
     name = "spatial"
     ops = ("Conv",)
@@ -135,7 +141,7 @@ class SpatialSVDForm:
             first = np.tensordot(first, inverse_root, axes=(1, 0)).transpose(0, 2, 1)
         last = vt[:k].reshape(k, c_out, kw).transpose(1, 0, 2)
         norm = np.linalg.norm(w)
-        composed = np.einsum("kih,okw->oihw", first, last)
+        composed = _composed(first, last)
         error = float(np.linalg.norm(w - composed) / norm) if norm > 0 else 0.0
         return SpatialFactors(first=first, last=last, relative_error=error)
 
@@ -147,7 +153,7 @@ class SpatialSVDForm:
             k, c_in, kh = first.shape
             kw = site.shape.kernel[1]
             return np.einsum("kih,wv->kwihv", first, np.eye(kw)).reshape(k * kw, c_in * kh * kw)
-        return np.einsum("kih,okw->oihw", first, factors.last.astype(np.float64))
+        return _composed(first, factors.last.astype(np.float64))
 
     def constants(self, site, factors, taken: set[str]) -> dict:
         dtype = site.weight.dtype
