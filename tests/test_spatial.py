@@ -120,6 +120,9 @@ def test_rank_options_are_profitable_and_ratio_buys_the_tucker_macs():
     (k,) = SPATIAL.rule_ranks(site, "ratio", 0.5, 1.0)
     assert SPATIAL.cost(site, (k,)).macs <= tucker_macs < SPATIAL.cost(site, (k + 1,)).macs
     assert all(k % 8 == 0 or k == SPATIAL.max_ranks(site)[0] for (k,) in SPATIAL.rank_options(site, rank_multiple=8))
+    # --rank-method energy: the whole spectrum keeps every rank, half of it far fewer
+    assert SPATIAL.rule_ranks(site, "energy", 0.5, 1.0) == SPATIAL.max_ranks(site)
+    assert 1 <= SPATIAL.rule_ranks(site, "energy", 0.5, 0.5)[0] < SPATIAL.max_ranks(site)[0] // 2
 
 
 def test_whitened_fit_and_the_last_conv_refit_lower_the_held_out_error():

@@ -20,8 +20,10 @@ import onnx_graphsurgeon as gs
 
 from onnx_tucker.chain import Chain
 from onnx_tucker.errors import UsageError
+from onnx_tucker.forms.tucker2 import Tucker2Form, kxk_conv_reason
 from onnx_tucker.graph import unique_name
 from onnx_tucker.ranks import Cost, ratio_ranks, round_to_multiple
+from onnx_tucker.vbmf import energy_rank
 
 # Shares of the layer's MACs the measured budget tries (K from each): the knapsack's options.
 MAC_FRACTIONS = (0.05, 0.08, 0.12, 0.16, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.6, 0.7, 0.8)
@@ -57,13 +59,10 @@ class SpatialSVDForm:
     refits = ("last",)
 
     def eligible(self, site) -> str:
+        why = kxk_conv_reason(site)
+        if why:
+            return why
         geometry = site.geometry
-        if geometry is None:
-            return "dense layer: factored by the SVD form (--layers dense)"
-        if geometry.group != 1:
-            return f"{site.kind} conv (group={geometry.group}): left alone"
-        if geometry.is_pointwise:
-            return "1x1 conv: already a channel mixer, nothing to factor spatially"
         if geometry.spatial_rank != 2:
             return f"{geometry.spatial_rank}-D conv: spatial SVD splits 2-D kernels only"
         if 1 in geometry.kernel:
@@ -105,12 +104,9 @@ class SpatialSVDForm:
         if rule == "ratio":
             # --ratio is a rank ratio for Tucker-2 ("halve every rank"); here it buys the same MACs,
             # so --ratio 0.5 costs the same with either form and the two compare at equal cost.
-            from onnx_tucker.forms.tucker2 import Tucker2Form
-
             return (self._rank_for_macs(site, Tucker2Form().cost(site, ratio_ranks(site.shape.c_out, site.shape.c_in, ratio)).macs),)
         if rule == "energy":
-            s = np.linalg.svd(_matrix(site.weight.astype(np.float64)), compute_uv=False) ** 2
-            return (int(np.searchsorted(np.cumsum(s) / max(s.sum(), 1e-30), energy - 1e-12) + 1),)
+            return (energy_rank(np.linalg.svd(_matrix(site.weight.astype(np.float64)), compute_uv=False), energy),)
         raise UsageError(f"rank method {rule!r} is not available for the spatial form: use ratio or energy")
 
     def rank_options(self, site, rank_multiple: int = 1) -> list[tuple[int]]:

@@ -72,8 +72,9 @@ class SVDForm:
         if rule == "ratio":
             return (max(1, int(round(ratio * min(site.shape.c_out, site.shape.c_in), 9))),)
         if rule == "energy":
-            s = np.linalg.svd(_matrix(site), compute_uv=False) ** 2
-            return (int(np.searchsorted(np.cumsum(s) / max(s.sum(), 1e-30), energy - 1e-12) + 1),)
+            from onnx_tucker.vbmf import energy_rank
+
+            return (energy_rank(np.linalg.svd(_matrix(site), compute_uv=False), energy),)
         raise UsageError(f"rank method {rule!r} is not available for the SVD form: use ratio or energy")
 
     def rank_options(self, site, rank_multiple: int = 1) -> list[tuple[int]]:

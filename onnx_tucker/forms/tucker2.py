@@ -32,6 +32,18 @@ SKEW = 2.0  # largest ratio between the two modes' rank fractions
 TWO_CONV_FRACTIONS = (1 / 8, 1 / 4, 3 / 8, 1 / 2)
 
 
+def kxk_conv_reason(site) -> str:
+    """'' for an ungrouped conv with a kernel larger than 1x1 (what the kxk forms take), else why not."""
+    geometry = site.geometry
+    if geometry is None:
+        return "dense layer: factored by the SVD form (--layers dense)"
+    if geometry.group != 1:
+        return f"{site.kind} conv (group={geometry.group}): left alone"
+    if geometry.is_pointwise:
+        return "1x1 conv: already a channel mixer, nothing to factor spatially"
+    return ""
+
+
 class Tucker2Form:
     name = "tucker2"
     ops = ("Conv",)
@@ -39,14 +51,7 @@ class Tucker2Form:
     refits = ("core", "last")
 
     def eligible(self, site) -> str:
-        geometry = site.geometry
-        if geometry is None:
-            return "dense layer: factored by the SVD form (--layers dense)"
-        if geometry.group != 1:
-            return f"{site.kind} conv (group={geometry.group}): left alone"
-        if geometry.is_pointwise:
-            return "1x1 conv: already a channel mixer, nothing to factor spatially"
-        return ""
+        return kxk_conv_reason(site)
 
     def max_ranks(self, site) -> tuple[int, int]:
         return max_ranks(site.weight.shape)
