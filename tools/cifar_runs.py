@@ -1,6 +1,6 @@
 """What the CIFAR-10 result tools share: a run's settings, its calibration subset, one measured compress, its row.
 
-    from cifar_runs import options, seeded_subset, measured_compress, emit
+    from cifar_runs import options, seeded_subset, measured_compress, emit, models_of
 """
 from __future__ import annotations
 
@@ -10,12 +10,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from onnx_tucker import compress  # noqa: E402
-from onnx_tucker.data import predict, top1  # noqa: E402
+from onnx_tucker.data import load_labelled, predict, top1  # noqa: E402
 
 
 FORM_TOKENS = {"spatial": ("spatial",), "both": ("tucker2", "spatial")}
@@ -39,6 +40,17 @@ def options(setting: str) -> dict:
 def seeded_subset(x: np.ndarray, seed: int, size: int = 2048) -> np.ndarray:
     """``size`` training images drawn by ``default_rng(seed)``, as float32 (the tools' calibration subsets)."""
     return x[np.random.default_rng(seed).choice(len(x), size, replace=False)].astype(np.float32)
+
+
+def models_of(runs: list[str], data: Path, rng: int):
+    """For each ``MODEL:SETTING`` (MODEL names models/MODEL.onnx): (name, setting, model, calibration feeds from
+    the ``rng`` subset of the training file, test feeds, test labels, the original's top-1)."""
+    cal_x = seeded_subset(np.load(data / "cifar10_train.npz")["x_train"], rng)
+    for run in runs:
+        name, setting = run.split(":")
+        model = onnx.load(str(ROOT / "models" / f"{name}.onnx"))
+        feeds, labels = load_labelled(data / "cifar10_test.npz", model)
+        yield name, setting, model, {model.graph.input[0].name: cal_x}, feeds, labels, top1(predict(model, feeds), labels)
 
 
 def measured_compress(model, calibration: dict, feeds, labels, base: float, **kwargs) -> tuple[dict, object]:

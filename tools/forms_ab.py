@@ -16,14 +16,10 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
-import onnx
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 
-from cifar_runs import emit, measured_compress, options, seeded_subset  # noqa: E402
-from onnx_tucker.data import load_labelled, predict, top1  # noqa: E402
+from cifar_runs import emit, measured_compress, models_of, options  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -35,20 +31,14 @@ def main(argv=None) -> int:
     ap.add_argument("--probes", default="auto", choices=("auto", "all"), help="the measured budget's probes")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    data = Path(args.data)
-    cal_x = seeded_subset(np.load(data / "cifar10_train.npz")["x_train"], args.rng)
-    for run in args.runs:
-        name, setting = run.split(":")
-        model = onnx.load(str(ROOT / "models" / f"{name}.onnx"))
-        feeds, labels = load_labelled(data / "cifar10_test.npz", model)
-        base = top1(predict(model, feeds), labels)
+    for name, setting, model, calibration, feeds, labels, base in models_of(args.runs, Path(args.data), args.rng):
         for forms in args.forms.split("/"):
             kwargs = options(setting) | {"probes": args.probes}
             if forms != "default":
                 kwargs["forms"] = tuple(forms.split(","))
                 if "layers" in kwargs:  # +1x1: the 1x1 convs keep their SVD form
                     kwargs["forms"] += ("svd",)
-            measured, report = measured_compress(model, {model.graph.input[0].name: cal_x}, feeds, labels, base, **kwargs)
+            measured, report = measured_compress(model, calibration, feeds, labels, base, **kwargs)
             chosen = sorted({c.form for c in report.chains})
             emit({"forms": forms, "model": name, "setting": setting, "rng": args.rng, "probes": args.probes, "change": measured["change"],
                   "macs": measured["macs"], "seconds": measured["seconds"], "chain_forms": chosen,

@@ -16,14 +16,10 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
-import onnx
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 
-from cifar_runs import emit, measured_compress, options, seeded_subset  # noqa: E402
-from onnx_tucker.data import load_labelled, predict, top1  # noqa: E402
+from cifar_runs import emit, measured_compress, models_of, options  # noqa: E402
 
 
 def value_of(current, flag: str):
@@ -43,16 +39,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     module_name, constant = args.switch.rsplit(".", 1)
     module = importlib.import_module("onnx_tucker." + module_name)
-    data = Path(args.data)
-    cal_x = seeded_subset(np.load(data / "cifar10_train.npz")["x_train"], args.rng)
-    for run in args.runs:
-        name, setting = run.split(":")
-        model = onnx.load(str(ROOT / "models" / f"{name}.onnx"))
-        feeds, labels = load_labelled(data / "cifar10_test.npz", model)
-        base = top1(predict(model, feeds), labels)
+    for name, setting, model, calibration, feeds, labels, base in models_of(args.runs, Path(args.data), args.rng):
         for flag in args.flags.split(","):
             setattr(module, constant, value_of(getattr(module, constant), flag))
-            measured, _ = measured_compress(model, {model.graph.input[0].name: cal_x}, feeds, labels, base,
+            measured, _ = measured_compress(model, calibration, feeds, labels, base,
                                             probe_images=args.probe_images, **options(setting))
             emit({"switch": args.switch, "flag": flag, "model": name, "setting": setting, "rng": args.rng,
                   "change": measured["change"], "macs": measured["macs"], "seconds": measured["seconds"]}, args.out)
