@@ -194,7 +194,7 @@ def test_distillation_and_reconstruction_train_the_spatial_chain():
     """--distill's engine trains a spatial chain (both convs and the bias) like a Tucker one: only its
     initializers change, and the distilled model matches the original better on fresh inputs."""
     pytest.importorskip("torch")
-    from test_distill import _distill, _net, _weights, feeds_for, init_arrays
+    from test_distill import _distill, _net, _weights, feeds_for, fresh_kl, init_arrays
 
     w = _weights()
     original = _net([onnx.helper.make_node("Conv", ["r1", "W2", "B2"], ["c2"], name="conv2", pads=[1, 1, 1, 1])], w)
@@ -206,14 +206,7 @@ def test_distillation_and_reconstruction_train_the_spatial_chain():
     before, after = init_arrays(compressed), init_arrays(model)
     changed = {k for k in before if not np.array_equal(before[k], after[k])}
     assert changed and changed <= set(chain.weights.values()) | {chain.bias}
-    fresh = feeds_for(original, n=512, seed=7)
-    want = run_model(original, fresh)[0]
-
-    def kl(m):
-        got = run_model(m, fresh)[0]
-        return float(np.mean(np.sum(want * (np.log(want + 1e-12) - np.log(got + 1e-12)), 1)))
-
-    assert kl(model) < 0.8 * kl(compressed)
+    assert fresh_kl(original, model) < 0.8 * fresh_kl(original, compressed)
 
 
 def test_the_latency_budget_times_and_picks_either_form(tmp_path, monkeypatch):
