@@ -98,7 +98,9 @@ class CompressOptions:
         run fastest per MAC on ``provider``, measured on the largest layers (``latency_table.choose_multiple``).
     n_iter_max: HOOI iterations after the SVD start (>= 0, default 10).
     method: "eig" (our HOOI, default) or "tensorly" (``partial_tucker``, the reference).
-    ranks: {layer name: rank tuple}, overriding the rule for those layers.
+    ranks: {layer name or 0-based index: rank tuple}, overriding the rule for those layers, used as given (not
+        rounded to ``rank_multiple``): ``(R_out, R_in)`` for Tucker-2, ``(K,)`` for spatial SVD, ``(R,)`` for an SVD;
+        checked against the model (unknown layers, wrong lengths, ranks above a mode's size: UsageError).
     exclude: layer names or 0-based indices (graph order) to leave whole.
     rank_method: "ratio" (default), "energy" (keep ``energy`` of each unfolding's spectrum) or "vbmf".
     energy: fraction in (0, 1] for ``rank_method="energy"``.
@@ -217,6 +219,11 @@ class CompressOptions:
         if isinstance(self.exclude, str):
             self.exclude = tuple(e.strip() for e in self.exclude.split(",") if e.strip())
         self.exclude = tuple(self.exclude)
+        from onnx_tucker.ranks import normalize_ranks
+
+        self.ranks = normalize_ranks(self.ranks)
+        if self.ranks and (self.target_macs is not None or self.target_latency is not None):
+            raise UsageError("--ranks sets ranks by hand and a budget (--target-macs, --target-latency) chooses them: give one")
         if self.forms is not None:
             from onnx_tucker.factorization import get_form
 
@@ -262,7 +269,7 @@ class RankArgs:
 
     @staticmethod
     def add(parser, ratio: bool = True) -> None:
-        from onnx_tucker.ranks import check_energy
+        from onnx_tucker.ranks import check_energy, parse_rank_spec
 
         if ratio:
             parser.add_argument("--ratio", type=_type(check_ratio), default=0.5,
@@ -270,6 +277,9 @@ class RankArgs:
         parser.add_argument("--force", action="store_true", help="decompose every eligible conv, even where MACs would not fall")
         parser.add_argument("--exclude", default="", metavar="LAYERS",
                             help="comma-separated conv names or 0-based indices to leave alone (e.g. 0 for the first conv)")
+        parser.add_argument("--ranks", action="append", type=_type(parse_rank_spec), default=None, metavar="NAME=R[,R]",
+                            help="this layer's ranks, used as given (repeat for more layers; NAME or a 0-based index as in "
+                            "inspect): R_out,R_in for Tucker-2, K for spatial SVD, R for an SVD; the rule picks the rest")
         parser.add_argument("--rank-multiple", type=_type(check_rank_multiple, "--rank-multiple"), default=1, metavar="N|auto",
                             help=RANK_MULTIPLE_HELP)
         parser.add_argument("--rank-method", choices=RANK_METHODS, default="ratio",
@@ -297,6 +307,12 @@ class RankArgs:
             options["ratio"] = args.ratio
         if args.exclude:
             options["exclude"] = tuple(e.strip() for e in args.exclude.split(",") if e.strip())
+        if args.ranks:
+            names = [name for name, _ in args.ranks]
+            twice = sorted({n for n in names if names.count(n) > 1})
+            if twice:
+                raise UsageError(f"--ranks gives {', '.join(twice)} more than once")
+            options["ranks"] = dict(args.ranks)
         if args.iterations is not None:
             options["n_iter_max"] = args.iterations
         if args.no_fold:

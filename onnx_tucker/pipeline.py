@@ -141,6 +141,10 @@ def _compress(model: onnx.ModelProto, opts: CompressOptions, memo: dict | None =
             site.reason, site.weight = "excluded by the user", None
         records[site.name] = record = LayerRecord.from_site(site)
         report.layers.append(record)
+    if opts.ranks:
+        from dataclasses import replace
+
+        opts = replace(opts, ranks=_explicit_ranks(sites, opts.ranks))
     eligible = [s for s in sites if s.eligible]
     fixed_macs = sum(s.shape.macs() for s in sites if not s.eligible and s.shape is not None)
     total_macs = fixed_macs + sum(s.shape.macs() for s in eligible)
@@ -200,7 +204,10 @@ def _compress(model: onnx.ModelProto, opts: CompressOptions, memo: dict | None =
         if hasattr(form, "resolve"):  # a FormChoice: the planned ranks say which form writes the chain
             form = form.resolve(site, tuple(planned[site.name]))
         limits = form.max_ranks(site)
-        ranks = tuple(round_to_multiple(min(r, m), opts.rank_multiple, m) for r, m in zip(planned[site.name], limits))
+        if site.name in opts.ranks:  # the user's, as given (checked against the limits)
+            ranks = tuple(planned[site.name])
+        else:
+            ranks = tuple(round_to_multiple(min(r, m), opts.rank_multiple, m) for r, m in zip(planned[site.name], limits))
         cost = form.cost(site, ranks)
         record.ranks, record.params_after, record.macs_after = ranks, cost.params, cost.macs
         why = "" if opts.force else not_worth_it(site, ranks, cost, total_macs, total_params)
@@ -362,6 +369,34 @@ def plan_ranks(sites: list, opts: CompressOptions, fixed_macs: int = 0, model=No
         else:
             planned[site.name] = get_form(site.form).rule_ranks(site, opts.rank_method, opts.ratio, opts.energy)
     return planned
+
+
+def _explicit_ranks(sites: list, ranks: dict) -> dict:
+    """``--ranks`` checked against the model: {site name: ranks}. Keys are layer names or 0-based indices (as
+    ``--exclude``); each must name a layer a form takes, with as many ranks as that form has, each at most its
+    mode's size. A FormChoice layer takes either form's length (which picks the form)."""
+    by_key = {s.name: s for s in sites} | {str(i): s for i, s in enumerate(sites)}
+    unknown = sorted(k for k in ranks if k not in by_key)
+    if unknown:
+        raise UsageError(f"--ranks names no layer of this model: {', '.join(unknown)} (see onnx-tucker inspect)")
+    out = {}
+    for key, values in ranks.items():
+        site = by_key[key]
+        if site.name in out:
+            raise UsageError(f"--ranks gives {site.name} twice (by name and by index)")
+        if not site.eligible:
+            raise UsageError(f"--ranks {site.name}: the layer is not factored ({site.reason})")
+        form = get_form(site.form)
+        forms = {len(f.max_ranks(site)): f for f in getattr(form, "forms", (form,))}
+        if len(values) not in forms:
+            wanted = " or ".join(f"{n} for {f.name}" for n, f in forms.items())
+            raise UsageError(f"--ranks {site.name}: {len(values)} rank(s) given, this layer takes {wanted}")
+        limits = forms[len(values)].max_ranks(site)
+        if any(r > m for r, m in zip(values, limits)):
+            raise UsageError(f"--ranks {site.name}: {','.join(map(str, values))} exceeds {forms[len(values)].name}'s "
+                             f"limits {','.join(map(str, limits))}")
+        out[site.name] = tuple(values)
+    return out
 
 
 REFINE_ROUNDS = 6  # allocate, measure the chosen options that were predicted, allocate again

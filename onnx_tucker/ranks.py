@@ -55,6 +55,44 @@ def _clamped(weight, mode: int, rule) -> int:
     return max(1, min(int(rule(s, shape)), numeric_rank(s, shape)))
 
 
+RANKS_SYNTAX = "NAME=R (spatial SVD's K, an SVD's R) or NAME=R_out,R_in (Tucker-2), ranks whole numbers >= 1"
+
+
+def parse_rank_spec(text: str) -> tuple[str, tuple[int, ...]]:
+    """``"NAME=R_out,R_in"`` (or ``"NAME=K"``; NAME may be a 0-based layer index) -> (NAME, ranks). The last
+    ``=`` splits, so a layer name may itself hold one."""
+    name, sep, values = str(text).rpartition("=")
+    if not sep or not name.strip():
+        raise UsageError(f"--ranks {text!r}: expected {RANKS_SYNTAX}")
+    return name.strip(), _rank_tuple(values.split(","), f"--ranks {text!r}")
+
+
+def normalize_ranks(ranks) -> dict[str, tuple[int, ...]]:
+    """The API's ``ranks``: ``{layer name or index: rank, or tuple of ranks}`` -> ``{str: tuple of ints}``."""
+    if not isinstance(ranks, dict):
+        raise UsageError(f"ranks must be a dict {{layer name: ranks}}, got {type(ranks).__name__}")
+    out = {}
+    for key, value in ranks.items():
+        values = list(value) if isinstance(value, (list, tuple)) else [value]
+        out[str(key)] = _rank_tuple(values, f"ranks[{key!r}]")
+    return out
+
+
+def _rank_tuple(values: list, what: str) -> tuple[int, ...]:
+    ranks = []
+    for v in values:
+        try:
+            r = int(str(v).strip())
+        except ValueError:
+            raise UsageError(f"{what}: expected {RANKS_SYNTAX}") from None
+        if r < 1 or (isinstance(v, float) and v != r):
+            raise UsageError(f"{what}: expected {RANKS_SYNTAX}")
+        ranks.append(r)
+    if not 1 <= len(ranks) <= 2:
+        raise UsageError(f"{what}: expected {RANKS_SYNTAX}")
+    return tuple(ranks)
+
+
 def round_to_multiple(rank: int, multiple: int, limit: int) -> int:
     """Round ``rank`` to the nearest multiple of ``multiple`` (at least one multiple), capped at ``limit``."""
     if multiple <= 1:

@@ -287,3 +287,27 @@ def test_the_report_and_the_output_say_where_the_time_went(tmp_path, capsys):
     assert phases <= timings["total"] * 1.01 + 0.01 and phases >= 0.5 * timings["total"]
     line = [t for t in capsys.readouterr().out.splitlines() if t.startswith("time: ")]
     assert len(line) == 1 and "total" in line[0]
+
+
+def test_ranks_flag_sets_layers_by_hand_and_the_rule_does_the_rest(saved_residual, tmp_path):
+    out, report = tmp_path / "out.onnx", tmp_path / "report.json"
+    r = cli(saved_residual, out, "--ranks", "block_conv=5,3", "--ranks", "2=12,6", "--rank-multiple", "4", "--report", report)
+    assert r.returncode == 0, r.stderr
+    chains = {c["layer"]: c["ranks"] for c in json.loads(report.read_text())["chains"]}
+    assert chains["block_conv"] == [5, 3] and chains["down"] == [12, 6]  # index 2 is "down"; unrounded by --rank-multiple
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--ranks", "block_conv=5,3,1"], "expected NAME=R"),
+    (["--ranks", "nope=4"], "names no layer of this model: nope"),
+    (["--ranks", "block_conv=4", "--ranks", "block_conv=5"], "more than once"),
+    (["--ranks", "block_conv=40,3"], "exceeds tucker2's limits 16,16"),
+    (["--ranks", "grouped=4,4"], "not factored"),
+    (["--ranks", "block_conv=4,4", "--target-macs", "0.5"], "give one"),
+])
+def test_ranks_flag_bad_input_is_one_line_and_writes_nothing(saved_residual, tmp_path, flags, needle):
+    folder = tmp_path / "o"
+    folder.mkdir()
+    before = set(folder.iterdir())
+    r = cli(saved_residual, folder / "out.onnx", *flags)
+    assert_clean_failure(r, 2, needle, folder, before)

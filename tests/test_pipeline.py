@@ -136,6 +136,46 @@ def test_ratio_half_rank_rule_and_three_convs(residual):
     assert t["macs_after"] < t["macs_before"]
 
 
+def test_explicit_ranks_are_used_as_given_by_name_or_index(residual):
+    """``ranks`` override the rule for their layers only, unrounded by rank_multiple; a key may be the index."""
+    for key in ("block_conv", "1", 1):
+        new, report = compress(residual, ratio=0.5, rank_multiple=4, ranks={key: (5, 3)})
+        ranks = {r.layer: r.ranks for r in report.decomposed}
+        assert ranks["block_conv"] == (5, 3) and ranks["down"] == (16, 8)  # the rule's (16, 8), a multiple of 4 already
+        inits = {i.name: i for i in new.graph.initializer}
+        core = next(n for n in new.graph.node if n.name == "block_conv_tucker_core")
+        assert tuple(inits[core.input[1]].dims) == (5, 3, 3, 3)
+        onnx.checker.check_model(new)
+
+
+def test_explicit_ranks_pick_the_form_by_their_length(residual):
+    """With both kxk forms enabled one rank asks for spatial SVD (K), two for Tucker-2."""
+    new, report = compress(residual, forms=("tucker2", "spatial"), ranks={"block_conv": (7,), "down": (8, 4)})
+    forms = {r.layer: (r.form, r.ranks) for r in report.decomposed}
+    assert forms["block_conv"] == ("spatial", (7,)) and forms["down"] == ("tucker2", (8, 4))
+    assert [n.op_type for n in new.graph.node if n.name.startswith("block_conv_spatial")] == ["Conv", "Conv"]
+
+
+@pytest.mark.parametrize("options, needle", [
+    ({"ranks": {"nope": (4, 4)}}, "names no layer of this model: nope"),
+    ({"ranks": {"9": (4, 4)}}, "names no layer"),
+    ({"ranks": {"grouped": (4, 4)}}, "grouped: the layer is not factored"),
+    ({"ranks": {"block_conv": (4, 4)}, "exclude": ("block_conv",)}, "excluded by the user"),
+    ({"ranks": {"block_conv": (4,)}}, "1 rank(s) given, this layer takes 2 for tucker2"),
+    ({"ranks": {"block_conv": (4, 4, 4)}}, "expected NAME=R"),
+    ({"ranks": {"block_conv": (0, 4)}}, "whole numbers >= 1"),
+    ({"ranks": {"block_conv": (17, 4)}}, "17,4 exceeds tucker2's limits 16,16"),
+    ({"ranks": {"block_conv": (99,)}, "forms": ("spatial",)}, "99 exceeds spatial's limits 48"),
+    ({"ranks": {"block_conv": (4, 4), "1": (4, 4)}}, "block_conv twice"),
+    ({"ranks": {"block_conv": (4, 4)}, "target_macs": 0.5}, "give one"),
+    ({"ranks": [4, 4]}, "ranks must be a dict"),
+])
+def test_explicit_ranks_refused_with_the_reason(residual, options, needle):
+    with pytest.raises(UsageError) as info:
+        compress(residual, **options)
+    assert needle in str(info.value), str(info.value)
+
+
 def test_core_carries_stride_pads_and_last_carries_bias(residual):
     new, _ = compress(residual, ratio=0.5)
     nodes = {n.name: n for n in new.graph.node}

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from onnx_tucker.errors import UsageError
-from onnx_tucker.ranks import ConvShape, energy_ranks, ratio_ranks, round_to_multiple, vbmf_ranks
+from onnx_tucker.ranks import ConvShape, energy_ranks, normalize_ranks, parse_rank_spec, ratio_ranks, round_to_multiple, vbmf_ranks
 from onnx_tucker.vbmf import energy_rank, evbmf_rank
 
 
@@ -114,3 +114,26 @@ def test_cost_model_grouped_and_unknown_spatial():
     u = ConvShape(c_out=16, c_in=8, kernel=(3, 3))
     assert not u.known and u.macs() == u.params() == 1152
     assert u.chain_macs(4, 2) == u.chain_params(4, 2) == 152
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("Conv__72=16,8", ("Conv__72", (16, 8))),
+    ("/layer1/layer1.0/conv1/Conv=12", ("/layer1/layer1.0/conv1/Conv", (12,))),
+    ("a=b=3", ("a=b", (3,))),  # the last '=' splits: names may hold one
+    (" 3 = 5, 6 ", ("3", (5, 6))),
+])
+def test_rank_spec_parses_name_and_ranks(text, expected):
+    assert parse_rank_spec(text) == expected
+
+
+@pytest.mark.parametrize("text", ["conv", "=3", "conv=", "conv=0", "conv=1,2,3", "conv=a", "conv=1.5", "conv=-2", "conv=4,"])
+def test_rank_spec_refuses_what_is_not_one_or_two_whole_ranks(text):
+    with pytest.raises(UsageError, match="expected NAME=R"):
+        parse_rank_spec(text)
+
+
+def test_api_ranks_accept_ints_tuples_lists_and_index_keys():
+    assert normalize_ranks({"x": 4, 2: (3, 4), "y": [5], "z": np.int64(6)}) == {"x": (4,), "2": (3, 4), "y": (5,), "z": (6,)}
+    for bad in ({"x": 0}, {"x": 2.5}, {"x": True}, {"x": ()}, {"x": (1, 2, 3)}):
+        with pytest.raises(UsageError):
+            normalize_ranks(bad)
