@@ -284,9 +284,9 @@ def cmd_inspect(args) -> int:
     rows, listing = [], []
     total_before = 0
     total_after = {r: 0 for r in ratios}
-    for site in sites:
+    for index, site in enumerate(sites):
         s = site.shape
-        entry = {"layer": site.name, "op": site.op, "kind": site.kind, "form": site.form or None,
+        entry = {"index": index, "layer": site.name, "op": site.op, "kind": site.kind, "form": site.form or None,
                  "op_shape": None, "macs": None, "params": None, "eligible": site.eligible, "reason": site.reason, "ratios": {}}
         if s is not None:
             entry["op_shape"] = [s.c_out, s.c_in // s.group, *s.kernel]
@@ -303,20 +303,21 @@ def cmd_inspect(args) -> int:
                 after = min(after, cost.macs)
             total_after[r] += after
         listing.append(entry)
-        cells = [site.name, entry["kind"] or "?", entry["form"] or "-", "x".join(map(str, entry["op_shape"])) if entry["op_shape"] else "?",
+        cells = [str(index), site.name, entry["kind"] or "?", entry["form"] or "-", "x".join(map(str, entry["op_shape"])) if entry["op_shape"] else "?",
                  f"{entry['macs']:,}" if entry["macs"] is not None else "?"]
         for r in ratios:
             info = entry["ratios"].get(str(r))
             cells.append(f"{s.macs() / info['macs']:.2f}x" if info and info["profitable"] else "-")
         cells.append("" if site.eligible else site.reason)
         rows.append(cells)
-    headers = ["layer", "kind", "form", "weight", "MACs"] + [f"x{r:g}" for r in ratios] + ["note"]
-    rows.append(["TOTAL", "", "", "", f"{total_before:,}"] + [f"{total_before / max(1, total_after[r]):.2f}x" for r in ratios] + [""])
+    headers = ["#", "layer", "kind", "form", "weight", "MACs"] + [f"x{r:g}" for r in ratios] + ["note"]
+    rows.append(["", "TOTAL", "", "", "", f"{total_before:,}"] + [f"{total_before / max(1, total_after[r]):.2f}x" for r in ratios] + [""])
     widths = [max(len(str(row[i])) for row in rows + [headers]) for i in range(len(headers))]
     print("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip())
     for row in rows:
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
-    print("xR: MAC reduction of that layer (and of the model) at ratio R, with unprofitable layers left alone")
+    print("#: the index --exclude and --ranks accept for the layer; "
+          "xR: MAC reduction of that layer (and of the model) at ratio R, with unprofitable layers left alone")
     if args.json:
         args.outputs.write_text(args.json, json.dumps({"layers": listing, "macs_total": total_before, "rank_multiple": multiple,
                                                        **({"rank_multiple_auto": choice} if auto else {})}, indent=2), "--json")

@@ -295,6 +295,8 @@ def test_ranks_flag_sets_layers_by_hand_and_the_rule_does_the_rest(saved_residua
     assert r.returncode == 0, r.stderr
     chains = {c["layer"]: c["ranks"] for c in json.loads(report.read_text())["chains"]}
     assert chains["block_conv"] == [5, 3] and chains["down"] == [12, 6]  # index 2 is "down"; unrounded by --rank-multiple
+    listed = cli("inspect", saved_residual, "--json", tmp_path / "l.json")
+    assert listed.returncode == 0 and {e["index"]: e["layer"] for e in json.loads((tmp_path / "l.json").read_text())["layers"]}[2] == "down"
 
 
 @pytest.mark.parametrize("flags, needle", [
