@@ -503,6 +503,8 @@ def test_compress_with_distill_reconstructs_the_svd_chains_too():
     forms = {c.layer: c.form for c in report.chains}
     reconstructed = {layer for row in report.distill["reconstruct"]["chains"] for layer in row["layer"].split("+")}
     assert "svd" in forms.values() and set(forms) <= reconstructed, (forms, reconstructed)
+    summary = report.table().splitlines()[-1]  # the CLI's table ends with what distill kept and its check
+    assert summary.startswith("distill: kept the ") and "reconstruction units kept" in summary and "held-out inputs" in summary, summary
 
 
 @needs_torch

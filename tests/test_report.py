@@ -1,7 +1,10 @@
 """The report: the table shows each layer's form and ranks, the JSON keeps forms, chains and the verdict."""
 import json
 
+import pytest
+
 from onnx_tucker import compress
+from onnx_tucker.report import distill_summary
 
 from conftest import residual_model
 
@@ -16,3 +19,26 @@ def test_table_and_json_show_the_form_ranks_and_chains():
     assert [c["layer"] for c in data["chains"]] == [layer["layer"] for layer in data["layers"] if layer["decomposed"]]
     assert next(layer for layer in data["layers"] if layer["layer"] == "pointwise")["ranks"] == [5]
     assert data["verdict"] is None  # the API does not run the self-check; the CLI fills it in
+
+
+CHECK = {"before": {"agreement": 0.9317, "kl": 0.0818}, "after": {"agreement": 0.9366, "kl": 0.0567},
+         "reconstructed": {"agreement": 0.9512, "kl": 0.0533}, "holdout_samples": 205, "check_on": "holdout",
+         "reconstruct": {"kept": 3, "chains": [{}, {}, {}]}, "seconds": 316.4, "device": "cpu"}
+
+
+@pytest.mark.parametrize("returned, shown, metrics", [
+    ("reconstructed", "the reconstructed model (the global phase did not pass the check)", "95.1%, KL 0.0818 -> 0.0533"),
+    ("distilled", "the distilled model;", "93.7%, KL 0.0818 -> 0.0567"),
+    ("compressed", "the compressed model unchanged", "93.2%, KL 0.0818 -> 0.0818"),
+])
+def test_distill_summary_names_the_kept_model_and_its_check(returned, shown, metrics):
+    line = distill_summary(CHECK | {"returned": returned})
+    assert line.startswith("distill: kept ") and shown in line and metrics in line, line
+    assert "3/3 reconstruction units kept" in line and "205 held-out inputs" in line and "93.2% ->" in line and "(316 s on cpu)" in line
+
+
+def test_distill_summary_without_reconstruction_or_holdout():
+    stats = {"before": {"agreement": 0.9, "kl": 0.2}, "after": {"agreement": 0.92, "kl": 0.1}, "kept": True, "check_on": "train",
+             "reconstruct": None, "seconds": 3.2, "device": "cuda"}
+    line = distill_summary(stats)
+    assert "kept the distilled model" in line and "units" not in line and "the training inputs" in line and "(3 s on cuda)" in line
