@@ -256,6 +256,17 @@ def _better(m: dict | None, before: dict) -> bool:
     return m is not None and m["kl"] < before["kl"] and m["agreement"] >= before["agreement"]
 
 
+def _reconstruction_passes(m: dict | None, before: dict) -> bool:
+    """The reconstruction's model-level check: a lower KL on the check inputs. Each unit has already kept its
+    weights only where its held-out output error fell (thousands of targets an image); top-1 agreement on a couple
+    of hundred images moves in steps of one image. On six CIFAR models the reconstruction lowered the held-out KL and
+    raised test top-1 every time (+0.45 to +3.0 points), and the agreement rule refused two of them, worth 0.76 and
+    0.59 points (small ResNet ``--ratio 0.5 --forms spatial``: agreement 97.1 -> 96.6 %, KL 0.036 -> 0.028;
+    docs/distill.md, stop 17). The
+    global phase, which fits ten numbers an image and can over-fit them, keeps the stricter :func:`_better`."""
+    return m is not None and m["kl"] < before["kl"]
+
+
 def _curve(losses: list[float]) -> dict:
     if not losses:
         return {"first": None, "last": None, "min": None, "curve": []}
@@ -380,7 +391,7 @@ def _distill(torch, TorchGraph, original, compressed, feeds, trainable, n, *, st
         # The global phase starts from the reconstruction only where it agrees better with the original: on
         # the seed CNN (BatchNorm not folded) it lowers every layer's error yet raises the KL, and distilling
         # from there was refused where distilling the compressed model was not.
-        if _better(reconstructed, before):
+        if _reconstruction_passes(reconstructed, before):
             start = rebuilt
 
     n_logits = len(s_logits)
@@ -486,8 +497,9 @@ def _distill(torch, TorchGraph, original, compressed, feeds, trainable, n, *, st
         after = agreement_and_kl(reference, _run(trained_ort, check))
         fit_after = agreement_and_kl(fit_reference, _run(trained_ort, fit)) if n_hold else None
     # Of the reconstructed and the distilled model, the one that passes the check with the lower KL.
-    choices = [(m, model, name) for m, model, name in ((after, candidate, "distilled"), (reconstructed, rebuilt, "reconstructed"))
-               if _better(m, before)]
+    choices = [(m, model, name) for m, model, name, passes in ((after, candidate, "distilled", _better),
+                                                              (reconstructed, rebuilt, "reconstructed", _reconstruction_passes))
+               if passes(m, before)]
     best = min(choices, key=lambda c: c[0]["kl"]) if choices else (before, compressed, "compressed")
     kept = best[2] != "compressed"
     stats = {
