@@ -262,8 +262,8 @@ def _reconstruction_passes(m: dict | None, before: dict) -> bool:
     of hundred images moves in steps of one image. On seven CIFAR models the reconstruction lowered the held-out KL and
     raised test top-1 every time (+0.45 to +3.0 points), and the agreement rule refused two of them, worth 0.76 and
     0.59 points (small ResNet ``--ratio 0.5 --forms spatial``: agreement 97.1 -> 96.6 %, KL 0.036 -> 0.028;
-    docs/distill.md, stop 17). The
-    global phase, which fits ten numbers an image and can over-fit them, keeps the stricter :func:`_better`."""
+    docs/distill.md, stop 17). The global phase, which fits ten numbers an image and can over-fit them, keeps the
+    stricter :func:`_better`."""
     return m is not None and m["kl"] < before["kl"]
 
 

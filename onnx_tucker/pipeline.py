@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -142,8 +143,6 @@ def _compress(model: onnx.ModelProto, opts: CompressOptions, memo: dict | None =
         records[site.name] = record = LayerRecord.from_site(site)
         report.layers.append(record)
     if opts.ranks:
-        from dataclasses import replace
-
         opts = replace(opts, ranks=_explicit_ranks(sites, opts.ranks))
     eligible = [s for s in sites if s.eligible]
     fixed_macs = sum(s.shape.macs() for s in sites if not s.eligible and s.shape is not None)
@@ -157,8 +156,6 @@ def _compress(model: onnx.ModelProto, opts: CompressOptions, memo: dict | None =
         report.latency = {"provider": table.provider, "device": table.device, "onnxruntime": table.ort_version,
                           "batch": table.batch, "table": str(table.path), "layers": {}}
     if opts.rank_multiple == "auto":
-        from dataclasses import replace
-
         from onnx_tucker.latency_table import choose_multiple
 
         if table is None:

@@ -85,7 +85,7 @@ def _rank_tuple(values: list, what: str) -> tuple[int, ...]:
             r = int(str(v).strip())
         except ValueError:
             raise UsageError(f"{what}: expected {RANKS_SYNTAX}") from None
-        if r < 1 or (isinstance(v, float) and v != r):
+        if r < 1:  # int("2.5") already failed above: no fractional ranks
             raise UsageError(f"{what}: expected {RANKS_SYNTAX}")
         ranks.append(r)
     if not 1 <= len(ranks) <= 2:

@@ -171,12 +171,11 @@ _RETURNED = {"distilled": "the distilled model", "reconstructed": "the reconstru
 def distill_summary(stats: dict) -> str:
     """One line on what ``--distill`` did: which model it kept, and that model's agreement and KL with the original
     on the held-out inputs against the compressed model's (the check it passed)."""
-    returned = stats.get("returned") or ("distilled" if stats.get("kept") else "compressed")
-    chosen = {"distilled": stats.get("after"), "reconstructed": stats.get("reconstructed")}.get(returned) or stats["before"]
-    local = stats.get("reconstruct") or {}
-    units = f"{local['kept']}/{len(local['chains'])} reconstruction units kept, " if local.get("chains") else ""
-    where = (f"{stats['holdout_samples']} held-out inputs" if stats.get("check_on") == "holdout" else "the training inputs")
-    before = stats["before"]
-    return (f"distill: kept {_RETURNED.get(returned, returned)}; {units}on {where} agreement with the original "
+    returned, before = stats["returned"], stats["before"]
+    chosen = {"distilled": stats["after"], "reconstructed": stats["reconstructed"], "compressed": before}[returned]
+    local = stats["reconstruct"]
+    units = f"{local['kept']}/{len(local['chains'])} reconstruction units kept, " if local else ""
+    where = f"{stats['holdout_samples']} held-out inputs" if stats["check_on"] == "holdout" else "the training inputs"
+    return (f"distill: kept {_RETURNED[returned]}; {units}on {where} agreement with the original "
             f"{100 * before['agreement']:.1f}% -> {100 * chosen['agreement']:.1f}%, KL {before['kl']:.4f} -> {chosen['kl']:.4f}"
-            f" ({stats.get('seconds', 0):.0f} s on {stats.get('device', 'cpu')})")
+            f" ({stats['seconds']:.0f} s on {stats['device']})")

@@ -38,7 +38,7 @@ def test_distill_summary_names_the_kept_model_and_its_check(returned, shown, met
 
 
 def test_distill_summary_without_reconstruction_or_holdout():
-    stats = {"before": {"agreement": 0.9, "kl": 0.2}, "after": {"agreement": 0.92, "kl": 0.1}, "kept": True, "check_on": "train",
-             "reconstruct": None, "seconds": 3.2, "device": "cuda"}
+    stats = {"before": {"agreement": 0.9, "kl": 0.2}, "after": {"agreement": 0.92, "kl": 0.1}, "returned": "distilled",
+             "reconstructed": None, "check_on": "train", "holdout_samples": 0, "reconstruct": None, "seconds": 3.2, "device": "cuda"}
     line = distill_summary(stats)
     assert "kept the distilled model" in line and "units" not in line and "the training inputs" in line and "(3 s on cuda)" in line

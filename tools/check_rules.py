@@ -10,7 +10,6 @@ appended to ``--out``. Defaults as ``distill``'s (2048 seeded training images, 1
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
