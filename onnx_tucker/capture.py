@@ -95,6 +95,23 @@ def iterate(session, feeds: dict, names: list[str] | None, batch_size: int = DEF
         bar.close()
 
 
+def run_all(session, feeds: dict, names: list[str] | None = None, extra: dict | None = None,
+            batch_size: int | None = None, fixed: int | None = None) -> list[np.ndarray]:
+    """``session.run`` over all of ``feeds`` (one sample a row), one array per output: in one call (or batches
+    of ``batch_size``), and in padded batches of the model's own size when its batch is fixed (a probe of 128
+    images on a torch export fixed to batch 1). ``extra``: feeds given whole to every batch (weights).
+    ``fixed``: that batch, for a session whose other inputs hide it (a probe fed weights); default: read from
+    the session."""
+    fixed = fixed or fixed_batch(session)
+    n = len(next(iter(feeds.values())))
+    size = fixed or batch_size or n
+    chunks = [values for _, values in iterate(session, feeds, names, size, extra=extra, fixed=fixed is not None)]
+    if len(chunks) == 1:
+        return list(chunks[0])
+    return [np.concatenate([c[i] for c in chunks]) if np.ndim(chunks[0][i]) else np.stack([c[i] for c in chunks])
+            for i in range(len(chunks[0]))]
+
+
 def capture(model, feeds: dict, names: list[str] | None = None, provider: str = "cpu", batch_size: int = DEFAULT_BATCH,
             session=None, progress: str | None = None) -> list[np.ndarray]:
     """The named tensors (None: the graph outputs) of ``model`` over all of ``feeds``, one array each.

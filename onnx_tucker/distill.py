@@ -143,9 +143,9 @@ def _session(model: onnx.ModelProto, threads: int | None = None):
 
 
 def _run(session, feeds: dict[str, np.ndarray], batch: int = 256) -> list[np.ndarray]:
-    n = len(next(iter(feeds.values())))
-    parts = [session.run(None, {k: v[s : s + batch] for k, v in feeds.items()}) for s in range(0, n, batch)]
-    return [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
+    from onnx_tucker.capture import run_all
+
+    return run_all(session, feeds, batch_size=batch)  # in the model's own batch where it is fixed
 
 
 def _feature_names(original: onnx.ModelProto, compressed: onnx.ModelProto) -> list[str]:
@@ -421,7 +421,7 @@ def _distill(torch, TorchGraph, original, compressed, feeds, trainable, n, *, st
         with torch.no_grad():
             if teacher_torch is not None:
                 return list(teacher_torch(**batch))
-            outs = train_teacher.run(None, {k: v.cpu().numpy() for k, v in batch.items()})
+            outs = _run(train_teacher, {k: v.cpu().numpy() for k, v in batch.items()})
             return [torch.from_numpy(o).to(dev) for o in outs]
 
     optimizer = torch.optim.Adam(params, lr=lr)

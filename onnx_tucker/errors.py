@@ -31,6 +31,14 @@ class DataError(OnnxTuckerError):
 
 
 def first_line(exc: BaseException, limit: int = 300) -> str:
-    """An exception as one short line: its message's first line, or its type's name."""
-    text = str(exc).strip()
-    return text.splitlines()[0][:limit] if text else type(exc).__name__
+    """An exception as one short line: its message's first line, or its type's name. A first line that ends in a
+    colon or "following indices" (onnxruntime's dimension errors) takes the next lines too: they say what was wrong."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    text = lines[0]
+    for line in lines[1:3]:
+        if not (text.endswith(":") or text.endswith("following indices")):
+            break
+        text = f"{text} {line}"
+    return text[:limit]

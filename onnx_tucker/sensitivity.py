@@ -32,7 +32,7 @@ import onnx
 from threadpoolctl import threadpool_limits
 
 from onnx_tucker.calibrate import patches_at
-from onnx_tucker.capture import activation_bytes, batch_for_bytes, iterate
+from onnx_tucker.capture import activation_bytes, batch_for_bytes, fixed_batch, iterate, run_all
 from onnx_tucker.factorization import get_form, not_worth_it
 from onnx_tucker.graph import cut, expose, from_bytes, probe_model, suffix_model, tensor_types
 from onnx_tucker.providers import fastest_available, probe_options
@@ -221,6 +221,7 @@ def distortion_curves(model: onnx.ModelProto, candidates: list, feeds: dict, cov
     provider = fastest_available()  # probes run where they run fastest (CUDA when present)
     session = make_session(probe, provider, provider_options=probe_options(provider))
     output_name = model.graph.output[0].name
+    fixed = fixed_batch(model)  # a torch export's batch of 1: every run below goes in batches of it
     weights = {}
     for cand in candidates:
         w_name, b_name, _, _ = names[cand.name]
@@ -256,7 +257,8 @@ def distortion_curves(model: onnx.ModelProto, candidates: list, feeds: dict, cov
         fetch = [t for t in dict.fromkeys(t for c in cands for t in names[c.name][2:4]) if t not in graph_inputs]
         # every layer's input and output of a batch are fetched at once: fewer images a batch for big models
         batch_size = batch_for_bytes(sum(activation_bytes(c.shape, "in") + activation_bytes(c.shape, "out") for c in cands), BATCH)
-        for batch, outputs in (iterate(session, fit_feeds, fetch, batch_size, extra=weights) if cands else ()):
+        for batch, outputs in (iterate(session, fit_feeds, fetch, fixed or batch_size, extra=weights, fixed=fixed is not None)
+                               if cands else ()):
             values = dict(zip(fetch, outputs))
             values.update(batch)
             for cand in cands:
@@ -281,7 +283,7 @@ def distortion_curves(model: onnx.ModelProto, candidates: list, feeds: dict, cov
     collect(todo)
     # Each option only changes one layer: run the model from that layer on, fed at the cut with
     # the original activations (computed once), not the whole model.
-    values = session.run([output_name] + cut_tensors, {**eval_feeds, **weights})
+    values = run_all(session, eval_feeds, [output_name] + cut_tensors, extra=weights, fixed=fixed)
     reference, at_cut = values[0], dict(zip(cut_tensors, values[1:]))
     at_cut.update(eval_feeds)
     at_cut.update(weights)
@@ -299,7 +301,8 @@ def distortion_curves(model: onnx.ModelProto, candidates: list, feeds: dict, cov
             covariance=covariances.get(cand.input_name) if covariances else None,
             moments=stats[cand.name], probes=probes, known=known)
 
-    shared = dict(probe=probe, reference=reference, at_cut=at_cut, output_name=output_name, provider=provider)
+    shared = dict(probe=probe, reference=reference, at_cut=at_cut, output_name=output_name, provider=provider,
+                  constants=sorted(weights), fixed=fixed)
 
     def done(name, curve):
         curves[name] = curve
@@ -348,7 +351,7 @@ def distortion_curves(model: onnx.ModelProto, candidates: list, feeds: dict, cov
             job = job_of(by_name[name])
             errors = {tuple(e[2]): e[4] for e in curves[name]}
             with threadpool_limits(limits=1, user_api="blas"):
-                measured = _measure(job, missing, *_suffix(job, **shared, session=session), reference, output_name, bar.update)
+                measured = _measure(job, missing, _suffix(job, **shared, session=session), reference, bar.update)
             job.known.update(measured)
             runs += len(missing)
             done(name, _predicted_curve(job.site, job.options, errors, job.known))
@@ -394,13 +397,15 @@ class LayerJob:
 
 
 def layer_curve(job: LayerJob, probe, reference: np.ndarray, at_cut: dict, output_name: str, provider: str,
-                session=None, threads: int | None = None, on_option=None, errors: dict | None = None) -> list:
+                constants=(), fixed: int | None = None, session=None, threads: int | None = None, on_option=None,
+                errors: dict | None = None) -> list:
     """One layer's curve [(MACs, distortion, ranks, measured, layer error)]: the same bits here or in a Ray task.
 
     Every option's layer-output error comes from the moments; the whole-model probe runs for every option
     (``probes="all"``) or for ``PROBES`` of them spread over those errors, the rest predicted.
     ``probe`` is the probe model (or its bytes); ``at_cut`` holds every cut tensor, the eval feeds and the
-    original weights; ``session`` (optional) is an open session on the probe, used when the whole probe runs;
+    original weights (``constants``: their names; the rest has a row per image); ``fixed``: the batch the model
+    is fixed to, if any; ``session`` (optional) is an open session on the probe, used when the whole probe runs;
     ``threads``: onnxruntime's intra-op threads (None: its default). numpy's BLAS runs on one thread
     throughout (the products' rounding then does not depend on the machine's thread count; and the
     small products are faster so). ``errors``: the options' layer-output errors when already computed
@@ -412,8 +417,8 @@ def layer_curve(job: LayerJob, probe, reference: np.ndarray, at_cut: dict, outpu
         chosen = [r for r in chosen if r not in job.known]
         known = dict(job.known)
         if chosen:
-            suffix = _suffix(job, probe, reference, at_cut, output_name, provider, session, threads)
-            known.update(_measure(job, chosen, *suffix, reference, output_name, on_option))
+            suffix = _suffix(job, probe, reference, at_cut, output_name, provider, constants, fixed, session, threads)
+            known.update(_measure(job, chosen, suffix, reference, on_option))
         return _predicted_curve(job.site, job.options, errors, known)
 
 
@@ -468,21 +473,29 @@ def _solve(job: LayerJob, ranks) -> tuple[dict, float]:
     return _probe_weights(cand, solution, inner, job.weight_name, job.bias_name), error
 
 
-def _suffix(job: LayerJob, probe, reference, at_cut, output_name, provider, session=None, threads=None):
-    """(session, feeds) that run the model from the job's layer on."""
+def _suffix(job: LayerJob, probe, reference, at_cut, output_name, provider, constants=(), fixed=None, session=None, threads=None):
+    """A function: an option's probe feed -> the model's output, run from the job's layer on over the eval images."""
     feeds = {t: at_cut[t] for t in job.feed_names}
     if job.whole:
-        return (session if session is not None else make_session(from_bytes(probe), provider, threads, probe_options(provider))), feeds
-    return make_session(suffix_model(from_bytes(probe), job.site.node.name, output_name, feeds), provider, threads,
-                        probe_options(provider)), feeds
+        session = session if session is not None else make_session(from_bytes(probe), provider, threads, probe_options(provider))
+    else:
+        session = make_session(suffix_model(from_bytes(probe), job.site.node.name, output_name, feeds), provider, threads,
+                               probe_options(provider))
+    whole = {k: v for k, v in feeds.items() if k in set(constants)}
+    rows = {k: v for k, v in feeds.items() if k not in whole}
+
+    def run(feed: dict) -> np.ndarray:
+        return run_all(session, rows, [output_name], extra={**whole, **feed}, fixed=fixed)[0]
+
+    return run
 
 
-def _measure(job: LayerJob, ranks_list: list, suffix_session, suffix_feeds: dict, reference, output_name: str, on_option=None) -> dict:
+def _measure(job: LayerJob, ranks_list: list, suffix, reference, on_option=None) -> dict:
     """Ranks -> measured distortion of each option (one forward pass each)."""
     out = {}
     for ranks in ranks_list:
         feed, _ = _solve(job, ranks)
-        result = suffix_session.run([output_name], {**suffix_feeds, **feed})[0]
+        result = suffix(feed)
         out[tuple(ranks)] = _distortion(reference, result)
         if on_option is not None:
             on_option()

@@ -468,6 +468,11 @@ class TorchGraph(torch.nn.Module):
             elif name not in producer and name not in known:
                 raise ModelError(f"torch executor: tensor '{name}' is neither produced in the graph nor an input or initializer")
 
+        # A torch export fixed to batch 1 may bake that batch into constants (a flatten's Reshape to [1, -1]):
+        # bigger batches are run in slices of the model's own batch.
+        from onnx_tucker.capture import fixed_batch
+
+        self.fixed_batch = fixed_batch(model)
         self._keys: dict[str, str] = {}  # ONNX tensor name -> attribute name on this module
         self._trainable = trainable
         for init in graph.initializer:
@@ -524,6 +529,26 @@ class TorchGraph(torch.nn.Module):
         absent = [n for n in self.input_names if n not in env]
         if absent:
             raise UsageError(f"missing graph input '{absent[0]}'")
+        size = self.fixed_batch
+        rows = next((v.shape[0] for v in env.values() if isinstance(v, torch.Tensor) and v.dim()), None)
+        if size and rows is not None and rows != size:
+            return self._in_slices(env, rows, size)
+        return self._run(env)
+
+    def _in_slices(self, env: dict, rows: int, size: int) -> tuple[torch.Tensor, ...]:
+        """The graph over ``rows`` samples in slices of its fixed batch ``size`` (the last one padded)."""
+        parts = []
+        for start in range(0, rows, size):
+            piece = {}
+            for name, value in env.items():
+                value = value[start : start + size]
+                if len(value) < size:
+                    value = torch.cat([value, value[-1:].expand(size - len(value), *value.shape[1:])])
+                piece[name] = value
+            parts.append(self._run(piece))
+        return tuple(torch.cat([p[i] for p in parts])[:rows] for i in range(len(parts[0])))
+
+    def _run(self, env: dict) -> tuple[torch.Tensor, ...]:
         for name, key in self._keys.items():
             env[name] = getattr(self, key)
         for (fn, attrs, ins, outs, op_type, name), release in zip(self._steps, self._release):

@@ -142,3 +142,27 @@ def torch_basic_block(torch):
             return torch.relu(y + (x if self.down is None else self.down(x)))
 
     return BasicBlock
+
+
+def torch_fixed_batch_net(path, size: int = 16, seed: int = 0):
+    """A torch export fixed to batch 1 whose flatten is a Reshape to the constant [1, -1 resolved]: the batch is
+    baked into the graph, so only batches of 1 are right (what torch.onnx writes by default for ``x.view(x.size(0), -1)``)."""
+    import torch
+
+    nn = torch.nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2 = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 32, 3, padding=1)
+            self.fc = nn.Linear(32 * 4 * 4, 10)
+
+        def forward(self, x):
+            x = torch.relu(self.c2(torch.relu(self.c1(x))))
+            x = nn.functional.adaptive_avg_pool2d(x, 4)
+            return self.fc(x.view(x.size(0), -1))
+
+    torch.manual_seed(seed)
+    torch.onnx.export(Net().eval(), torch.zeros(1, 3, size, size), str(path), dynamo=False, input_names=["input"],
+                      output_names=["y"])
+    return path

@@ -58,3 +58,24 @@ def test_batches_shrink_only_when_the_fetched_tensors_would_not_fit():
     assert batch_for_bytes(20 * activation_bytes(small, "in")) == 64  # a ResNet-20's inputs: batch kept
     assert batch_for_bytes(50 * activation_bytes(big, "out")) == BATCH_BYTES // (50 * activation_bytes(big, "out")) == 3
     assert batch_for_bytes(10 * BATCH_BYTES) == 1
+
+
+def test_run_all_slices_a_fixed_batch_model_and_gives_extras_whole():
+    """A probe-like session: the weight is a graph input fed whole to every slice; the images are fed in the
+    model's own batch, told by ``fixed`` where the weight input hides it from the session."""
+    from onnx import TensorProto, helper
+
+    from onnx_tucker.capture import run_all
+
+    w = np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 6, 6]),
+                               helper.make_tensor_value_info("w", TensorProto.FLOAT, [4, 3, 3, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 6, 6])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    session = make_session(model)
+    assert fixed_batch(session) is None  # the weight's 4 hides the batch of 1
+    x = np.random.default_rng(1).standard_normal((7, 3, 6, 6)).astype(np.float32)
+    got = run_all(session, {"x": x}, ["y"], extra={"w": w}, fixed=1)[0]
+    want = np.concatenate([session.run(["y"], {"x": x[i : i + 1], "w": w})[0] for i in range(7)])
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)

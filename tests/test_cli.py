@@ -223,6 +223,24 @@ def test_fixed_batch_1_model_runs_data_and_calibration_and_bench_refuses_other_b
     assert main(["bench", str(src), str(out), "--batch", "1", "--providers", "cpu", "--runs", "2", "--no-progress"]) == 0
 
 
+def test_fixed_batch_1_model_goes_through_the_measured_budget_and_distill(tmp_path, capsys):
+    """The probes run 128 images and distill trains on batches of 64: a model whose batch of 1 is baked into a
+    Reshape must be run a sample at a time in both (it used to fail with onnxruntime's batch error)."""
+    pytest.importorskip("torch")
+    from conftest import torch_fixed_batch_net
+    from onnx_tucker.cli import main
+
+    src = torch_fixed_batch_net(tmp_path / "fixed1.onnx")
+    np.savez(tmp_path / "train.npz", x_train=np.random.default_rng(0).uniform(0, 1, (160, 3, 16, 16)).astype(np.float32))
+    train = str(tmp_path / "train.npz")
+    assert main([str(src), str(tmp_path / "t.onnx"), "--target-macs", "0.5", "--calibrate", train, "--force"]) == 0
+    assert "PASSED" in capsys.readouterr().out
+    assert main([str(src), str(tmp_path / "d.onnx"), "--ratio", "0.5", "--calibrate", train, "--force", "--distill",
+                 "--distill-steps", "5", "--reconstruct-steps", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "PASSED" in out and "distill:" in out
+
+
 def test_dynamic_spatial_sizes_need_an_input_shape_and_never_call_parameters_macs(tmp_path, capsys):
     from onnx_tucker.cli import main
 

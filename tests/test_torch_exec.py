@@ -557,3 +557,22 @@ def test_inputs_cut_the_graph_there():
     np.testing.assert_allclose(got, s, rtol=1e-5, atol=1e-5)
     with pytest.raises(UsageError, match="missing graph input 'a_r'"):
         cut(x=torch.from_numpy(x))
+
+
+def test_a_model_fixed_to_batch_1_runs_any_batch_in_slices(tmp_path):
+    """torch.onnx bakes batch 1 into a flatten's Reshape: a batch of 5 at once would be wrong (or fail), so the
+    executor runs the graph a sample at a time and the result equals onnxruntime's, sample by sample."""
+    from conftest import torch_fixed_batch_net
+
+    model = onnx.load(torch_fixed_batch_net(tmp_path / "fixed.onnx"))
+    assert [n.op_type for n in model.graph.node].count("Reshape") == 1
+    x = np.random.default_rng(0).standard_normal((5, 3, 16, 16)).astype(np.float32)
+    want = np.concatenate([run_model(model, {"input": x[i : i + 1]})[0] for i in range(5)])
+    module = TorchGraph(model)
+    assert module.fixed_batch == 1
+    got = module(torch.from_numpy(x))[0]
+    assert got.shape == (5, 10)
+    np.testing.assert_allclose(got.detach().numpy(), want, rtol=1e-5, atol=1e-5)
+    trained = TorchGraph(model, [i.name for i in model.graph.initializer if i.name.endswith("weight")][:1])
+    trained(torch.from_numpy(x))[0].sum().backward()  # the slices keep the autograd graph
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in trained.parameters())
