@@ -175,12 +175,15 @@ def open_session(path: Path, provider: str, threads: int, options: dict, spinnin
 
 # --- inputs ----------------------------------------------------------------------------------------
 
-def timing_feeds(model, batch: int, given: dict[str, np.ndarray] | None = None, seed: int = 0) -> dict[str, np.ndarray]:
-    """Inputs of ``batch`` rows: the first rows of ``given`` (repeated when it has fewer), else seeded random."""
+def timing_feeds(model, batch: int, given: dict[str, np.ndarray] | None = None, seed: int = 0,
+                 shapes: dict | None = None) -> dict[str, np.ndarray]:
+    """Inputs of ``batch`` rows: the first rows of ``given`` (repeated when it has fewer), else seeded random
+    (``shapes``: dims for dynamic sizes, the batch there replaced by ``batch``)."""
     from onnx_tucker.runtime import random_inputs
 
     if given is None:
-        return random_inputs(model, batch=batch, seed=seed)
+        shapes = {k: [batch, *v[1:]] for k, v in shapes.items()} if shapes else None
+        return random_inputs(model, batch=batch, seed=seed, shapes=shapes)
     feeds = {}
     for name, array in given.items():
         reps = -(-batch // len(array))
@@ -244,8 +247,8 @@ def original_node(profiled: str, model, order: dict[str, int] | None = None) -> 
     """The model node a profiler entry belongs to, through onnxruntime's renamings.
 
     Kept names ("conv"), fusions keeping the conv's name (FusedConv), NCHWc nodes named after their
-    output tensor ("<tensor>_nchwc"), where the tensor may be a fused activation's output (Conv+Relu: we
-    walk back to the conv) or a fused Add's (Conv+Sum: the conv computed last of its inputs).
+    output tensor ("<tensor>_nchwc"), where the tensor may be a fused activation's or BatchNormalization's
+    output (Conv+BN+Relu: we walk back to the conv) or a fused Add's (Conv+Sum: the conv computed last of its inputs).
     """
     by_name, by_output = node_index(model)
     order = order or {n.name: i for i, n in enumerate(model.graph.node)}
@@ -261,9 +264,10 @@ def original_node(profiled: str, model, order: dict[str, int] | None = None) -> 
             return None
         key = max(keys, key=len)
         node = by_output.get(key) or by_name[key]
-    while node.op_type in ACTIVATIONS and node.input and node.input[0] in by_output:
+    # onnxruntime folds an inference BatchNormalization into the conv before it (an export that kept BN)
+    while (node.op_type in ACTIVATIONS or node.op_type == "BatchNormalization") and node.input and node.input[0] in by_output:
         producer = by_output[node.input[0]]
-        if producer.op_type not in ("Conv", "FusedConv") and producer.op_type not in ACTIVATIONS:
+        if producer.op_type not in ("Conv", "FusedConv", "BatchNormalization") and producer.op_type not in ACTIVATIONS:
             break
         node = producer
     if node.op_type in ("Add", "Sum"):
@@ -361,6 +365,7 @@ class BenchConfig:
     progress: bool = True
     fp16: bool = False  # time float16 copies of the models (onnx_tucker.precision.to_float16)
     cuda_graph: bool = False  # onnxruntime's CUDA graph capture on cuda/tensorrt
+    input_shapes: dict | None = None  # {input: dims} for the random inputs of a model with dynamic sizes (--input-shape)
 
 
 def parse_batches(text: str) -> list[int]:
@@ -479,7 +484,7 @@ def run_bench(config: BenchConfig) -> dict:
             options = get_provider(provider).options(config.cudnn_algo, scratch, cuda_graph=config.cuda_graph, fp16=config.fp16)
             sessions = [open_session(p, provider, config.threads, options, config.spinning) for p in paths]
             for batch in config.batches:
-                feeds = timing_feeds(models[0], batch, given)
+                feeds = timing_feeds(models[0], batch, given, shapes=config.input_shapes)
                 runners = [bind(s, feeds, get_provider(provider).device, fixed_outputs=config.cuda_graph) for s in sessions]
                 if bar is not None:
                     bar.set_description(f"{provider} batch {batch}")
@@ -532,14 +537,14 @@ def float16_copies(paths: list[Path], models: list, folder: str) -> list[Path]:
 def measure_accuracy(config: BenchConfig, models: list, providers: list[str], paths: list[Path] | None = None) -> list[dict]:
     """Top-1 on labelled ``--data``, else agreement with the first model on ``--inputs`` or random inputs
     (of the models timed: ``paths``, e.g. their float16 copies)."""
-    from onnx_tucker.runtime import load_inputs, random_inputs
+    from onnx_tucker.runtime import load_inputs
 
     if config.data:
         from onnx_tucker.data import load_labelled
 
         feeds, labels = load_labelled(config.data, models[0])
     else:
-        feeds = load_inputs(config.inputs, models[0]) if config.inputs else random_inputs(models[0], batch=16, seed=0)
+        feeds = load_inputs(config.inputs, models[0]) if config.inputs else timing_feeds(models[0], 16, shapes=config.input_shapes)
         labels = None
     rows = []
     for provider in providers:
@@ -554,7 +559,7 @@ def profile_layers(config: BenchConfig, models: list, given, scratch: str) -> li
     """Per decomposed layer: the chain's kernel time against the original conv's, on the CPU EP."""
     profiles = []
     for batch in config.batches:
-        feeds = timing_feeds(models[0], batch, given)
+        feeds = timing_feeds(models[0], batch, given, shapes=config.input_shapes)
         times = [profile_model(p, feeds, config.threads, config.per_layer_runs, 2, scratch, config.spinning) for p in config.models]
         attributed = [attribute(t, m) for t, m in zip(times, models)]
         layers = []

@@ -19,7 +19,7 @@ from onnx_tucker import __version__
 from onnx_tucker.errors import ModelError, OnnxTuckerError, UsageError, first_line
 from onnx_tucker.options import (BudgetArgs, CalibrationArgs, CheckArgs, DataArgs, DistillArgs, LatencyArgs, MultipleArgs, RankArgs, RayArgs,
                                  RuntimeArgs,
-                                 add_forms_argument, add_layers_argument, parse_forms, parse_layers,
+                                 add_forms_argument, add_input_shape_argument, add_layers_argument, parse_forms, parse_layers,
                                  check_fraction_list, check_int_list, check_positive_int, check_tolerance, parse_input_shapes)
 
 SUBCOMMANDS = ("compress", "inspect", "convert", "bench", "sweep")
@@ -68,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", metavar="PATH", help="write the listing as JSON")
     add_layers_argument(i)
     add_forms_argument(i)
+    add_input_shape_argument(i)
     add_bench_parser(sub)
     add_sweep_parser(sub)
     return parser
@@ -85,6 +86,7 @@ def add_bench_parser(sub) -> None:
     b.add_argument("--cudnn-algo", choices=CUDNN_ALGOS, default="EXHAUSTIVE", help="CUDA EP cudnn_conv_algo_search (default EXHAUSTIVE)")
     b.add_argument("--data", metavar="FILE.npz", help="labelled data (x_test/y_test or x/y): top-1 of each model and agreement with the first")
     b.add_argument("--inputs", metavar="FILE.npz", help="inputs for timing and output agreement (default: seeded random)")
+    add_input_shape_argument(b)
     b.add_argument("--per-layer", action="store_true", help="profile each decomposed layer's chain against the original layer (CPU EP)")
     b.add_argument("--fp16", action="store_true", help="time float16 copies of the models (inputs/outputs stay float32; TensorRT also gets trt_fp16_enable)")
     b.add_argument("--cuda-graph", action="store_true", help="onnxruntime's CUDA graph capture (cuda and tensorrt providers): replays without per-node launches")
@@ -128,6 +130,14 @@ def cmd_compress(args) -> int:
 
         labelled = load_labelled(args.data, model, limit=args.data_limit)
     feeds = load_inputs(args.inputs, model) if args.inputs else None
+    if not input_shapes:  # a dynamic model's MACs at the size of the real arrays given
+        from onnx_tucker.runtime import shapes_of_arrays
+
+        for source in (options.get("calibration"), labelled[0] if labelled is not None else None, feeds):
+            input_shapes = shapes_of_arrays(model, source) if isinstance(source, dict) else None
+            if input_shapes:
+                options["input_shapes"] = input_shapes
+                break
     real_inputs = feeds is not None or labelled is not None
     if feeds is None and labelled is not None:  # real data beats random inputs for the self-check
         feeds = {k: v[:64] for k, v in labelled[0].items()}
@@ -251,6 +261,11 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def size_of(shape) -> int:
+    """What inspect's reductions compare: MACs, or parameters where the spatial sizes are unknown (as compress judges)."""
+    return shape.macs() if shape.known else shape.params()
+
+
 def cmd_inspect(args) -> int:
     from onnx_tucker.factorization import get_form
     from onnx_tucker.io import load_model
@@ -269,10 +284,18 @@ def cmd_inspect(args) -> int:
     auto = MultipleArgs.parse(args)
     forms = parse_forms(args.forms) if args.forms is not None else None  # unknown names: refused before the model loads
     model = load_model(args.input)
-    _, sites = factorable_sites(model, forms, layers=layers)
+    from onnx_tucker.factorization import not_worth_it
+    from onnx_tucker.runtime import graph_inputs
+
+    input_shapes = parse_input_shapes(args.input_shape, [i.name for i in graph_inputs(model)])
+    _, sites = factorable_sites(model, forms, input_shapes, layers=layers)
     if not sites:
         print("no Conv layers")
         return 0
+    unknown = any(s.shape is not None and not s.shape.known for s in sites)
+    # what compress weighs a chain against (its "crumbs" rule), and what it counts where MACs are unknown
+    total_macs = sum(s.shape.macs() for s in sites if s.shape is not None)
+    total_params = sum(s.shape.params() for s in sites if s.shape is not None)
     multiple = args.rank_multiple
     if auto:
         from onnx_tucker.latency_table import resolve_multiple
@@ -290,36 +313,46 @@ def cmd_inspect(args) -> int:
                  "op_shape": None, "macs": None, "params": None, "eligible": site.eligible, "reason": site.reason, "ratios": {}}
         if s is not None:
             entry["op_shape"] = [s.c_out, s.c_in // s.group, *s.kernel]
-            entry["macs"], entry["params"] = s.macs(), s.params()
-            total_before += s.macs()
+            entry["macs"], entry["params"] = (s.macs() if s.known else None), s.params()
+            total_before += size_of(s)
+        whole = {}  # reason -> the ratios at which compress would leave the layer whole for it
         for r in ratios:
-            after = s.macs() if s is not None else 0
+            after = size_of(s) if s is not None else 0
             if site.eligible:
                 form = get_form(site.form)
                 ranks = tuple(round_to_multiple(min(x, m), multiple, m)
                               for x, m in zip(form.rule_ranks(site, "ratio", r, 1.0), form.max_ranks(site)))
                 cost = form.cost(site, ranks)
-                entry["ratios"][str(r)] = {"ranks": list(ranks), "macs": cost.macs, "params": cost.params, "profitable": cost.macs < s.macs()}
-                after = min(after, cost.macs)
+                why = not_worth_it(site, ranks, cost, total_macs, total_params)
+                entry["ratios"][str(r)] = {"ranks": list(ranks), "macs": cost.macs if s.known else None, "params": cost.params,
+                                           "profitable": not why, **({"left_whole": why} if why else {})}
+                if why:
+                    whole.setdefault(why, []).append(f"x{r:g}")
+                after = after if why else (cost.macs if s.known else cost.params)
             total_after[r] += after
         listing.append(entry)
         cells = [str(index), site.name, entry["kind"] or "?", entry["form"] or "-", "x".join(map(str, entry["op_shape"])) if entry["op_shape"] else "?",
-                 f"{entry['macs']:,}" if entry["macs"] is not None else "?"]
+                 f"{entry['macs']:,}" if entry["macs"] is not None else ("unknown*" if s is not None else "?")]
         for r in ratios:
             info = entry["ratios"].get(str(r))
-            cells.append(f"{s.macs() / info['macs']:.2f}x" if info and info["profitable"] else "-")
-        cells.append("" if site.eligible else site.reason)
+            cells.append(f"{size_of(s) / (info['macs'] if s.known else info['params']):.2f}x" if info and info["profitable"] else "-")
+        cells.append(site.reason if not site.eligible else "; ".join(f"{', '.join(at)}: {why}" for why, at in whole.items()))
         rows.append(cells)
     headers = ["#", "layer", "kind", "form", "weight", "MACs"] + [f"x{r:g}" for r in ratios] + ["note"]
-    rows.append(["", "TOTAL", "", "", "", f"{total_before:,}"] + [f"{total_before / max(1, total_after[r]):.2f}x" for r in ratios] + [""])
+    rows.append(["", "TOTAL", "", "", "", "unknown*" if unknown else f"{total_before:,}"]
+                + [f"{total_before / max(1, total_after[r]):.2f}x" for r in ratios] + [""])
     widths = [max(len(str(row[i])) for row in rows + [headers]) for i in range(len(headers))]
     print("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip())
     for row in rows:
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
     print("#: the index --exclude and --ranks accept for the layer; "
-          "xR: MAC reduction of that layer (and of the model) at ratio R, with unprofitable layers left alone")
+          "xR: MAC reduction of that layer (and of the model) at ratio R, layers that compress would leave whole counted whole")
+    if unknown:
+        print("* spatial sizes unknown (dynamic input sizes): MACs unknown, the xR columns are parameter reductions; "
+              "give --input-shape NAME:DIMS to count MACs")
     if args.json:
-        args.outputs.write_text(args.json, json.dumps({"layers": listing, "macs_total": total_before, "rank_multiple": multiple,
+        args.outputs.write_text(args.json, json.dumps({"layers": listing, "macs_total": None if unknown else total_before,
+                                                       "macs_known": not unknown, "rank_multiple": multiple,
                                                        **({"rank_multiple_auto": choice} if auto else {})}, indent=2), "--json")
     return 0
 
@@ -332,7 +365,7 @@ def cmd_bench(args) -> int:
     paths = [Path(m) for m in args.models]
     for path in paths:
         if not path.is_file():
-            raise UsageError(f"model not found: {path}")
+            raise UsageError(f"model not found: {path}" if not path.exists() else f"model is not a file: {path}")
     if args.json and Path(args.json).resolve() in {p.resolve() for p in paths}:
         raise UsageError("--json must not overwrite a model")
     if args.json:
@@ -340,13 +373,21 @@ def cmd_bench(args) -> int:
 
         check_paths(reads={"a model": paths, "--data": args.data, "--inputs": args.inputs}, writes={"--json": args.json})
     runtime = RuntimeArgs.parse(args)
+    input_shapes = None
+    if args.input_shape:
+        if args.inputs:
+            raise UsageError("--input-shape sizes the random inputs: not with --inputs, whose arrays have their size")
+        from onnx_tucker.io import load_model
+        from onnx_tucker.runtime import graph_inputs
+
+        input_shapes = parse_input_shapes(args.input_shape, [i.name for i in graph_inputs(load_model(paths[0]))])
     config = bench.BenchConfig(
         models=paths,
         providers=runtime["providers"],
         batches=runtime["batches"],
         threads=args.threads, spinning=args.spin, warmup=args.warmup, runs=args.runs, cudnn_algo=args.cudnn_algo,
         data=args.data, inputs=args.inputs, per_layer=args.per_layer, progress=not args.no_progress,
-        fp16=args.fp16, cuda_graph=args.cuda_graph,
+        fp16=args.fp16, cuda_graph=args.cuda_graph, input_shapes=input_shapes,
     )
     result = bench.run_bench(config)
     for line in bench.summary_lines(result):

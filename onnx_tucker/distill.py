@@ -97,6 +97,11 @@ def _graph_inputs(model: onnx.ModelProto) -> list[str]:
     return [i.name for i in model.graph.input if i.name not in inits]
 
 
+def softmax_inputs(model: onnx.ModelProto) -> list[bool]:
+    """Per graph output, whether :func:`logit_names` took the input of a final Softmax (class scores, whatever the rank)."""
+    return [name != out.name for name, out in zip(logit_names(model), model.graph.output)]
+
+
 def logit_names(model: onnx.ModelProto) -> list[str]:
     """Per graph output, the tensor to distil: the input of a final Softmax over the last axis, else the output."""
     producer = {o: n for n in model.graph.node for o in n.output}
@@ -166,15 +171,36 @@ def _log_softmax(z: np.ndarray) -> np.ndarray:
     return z - np.log(np.exp(z).sum(-1, keepdims=True))
 
 
-def agreement_and_kl(teacher: Sequence[np.ndarray], student: Sequence[np.ndarray]) -> dict:
-    """Top-1 agreement (first output) and KL(teacher || student) of the class distributions (mean over outputs)."""
-    agree = float(np.mean(teacher[0].reshape(len(teacher[0]), -1, teacher[0].shape[-1]).argmax(-1)
-                          == student[0].reshape(len(student[0]), -1, student[0].shape[-1]).argmax(-1)))
-    kls = []
-    for t, s in zip(teacher, student):
-        lt, ls = _log_softmax(t), _log_softmax(s)
-        kls.append(float(np.mean(np.sum(np.exp(lt) * (lt - ls), -1))))
-    return {"agreement": agree, "kl": float(np.mean(kls))}
+def output_kinds(arrays: Sequence[np.ndarray], softmax_inputs: Sequence[bool] | None = None) -> list[str]:
+    """How each distilled output is matched: ``"classes"`` (class scores on the last axis: the input of a final
+    Softmax, or an (N, C) output with C > 1; soft-target KL and top-1 agreement) or ``"values"`` (anything else,
+    such as a segmentation map in NCHW, boxes or an embedding: the relative squared error; a KL over its last axis
+    would ignore an offset per row and compare the wrong axis)."""
+    softmax_inputs = softmax_inputs or [False] * len(arrays)
+    return ["classes" if soft or (a.ndim == 2 and a.shape[1] > 1) else "values" for a, soft in zip(arrays, softmax_inputs)]
+
+
+def agreement_and_kl(teacher: Sequence[np.ndarray], student: Sequence[np.ndarray], kinds: Sequence[str] | None = None) -> dict:
+    """How far ``student``'s outputs are from ``teacher``'s. ``kl``: the mean over outputs of KL(teacher || student)
+    of the class distributions (``"classes"`` outputs) or of the relative squared error (``"values"``; see
+    :func:`output_kinds`, the default); ``measure`` says which. ``agreement``: top-1 agreement of the first class
+    output, None when there is none."""
+    kinds = list(kinds) if kinds is not None else output_kinds(teacher)
+    errors = []
+    for t, s, kind in zip(teacher, student, kinds):
+        if kind == "classes":
+            lt, ls = _log_softmax(t), _log_softmax(s)
+            errors.append(float(np.mean(np.sum(np.exp(lt) * (lt - ls), -1))))
+        else:
+            t64, s64 = t.astype(np.float64), s.astype(np.float64)
+            errors.append(float(np.sum((s64 - t64) ** 2) / max(float(np.sum(t64**2)), 1e-30)))
+    first = next((i for i, k in enumerate(kinds) if k == "classes"), None)
+    agree = None
+    if first is not None:
+        t, s = teacher[first], student[first]
+        agree = float(np.mean(t.reshape(len(t), -1, t.shape[-1]).argmax(-1) == s.reshape(len(s), -1, s.shape[-1]).argmax(-1)))
+    measure = {frozenset({"classes"}): "kl", frozenset({"values"}): "relative error"}.get(frozenset(kinds), "kl + relative error")
+    return {"agreement": agree, "kl": float(np.mean(errors)), "measure": measure}
 
 
 # --- augmentation ----------------------------------------------------------------------------------
@@ -252,8 +278,10 @@ def _device(torch, device: str):
 
 
 def _better(m: dict | None, before: dict) -> bool:
-    """Whether check-set metrics ``m`` pass against ``before``: lower KL, top-1 agreement not lower."""
-    return m is not None and m["kl"] < before["kl"] and m["agreement"] >= before["agreement"]
+    """Whether check-set metrics ``m`` pass against ``before``: lower KL, top-1 agreement not lower (where the model
+    has class scores)."""
+    return (m is not None and m["kl"] < before["kl"]
+            and (m["agreement"] is None or before["agreement"] is None or m["agreement"] >= before["agreement"]))
 
 
 def _reconstruction_passes(m: dict | None, before: dict) -> bool:
@@ -374,12 +402,13 @@ def _distill(torch, TorchGraph, original, compressed, feeds, trainable, n, *, st
     t_logits, s_logits = logit_names(original), logit_names(compressed)
     teacher_ort = _session(_with_outputs(original, t_logits), torch.get_num_threads())
     reference = _run(teacher_ort, check)
+    kinds = output_kinds(reference, softmax_inputs(original))
     fit_idx = np.sort(rng.permutation(len(train_idx))[:TRAIN_CHECK]) if n_hold else None
     fit = {k: v[fit_idx] for k, v in train.items()} if n_hold else None
     fit_reference = _run(teacher_ort, fit) if n_hold else None
     student_ort = _session(_with_outputs(compressed, s_logits))
-    before = agreement_and_kl(reference, _run(student_ort, check))
-    fit_before = agreement_and_kl(fit_reference, _run(student_ort, fit)) if n_hold else None
+    before = agreement_and_kl(reference, _run(student_ort, check), kinds)
+    fit_before = agreement_and_kl(fit_reference, _run(student_ort, fit), kinds) if n_hold else None
     start, local, reconstructed, rebuilt = compressed, None, None, None
     if reconstruct_steps:
         from onnx_tucker.reconstruct import DEFAULT_BLOCKS, chains_in, reconstruct
@@ -387,7 +416,7 @@ def _distill(torch, TorchGraph, original, compressed, feeds, trainable, n, *, st
         blocks = DEFAULT_BLOCKS if reconstruct_blocks is None else reconstruct_blocks
         rebuilt, local = reconstruct(original, compressed, chains_in(compressed), train, check, trainable, steps=reconstruct_steps,
                                      blocks=blocks, seed=seed, threads=threads, progress=progress, device=dev)
-        reconstructed = agreement_and_kl(reference, _run(_session(_with_outputs(rebuilt, s_logits)), check))
+        reconstructed = agreement_and_kl(reference, _run(_session(_with_outputs(rebuilt, s_logits)), check), kinds)
         # The global phase starts from the reconstruction only where it agrees better with the original: on
         # the seed CNN (BatchNorm not folded) it lowers every layer's error yet raises the KL, and distilling
         # from there was refused where distilling the compressed model was not.
@@ -439,7 +468,7 @@ def _distill(torch, TorchGraph, original, compressed, feeds, trainable, n, *, st
         with torch.no_grad():
             parts = [student(**{k: v[s : s + 256] for k, v in check_t.items()}) for s in range(0, n_hold, 256)]
         outs = [torch.cat([p[i] for p in parts]).cpu().numpy() for i in range(n_logits)]
-        return agreement_and_kl(reference, outs)["kl"]
+        return agreement_and_kl(reference, outs, kinds)["kl"]
 
     at = {max(0, int(round(steps * (i + 1) / CHECKPOINTS)) - 1) for i in range(CHECKPOINTS)} if n_hold else set()
     check_curve = []
@@ -461,7 +490,11 @@ def _distill(torch, TorchGraph, original, compressed, feeds, trainable, n, *, st
             targets = teacher(batch, idx)
             outs = student(**batch)
             loss = 0.0
-            for t, s in zip(targets[:n_logits], outs[:n_logits]):
+            for t, s, kind in zip(targets[:n_logits], outs[:n_logits], kinds):
+                if kind == "values":  # a map, boxes, an embedding: the relative squared error
+                    t, s = t.float(), s.float()
+                    loss = loss + ((s - t) ** 2).mean() / (t**2).mean().clamp_min(1e-12)
+                    continue
                 t = t.reshape(-1, t.shape[-1]).float()
                 s = s.reshape(-1, s.shape[-1]).float()
                 log_p = torch.log_softmax(t / temperature, -1)
@@ -494,8 +527,8 @@ def _distill(torch, TorchGraph, original, compressed, feeds, trainable, n, *, st
     after = fit_after = None
     if finite and not diverged and steps:  # steps 0: reconstruction alone, no global phase
         trained_ort = _session(_with_outputs(candidate, s_logits))
-        after = agreement_and_kl(reference, _run(trained_ort, check))
-        fit_after = agreement_and_kl(fit_reference, _run(trained_ort, fit)) if n_hold else None
+        after = agreement_and_kl(reference, _run(trained_ort, check), kinds)
+        fit_after = agreement_and_kl(fit_reference, _run(trained_ort, fit), kinds) if n_hold else None
     # Of the reconstructed and the distilled model, the one that passes the check with the lower KL.
     choices = [(m, model, name) for m, model, name, passes in ((after, candidate, "distilled", _better),
                                                               (reconstructed, rebuilt, "reconstructed", _reconstruction_passes))
@@ -510,7 +543,7 @@ def _distill(torch, TorchGraph, original, compressed, feeds, trainable, n, *, st
         "train_samples": int(m), "holdout_samples": int(n_hold), "check_on": "holdout" if n_hold else "train",
         "before": before, "after": after, "kept": kept, "diverged": diverged,
         "train_fit": {"samples": len(fit_idx), "before": fit_before, "after": fit_after} if n_hold else None,
-        "check_curve": check_curve, "returned": best[2], "feature_weight": feature_weight, "features": len(features),
+        "check_curve": check_curve, "returned": best[2], "outputs": kinds, "feature_weight": feature_weight, "features": len(features),
         "reconstruct": local, "reconstructed": reconstructed,
         "distilled_from": "reconstructed" if start is rebuilt else "compressed",
         "loss": _curve(losses), "train_seconds": round(train_seconds, 2),

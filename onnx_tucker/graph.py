@@ -92,6 +92,35 @@ def infer_shapes(model: onnx.ModelProto, input_shapes: dict | None = None) -> di
     inferred = _inferred(model, data_prop=True, input_shapes=input_shapes)
     if inferred is None:
         return {}
+    shapes = _shapes_of(inferred)
+    if any(None in dims[1:] for dims in shapes.values()):
+        # Sizes computed at run time from constants (torch's ZeroPad2d writes its pads as a Concat/Slice/Cast chain)
+        # stop inference: fold those subgraphs (onnx-graphsurgeon, on onnxruntime) and infer again.
+        folded = _folded(model, input_shapes)
+        if folded is not None:
+            for name, dims in _shapes_of(folded).items():
+                if name in shapes and dims.count(None) < shapes[name].count(None):
+                    shapes[name] = dims
+    return shapes
+
+
+def _folded(model: onnx.ModelProto, input_shapes: dict | None) -> onnx.ModelProto | None:
+    """The inferred skeleton after constant folding, or None when folding or inference fails."""
+    import onnx_graphsurgeon as gs
+
+    skeleton = shape_skeleton(model)
+    set_input_shapes(skeleton, input_shapes)
+    if skeleton.ByteSize() > PROTOBUF_LIMIT:
+        return None
+    try:
+        graph = gs.import_onnx(skeleton)
+        graph.fold_constants(error_ok=True).cleanup()
+        return onnx.shape_inference.infer_shapes(gs.export_onnx(graph), strict_mode=False, data_prop=True)
+    except Exception:
+        return None
+
+
+def _shapes_of(inferred: onnx.ModelProto) -> dict[str, tuple]:
     shapes = {}
     for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
         t = vi.type.tensor_type

@@ -102,10 +102,46 @@ def load_model(path: str | os.PathLike, check: bool = True) -> onnx.ModelProto:
         load_external_data(model, path.parent)
     except Exception as exc:
         raise ModelError(f"cannot read the external data of {path}: {first_line(exc)}") from None
+    # onnxruntime runs nodes in any order, the checker wants them sorted (onnxruntime's float16 converter
+    # appends its Casts at the end): sort them, stably, rather than refuse a model that runs.
+    resorted = not checked_file and sort_nodes(model.graph)
     # The file check stands for the model check only when every weight was in the file itself.
-    if check and not (checked_file and not external):
+    if check and (resorted or not (checked_file and not external)):
         check_model(model, path)
     return model
+
+
+def sort_nodes(graph: onnx.GraphProto) -> bool:
+    """Put ``graph``'s nodes in a topological order, keeping their order where it already is one; whether it
+    changed anything. Nodes whose inputs never become available (a broken graph) keep their place at the end,
+    for the checker to report."""
+    known = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    done, waiting = [], []
+    for node in graph.node:
+        if all(i in known for i in node.input):
+            done.append(node)
+            known.update(node.output)
+        else:
+            waiting.append(node)
+    if not waiting:
+        return False
+    progress = True
+    while waiting and progress:
+        progress, still = False, []
+        for node in waiting:
+            if all(i in known for i in node.input):
+                done.append(node)
+                known.update(node.output)
+                progress = True
+            else:
+                still.append(node)
+        waiting = still
+    order = [onnx.NodeProto() for _ in done + waiting]
+    for new, old in zip(order, done + waiting):
+        new.CopyFrom(old)
+    del graph.node[:]
+    graph.node.extend(order)
+    return True
 
 
 def _checker_passes(path: Path) -> bool:

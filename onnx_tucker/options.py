@@ -272,7 +272,7 @@ class RankArgs:
         from onnx_tucker.ranks import check_energy, parse_rank_spec
 
         if ratio:
-            parser.add_argument("--ratio", type=_type(check_ratio), default=0.5,
+            parser.add_argument("--ratio", type=_type(check_ratio), default=None,
                                 help="rank ratio R in (0, 1]: R_in=int(R*C_in), R_out=int(R*C_out) (default 0.5)")
         parser.add_argument("--force", action="store_true", help="decompose every eligible conv, even where MACs would not fall")
         parser.add_argument("--exclude", default="", metavar="LAYERS",
@@ -304,6 +304,13 @@ class RankArgs:
         options = {"force": args.force, "rank_multiple": args.rank_multiple, "method": args.method,
                    "rank_method": args.rank_method, "energy": 0.9 if args.energy is None else args.energy}
         if getattr(args, "ratio", None) is not None:
+            # a flag that changes nothing is an error (README: "a flag given where it has no effect")
+            for flag, value in (("--target-macs", getattr(args, "target_macs", None)),
+                                ("--target-latency", getattr(args, "target_latency", None))):
+                if value is not None:
+                    raise UsageError(f"--ratio has no effect with {flag}, which chooses every layer's ranks: give one of the two")
+            if args.rank_method != "ratio":
+                raise UsageError(f"--ratio has no effect with --rank-method {args.rank_method}")
             options["ratio"] = args.ratio
         if args.exclude:
             options["exclude"] = tuple(e.strip() for e in args.exclude.split(",") if e.strip())
@@ -514,6 +521,9 @@ class DistillArgs:
                             "local reconstruction alone")
         parser.add_argument("--distill-lr", type=lambda t: check_tolerance(t, "--distill-lr", 1e-8, 1.0), default=None, metavar="LR",
                             help="Adam learning rate (default: measured, see docs/distill.md)")
+        parser.add_argument("--distill-batch", type=_type(check_positive_int, "--distill-batch"), default=None, metavar="N",
+                            help="inputs per step of the global loss (default 64); fewer hold less memory on big models "
+                            "(ResNet50 at 224 px: about 10 GB at 64)")
         parser.add_argument("--reconstruct-steps", type=_type(check_count, "--reconstruct-steps"), default=None, metavar="N",
                             help="before distilling, fit each chain (or residual block) alone to the original's activated "
                             "output, N steps each; 0: off (default: measured, see docs/distill.md)")
@@ -525,7 +535,7 @@ class DistillArgs:
 
     @staticmethod
     def parse(args) -> dict:
-        extras = (("--distill-steps", args.distill_steps), ("--distill-lr", args.distill_lr),
+        extras = (("--distill-steps", args.distill_steps), ("--distill-lr", args.distill_lr), ("--distill-batch", args.distill_batch),
                   ("--distill-device", args.distill_device), ("--no-augment", args.no_augment or None),
                   ("--reconstruct-steps", args.reconstruct_steps), ("--reconstruct-blocks", args.reconstruct_blocks))
         if not args.distill:
@@ -542,6 +552,10 @@ class DistillArgs:
             settings["steps"] = args.distill_steps
         if args.distill_lr is not None:
             settings["lr"] = args.distill_lr
+        if args.distill_batch is not None:
+            if args.distill_steps == 0:
+                raise UsageError("--distill-batch only applies with the global loss (--distill-steps is 0)")
+            settings["batch_size"] = args.distill_batch
         if args.distill_device is not None:
             settings["device"] = args.distill_device
         if args.no_augment:
@@ -650,6 +664,14 @@ class LatencyArgs:
         return options
 
 
+def add_input_shape_argument(parser) -> None:
+    """``--input-shape [NAME:]DIMS`` (repeatable), for models with dynamic input sizes: one meaning in every command."""
+    parser.add_argument("--input-shape", action="append", metavar="[NAME:]DIMS",
+                        help="fixed dims for an input with dynamic sizes, e.g. 1x3x224x224 (repeatable): the size MACs are "
+                        "counted at and random inputs are drawn at (compress's default: the size of its --calibrate, --data "
+                        "or --inputs arrays); a written model keeps its dynamic dims")
+
+
 def parse_input_shapes(items: list[str] | None, input_names: list[str]) -> dict | None:
     """``--input-shape [NAME:]1x3x224x224`` (repeatable) -> {name: [dims]}; the name may be left out for a single-input model."""
     if not items:
@@ -688,9 +710,7 @@ class CheckArgs:
         parser.add_argument("--max-rel-error", type=lambda t: check_tolerance(t, "--max-rel-error"), metavar="E",
                             help="FAILED when any output's relative error ||a-b||/||a|| is above E")
         parser.add_argument("--keep-failed", action="store_true", help="write the output even when the self-check FAILS (still exit 1)")
-        parser.add_argument("--input-shape", action="append", metavar="[NAME:]DIMS",
-                            help="fixed dims for an input with dynamic sizes, e.g. 1x3x224x224 (repeatable): used by the cost model "
-                            "and the random self-check inputs; the written model keeps its dynamic dims")
+        add_input_shape_argument(parser)
 
     @staticmethod
     def parse(args) -> dict:

@@ -176,6 +176,8 @@ def distill_summary(stats: dict) -> str:
     local = stats["reconstruct"]
     units = f"{local['kept']}/{len(local['chains'])} reconstruction units kept, " if local else ""
     where = f"{stats['holdout_samples']} held-out inputs" if stats["check_on"] == "holdout" else "the training inputs"
-    return (f"distill: kept {_RETURNED[returned]}; {units}on {where} agreement with the original "
-            f"{100 * before['agreement']:.1f}% -> {100 * chosen['agreement']:.1f}%, KL {before['kl']:.4f} -> {chosen['kl']:.4f}"
+    agreement = (f"agreement with the original {100 * before['agreement']:.1f}% -> {100 * chosen['agreement']:.1f}%, "
+                 if before.get("agreement") is not None and chosen.get("agreement") is not None else "")
+    measure = {"kl": "KL", "relative error": "relative squared error"}.get(before.get("measure", "kl"), "KL + relative squared error")
+    return (f"distill: kept {_RETURNED[returned]}; {units}on {where} {agreement}{measure} {before['kl']:.4f} -> {chosen['kl']:.4f}"
             f" ({stats['seconds']:.0f} s on {stats['device']})")

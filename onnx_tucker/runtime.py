@@ -67,6 +67,19 @@ def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     return [i for i in model.graph.input if i.name not in inits]
 
 
+def shapes_of_arrays(model: onnx.ModelProto, feeds: dict | None) -> dict | None:
+    """{input: [1, *sizes]} for each graph input with a dynamic size after the batch that ``feeds`` (real arrays:
+    ``--calibrate``, ``--data``, ``--inputs``) gives a value of: the size the model will be used at, for the cost
+    model where no ``--input-shape`` says it. None when no input needs it."""
+    shapes = {}
+    for vi in graph_inputs(model):
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+        array = (feeds or {}).get(vi.name)
+        if any(d is None or d <= 0 for d in dims[1:]) and array is not None and np.ndim(array) == len(dims):
+            shapes[vi.name] = [1, *(int(n) for n in np.shape(array)[1:])]
+    return shapes or None
+
+
 def input_spec(value_info: onnx.ValueInfoProto) -> tuple[list, type]:
     t = value_info.type.tensor_type
     dtype = _ONNX_TO_NUMPY.get(t.elem_type)

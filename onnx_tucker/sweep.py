@@ -128,6 +128,9 @@ def run_sweep(config: SweepConfig) -> dict:
                 writes={"--out-dir file": [out_dir / n for n in ("sweep.md", "sweep.json", "sweep.png")] + list(model_files.values())},
                 may_write={"--out-dir data file": [p.parent / (p.name + ".data") for p in model_files.values()]})
     feeds, labels = load_labelled(config.data, model, limit=config.data_limit)
+    from onnx_tucker.runtime import shapes_of_arrays
+
+    input_shapes = shapes_of_arrays(model, feeds)  # a dynamic model's MACs at the size of the --data images
     calibration = None
     if config.calibrate is not None:
         if Path(config.calibrate).resolve() == Path(config.data).resolve():
@@ -159,10 +162,10 @@ def run_sweep(config: SweepConfig) -> dict:
         with cluster(config.ray):
             outcomes = map_tasks(compress_setting, settings, labels=[f"setting {label}" for label, _, _ in settings],
                                  shared={"model": model.SerializeToString(), "calibration": calibration,
-                                         "rank_multiple": rank_multiple, "layers": config.layers},
+                                         "rank_multiple": rank_multiple, "layers": config.layers, "input_shapes": input_shapes},
                                  progress=config.progress, desc="sweep (ray)", unit="setting")
     else:
-        outcomes = (compress_setting(setting, model, calibration, rank_multiple, config.layers) for setting in settings)
+        outcomes = (compress_setting(setting, model, calibration, rank_multiple, config.layers, input_shapes) for setting in settings)
     bar = _bar(len(settings), "sweep", config.progress and config.ray is None)
     for (label, kind, value), (error, new_model, report) in zip(settings, outcomes):
         bar.set_description(f"sweep {label}")
@@ -218,7 +221,8 @@ def run_sweep(config: SweepConfig) -> dict:
     }
 
 
-def compress_setting(setting: tuple, model, calibration: dict | None, rank_multiple: int, layers: tuple | None = None) -> tuple:
+def compress_setting(setting: tuple, model, calibration: dict | None, rank_multiple: int, layers: tuple | None = None,
+                     input_shapes: dict | None = None) -> tuple:
     """One setting's compress: (error or None, new model, report); the model as bytes when given as bytes (a Ray task)."""
     from onnx_tucker.pipeline import compress
 
@@ -227,6 +231,8 @@ def compress_setting(setting: tuple, model, calibration: dict | None, rank_multi
     options = {"rank_multiple": rank_multiple}
     if layers is not None:
         options["layers"] = tuple(layers)
+    if input_shapes:
+        options["input_shapes"] = input_shapes
     if calibration is not None:
         options["calibration"] = calibration
     if kind == "target":

@@ -147,6 +147,22 @@ def test_profile_names_are_traced_back_through_fusions_and_nchwc():
     assert bench.original_node("ReorderOutput_token_3", chain) is None
 
 
+def test_profile_names_are_traced_back_through_an_unfolded_batchnorm():
+    """An export that kept BatchNormalization: onnxruntime fuses Conv+BN+Relu and names the kernel after the Relu's
+    output; the walk back crosses the BN to the conv (it used to stop there and time the layer as nothing)."""
+    w = numpy_helper.from_array(np.ones((4, 3, 3, 3), np.float32), "w")
+    bn = [numpy_helper.from_array(np.full(4, v, np.float32), n) for n, v in (("s", 1), ("b", 0), ("m", 0), ("v", 1))]
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+         helper.make_node("BatchNormalization", ["c", "s", "b", "m", "v"], ["n"], name="bn"),
+         helper.make_node("Relu", ["n"], ["y"], name="relu")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])], [w, *bn])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert bench.original_node("y_nchwc_kernel_time", model) == "conv"
+    assert bench.original_node("n_nchwc_kernel_time", model) == "conv"
+
+
 def test_per_layer_rows_compare_the_chain_with_the_original():
     original, chain = tiny_chain_model(False), tiny_chain_model(True)
     # two runs each; the first is warm-up and left out

@@ -236,9 +236,10 @@ def test_fixed_batch_1_model_goes_through_the_measured_budget_and_distill(tmp_pa
     assert main([str(src), str(tmp_path / "t.onnx"), "--target-macs", "0.5", "--calibrate", train, "--force"]) == 0
     assert "PASSED" in capsys.readouterr().out
     assert main([str(src), str(tmp_path / "d.onnx"), "--ratio", "0.5", "--calibrate", train, "--force", "--distill",
-                 "--distill-steps", "5", "--reconstruct-steps", "5"]) == 0
+                 "--distill-steps", "5", "--reconstruct-steps", "5", "--distill-batch", "16", "--report", str(tmp_path / "r.json")]) == 0
     out = capsys.readouterr().out
     assert "PASSED" in out and "distill:" in out
+    assert json.loads((tmp_path / "r.json").read_text())["distill"]["batch_size"] == 16
 
 
 def test_dynamic_spatial_sizes_need_an_input_shape_and_never_call_parameters_macs(tmp_path, capsys):
@@ -256,6 +257,57 @@ def test_dynamic_spatial_sizes_need_an_input_shape_and_never_call_parameters_mac
     assert "MACs 2.40x fewer" in out and "unknown" not in out
     assert main([str(src), str(tmp_path / "d.onnx"), "--input-shape", "nope:1x3x32x32"]) == 2
     assert "no input 'nope'" in capsys.readouterr().err
+
+
+def test_inspect_never_calls_parameters_macs_and_takes_an_input_shape(tmp_path, capsys):
+    """A model with dynamic H/W: inspect used to print each weight's parameter count as its MACs."""
+    from onnx_tucker.cli import main
+
+    src = _export(tmp_path, "dyn.onnx", {"input": {0: "n", 2: "h", 3: "w"}})
+    assert main(["inspect", str(src), "--json", str(tmp_path / "a.json")]) == 0
+    out = capsys.readouterr().out
+    assert "unknown*" in out and "the xR columns are parameter reductions" in out and "18,432" not in out
+    listing = json.loads((tmp_path / "a.json").read_text())
+    assert listing["macs_known"] is False and listing["macs_total"] is None and all(l["macs"] is None for l in listing["layers"])
+    assert main(["inspect", str(src), "--input-shape", "input:1x3x32x32", "--json", str(tmp_path / "b.json")]) == 0
+    out = capsys.readouterr().out
+    assert "18,874,368" in out and "unknown" not in out  # 64x32x3x3 at 32x32
+    # the 3-channel stem: what compress would do, not a reduction it would never make
+    stem = json.loads((tmp_path / "b.json").read_text())["layers"][0]
+    assert stem["ratios"]["0.5"]["profitable"] is False and "image stem" in stem["ratios"]["0.5"]["left_whole"]
+    assert "x0.25, x0.5: would cut a 3-channel input" in out
+
+
+def test_compress_counts_a_dynamic_models_macs_at_the_size_of_its_data(tmp_path, capsys):
+    from onnx_tucker.cli import main
+
+    src = _export(tmp_path, "dyn.onnx", {"input": {0: "n", 2: "h", 3: "w"}})
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "test.npz", x_test=rng.uniform(0, 1, (20, 3, 32, 32)).astype(np.float32), y_test=rng.integers(0, 10, 20))
+    assert main([str(src), str(tmp_path / "a.onnx"), "--ratio", "0.5", "--data", str(tmp_path / "test.npz")]) == 0
+    assert "MACs 2.40x fewer" in capsys.readouterr().out  # as with --input-shape input:1x3x32x32
+
+
+def test_bench_sizes_a_dynamic_models_random_inputs_with_input_shape(tmp_path, capsys):
+    from onnx_tucker.cli import main
+
+    src = _export(tmp_path, "dyn.onnx", {"input": {0: "n", 2: "h", 3: "w"}})
+    args = ["bench", str(src), "--providers", "cpu", "--runs", "2", "--warmup", "0", "--no-progress", "--batch", "1,2"]
+    assert main(args) == 1
+    assert "--input-shape" in capsys.readouterr().err
+    assert main(args + ["--input-shape", "input:1x3x32x32", "--json", str(tmp_path / "b.json")]) == 0
+    assert [r["batch"] for r in json.loads((tmp_path / "b.json").read_text())["results"]] == [1, 2]
+    np.savez(tmp_path / "in.npz", input=np.zeros((2, 3, 32, 32), np.float32))
+    assert main(args + ["--input-shape", "input:1x3x32x32", "--inputs", str(tmp_path / "in.npz")]) == 2
+    assert main(["bench", str(src), str(tmp_path)]) == 2
+    assert "model is not a file" in capsys.readouterr().err
+
+
+def test_ratio_with_a_budget_or_another_rank_rule_is_refused(saved_residual, tmp_path):
+    for extra, said in ((["--target-macs", "0.5"], "--ratio has no effect with --target-macs"),
+                        (["--rank-method", "energy"], "--ratio has no effect with --rank-method energy")):
+        r = cli(saved_residual, tmp_path / "o.onnx", "--ratio", "0.3", *extra)
+        assert r.returncode == 2 and said in r.stderr and r.stderr.count("\n") == 1 and not (tmp_path / "o.onnx").exists()
 
 
 def test_inspect_rank_multiple_auto_measures_once_and_rounds_every_rank(saved_residual, tmp_path):

@@ -207,7 +207,7 @@ def test_stats_report_the_run():
         assert key in stats, key
     assert stats["holdout_samples"] == 20 and stats["train_samples"] == 180 and stats["check_on"] == "holdout"
     assert stats["steps"] == STEPS and stats["trainable_tensors"] == 4 and stats["teacher"] == "onnxruntime"
-    assert set(stats["before"]) == {"agreement", "kl"}
+    assert set(stats["before"]) == {"agreement", "kl", "measure"} and stats["before"]["measure"] == "kl" and stats["outputs"] == ["classes"]
     assert [c[0] for c in stats["check_curve"]] == [4, 8, 12, 16, 20, 24, 28, 32, 36, 40]
     assert abs(stats["after"]["kl"] - stats["check_curve"][-1][1]) < 1e-4  # torch during training == onnxruntime after
     assert len(stats["loss"]["curve"]) == 10 and stats["loss"]["last"] < stats["loss"]["first"]
@@ -395,3 +395,62 @@ def test_the_reconstruction_passes_on_a_lower_kl_and_the_global_phase_needs_agre
     assert _reconstruction_passes(reconstructed, before) and not _better(reconstructed, before)
     assert not _reconstruction_passes({"agreement": 0.99, "kl": 0.0364}, before)  # a higher KL fails whatever the agreement
     assert not _reconstruction_passes(None, before) and not _better(None, before)
+
+
+# --- outputs that are not class scores ----------------------------------------------------------------
+
+
+def _dense_map(model):
+    """``model`` cut after relu2: a (N, 12, 8, 8) map in NCHW, as a segmentation head gives (no class axis last)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    keep = [n for n in out.graph.node if n.name not in ("gap", "flatten", "fc", "softmax")]
+    del out.graph.node[:]
+    out.graph.node.extend(keep)
+    del out.graph.output[:]
+    out.graph.output.append(helper.make_tensor_value_info("r2", FLOAT, ["N", 12, 8, 8]))
+    used = {i for n in keep for i in n.input}
+    kept_inits = [i for i in out.graph.initializer if i.name in used]
+    del out.graph.initializer[:]
+    out.graph.initializer.extend(kept_inits)
+    return out
+
+
+def test_a_map_output_is_matched_by_its_values_not_a_softmax_over_its_width():
+    """A KL over the last axis of an NCHW map ignores an offset per (channel, row): it would call a shifted map
+    perfect. Map outputs are compared by their relative squared error instead, and have no top-1 agreement."""
+    from onnx_tucker.distill import agreement_and_kl, output_kinds
+
+    rng = np.random.default_rng(0)
+    t = rng.standard_normal((4, 3, 5, 6)).astype(np.float32)
+    shifted = t + rng.standard_normal((4, 3, 5, 1)).astype(np.float32)  # a different offset per row
+    assert output_kinds([t]) == ["values"] and output_kinds([t[:, :, 0, 0]]) == ["classes"]
+    assert output_kinds([t[:, :1, 0, 0]]) == ["values"]  # one score per sample: a regression, not classes
+    assert output_kinds([t], [True]) == ["classes"]  # a Softmax's input: classes on the last axis whatever the rank
+    assert agreement_and_kl([t], [shifted], ["classes"])["kl"] < 1e-9  # what the old measure saw
+    m = agreement_and_kl([t], [shifted])
+    assert m["kl"] > 0.3 and m["agreement"] is None and m["measure"] == "relative error"
+    mixed = agreement_and_kl([t[:, :, 0, 0], t], [t[:, :, 0, 0], shifted])
+    assert mixed["agreement"] == 1.0 and mixed["measure"] == "kl + relative error"
+
+
+@needs_torch
+def test_a_segmentation_like_model_is_distilled_towards_the_original_map():
+    from onnx_tucker.report import distill_summary
+    from onnx_tucker.runtime import make_session
+
+    original, compressed = (_dense_map(m) for m in tiny_pair())
+    feeds = feeds_for(original)
+    model, stats = _distill(original, compressed, feeds)
+    assert stats["outputs"] == ["values"] and stats["before"]["agreement"] is None and stats["kept"]
+    assert stats["after"]["kl"] < stats["before"]["kl"]
+    fresh = feeds_for(original, n=128, seed=7)
+
+    def error(m):
+        t = make_session(original).run(None, fresh)[0]
+        s = make_session(m).run(None, fresh)[0]
+        return float(((s - t) ** 2).sum() / (t**2).sum())
+
+    assert error(model) < error(compressed)
+    line = distill_summary(stats)
+    assert "relative squared error" in line and "agreement" not in line

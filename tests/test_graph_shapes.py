@@ -400,3 +400,28 @@ def test_loop_body_conv_beside_top_level_conv_keeps_running():
     new_half, _ = onnx_tucker.compress(_model(nodes, inits, out_shape=["N", 8, 10, 10]), ratio=0.5, force=True)
     onnx.checker.check_model(new_half)
     run_model(new_half, _feeds())
+
+
+def test_pads_computed_from_constants_are_folded_so_macs_are_known():
+    """torch's ZeroPad2d writes its pads as Constant -> Concat -> Reshape -> Cast: shape inference stops at the Pad
+    (its pads are not an initializer), so the conv after it had no size. The sizes come from a folded copy."""
+    from onnx_tucker.graph import infer_shapes
+
+    rng = np.random.default_rng(RNG_SEED)
+    half = lambda name, v: helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.array(v, np.int64)))  # noqa: E731
+    nodes = [half("a", [0, 0, 1, 2]), half("b", [0, 0, 2, 1]),
+             helper.make_node("Concat", ["a", "b"], ["ab"], axis=0),
+             helper.make_node("Reshape", ["ab", "shape"], ["pads2"]),
+             helper.make_node("Cast", ["pads2"], ["pads"], to=TensorProto.INT64),
+             helper.make_node("Pad", ["x", "pads"], ["padded"]),
+             helper.make_node("Conv", ["padded", "w"], ["y"], name="conv")]
+    inits = [numpy_helper.from_array(np.array([8], np.int64), "shape"),
+             numpy_helper.from_array(rng.standard_normal((16, 8, 3, 3)).astype(np.float32), "w")]
+    graph = helper.make_graph(nodes, "zero_pad", [helper.make_tensor_value_info("x", FLOAT, [1, 8, 12, 12])],
+                              [helper.make_tensor_value_info("y", FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert infer_shapes(model)["padded"] == (1, 8, 15, 15)
+    new, report = onnx_tucker.compress(model, ratio=0.5)
+    assert report.totals()["macs_known"] and report.decomposed[0].macs_before == 16 * 8 * 9 * 13 * 13
+    x = rng.standard_normal((1, 8, 12, 12)).astype(np.float32)
+    assert run_model(new, {"x": x})[0].shape == run_model(model, {"x": x})[0].shape == (1, 16, 13, 13)

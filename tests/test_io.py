@@ -342,3 +342,29 @@ def test_external_data_model_is_still_checked_in_memory(tmp_path, monkeypatch):
     onnx.save(residual_model(), str(plain))
     load_model(plain)
     assert seen == [path]  # checked from its file only
+
+
+def test_nodes_out_of_order_are_sorted_on_load_and_the_model_checks(tmp_path):
+    """onnxruntime's float16 converter appends its Casts after the nodes that read them: onnxruntime runs such a
+    model, the checker refuses it; load_model sorts the nodes (stably) instead of refusing."""
+    model = residual_model()
+    nodes = list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes[1:] + nodes[:1])  # the first node last: a reader before its producer
+    path = tmp_path / "unsorted.onnx"
+    onnx.save(model, path)
+    with pytest.raises(Exception):
+        onnx.checker.check_model(str(path))
+    loaded = load_model(path)
+    onnx.checker.check_model(loaded)
+    assert [n.name for n in loaded.graph.node] == [n.name for n in nodes]  # the original order is the only one here
+    x = np.random.default_rng(0).standard_normal((2, 3, 10, 10)).astype(np.float32)
+    np.testing.assert_allclose(run_model(loaded, {"x": x})[0], run_model(residual_model(), {"x": x})[0], rtol=1e-6)
+
+
+def test_sort_nodes_keeps_a_sorted_graph_as_it_is():
+    from onnx_tucker.io import sort_nodes
+
+    model = residual_model()
+    before = model.SerializeToString()
+    assert sort_nodes(model.graph) is False and model.SerializeToString() == before

@@ -39,6 +39,10 @@ def src(tmp_path):
     (["--target-macs", "0.5", "--calibrate", "x.npz", "--probe-images", "0"], "whole number >= 1"),
     (["--ratio", "nan"], "(0, 1]"),
     (["--target-macs", "0"], "(0, 1]"),
+    (["--distill-batch", "8"], "--distill-batch only applies with --distill"),
+    (["--distill", "--calibrate", "x.npz", "--distill-batch", "0"], "positive integer"),
+    (["--distill", "--calibrate", "x.npz", "--distill-steps", "0", "--distill-batch", "8"], "only applies with the global loss"),
+    (["--ratio", "0.3", "--target-latency", "0.5"], "--ratio has no effect with --target-latency"),
 ])
 def test_compress_flags_without_effect_or_with_bad_values_are_usage_errors(src, tmp_path, capsys, args, needle):
     assert main([str(src), str(tmp_path / "out.onnx"), *args]) == 2

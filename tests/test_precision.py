@@ -75,6 +75,23 @@ def test_float16_model_through_the_measured_budget_and_calibration():
     assert np.isfinite(b).all() and a.shape == b.shape
 
 
+def test_float16_model_from_the_converter_loads_from_its_file(tmp_path):
+    """The converter appends its input Casts after their readers: the file failed the checker in load_model (the CLI's
+    path), although onnxruntime runs it. It loads sorted now, and the CLI compresses it."""
+    import onnx
+
+    from onnx_tucker.cli import main
+    from onnx_tucker.io import load_model
+
+    model = to_float16(residual_model(), keep_io_types=True)
+    path = tmp_path / "f16io.onnx"
+    onnx.save(model, str(path))
+    loaded = load_model(path)
+    onnx.checker.check_model(loaded)
+    assert main([str(path), str(tmp_path / "out.onnx"), "--ratio", "0.5"]) == 0
+    assert weight_dtype(onnx.load(str(tmp_path / "out.onnx"))) == "float16"
+
+
 def test_float16_layers_are_timed_in_float16(tmp_path):
     import json
 

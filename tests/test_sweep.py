@@ -213,3 +213,20 @@ def test_sweep_rank_multiple_rounds_every_rank_or_keeps_the_whole_channel_count(
     for row in rows:
         assert_ranks_round_to(row["ranks"], multiple, model)
     assert rows[0]["ranks"]["stem"] == [8, 3]  # rounding 1.5 up to 4 would exceed the 3 channels: whole instead
+
+
+def test_a_dynamic_models_macs_are_counted_at_the_size_of_the_data(setup, tmp_path):
+    """H and W free in the model: the cost model counts at the --data images' size (it used to count parameters)."""
+    root, model = setup
+    dynamic = onnx.ModelProto()
+    dynamic.CopyFrom(model)
+    for dim in list(dynamic.graph.input[0].type.tensor_type.shape.dim)[2:]:
+        dim.ClearField("dim_value")
+        dim.dim_param = "side"
+    onnx.save(dynamic, str(tmp_path / "dynamic.onnx"))
+    args = ["--data", str(root / "test.npz"), "--runs", "2", "--batch", "1", "--no-progress", "--ratios", "0.5"]
+    assert main(["sweep", str(tmp_path / "dynamic.onnx"), "--out-dir", str(tmp_path / "d"), *args]) == 0
+    assert main(["sweep", str(root / "residual.onnx"), "--out-dir", str(tmp_path / "s"), *args]) == 0
+    got, want = (json.loads((tmp_path / d / "sweep.json").read_text()) for d in ("d", "s"))
+    assert got["original"]["conv_macs"] == want["original"]["conv_macs"] > got["original"]["conv_params"]
+    assert got["results"][0]["conv_macs"] == want["results"][0]["conv_macs"]
