@@ -109,6 +109,73 @@ def _conv(ins, a, opset):
     return _CONV[nd](x, w, b, strides, padding, dilations, a.get("group", 1))
 
 
+_CONV_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+def _conv_transpose(ins, a, opset):
+    """ConvTranspose with ``pads``, ``output_padding``, strides, dilations and groups (a U-Net's upsampling). The full
+    transposed conv, then ONNX's pads cropped and ``output_padding`` appended (rows only the bias reaches), exactly."""
+    x, w = ins[0], ins[1]
+    b = ins[2] if len(ins) > 2 else None
+    nd = w.dim() - 2
+    if nd not in _CONV_TRANSPOSE:
+        raise ModelError(f"torch executor: ConvTranspose with {nd} spatial axes is not supported")
+    if "output_shape" in a or a.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+        raise ModelError("torch executor: ConvTranspose with output_shape or a SAME auto_pad is not supported")
+    strides, dilations = a.get("strides", [1] * nd), a.get("dilations", [1] * nd)
+    pads = [0] * (2 * nd) if a.get("auto_pad", "NOTSET") == "VALID" else list(a.get("pads", [0] * (2 * nd)))
+    extra = a.get("output_padding", [0] * nd)
+    y = _CONV_TRANSPOSE[nd](x, w, None, strides, 0, 0, a.get("group", 1), dilations)
+    if any(extra):
+        y = F.pad(y, _torch_pad([0] * nd, extra))
+    crop = tuple(slice(begin, y.shape[2 + i] - end) for i, (begin, end) in enumerate(zip(pads[:nd], pads[nd:])))
+    y = y[(slice(None), slice(None), *crop)]
+    return y if b is None else y + b.reshape(1, -1, *([1] * nd))
+
+
+_RESIZE_LINEAR = {1: "linear", 2: "bilinear", 3: "trilinear"}
+
+
+def _resize(ins, a, opset):
+    """Resize/Upsample as torch exports them: ``nearest`` with ``asymmetric`` coordinates and ``floor`` (nn.Upsample),
+    ``linear`` with ``half_pixel``/``pytorch_half_pixel`` or ``align_corners`` (bilinear); scales or sizes on the
+    spatial axes only. Anything else is a one-line error naming the mode."""
+    x = ins[0]
+    nd = x.dim() - 2
+    if opset < 11:  # Upsample (opset 7-9) / Resize 10: (X, scales), asymmetric coordinates
+        scales, sizes, coords = (ins[1] if len(ins) > 1 else None), None, "asymmetric"
+        if scales is None and "scales" in a:
+            scales = torch.tensor(a["scales"])
+    else:
+        scales = ins[2] if len(ins) > 2 and ins[2] is not None and ins[2].numel() else None
+        sizes = ins[3] if len(ins) > 3 and ins[3] is not None and ins[3].numel() else None
+        coords = a.get("coordinate_transformation_mode", "half_pixel")
+    mode = a.get("mode", "nearest")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    unsupported = [k for k in ("axes", "antialias", "exclude_outside") if a.get(k)]
+    if unsupported or a.get("keep_aspect_ratio_policy", "stretch") != "stretch":
+        raise ModelError(f"torch executor: Resize with {', '.join(unsupported) or 'keep_aspect_ratio_policy'} is not supported")
+    if sizes is not None:
+        size = _ints(sizes)
+        if size[:2] != list(x.shape[:2]):
+            raise ModelError("torch executor: Resize of the batch or channel axis is not supported")
+        target = {"size": size[2:]}
+    elif scales is not None:
+        factors = [float(v) for v in scales.reshape(-1).tolist()]
+        if factors[:2] != [1.0, 1.0]:
+            raise ModelError("torch executor: Resize of the batch or channel axis is not supported")
+        target = {"scale_factor": factors[2:], "recompute_scale_factor": False}
+    else:
+        raise ModelError("torch executor: Resize without scales or sizes is not supported")
+    if mode == "nearest" and coords == "asymmetric" and a.get("nearest_mode", "round_prefer_floor" if opset >= 11 else "floor") == "floor":
+        return F.interpolate(x, mode="nearest", **target)
+    if mode == "linear" and nd in _RESIZE_LINEAR and coords in ("half_pixel", "pytorch_half_pixel", "align_corners"):
+        return F.interpolate(x, mode=_RESIZE_LINEAR[nd], align_corners=coords == "align_corners", **target)
+    raise ModelError(f"torch executor: Resize mode '{mode}' with coordinate_transformation_mode '{coords}'"
+                     + (f" and nearest_mode '{a.get('nearest_mode', 'round_prefer_floor')}'" if mode == "nearest" else "")
+                     + " is not supported")
+
+
 def _pool_geometry(x, a):
     nd = x.dim() - 2
     kernel = a["kernel_shape"]
@@ -361,6 +428,9 @@ def _binary(fn):
 
 OPS = {
     "Conv": _conv,
+    "ConvTranspose": _conv_transpose,
+    "Resize": _resize,
+    "Upsample": _resize,
     "Gemm": _gemm,
     "MatMul": _binary(torch.matmul),
     "Add": _binary(torch.add),

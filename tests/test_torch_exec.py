@@ -94,6 +94,62 @@ def test_conv(case):
     _assert_matches(*_single("Conv", [x_shape], attrs, inits))
 
 
+CONV_TRANSPOSE_CASES = {
+    "stride2": ((2, 4, 5, 5), (4, 6, 2, 2), {"strides": [2, 2], "bias": True}),  # a U-Net's upsampling
+    "pads": ((1, 4, 6, 7), (4, 3, 3, 3), {"strides": [2, 2], "pads": [1, 1, 1, 1]}),
+    "asymmetric_pads_output_padding": ((1, 4, 6, 5), (4, 3, 3, 3), {"strides": [2, 3], "pads": [0, 1, 1, 0],
+                                                                     "output_padding": [1, 2], "bias": True}),
+    "dilations_group": ((1, 4, 5, 5), (4, 2, 3, 3), {"dilations": [2, 1], "group": 2}),
+    "valid": ((1, 3, 4, 4), (3, 5, 3, 3), {"auto_pad": "VALID", "strides": [2, 2]}),
+    "1d": ((2, 3, 9), (3, 4, 4), {"strides": [2], "pads": [1, 1], "bias": True}),
+}
+
+
+@pytest.mark.parametrize("case", list(CONV_TRANSPOSE_CASES))
+def test_conv_transpose(case):
+    x_shape, w_shape, attrs = CONV_TRANSPOSE_CASES[case]
+    attrs = dict(attrs)
+    inits = {"W": _w(*w_shape)}
+    if attrs.pop("bias", False):
+        inits["B"] = np.random.default_rng(2).standard_normal(w_shape[1] * attrs.get("group", 1)).astype(np.float32)
+    _assert_matches(*_single("ConvTranspose", [x_shape], attrs, inits))
+
+
+RESIZE_CASES = {  # (x shape, attrs, scales, sizes, opset): what torch.onnx writes for nn.Upsample and interpolate
+    "nearest_asymmetric_floor_x2": ((1, 3, 4, 5), {"mode": "nearest", "coordinate_transformation_mode": "asymmetric",
+                                                   "nearest_mode": "floor"}, [1, 1, 2, 2], None, 17),
+    "nearest_sizes": ((2, 2, 3, 4), {"mode": "nearest", "coordinate_transformation_mode": "asymmetric",
+                                     "nearest_mode": "floor"}, None, [2, 2, 7, 9], 17),
+    "bilinear_pytorch_half_pixel": ((1, 3, 4, 5), {"mode": "linear", "coordinate_transformation_mode": "pytorch_half_pixel"},
+                                    [1, 1, 2, 2], None, 17),
+    "bilinear_half_pixel_sizes": ((1, 2, 5, 4), {"mode": "linear", "coordinate_transformation_mode": "half_pixel"},
+                                  None, [1, 2, 10, 12], 13),
+    "bilinear_align_corners": ((1, 2, 4, 4), {"mode": "linear", "coordinate_transformation_mode": "align_corners"},
+                               [1, 1, 2.5, 2], None, 17),
+    "linear_1d": ((2, 3, 6), {"mode": "linear", "coordinate_transformation_mode": "half_pixel"}, [1, 1, 2], None, 17),
+}
+
+
+@pytest.mark.parametrize("case", list(RESIZE_CASES))
+def test_resize(case):
+    x_shape, attrs, scales, sizes, opset = RESIZE_CASES[case]
+    inits = {"roi": np.zeros(0, np.float32), "scales": np.asarray(scales or [], np.float32)}
+    if sizes is not None:
+        inits["sizes"] = np.asarray(sizes, np.int64)
+    _assert_matches(*_single("Resize", [x_shape], attrs, inits, opset=opset))
+
+
+def test_upsample_opset9():
+    _assert_matches(*_single("Upsample", [(1, 2, 3, 4)], {"mode": "nearest"}, {"scales": np.array([1, 1, 2, 3], np.float32)}, opset=9))
+
+
+def test_resize_modes_torch_cannot_match_are_one_line_errors():
+    model, _ = _single("Resize", [(1, 2, 4, 4)], {"mode": "cubic"}, {"roi": np.zeros(0, np.float32),
+                                                                      "scales": np.array([1, 1, 2, 2], np.float32)})
+    with pytest.raises(ModelError, match="Resize mode 'cubic' with coordinate_transformation_mode 'half_pixel' is not supported"):
+        TorchGraph(model)(torch.zeros(1, 2, 4, 4))
+
+
 # --- Gemm, MatMul, elementwise ---------------------------------------------------------------------
 
 GEMM_CASES = {
