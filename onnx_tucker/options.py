@@ -569,9 +569,12 @@ class DistillArgs:
         return {"distill": settings}
 
 
+CACHE_SCHEMAS = {"--curves": "onnx-tucker.curves/", "--latency-table": "onnx-tucker.latency-table/"}
+
+
 def check_cache_file(text: str, flag: str) -> str:
-    """A cache file the tool reads and rewrites (``--curves``, ``--latency-table``): a regular file or a new
-    one in an existing folder."""
+    """A cache file the tool reads and rewrites (``--curves``, ``--latency-table``): a new one in an existing folder,
+    an empty file, or one this tool wrote (any version of its schema). Anything else would be overwritten: refused."""
     from pathlib import Path
 
     path = Path(text)
@@ -579,7 +582,27 @@ def check_cache_file(text: str, flag: str) -> str:
         raise UsageError(f"{flag}: {path} exists and is not a regular file")
     if not path.parent.is_dir():
         raise UsageError(f"{flag}: folder does not exist: {path.parent}")
+    check_own_cache(path, flag)
     return str(path)
+
+
+def check_own_cache(path, flag: str) -> None:
+    """Refuse to rewrite a non-empty file that is not this tool's ``flag`` cache (a model, notes, another tool's JSON)."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    try:
+        with open(path, "rb") as f:
+            data = json.loads(f.read())
+    except (OSError, ValueError):
+        data = None
+    schema = data.get("schema") if isinstance(data, dict) else None
+    if not (isinstance(schema, str) and schema.startswith(CACHE_SCHEMAS[flag])):
+        raise UsageError(f"{flag}: {path} is not an onnx-tucker {flag.lstrip('-')} file and would be overwritten: "
+                         "give a new path (or delete the file)")
 
 
 RANK_MULTIPLE_HELP = ("round ranks to multiples of N, or auto: the largest of 1, 4, 8, 16 whose rounded-up ranks cost no time on "

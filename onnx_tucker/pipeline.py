@@ -348,6 +348,9 @@ def plan_ranks(sites: list, opts: CompressOptions, fixed_macs: int = 0, model=No
                 if report is not None:
                     report.notes.append(f"measured budget unavailable ({exc}): uniform ratio used")
                 return allocate_ranks(sites, opts, fixed_macs)
+            if report is not None and measured.get("curves_replaced"):
+                report.notes.append(f"--curves {opts.curves} held curves of another model, calibration set or setting: "
+                                    "measured again and replaced")
             if report is not None:
                 curves = measured["curves"]
                 report.sensitivity = {

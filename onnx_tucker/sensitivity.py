@@ -33,6 +33,7 @@ from threadpoolctl import threadpool_limits
 
 from onnx_tucker.calibrate import patches_at
 from onnx_tucker.capture import activation_bytes, batch_for_bytes, fixed_batch, iterate, run_all
+from onnx_tucker.options import check_own_cache
 from onnx_tucker.factorization import get_form, not_worth_it
 from onnx_tucker.graph import cut, expose, from_bytes, probe_model, suffix_model, tensor_types
 from onnx_tucker.providers import fastest_available, probe_options
@@ -133,13 +134,14 @@ class CurveCache:
         digest.update(json.dumps([SCHEMA, rank_multiple, seed, probe_images, EVAL_ELEMENTS, EVAL_MIN, FIT_SAMPLES, FIT_ROWS, FIT_ITERATIONS]).encode())
         self.key = digest.hexdigest()
         self.layers = {}
-        if self.path.is_file():
-            try:
-                data = json.loads(self.path.read_text())
-            except (OSError, ValueError):
-                data = {}
+        self.replaced = False  # the file held curves of another model, calibration set or setting
+        check_own_cache(self.path, "--curves")
+        if self.path.is_file() and self.path.stat().st_size:
+            data = json.loads(self.path.read_text())
             if data.get("key") == self.key:
                 self.layers = data.get("layers", {})
+            else:
+                self.replaced = True
 
     def get(self, name: str, options: list) -> list | None:
         entry = self.layers.get(name)
@@ -360,7 +362,8 @@ def distortion_curves(model: onnx.ModelProto, candidates: list, feeds: dict, cov
 
     curves = {c.name: curves[c.name] for c in candidates}  # graph order, cached or not (refine updates this dict)
     result = {"curves": curves, "seconds": round(time.perf_counter() - start, 2), "eval_samples": n_eval,
-              "cached_layers": len(candidates) - len(todo), "provider": provider, "probes": count, "refine": refine}
+              "cached_layers": len(candidates) - len(todo), "provider": provider, "probes": count, "refine": refine,
+              "curves_replaced": bool(cache is not None and cache.replaced)}
     if ray is not None:
         result["ray"] = ray
     return result

@@ -383,3 +383,16 @@ def test_ranks_flag_bad_input_is_one_line_and_writes_nothing(saved_residual, tmp
     before = set(folder.iterdir())
     r = cli(saved_residual, folder / "out.onnx", *flags)
     assert_clean_failure(r, 2, needle, folder, before)
+
+
+def test_cache_flags_refuse_to_overwrite_a_file_the_tool_did_not_write(saved_residual, tmp_path):
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"my": "notes"}')
+    for args in (["--latency-aware", "--latency-table", notes], ["--target-macs", "0.5", "--calibrate", "x.npz", "--curves", notes]):
+        r = cli(saved_residual, tmp_path / "o.onnx", *args)
+        assert r.returncode == 2 and "would be overwritten" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert notes.read_text() == '{"my": "notes"}' and not (tmp_path / "o.onnx").exists()
+    empty = tmp_path / "new.json"
+    empty.write_text("")
+    r = cli(saved_residual, tmp_path / "o.onnx", "--latency-aware", "--latency-table", empty, "--no-check")
+    assert r.returncode == 0, r.stderr  # an empty file is a new cache

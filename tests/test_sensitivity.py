@@ -47,6 +47,21 @@ def test_other_calibration_data_or_model_invalidates_the_file(tmp_path):
     assert other_data.sensitivity["cached_layers"] == 0
     _, other_model = compress(residual_model(seed=3), target_macs=0.6, calibration=feeds(seed=1), curves=str(path))
     assert other_model.sensitivity["cached_layers"] == 0
+    assert any("held curves of another model, calibration set or setting: measured again and replaced" in n for n in other_model.notes)
+    _, same = compress(residual_model(seed=3), target_macs=0.6, calibration=feeds(seed=1), curves=str(path))
+    assert not any("--curves" in n for n in same.notes)
+
+
+@pytest.mark.parametrize("content", [b'{"my": "notes"}', b"\x08\x08\x12\x07pytorch", b'{"schema": "onnx-tucker.latency-table/1"}'])
+def test_a_file_that_is_not_a_curves_file_is_refused_and_kept(tmp_path, content):
+    """--curves on a model, notes or another cache: the tool used to overwrite it without a word."""
+    from onnx_tucker.errors import UsageError
+
+    path = tmp_path / "precious.json"
+    path.write_bytes(content)
+    with pytest.raises(UsageError, match="is not an onnx-tucker curves file and would be overwritten"):
+        compress(residual_model(), target_macs=0.6, calibration=feeds(), curves=str(path))
+    assert path.read_bytes() == content
 
 
 def test_moments_solve_equals_least_squares_on_the_rows():
