@@ -423,9 +423,16 @@ def export(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     adding any (issue 5: peak memory).
     """
     graph.cleanup().toposort()
+    # gs exports a Constant node's tensor by naming the TensorProto it imported, which is the template's own:
+    # the caller's model would come back changed (a name "" set), so those names are cleared again below.
+    unnamed = [a.t for n in template.graph.node for a in n.attribute
+               if a.type == onnx.AttributeProto.TENSOR and not a.t.HasField("name")]
     model = onnx.ModelProto()
     model.ir_version = template.ir_version
     _export_graph(graph, model.graph)
+    for tensor in unnamed:
+        if tensor.name == "":
+            tensor.ClearField("name")
     model.opset_import.extend(template.opset_import)
     copy_template_fields(model, template)
     return model

@@ -13,6 +13,7 @@ decoded batch by batch as the loops consume them (:class:`ImageStream`), so a bi
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -72,6 +73,9 @@ def stream_image_folder(folder, model, size: int, seed: int = 0, scale: float = 
     if size < len(files):
         pick = np.sort(np.random.default_rng(seed).choice(len(files), size, replace=False))
         files = [files[i] for i in pick]
+    for flag, values in (("--image-mean", mean), ("--image-std", std)):
+        if len(values) not in (1, channels):
+            raise UsageError(f"{flag}: {len(values)} values for a {channels}-channel input: give 1 or {channels}")
     mean = np.broadcast_to(np.asarray(mean, np.float32), (channels,))
     std = np.broadcast_to(np.asarray(std, np.float32), (channels,))
     if np.any(std == 0):
@@ -89,7 +93,13 @@ def stream_image_folder(folder, model, size: int, seed: int = 0, scale: float = 
         try:
             with Image.open(path) as image:
                 _check_mode(path, image.mode, channels)
-                array = np.asarray(image.convert(mode).resize((width, height), Image.BILINEAR), np.float32)
+                if image.mode.startswith("I"):  # a 16-bit grey PNG: PIL's convert clips it at 255, so scale it to 0..255
+                    grey = Image.fromarray(np.asarray(image, np.float32) * (255.0 / 65535.0), mode="F")
+                    grey = np.asarray(grey.resize((width, height), Image.BILINEAR), np.float32)[..., None]
+                    array = np.concatenate([np.repeat(grey, min(channels, 3), axis=2)]
+                                           + ([np.full_like(grey, 255.0)] if channels == 4 else []), axis=2)
+                else:
+                    array = np.asarray(image.convert(mode).resize((width, height), Image.BILINEAR), np.float32)
         except DataError:
             raise
         except (UnidentifiedImageError, OSError, ValueError) as exc:  # a file truncated after its header
@@ -97,7 +107,9 @@ def stream_image_folder(folder, model, size: int, seed: int = 0, scale: float = 
         out = (array.reshape(height, width, channels) * scale - mean) / std
         return np.ascontiguousarray(out.transpose(2, 0, 1)) if layout == "NCHW" else out
     shape = (channels, height, width) if layout == "NCHW" else (height, width, channels)
-    return {name: ImageStream(files, decode, shape)}
+    stream = ImageStream(files, decode, shape)
+    stream.distinct = len({hashlib.sha1(Path(f).read_bytes()).digest() for f in files})  # copies of one image count once
+    return {name: stream}
 
 
 class ImageStream:
@@ -107,6 +119,7 @@ class ImageStream:
 
     ndim = 4
     dtype = np.dtype(np.float32)
+    distinct = None  # files with different bytes among the folder's chosen ones (set by stream_image_folder)
 
     def __init__(self, files: list, decode, sample_shape: tuple, index: np.ndarray | None = None, counter: list | None = None):
         self.files, self.decode, self.sample_shape = files, decode, tuple(sample_shape)

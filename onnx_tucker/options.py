@@ -10,6 +10,8 @@ import math
 import os
 from dataclasses import dataclass, field, fields
 
+import numpy as np
+
 from onnx_tucker.decompose import DEFAULT_ITERATIONS, METHODS
 from onnx_tucker.errors import UsageError
 
@@ -218,7 +220,8 @@ class CompressOptions:
             raise UsageError(f"unknown refit {self.refit!r}: choose core, last or none")
         if isinstance(self.exclude, str):
             self.exclude = tuple(e.strip() for e in self.exclude.split(",") if e.strip())
-        self.exclude = tuple(self.exclude)
+        self.exclude = _names(self.exclude, "exclude", "layer names or 0-based indices")
+        self._check_types()
         from onnx_tucker.ranks import normalize_ranks
 
         self.ranks = normalize_ranks(self.ranks)
@@ -227,18 +230,64 @@ class CompressOptions:
         if self.forms is not None:
             from onnx_tucker.factorization import get_form
 
-            self.forms = tuple(get_form(f).name for f in self.forms)
+            forms = self.forms.split(",") if isinstance(self.forms, str) else self.forms
+            self.forms = tuple(get_form(f).name for f in _names(forms, "forms", "form names such as 'tucker2'"))
         if self.layers is not None:
             from onnx_tucker.factorization import layer_plan
 
             self.layers = tuple(self.layers.split(",")) if isinstance(self.layers, str) else tuple(self.layers)
             layer_plan(self.layers, self.forms)  # refuses unknown kinds
+        measured = (self.target_macs is not None or self.target_latency is not None) and self.calibration is not None
+        if self.curves is not None and not measured:
+            raise UsageError("curves only applies with target_macs (or target_latency) and calibration (the measured budget)")
+        if self.ray is not None and (self.target_macs is None or self.calibration is None or self.budget_rule == "uniform"):
+            raise UsageError("ray only applies with target_macs and calibration (the measured budget's curves)")
         if self.ray is not None:
             from onnx_tucker.fanout import check_address, require_ray
 
             self.ray = check_address(self.ray)
             require_ray()
         return self
+
+    def _check_types(self) -> None:
+        """The API's dict options have the shapes the CLI would build: one-line errors instead of a traceback deep inside."""
+        import inspect
+
+        if self.calibration is not None:
+            if not isinstance(self.calibration, dict) or not self.calibration:
+                raise UsageError("calibration: expected {input name: array of samples} "
+                                 "(onnx_tucker.data.load_calibration(path, model) reads a .npz file or an image folder)")
+            for name, value in self.calibration.items():
+                if not hasattr(value, "shape") or len(value.shape) < 1:
+                    raise UsageError(f"calibration[{name!r}]: expected an array with one sample per row, got {type(value).__name__}")
+        if self.input_shapes is not None:
+            if not isinstance(self.input_shapes, dict):
+                raise UsageError("input_shapes: expected {input name: [dims]}")
+            for name, dims in self.input_shapes.items():
+                if isinstance(dims, str) or not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d > 0
+                                                    for d in (dims if hasattr(dims, "__iter__") else [None])):
+                    raise UsageError(f"input_shapes[{name!r}]: expected positive whole dims such as [1, 3, 224, 224], got {dims!r}")
+        if self.distill is not None:
+            if not isinstance(self.distill, dict):
+                raise UsageError("distill: expected a dict of onnx_tucker.distill.distill options ({} for its defaults)")
+            from onnx_tucker.distill import distill
+
+            allowed = set(inspect.signature(distill).parameters) - {"original", "compressed", "feeds", "trainable"}
+            unknown = sorted(set(self.distill) - allowed)
+            if unknown:
+                raise UsageError(f"distill: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(allowed))}")
+
+
+def _names(values, what: str, expected: str) -> tuple:
+    """``values`` as a tuple of names (str, or int for a layer index), or a one-line error."""
+    try:
+        items = tuple(values)
+    except TypeError:
+        raise UsageError(f"{what}: expected a list of {expected}, got {type(values).__name__}") from None
+    bad = [v for v in items if not isinstance(v, (str, int)) or isinstance(v, bool)]
+    if bad:
+        raise UsageError(f"{what}: expected a list of {expected}, got {bad[0]!r}")
+    return items
 
 
 def settings_of(opts: CompressOptions, report_decomposed: bool = True) -> dict:
@@ -485,17 +534,25 @@ class CalibrationArgs:
                 scale = eval_fraction(args.image_scale) if args.image_scale is not None else 1.0
             except (ValueError, ZeroDivisionError):
                 raise UsageError(f"--image-scale: expected a number like 1/255, got {args.image_scale!r}") from None
+            if not (math.isfinite(scale) and scale > 0):
+                raise UsageError(f"--image-scale: expected a positive finite number like 1/255, got {args.image_scale!r}")
             calibration = stream_image_folder(  # decoded batch by batch as the loops take them
                 args.calibrate, model, size, scale=scale,
                 mean=parse_floats(args.image_mean, "--image-mean") if args.image_mean is not None else (0.0,),
                 std=parse_floats(args.image_std, "--image-std") if args.image_std is not None else (1.0,),
                 input_shapes=input_shapes,
             )
-            count = len(next(iter(calibration.values())))
+            stream = next(iter(calibration.values()))
+            count = len(stream)
             if count < MIN_CALIB_SAMPLES:
                 from onnx_tucker.errors import DataError
 
                 raise DataError(f"{args.calibrate} holds {count} images, fewer than the {MIN_CALIB_SAMPLES} a calibration needs")
+            if stream.distinct is not None and stream.distinct < MIN_CALIB_SAMPLES:  # as a .npz file's samples are checked
+                from onnx_tucker.errors import DataError
+
+                raise DataError(f"{args.calibrate} gives {count} images ({stream.distinct} distinct files): a data-aware fit needs "
+                                f"at least {MIN_CALIB_SAMPLES} distinct samples")
         else:
             for flag, value in image_flags:
                 if value is not None:

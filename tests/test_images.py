@@ -93,3 +93,47 @@ def test_a_folder_is_decoded_batch_by_batch_and_compresses_as_the_decoded_array(
     a = {i.name: numpy_helper.to_array(i) for i in new_a.graph.initializer}
     for init in new_s.graph.initializer:
         np.testing.assert_allclose(numpy_helper.to_array(init), a[init.name], rtol=1e-4, atol=1e-6)
+
+
+def test_16_bit_grey_pngs_are_scaled_to_0_255_not_clipped(tmp_path):
+    """PIL's convert("RGB") of an I;16 image clips every value above 255: a 16-bit scan became almost all 255."""
+    folder = tmp_path / "png16"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 65536, (10, 10), dtype=np.uint16)).save(folder / f"{i}.png")
+    with Image.open(folder / "0.png") as image:
+        assert image.mode.startswith("I")
+        raw = np.asarray(image, np.float64)
+    x = load_image_folder(folder, residual_model(), size=4)["x"]  # 10x10: no resize
+    first = x[0]
+    np.testing.assert_allclose(first[0], raw * 255 / 65535, atol=0.02)
+    assert np.array_equal(first[0], first[1]) and np.array_equal(first[1], first[2])  # grey -> RGB
+    assert (x == 255).mean() < 0.01
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--image-mean", "1,2"], "--image-mean: 2 values for a 3-channel input: give 1 or 3"),
+    (["--image-std", "1,2,3,4"], "--image-std: 4 values for a 3-channel input: give 1 or 3"),
+    (["--image-scale", "inf"], "--image-scale: expected a positive finite number"),
+    (["--image-scale", "0"], "--image-scale: expected a positive finite number"),
+])
+def test_preprocessing_flags_that_do_not_fit_are_usage_errors(tmp_path, capsys, args, needle):
+    src = tmp_path / "in.onnx"
+    onnx.save(residual_model(), str(src))
+    folder = make_folder(tmp_path / "imgs", n=40)
+    assert main([str(src), str(tmp_path / "o.onnx"), "--ratio", "0.5", "--calibrate", str(folder), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and needle in err and not (tmp_path / "o.onnx").exists()
+
+
+def test_a_folder_of_copies_is_refused_like_a_file_of_copies(tmp_path, capsys):
+    folder = tmp_path / "copies"
+    folder.mkdir()
+    for i in range(40):
+        Image.fromarray(np.full((10, 10, 3), 40 * (i % 5), np.uint8)).save(folder / f"{i:02d}.png")
+    src = tmp_path / "in.onnx"
+    onnx.save(residual_model(), str(src))
+    assert main([str(src), str(tmp_path / "o.onnx"), "--ratio", "0.5", "--calibrate", str(folder)]) == 1
+    err = capsys.readouterr().err
+    assert "gives 40 images (5 distinct files): a data-aware fit needs at least 32 distinct samples" in err

@@ -3,6 +3,7 @@ has no effect, or with a bad value, is a one-line usage error rather than silent
 import inspect
 
 import onnx
+import numpy as np
 import pytest
 
 from onnx_tucker import UsageError, compress
@@ -102,3 +103,24 @@ def test_list_parsers_refuse_empty_items():
     for bad in ("", "1,,2", ",1"):
         with pytest.raises(UsageError):
             check_int_list(bad, "--batch")
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    ({"forms": 5}, "forms: expected a list of form names"),
+    ({"exclude": 0}, "exclude: expected a list of layer names or 0-based indices"),
+    ({"exclude": [None]}, "exclude: expected a list of layer names or 0-based indices, got None"),
+    ({"calibration": np.zeros((64, 3, 10, 10), np.float32)}, "calibration: expected {input name: array of samples}"),
+    ({"calibration": "train.npz"}, "load_calibration(path, model)"),
+    ({"calibration": {"x": [1, 2]}}, "calibration['x']: expected an array"),
+    ({"distill": {"bogus": 1}, "calibration": {"x": np.zeros((64, 3, 10, 10), np.float32)}}, "distill: unknown option(s) bogus"),
+    ({"distill": 5}, "distill: expected a dict"),
+    ({"input_shapes": {"x": "abc"}}, "input_shapes['x']: expected positive whole dims"),
+    ({"input_shapes": {"x": [1, 3, 0, 10]}}, "input_shapes['x']: expected positive whole dims"),
+    ({"curves": "c.json"}, "curves only applies with target_macs"),
+    ({"ray": "auto"}, "ray only applies with target_macs and calibration"),
+])
+def test_api_options_of_the_wrong_shape_are_usage_errors(kwargs, needle):
+    """What the CLI cannot send but a script can: one UsageError saying what was expected, not a TypeError deep inside."""
+    with pytest.raises(UsageError) as info:
+        compress(residual_model(), ratio=0.5, **kwargs)
+    assert needle in str(info.value) and "\n" not in str(info.value)

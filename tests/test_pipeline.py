@@ -294,6 +294,29 @@ def test_input_model_not_modified(residual):
     assert residual.SerializeToString() == before
 
 
+def test_input_model_with_constant_nodes_not_modified():
+    """torch writes Clip's bounds (ReLU6) as Constant nodes whose tensors have no name; onnx-graphsurgeon's export used
+    to name the caller's own TensorProto ("")."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    bound = lambda name, v: helper.make_node("Constant", [], [name], value=helper.make_tensor("", TensorProto.FLOAT, [], [v]))  # noqa: E731
+    nodes = [bound("lo", 0.0), bound("hi", 6.0)]
+    nodes[0].attribute[0].t.ClearField("name")
+    nodes[1].attribute[0].t.ClearField("name")
+    nodes += [helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1]), helper.make_node("Clip", ["c1", "lo", "hi"], ["r1"]),
+              helper.make_node("Conv", ["r1", "w2"], ["y"], pads=[1, 1, 1, 1])]
+    inits = [numpy_helper.from_array(rng.standard_normal((16, 8, 3, 3)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.standard_normal((16, 16, 3, 3)).astype(np.float32), "w2")]
+    graph = helper.make_graph(nodes, "relu6", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, 8, 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert not model.graph.node[0].attribute[0].t.HasField("name")
+    before = model.SerializeToString()
+    new, report = compress(model, ratio=0.5)
+    assert report.decomposed and model.SerializeToString() == before
+
+
 def test_same_options_byte_identical(residual):
     a, _ = compress(residual, ratio=0.5)
     b, _ = compress(residual_model(), ratio=0.5)
