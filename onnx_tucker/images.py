@@ -152,16 +152,17 @@ class ImageStream:
 
 
 def _check_mode(path, mode: str, channels: int) -> None:
-    if _channels_of(mode) > channels or (channels == 1 and mode not in ("L", "1", "I", "I;16", "P")):
+    """A colour image for a grey model is refused (no silent conversion); any image converts to RGB or RGBA (an alpha
+    channel dropped, CMYK to RGB, as PIL's convert and torchvision's loaders do)."""
+    if channels == 1 and mode not in GREY_MODES:
         raise DataError(f"{path} is a {mode} image with more channels than the model's {channels}")
+
+
+GREY_MODES = ("L", "1", "I", "I;16", "I;16B", "I;16L", "F", "LA", "P")  # a palette image may be grey: converted to L
 
 
 def _unreadable(path, exc) -> str:
     return f"cannot read image {path}: {str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}"
-
-
-def _channels_of(mode: str) -> int:
-    return {"1": 1, "L": 1, "P": 3, "I": 1, "I;16": 1, "F": 1, "LA": 2, "RGB": 3, "YCbCr": 3, "LAB": 3, "HSV": 3, "RGBA": 4, "CMYK": 4}.get(mode, 3)
 
 
 def _with_shapes(model, input_shapes):

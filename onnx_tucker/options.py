@@ -24,6 +24,8 @@ DEFAULT_CALIB_SIZE = 2048  # measured: 512 -> 2048 samples took the 3x drop from
 # --- value checks (each raises a one-line UsageError) ---------------------------------------------
 
 def check_ratio(ratio, what: str = "ratio") -> float:
+    if isinstance(ratio, bool):  # float(True) is 1.0: a slip, not a ratio
+        raise UsageError(f"{what} must be a number in (0, 1], got {ratio!r}")
     try:
         value = float(ratio)
     except (TypeError, ValueError):
@@ -185,6 +187,9 @@ class CompressOptions:
         from onnx_tucker.ranks import check_energy
 
         self.ratio = check_ratio(self.ratio)
+        for flag in ("force", "latency_aware", "whiten", "fold_affine"):
+            if not isinstance(getattr(self, flag), bool):
+                raise UsageError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
         self.rank_multiple = check_rank_multiple(self.rank_multiple)
         self.n_iter_max = check_count(self.n_iter_max, "iterations")
         self.latency_batch = check_positive_int(self.latency_batch, "latency_batch")

@@ -137,3 +137,22 @@ def test_a_folder_of_copies_is_refused_like_a_file_of_copies(tmp_path, capsys):
     assert main([str(src), str(tmp_path / "o.onnx"), "--ratio", "0.5", "--calibrate", str(folder)]) == 1
     err = capsys.readouterr().err
     assert "gives 40 images (5 distinct files): a data-aware fit needs at least 32 distinct samples" in err
+
+
+def test_rgba_and_cmyk_images_feed_an_rgb_model_and_colour_is_refused_for_a_grey_one(tmp_path):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (10, 10, 4), dtype=np.uint8), "RGBA").save(folder / f"a{i}.png")
+        Image.fromarray(rng.integers(0, 256, (10, 10, 4), dtype=np.uint8), "CMYK").save(folder / f"c{i}.jpg")
+    x = load_image_folder(folder, residual_model(), size=6)["x"]
+    assert x.shape == (6, 3, 10, 10)
+    with Image.open(folder / "a0.png") as image:  # alpha dropped: the RGB values themselves
+        np.testing.assert_array_equal(x[0], np.asarray(image.convert("RGB"), np.float32).transpose(2, 0, 1))
+    grey = residual_model()
+    grey.graph.input[0].type.tensor_type.shape.dim[1].dim_value = 1
+    grey.graph.initializer[0].CopyFrom(onnx.numpy_helper.from_array(
+        onnx.numpy_helper.to_array(grey.graph.initializer[0])[:, :1].copy(), grey.graph.initializer[0].name))
+    with pytest.raises(DataError, match="more channels than the model's 1"):
+        load_image_folder(folder, grey, size=6)
