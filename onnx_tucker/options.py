@@ -829,7 +829,7 @@ class RuntimeArgs:
     """onnxruntime sessions for timing: providers, threads, batches."""
 
     @staticmethod
-    def add(parser, batch_default: str = "1", providers: bool = True) -> None:
+    def add(parser, batch_default: str = "1", providers: bool = True, runs_default: int = 100) -> None:
         if providers:
             parser.add_argument("--providers", metavar="LIST",
                                 help="comma-separated execution providers (see `onnx-tucker bench --help`; default: every one available; "
@@ -837,7 +837,8 @@ class RuntimeArgs:
         parser.add_argument("--batch", default=batch_default, metavar="LIST", help=f"comma-separated batch sizes (default {batch_default})")
         parser.add_argument("--threads", type=_type(check_positive_int, "--threads"), default=min(2, os.cpu_count() or 1), metavar="N",
                             help="intra-op threads per session (default 2, or fewer CPUs)")
-        parser.add_argument("--runs", type=_type(check_positive_int, "--runs"), default=None, metavar="N", help="timed interleaved runs per model")
+        parser.add_argument("--runs", type=_type(check_positive_int, "--runs"), default=runs_default, metavar="N",
+                            help=f"timed interleaved runs per model (default {runs_default})")
         parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
     @staticmethod

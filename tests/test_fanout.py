@@ -92,6 +92,7 @@ def test_curves_and_ranks_on_two_nodes_are_the_local_ones(two_nodes, tmp_path):
     path = tmp_path / "curves.json"
     remote_model, remote = compress(model, target_macs=0.6, calibration=cal, ray="auto", curves=str(path))
     assert remote.sensitivity["ray"] == "auto" and "ray" not in local.sensitivity
+    assert any(n.startswith("--ray auto: the measured budget's") and "ran as Ray tasks" in n for n in remote.notes)
     assert remote.sensitivity["curves"] == local.sensitivity["curves"]  # bit for bit, not only close
     assert [(r.layer, r.ranks) for r in remote.layers] == [(r.layer, r.ranks) for r in local.layers]
     assert [i.SerializeToString() for i in remote_model.graph.initializer] == [i.SerializeToString() for i in local_model.graph.initializer]
