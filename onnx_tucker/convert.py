@@ -72,8 +72,10 @@ class Conversion:
 
 def load_keras(path: str | os.PathLike):
     path = Path(path)
+    if not path.exists():  # a usage error, exit 2, as compress's missing input
+        raise UsageError(f"Keras model not found: {path}")
     if not path.is_file():
-        raise DataError(f"Keras model not found: {path}")
+        raise UsageError(f"Keras model is not a file: {path}")
     if path.suffix == ".keras" and not zipfile.is_zipfile(path):
         raise ModelError(f"{path} is not a Keras model (a .keras file is a zip archive)")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")

@@ -674,3 +674,10 @@ def test_convert_output_that_is_a_device_fifo_or_its_inputs_is_refused(tiny_kera
     r = cli("convert", tiny_keras, target, *extra, timeout=180)
     refused(r, 2)
     assert r.stdout == "" and tree(tmp_path) == before
+
+
+def test_convert_of_a_missing_or_folder_input_is_a_usage_error_like_compress(tmp_path):
+    for source, said in ((tmp_path / "nope.keras", "Keras model not found"), (tmp_path, "Keras model is not a file")):
+        r = cli("convert", source, tmp_path / "o.onnx")
+        refused(r, 2, said)
+    assert not (tmp_path / "o.onnx").exists()
