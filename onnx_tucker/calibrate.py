@@ -351,8 +351,8 @@ class _Forward:
             if segment is None:
                 return None
             inputs = [i.name for i in segment.graph.input]
-            if any(not self._per_image(self.state[t]) for t in inputs):
-                return None
+            if not inputs or any(not self._per_image(self.state[t]) for t in inputs):
+                return None  # no per-image input (a segment computing constants only, e.g. Identity of a weight)
             session = _session(segment)
             # written batch by batch into arrays for every image (no list of chunks to concatenate: at a
             # ResNet50's stem, 512 images' activations are 1.6 GB a tensor)

@@ -300,11 +300,21 @@ def segment_model(model: onnx.ModelProto, start: int, stop: int, outputs: list[s
         return None
     nodes = list(model.graph.node)[start:stop]
     needed = {t for n in nodes for t in n.input}
-    # A Constant node before the segment (Clip's bounds in a torch export) is copied in, not fed: its
-    # value is not one row per image, and feeding it would stop the one-pass forward (constant_outputs).
+    # A constant node before the segment (Clip's bounds in a torch export, an Identity of a shared weight) is copied
+    # in with the constant nodes it reads, not fed: its value is not one row per image, and feeding it would stop
+    # the one-pass forward (constant_outputs).
     constants = constant_outputs(model)
-    copied = [constants[t] for t in dict.fromkeys(t for t in inputs if t in needed and t in constants)]
+    position = {o: i for i, n in enumerate(model.graph.node) for o in n.output if o}
+    wanted, stack = set(), [t for t in inputs if t in needed and t in constants]
+    while stack:
+        at = position[stack.pop()]
+        if at in wanted or start <= at < stop:
+            continue
+        wanted.add(at)
+        stack.extend(i for i in model.graph.node[at].input if i in constants)
+    copied = [model.graph.node[i] for i in sorted(wanted)]  # graph order
     nodes = copied + nodes
+    needed |= {t for n in copied for t in n.input}
     used = [t for t in inputs if t in needed and t not in constants]
     graph = onnx.helper.make_graph(
         nodes, f"{model.graph.name}_segment",
@@ -317,9 +327,24 @@ def segment_model(model: onnx.ModelProto, start: int, stop: int, outputs: list[s
     return segment
 
 
+NOT_CONSTANT_OPS = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
+
+
 def constant_outputs(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
-    """Tensor name -> the Constant node (no inputs) that makes it."""
-    return {o: n for n in model.graph.node if n.op_type == "Constant" and not n.input for o in n.output}
+    """Tensor name -> the node that makes it, for tensors that do not depend on the graph inputs: ``Constant`` nodes
+    and nodes fed only by initializers and such tensors (torch's ``Identity`` of a shared weight, a ``Cast`` of a
+    constant), in graph order. Their values are not one row per image: segments copy these nodes in."""
+    known = {i.name for i in model.graph.initializer} | {""}
+    made = {}
+    for node in model.graph.node:
+        if node.op_type in NOT_CONSTANT_OPS or any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                                                   for a in node.attribute):
+            continue
+        if all(i in known or i in made for i in node.input):
+            for o in node.output:
+                if o:
+                    made[o] = node
+    return made
 
 
 # --- consumers and initializers -------------------------------------------------------------------

@@ -549,3 +549,37 @@ def test_tucker_trainable_reads_the_chain_records_of_every_form():
     for chain in report.chains:  # every form's factor weights, and the bias the chain alone reads
         assert set(chain.weights.values()) <= set(names) and (chain.bias is None or chain.bias in names)
     assert len(names) == len(set(names)) and set(names) <= {i.name for i in new.graph.initializer}
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="torch not installed")
+def test_a_constant_computed_by_a_node_is_not_fed_as_an_input_of_a_unit():
+    """torch writes a shared parameter as an Identity of an initializer at the top of the graph: the one-pass forward
+    ran a segment with no per-image input (StopIteration), and the unit took the Identity's output as an input of one
+    row. Nodes fed only by constants are constants: copied into segments and computed inside the unit."""
+    from onnx import TensorProto
+
+    from onnx_tucker import compress
+    from onnx_tucker.graph import constant_outputs
+
+    rng = np.random.default_rng(0)
+    w = lambda *s: (rng.standard_normal(s) / np.sqrt(np.prod(s[1:]))).astype(np.float32)  # noqa: E731
+    inits = [numpy_helper.from_array(w(32, 8, 3, 3), "w1"), numpy_helper.from_array(w(32, 32, 3, 3), "w2"),
+             numpy_helper.from_array(np.full((1, 32, 1, 1), 0.1, np.float32), "shift"), numpy_helper.from_array(w(10, 32), "fc_w")]
+    nodes = [helper.make_node("Identity", ["shift"], ["shift2"], name="dedup_identity"),
+             helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("Conv", ["r1", "w2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+             helper.make_node("Add", ["c2", "shift2"], ["a2"], name="add"),
+             helper.make_node("Relu", ["a2"], ["r2"], name="relu2"),
+             helper.make_node("GlobalAveragePool", ["r2"], ["p"], name="gap"),
+             helper.make_node("Flatten", ["p"], ["fl"], name="flat"),
+             helper.make_node("Gemm", ["fl", "fc_w"], ["y"], name="fc", transB=1)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 16, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert set(constant_outputs(model)) == {"shift2"}
+    cal = {"x": rng.standard_normal((128, 8, 16, 16)).astype(np.float32)}
+    new, report = compress(model, ratio=0.5, calibration=cal, distill={"steps": 5, "reconstruct_steps": 5, "threads": 1})
+    assert report.distill["reconstruct"]["chains"] and report.decomposed
+    x = rng.standard_normal((4, 8, 16, 16)).astype(np.float32)
+    assert np.isfinite(run_model(new, {"x": x})[0]).all()
