@@ -128,8 +128,10 @@ class ConvShape:
         return self.c_out * (self.c_in // self.group) * math.prod(self.kernel)
 
     def macs(self) -> int:
-        """Multiply-accumulates of the original conv; falls back to params (one output pixel) if unknown."""
-        pixels = math.prod(self.out_spatial) if self.out_spatial is not None else 1
+        """Multiply-accumulates of the original conv; falls back to params (one output pixel) if unknown. Both sizes
+        must be known, as for the chains' costs: a declared output size after an unknown input (a graph output after a
+        Loop) would otherwise weigh the layer in MACs and its chain in parameters."""
+        pixels = math.prod(self.out_spatial) if self.known else 1
         return self.params() * pixels
 
     def chain_params(self, rank_out: int, rank_in: int) -> int:

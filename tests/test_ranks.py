@@ -137,3 +137,13 @@ def test_api_ranks_accept_ints_tuples_lists_and_index_keys():
     for bad in ({"x": 0}, {"x": 2.5}, {"x": True}, {"x": ()}, {"x": (1, 2, 3)}):
         with pytest.raises(UsageError):
             normalize_ranks(bad)
+
+
+def test_a_conv_with_only_its_output_size_known_is_costed_in_parameters_like_its_chain():
+    """A graph output after a Loop declares the conv's output size while its input size is unknown: the layer was
+    weighed in MACs (output pixels) and its chain in parameters, so a chain that adds both looked profitable."""
+    from onnx_tucker.ranks import ConvShape
+
+    shape = ConvShape(c_out=32, c_in=16, kernel=(3, 3), in_spatial=None, out_spatial=(12, 12))
+    assert not shape.known and shape.macs() == shape.params() == 32 * 16 * 9
+    assert shape.chain_macs(32, 16) == shape.chain_params(32, 16) > shape.macs()  # full rank adds: never profitable

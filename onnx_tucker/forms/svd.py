@@ -90,7 +90,7 @@ class SVDForm:
         (r,) = ranks
         shape = site.shape
         params = r * (shape.c_in + shape.c_out)
-        pixels = math.prod(shape.out_spatial) if shape.out_spatial is not None else 1
+        pixels = math.prod(shape.out_spatial) if shape.known else 1  # as ConvShape.macs
         return Cost(macs=params * pixels, params=params)
 
     def fit(self, site, ranks, *, n_iter_max: int = 0, method: str = "eig", input_covariance=None) -> SVDFactors:
