@@ -436,11 +436,24 @@ def check_models(paths: list[Path], batches: list[int] | None = None) -> list:
         if wrong:  # timing batch 1 and calling it batch 32 would report 32x the throughput
             raise UsageError(f"{path.name} is exported for batch {fixed} only: --batch {wrong[0]} cannot run it "
                              f"(use --batch {fixed}, or export it with a dynamic batch axis)")
-    first = [(i.name, i.type.tensor_type.elem_type) for i in graph_inputs(models[0])]
+    def signature(model):  # name, element type, rank, and the sizes after the batch where both are fixed
+        return [(i.name, i.type.tensor_type.elem_type, [d.dim_value or None for d in i.type.tensor_type.shape.dim][1:])
+                for i in graph_inputs(model)]
+
+    first = signature(models[0])
     for path, model in zip(paths[1:], models[1:]):
-        if [(i.name, i.type.tensor_type.elem_type) for i in graph_inputs(model)] != first:
-            raise ModelError(f"{path} has other inputs than {paths[0]}: the models must take the same inputs")
+        other = signature(model)
+        same = len(other) == len(first) and all(
+            a[:2] == b[:2] and len(a[2]) == len(b[2]) and all(x is None or y is None or x == y for x, y in zip(a[2], b[2]))
+            for a, b in zip(first, other))
+        if not same:
+            raise ModelError(f"{path} has other inputs than {paths[0]} ({_describe(other)} against {_describe(first)}): "
+                             "the models must take the same inputs")
     return models
+
+
+def _describe(signature) -> str:
+    return ", ".join(f"{name} [N, {', '.join('?' if d is None else str(d) for d in dims)}]" for name, _, dims in signature)
 
 
 def _progress(config: BenchConfig, total: int):

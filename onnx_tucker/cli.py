@@ -290,6 +290,9 @@ def cmd_inspect(args) -> int:
     _, sites = factorable_sites(model, forms, input_shapes, layers=layers)
     if not sites:
         print("no Conv layers")
+        if args.json:  # a script reads the file whatever the model holds
+            args.outputs.write_text(args.json, json.dumps({"layers": [], "macs_total": 0, "macs_known": True,
+                                                           "rank_multiple": args.rank_multiple}, indent=2), "--json")
         return 0
     unknown = any(s.shape is not None and not s.shape.known for s in sites)
     # what compress weighs a chain against (its "crumbs" rule), and what it counts where MACs are unknown
@@ -476,6 +479,10 @@ def main(argv: list[str] | None = None) -> int:
             return COMMANDS[args.command](args)
     except KeyboardInterrupt as exc:
         return _interrupted(getattr(exc, "signum", 2))
+    except BrokenPipeError:  # stdout's reader left (`| head`): quiet, as a program killed by SIGPIPE, no traceback at exit
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 128 + 13
     except OnnxTuckerError as exc:
         if interrupted_by():  # the signal's exception was turned into an error on its way out
             return _interrupted(interrupted_by())

@@ -1,5 +1,6 @@
 """bench: statistics on synthetic timings, interleaving, profile attribution, JSON schema, accuracy, CLI."""
 import json
+import re
 import os
 import subprocess
 import sys
@@ -387,3 +388,21 @@ def test_bench_on_cuda_with_graph_capture_and_fp16(residual_pair):
     assert result["settings"]["cuda_graph"] and result["settings"]["precision"] == "float16"
     assert all(r["session_providers"][0] == "CUDAExecutionProvider" for r in result["results"])
     assert all(np.isfinite(row["max_abs_diff"]) for row in result["accuracy"])
+
+
+def test_models_with_other_input_shapes_are_one_line_errors(tmp_path):
+    """A rank-2 and a rank-3 input of the same name: the bench ran into onnxruntime's error as an internal one."""
+    from onnx_tucker.errors import ModelError
+
+    def model(shape):
+        graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)])
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+    paths = []
+    for name, shape in (("a.onnx", ["N", 16]), ("b.onnx", ["N", 4, 16]), ("c.onnx", ["N", 17])):
+        onnx.save(model(shape), str(tmp_path / name))
+        paths.append(tmp_path / name)
+    for other, said in ((paths[1], "x [N, 4, 16] against x [N, 16]"), (paths[2], "x [N, 17] against x [N, 16]")):
+        with pytest.raises(ModelError, match=r"has other inputs than .*" + re.escape(said)):
+            bench.check_models([paths[0], other])

@@ -396,3 +396,24 @@ def test_cache_flags_refuse_to_overwrite_a_file_the_tool_did_not_write(saved_res
     empty.write_text("")
     r = cli(saved_residual, tmp_path / "o.onnx", "--latency-aware", "--latency-table", empty, "--no-check")
     assert r.returncode == 0, r.stderr  # an empty file is a new cache
+
+
+def test_inspect_json_is_written_for_a_model_without_candidates(tmp_path):
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])])
+    src = tmp_path / "relu.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(src))
+    r = cli("inspect", src, "--json", tmp_path / "l.json")
+    assert r.returncode == 0 and "no Conv layers" in r.stdout
+    assert json.loads((tmp_path / "l.json").read_text())["layers"] == []
+
+
+def test_a_reader_that_leaves_early_is_not_an_internal_error(saved_residual, tmp_path):
+    """`onnx-tucker ... | head -2`: the print after the reader closed raised BrokenPipeError as an internal error."""
+    proc = subprocess.Popen([sys.executable, "-m", "onnx_tucker", str(saved_residual), str(tmp_path / "o.onnx"), "--ratio", "0.5"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    proc.stdout.close()  # the reader is gone before the tool prints anything
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) in (0, 141) and "internal error" not in err and "Traceback" not in err, err

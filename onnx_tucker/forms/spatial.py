@@ -103,7 +103,10 @@ class SpatialSVDForm:
     def rule_ranks(self, site, rule: str, ratio: float, energy: float) -> tuple[int]:
         if rule == "ratio":
             # --ratio is a rank ratio for Tucker-2 ("halve every rank"); here it buys the same MACs,
-            # so --ratio 0.5 costs the same with either form and the two compare at equal cost.
+            # so --ratio 0.5 costs the same with either form and the two compare at equal cost. At 1.0 it is
+            # full rank, as for Tucker-2: --ratio 1.0 --force reproduces the model with either form.
+            if ratio >= 1.0:
+                return self.max_ranks(site)
             return (self._rank_for_macs(site, Tucker2Form().cost(site, ratio_ranks(site.shape.c_out, site.shape.c_in, ratio)).macs),)
         if rule == "energy":
             return (energy_rank(np.linalg.svd(_matrix(site.weight.astype(np.float64)), compute_uv=False), energy),)
