@@ -59,6 +59,21 @@ def _import_torch():
     return torch
 
 
+def check_runnable(model: onnx.ModelProto) -> None:
+    """Before any work: torch is installed and its executor runs every op of ``model``, else the one-line error
+    (an op, a custom domain, a subgraph) that the distillation would raise after the whole compression."""
+    _import_torch()
+    from onnx_tucker.torch_exec import SUPPORTED_OPS
+
+    for i, node in enumerate(model.graph.node):
+        where = f"node '{node.name}'" if node.name else f"node {i}"
+        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+            raise ModelError(f"--distill: the torch executor cannot run {node.op_type} with a subgraph ({where}); compress without --distill")
+        if node.domain not in ("", "ai.onnx") or node.op_type not in SUPPORTED_OPS:
+            op = f"{node.domain}.{node.op_type}" if node.domain not in ("", "ai.onnx") else node.op_type
+            raise ModelError(f"--distill: the torch executor cannot run op '{op}' ({where}); compress without --distill")
+
+
 def tucker_trainable(model: onnx.ModelProto) -> list[str]:
     """The initializers a distillation of an onnx-tucker model should train.
 

@@ -62,9 +62,14 @@ def compress(model, ratio: float = 0.5, **options) -> tuple[onnx.ModelProto, Rep
     a model without any Conv raises :class:`ModelError`.
     """
     opts = CompressOptions.from_kwargs(ratio=ratio, **options)
+    model = _as_model(model)
+    if opts.distill is not None:  # an op the torch executor cannot run is said now, not after the compression
+        from onnx_tucker.distill import check_runnable
+
+        check_runnable(model)
     if opts.target_latency is not None:
-        return _target_latency(_as_model(model), opts)
-    return _compress(_as_model(model), opts)
+        return _target_latency(model, opts)
+    return _compress(model, opts)
 
 
 FEEDBACK_AIM = 0.9  # the corrected plan aims this far under the target: the measurement that checks it is noisy

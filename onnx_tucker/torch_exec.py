@@ -318,6 +318,18 @@ def _batchnorm(ins, a, opset):
     return F.batch_norm(x, mean, var, scale, bias, False, 0.0, a.get("epsilon", 1e-5))
 
 
+def _layer_norm(ins, a, opset):
+    """LayerNormalization (opset 17): normalised over the axes from ``axis`` on, then scale and bias; only the first
+    output (the mean and inverse deviation outputs are refused when used, as for BatchNormalization)."""
+    x, scale = ins[0], ins[1]
+    bias = ins[2] if len(ins) > 2 else None
+    axis = a.get("axis", -1)
+    axis = axis + x.dim() if axis < 0 else axis
+    shape = tuple(x.shape[axis:])
+    return F.layer_norm(x, shape, scale.expand(shape) if scale is not None else None,
+                        bias.expand(shape) if bias is not None else None, a.get("epsilon", 1e-5))
+
+
 def _softmax_like(fn):
     def op(ins, a, opset):
         x = ins[0]
@@ -460,6 +472,7 @@ OPS = {
     "Transpose": _transpose,
     "Concat": _concat,
     "BatchNormalization": _batchnorm,
+    "LayerNormalization": _layer_norm,
     "Softmax": _softmax_like(torch.softmax),
     "LogSoftmax": _softmax_like(torch.log_softmax),
     "Pad": _pad,
@@ -476,7 +489,7 @@ OPS = {
 }
 SUPPORTED_OPS = frozenset(OPS) | {"Constant"}
 # Operators whose outputs past the first are not computed (a graph that uses them is refused).
-_FIRST_OUTPUT_ONLY = {"MaxPool", "BatchNormalization", "Dropout"}
+_FIRST_OUTPUT_ONLY = {"MaxPool", "BatchNormalization", "Dropout", "LayerNormalization"}
 
 
 def _constant_value(node: onnx.NodeProto) -> np.ndarray:

@@ -454,3 +454,20 @@ def test_a_segmentation_like_model_is_distilled_towards_the_original_map():
     assert error(model) < error(compressed)
     line = distill_summary(stats)
     assert "relative squared error" in line and "agreement" not in line
+
+
+@needs_torch
+def test_an_op_the_executor_cannot_run_is_refused_before_any_work(monkeypatch):
+    """--distill on a model with an op torch_exec lacks used to fail after the whole compression (minutes on a big
+    model): now before it, one line naming the op and the node."""
+    from onnx_tucker import compress, pipeline
+
+    original, _ = tiny_pair()
+    for node in original.graph.node:
+        if node.name == "relu2":
+            node.op_type = "Celu"  # onnxruntime runs it; the torch executor does not
+    called = []
+    monkeypatch.setattr(pipeline, "_compress", lambda *a, **k: called.append(1))
+    with pytest.raises(ModelError, match=r"^--distill: the torch executor cannot run op 'Celu' \(node 'relu2'\); compress without --distill$"):
+        compress(original, ratio=0.5, calibration=feeds_for(original), distill={})
+    assert not called

@@ -632,3 +632,13 @@ def test_a_model_fixed_to_batch_1_runs_any_batch_in_slices(tmp_path):
     trained = TorchGraph(model, [i.name for i in model.graph.initializer if i.name.endswith("weight")][:1])
     trained(torch.from_numpy(x))[0].sum().backward()  # the slices keep the autograd graph
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in trained.parameters())
+
+
+@pytest.mark.parametrize("axis, shapes", [(-1, ((2, 5, 8), (8,), (8,))), (1, ((2, 3, 4, 5), (3, 4, 5), (3, 4, 5))),
+                                          (-2, ((2, 3, 6, 4), (6, 4), None))])
+def test_layer_normalization(axis, shapes):
+    x_shape, scale_shape, bias_shape = shapes
+    inits = {"scale": np.random.default_rng(3).standard_normal(scale_shape).astype(np.float32)}
+    if bias_shape is not None:
+        inits["bias"] = np.random.default_rng(4).standard_normal(bias_shape).astype(np.float32)
+    _assert_matches(*_single("LayerNormalization", [x_shape], {"axis": axis, "epsilon": 1e-4}, inits, opset=17), rtol=1e-4)
