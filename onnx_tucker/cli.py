@@ -342,7 +342,7 @@ def cmd_inspect(args) -> int:
         rows.append(cells)
     headers = ["#", "layer", "kind", "form", "weight", "MACs"] + [f"x{r:g}" for r in ratios] + ["note"]
     rows.append(["", "TOTAL", "", "", "", "unknown*" if unknown else f"{total_before:,}"]
-                + [f"{total_before / max(1, total_after[r]):.2f}x" for r in ratios] + [""])
+                + [f"{total_before / max(1, total_after[r]):.2f}x" if total_before else "-" for r in ratios] + [""])
     widths = [max(len(str(row[i])) for row in rows + [headers]) for i in range(len(headers))]
     print("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip())
     for row in rows:

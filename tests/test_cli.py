@@ -417,3 +417,20 @@ def test_a_reader_that_leaves_early_is_not_an_internal_error(saved_residual, tmp
     proc.stdout.close()  # the reader is gone before the tool prints anything
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=300) in (0, 141) and "internal error" not in err and "Traceback" not in err, err
+
+
+def test_inspect_total_without_any_sized_layer_is_a_dash_not_zero(tmp_path):
+    """Every conv's weight computed at run time: no layer has a size, and the TOTAL row read '0.00x'."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.ones((4, 3, 3, 3), np.float32), "w")
+    two = numpy_helper.from_array(np.array(2.0, np.float32), "two")
+    graph = helper.make_graph([helper.make_node("Mul", ["w", "two"], ["w2"]), helper.make_node("Conv", ["x", "w2"], ["y"], name="conv")],
+                              "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 6, 6])], [w, two])
+    src = tmp_path / "computed.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(src))
+    r = cli("inspect", src)
+    assert r.returncode == 0, r.stderr
+    total = next(line for line in r.stdout.splitlines() if "TOTAL" in line)
+    assert "0.00x" not in total and total.split()[-1] == "-"
