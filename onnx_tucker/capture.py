@@ -96,17 +96,19 @@ def iterate(session, feeds: dict, names: list[str] | None, batch_size: int = DEF
 
 
 def run_all(session, feeds: dict, names: list[str] | None = None, extra: dict | None = None,
-            batch_size: int | None = None, fixed: int | None = None) -> list[np.ndarray]:
+            batch_size: int | None = None, fixed: int | None = None, progress: str | None = None) -> list[np.ndarray]:
     """``session.run`` over all of ``feeds`` (one sample a row), one array per output: in one call (or batches
     of ``batch_size``), and in padded batches of the model's own size when its batch is fixed (a probe of 128
     images on a torch export fixed to batch 1). ``extra``: feeds given whole to every batch (weights).
     ``fixed``: that batch, for a session whose other inputs hide it (a probe fed weights); default: read from
-    the session."""
+    the session. Scalar outputs are kept per batch (stacked): they have no sample axis to concatenate on."""
     fixed = fixed or fixed_batch(session)
-    n = len(next(iter(feeds.values())))
-    size = fixed or batch_size or n
-    chunks = [values for _, values in iterate(session, feeds, names, size, extra=extra, fixed=fixed is not None)]
-    if len(chunks) == 1:
+    n = len(next(iter(feeds.values()))) if feeds else 0
+    size = fixed or batch_size or max(n, 1)
+    chunks = [values for _, values in iterate(session, feeds, names, size, extra=extra, fixed=fixed is not None, progress=progress)]
+    if not chunks:
+        raise ModelError("no samples to run the model on")
+    if len(chunks) == 1 and all(np.ndim(v) for v in chunks[0]):  # one call: its arrays as they are
         return list(chunks[0])
     return [np.concatenate([c[i] for c in chunks]) if np.ndim(chunks[0][i]) else np.stack([c[i] for c in chunks])
             for i in range(len(chunks[0]))]
@@ -114,20 +116,11 @@ def run_all(session, feeds: dict, names: list[str] | None = None, extra: dict | 
 
 def capture(model, feeds: dict, names: list[str] | None = None, provider: str = "cpu", batch_size: int = DEFAULT_BATCH,
             session=None, progress: str | None = None) -> list[np.ndarray]:
-    """The named tensors (None: the graph outputs) of ``model`` over all of ``feeds``, one array each.
-
-    Intermediate tensors must be graph outputs already (``graph.with_outputs``). Scalar outputs are
-    kept per batch (stacked), since they have no sample axis to concatenate on.
-    """
+    """The named tensors (None: the graph outputs) of ``model`` over all of ``feeds``, one array each, in batches of
+    ``batch_size`` (:func:`run_all`). Intermediate tensors must be graph outputs already (``graph.with_outputs``)."""
     from onnx_tucker.runtime import make_session
 
-    session = session or make_session(model, provider)
-    fixed = fixed_batch(session)
-    chunks = [values for _, values in iterate(session, feeds, names, fixed or batch_size, fixed=fixed is not None, progress=progress)]
-    if not chunks:
-        raise ModelError("no samples to run the model on")
-    return [np.concatenate([c[i] for c in chunks]) if np.ndim(chunks[0][i]) else np.stack([c[i] for c in chunks])
-            for i in range(len(chunks[0]))]
+    return run_all(session or make_session(model, provider), feeds, names, batch_size=batch_size, progress=progress)
 
 
 def capture_named(model, feeds: dict, names: list[str], **kwargs) -> dict[str, np.ndarray]:

@@ -116,31 +116,27 @@ def sort_nodes(graph: onnx.GraphProto) -> bool:
     changed anything. Nodes whose inputs never become available (a broken graph) keep their place at the end,
     for the checker to report."""
     known = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
-    done, waiting = [], []
-    for node in graph.node:
-        if all(i in known for i in node.input):
-            done.append(node)
-            known.update(node.output)
-        else:
-            waiting.append(node)
-    if not waiting:
-        return False
-    progress = True
-    while waiting and progress:
-        progress, still = False, []
-        for node in waiting:
+    order, pending, passes = [], list(graph.node), 0
+    while pending:  # each pass takes, in order, every node whose inputs are made
+        passes += 1
+        still = []
+        for node in pending:
             if all(i in known for i in node.input):
-                done.append(node)
+                order.append(node)
                 known.update(node.output)
-                progress = True
             else:
                 still.append(node)
-        waiting = still
-    order = [onnx.NodeProto() for _ in done + waiting]
-    for new, old in zip(order, done + waiting):
+        if len(still) == len(pending):
+            order += still
+            break
+        pending = still
+    if passes == 1:  # one pass took every node: already sorted
+        return False
+    copies = [onnx.NodeProto() for _ in order]
+    for new, old in zip(copies, order):
         new.CopyFrom(old)
     del graph.node[:]
-    graph.node.extend(order)
+    graph.node.extend(copies)
     return True
 
 

@@ -269,8 +269,8 @@ class CompressOptions:
             if not isinstance(self.input_shapes, dict):
                 raise UsageError("input_shapes: expected {input name: [dims]}")
             for name, dims in self.input_shapes.items():
-                if isinstance(dims, str) or not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d > 0
-                                                    for d in (dims if hasattr(dims, "__iter__") else [None])):
+                if isinstance(dims, str) or not hasattr(dims, "__iter__") or not all(
+                        isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d > 0 for d in dims):
                     raise UsageError(f"input_shapes[{name!r}]: expected positive whole dims such as [1, 3, 224, 224], got {dims!r}")
         if self.distill is not None:
             if not isinstance(self.distill, dict):
@@ -648,14 +648,15 @@ def check_cache_file(text: str, flag: str) -> str:
     return str(path)
 
 
-def check_own_cache(path, flag: str) -> None:
-    """Refuse to rewrite a non-empty file that is not this tool's ``flag`` cache (a model, notes, another tool's JSON)."""
+def check_own_cache(path, flag: str) -> dict | None:
+    """Refuse to rewrite a non-empty file that is not this tool's ``flag`` cache (a model, notes, another tool's JSON).
+    Returns the file's parsed content (None for a new or empty file)."""
     import json
     from pathlib import Path
 
     path = Path(path)
     if not path.is_file() or path.stat().st_size == 0:
-        return
+        return None
     try:
         with open(path, "rb") as f:
             data = json.loads(f.read())
@@ -665,6 +666,7 @@ def check_own_cache(path, flag: str) -> None:
     if not (isinstance(schema, str) and schema.startswith(CACHE_SCHEMAS[flag])):
         raise UsageError(f"{flag}: {path} is not an onnx-tucker {flag.lstrip('-')} file and would be overwritten: "
                          "give a new path (or delete the file)")
+    return data
 
 
 RANK_MULTIPLE_HELP = ("round ranks to multiples of N, or auto: the largest of 1, 4, 8, 16 whose rounded-up ranks cost no time on "

@@ -135,9 +135,8 @@ class CurveCache:
         self.key = digest.hexdigest()
         self.layers = {}
         self.replaced = False  # the file held curves of another model, calibration set or setting
-        check_own_cache(self.path, "--curves")
-        if self.path.is_file() and self.path.stat().st_size:
-            data = json.loads(self.path.read_text())
+        data = check_own_cache(self.path, "--curves")  # a file that is not a curves file is refused, not overwritten
+        if data is not None:
             if data.get("key") == self.key:
                 self.layers = data.get("layers", {})
             else:
