@@ -151,8 +151,9 @@ class _ChosenConstants(dict):
 class FormChoice:
     """Several forms that take the same layer, offered together to the measured budget: its knapsack then picks
     the form with the ranks, per layer (``--forms tucker2,spatial``). The forms' rank tuples differ in length
-    (Tucker-2: ``(R_out, R_in)``, spatial SVD: ``(K,)``), which says whose an option is. Rules without
-    measurements (``--ratio``, ``energy``) and the rank limits are the first form's; :meth:`resolve` gives the
+    (Tucker-2: ``(R_out, R_in)``, spatial SVD: ``(K,)``), which says whose an option is. The rank limits are
+    the first form's; a rule without measurements (``--ratio``, ``energy``, a uniform budget) goes through
+    :meth:`choose` (the first form's rule sets the MACs, the least error wins); :meth:`resolve` gives the
     pipeline the form that writes the chain, so chains and reports name the real form."""
 
     def __init__(self, forms: tuple):
@@ -175,6 +176,26 @@ class FormChoice:
     def rule_ranks(self, site, rule: str, ratio: float, energy: float):
         return self.forms[0].rule_ranks(site, rule, ratio, energy)
 
+    def choose(self, site, first_ranks: tuple, *, covariance=None, rank_multiple: int = 1, n_iter_max: int = 0,
+               method: str = "eig") -> tuple[tuple, dict]:
+        """Where a rule without measurements (``--ratio``, ``energy``, a uniform MAC budget) gave the first form's
+        ranks: every form takes its largest ranks within their MACs (after ``--rank-multiple`` rounding), and the
+        form whose chain leaves the least error writes the layer. The error is the composed weight's,
+        input-whitened by the calibration statistics where given (what the fits minimise), else relative to the
+        weight. At full rank the first form, unchosen (every form is exact there). Returns (ranks, {form: error})."""
+        first = _rounded(self.forms[0], site, first_ranks, rank_multiple)
+        if all(r >= m for r, m in zip(first, self.forms[0].max_ranks(site))):
+            return first, {}
+        budget = self.forms[0].cost(site, first).macs
+        candidates = [(self.forms[0], first)]
+        for form in self.forms[1:]:
+            ranks = _within(form, site, budget, rank_multiple)
+            if ranks is not None:
+                candidates.append((form, ranks))
+        errors = {form.name: composed_error(form, site, ranks, covariance, n_iter_max=n_iter_max, method=method)
+                  for form, ranks in candidates}
+        return min(candidates, key=lambda c: errors[c[0].name])[1], errors
+
     def rank_options(self, site, rank_multiple: int = 1) -> list:
         return [r for f in self.forms for r in f.rank_options(site, rank_multiple)]
 
@@ -193,6 +214,42 @@ class FormChoice:
 
     def emit(self, graph, site, constants: dict, taken: set[str]):
         return constants.form.emit(graph, site, dict(constants), taken)
+
+
+def _rounded(form, site, ranks: tuple, multiple: int) -> tuple:
+    """``ranks`` as the pipeline writes them: clamped to the form's limits, rounded to ``multiple``."""
+    from onnx_tucker.ranks import round_to_multiple
+
+    return tuple(round_to_multiple(min(r, m), multiple, m) for r, m in zip(ranks, form.max_ranks(site)))
+
+
+def _within(form, site, macs: float, multiple: int) -> tuple | None:
+    """``form``'s largest ranks costing at most ``macs`` once rounded to ``multiple``, or None (the form has no
+    such rule, or one multiple already costs more)."""
+    if not hasattr(form, "ranks_for_macs"):
+        return None
+    ranks = form.ranks_for_macs(site, macs)
+    for candidate in (_rounded(form, site, ranks, multiple),
+                      tuple(min(m, (r // multiple) * multiple) for r, m in zip(ranks, form.max_ranks(site)))):
+        if min(candidate) >= 1 and form.cost(site, candidate).macs <= macs:
+            return candidate
+    return None
+
+
+def composed_error(form, site, ranks: tuple, covariance=None, *, n_iter_max: int = 0, method: str = "eig") -> float:
+    """``form``'s relative error on ``site`` at ``ranks``: ``||(W - W') S^(1/2)|| / ||W S^(1/2)||`` over the input
+    channels with their second moment ``S`` (the expected output error for inputs independent across positions),
+    or ``||W - W'|| / ||W||`` without it."""
+    weight = site.weight.astype(np.float64)
+    factors = form.fit(site, ranks, n_iter_max=n_iter_max, method=method, input_covariance=covariance)
+    diff = weight - form.compose(site, factors)
+    if covariance is None:
+        norm = np.linalg.norm(weight)
+        return float(np.linalg.norm(diff) / norm) if norm > 0 else 0.0
+    d = np.moveaxis(diff, 1, -1).reshape(-1, weight.shape[1])
+    w = np.moveaxis(weight, 1, -1).reshape(-1, weight.shape[1])
+    total = float(np.sum((w @ covariance) * w))
+    return float(np.sqrt(max(float(np.sum((d @ covariance) * d)), 0.0) / total)) if total > 0 else 0.0
 
 
 _CHOICES: dict[tuple, FormChoice] = {}

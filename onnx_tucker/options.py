@@ -404,7 +404,8 @@ def add_forms_argument(parser) -> None:
     parser.add_argument("--forms", default=None, metavar="LIST",
                         help="factorizations to use: tucker2 (kxk convs, the default), svd (1x1 convs: two 1x1 convs), "
                         "spatial (kxk convs: kx1 -> 1xk), e.g. tucker2,svd; where two take the same layer (tucker2,spatial) "
-                        "the measured budget picks one per layer, a ratio uses the first")
+                        "the measured budget picks one per layer; with a rank rule (--ratio) each layer gets the first form's MACs and the form "
+                        "with the least error at them")
 
 
 def parse_forms(text: str) -> tuple:

@@ -368,7 +368,7 @@ def plan_ranks(sites: list, opts: CompressOptions, fixed_macs: int = 0, model=No
             except Unsupported as exc:
                 if report is not None:
                     report.notes.append(f"measured budget unavailable ({exc}): uniform ratio used")
-                return allocate_ranks(sites, opts, fixed_macs)
+                return _choose_forms(sites, allocate_ranks(sites, opts, fixed_macs), opts, covariances, report, "uniform budget")
             if report is not None and measured.get("ray"):
                 todo = len(measured["curves"]) - measured.get("cached_layers", 0)
                 report.notes.append(f"--ray {measured['ray']}: the measured budget's {todo} layer curve(s) ran as Ray tasks")
@@ -385,13 +385,32 @@ def plan_ranks(sites: list, opts: CompressOptions, fixed_macs: int = 0, model=No
                     "curves": {k: [[m, d, list(r), bool(known)] for m, d, r, known, _ in v] for k, v in curves.items()},
                 }
             return planned
-        return allocate_ranks(sites, opts, fixed_macs)
-    planned = {}
+        return _choose_forms(sites, allocate_ranks(sites, opts, fixed_macs), opts, covariances, report, "uniform budget")
+    planned = {site.name: tuple(opts.ranks[site.name]) if site.name in opts.ranks
+               else get_form(site.form).rule_ranks(site, opts.rank_method, opts.ratio, opts.energy) for site in sites}
+    return _choose_forms(sites, planned, opts, covariances, report, opts.rank_method + " rule")
+
+
+def _choose_forms(sites: list, planned: dict, opts: CompressOptions, covariances, report, rule: str) -> dict:
+    """Where several forms take a layer (``--forms tucker2,spatial``) and a rule without measurements planned the
+    first form's ranks: the form with the least error at those MACs (:meth:`FormChoice.choose`), and a note."""
+    chosen, blas = {}, ThreadpoolController()
     for site in sites:
-        if site.name in opts.ranks:
-            planned[site.name] = tuple(opts.ranks[site.name])
-        else:
-            planned[site.name] = get_form(site.form).rule_ranks(site, opts.rank_method, opts.ratio, opts.energy)
+        form = get_form(site.form)
+        if not hasattr(form, "choose") or site.name in opts.ranks or planned.get(site.name) is None:
+            continue
+        cov = covariances.get(site.input_name) if covariances else None
+        with blas.limit(limits=1, user_api="blas"):  # small SVDs: one BLAS thread (as the fits)
+            planned[site.name], errors = form.choose(site, planned[site.name], covariance=cov, rank_multiple=opts.rank_multiple,
+                                                     n_iter_max=opts.n_iter_max, method=opts.method)
+        if errors:
+            counts = chosen.setdefault(form.name, dict.fromkeys(form.name.split("|"), 0))
+            counts[form.resolve(site, planned[site.name]).name] += 1
+    for choice, counts in chosen.items() if report is not None else ():
+        metric = "input-whitened by the calibration statistics" if covariances else "relative to the weight"
+        report.notes.append(f"--forms {choice.replace('|', ',')}: each layer's form is the one with the least error ({metric}) "
+                            f"at the MACs the {choice.split('|')[0]} {rule} gives the layer: "
+                            + ", ".join(f"{name} {k}" for name, k in counts.items()))
     return planned
 
 

@@ -125,6 +125,28 @@ def test_rank_options_are_profitable_and_ratio_buys_the_tucker_macs():
     assert 1 <= SPATIAL.rule_ranks(site, "energy", 0.5, 0.5)[0] < SPATIAL.max_ranks(site)[0] // 2
 
 
+@pytest.mark.parametrize("shape", [(64, 32), (32, 64), (16, 16), (3, 24)])
+def test_each_form_gives_its_largest_ranks_within_a_mac_budget(shape):
+    """What a form choice under a rule compares: each form at the most it can spend within the first form's MACs
+    (--forms spatial,tucker2 puts Tucker-2 second)."""
+    from onnx_tucker.ranks import ratio_ranks
+
+    c_out, c_in = shape
+    site = site_of(conv_model(c_in=c_in, c_out=c_out, spatial=(16, 16), attrs={"pads": [1, 1, 1, 1]}))
+    tucker = get_form("tucker2")
+    for fraction in (0.1, 0.3, 0.5):
+        budget = fraction * site.shape.macs()
+        (k,) = SPATIAL.ranks_for_macs(site, budget)
+        assert SPATIAL.cost(site, (k,)).macs <= budget < SPATIAL.cost(site, (k + 1,)).macs or k == 1
+        ranks = tucker.ranks_for_macs(site, budget)
+        assert tucker.cost(site, ranks).macs <= budget or ranks == (1, 1)
+        bigger = [ratio_ranks(c_out, c_in, r) for r in np.linspace(0.01, 1, 400)]
+        assert all(tucker.cost(site, r).macs > budget for r in bigger if r[0] >= ranks[0] and r[1] >= ranks[1] and r != ranks)
+    model = conv_model(c_in=16, c_out=16, spatial=(12, 12), attrs={"pads": [1, 1, 1, 1]})
+    _, report = compress(model, ratio=0.5, forms=("spatial", "tucker2"))
+    assert any("the spatial ratio rule gives the layer" in n for n in report.notes)
+
+
 def test_whitened_fit_and_the_last_conv_refit_lower_the_held_out_error():
     """On channel-correlated inputs the input-whitened SVD beats the plain one, and the calibration refit of
     the 1 x kw last conv (im2col rows of its real input) lowers the error again; all on held-out inputs."""
@@ -156,7 +178,7 @@ def test_measured_budget_meets_the_target_with_the_spatial_form():
 
 def test_tucker_and_spatial_together_let_the_measured_budget_pick_the_form_per_layer():
     """``forms=("tucker2", "spatial")``: every kxk layer is offered both forms' options; the chains name the
-    form the knapsack chose; a uniform ratio (no measurements) keeps the first form."""
+    form the knapsack chose; explicit ranks pick the form by their length."""
     from onnx_tucker.factorization import FormChoice
 
     model = residual_model(channels=16, spatial=(10, 10))
@@ -175,8 +197,6 @@ def test_tucker_and_spatial_together_let_the_measured_budget_pick_the_form_per_l
     for chain in chains_of(new):
         assert decomposed[chain.layer].form == chain.form and len(chain.ranks) == (1 if chain.form == "spatial" else 2)
     assert report.totals()["macs_after"] <= 0.5 * report.totals()["macs_before"] * 1.001
-    uniform, _ = compress(model, ratio=0.5, forms=("tucker2", "spatial"))
-    assert {c.form for c in chains_of(uniform)} == {"tucker2"}
     explicit, _ = compress(model, ranks={"block_conv": (6,)}, forms=("tucker2", "spatial"), force=True)
     assert [c.form for c in chains_of(explicit) if c.layer == "block_conv"] == ["spatial"]
 
@@ -243,3 +263,119 @@ def test_ratio_1_with_force_reproduces_the_model_in_the_spatial_form_too():
     x = np.random.default_rng(0).standard_normal((2, 128, 8, 8)).astype(np.float32)
     a, b = run_model(model, {"x": x})[0], run_model(new, {"x": x})[0]
     assert np.linalg.norm(a - b) / np.linalg.norm(a) < 1e-4
+
+
+def _two_conv_model(w_a: np.ndarray, w_b: np.ndarray, spatial=(12, 12)) -> onnx.ModelProto:
+    """x -> conv_a -> Relu -> conv_b -> y, no biases, 'same' padding."""
+    from onnx import TensorProto, helper
+
+    c = w_a.shape[1]
+    nodes = [helper.make_node("Conv", ["x", "Wa"], ["a"], name="conv_a", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["a"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "Wb"], ["y"], name="conv_b", pads=[1, 1, 1, 1])]
+    graph = helper.make_graph(nodes, "two_convs", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", c, *spatial])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(w_a.astype(np.float32), "Wa"), numpy_helper.from_array(w_b.astype(np.float32), "Wb")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    return onnx.shape_inference.infer_shapes(model)
+
+
+def test_a_ratio_with_both_forms_writes_each_layer_in_the_form_that_fits_it_at_equal_macs():
+    """``--ratio`` with ``--forms tucker2,spatial``: each layer costs what Tucker-2's ratio rule gives it, and the
+    form with the smaller error there writes it. conv_a is exactly a spatial product of rank 2 and conv_b exactly a
+    Tucker-2 of ranks (4, 4): at ratio 0.25 each is exact only in its own form, and each is chosen; the model then
+    reproduces the original, so both chains are the layers' composed weights."""
+    from onnx_tucker.factorization import composed_error
+
+    rng = np.random.default_rng(0)
+    c = 16
+    w_a = np.tensordot(rng.standard_normal((2, c, 3)), rng.standard_normal((c, 2, 3)), axes=(0, 1)).transpose(2, 0, 1, 3)
+    core = rng.standard_normal((4, 4, 3, 3))
+    w_b = np.einsum("oa,abhw,bi->oihw", rng.standard_normal((c, 4)), core, rng.standard_normal((4, c)))
+    model = _two_conv_model(w_a / np.linalg.norm(w_a), w_b / np.linalg.norm(w_b))
+    new, report = compress(model, ratio=0.25, forms=("tucker2", "spatial"), force=True)
+    forms = {c.layer: (c.form, c.ranks) for c in chains_of(new)}
+    assert forms == {"conv_a": ("spatial", (2,)), "conv_b": ("tucker2", (4, 4))}
+    x = rng.standard_normal((2, c, 12, 12)).astype(np.float32)
+    assert relative(run(model, x), run(new, x)) < 1e-5
+    _, sites = factorable_sites(model, ("tucker2", "spatial"))
+    tucker_macs = {s.name: get_form("tucker2").cost(s, (4, 4)).macs for s in sites}
+    for record in report.decomposed:
+        assert record.macs_after <= tucker_macs[record.layer]
+    for site in sites:  # the losing form really leaves an error at its ranks
+        loser = "tucker2" if site.name == "conv_a" else "spatial"
+        ranks = (4, 4) if loser == "tucker2" else (2,)
+        assert composed_error(get_form(loser), site, ranks) > 0.1
+    assert any("each layer's form is the one with the least error (relative to the weight)" in n and "tucker2 1, spatial 1" in n
+               for n in report.notes)
+
+
+def test_the_choices_error_is_the_expected_output_error_under_the_calibration_statistics():
+    """With calibration statistics the choice compares ``||(W - W') S^(1/2)|| / ||W S^(1/2)||``: the relative output
+    error of the conv on inputs with channel second moment S, independent across positions (Monte Carlo here)."""
+    import torch
+
+    from onnx_tucker.factorization import composed_error
+
+    rng = np.random.default_rng(1)
+    model = conv_model(c_in=12, c_out=16, spatial=(16, 16), attrs={})
+    site = site_of(model)
+    mix = rng.standard_normal((12, 12)) * np.linspace(0.1, 3, 12)
+    cov = mix @ mix.T
+    for form, ranks in ((get_form("tucker2"), (5, 4)), (SPATIAL, (6,))):
+        predicted = composed_error(form, site, ranks, cov)
+        approx = form.compose(site, form.fit(site, ranks, n_iter_max=0, method="eig", input_covariance=cov))
+        x = np.einsum("ij,njhw->nihw", mix, rng.standard_normal((64, 12, 16, 16)))
+        y, y_low = (torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(w.astype(np.float64))).numpy()
+                    for w in (site.weight, approx))
+        assert predicted == pytest.approx(relative(y, y_low), rel=0.05)
+        assert predicted != pytest.approx(composed_error(form, site, ranks), rel=0.05)  # the statistics matter
+
+
+def test_a_ratio_with_both_forms_and_calibration_picks_the_lower_whitened_error(tmp_path):
+    """The pipeline passes the calibration statistics to the choice: every chain is the form with the lower whitened
+    error at its layer, the note says so, and at ratio 1.0 the first form writes every layer at full rank."""
+    from onnx_tucker.calibrate import input_covariances
+    from onnx_tucker.factorization import composed_error
+    from onnx_tucker.ranks import round_to_multiple
+
+    model = residual_model(channels=16, spatial=(10, 10))
+    data = np.random.default_rng(4).standard_normal((96, 3, 10, 10)).astype(np.float32)
+    new, report = compress(model, ratio=0.5, calibration={"x": data}, forms=("tucker2", "spatial"), refit=False, force=True)
+    assert any("input-whitened by the calibration statistics" in n for n in report.notes)
+    _, sites = factorable_sites(model, ("tucker2", "spatial"))
+    covs = input_covariances(model, {"x": data}, [s.input_name for s in sites if s.eligible])
+    chains = {c.layer: c for c in chains_of(new)}
+    checked = 0
+    for site in sites:
+        if site.form != "tucker2|spatial" or site.name not in chains:
+            continue
+        choice = get_form(site.form)
+        ranks, errors = choice.choose(site, choice.rule_ranks(site, "ratio", 0.5, 0.9), covariance=covs[site.input_name])
+        assert chains[site.name].form == min(errors, key=errors.get) and chains[site.name].ranks == ranks
+        assert errors[chains[site.name].form] == pytest.approx(composed_error(choice.resolve(site, ranks), site, ranks, covs[site.input_name]))
+        checked += 1
+    assert checked >= 2
+    # a uniform MAC budget (no calibration) chooses the same way, within the budget; so does --rank-multiple
+    uniform, uniform_report = compress(model, target_macs=0.5, forms=("tucker2", "spatial"))
+    totals = uniform_report.totals()
+    assert totals["macs_after"] <= 0.5 * totals["macs_before"] + 1
+    assert any("the tucker2 uniform budget gives the layer" in n for n in uniform_report.notes)
+    big = residual_model(channels=32, spatial=(10, 10))
+    rounded, rounded_report = compress(big, ratio=0.5, forms=("tucker2", "spatial"), rank_multiple=8, force=True)
+    _, big_sites = factorable_sites(big, ("tucker2", "spatial"))
+    tucker = get_form("tucker2")
+    tucker_macs = {s.name: tucker.cost(s, tuple(round_to_multiple(min(r, m), 8, m) for r, m in zip(tucker.rule_ranks(s, "ratio", 0.5, 1.0),
+                                                                                               tucker.max_ranks(s)))).macs
+                   for s in big_sites if s.form == "tucker2|spatial"}
+    for chain in chains_of(rounded):
+        if chain.layer in tucker_macs:
+            assert all(r % 8 == 0 or r == m for r, m in zip(chain.ranks, get_form(chain.form).max_ranks(
+                next(s for s in big_sites if s.name == chain.layer))))
+            assert [r.macs_after for r in rounded_report.layers if r.layer == chain.layer][0] <= tucker_macs[chain.layer]
+    full, full_report = compress(model, ratio=1.0, forms=("tucker2", "spatial"), force=True)
+    assert {c.form for c in chains_of(full)} == {"tucker2"}
+    assert not any("least error" in n for n in full_report.notes)
+    x = data[:4]
+    assert relative(run_model(model, {"x": x})[0], run_model(full, {"x": x})[0]) < 1e-4

@@ -100,6 +100,10 @@ class SpatialSVDForm:
     def _rank_for_macs(self, site, macs: float) -> int:
         return max(1, min(int(macs // self._macs_per_rank(site)[0]), self.max_ranks(site)[0]))
 
+    def ranks_for_macs(self, site, macs: float) -> tuple[int]:
+        """The largest K whose chain costs at most ``macs`` (at least 1)."""
+        return (self._rank_for_macs(site, macs),)
+
     def rule_ranks(self, site, rule: str, ratio: float, energy: float) -> tuple[int]:
         if rule == "ratio":
             # --ratio is a rank ratio for Tucker-2 ("halve every rank"); here it buys the same MACs,

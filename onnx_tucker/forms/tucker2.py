@@ -65,6 +65,15 @@ class Tucker2Form:
             return vbmf_ranks(site.weight)
         raise UsageError(f"unknown rank method {rule!r}: choose ratio, energy or vbmf")
 
+    def ranks_for_macs(self, site, macs: float) -> tuple[int, int]:
+        """The largest ``--ratio`` ranks (both modes cut by the same fraction) whose chain costs at most ``macs``
+        (at least (1, 1)): bisection on the ratio, whose cost only grows with it."""
+        shape, low, high = site.shape, 0.0, 1.0
+        for _ in range(40):
+            mid = (low + high) / 2
+            low, high = (mid, high) if self.cost(site, ratio_ranks(shape.c_out, shape.c_in, mid)).macs <= macs else (low, mid)
+        return ratio_ranks(shape.c_out, shape.c_in, low)
+
     def rank_options(self, site, rank_multiple: int = 1) -> list[tuple[int, int]]:
         """Distinct profitable (R_out, R_in) pairs: channel fractions from ``FRACTIONS`` for each mode,
         the two at most ``SKEW`` apart (measured on the seed CNN: the knapsack then often keeps R_in
