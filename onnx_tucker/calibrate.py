@@ -43,32 +43,58 @@ def _session(model: onnx.ModelProto):
 
 
 def input_covariances(model: onnx.ModelProto, feeds: dict, tensor_names: list[str], seed: int = 0,
-                      axes: dict[str, int] | None = None, batch_size: int = BATCH) -> dict[str, np.ndarray]:
+                      axes: dict[str, int] | None = None, batch_size: int = BATCH,
+                      vertical: dict | None = None) -> dict:
     """Channel second moment E[x x^T] (over samples and positions) of each named NC... tensor
     (channels on ``axes[name]``: 1 by default, -1 for a dense layer's features).
 
     Estimated on at most ``COV_POSITIONS`` random positions per sample: plenty for a C x C
     moment, and it keeps calibration time flat in the image size. ``batch_size``: fewer samples a batch
     where every layer's input of a big model would not fit (``capture.batch_for_bytes``).
+
+    ``vertical``: {key: (tensor, kh, stride, dilation, top pad, bottom pad)}: also, under each key, the
+    (C*kh) x (C*kh) second moment of the NCHW tensor's vertical ``kh x 1`` patches, rows ordered (channel,
+    tap): what a spatial SVD's first conv reads, neighbouring rows' correlation included. Same pass.
     """
-    names = list(dict.fromkeys(tensor_names))
+    vertical = dict(vertical or {})
+    names = list(dict.fromkeys(list(tensor_names) + [spec[0] for spec in vertical.values()]))
     exposed = with_outputs(model, names)
     session = _session(exposed)
     rng = np.random.default_rng(seed)
-    sums = {n: None for n in names}
-    counts = {n: 0 for n in names}
+    sums = {n: None for n in list(names) + list(vertical)}
+    counts = {n: 0 for n in sums}
+
+    def add(key, x):
+        gram = (x @ x.T).astype(np.float64)  # float32 products, float64 sums across batches
+        sums[key] = gram if sums[key] is None else sums[key] + gram
+        counts[key] += x.shape[1]
+
     for _, values in iterate(session, feeds, names, batch_size_for(model, batch_size), fixed=fixed_batch(model) is not None):
-        for name, value in zip(names, values):
+        by_name = dict(zip(names, values))
+        for name in dict.fromkeys(tensor_names):
+            value = by_name[name]
             if (axes or {}).get(name, 1) != 1:
                 value = np.moveaxis(value, (axes or {})[name], 1) if value.ndim > 2 else value
             flat = value.reshape(value.shape[0], value.shape[1], -1)
             if flat.shape[2] > COV_POSITIONS:
                 flat = flat[:, :, rng.choice(flat.shape[2], COV_POSITIONS, replace=False)]
-            x = np.moveaxis(flat, 1, 0).reshape(value.shape[1], -1).astype(np.float32, copy=False)
-            gram = (x @ x.T).astype(np.float64)  # float32 products, float64 sums across batches
-            sums[name] = gram if sums[name] is None else sums[name] + gram
-            counts[name] += x.shape[1]
-    return {n: sums[n] / max(counts[n], 1) for n in names}
+            add(name, np.moveaxis(flat, 1, 0).reshape(value.shape[1], -1).astype(np.float32, copy=False))
+        for key, (name, *geometry) in vertical.items():
+            add(key, _vertical_patches(by_name[name], *geometry, rng=rng))
+    return {n: sums[n] / max(counts[n], 1) for n in sums if sums[n] is not None}
+
+
+def _vertical_patches(value: np.ndarray, kh: int, stride: int, dilation: int, top: int, bottom: int, rng) -> np.ndarray:
+    """(C*kh, samples*positions): the ``kh x 1`` patches a conv with these vertical geometry reads (zeros where it
+    reads the padding) at up to ``COV_POSITIONS`` random output positions, rows ordered (channel, tap)."""
+    n, c, height, width = value.shape
+    padded = np.pad(value, ((0, 0), (0, 0), (top, bottom), (0, 0)))
+    rows = (height + top + bottom - dilation * (kh - 1) - 1) // stride + 1
+    picked = rng.choice(rows * width, min(COV_POSITIONS, rows * width), replace=False)
+    row, column = np.divmod(picked, width)
+    taps = row[None, :] * stride + (np.arange(kh) * dilation)[:, None]  # (kh, positions)
+    patches = padded[:, :, taps, column[None, :]]  # (N, C, kh, positions)
+    return np.moveaxis(patches.reshape(n, c * kh, -1), 1, 0).reshape(c * kh, -1).astype(np.float32, copy=False)
 
 
 def _flat(value: np.ndarray, axis: int = 1) -> np.ndarray:

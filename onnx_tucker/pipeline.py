@@ -203,9 +203,12 @@ def _compress(model: onnx.ModelProto, opts: CompressOptions, memo: dict | None =
         with report.phase("statistics"):
             input_stats = input_covariances(model, opts.calibration, [s.input_name for s in eligible],
                                             axes={s.input_name: s.extra.get("channel_axis", 1) for s in eligible},
-                                            batch_size=batch_for_bytes(per_sample))
+                                            batch_size=batch_for_bytes(per_sample), vertical=_patch_requests(eligible))
     if memo is not None:
         memo["input_stats"] = input_stats
+    for site in eligible:  # the spatial form's whitening: the patches its first conv reads
+        if input_stats and ("patch", site.name) in input_stats:
+            site.extra["patch_covariance"] = input_stats[("patch", site.name)]
     with report.phase("plan"):  # with a measured budget: the distortion curves
         planned = plan_ranks(eligible, opts, fixed_macs, model=model, covariances=input_stats, report=report, table=table, memo=memo)
     left_whole = {}
@@ -342,6 +345,17 @@ def _measure_whole(model, new_model, table, report) -> None:
         f"{', corrected x %.3f by the first plan' % prediction['correction'] if 'correction' in prediction else ''}), measured "
         f"{1 / measured['speedup']:.3f} x ({measured['compressed_ms']:.2f} ms vs {measured['original_ms']:.2f} ms, "
         f"speedup {measured['speedup']:.2f}x, median of {measured['runs']} interleaved pairs)")
+
+
+def _patch_requests(sites: list) -> dict:
+    """{("patch", layer): (input tensor, geometry)} for the layers a form with a patch statistic may write."""
+    requests = {}
+    for site in sites:
+        for name in (site.form or "").split("|"):
+            form = get_form(name)
+            if hasattr(form, "patch_statistic"):
+                requests[("patch", site.name)] = (site.input_name, *form.patch_statistic(site))
+    return requests
 
 
 def plan_ranks(sites: list, opts: CompressOptions, fixed_macs: int = 0, model=None, covariances=None, report=None,

@@ -92,6 +92,22 @@ def test_input_covariances_subsample_large_maps_without_bias():
     assert np.linalg.norm(cov - exact) < 0.05 * np.linalg.norm(exact)
 
 
+@pytest.mark.parametrize("kh, stride, dilation, top, bottom", [(3, 1, 1, 1, 1), (3, 2, 1, 1, 0), (3, 1, 2, 2, 2), (5, 1, 1, 0, 0)])
+def test_vertical_patch_moments_are_those_of_the_patches_the_conv_reads(kh, stride, dilation, top, bottom):
+    """``vertical=``: the (C*kh)^2 second moment of the kh x 1 patches, rows (channel, tap), zero where the conv reads
+    padding: on a map small enough for every position, exactly torch's unfold with the same geometry."""
+    torch = pytest.importorskip("torch")
+    model = conv_model(c_in=4, c_out=6, spatial=(9, 7))
+    x = np.random.default_rng(2).standard_normal((3, 4, 9, 7)).astype(np.float32)
+    stats = input_covariances(model, {"x": x}, ["x"], vertical={("patch", "conv"): ("x", kh, stride, dilation, top, bottom)})
+    padded = torch.nn.functional.pad(torch.from_numpy(x).double(), (0, 0, top, bottom))
+    patches = torch.nn.functional.unfold(padded, (kh, 1), dilation=(dilation, 1), stride=(stride, 1))  # (N, C*kh, L)
+    flat = patches.permute(1, 0, 2).reshape(4 * kh, -1).numpy()
+    assert patches.shape[2] <= 64  # every position sampled
+    assert np.allclose(stats[("patch", "conv")], flat @ flat.T / flat.shape[1], rtol=1e-5, atol=1e-6)
+    assert np.allclose(stats["x"], input_covariances(model, {"x": x}, ["x"])["x"])  # the channels' moment as before
+
+
 @pytest.mark.parametrize("target", [0.6, 0.4, 0.25])
 def test_budget_meets_the_mac_target_by_the_cost_model(target):
     model = residual_model(channels=32)
