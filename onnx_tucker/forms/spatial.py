@@ -10,8 +10,10 @@ Why a second kxk form: at equal MACs it leaves a 3-10x smaller output error than
 layer of the BN-folded CIFAR ResNets (the Tucker core keeps full spatial support at a rank R^2 cost; the
 product here keeps rank K across space). Measured in the README ("Spatial SVD").
 
-With calibration statistics the fit is input-whitened like Tucker-2's: the SVD of ``(S^(1/2) (x) I_kh) M``
-(S: the input's channel covariance), which minimises the output error for channel-correlated inputs.
+With calibration statistics the fit is input-whitened: the SVD of ``P^(1/2) M``, P the second moment of the
+``kh x 1`` patches the first conv reads (rows (channel, tap), measured in the statistics pass), which minimises
+the output error for inputs correlated across channels and down the rows (feature maps are); without P, by
+the channels' alone, ``(S^(1/2) (x) I_kh) M``.
 """
 from __future__ import annotations
 
