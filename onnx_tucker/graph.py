@@ -270,8 +270,10 @@ def cut_at(probe: onnx.ModelProto, index: int) -> list[str] | None:
     return [t for t in dict.fromkeys(t for n in tail for t in n.input) if t and t not in produced and t not in initializers]
 
 
-def suffix_model(probe: onnx.ModelProto, node_name: str, output: str, cut_values: dict) -> onnx.ModelProto:
-    """The part of ``probe`` from node ``node_name`` on, taking ``cut_values``' tensors as inputs."""
+def suffix_model(probe: onnx.ModelProto, node_name: str, output, cut_values: dict) -> onnx.ModelProto:
+    """The part of ``probe`` from node ``node_name`` on, taking ``cut_values``' tensors as inputs, with the graph
+    output ``output`` (a name, or a list of names) as its outputs."""
+    outputs = [output] if isinstance(output, str) else list(output)
     nodes = list(probe.graph.node)
     index = next(i for i, n in enumerate(nodes) if n.name == node_name)
     tail = nodes[index:]
@@ -282,7 +284,7 @@ def suffix_model(probe: onnx.ModelProto, node_name: str, output: str, cut_values
     ]
     graph = onnx.helper.make_graph(
         tail, f"{probe.graph.name}_suffix", inputs,
-        [o for o in probe.graph.output if o.name == output],
+        [o for name in outputs for o in probe.graph.output if o.name == name],
         [i for i in probe.graph.initializer if i.name in needed],
     )
     suffix = onnx.helper.make_model(graph, opset_imports=probe.opset_import, ir_version=probe.ir_version)

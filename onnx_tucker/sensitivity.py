@@ -39,6 +39,8 @@ from onnx_tucker.graph import cut, expose, from_bytes, probe_model, suffix_model
 from onnx_tucker.providers import fastest_available, probe_options
 from onnx_tucker.runtime import make_session
 
+FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE)
+
 FIT_ROWS = 12_000  # sampled output positions per layer for the refit
 EVAL_SAMPLES = 128  # calibration images the distortion is measured on (not used by the refit) ...
 EVAL_ELEMENTS = 128 * 32 * 32 * 3  # ... at most this many input values in all (128 CIFAR images; issue 15) ...
@@ -105,7 +107,7 @@ def _softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(1, keepdims=True)
 
 
-SCHEMA = "onnx-tucker.curves/2"  # /2: each point says whether it was measured or predicted
+SCHEMA = "onnx-tucker.curves/3"  # /2: each point says whether it was measured or predicted; /3: every output counts
 
 
 class CurveCache:
@@ -217,11 +219,12 @@ def distortion_curves(model: onnx.ModelProto, candidates: list, feeds: dict, cov
     cuts = {cand.name: cut(probe, cand.node.name) for cand in candidates}
     known = set(feeds) | {n for c in candidates for n in names[c.name][:2] if n}
     cut_tensors = list(dict.fromkeys(t for tensors in cuts.values() if tensors for t in tensors if t not in known))
+    types = tensor_types(model)
     if any(t not in {o.name for o in probe.graph.output} for t in cut_tensors):
-        expose(probe, cut_tensors, tensor_types(model))  # shape tensors are int64: typed by inference
+        expose(probe, cut_tensors, types)  # shape tensors are int64: typed by inference
     provider = fastest_available()  # probes run where they run fastest (CUDA when present)
     session = make_session(probe, provider, provider_options=probe_options(provider))
-    output_name = model.graph.output[0].name
+    output_names = [o.name for o in model.graph.output]  # every output counts: a head's convs move only theirs
     fixed = fixed_batch(model)  # a torch export's batch of 1: every run below goes in batches of it
     weights = {}
     for cand in candidates:
@@ -284,8 +287,15 @@ def distortion_curves(model: onnx.ModelProto, candidates: list, feeds: dict, cov
     collect(todo)
     # Each option only changes one layer: run the model from that layer on, fed at the cut with
     # the original activations (computed once), not the whole model.
-    values = run_all(session, eval_feeds, [output_name] + cut_tensors, extra=weights, fixed=fixed)
-    reference, at_cut = values[0], dict(zip(cut_tensors, values[1:]))
+    # A cut tensor computed from shapes (an int64 size read off the input for a later Resize or Reshape) has no
+    # row per image: it is fed whole to every batch, like the weights, with the value the eval batch gives it.
+    sizes = [t for t in cut_tensors if types.get(t) not in (None, *FLOAT_TYPES)]
+    rows = [t for t in cut_tensors if t not in sizes]
+    values = run_all(session, eval_feeds, output_names + rows, extra=weights, fixed=fixed)
+    reference, at_cut = dict(zip(output_names, values)), dict(zip(rows, values[len(output_names):]))
+    if sizes:
+        _, first = next(iterate(session, eval_feeds, sizes, fixed or n_eval, extra=weights, fixed=fixed is not None))
+        at_cut.update(zip(sizes, first))
     at_cut.update(eval_feeds)
     at_cut.update(weights)
     by_name = {c.name: c for c in candidates}
@@ -302,8 +312,8 @@ def distortion_curves(model: onnx.ModelProto, candidates: list, feeds: dict, cov
             covariance=covariances.get(cand.input_name) if covariances else None,
             moments=stats[cand.name], probes=probes, known=known)
 
-    shared = dict(probe=probe, reference=reference, at_cut=at_cut, output_name=output_name, provider=provider,
-                  constants=sorted(weights), fixed=fixed)
+    shared = dict(probe=probe, reference=reference, at_cut=at_cut, provider=provider,
+                  constants=sorted(weights) + sizes, fixed=fixed)
 
     def done(name, curve):
         curves[name] = curve
@@ -398,14 +408,15 @@ class LayerJob:
     known: dict  # ranks -> distortion already measured (a cached curve)
 
 
-def layer_curve(job: LayerJob, probe, reference: np.ndarray, at_cut: dict, output_name: str, provider: str,
+def layer_curve(job: LayerJob, probe, reference: dict, at_cut: dict, provider: str,
                 constants=(), fixed: int | None = None, session=None, threads: int | None = None, on_option=None,
                 errors: dict | None = None) -> list:
     """One layer's curve [(MACs, distortion, ranks, measured, layer error)]: the same bits here or in a Ray task.
 
     Every option's layer-output error comes from the moments; the whole-model probe runs for every option
     (``probes="all"``) or for ``PROBES`` of them spread over those errors, the rest predicted.
-    ``probe`` is the probe model (or its bytes); ``at_cut`` holds every cut tensor, the eval feeds and the
+    ``probe`` is the probe model (or its bytes); ``reference``: the original model's outputs on the eval images,
+    by name (each counts: :func:`_measure`); ``at_cut`` holds every cut tensor, the eval feeds and the
     original weights (``constants``: their names; the rest has a row per image); ``fixed``: the batch the model
     is fixed to, if any; ``session`` (optional) is an open session on the probe, used when the whole probe runs;
     ``threads``: onnxruntime's intra-op threads (None: its default). numpy's BLAS runs on one thread
@@ -419,7 +430,7 @@ def layer_curve(job: LayerJob, probe, reference: np.ndarray, at_cut: dict, outpu
         chosen = [r for r in chosen if r not in job.known]
         known = dict(job.known)
         if chosen:
-            suffix = _suffix(job, probe, reference, at_cut, output_name, provider, constants, fixed, session, threads)
+            suffix = _suffix(job, probe, reference, at_cut, provider, constants, fixed, session, threads)
             known.update(_measure(job, chosen, suffix, reference, on_option))
         return _predicted_curve(job.site, job.options, errors, known)
 
@@ -475,35 +486,39 @@ def _solve(job: LayerJob, ranks) -> tuple[dict, float]:
     return _probe_weights(cand, solution, inner, job.weight_name, job.bias_name), error
 
 
-def _suffix(job: LayerJob, probe, reference, at_cut, output_name, provider, constants=(), fixed=None, session=None, threads=None):
-    """A function: an option's probe feed -> the model's output, run from the job's layer on over the eval images."""
+def _suffix(job: LayerJob, probe, reference, at_cut, provider, constants=(), fixed=None, session=None, threads=None):
+    """A function: an option's probe feed -> {output: value} for the model's outputs that the job's layer can move
+    (those computed from it on), run from the layer on over the eval images."""
     feeds = {t: at_cut[t] for t in job.feed_names}
+    outputs = list(reference)
     if job.whole:
         session = session if session is not None else make_session(from_bytes(probe), provider, threads, probe_options(provider))
     else:
-        session = make_session(suffix_model(from_bytes(probe), job.site.node.name, output_name, feeds), provider, threads,
-                               probe_options(provider))
+        model = from_bytes(probe)
+        index = next(i for i, n in enumerate(model.graph.node) if n.name == job.site.node.name)
+        written = {o for n in model.graph.node[index:] for o in n.output}
+        outputs = [o for o in outputs if o in written]  # an output made before the layer cannot move
+        session = make_session(suffix_model(model, job.site.node.name, outputs, feeds), provider, threads, probe_options(provider))
     whole = {k: v for k, v in feeds.items() if k in set(constants)}
     rows = {k: v for k, v in feeds.items() if k not in whole}
 
-    def run(feed: dict) -> np.ndarray:
-        return run_all(session, rows, [output_name], extra={**whole, **feed}, fixed=fixed)[0]
+    def run(feed: dict) -> dict:
+        return dict(zip(outputs, run_all(session, rows, outputs, extra={**whole, **feed}, fixed=fixed)))
 
     return run
 
 
-def _measure(job: LayerJob, ranks_list: list, suffix, reference, on_option=None) -> dict:
-    """Ranks -> measured distortion of each option (one forward pass each)."""
+def _measure(job: LayerJob, ranks_list: list, suffix, reference: dict, on_option=None) -> dict:
+    """Ranks -> measured distortion of each option (one forward pass each): the mean over the model's outputs
+    of each one's distortion (:func:`_distortion`; 0 for an output the layer cannot move)."""
     out = {}
     for ranks in ranks_list:
         feed, _ = _solve(job, ranks)
         result = suffix(feed)
-        out[tuple(ranks)] = _distortion(reference, result)
+        out[tuple(ranks)] = sum(_distortion(reference[name], value) for name, value in result.items()) / len(reference)
         if on_option is not None:
             on_option()
     return out
-
-
 
 
 class _Moments:

@@ -210,3 +210,80 @@ def test_a_failing_layer_fit_stops_the_layers_still_queued(monkeypatch):
     assert waited < 5, "the error waited for the layers still running"
     # two workers: layer 0, then at most one layer each before the rest was cancelled
     assert len(calls) <= 3
+
+
+def _torch_export(net, outputs: list, size: int = 16):
+    """``net`` exported by torch.onnx (dynamic batch) as a ModelProto."""
+    import io
+
+    import onnx
+
+    torch = pytest.importorskip("torch")
+    buffer = io.BytesIO()
+    torch.onnx.export(net.eval(), torch.zeros(1, 3, size, size), buffer, dynamo=False, opset_version=17, input_names=["x"],
+                      output_names=outputs, dynamic_axes={"x": {0: "N"}, **{o: {0: "N"} for o in outputs}})
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def test_every_output_counts_in_the_measured_distortion():
+    """Two heads, the class scores written last: a conv that feeds only the map output moves only that output. Its
+    measured distortion was 0 at every rank (only output 0 was read), the knapsack cut it to the bone and the map was
+    ruined; and a suffix cut after the first output's node could not load. Now its distortion is that map's
+    relative error (halved: the mean over the two outputs), and the map keeps what the budget pays for."""
+    torch = pytest.importorskip("torch")
+    from torch import nn
+
+    from onnx_tucker.pipeline import factorable_sites
+    from onnx_tucker.sensitivity import distortion_curves
+
+    class Heads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.seg = nn.Conv2d(3, 16, 3, 1, 1), nn.Conv2d(16, 32, 3, 1, 1)
+            self.down, self.top, self.fc = nn.Conv2d(16, 32, 3, 2, 1), nn.Conv2d(32, 32, 3, 1, 1), nn.Linear(32, 10)
+
+        def forward(self, x):
+            f = torch.relu(self.stem(x))
+            return self.fc(torch.relu(self.top(torch.relu(self.down(f)))).mean((2, 3))), self.seg(f)
+
+    torch.manual_seed(0)
+    model = _torch_export(Heads(), ["cls", "seg"])
+    data = {"x": np.random.default_rng(0).standard_normal((96, 3, 16, 16)).astype(np.float32)}
+    _, sites = factorable_sites(model)
+    sites = [s for s in sites if s.eligible]
+    curves = distortion_curves(model, sites, data, None, probes="all", progress=False)["curves"]
+    seg = next(name for name in curves if "seg" in name)
+    assert all(d > 1e-4 for _, d, _, measured, _ in curves[seg] if measured)
+    top = next(name for name in curves if "top" in name)  # the last conv of the class head: not in the map's suffix
+    assert all(d > 0 for _, d, _, measured, _ in curves[top] if measured)
+    new, report = compress(model, target_macs=0.5, calibration=data)
+    from conftest import run_model
+
+    fresh = {"x": np.random.default_rng(1).standard_normal((16, 3, 16, 16)).astype(np.float32)}
+    (cls_a, seg_a), (cls_b, seg_b) = run_model(model, fresh), run_model(new, fresh)
+    assert np.linalg.norm(seg_a - seg_b) / np.linalg.norm(seg_a) < 0.5
+    assert report.totals()["macs_after"] <= 0.5 * report.totals()["macs_before"] * 1.001
+
+
+def test_a_size_read_off_the_input_crosses_the_probe_cut_whole():
+    """``F.interpolate(y, size=x.shape[-2:])``: the size is an int64 tensor computed before the layers and read after
+    them, so it crosses every probe's cut. It was fed as if it had a row per image, and onnxruntime refused the
+    Concat; it is fed whole now, and the measured budget runs."""
+    torch = pytest.importorskip("torch")
+    from torch import nn
+
+    class Seg(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.out = nn.Conv2d(3, 16, 3, 2, 1), nn.Conv2d(16, 32, 3, 1, 1), nn.Conv2d(32, 5, 1)
+
+        def forward(self, x):
+            h, w = x.shape[-2:]
+            y = self.out(torch.relu(self.b(torch.relu(self.a(x)))))
+            return nn.functional.interpolate(y, size=(h, w), mode="bilinear", align_corners=False)
+
+    torch.manual_seed(0)
+    model = _torch_export(Seg(), ["y"])
+    data = {"x": np.random.default_rng(0).standard_normal((64, 3, 16, 16)).astype(np.float32)}
+    new, report = compress(model, target_macs=0.6, calibration=data)
+    assert report.sensitivity is not None and report.decomposed
