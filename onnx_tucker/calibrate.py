@@ -326,7 +326,7 @@ class _Forward:
     def value(self, tensor: str, node, images: np.ndarray, per_image: int):
         """(array over some images, pick mapper): ``mapper(local)`` turns flat positions within ``images``
         (``per_image`` output positions each) into flat positions within the returned array's images."""
-        value = self._advance(self._index(node), tensor) if self.usable else None
+        value = self._decoded(tensor, self._advance(self._index(node), tensor)) if self.usable else None
         if value is None:  # the old way: a prefix model over the layer's images
             self.usable = False
             sub = self.feeds if len(images) == len(self.chosen) else {k: v[np.searchsorted(self.chosen, images)] for k, v in self.feeds.items()}
@@ -336,11 +336,18 @@ class _Forward:
     def peek(self, tensor: str, node, images: np.ndarray, per_image: int):
         """``value``'s (array, mapper) where the one-pass forward holds ``tensor`` at ``node``'s cut, else None:
         never the prefix-model fallback (an optional tensor must not slow every later chain down)."""
-        value = self._advance(self._index(node), tensor) if self.usable else None
+        value = self._decoded(tensor, self._advance(self._index(node), tensor)) if self.usable else None
         return None if value is None else (value, self._mapper(images, per_image))
 
     def _index(self, node) -> int:
         return next(i for i, nd in enumerate(self.model.graph.node) if nd.name == node.name)
+
+    def _decoded(self, tensor: str, value):
+        """A graph input read straight from the calibration feeds (a core conv on the image: the ``kxk -> 1x1``
+        stem) is a streamed image folder there: decoded once, as an array the patches can index."""
+        if value is not None and not isinstance(value, np.ndarray):
+            value = self.state[tensor] = np.asarray(value)
+        return value
 
     def _mapper(self, images: np.ndarray, per_image: int):
         """Flat positions within ``images`` -> flat positions within the kept state's images (``chosen``)."""

@@ -156,3 +156,25 @@ def test_rgba_and_cmyk_images_feed_an_rgb_model_and_colour_is_refused_for_a_grey
         onnx.numpy_helper.to_array(grey.graph.initializer[0])[:, :1].copy(), grey.graph.initializer[0].name))
     with pytest.raises(DataError, match="more channels than the model's 1"):
         load_image_folder(folder, grey, size=6)
+
+
+def test_a_core_conv_reading_the_image_refits_from_a_streamed_folder(tmp_path):
+    """The ``kxk -> 1x1`` stem chain (R_in = C_in: the core reads the image itself) refits its core on patches of the
+    calibration images. From a folder those were an ImageStream the patches could not index: an internal error.
+    Now it gives what the decoded array gives."""
+    from onnx import numpy_helper
+
+    from onnx_tucker import compress
+    from onnx_tucker.chain import chains_of
+    from onnx_tucker.images import stream_image_folder
+
+    folder = make_folder(tmp_path / "imgs", n=64)
+    model = residual_model(channels=16)
+    ranks = {"stem": (8, 3)}
+    new_s, _ = compress(model, ranks=ranks, calibration=stream_image_folder(folder, model, size=64, scale=1 / 255), force=True)
+    new_a, _ = compress(model, ranks=ranks, calibration=load_image_folder(folder, model, size=64, scale=1 / 255), force=True)
+    [chain] = [c for c in chains_of(new_s) if c.layer == "stem"]
+    assert list(chain.nodes) == ["core", "last"]  # the core reads the graph input
+    a = {i.name: numpy_helper.to_array(i) for i in new_a.graph.initializer}
+    for init in new_s.graph.initializer:
+        np.testing.assert_allclose(numpy_helper.to_array(init), a[init.name], rtol=1e-4, atol=1e-6)
