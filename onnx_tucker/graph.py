@@ -113,7 +113,9 @@ def _folded(model: onnx.ModelProto, input_shapes: dict | None) -> onnx.ModelProt
     if skeleton.ByteSize() > PROTOBUF_LIMIT:
         return None
     try:
-        graph = gs.import_onnx(skeleton)
+        # shapes first: onnx-graphsurgeon folds Shape -> Gather/Slice only where the dims it reads are known
+        # (a dynamic-batch channel split or shuffle reads C, H, W off a tensor inside the graph)
+        graph = gs.import_onnx(onnx.shape_inference.infer_shapes(skeleton, strict_mode=False, data_prop=True))
         graph.fold_constants(error_ok=True).cleanup()
         return onnx.shape_inference.infer_shapes(gs.export_onnx(graph), strict_mode=False, data_prop=True)
     except Exception:
