@@ -207,7 +207,7 @@ def find_sites(graph: gs.Graph, shapes: dict[str, tuple] | None = None, choose=N
         if (node.domain or "") not in ("", "ai.onnx") or node.op not in ops:
             continue
         if node.op != "Conv":
-            site = _dense_site(node, shapes, loaded, choose)
+            site = _dense_site(node, shapes, loaded, choose, _batch_of(graph))
             if site is not None:
                 found.append(site)
             continue
@@ -261,12 +261,20 @@ def find_sites(graph: gs.Graph, shapes: dict[str, tuple] | None = None, choose=N
     return found
 
 
-def _dense_site(node: gs.Node, shapes: dict, loaded: dict, choose) -> Site | None:
+def _batch_of(graph: gs.Graph) -> int:
+    """The batch the model is fixed to (its first input's first dim), 1 where it is dynamic."""
+    shape = graph.inputs[0].shape if graph.inputs else None
+    return shape[0] if shape and isinstance(shape[0], int) and shape[0] > 0 else 1
+
+
+def _dense_site(node: gs.Node, shapes: dict, loaded: dict, choose, batch: int = 1) -> Site | None:
     """A Gemm, or a MatMul whose right operand is a constant 2-D weight, as a site (None: not a dense layer).
 
     ``weight`` is kept in its stored layout (``extra["layout"]``: "KN" for B as (in, out), "NK" for
-    transB=1); the cost model sees it as channels (c_in=K, c_out=N) over the rows each sample has.
-    """
+    transB=1); the cost model sees it as channels (c_in=K, c_out=N) over the rows each sample has: every
+    axis of its input but the last, divided by the model's ``batch`` (torch's attention runs its input
+    projection on a sequence-first (L, N, E) tensor and its output one on (L*N, E), so the batch is not
+    always the first axis)."""
     if len(node.inputs) < 2:
         return None
     weight, why = resolve_constant(node.inputs[1])
@@ -294,8 +302,10 @@ def _dense_site(node: gs.Node, shapes: dict, loaded: dict, choose) -> Site | Non
     k, n = (weight.shape[1], weight.shape[0]) if trans_b else weight.shape
     rows = None
     if site.input_shape is not None and len(site.input_shape) >= 2:
-        inner = tuple(site.input_shape[1:-1])
-        rows = inner if all(isinstance(d, int) and d > 0 for d in inner) else None
+        outer = tuple(site.input_shape[:-1])
+        if all(isinstance(d, int) and d > 0 for d in outer):
+            total = math.prod(outer)
+            rows = (total // batch if total % batch == 0 else total,)
     site.shape = ConvShape(c_out=int(n), c_in=int(k), kernel=(), in_spatial=rows, out_spatial=rows)
     if node.op == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].name:
         bias, _ = resolve_constant(node.inputs[2])

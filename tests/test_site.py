@@ -79,3 +79,36 @@ def test_sites_are_typed_records_with_names_shapes_geometry_and_kind():
     assert dw.geometry.strides == (2, 2) and dw.geometry.group == 16 and dw.shape.out_spatial == (4, 4)
     assert "1x1 conv" in pointwise.reason and "depthwise conv (group=16)" in dw.reason
     assert pointwise.weight is None and dw.weight is None  # no form takes them: their weights are not held
+
+
+def test_attention_projections_count_every_token():
+    """torch's nn.MultiheadAttention runs its input projection on a sequence-first (L, N, E) tensor and its output one
+    on (L*N, E): taking axis 0 as the batch counted them for one token of 64. Rows are every axis but the features',
+    over the model's batch, as for the (N, L, E) MLP."""
+    torch = pytest.importorskip("torch")
+    import io
+
+    import onnx
+
+    from onnx_tucker.pipeline import factorable_sites
+
+    class Block(torch.nn.Module):
+        def __init__(self, dim=32):
+            super().__init__()
+            self.patch = torch.nn.Conv2d(3, dim, 4, 4)
+            self.attn = torch.nn.MultiheadAttention(dim, 4, batch_first=True)
+            self.mlp = torch.nn.Linear(dim, dim)
+
+        def forward(self, x):
+            x = self.patch(x).flatten(2).transpose(1, 2)  # (N, 16 tokens, 32)
+            return self.mlp(x + self.attn(x, x, x, need_weights=False)[0]).mean(1)
+
+    for batch, dynamic in ((1, True), (2, False)):
+        buffer = io.BytesIO()
+        torch.onnx.export(Block().eval(), torch.zeros(batch, 3, 16, 16), buffer, dynamo=False, opset_version=17,
+                          input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "N"}, "y": {0: "N"}} if dynamic else None)
+        model = onnx.load_from_string(buffer.getvalue())
+        _, sites = factorable_sites(model, layers=("dense",), input_shapes={"x": [batch, 3, 16, 16]} if dynamic else None)
+        macs = {s.name: s.shape.macs() for s in sites if s.shape is not None}
+        per_token = {"/attn/MatMul": 32 * 96, "/attn/Gemm": 32 * 32, "/mlp/MatMul": 32 * 32}
+        assert {k: macs.get(k) for k in per_token} == {k: 16 * v for k, v in per_token.items()}, (batch, macs)
