@@ -69,7 +69,9 @@ class Report:
             "params_after": sum(r.params_after for r in self.layers),
             "macs_before": sum(r.macs_before for r in self.layers),
             "macs_after": sum(r.macs_after for r in self.layers),
-            "macs_known": all(r.macs_known for r in self.layers),
+            # a layer of no known size at all (its weight computed at run time) counts in neither total, and does not
+            # make the model's MACs unknown: --input-shape would not give it a size
+            "macs_known": all(r.macs_known for r in self.layers if r.kernel),
         }
         t["macs_reduction"] = t["macs_before"] / t["macs_after"] if t["macs_after"] else math.inf
         t["params_reduction"] = t["params_before"] / t["params_after"] if t["params_after"] else math.inf
@@ -141,7 +143,8 @@ def format_table(report: Report) -> str:
                  + (f" ({r.original_us:.0f} -> {r.chain_us:.0f} us)" if r.original_us is not None and r.chain_us is not None else "")),
             ])
         else:
-            rows.append([r.layer, kernel, "-", "-", _n(r.params_before), _n(r.macs_before) if r.macs_known else "unknown*", "-", r.reason])
+            size = _n(r.macs_before) if r.macs_known else ("unknown*" if r.kernel else "?")
+            rows.append([r.layer, kernel, "-", "-", _n(r.params_before) if r.kernel else "?", size, "-", r.reason])
     t = report.totals()
     rows.append([
         "TOTAL (convs)", "", "", f"{t['decomposed']}/{t['convs']}",

@@ -1,6 +1,8 @@
 """The report: the table shows each layer's form and ranks, the JSON keeps forms, chains and the verdict."""
 import json
 
+import numpy as np
+
 import pytest
 
 from onnx_tucker import compress
@@ -42,3 +44,29 @@ def test_distill_summary_without_reconstruction_or_holdout():
              "reconstructed": None, "check_on": "train", "holdout_samples": 0, "reconstruct": None, "seconds": 3.2, "device": "cuda"}
     line = distill_summary(stats)
     assert "kept the distilled model" in line and "units" not in line and "the training inputs" in line and "(3 s on cuda)" in line
+
+
+def test_a_layer_of_no_known_size_does_not_make_the_model_macs_unknown():
+    """A conv whose weight is computed at run time has no size: it is listed with '?' and left out of the totals. It
+    made the whole report say 'MACs unknown (give --input-shape)' on a model whose every size is static."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnx_tucker import compress
+    from onnx_tucker.report import format_table
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((16, 8, 3, 3)).astype(np.float32), "w")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["a"], name="static", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["w"], ["w_relu"], name="computed_weight"),
+             helper.make_node("Conv", ["x", "w_relu"], ["b"], name="dynamic", pads=[1, 1, 1, 1]),
+             helper.make_node("Add", ["a", "b"], ["y"])]
+    graph = helper.make_graph(nodes, "runtime_weight", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 12, 12])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    _, report = compress(model, ratio=0.5)
+    totals = report.totals()
+    assert totals["macs_known"] and totals["macs_before"] == 16 * 8 * 9 * 144 and totals["macs_reduction"] > 1
+    table = format_table(report)
+    assert "unknown" not in table and "give --input-shape" not in table
+    assert any(line.startswith("dynamic") and "?" in line for line in table.splitlines())
