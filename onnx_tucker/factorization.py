@@ -21,6 +21,7 @@ __all__ = ["Cost", "Factorization", "FormChoice", "FORMS", "DEFAULT_FORMS", "get
 @runtime_checkable
 class Factorization(Protocol):
     name: str  # registry key, stored in the chain and the report
+    kinds: tuple[str, ...]  # the site kinds it takes ("conv": kxk, "conv1x1", "dense"), what --layers selects
     ops: tuple[str, ...]  # the ONNX ops whose sites it may take
     roles: tuple[str, ...]  # the chain's nodes, in data-flow order; the last one writes the layer's output
     refits: tuple[str, ...]  # calibration refits it supports: "last" (the last 1x1 conv + bias), "core"
@@ -81,7 +82,10 @@ def layer_plan(layers: tuple[str, ...] | None, forms: tuple[str, ...] | None = N
     if unknown:
         raise UsageError(f"unknown layer kind {unknown[0]!r}: choose from {', '.join(LAYER_KINDS)}")
     kinds = {LAYER_KINDS[k][0] for k in layers}
-    forms = forms or tuple(dict.fromkeys(LAYER_KINDS[k][1] for k in layers))
+    # --forms names the forms of the kinds they take; a kind asked for that no named form takes keeps its default
+    # (--layers kxk,1x1 --forms tucker2,spatial: the 1x1 convs by SVD, not left whole as "nothing to factor spatially")
+    taken = {kind for name in forms or () for kind in getattr(get_form(name), "kinds", ())}
+    forms = tuple(dict.fromkeys(tuple(forms or ()) + tuple(LAYER_KINDS[k][1] for k in layers if LAYER_KINDS[k][0] not in taken)))
     ops = {"Conv"} | ({"Gemm", "MatMul"} if "dense" in layers else set())
     return forms, kinds, ops
 

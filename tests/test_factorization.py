@@ -301,3 +301,18 @@ def test_a_dense_layer_holding_the_parameters_is_not_crumbs():
     _, report = compress(model, ratio=0.25, layers=("kxk", "dense"))
     fc = next(r for r in report.layers if r.layer == "fc")
     assert fc.decomposed and fc.params_after == 8 * (32 + 1024)
+
+
+def test_layers_with_forms_keep_the_default_form_for_kinds_no_named_form_takes():
+    """``--layers kxk,1x1,dense --forms tucker2,spatial``: the named forms take the kxk convs; the 1x1 convs and dense
+    layers asked for keep their SVD form (they were left whole, noted 'nothing to factor spatially'). A kind a named
+    form takes gets no default added: ``--forms spatial --layers kxk`` stays spatial alone."""
+    from onnx_tucker.factorization import layer_plan
+
+    assert layer_plan(("kxk", "1x1", "dense"), ("tucker2", "spatial"))[0] == ("tucker2", "spatial", "svd")
+    assert layer_plan(("kxk",), ("spatial",))[0] == ("spatial",)
+    assert layer_plan(("kxk", "1x1"), ("svd",))[0] == ("svd", "tucker2")
+    model = residual_model(channels=16, spatial=(10, 10))
+    _, report = compress(model, ratio=0.5, layers=("kxk", "1x1"), forms=("tucker2", "spatial"), force=True)
+    forms = {r.layer: r.form for r in report.layers}
+    assert forms["pointwise"] == "svd" and forms["block_conv"] in ("tucker2", "spatial"), forms

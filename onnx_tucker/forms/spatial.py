@@ -56,6 +56,7 @@ def _composed(first: np.ndarray, last: np.ndarray) -> np.ndarray:
 
 class SpatialSVDForm:
     name = "spatial"
+    kinds = ("conv",)  # the site kinds it takes (--layers: kxk -> conv, 1x1 -> conv1x1, dense)
     ops = ("Conv",)
     roles = ("first", "last")
     refits = ("last",)

@@ -49,6 +49,7 @@ def stored(site, matrix: np.ndarray) -> np.ndarray:
 
 class SVDForm:
     name = "svd"
+    kinds = ("conv1x1", "dense")  # the site kinds it takes (--layers: kxk -> conv, 1x1 -> conv1x1, dense)
     ops = ("Conv", "Gemm", "MatMul")
     roles = ("first", "last")
     refits = ("last",)

@@ -46,6 +46,7 @@ def kxk_conv_reason(site) -> str:
 
 class Tucker2Form:
     name = "tucker2"
+    kinds = ("conv",)  # the site kinds it takes (--layers: kxk -> conv, 1x1 -> conv1x1, dense)
     ops = ("Conv",)
     roles = ("first", "core", "last")
     refits = ("core", "last")
