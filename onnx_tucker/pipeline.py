@@ -249,6 +249,8 @@ def _compress(model: onnx.ModelProto, opts: CompressOptions, memo: dict | None =
         chain = form.emit(graph, site, constants, taken)
         report.chains.append(chain)
         record.decomposed, record.form, record.layout = True, form.name, _layout(site, chain)
+    if report.form_choice:
+        report.notes.append(_form_choice_note(report))
     if report.decomposed:
         with report.phase("export"):
             new_model = export(graph, model)
@@ -407,8 +409,9 @@ def plan_ranks(sites: list, opts: CompressOptions, fixed_macs: int = 0, model=No
 
 def _choose_forms(sites: list, planned: dict, opts: CompressOptions, covariances, report, rule: str) -> dict:
     """Where several forms take a layer (``--forms tucker2,spatial``) and a rule without measurements planned the
-    first form's ranks: the form with the least error at those MACs (:meth:`FormChoice.choose`), and a note."""
-    chosen, blas = {}, ThreadpoolController()
+    first form's ranks: the form with the least error at those MACs (:meth:`FormChoice.choose`), recorded in
+    ``report.form_choice`` (the note names what was written: :func:`_form_choice_note`)."""
+    blas, layers = ThreadpoolController(), {}
     for site in sites:
         form = get_form(site.form)
         if not hasattr(form, "choose") or site.name in opts.ranks or planned.get(site.name) is None:
@@ -418,14 +421,21 @@ def _choose_forms(sites: list, planned: dict, opts: CompressOptions, covariances
             planned[site.name], errors = form.choose(site, planned[site.name], covariance=cov, rank_multiple=opts.rank_multiple,
                                                      n_iter_max=opts.n_iter_max, method=opts.method)
         if errors:
-            counts = chosen.setdefault(form.name, dict.fromkeys(form.name.split("|"), 0))
-            counts[form.resolve(site, planned[site.name]).name] += 1
-    for choice, counts in chosen.items() if report is not None else ():
+            layers[site.name] = {"form": form.resolve(site, planned[site.name]).name, "forms": form.name.split("|"),
+                                 "errors": {k: round(v, 6) for k, v in errors.items()}}
+    if layers and report is not None:
         metric = "input-whitened by the calibration statistics" if covariances else "relative to the weight"
-        report.notes.append(f"--forms {choice.replace('|', ',')}: each layer's form is the one with the least error ({metric}) "
-                            f"at the MACs the {choice.split('|')[0]} {rule} gives the layer: "
-                            + ", ".join(f"{name} {k}" for name, k in counts.items()))
+        report.form_choice = {"rule": rule, "metric": metric, "layers": layers}
     return planned
+
+
+def _form_choice_note(report) -> str:
+    """What the form choice wrote: the chains of each form (layers left whole afterwards not counted)."""
+    choice, written = report.form_choice, {r.layer: r.form for r in report.layers if r.decomposed}
+    forms = list(dict.fromkeys(f for entry in choice["layers"].values() for f in entry["forms"]))
+    counts = {f: sum(written.get(name) == f for name in choice["layers"]) for f in forms}
+    return (f"--forms {','.join(forms)}: each layer's form is the one with the least error ({choice['metric']}) at the MACs "
+            f"the {forms[0]} {choice['rule']} gives the layer: " + ", ".join(f"{f} {k}" for f, k in counts.items()) + " chains")
 
 
 def _explicit_ranks(sites: list, ranks: dict) -> dict:

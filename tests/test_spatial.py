@@ -446,3 +446,20 @@ def test_the_pipeline_fits_spatial_chains_on_the_patch_statistic(monkeypatch):
     [chain] = chains_of(new)
     written = numpy_helper.to_array(next(i for i in new.graph.initializer if i.name == chain.weights["first"]))[..., 0]
     assert np.allclose(written, patch.first, atol=1e-5) and not np.allclose(written, channel.first, atol=1e-3)
+
+
+def test_the_form_choice_note_counts_the_chains_written_not_the_layers_left_whole():
+    """The choice runs before the rules that leave a layer whole (the image stem): the note counts the chains the
+    model got, and the report's ``form_choice`` keeps every layer's errors."""
+    import json
+
+    model = residual_model(channels=16, spatial=(10, 10))
+    new, report = compress(model, ratio=0.5, forms=("tucker2", "spatial"))
+    choice = report.form_choice
+    assert "stem" in choice["layers"] and set(choice["layers"]["stem"]["errors"]) == {"tucker2", "spatial"}
+    assert not next(r for r in report.layers if r.layer == "stem").decomposed
+    written = {c.form for c in chains_of(new)}
+    [note] = [n for n in report.notes if "least error" in n]
+    counts = {f: sum(c.form == f for c in chains_of(new)) for f in ("tucker2", "spatial")}
+    assert f"tucker2 {counts['tucker2']}, spatial {counts['spatial']} chains" in note and written
+    assert json.loads(json.dumps(report.to_dict()))["form_choice"]["rule"] == "ratio rule"
