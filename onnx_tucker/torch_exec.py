@@ -430,6 +430,61 @@ def _reduce(fn, since):
     return op
 
 
+def _slice(ins, a, opset):
+    """Slice: starts/ends/axes/steps from the inputs (opset 10 on) or the attributes; ONNX's clamping, negative
+    indices and steps (a negative step walks backwards, as ``x[::-1]``)."""
+    x = ins[0]
+    if opset < 10:
+        starts, ends, axes, steps = a["starts"], a["ends"], a.get("axes"), None
+    else:
+        starts, ends = _ints(ins[1]), _ints(ins[2])
+        axes = _ints(ins[3]) if len(ins) > 3 and ins[3] is not None else None
+        steps = _ints(ins[4]) if len(ins) > 4 and ins[4] is not None else None
+    axes = list(range(len(starts))) if axes is None else axes
+    steps = steps or [1] * len(starts)
+    for start, end, axis, step in zip(starts, ends, axes, steps):
+        axis = axis + x.dim() if axis < 0 else axis
+        size = x.shape[axis]
+        start, end = start + size if start < 0 else start, end + size if end < 0 else end
+        if step > 0:
+            start, end = min(max(start, 0), size), min(max(end, 0), size)
+        else:
+            start, end = min(max(start, 0), size - 1), min(max(end, -1), size - 1)
+        if step == 1:
+            x = x.narrow(axis, start, max(end - start, 0))
+        else:
+            empty = (start >= end) if step > 0 else (start <= end)
+            index = torch.arange(start, end, step, device=x.device) if not empty else torch.zeros(0, dtype=torch.int64, device=x.device)
+            x = x.index_select(axis, index)
+    return x
+
+
+def _split(ins, a, opset):
+    """Split into the node's outputs: sizes from the ``split`` input (opset 13 on) or attribute, else equal parts
+    (``num_outputs``, opset 18, lets the last part be smaller)."""
+    x, axis = ins[0], a.get("axis", 0)
+    sizes = (_ints(ins[1]) if len(ins) > 1 and ins[1] is not None else None) if opset >= 13 else a.get("split")
+    if not sizes:
+        parts = a.get("num_outputs") or a["_outputs"]
+        size = -(-x.shape[axis] // parts)
+        sizes = [min(size, x.shape[axis] - i * size) for i in range(parts)]
+    return tuple(torch.split(x, sizes, dim=axis))
+
+
+def _constant_of_shape(ins, a, opset):
+    value = _to_tensor(numpy_helper.to_array(a["value"])) if "value" in a else torch.zeros(1)
+    return torch.full(tuple(_ints(ins[0])), value.reshape(-1)[0].item(), dtype=value.dtype, device=ins[0].device)
+
+
+def _mod(ins, a, opset):
+    """Mod: the sign of the divisor (Python's %, ``fmod=0``, integers only) or of the dividend (``fmod=1``)."""
+    return torch.fmod(ins[0], ins[1]) if a.get("fmod", 0) else torch.remainder(ins[0], ins[1])
+
+
+def _gelu(ins, a, opset):
+    return F.gelu(ins[0], approximate="tanh" if a.get("approximate", "none") == "tanh" else "none")
+
+
 def _unary(fn):
     return lambda ins, a, opset: fn(ins[0])
 
@@ -479,6 +534,11 @@ OPS = {
     "Identity": _unary(lambda x: x),
     "Dropout": _unary(lambda x: x),  # inference: identity (a mask output is refused below)
     "Shape": _shape,
+    "Slice": _slice,
+    "Split": _split,
+    "ConstantOfShape": _constant_of_shape,
+    "Gelu": _gelu,
+    "Mod": _mod,
     "Gather": _gather,
     "Unsqueeze": _unsqueeze,
     "Squeeze": _squeeze,
@@ -590,7 +650,10 @@ class TorchGraph(torch.nn.Module):
                 if any(o in used for o in extra):
                     raise ModelError(f"torch executor: unsupported op '{node.op_type}' with more than one output {where}")
                 outs = outs[:1]
-            self._steps.append((OPS[node.op_type], _attrs(node), list(node.input), outs, node.op_type, node.name))
+            attrs = _attrs(node)
+            if node.op_type == "Split":  # equal parts: as many as the node has outputs
+                attrs["_outputs"] = len(node.output)
+            self._steps.append((OPS[node.op_type], attrs, list(node.input), outs, node.op_type, node.name))
 
         # Free each intermediate after its last use (the graph outputs are kept).
         last_use: dict[str, int] = {}

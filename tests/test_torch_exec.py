@@ -642,3 +642,65 @@ def test_layer_normalization(axis, shapes):
     if bias_shape is not None:
         inits["bias"] = np.random.default_rng(4).standard_normal(bias_shape).astype(np.float32)
     _assert_matches(*_single("LayerNormalization", [x_shape], {"axis": axis, "epsilon": 1e-4}, inits, opset=17), rtol=1e-4)
+
+
+# --- Slice, Split, ConstantOfShape, Gelu (torch's chunk and x.shape slicing, ZeroPad2d's pads, the dynamo exporter) --
+
+SLICE_CASES = {
+    "basic": ([1, 0], [3, 4], [0, 2], None),
+    "negative_and_clamped": ([-3, 0], [2**62, -1], [1, -1], None),
+    "steps": ([0, 1], [5, 6], [1, 2], [2, 3]),
+    "reverse": ([-1, 4], [-2**62, 0], [0, 2], [-1, -2]),
+    "empty": ([3], [1], [1], None),
+    "empty_steps": ([3, 4], [1, 5], [1, 2], [2, -1]),
+}
+
+
+@pytest.mark.parametrize("case", list(SLICE_CASES))
+def test_slice(case):
+    starts, ends, axes, steps = SLICE_CASES[case]
+    inits = {"starts": np.array(starts, np.int64), "ends": np.array(ends, np.int64), "axes": np.array(axes, np.int64)}
+    if steps is not None:
+        inits["steps"] = np.array(steps, np.int64)
+    _assert_matches(*_single("Slice", [(4, 5, 6)], inits=inits, opset=13))
+
+
+def test_slice_attributes_opset9():
+    _assert_matches(*_single("Slice", [(4, 5, 6)], {"starts": [1, -4], "ends": [100, -1], "axes": [0, 2]}, opset=9))
+
+
+@pytest.mark.parametrize("opset, attrs, inits, outputs", [
+    (11, {"axis": 1, "split": [2, 3]}, None, 2),
+    (13, {"axis": -1}, {"split": np.array([1, 4, 1], np.int64)}, 3),
+    (13, {"axis": 1}, None, 5),
+    (18, {"axis": 2, "num_outputs": 4}, None, 4),
+])
+def test_split(opset, attrs, inits, outputs):
+    shape = (2, 5, 7) if opset == 18 else (2, 5, 6)  # opset 18: 7 in 4 parts of ceil(7/4) = 2: 2, 2, 2, 1
+    _assert_matches(*_single("Split", [shape], attrs, inits, opset=opset, outputs=outputs))
+
+
+@pytest.mark.parametrize("value", [None, np.array([1.5], np.float32), np.array([3], np.int64)])
+def test_constant_of_shape(value):
+    """ZeroPad2d's torch export builds its pads with it; fed by a Shape here, as there."""
+    attrs = {"value": numpy_helper.from_array(value)} if value is not None else {}
+    out_type = TensorProto.INT64 if value is not None and value.dtype == np.int64 else FLOAT
+    nodes = [helper.make_node("Shape", ["x0"], ["s"], start=1), helper.make_node("ConstantOfShape", ["s"], ["y0"], **attrs)]
+    model = _model(nodes, [helper.make_tensor_value_info("x0", FLOAT, [2, 3, 4])], [helper.make_tensor_value_info("y0", out_type, None)])
+    _assert_matches(model, {"x0": np.zeros((2, 3, 4), np.float32)})
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gelu_opset20(approximate):
+    _assert_matches(*_single("Gelu", [(3, 7)], {"approximate": approximate}, opset=20), rtol=1e-5)
+
+
+@pytest.mark.parametrize("fmod, dtype", [(0, np.int64), (1, np.int64), (1, np.float32)])
+def test_mod(fmod, dtype):
+    """torch's attention export computes head counts with it (integers); fmod=1 also on floats."""
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    node = helper.make_node("Mod", ["a", "b"], ["y"], fmod=fmod)
+    model = _model([node], [helper.make_tensor_value_info("a", elem, [6]), helper.make_tensor_value_info("b", elem, [6])],
+                   [helper.make_tensor_value_info("y", elem, None)])
+    feeds = {"a": np.array([7, -7, 7, -7, 0, 5], dtype), "b": np.array([3, 3, -3, -3, 2, 5], dtype)}
+    _assert_matches(model, feeds)
