@@ -107,6 +107,7 @@ def cmd_compress(args) -> int:
     data_out = {"the output's data file": f"{out}.data"}
     check_paths(reads={"the input model": args.input, "--data": args.data, "--inputs": args.inputs, "--calibrate": args.calibrate},
                 writes={"output": out, "--report": args.report, "--curves": getattr(args, "curves", None),
+                        "--latency-table": getattr(args, "latency_table", None),
                         **(data_out if args.external_data else {})},
                 may_write={} if args.external_data else data_out)
     say = (lambda *a: None) if args.quiet else print

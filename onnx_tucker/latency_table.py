@@ -239,6 +239,7 @@ class LatencyTable:
         self.path = Path(path) if path is not None else None
         self.entries: dict[str, dict] = self._load()
         self.measured = 0
+        self.unsaved: str | None = None  # why the file could not be written, once it could not
 
     # keys and storage
     def _prefix(self) -> str:
@@ -262,15 +263,22 @@ class LatencyTable:
         return data.get("entries", {}) if isinstance(data, dict) and data.get("schema") == SCHEMA else {}
 
     def save(self) -> None:
-        if self.path is None:
+        """Merge into the file (another run may have added entries since this one loaded). A file that cannot be
+        written (an unwritable HOME in a container, a link) leaves the timings in memory for this run, the reason
+        in ``unsaved`` (the report's note): a cache, not an output."""
+        from onnx_tucker.errors import UsageError, first_line
+        from onnx_tucker.outputs import replace_cache_file
+
+        if self.path is None or self.unsaved:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        entries = self._load()  # another run may have added entries since this one loaded
+        entries = self._load()
         entries.update(self.entries)
-        fd, tmp = tempfile.mkstemp(prefix=self.path.name + ".", suffix=".tmp", dir=self.path.parent)
-        with os.fdopen(fd, "w") as f:
-            json.dump({"schema": SCHEMA, "entries": entries}, f, sort_keys=True)
-        os.replace(tmp, self.path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            replace_cache_file(self.path, json.dumps({"schema": SCHEMA, "entries": entries}, sort_keys=True), "--latency-table")
+        except (OSError, UsageError) as exc:
+            self.unsaved = f"{self.path}: {first_line(exc)}"
+            return
         self.entries = entries
 
     # lookups

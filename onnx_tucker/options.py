@@ -247,6 +247,11 @@ class CompressOptions:
             raise UsageError("curves only applies with target_macs (or target_latency) and calibration (the measured budget)")
         if self.ray is not None and (self.target_macs is None or self.calibration is None or self.budget_rule == "uniform"):
             raise UsageError("ray only applies with target_macs and calibration (the measured budget's curves)")
+        # the API's cache files get the CLI's checks, before any work (a folder failed only after the measurements)
+        if self.curves is not None:
+            self.curves = check_cache_file(str(self.curves), "curves")
+        if self.latency_table is not None:
+            self.latency_table = check_cache_file(str(self.latency_table), "latency_table")
         if self.ray is not None:
             from onnx_tucker.fanout import check_address, require_ray
 
@@ -633,6 +638,7 @@ class DistillArgs:
 
 
 CACHE_SCHEMAS = {"--curves": "onnx-tucker.curves/", "--latency-table": "onnx-tucker.latency-table/"}
+CACHE_SCHEMAS |= {"curves": CACHE_SCHEMAS["--curves"], "latency_table": CACHE_SCHEMAS["--latency-table"]}  # the API's names
 
 
 def check_cache_file(text: str, flag: str) -> str:
@@ -641,6 +647,8 @@ def check_cache_file(text: str, flag: str) -> str:
     from pathlib import Path
 
     path = Path(text)
+    if path.is_symlink():  # renaming over it would replace the link; writing through it, what it points to
+        raise UsageError(f"{flag}: {path} is a symbolic link: give the file itself")
     if path.exists() and not path.is_file():
         raise UsageError(f"{flag}: {path} exists and is not a regular file")
     if not path.parent.is_dir():

@@ -126,6 +126,25 @@ def check_paths(reads: dict | None = None, writes: dict | None = None, may_write
         seen.append((label, path, (real, inode)))
 
 
+def replace_cache_file(path, text: str, what: str) -> None:
+    """Write a cache file the run updates as it goes (``--curves``, ``--latency-table``): a new temporary beside it
+    (its own name, created exclusively: two runs sharing the file, or a leftover link at a fixed temporary name,
+    cannot write through each other's), renamed over it with SIGINT/SIGTERM held back, removed on any failure.
+    A target that is not a regular file (a link, a device, a folder) is refused (:func:`check_target`)."""
+    target = check_target(path, what)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent or ".")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        with _signals_blocked():
+            os.replace(tmp, target)
+    except BaseException:
+        with _signals_blocked():
+            if os.path.lexists(tmp):
+                os.unlink(tmp)
+        raise
+
+
 # --- SIGINT / SIGTERM --------------------------------------------------------------------------------
 
 class Interrupted(KeyboardInterrupt):

@@ -299,6 +299,8 @@ def _compress(model: onnx.ModelProto, opts: CompressOptions, memo: dict | None =
             with report.phase("latency"):
                 _measure_whole(model, new_model, table, report)
         report.latency["timed_layer_models"] = table.measured  # 0: every per-layer time came from the cache
+        if table.unsaved:
+            report.notes.append(f"the latency table was not saved ({table.unsaved}): its timings served this run only")
     _set_metadata(new_model, report)
     return new_model, report
 

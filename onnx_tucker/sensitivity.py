@@ -34,6 +34,7 @@ from threadpoolctl import threadpool_limits
 from onnx_tucker.calibrate import patches_at
 from onnx_tucker.capture import activation_bytes, batch_for_bytes, fixed_batch, iterate, run_all
 from onnx_tucker.options import check_own_cache
+from onnx_tucker.errors import UsageError, first_line
 from onnx_tucker.factorization import get_form, not_worth_it
 from onnx_tucker.graph import cut, expose, from_bytes, probe_model, suffix_model, tensor_types
 from onnx_tucker.providers import fastest_available, probe_options
@@ -152,12 +153,20 @@ class CurveCache:
 
     def put(self, name: str, options: list, curve: list) -> None:
         import json
-        import os
+
+        from onnx_tucker.outputs import replace_cache_file
 
         self.layers[name] = {"options": [list(o) for o in options], "curve": [[m, d, list(r), bool(k), e] for m, d, r, k, e in curve]}
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps({"schema": SCHEMA, "key": self.key, "layers": self.layers}))
-        os.replace(tmp, self.path)
+        try:  # another run sharing the file may have added layers since: keep them
+            data = json.loads(self.path.read_text())
+            if isinstance(data, dict) and data.get("schema") == SCHEMA and data.get("key") == self.key:
+                self.layers = {**data.get("layers", {}), **self.layers}
+        except (OSError, ValueError):
+            pass
+        try:
+            replace_cache_file(self.path, json.dumps({"schema": SCHEMA, "key": self.key, "layers": self.layers}), "--curves")
+        except OSError as exc:
+            raise UsageError(f"--curves {self.path}: cannot write it: {first_line(exc)}") from None
 
 
 def eval_samples(feeds: dict, wanted: int = EVAL_SAMPLES) -> int:

@@ -224,3 +224,36 @@ def test_a_measurement_that_would_start_a_second_plan_is_repeated_first(tmp_path
             assert feedback["first"]["measured"] == pytest.approx(repeat * target) and len(calls) == 3
     else:
         assert "feedback" not in report.latency and len(calls) == 2  # the first plan kept, no second plan
+
+
+def test_a_table_that_cannot_be_written_serves_the_run_and_says_so(tmp_path, monkeypatch):
+    """An unwritable HOME (a common container setup) made --rank-multiple auto, --latency-aware and --target-latency
+    fail with an internal PermissionError after the measurements. The table is a cache: the run goes on with the
+    timings in memory, and a note says the file was not saved. (Here the cache folder's parent is a file: what no
+    user, root included, can create a folder in.)"""
+    import onnx_tucker.latency_table as latency_table
+
+    monkeypatch.setattr(latency_table, "RUNS", 3)
+    monkeypatch.setattr(latency_table, "MIN_SECONDS", 0.0)
+    blocker = tmp_path / "home"
+    blocker.write_text("a file where the cache folder would go")
+    monkeypatch.setattr(latency_table, "default_path", lambda: blocker / ".cache" / "onnx-tucker" / "latency.json")
+    new, report = compress(residual_model(channels=16), ratio=0.5, rank_multiple="auto", latency_batch=1)
+    assert any("latency table was not saved" in n and ".cache" in n for n in report.notes)
+    assert report.latency["timed_layer_models"] > 0 and blocker.read_text().startswith("a file")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["home"]
+
+
+def test_the_latency_table_flag_is_checked_like_every_output(tmp_path, capsys):
+    """--latency-table is written: a link there is refused (it was replaced by a regular file), and so is the path of
+    another output of the run (--report r.json --latency-table r.json: one silently overwrote the other)."""
+    model = tmp_path / "m.onnx"
+    onnx.save(residual_model(channels=16), str(model))
+    real = tmp_path / "real.json"
+    real.write_text("")
+    link = tmp_path / "table.json"
+    link.symlink_to(real)
+    for extra in (["--latency-table", str(link)], ["--latency-table", str(tmp_path / "r.json"), "--report", str(tmp_path / "r.json")]):
+        assert main([str(model), str(tmp_path / "out.onnx"), "--rank-multiple", "auto", *extra]) == 2
+        assert "onnx-tucker: error:" in capsys.readouterr().err
+    assert link.is_symlink() and real.read_text() == "" and not (tmp_path / "out.onnx").exists()

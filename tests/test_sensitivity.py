@@ -287,3 +287,36 @@ def test_a_size_read_off_the_input_crosses_the_probe_cut_whole():
     data = {"x": np.random.default_rng(0).standard_normal((64, 3, 16, 16)).astype(np.float32)}
     new, report = compress(model, target_macs=0.6, calibration=data)
     assert report.sensitivity is not None and report.decomposed
+
+
+def test_the_curves_file_is_written_through_no_fixed_temporary_and_keeps_another_runs_layers(tmp_path):
+    """The cache was written to FILE.tmp, then renamed: a leftover link there made a run overwrite what it pointed to
+    (the input model), and two runs sharing the file raced on that name (one died with FileNotFoundError) and dropped
+    each other's layers. Each write is now a temporary of its own; layers another run added are kept."""
+    from onnx_tucker.sensitivity import CurveCache
+
+    model = residual_model()
+    data = feeds(16)
+    victim = tmp_path / "model.onnx"
+    victim.write_bytes(b"precious")
+    (tmp_path / "cv.json.tmp").symlink_to(victim)
+    first, second = (CurveCache(tmp_path / "cv.json", model, data, 1, 0) for _ in range(2))
+    first.put("a", [(1, 1)], [(10, 0.5, (1, 1), True, 0.1)])
+    second.put("b", [(2, 2)], [(20, 0.25, (2, 2), True, 0.2)])
+    assert victim.read_bytes() == b"precious"
+    layers = json.loads((tmp_path / "cv.json").read_text())["layers"]
+    assert set(layers) == {"a", "b"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cv.json", "cv.json.tmp", "model.onnx"]  # no temporaries left
+
+
+def test_api_cache_paths_are_checked_before_any_work(tmp_path):
+    """compress(curves=..., latency_table=...) with a folder: refused at once, as the CLI refuses it (it failed with a raw
+    IsADirectoryError after the measurements, leaving a temporary beside the folder)."""
+    from onnx_tucker.errors import UsageError
+
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    for key in ("curves", "latency_table"):
+        with pytest.raises(UsageError, match="not a regular file"):
+            compress(residual_model(), target_macs=0.6, calibration=feeds(16), **{key: str(folder)})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
