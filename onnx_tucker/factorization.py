@@ -250,10 +250,10 @@ def composed_error(form, site, ranks: tuple, covariance=None, *, n_iter_max: int
     if covariance is None:
         norm = np.linalg.norm(weight)
         return float(np.linalg.norm(diff) / norm) if norm > 0 else 0.0
-    # The channels' metric for every form, even where the site has the vertical patches' moment: measured in it, a
+    # The channels' metric for every form, even where the site has the vertical patches' moment: measured in that, a
     # spatial fit whitened by those patches looked better than Tucker-2 on every layer of the small ResNet at --ratio
-    # 0.3 and the model lost 14.6 points against Tucker-2's 10.3 (in the channels' metric: a mix, -11.4; Tucker-2's
-    # core refit on real patches, which the composed weight does not show, is its strength).
+    # 0.3, and the model lost 14.6 points against Tucker-2's 10.3; in the channels' metric the choice lost 10.3
+    # (Tucker-2's core refit on real patches, which its composed weight does not show, is its strength).
     d, w = (np.moveaxis(a, 1, -1).reshape(-1, weight.shape[1]) for a in (diff, weight))
     total = float(np.sum((w @ covariance) * w))
     return float(np.sqrt(max(float(np.sum((d @ covariance) * d)), 0.0) / total)) if total > 0 else 0.0
