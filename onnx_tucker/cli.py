@@ -450,8 +450,9 @@ def cmd_sweep(args) -> int:
         multiple_at=MultipleArgs.parse(args), progress=not args.no_progress, ray=RayArgs.parse(args, needs_measured=False).get("ray"),
         layers=parse_layers(args.layers) if args.layers is not None else None,
     )
-    result = sweep.run_sweep(config)
-    paths = sweep.write_outputs(result, config.out_dir)
+    result = sweep.run_sweep(config, args.outputs)  # models and tables land together at the end, or not at all
+    paths = sweep.write_outputs(result, config.out_dir, args.outputs)
+    args.outputs.commit()
     print(sweep.markdown_table(result))
     print(f"wrote {paths['md']}, {paths['json']}, {paths['png']}")
     failed = [r for r in result["results"] if r["error"]]

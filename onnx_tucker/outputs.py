@@ -223,6 +223,7 @@ class Outputs:
         self.committed = False
         self._folders: dict[str, Path] = {}  # real target folder -> staging folder
         self._staged: list[tuple[Path, Path]] = []  # (temporary, target)
+        self._created: list[Path] = []  # folders the command made for its outputs: removed with them (if still empty)
 
     def __enter__(self) -> "Outputs":
         return self
@@ -316,6 +317,7 @@ class Outputs:
                 raise
             self._remove_staging()
             self.committed = True
+            self._created.clear()
             if self.final:
                 _state.final_committed = True
 
@@ -346,10 +348,20 @@ class Outputs:
                     pass
             raise OnnxTuckerError(f"cannot write {target}: {_reason(exc)}") from None
 
+    def remove_if_discarded(self, folder) -> None:
+        """``folder`` was made for these outputs (``sweep --out-dir``): a discard removes it too, if it is empty then."""
+        self._created.append(Path(folder))
+
     def discard(self) -> None:
-        """Remove everything staged (nothing was renamed into place)."""
+        """Remove everything staged (nothing was renamed into place), and the empty folders made for it."""
         with _signals_blocked():
             self._remove_staging()
+            for folder in reversed(self._created):
+                try:
+                    folder.rmdir()
+                except OSError:  # not empty (something else wrote there) or already gone: left as it is
+                    pass
+            self._created.clear()
 
     def _remove_staging(self) -> None:
         for folder in self._folders.values():

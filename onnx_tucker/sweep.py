@@ -23,6 +23,7 @@ import importlib.util
 import json
 import math
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,17 +88,21 @@ def count_params(model: onnx.ModelProto) -> int:
     return int(total)
 
 
-def prepare_out_dir(out_dir: Path) -> Path:
+def prepare_out_dir(out_dir: Path, outputs=None) -> Path:
+    """Create ``--out-dir``; with ``outputs`` (staged outputs), a folder created here is removed again if they are."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"--out-dir is a file, not a folder: {out_dir}")
     parent = out_dir.resolve().parent
     if not parent.is_dir():
         raise UsageError(f"--out-dir: parent folder does not exist: {out_dir.parent}")
+    created = not out_dir.exists()
     try:
         out_dir.mkdir(exist_ok=True)
     except OSError as exc:
         raise UsageError(f"--out-dir: cannot create {out_dir}: {exc.strerror}") from None
+    if created and outputs is not None:
+        outputs.remove_if_discarded(out_dir)
     return out_dir
 
 
@@ -107,8 +112,11 @@ def _bar(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="setting", file=sys.stderr, disable=None if enabled else True, leave=False)
 
 
-def run_sweep(config: SweepConfig) -> dict:
-    """Compress at every setting, measure, and return the JSON-ready result (see module docstring)."""
+def run_sweep(config: SweepConfig, outputs=None) -> dict:
+    """Compress at every setting, measure, and return the JSON-ready result (see module docstring).
+
+    ``outputs``: an :class:`onnx_tucker.outputs.Outputs` the compressed models are staged in (timed from there), so
+    that they land with the tables at its commit, or not at all; without it each is written at once."""
     from onnx_tucker.providers import onnxruntime
 
     ort = onnxruntime()
@@ -122,7 +130,7 @@ def run_sweep(config: SweepConfig) -> dict:
     if config.threads < 1 or config.runs < 1 or config.warmup < 0:
         raise UsageError("--threads and --runs must be positive, --warmup >= 0")
     model = load_model(config.model)
-    out_dir = prepare_out_dir(config.out_dir)
+    out_dir = prepare_out_dir(config.out_dir, outputs)
     model_files = {(kind, value): out_dir / f"{config.model.stem}_{kind}{value:g}.onnx" for _, kind, value in settings}
     check_paths(reads={"the input model": config.model, "--data": config.data, "--calibrate": config.calibrate},
                 writes={"--out-dir file": [out_dir / n for n in ("sweep.md", "sweep.json", "sweep.png")] + list(model_files.values())},
@@ -155,7 +163,7 @@ def run_sweep(config: SweepConfig) -> dict:
         "file": str(config.model), "conv_macs": None, "conv_params": None, "params": count_params(model),
         "top1": top1(reference, labels), "latency": {},
     }
-    results = []
+    results, staged = [], {}
     if config.ray is not None:  # every setting's compress as a Ray task; the rest (files, top-1, latency) here
         from onnx_tucker.fanout import cluster, map_tasks
 
@@ -178,8 +186,11 @@ def run_sweep(config: SweepConfig) -> dict:
         t = report.totals()
         original["conv_macs"], original["conv_params"] = t["macs_before"], t["params_before"]
         path = check_output_path(config.model, model_files[(kind, value)])
-        save_model(new_model, path, protected=[config.model])
-        outputs = predict(new_model, feeds)
+        if outputs is not None:
+            staged[str(path)], _ = outputs.save_model(new_model, path, protected=[config.model])
+        else:
+            save_model(new_model, path, protected=[config.model])
+        predicted = predict(new_model, feeds)
         row.update({
             "file": str(path), "conv_macs": t["macs_after"], "conv_params": t["params_after"],
             "params": count_params(new_model), "macs_reduction": t["macs_reduction"],
@@ -189,7 +200,7 @@ def run_sweep(config: SweepConfig) -> dict:
                                  "macs": [r.macs_before, r.macs_after], "params": [r.params_before, r.params_after]}
                        for r in report.decomposed},
             "forms": forms_summary(report.decomposed),
-            "top1": top1(outputs, labels), "agreement": agreement(reference, outputs),
+            "top1": top1(predicted, labels), "agreement": agreement(reference, predicted),
             "latency": {},
         })
         row["top1_change"] = row["top1"] - original["top1"]
@@ -199,7 +210,7 @@ def run_sweep(config: SweepConfig) -> dict:
     if original["conv_macs"] is None:
         raise ModelError("no setting could be compressed: " + "; ".join(sorted({r["error"] for r in results})))
     done = [r for r in results if r["error"] is None]
-    paths = [Path(config.model)] + [Path(r["file"]) for r in done]
+    paths = [Path(config.model)] + [Path(staged.get(r["file"], r["file"])) for r in done]
     for batch, timings in time_models(paths, model, feeds, config).items():
         original["latency"][str(batch)] = timings[0]
         for row, stats in zip(done, timings[1:]):
@@ -353,16 +364,23 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write_outputs(result: dict, out_dir: Path) -> dict[str, Path]:
+def write_outputs(result: dict, out_dir: Path, outputs=None) -> dict[str, Path]:
+    """sweep.md, sweep.json and sweep.png: staged in ``outputs`` (committed with the models), else all three or none now."""
     out_dir = Path(out_dir)
     paths = {"md": out_dir / "sweep.md", "json": out_dir / "sweep.json", "png": out_dir / "sweep.png"}
     from onnx_tucker.outputs import Outputs
 
     try:
-        with Outputs() as outputs:  # all three or none
-            outputs.write_text(paths["md"], markdown_table(result) + "\n")
-            outputs.write_text(paths["json"], json.dumps(result, indent=2))
-            plot(result, outputs.path_for(paths["png"]))
+        with (Outputs() if outputs is None else _kept_open(outputs)) as staged:
+            staged.write_text(paths["md"], markdown_table(result) + "\n")
+            staged.write_text(paths["json"], json.dumps(result, indent=2))
+            plot(result, staged.path_for(paths["png"]))
     except OSError as exc:
         raise OnnxTuckerError(f"cannot write the sweep results to {out_dir}: {exc.strerror}") from None
     return paths
+
+
+@contextmanager
+def _kept_open(outputs):
+    """``outputs`` as a context that neither commits nor discards: its owner does."""
+    yield outputs

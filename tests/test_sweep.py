@@ -230,3 +230,27 @@ def test_a_dynamic_models_macs_are_counted_at_the_size_of_the_data(setup, tmp_pa
     got, want = (json.loads((tmp_path / d / "sweep.json").read_text()) for d in ("d", "s"))
     assert got["original"]["conv_macs"] == want["original"]["conv_macs"] > got["original"]["conv_params"]
     assert got["results"][0]["conv_macs"] == want["results"][0]["conv_macs"]
+
+
+@pytest.mark.parametrize("where", ["timing", "plot"])
+def test_an_interrupted_sweep_leaves_no_model_and_no_folder(setup, capsys, monkeypatch, tmp_path, where):
+    """Ctrl-C after the first settings were compressed (while timing, or while drawing the plot): each model used to
+    be written at once, so the --out-dir it created held models and no sweep.json. Now the models are staged with
+    the tables and land together at the end: here nothing lands, and the folder the run created is removed."""
+    import onnx_tucker.sweep as sweep_module
+
+    root, _ = setup
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sweep_module, "time_models" if where == "timing" else "plot", stop)
+    out = tmp_path / "fresh"
+    assert sweep(root, "--ratios", "0.5,0.75", "--out-dir", str(out)) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    assert sweep(root, "--ratios", "0.5", "--out-dir", str(kept)) == 130
+    assert sorted(p.name for p in kept.iterdir()) == ["notes.txt"]  # a folder the user made stays, with what it held
