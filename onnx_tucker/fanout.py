@@ -65,6 +65,7 @@ def cluster(address: str):
                       logging_level=logging.ERROR, log_to_driver=False)
         if address == "auto" and not os.environ.get("RAY_ADDRESS"):
             kwargs["include_dashboard"] = False
+        handlers = _signal_handlers()
         try:
             ray.init(**kwargs)
         except Exception as exc:  # ConnectionError, TimeoutError, RuntimeError, ValueError...
@@ -72,12 +73,31 @@ def cluster(address: str):
             hint = ("" if address == "auto" or os.environ.get("RAY_AUTH_MODE") else
                     " (a cluster from `ray start` asks for its token: set RAY_AUTH_MODE=token, README 'Many machines')")
             raise OnnxTuckerError(f"--ray: cannot connect to {where}: {first_line(exc)}{hint}") from None
+        finally:  # ray.init installs its own SIGTERM handler (a crash dump, exit 15): the command's unwinding comes back
+            _restore(handlers)
     try:
         yield int(ray.cluster_resources().get("CPU", 0))
     finally:
         if owned:
             ray.shutdown()
 
+
+
+def _signal_handlers() -> dict:
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+
+def _restore(handlers: dict) -> None:
+    import signal
+
+    for s, handler in handlers.items():
+        if handler is not None and signal.getsignal(s) is not handler:
+            signal.signal(s, handler)
 
 
 def _reachable(address: str, timeout: float = 10.0) -> None:

@@ -173,3 +173,28 @@ def test_sweep_settings_fan_out_with_the_same_rows(two_nodes, tmp_path):
     assert rows["auto"] == rows[None]
     for a, b in zip(sorted((tmp_path / "out_None").glob("*.onnx")), sorted((tmp_path / "out_auto").glob("*.onnx"))):
         assert a.read_bytes() == b.read_bytes()
+
+
+def test_connecting_keeps_the_commands_signal_handlers(monkeypatch):
+    """ray.init installs its own SIGTERM handler: `compress --ray auto` then died on SIGTERM with Ray's crash dump and
+    exit 15 instead of unwinding (staged outputs removed, one line, exit 143). The handlers before the connection are
+    put back as soon as it is made (a stand-in for Ray that does what ray.init does to them)."""
+    import signal
+    from types import SimpleNamespace
+
+    import onnx_tucker.fanout as fanout
+
+    def init(**kwargs):
+        signal.signal(signal.SIGTERM, lambda *a: None)
+        signal.signal(signal.SIGINT, lambda *a: None)
+
+    fake = SimpleNamespace(is_initialized=lambda: False, init=init, cluster_resources=lambda: {"CPU": 3}, shutdown=lambda: None)
+    monkeypatch.setattr(fanout, "require_ray", lambda: fake)
+    mine = lambda *a: None  # noqa: E731
+    before = signal.signal(signal.SIGTERM, mine)
+    try:
+        with fanout.cluster("auto") as cpus:
+            assert cpus == 3
+            assert signal.getsignal(signal.SIGTERM) is mine and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGTERM, before)
