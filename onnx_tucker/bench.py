@@ -402,9 +402,10 @@ def available_memory() -> int | None:
     return None
 
 
-def check_batch_memory(model, batches: list[int], limit: int | None = None) -> None:
+def check_batch_memory(model, batches: list[int], limit: int | None = None, flag: str = "--batch") -> None:
     """Refuse a batch whose input tensors alone would take over half the memory available (``--batch 100000``
-    ran the machine out of memory without a word); activations come on top of it."""
+    ran the machine out of memory without a word; ``--check-batch``, ``--latency-batch`` and sweep's ``--batch``
+    failed with an internal MemoryError); activations come on top of it."""
     from onnx_tucker.runtime import graph_inputs, input_spec
 
     limit = limit if limit is not None else available_memory()
@@ -419,7 +420,7 @@ def check_batch_memory(model, batches: list[int], limit: int | None = None) -> N
         per_sample += size * np.dtype(dtype).itemsize
     for batch in batches:
         if batch * per_sample > limit // 2:
-            raise UsageError(f"--batch {batch}: the inputs alone would take {batch * per_sample / 2**30:.1f} GiB, over half of the "
+            raise UsageError(f"{flag} {batch}: the inputs alone would take {batch * per_sample / 2**30:.1f} GiB, over half of the "
                              f"{limit / 2**30:.1f} GiB available: choose a smaller batch")
 
 

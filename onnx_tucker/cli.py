@@ -118,8 +118,12 @@ def cmd_compress(args) -> int:
                **RayArgs.parse(args)}
     started = time.perf_counter()
     model = load_model(args.input)
+    from onnx_tucker.bench import check_batch_memory
     from onnx_tucker.runtime import graph_inputs
 
+    for flag, batch in (("--check-batch", args.check_batch), ("--latency-batch", getattr(args, "latency_batch", None))):
+        if batch:
+            check_batch_memory(model, [batch], flag=flag)
     input_shapes = parse_input_shapes(args.input_shape, [i.name for i in graph_inputs(model)])
     if input_shapes:
         options["input_shapes"] = input_shapes

@@ -42,7 +42,12 @@ def _check_int(value, what: str, minimum: int, expected: str) -> int:
         raise UsageError(f"{what}: expected {expected}, got {value!r}") from None
     if isinstance(value, bool) or number < minimum:
         raise UsageError(f"{what}: expected {expected}, got {value!r}")
+    if number > MAX_INT:  # a count this large is a slip, and fails deep inside (an int32 thread count, an allocation)
+        raise UsageError(f"{what}: {value} is too large (at most {MAX_INT})")
     return number
+
+
+MAX_INT = 2**31 - 1
 
 
 def check_positive_int(value, what: str) -> int:

@@ -130,6 +130,9 @@ def run_sweep(config: SweepConfig, outputs=None) -> dict:
     if config.threads < 1 or config.runs < 1 or config.warmup < 0:
         raise UsageError("--threads and --runs must be positive, --warmup >= 0")
     model = load_model(config.model)
+    from onnx_tucker.bench import check_batch_memory
+
+    check_batch_memory(model, list(config.batches))
     out_dir = prepare_out_dir(config.out_dir, outputs)
     model_files = {(kind, value): out_dir / f"{config.model.stem}_{kind}{value:g}.onnx" for _, kind, value in settings}
     check_paths(reads={"the input model": config.model, "--data": config.data, "--calibrate": config.calibrate},

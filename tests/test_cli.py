@@ -434,3 +434,22 @@ def test_inspect_total_without_any_sized_layer_is_a_dash_not_zero(tmp_path):
     assert r.returncode == 0, r.stderr
     total = next(line for line in r.stdout.splitlines() if "TOTAL" in line)
     assert "0.00x" not in total and total.split()[-1] == "-"
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--check-batch", "1000000000"], "--check-batch 1000000000: the inputs alone would take"),
+    (["--check-batch", "99999999999999999999"], "too large"),
+    (["--ratio", "0.5", "--latency-aware", "--latency-batch", "1000000000"], "--latency-batch 1000000000: the inputs alone"),
+    (["sweep", "--data", str(ROOT / "models" / "cifar10_test_sample.npz"), "--ratios", "0.5", "--batch", "1000000000"], "--batch 1000000000"),
+    (["bench", "--threads", "99999999999999999999"], "too large"),
+])
+def test_huge_counts_are_one_line_usage_errors(tmp_path, args, needle):
+    """Counts that pass as positive integers but cannot be run (a batch of a billion images, a thread count over int32)
+    failed deep inside with MemoryError, ValueError or TypeError ("internal error"); now each is refused in one line."""
+    model = write(tmp_path / "m.onnx", (ROOT / "models" / "cifar10_cnn.onnx").read_bytes())
+    before = set(tmp_path.iterdir())
+    if args[0] in ("sweep", "bench"):
+        command = [args[0], model, *args[1:]] + (["--out-dir", tmp_path / "sw"] if args[0] == "sweep" else [])
+    else:
+        command = [model, tmp_path / "o.onnx", *args]
+    assert_clean_failure(cli(*command), 2, needle, tmp_path, before)
