@@ -7,6 +7,7 @@ The CLI parses and prints; the work is in the modules it calls. Every
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -50,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     LatencyArgs.add(c)
     CheckArgs.add(c)
     DataArgs.add(c)
-    c.add_argument("--report", metavar="PATH", help="write the per-layer report as JSON")
+    c.add_argument("--report", metavar="PATH", help="write the per-layer report as JSON (- : to stdout, the table then to stderr)")
     c.add_argument("--external-data", action="store_true", help="store the output's weights in OUT.data (automatic above 1.8 GB)")
     c.add_argument("-q", "--quiet", action="store_true", help="print only the final PASSED/FAILED line")
 
@@ -65,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("input", help="input .onnx model")
     i.add_argument("--ratios", default="0.25,0.5,0.75", help="comma-separated rank ratios (default 0.25,0.5,0.75)")
     MultipleArgs.add(i)
-    i.add_argument("--json", metavar="PATH", help="write the listing as JSON")
+    i.add_argument("--json", metavar="PATH", help="write the listing as JSON (- : to stdout, the table then to stderr)")
     add_layers_argument(i)
     add_forms_argument(i)
     add_input_shape_argument(i)
@@ -89,7 +90,8 @@ def add_bench_parser(sub) -> None:
     b.add_argument("--per-layer", action="store_true", help="profile each decomposed layer's chain against the original layer (CPU EP)")
     b.add_argument("--fp16", action="store_true", help="time float16 copies of the models (inputs/outputs stay float32; TensorRT also gets trt_fp16_enable)")
     b.add_argument("--cuda-graph", action="store_true", help="onnxruntime's CUDA graph capture (cuda and tensorrt providers): replays without per-node launches")
-    b.add_argument("--json", metavar="PATH", help="write every number as JSON (schema onnx-tucker.bench/1, see onnx_tucker/bench.py)")
+    b.add_argument("--json", metavar="PATH", help="write every number as JSON (schema onnx-tucker.bench/1, see onnx_tucker/bench.py; - : to stdout, "
+                   "the tables then to stderr)")
     b.epilog = "providers: " + ", ".join(f"{p.key} ({p.ort_name})" for p in PROVIDERS.values())
 
 
@@ -102,11 +104,12 @@ def cmd_compress(args) -> int:
     from onnx_tucker.validate import COLLAPSE_COSINE, CompressedModelFails, Tolerances, Verdict, as_dicts, compare_models, summary, verdict
 
     out = check_output_path(args.input, args.output)
-    if args.report:
-        check_output_path(args.input, args.report, "--report")
+    report_file = args.report if args.report != "-" else None  # "-": the JSON on stdout (the table goes to stderr)
+    if report_file:
+        check_output_path(args.input, report_file, "--report")
     data_out = {"the output's data file": f"{out}.data"}
     check_paths(reads={"the input model": args.input, "--data": args.data, "--inputs": args.inputs, "--calibrate": args.calibrate},
-                writes={"output": out, "--report": args.report, "--curves": getattr(args, "curves", None),
+                writes={"output": out, "--report": report_file, "--curves": getattr(args, "curves", None),
                         "--latency-table": getattr(args, "latency_table", None),
                         **(data_out if args.external_data else {})},
                 may_write={} if args.external_data else data_out)
@@ -188,7 +191,7 @@ def cmd_compress(args) -> int:
     report.timings["total"] = time.perf_counter() - started
     report.verdict = result.to_dict() if result is not None else None
     if args.report:
-        args.outputs.write_text(args.report, report.to_json(), "--report")
+        _write_json(args, args.report, report.to_json(), "--report")
     args.outputs.commit()
     say(report.table())
     t = report.totals()
@@ -280,7 +283,7 @@ def cmd_inspect(args) -> int:
         ratios = check_fraction_list(args.ratios, "--ratios")
     except UsageError as exc:
         raise UsageError(str(exc)) from None
-    if args.json:
+    if args.json and args.json != "-":
         from onnx_tucker.io import check_output_path
 
         check_output_path(args.input, args.json, "--json")
@@ -296,8 +299,8 @@ def cmd_inspect(args) -> int:
     if not sites:
         print("no Conv layers")
         if args.json:  # a script reads the file whatever the model holds
-            args.outputs.write_text(args.json, json.dumps({"layers": [], "macs_total": 0, "macs_known": True,
-                                                           "rank_multiple": args.rank_multiple}, indent=2), "--json")
+            _write_json(args, args.json, json.dumps({"layers": [], "macs_total": 0, "macs_known": True,
+                                                     "rank_multiple": args.rank_multiple}, indent=2), "--json")
         return 0
     unknown = any(s.shape is not None and not s.shape.known for s in sites)
     # what compress weighs a chain against (its "crumbs" rule), and what it counts where MACs are unknown
@@ -358,9 +361,9 @@ def cmd_inspect(args) -> int:
         print("* spatial sizes unknown (dynamic input sizes): MACs unknown, the xR columns are parameter reductions; "
               "give --input-shape NAME:DIMS to count MACs")
     if args.json:
-        args.outputs.write_text(args.json, json.dumps({"layers": listing, "macs_total": None if unknown else total_before,
-                                                       "macs_known": not unknown, "rank_multiple": multiple,
-                                                       **({"rank_multiple_auto": choice} if auto else {})}, indent=2), "--json")
+        _write_json(args, args.json, json.dumps({"layers": listing, "macs_total": None if unknown else total_before,
+                                                 "macs_known": not unknown, "rank_multiple": multiple,
+                                                 **({"rank_multiple_auto": choice} if auto else {})}, indent=2), "--json")
     return 0
 
 
@@ -373,9 +376,9 @@ def cmd_bench(args) -> int:
     for path in paths:
         if not path.is_file():
             raise UsageError(f"model not found: {path}" if not path.exists() else f"model is not a file: {path}")
-    if args.json and Path(args.json).resolve() in {p.resolve() for p in paths}:
+    if args.json and args.json != "-" and Path(args.json).resolve() in {p.resolve() for p in paths}:
         raise UsageError("--json must not overwrite a model")
-    if args.json:
+    if args.json and args.json != "-":
         from onnx_tucker.outputs import check_paths
 
         check_paths(reads={"a model": paths, "--data": args.data, "--inputs": args.inputs}, writes={"--json": args.json})
@@ -405,9 +408,10 @@ def cmd_bench(args) -> int:
     for profile in result["per_layer"] or []:
         print(bench.per_layer_table(profile))
     if args.json:
-        args.outputs.write_text(args.json, json.dumps(result, indent=2), "--json")
+        _write_json(args, args.json, json.dumps(result, indent=2), "--json")
         args.outputs.commit()
-        print(f"wrote {args.json}")
+        if args.json != "-":
+            print(f"wrote {args.json}")
     return 0
 
 
@@ -482,7 +486,16 @@ def main(argv: list[str] | None = None) -> int:
                 build_parser().print_help()
                 return 2
             args.outputs = outputs
-            return COMMANDS[args.command](args)
+            if "-" not in (getattr(args, "report", None), getattr(args, "json", None)):
+                return COMMANDS[args.command](args)
+            # --report - / --json -: the JSON alone on stdout (for a pipe), everything said for people on stderr
+            args.stdout_json, stdout = [], sys.stdout
+            with contextlib.redirect_stdout(sys.stderr):
+                code = COMMANDS[args.command](args)
+            for text in args.stdout_json:
+                stdout.write(text.rstrip("\n") + "\n")
+            stdout.flush()
+            return code
     except KeyboardInterrupt as exc:
         return _interrupted(getattr(exc, "signum", 2))
     except BrokenPipeError:  # stdout's reader left (`| head`): quiet, as a program killed by SIGPIPE, no traceback at exit
@@ -502,6 +515,14 @@ def main(argv: list[str] | None = None) -> int:
         text = first_line(exc)
         print(f"onnx-tucker: internal error: {type(exc).__name__}: {text} (set ONNX_TUCKER_DEBUG=1 for a traceback)", file=sys.stderr)
         return 1
+
+
+def _write_json(args, target: str, text: str, what: str) -> None:
+    """A command's JSON: staged for ``target``, or for stdout when it is ``-`` (written after the command)."""
+    if target == "-":
+        args.stdout_json.append(text)
+    else:
+        args.outputs.write_text(target, text, what)
 
 
 def _interrupted(signum: int) -> int:

@@ -453,3 +453,18 @@ def test_huge_counts_are_one_line_usage_errors(tmp_path, args, needle):
     else:
         command = [model, tmp_path / "o.onnx", *args]
     assert_clean_failure(cli(*command), 2, needle, tmp_path, before)
+
+
+@pytest.mark.parametrize("command", ["compress", "inspect", "bench"])
+def test_a_dash_sends_the_json_alone_to_stdout(tmp_path, command):
+    """--report - / --json -: the JSON on stdout, for a pipe, and everything meant for people on stderr. It made a file
+    named '-' in the working folder and left stdout to the table."""
+    model = write(tmp_path / "m.onnx", (ROOT / "models" / "cifar10_cnn.onnx").read_bytes())
+    args = {"compress": [model, tmp_path / "o.onnx", "--report", "-"], "inspect": ["inspect", model, "--json", "-"],
+            "bench": ["bench", model, "--json", "-", "--runs", "2", "--warmup", "0", "--batch", "1"]}[command]
+    result = cli(*args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert {"compress": "totals", "inspect": "layers", "bench": "schema"}[command] in data
+    assert not (tmp_path / "-").exists()
+    assert ("TOTAL" if command != "bench" else "ms") in result.stderr
