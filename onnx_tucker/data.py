@@ -14,9 +14,17 @@ from onnx_tucker.runtime import graph_inputs, input_spec
 LABELLED_KEYS = (("x_test", "y_test"), ("x", "y"), ("x_train", "y_train"))
 
 
+def _missing(path: Path, what: str) -> DataError:
+    """'not found' for a path that is not there; what it is, for one that is there but not a regular file (a folder,
+    a FIFO, /dev/null): 'not found' sent people looking for a file that exists."""
+    from onnx_tucker.outputs import describe
+
+    return DataError(f"{what} not found: {path}" if not os.path.lexists(path) else f"{what} {path} is {describe(path)}, not a file")
+
+
 def _open_npz(path: Path, what: str = "data file") -> dict[str, np.ndarray]:
     if not path.is_file():
-        raise DataError(f"{what} not found: {path}")
+        raise _missing(path, what)
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
@@ -48,7 +56,7 @@ def load_inputs(path: str | os.PathLike, model: onnx.ModelProto) -> dict[str, np
     """
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"inputs file not found: {path}")
+        raise _missing(path, "inputs file")
     arrays = _open_npz(path, "inputs file")
     inputs = graph_inputs(model)
     names = [i.name for i in inputs]

@@ -55,7 +55,10 @@ def external_data_files(model: onnx.ModelProto, base_dir: Path, must_exist: bool
         except (ValueError, OSError, RuntimeError) as exc:  # embedded NUL, loops, names too long
             raise ModelError(f"tensor '{tensor.name}' has an unusable external data location: {first_line(exc)}") from None
         if must_exist and not target.is_file():
-            raise ModelError(f"tensor '{tensor.name}' needs external data file '{info.location}', which does not exist")
+            from onnx_tucker.outputs import describe
+
+            what = "which does not exist" if not os.path.lexists(target) else f"which is {describe(target)}, not a file"
+            raise ModelError(f"tensor '{tensor.name}' needs external data file '{info.location}', {what}")
         if target not in files:
             files.append(target)
     return files

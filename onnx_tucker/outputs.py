@@ -42,6 +42,14 @@ def _kind(mode: int) -> str:
     return next((name for test, name in _KINDS if test(mode)), "not a regular file")
 
 
+def describe(path) -> str:
+    """What ``path`` is ("a folder", "a FIFO (named pipe)", "a character device"...), links followed."""
+    try:
+        return _kind(os.stat(path).st_mode)
+    except OSError as exc:
+        return f"unreadable ({_reason(exc)})"
+
+
 def check_target(path, what: str = "output") -> Path:
     """Refuse (one line, :class:`UsageError`) a path that cannot safely be written by rename.
 

@@ -102,3 +102,19 @@ def test_compress_with_mismatched_labels_fails_cleanly(tmp_path):
     )
     assert r.returncode == 1 and "10 outputs" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_a_data_path_that_is_there_but_not_a_file_says_what_it_is(tmp_path):
+    """--data /dev/null, a FIFO or a folder said 'not found' for a path that exists."""
+    import os
+
+    from conftest import residual_model
+
+    model = residual_model()
+    fifo = tmp_path / "fifo.npz"
+    os.mkfifo(fifo)
+    (tmp_path / "folder.npz").mkdir()
+    for path, kind in ((fifo, "a FIFO"), (tmp_path / "folder.npz", "a folder"), (Path("/dev/null"), "a character device"),
+                       (tmp_path / "absent.npz", "not found")):
+        with pytest.raises(DataError, match=kind):
+            load_labelled(path, model)
