@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import os
 import sys
@@ -487,7 +488,9 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
             args.outputs = outputs
             if "-" not in (getattr(args, "report", None), getattr(args, "json", None)):
-                return COMMANDS[args.command](args)
+                code = COMMANDS[args.command](args)
+                sys.stdout.flush()  # a full device fails here, reported as such, not at interpreter exit
+                return code
             # --report - / --json -: the JSON alone on stdout (for a pipe), everything said for people on stderr
             args.stdout_json, stdout = [], sys.stdout
             with contextlib.redirect_stdout(sys.stderr):
@@ -505,16 +508,35 @@ def main(argv: list[str] | None = None) -> int:
     except OnnxTuckerError as exc:
         if interrupted_by():  # the signal's exception was turned into an error on its way out
             return _interrupted(interrupted_by())
-        print(f"onnx-tucker: error: {exc}", file=sys.stderr)
+        _say_error(f"onnx-tucker: error: {exc}")
         return exc.exit_code
+    except OSError as exc:
+        if interrupted_by():
+            return _interrupted(interrupted_by())
+        if exc.filename is None and exc.errno in (errno.ENOSPC, errno.EIO, errno.EBADF, errno.EDQUOT):
+            # stdout on a full device or a closed descriptor: not a bug of ours, and the outputs are in place
+            _say_error(f"onnx-tucker: error: cannot write to standard output: {exc.strerror}")
+            return 1
+        if os.environ.get("ONNX_TUCKER_DEBUG"):
+            raise
+        _say_error(f"onnx-tucker: internal error: {type(exc).__name__}: {first_line(exc)} (set ONNX_TUCKER_DEBUG=1 for a traceback)")
+        return 1
     except Exception as exc:  # a bug of ours: still one line, unless debugging
         if interrupted_by():
             return _interrupted(interrupted_by())
         if os.environ.get("ONNX_TUCKER_DEBUG"):
             raise
         text = first_line(exc)
-        print(f"onnx-tucker: internal error: {type(exc).__name__}: {text} (set ONNX_TUCKER_DEBUG=1 for a traceback)", file=sys.stderr)
+        _say_error(f"onnx-tucker: internal error: {type(exc).__name__}: {text} (set ONNX_TUCKER_DEBUG=1 for a traceback)")
         return 1
+
+
+def _say_error(line: str) -> None:
+    """The one error line on stderr; a stderr that cannot take it (closed, read-only) does not change the exit code."""
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
 
 
 def _write_json(args, target: str, text: str, what: str) -> None:

@@ -468,3 +468,18 @@ def test_a_dash_sends_the_json_alone_to_stdout(tmp_path, command):
     assert {"compress": "totals", "inspect": "layers", "bench": "schema"}[command] in data
     assert not (tmp_path / "-").exists()
     assert ("TOTAL" if command != "bench" else "ms") in result.stderr
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full here")
+def test_standard_stream_failures_are_not_internal_errors(tmp_path):
+    """stdout on a full device: the outputs are in place and the run says it could not print (it said 'internal error:
+    OSError'); a stderr that cannot be written does not turn a usage error's exit 2 into 1."""
+    model = write(tmp_path / "m.onnx", (ROOT / "models" / "cifar10_cnn.onnx").read_bytes())
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    full = subprocess.run(f"{sys.executable} -m onnx_tucker m.onnx o.onnx --ratio 0.5 > /dev/full", shell=True, cwd=tmp_path,
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert full.returncode == 1 and full.stderr.strip() == "onnx-tucker: error: cannot write to standard output: No space left on device"
+    assert (tmp_path / "o.onnx").is_file()
+    closed = subprocess.run(f"{sys.executable} -m onnx_tucker m.onnx o2.onnx --ratio 7 2</dev/null", shell=True, cwd=tmp_path,
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert closed.returncode == 2 and not (tmp_path / "o2.onnx").exists()
