@@ -1,5 +1,5 @@
 import sys
 
-from onnx_tucker.cli import main
+from onnx_tucker.entry import main
 
 sys.exit(main())
