@@ -296,9 +296,9 @@ def distortion_curves(model: onnx.ModelProto, candidates: list, feeds: dict, cov
     collect(todo)
     # Each option only changes one layer: run the model from that layer on, fed at the cut with
     # the original activations (computed once), not the whole model.
-    # A cut tensor computed from shapes (an int64 size read off the input for a later Resize or Reshape) has no
-    # row per image: it is fed whole to every batch, like the weights, with the value the eval batch gives it.
-    sizes = [t for t in cut_tensors if types.get(t) not in (None, *FLOAT_TYPES)]
+    # A cut tensor computed from shapes (a size read off the input for a later Resize or Reshape) has no row per
+    # image: it is fed whole to every batch, like the weights, with the value the eval batch gives it.
+    sizes = _shape_computed(session, eval_feeds, cut_tensors, weights, fixed, types)
     rows = [t for t in cut_tensors if t not in sizes]
     values = run_all(session, eval_feeds, output_names + rows, extra=weights, fixed=fixed)
     reference, at_cut = dict(zip(output_names, values)), dict(zip(rows, values[len(output_names):]))
@@ -385,6 +385,22 @@ def distortion_curves(model: onnx.ModelProto, candidates: list, feeds: dict, cov
     if ray is not None:
         result["ray"] = ray
     return result
+
+
+def _shape_computed(session, feeds: dict, tensors: list, weights: dict, fixed: int | None, types: dict) -> list:
+    """The ``tensors`` that do not depend on the images, only on their shapes: the same value on two different
+    batches of the same size (an int64 size for a Resize, a float scale computed from shapes). Not by dtype: a
+    per-image mask is bool, a computed scale float. Where the eval images are too few for two batches, the
+    non-float tensors."""
+    if not tensors:
+        return []
+    n = len(next(iter(feeds.values())))
+    size = fixed or max(1, min(8, n // 2))
+    if n < 2 * size:
+        return [t for t in tensors if types.get(t) not in (None, *FLOAT_TYPES)]
+    batches = iterate(session, {k: v[: 2 * size] for k, v in feeds.items()}, tensors, size, extra=weights, fixed=fixed is not None)
+    (_, first), (_, second) = next(batches), next(batches)
+    return [t for t, a, b in zip(tensors, first, second) if np.shape(a) == np.shape(b) and np.array_equal(a, b)]
 
 
 class _Node:
@@ -507,6 +523,8 @@ def _suffix(job: LayerJob, probe, reference, at_cut, provider, constants=(), fix
         index = next(i for i, n in enumerate(model.graph.node) if n.name == job.site.node.name)
         written = {o for n in model.graph.node[index:] for o in n.output}
         outputs = [o for o in outputs if o in written]  # an output made before the layer cannot move
+        if not outputs:  # a dead branch: the layer reaches no output, so no option moves any
+            return lambda feed: {}
         session = make_session(suffix_model(model, job.site.node.name, outputs, feeds), provider, threads, probe_options(provider))
     whole = {k: v for k, v in feeds.items() if k in set(constants)}
     rows = {k: v for k, v in feeds.items() if k not in whole}

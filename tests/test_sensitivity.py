@@ -320,3 +320,96 @@ def test_api_cache_paths_are_checked_before_any_work(tmp_path):
         with pytest.raises(UsageError, match="not a regular file"):
             compress(residual_model(), target_macs=0.6, calibration=feeds(16), **{key: str(folder)})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
+
+
+def _graph(nodes, inits, batch, outputs=("logits",), opset=13):
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, 16, 16])],
+                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, [batch, 10]) for o in outputs], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def _conv(nodes, inits, rng, name, x, c_in, c_out):
+    from onnx import helper, numpy_helper
+
+    w = (rng.standard_normal((c_out, c_in, 3, 3)) / np.sqrt(9 * c_in)).astype(np.float32)
+    inits += [numpy_helper.from_array(w, name + "_W"), numpy_helper.from_array(np.zeros(c_out, np.float32), name + "_B")]
+    nodes += [helper.make_node("Conv", [x, name + "_W", name + "_B"], [name + "_y"], name=name, pads=[1] * 4),
+              helper.make_node("Relu", [name + "_y"], [name + "_r"])]
+    return name + "_r"
+
+
+def _head(nodes, inits, rng, x, c, out="logits"):
+    from onnx import helper, numpy_helper
+
+    inits += [numpy_helper.from_array((rng.standard_normal((10, c)) / 4).astype(np.float32), out + "_W")]
+    nodes += [helper.make_node("GlobalAveragePool", [x], [out + "_g"]), helper.make_node("Flatten", [out + "_g"], [out + "_f"]),
+              helper.make_node("Gemm", [out + "_f", out + "_W"], [out], transB=1)]
+
+
+def _mask_model(batch):
+    """c1 -> mask = a > 0.3 (bool, a row per image) crossing c2's cut -> Where(mask, c2, 0) -> c3 -> head."""
+    from onnx import helper, numpy_helper
+
+    rng, nodes, inits = np.random.default_rng(0), [], []
+    a = _conv(nodes, inits, rng, "c1", "x", 3, 16)
+    inits += [numpy_helper.from_array(np.array(0.3, np.float32), "thr"), numpy_helper.from_array(np.array(0.0, np.float32), "zero")]
+    nodes.append(helper.make_node("Greater", [a, "thr"], ["mask"]))
+    b = _conv(nodes, inits, rng, "c2", a, 16, 16)
+    nodes.append(helper.make_node("Where", ["mask", b, "zero"], ["bm"]))
+    _head(nodes, inits, rng, _conv(nodes, inits, rng, "c3", "bm", 16, 16), 16)
+    return _graph(nodes, inits, batch)
+
+
+def _scale_model(batch):
+    """Resize scales computed from the input's shape before c2 (float: Shape -> Slice -> Cast -> Div -> Concat), used after."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng, nodes, inits = np.random.default_rng(0), [], []
+    inits += [numpy_helper.from_array(np.array([2], np.int64), "st"), numpy_helper.from_array(np.array([4], np.int64), "en"),
+              numpy_helper.from_array(np.array([8.0], np.float32), "eight"), numpy_helper.from_array(np.ones(2, np.float32), "ones"),
+              numpy_helper.from_array(np.array([], np.float32), "roi")]
+    nodes += [helper.make_node("Shape", ["x"], ["shp"]), helper.make_node("Slice", ["shp", "st", "en"], ["hw"]),
+              helper.make_node("Cast", ["hw"], ["hwf"], to=TensorProto.FLOAT), helper.make_node("Div", ["hwf", "eight"], ["s2"]),
+              helper.make_node("Concat", ["ones", "s2"], ["scales"], axis=0)]
+    b = _conv(nodes, inits, rng, "c2", _conv(nodes, inits, rng, "c1", "x", 3, 16), 16, 16)
+    nodes.append(helper.make_node("Resize", [b, "roi", "scales"], ["up"], mode="nearest"))
+    _head(nodes, inits, rng, _conv(nodes, inits, rng, "c3", "up", 16, 16), 16)
+    return _graph(nodes, inits, batch)
+
+
+def test_what_crosses_a_cut_is_told_by_its_values_not_its_dtype():
+    """A batch-1 export: a bool mask with a row per image crossed c2's cut and was fed from the first image alone (its
+    curve 0.86 off the dynamic export's); float scales computed from shapes were split into rows and onnxruntime refused
+    them. Tensors equal on two different batches are fed whole, the rest by rows: both exports measure the same."""
+    from onnx_tucker.pipeline import factorable_sites
+    from onnx_tucker.sensitivity import distortion_curves
+
+    data = {"x": np.random.default_rng(1).standard_normal((64, 3, 16, 16)).astype(np.float32)}
+    for build in (_mask_model, _scale_model):
+        curves = []
+        for batch in ("N", 1):
+            model = build(batch)
+            _, sites = factorable_sites(model)
+            curves.append(distortion_curves(model, [s for s in sites if s.eligible], data, None, probes="all", progress=False)["curves"])
+        for name in curves[0]:
+            dynamic, fixed = (np.array([e[1] for e in c[name]]) for c in curves)
+            np.testing.assert_allclose(fixed, dynamic, rtol=0.05, atol=1e-7, err_msg=f"{build.__name__} {name}")
+
+
+def test_a_layer_on_a_dead_branch_measures_nothing_and_the_budget_runs():
+    """A conv whose result reaches no graph output: its suffix had no output to run ('At least one output should be
+    requested'). It moves no output, so its options measure 0."""
+    rng, nodes, inits = np.random.default_rng(0), [], []
+    a = _conv(nodes, inits, rng, "c1", "x", 3, 16)
+    _head(nodes, inits, rng, _conv(nodes, inits, rng, "c2", a, 16, 16), 16)
+    _conv(nodes, inits, rng, "dead", a, 16, 16)  # computed, read by nothing
+    model = _graph(nodes, inits, "N")
+    new, report = compress(model, target_macs=0.6, calibration={"x": np.random.default_rng(2).standard_normal((64, 3, 16, 16)).astype(np.float32)})
+    curves = report.sensitivity["curves"]
+    assert all(d == 0 for _, d, _, measured in curves["dead"] if measured) and any(d > 0 for _, d, _, _ in curves["c2"])
