@@ -492,13 +492,9 @@ def main(argv: list[str] | None = None) -> int:
                 sys.stdout.flush()  # a full device fails here, reported as such, not at interpreter exit
                 return code
             # --report - / --json -: the JSON alone on stdout (for a pipe), everything said for people on stderr
-            args.stdout_json, stdout = [], sys.stdout
+            args.stdout = sys.stdout
             with contextlib.redirect_stdout(sys.stderr):
-                code = COMMANDS[args.command](args)
-            for text in args.stdout_json:
-                stdout.write(text.rstrip("\n") + "\n")
-            stdout.flush()
-            return code
+                return COMMANDS[args.command](args)
     except KeyboardInterrupt as exc:
         return _interrupted(getattr(exc, "signum", 2))
     except BrokenPipeError:  # stdout's reader left (`| head`): quiet, as a program killed by SIGPIPE, no traceback at exit
@@ -540,9 +536,11 @@ def _say_error(line: str) -> None:
 
 
 def _write_json(args, target: str, text: str, what: str) -> None:
-    """A command's JSON: staged for ``target``, or for stdout when it is ``-`` (written after the command)."""
+    """A command's JSON: staged for ``target``, or written to stdout now when it is ``-``: before the files are
+    committed, so a stdout that cannot take it (a full device) leaves no output behind either."""
     if target == "-":
-        args.stdout_json.append(text)
+        args.stdout.write(text.rstrip("\n") + "\n")
+        args.stdout.flush()
     else:
         args.outputs.write_text(target, text, what)
 

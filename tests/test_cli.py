@@ -483,3 +483,7 @@ def test_standard_stream_failures_are_not_internal_errors(tmp_path):
     closed = subprocess.run(f"{sys.executable} -m onnx_tucker m.onnx o2.onnx --ratio 7 2</dev/null", shell=True, cwd=tmp_path,
                             capture_output=True, text=True, env=env, timeout=300)
     assert closed.returncode == 2 and not (tmp_path / "o2.onnx").exists()
+    # --report - writes the JSON before the files land: a stdout that cannot take it leaves no model behind
+    dash = subprocess.run(f"{sys.executable} -m onnx_tucker m.onnx o3.onnx --report - > /dev/full", shell=True, cwd=tmp_path,
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert dash.returncode == 1 and "cannot write to standard output" in dash.stderr and not (tmp_path / "o3.onnx").exists()
