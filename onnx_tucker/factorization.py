@@ -188,9 +188,9 @@ class FormChoice:
         input-whitened by the calibration statistics where given (what the fits minimise), else relative to the
         weight. At full rank the first form, unchosen (every form is exact there). Returns (ranks, {form: error})."""
         first = _rounded(self.forms[0], site, first_ranks, rank_multiple)
-        if all(r >= m for r, m in zip(first, self.forms[0].max_ranks(site))):
-            return first, {}
         budget = self.forms[0].cost(site, first).macs
+        if all(r >= m for r, m in zip(first, self.forms[0].max_ranks(site))) or budget >= site.shape.macs():
+            return first, {}  # full rank, or a chain no cheaper than the layer (left whole): nothing to choose
         candidates = [(self.forms[0], first)]
         for form in self.forms[1:]:
             ranks = _within(form, site, budget, rank_multiple)

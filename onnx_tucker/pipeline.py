@@ -250,6 +250,11 @@ def _compress(model: onnx.ModelProto, opts: CompressOptions, memo: dict | None =
         report.chains.append(chain)
         record.decomposed, record.form, record.layout = True, form.name, _layout(site, chain)
     if report.form_choice:
+        for name, entry in report.form_choice["layers"].items():  # what became of each choice
+            record = records[name]
+            entry["written"] = record.decomposed
+            if not record.decomposed:
+                entry["left_whole"] = record.reason
         report.notes.append(_form_choice_note(report))
     if report.decomposed:
         with report.phase("export"):

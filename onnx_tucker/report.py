@@ -56,7 +56,7 @@ class Report:
     distill: dict | None = None  # label-free distillation's statistics (steps, holdout agreement before/after, kept)
     latency: dict | None = None  # per-layer table times, predicted and measured whole-model latency (latency_table)
     timings: dict = field(default_factory=dict)  # wall seconds per phase, in the order they ran (``phase``)
-    form_choice: dict | None = None  # a rule with several forms: {"rule", "metric", "layers": {layer: {"form", "errors"}}}
+    form_choice: dict | None = None  # a rule with several forms: {"rule", "metric", "layers": {layer: {"form", "errors", "written"}}}
 
     @property
     def decomposed(self) -> list:

@@ -456,8 +456,22 @@ def test_the_form_choice_note_counts_the_chains_written_not_the_layers_left_whol
     choice = report.form_choice
     assert "stem" in choice["layers"] and set(choice["layers"]["stem"]["errors"]) == {"tucker2", "spatial"}
     assert not next(r for r in report.layers if r.layer == "stem").decomposed
+    stem = choice["layers"]["stem"]
+    assert stem["written"] is False and "image stem" in stem["left_whole"]
+    assert all(entry["written"] for name, entry in choice["layers"].items() if name != "stem")
     written = {c.form for c in chains_of(new)}
     [note] = [n for n in report.notes if "least error" in n]
     counts = {f: sum(c.form == f for c in chains_of(new)) for f in ("tucker2", "spatial")}
     assert f"tucker2 {counts['tucker2']}, spatial {counts['spatial']} chains" in note and written
     assert json.loads(json.dumps(report.to_dict()))["form_choice"]["rule"] == "ratio rule"
+
+
+def test_no_choice_is_made_where_the_first_forms_chain_is_no_cheaper_than_the_layer():
+    """A 3-channel stem whose Tucker-2 chain at the ratio costs more than the conv: it is left whole whatever the forms,
+    and the report named 'spatial' for it, with a 0.0 error from a full-rank chain dearer than the layer itself."""
+    model = conv_model(c_in=3, c_out=64, spatial=(12, 12), attrs={"pads": [1, 1, 1, 1]})
+    site = site_of(model)
+    tucker = get_form("tucker2")
+    assert tucker.cost(site, tucker.rule_ranks(site, "ratio", 0.5, 1.0)).macs >= site.shape.macs()
+    _, report = compress(model, ratio=0.5, forms=("tucker2", "spatial"))
+    assert not report.decomposed and report.form_choice is None
