@@ -445,6 +445,8 @@ def _slice(ins, a, opset):
     for start, end, axis, step in zip(starts, ends, axes, steps):
         axis = axis + x.dim() if axis < 0 else axis
         size = x.shape[axis]
+        if step < 0 and end >= 2**31 - 1:  # onnxruntime reads INT32/INT64_MAX as "through the first element"
+            end = -size - 1
         start, end = start + size if start < 0 else start, end + size if end < 0 else end
         if step > 0:
             start, end = min(max(start, 0), size), min(max(end, 0), size)

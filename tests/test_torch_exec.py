@@ -653,6 +653,7 @@ SLICE_CASES = {
     "reverse": ([-1, 4], [-2**62, 0], [0, 2], [-1, -2]),
     "empty": ([3], [1], [1], None),
     "empty_steps": ([3, 4], [1, 5], [1, 2], [2, -1]),
+    "reverse_to_int64_max": ([-1, 5], [2**63 - 1, 2**31 - 1], [2, 1], [-1, -2]),  # onnxruntime: through the first element
 }
 
 
