@@ -2,25 +2,25 @@
 second) ends in one line and 130/143, like later on, not in a traceback from deep inside an import."""
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
 
+def _early(signum, frame) -> None:
+    # Nothing is written before the command starts, so there is nothing to unwind: leave at once. (Raising
+    # KeyboardInterrupt inside an extension module's import could resurface at interpreter exit as exit -2.)
+    try:
+        sys.stderr.write("onnx-tucker: interrupted\n" if signum == signal.SIGINT else "onnx-tucker: terminated (SIGTERM)\n")
+        sys.stderr.flush()
+    finally:
+        os._exit(128 + signum)
+
+
 def main() -> int:
-    received = []
-
-    def early(signum, frame):
-        received.append(signum)
-        raise KeyboardInterrupt
-
-    previous = {s: signal.signal(s, early) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, _early) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         from onnx_tucker.cli import main as run
-    except BaseException:
-        if not received:  # a real import failure: its own message
-            raise
-        print("onnx-tucker: interrupted" if received[0] == signal.SIGINT else "onnx-tucker: terminated (SIGTERM)", file=sys.stderr)
-        return 128 + received[0]
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
