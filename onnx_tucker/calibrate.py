@@ -102,12 +102,14 @@ def _vertical_patches(value: np.ndarray, kh: int, stride: int, dilation: int, to
     """(C*kh, samples*positions): the ``kh x 1`` patches a conv with these vertical geometry reads (zeros where it
     reads the padding) at up to ``COV_POSITIONS`` random output positions, rows ordered (channel, tap)."""
     n, c, height, width = value.shape
-    padded = np.pad(value, ((0, 0), (0, 0), (top, bottom), (0, 0)))
     rows = (height + top + bottom - dilation * (kh - 1) - 1) // stride + 1
     picked = rng.choice(rows * width, min(COV_POSITIONS, rows * width), replace=False)
     row, column = np.divmod(picked, width)
-    taps = row[None, :] * stride + (np.arange(kh) * dilation)[:, None]  # (kh, positions)
-    patches = padded[:, :, taps, column[None, :]]  # (N, C, kh, positions)
+    taps = row[None, :] * stride - top + (np.arange(kh) * dilation)[:, None]  # (kh, positions), in the unpadded map
+    inside = (taps >= 0) & (taps < height)
+    # gathered from the map itself, zero where a tap falls in the padding (padding the batch copied it whole per layer)
+    patches = value[:, :, np.clip(taps, 0, height - 1), column[None, :]]  # (N, C, kh, positions)
+    patches = np.where(inside, patches, np.zeros((), patches.dtype))
     return np.moveaxis(patches.reshape(n, c * kh, -1), 1, 0).reshape(c * kh, -1).astype(np.float32, copy=False)
 
 
