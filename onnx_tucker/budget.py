@@ -16,8 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from onnx_tucker.errors import UsageError
-from onnx_tucker.factorization import get_form, not_worth_it
-from onnx_tucker.ranks import round_to_multiple
+from onnx_tucker.factorization import get_form, not_worth_it, rounded_ranks
 
 
 def unreachable_macs(target: float, share: float) -> UsageError:
@@ -36,8 +35,7 @@ def uniform_ratio(sites: list, opts, target: float, fixed: int = 0) -> float:
         m = fixed
         for s in sites:
             form = get_form(s.form)
-            ranks = tuple(round_to_multiple(min(r, limit), opts.rank_multiple, limit)
-                          for r, limit in zip(_ratio_ranks(s, ratio), form.max_ranks(s)))
+            ranks = rounded_ranks(form, s, _ratio_ranks(s, ratio), opts.rank_multiple)
             cost = form.cost(s, ranks)
             m += s.shape.macs() if not_worth_it(s, ranks, cost, total) else cost.macs
         return m

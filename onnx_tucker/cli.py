@@ -275,10 +275,9 @@ def size_of(shape) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from onnx_tucker.factorization import get_form
+    from onnx_tucker.factorization import get_form, rounded_ranks
     from onnx_tucker.io import load_model
     from onnx_tucker.pipeline import factorable_sites
-    from onnx_tucker.ranks import round_to_multiple
 
     try:
         ratios = check_fraction_list(args.ratios, "--ratios")
@@ -331,8 +330,7 @@ def cmd_inspect(args) -> int:
             after = size_of(s) if s is not None else 0
             if site.eligible:
                 form = get_form(site.form)
-                ranks = tuple(round_to_multiple(min(x, m), multiple, m)
-                              for x, m in zip(form.rule_ranks(site, "ratio", r, 1.0), form.max_ranks(site)))
+                ranks = rounded_ranks(form, site, form.rule_ranks(site, "ratio", r, 1.0), multiple)
                 cost = form.cost(site, ranks)
                 why = not_worth_it(site, ranks, cost, total_macs, total_params)
                 entry["ratios"][str(r)] = {"ranks": list(ranks), "macs": cost.macs if s.known else None, "params": cost.params,

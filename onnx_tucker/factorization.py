@@ -187,7 +187,7 @@ class FormChoice:
         form whose chain leaves the least error writes the layer. The error is the composed weight's,
         input-whitened by the calibration statistics where given (what the fits minimise), else relative to the
         weight. At full rank the first form, unchosen (every form is exact there). Returns (ranks, {form: error})."""
-        first = _rounded(self.forms[0], site, first_ranks, rank_multiple)
+        first = rounded_ranks(self.forms[0], site, first_ranks, rank_multiple)
         budget = self.forms[0].cost(site, first).macs
         if all(r >= m for r, m in zip(first, self.forms[0].max_ranks(site))) or budget >= site.shape.macs():
             return first, {}  # full rank, or a chain no cheaper than the layer (left whole): nothing to choose
@@ -220,8 +220,8 @@ class FormChoice:
         return constants.form.emit(graph, site, dict(constants), taken)
 
 
-def _rounded(form, site, ranks: tuple, multiple: int) -> tuple:
-    """``ranks`` as the pipeline writes them: clamped to the form's limits, rounded to ``multiple``."""
+def rounded_ranks(form, site, ranks: tuple, multiple: int) -> tuple:
+    """``ranks`` as the pipeline writes them: clamped to the form's limits, rounded to ``multiple`` (--rank-multiple)."""
     from onnx_tucker.ranks import round_to_multiple
 
     return tuple(round_to_multiple(min(r, m), multiple, m) for r, m in zip(ranks, form.max_ranks(site)))
@@ -233,7 +233,7 @@ def _within(form, site, macs: float, multiple: int) -> tuple | None:
     if not hasattr(form, "ranks_for_macs"):
         return None
     ranks = form.ranks_for_macs(site, macs)
-    for candidate in (_rounded(form, site, ranks, multiple),
+    for candidate in (rounded_ranks(form, site, ranks, multiple),
                       tuple(min(m, (r // multiple) * multiple) for r, m in zip(ranks, form.max_ranks(site)))):
         if min(candidate) >= 1 and form.cost(site, candidate).macs <= macs:
             return candidate

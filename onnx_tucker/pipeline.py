@@ -15,11 +15,10 @@ from threadpoolctl import ThreadpoolController
 from onnx_tucker import __version__
 from onnx_tucker.chain import METADATA_KEY as CHAINS_KEY, dumps as dump_chains
 from onnx_tucker.errors import ModelError, UsageError, first_line
-from onnx_tucker.factorization import chooser, get_form, layer_plan, not_worth_it
+from onnx_tucker.factorization import chooser, get_form, layer_plan, not_worth_it, rounded_ranks
 from onnx_tucker.graph import export, infer_shapes, set_metadata, taken_names
 from onnx_tucker.io import load_model
 from onnx_tucker.options import CompressOptions, check_ratio, settings_of
-from onnx_tucker.ranks import round_to_multiple
 from onnx_tucker.report import LayerRecord, Report
 from onnx_tucker.site import find_sites
 
@@ -222,11 +221,10 @@ def _compress(model: onnx.ModelProto, opts: CompressOptions, memo: dict | None =
             continue
         if hasattr(form, "resolve"):  # a FormChoice: the planned ranks say which form writes the chain
             form = form.resolve(site, tuple(planned[site.name]))
-        limits = form.max_ranks(site)
         if site.name in opts.ranks:  # the user's, as given (checked against the limits)
             ranks = tuple(planned[site.name])
         else:
-            ranks = tuple(round_to_multiple(min(r, m), opts.rank_multiple, m) for r, m in zip(planned[site.name], limits))
+            ranks = rounded_ranks(form, site, planned[site.name], opts.rank_multiple)
         cost = form.cost(site, ranks)
         record.ranks, record.params_after, record.macs_after = ranks, cost.params, cost.macs
         why = "" if opts.force else not_worth_it(site, ranks, cost, total_macs, total_params)

@@ -23,7 +23,6 @@ import importlib.util
 import json
 import math
 import sys
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -367,23 +366,14 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write_outputs(result: dict, out_dir: Path, outputs=None) -> dict[str, Path]:
-    """sweep.md, sweep.json and sweep.png: staged in ``outputs`` (committed with the models), else all three or none now."""
+def write_outputs(result: dict, out_dir: Path, outputs) -> dict[str, Path]:
+    """sweep.md, sweep.json and sweep.png, staged in ``outputs`` (committed with the models, or discarded with them)."""
     out_dir = Path(out_dir)
     paths = {"md": out_dir / "sweep.md", "json": out_dir / "sweep.json", "png": out_dir / "sweep.png"}
-    from onnx_tucker.outputs import Outputs
-
     try:
-        with (Outputs() if outputs is None else _kept_open(outputs)) as staged:
-            staged.write_text(paths["md"], markdown_table(result) + "\n")
-            staged.write_text(paths["json"], json.dumps(result, indent=2))
-            plot(result, staged.path_for(paths["png"]))
+        outputs.write_text(paths["md"], markdown_table(result) + "\n")
+        outputs.write_text(paths["json"], json.dumps(result, indent=2))
+        plot(result, outputs.path_for(paths["png"]))
     except OSError as exc:
         raise OnnxTuckerError(f"cannot write the sweep results to {out_dir}: {exc.strerror}") from None
     return paths
-
-
-@contextmanager
-def _kept_open(outputs):
-    """``outputs`` as a context that neither commits nor discards: its owner does."""
-    yield outputs
