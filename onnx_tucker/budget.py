@@ -69,7 +69,7 @@ def check_measured_target(candidates: list, options: dict, opts, fixed: int = 0)
         raise unreachable_macs(target, smallest / total)
 
 
-BINS = 4000  # MAC budget resolution of the knapsack (costs round up, so the target always holds)
+BINS = 4000  # resolution of the knapsack over the saving a budget needs (savings round down, so the target always holds)
 
 
 def allocate_measured(candidates: list, curves: dict, opts, fixed: int = 0) -> dict:
@@ -134,30 +134,40 @@ def allocate_latency(candidates: list, curves: dict, costs: dict, target: float,
 
 
 def _knapsack(options: list[list[tuple]], budget: float, bins: int = BINS) -> list[int] | None:
-    """Multiple-choice knapsack: one option (cost, distortion, ...) per group, summed cost within ``budget``
-    (costs rounded up to bins, so the budget always holds), least summed distortion, solved exactly by
-    dynamic programming over the bins. Indices, or None."""
-    unit = budget / bins
-    best = np.zeros(bins + 1)
+    """Multiple-choice knapsack: one option (cost, distortion, ...) per group, summed cost within ``budget``,
+    least summed distortion, solved exactly by dynamic programming over bins. Indices, or None.
+
+    The bins count what each option *saves* against its group's dearest option, rounded down, against the saving
+    the budget needs, rounded up: the budget always holds, and a budget every group's dearest option fits (a
+    target of 1.0: every layer whole) needs no saving at all, whatever the costs' rounding."""
+    dearest = [max(entry[0] for entry in group) for group in options]
+    needed = sum(dearest) - budget
+    if needed <= 0:  # no constraint: each group's least distortion
+        return [min(range(len(group)), key=lambda i: group[i][1]) for group in options]
+    unit = needed / bins
+    best = np.full(bins + 1, np.inf)  # best[b]: least distortion saving at least b bins (b = bins: all it needs)
+    best[0] = 0.0
     choices = []
-    for group in options:
+    for group, top in zip(options, dearest):
         new = np.full(bins + 1, np.inf)
         pick = np.full(bins + 1, -1)
+        came = np.full(bins + 1, -1)
         for index, (cost, distortion) in enumerate(entry[:2] for entry in group):
-            steps = int(np.ceil(cost / unit - 1e-9))
-            if steps > bins:
-                continue
+            steps = min(int(np.floor((top - cost) / unit + 1e-9)), bins)
             shifted = np.full(bins + 1, np.inf)
-            shifted[steps:] = best[: bins + 1 - steps] + distortion
+            source = np.full(bins + 1, -1)
+            shifted[steps:bins] = best[: bins - steps] + distortion
+            source[steps:bins] = np.arange(bins - steps)
+            tail = bins - steps + int(np.argmin(best[bins - steps:]))  # every b with b + steps >= bins lands on bins
+            shifted[bins], source[bins] = best[tail] + distortion, tail
             better = shifted < new
-            new[better], pick[better] = shifted[better], index
+            new[better], pick[better], came[better] = shifted[better], index, source[better]
         best = new
-        choices.append((group, pick))
+        choices.append((pick, came))
     if not np.isfinite(best[bins]):
         return None
     picks, b = [], bins
-    for group, pick in reversed(choices):
-        index = int(pick[b])
-        picks.append(index)
-        b -= int(np.ceil(group[index][0] / unit - 1e-9))
+    for pick, came in reversed(choices):
+        picks.append(int(pick[b]))
+        b = int(came[b])
     return picks[::-1]

@@ -330,11 +330,15 @@ def cmd_inspect(args) -> int:
             after = size_of(s) if s is not None else 0
             if site.eligible:
                 form = get_form(site.form)
-                ranks = rounded_ranks(form, site, form.rule_ranks(site, "ratio", r, 1.0), multiple)
+                ranks = form.rule_ranks(site, "ratio", r, 1.0)
+                if hasattr(form, "choose"):  # --forms tucker2,spatial: the form compress would write at this ratio
+                    ranks, _ = form.choose(site, ranks, rank_multiple=multiple)
+                    form = form.resolve(site, ranks)
+                ranks = rounded_ranks(form, site, ranks, multiple)
                 cost = form.cost(site, ranks)
                 why = not_worth_it(site, ranks, cost, total_macs, total_params)
-                entry["ratios"][str(r)] = {"ranks": list(ranks), "macs": cost.macs if s.known else None, "params": cost.params,
-                                           "profitable": not why, **({"left_whole": why} if why else {})}
+                entry["ratios"][str(r)] = {"form": form.name, "ranks": list(ranks), "macs": cost.macs if s.known else None,
+                                           "params": cost.params, "profitable": not why, **({"left_whole": why} if why else {})}
                 if why:
                     whole.setdefault(why, []).append(f"x{r:g}")
                 after = after if why else (cost.macs if s.known else cost.params)

@@ -118,7 +118,8 @@ def not_worth_it(site, ranks: tuple, cost, total_macs: int, total_params: int = 
 
 
 def _input_rank(site, ranks: tuple) -> int:
-    """The smallest rank of the chain, in input channels' worth where the form says (spatial SVD: K / kh)."""
+    """How many input channels' worth the chain keeps, as its form says (Tucker-2: R_in; spatial SVD: K / kh);
+    the smallest rank for a form that does not say (SVD: its one rank)."""
     form = get_form(site.form) if site.form else None
     if form is not None and hasattr(form, "resolve"):
         form = form.resolve(site, tuple(ranks))

@@ -207,7 +207,7 @@ def find_sites(graph: gs.Graph, shapes: dict[str, tuple] | None = None, choose=N
         if (node.domain or "") not in ("", "ai.onnx") or node.op not in ops:
             continue
         if node.op != "Conv":
-            site = _dense_site(node, shapes, loaded, choose, _batch_of(graph))
+            site = _dense_site(node, shapes, loaded, choose, _batch_of(graph, shapes))
             if site is not None:
                 found.append(site)
             continue
@@ -261,9 +261,12 @@ def find_sites(graph: gs.Graph, shapes: dict[str, tuple] | None = None, choose=N
     return found
 
 
-def _batch_of(graph: gs.Graph) -> int:
-    """The batch the model is fixed to (its first input's first dim), 1 where it is dynamic."""
-    shape = graph.inputs[0].shape if graph.inputs else None
+def _batch_of(graph: gs.Graph, shapes: dict) -> int:
+    """The batch the shapes were inferred at: the first input's first dim there (``--input-shape`` may have set
+    it), else the batch the model is fixed to, else 1."""
+    if not graph.inputs:
+        return 1
+    shape = shapes.get(graph.inputs[0].name) or graph.inputs[0].shape
     return shape[0] if shape and isinstance(shape[0], int) and shape[0] > 0 else 1
 
 

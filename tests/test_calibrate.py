@@ -169,6 +169,32 @@ def test_knapsack_finds_the_least_total_distortion():
     assert sum(o[1] for o in got) <= best + 1e-3  # exact up to the MAC-bin rounding
 
 
+def test_a_budget_every_layer_fits_whole_leaves_every_layer_whole():
+    """Target 1.0: leaving each layer whole costs exactly the budget and nothing in distortion. The knapsack used to
+    round every cost up to a bin, so 'all whole' looked over budget and a lossy chain was forced in."""
+    from types import SimpleNamespace
+
+    from onnx_tucker.budget import allocate_latency, allocate_measured
+
+    class Shape:
+        def __init__(self, macs):
+            self._macs = macs
+
+        def macs(self):
+            return self._macs
+
+    cands = [SimpleNamespace(name=n, shape=Shape(m)) for n, m in (("a", 1000003), ("b", 777777), ("c", 333331))]
+    curves = {c.name: [(c.shape.macs() // 2, d, (4, 4))] for c, d in zip(cands, (0.3, 0.4, 0.5))}
+    assert allocate_measured(cands, curves, SimpleNamespace(target_macs=1.0)) == {"a": None, "b": None, "c": None}
+    costs = {"a": (101.3, {(4, 4): 50.0}), "b": (77.7, {(4, 4): 40.0}), "c": (33.3, {(4, 4): 20.0})}
+    planned, predicted = allocate_latency(cands, curves, costs, 1.0, whole_us=212.3)
+    assert planned == {"a": None, "b": None, "c": None} and predicted["predicted_ratio"] == pytest.approx(1.0)
+    # just under 1.0, by exactly the smallest layer's saving: that chain fits (no rounding loses it), yet the
+    # least distortion there is the biggest layer's chain
+    just_under = 1 - 0.5 * 333331 / (1000003 + 777777 + 333331)
+    assert allocate_measured(cands, curves, SimpleNamespace(target_macs=just_under)) == {"a": (4, 4), "b": None, "c": None}
+
+
 def test_measured_budget_needs_calibration():
     with pytest.raises(UsageError, match="calibration"):
         compress(residual_model(channels=32), target_macs=0.5, budget_rule="measured")

@@ -84,6 +84,20 @@ def test_inspect_forms_lists_each_layers_form_and_refuses_unknown_names(saved_re
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "unknown factorization 'nope'" in bad.stderr
 
 
+def test_inspect_with_two_forms_predicts_the_form_and_macs_compress_writes(tmp_path):
+    """`inspect --forms tucker2,spatial` printed Tucker-2's ranks and MACs for every layer while compress, at the same
+    ratio, writes the form with the least error (spatial SVD on every layer of the small ResNet)."""
+    model = Path(__file__).resolve().parents[1] / "models/cifar10_resnet.onnx"
+    assert cli("inspect", model, "--ratios", "0.5", "--forms", "tucker2,spatial", "--json", tmp_path / "i.json").returncode == 0
+    assert cli(model, tmp_path / "o.onnx", "--ratio", "0.5", "--forms", "tucker2,spatial", "--no-check",
+               "--report", tmp_path / "r.json").returncode == 0
+    predicted = {e["layer"]: e["ratios"]["0.5"] for e in json.loads((tmp_path / "i.json").read_text())["layers"] if e["ratios"]}
+    written = [e for e in json.loads((tmp_path / "r.json").read_text())["layers"] if e["decomposed"]]
+    assert written and {e["form"] for e in written} == {"spatial"}  # inspect used to predict Tucker-2 for all
+    for e in written:
+        assert (predicted[e["layer"]]["form"], predicted[e["layer"]]["macs"]) == (e["form"], e["macs_after"]), e["layer"]
+
+
 @pytest.mark.parametrize(
     "make_input, args, code, needle",
     [

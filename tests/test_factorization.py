@@ -316,3 +316,13 @@ def test_layers_with_forms_keep_the_default_form_for_kinds_no_named_form_takes()
     _, report = compress(model, ratio=0.5, layers=("kxk", "1x1"), forms=("tucker2", "spatial"), force=True)
     forms = {r.layer: r.form for r in report.layers}
     assert forms["pointwise"] == "svd" and forms["block_conv"] in ("tucker2", "spatial"), forms
+
+
+def test_the_image_stem_rule_looks_at_the_tucker_input_rank_not_the_smallest():
+    """A 3-channel stem at (R_out, R_in) = (2, 3) keeps its whole input; the rule (cut an input of 1-4 channels to
+    rank 1 or 2) used min(ranks) for Tucker-2 and refused it with "would cut a 3-channel input to rank 2"."""
+    model = conv_model(c_in=3, c_out=64, spatial=(16, 16), attrs={"pads": [1, 1, 1, 1]})
+    for ranks, whole in (((2, 3), False), ((8, 2), True)):
+        _, report = compress(model, ranks={"conv": ranks})
+        layer = report.layers[0]
+        assert layer.decomposed is not whole and ("image stem" in layer.reason) is whole, (ranks, layer.reason)

@@ -112,3 +112,19 @@ def test_attention_projections_count_every_token():
         macs = {s.name: s.shape.macs() for s in sites if s.shape is not None}
         per_token = {"/attn/MatMul": 32 * 96, "/attn/Gemm": 32 * 32, "/mlp/MatMul": 32 * 32}
         assert {k: macs.get(k) for k in per_token} == {k: 16 * v for k, v in per_token.items()}, (batch, macs)
+
+
+def test_dense_macs_are_per_sample_whatever_batch_the_input_shape_gives():
+    """`--input-shape 8x32x32x3` on a dynamic-batch model multiplied its dense layers' MACs by 8 (the rows were
+    divided by the graph's batch, 1 where dynamic, not by the batch the shapes were inferred at); conv MACs were not."""
+    from pathlib import Path
+
+    model = onnx.load(str(Path(__file__).resolve().parents[1] / "models/cifar10_cnn.onnx"))
+    name = model.graph.input[0].name
+
+    def macs(batch):
+        _, sites = factorable_sites(model, layers=("kxk", "dense"), input_shapes={name: [batch, 32, 32, 3]})
+        return {s.name: s.shape.macs() for s in sites if s.shape is not None}
+
+    one, eight = macs(1), macs(8)
+    assert any("MatMul" in k for k in one) and one == eight

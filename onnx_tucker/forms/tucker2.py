@@ -57,6 +57,10 @@ class Tucker2Form:
     def max_ranks(self, site) -> tuple[int, int]:
         return max_ranks(site.weight.shape)
 
+    def input_rank(self, site, ranks) -> int:
+        """R_in: what the image-stem rule compares (R_out = 2 keeps a 3-channel input whole: the rule is not about it)."""
+        return ranks[1]
+
     def rule_ranks(self, site, rule: str, ratio: float, energy: float) -> tuple[int, int]:
         if rule == "ratio":
             return ratio_ranks(site.shape.c_out, site.shape.c_in, ratio)
