@@ -475,3 +475,23 @@ def test_no_choice_is_made_where_the_first_forms_chain_is_no_cheaper_than_the_la
     assert tucker.cost(site, tucker.rule_ranks(site, "ratio", 0.5, 1.0)).macs >= site.shape.macs()
     _, report = compress(model, ratio=0.5, forms=("tucker2", "spatial"))
     assert not report.decomposed and report.form_choice is None
+
+
+@pytest.mark.parametrize("auto_pad", ["SAME_UPPER", "SAME_LOWER"])
+def test_a_same_padded_conv_keeps_its_padding_mode_so_any_input_size_stays_right(auto_pad):
+    """The chain wrote explicit pads worked out for the one size the shapes were inferred at (here --input-shape 11):
+    a model with dynamic H, W then computed wrong values, silently, at 12. Each conv of the chain keeps the mode."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array(rng.standard_normal((32, 16, 3, 3)).astype(np.float32), "w")
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], name="c0", auto_pad=auto_pad, strides=[2, 2])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16, "H", "W"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    new, _ = compress(model, ratio=1.0, force=True, forms=("spatial",), input_shapes={"x": [1, 16, 11, 11]})
+    assert [c.form for c in chains_of(new)] == ["spatial"]
+    for side in (11, 12, 13):
+        x = rng.standard_normal((2, 16, side, side + 1)).astype(np.float32)
+        want, got = run_model(model, {"x": x})[0], run_model(new, {"x": x})[0]
+        assert got.shape == want.shape and np.abs(got - want).max() < 1e-4 * np.abs(want).max(), side

@@ -197,11 +197,18 @@ class SpatialSVDForm:
         x = node.inputs[0]
         bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].name else None
         mid = gs.Variable(unique_name(f"{site.name}_spatial_mid", taken), dtype=first.values.dtype)
+        # SAME_* pads each axis from its own kernel, stride and input size, so each conv of the chain keeps the mode
+        # and pads its axis as the original did at ANY input size (explicit pads hold for the size they came from)
+        auto = node.attrs.get("auto_pad")
+        auto = auto.decode() if isinstance(auto, bytes) else auto
+        same = auto in ("SAME_UPPER", "SAME_LOWER")
+        v_pads = {"auto_pad": auto} if same else {"pads": [top, 0, bottom, 0]}
+        h_pads = {"auto_pad": auto} if same else {"pads": [0, left, 0, right]}
         n1 = gs.Node("Conv", unique_name(f"{site.name}_spatial_v", taken), inputs=[x, first], outputs=[mid],
-                     attrs={"kernel_shape": [kh, 1], "strides": [sh, 1], "pads": [top, 0, bottom, 0], "dilations": [dh, 1]})
+                     attrs={"kernel_shape": [kh, 1], "strides": [sh, 1], **v_pads, "dilations": [dh, 1]})
         n2 = gs.Node("Conv", unique_name(f"{site.name}_spatial_h", taken), inputs=[mid, last] + ([bias] if bias is not None else []),
                      outputs=list(node.outputs),
-                     attrs={"kernel_shape": [1, kw], "strides": [1, sw], "pads": [0, left, 0, right], "dilations": [1, dw]})
+                     attrs={"kernel_shape": [1, kw], "strides": [1, sw], **h_pads, "dilations": [1, dw]})
         output = node.outputs[0].name
         node.outputs.clear()
         node.inputs.clear()
