@@ -144,7 +144,9 @@ def tensor_types(model: onnx.ModelProto) -> dict[str, int]:
     if inferred is None:
         return {}
     graph = inferred.graph
-    return {v.name: v.type.tensor_type.elem_type for v in list(graph.value_info) + list(graph.output)}
+    # the inputs too: a segment that starts at a float16 graph input must declare it float16, not the default float
+    return {v.name: v.type.tensor_type.elem_type for v in list(graph.input) + list(graph.value_info) + list(graph.output)
+            if v.type.tensor_type.elem_type}
 
 
 # --- exposing tensors, probe and suffix models ---------------------------------------------------

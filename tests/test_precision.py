@@ -75,6 +75,20 @@ def test_float16_model_through_the_measured_budget_and_calibration():
     assert np.isfinite(b).all() and a.shape == b.shape
 
 
+@pytest.mark.parametrize("options", [{"ratio": 0.5}, {"target_macs": 0.6}], ids=["ratio", "budget"])
+def test_float16_model_with_float16_inputs_calibrates(options):
+    """A model whose graph input is float16 itself (no Casts) failed --calibrate: the refit's segment declared its
+    input float, the default for a tensor of unknown type, as the types never read the graph's inputs."""
+    model = to_float16(residual_model(), keep_io_types=False)
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    cal = _feeds(model, n=48, seed=2)
+    new, report = compress(model, calibration=cal, **options)
+    assert report.chains and weight_dtype(new) == "float16"
+    feeds = _feeds(model, seed=5)
+    (a,), (b,) = run_model(model, feeds), run_model(new, feeds)
+    assert b.dtype == np.float16 and np.isfinite(b).all() and a.shape == b.shape
+
+
 def test_float16_model_from_the_converter_loads_from_its_file(tmp_path):
     """The converter appends its input Casts after their readers: the file failed the checker in load_model (the CLI's
     path), although onnxruntime runs it. It loads sorted now, and the CLI compresses it."""
