@@ -30,6 +30,21 @@ def unique_name(name: str, taken: set[str]) -> str:
     return candidate
 
 
+def with_node_names(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` itself when every top-level node has a name, else a copy where each unnamed one is called
+    ``<op>_<first output>`` (what the tables call it): node names are optional in ONNX, and the probes, cuts and
+    chain records find nodes by name."""
+    if all(node.name for node in model.graph.node):
+        return model
+    named = onnx.ModelProto()
+    named.CopyFrom(model)
+    taken = {n.name for n in named.graph.node if n.name}
+    for node in named.graph.node:
+        if not node.name:
+            node.name = unique_name(f"{node.op_type}_{node.output[0] if node.output else 'node'}", taken)
+    return named
+
+
 def taken_names(graph: gs.Graph) -> set[str]:
     names = {n.name for n in graph.nodes if n.name}
     names.update(graph.tensors().keys())

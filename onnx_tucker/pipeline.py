@@ -16,7 +16,7 @@ from onnx_tucker import __version__
 from onnx_tucker.chain import METADATA_KEY as CHAINS_KEY, dumps as dump_chains
 from onnx_tucker.errors import ModelError, UsageError, first_line
 from onnx_tucker.factorization import chooser, get_form, layer_plan, not_worth_it, rounded_ranks
-from onnx_tucker.graph import export, infer_shapes, set_metadata, taken_names
+from onnx_tucker.graph import export, infer_shapes, set_metadata, taken_names, with_node_names
 from onnx_tucker.io import load_model
 from onnx_tucker.options import CompressOptions, check_ratio, settings_of
 from onnx_tucker.report import LayerRecord, Report
@@ -30,7 +30,7 @@ def _as_model(model) -> onnx.ModelProto:
         model = load_model(Path(model))
     if not isinstance(model, onnx.ModelProto):
         raise UsageError(f"expected an onnx.ModelProto or a path, got {type(model).__name__}")
-    return model
+    return with_node_names(model)
 
 
 def factorable_sites(model: onnx.ModelProto, forms: tuple | None = None, input_shapes: dict | None = None,

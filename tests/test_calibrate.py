@@ -635,3 +635,27 @@ def test_covariances_buffered_across_batches_equal_the_batch_by_batch_sums(monke
     each = input_covariances(model, {"x": x}, ["x"], batch_size=4, vertical=vertical)
     for key in ("x", "v"):
         np.testing.assert_allclose(buffered[key], each[key], rtol=1e-5, atol=1e-7)
+
+
+def test_unnamed_nodes_go_through_the_measured_budget_like_named_ones():
+    """Node names are optional in ONNX; the probes and cuts found nodes by name, so with every name "" each layer got
+    the first node's tensors and the solve failed on mismatched shapes (an internal error)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w1, w2 = (rng.standard_normal(s).astype(np.float32) * 0.1 for s in ((32, 16, 3, 3), (32, 32, 3, 3)))
+
+    def model(named):
+        name = (lambda n: {"name": n}) if named else (lambda n: {})
+        graph = helper.make_graph(
+            [helper.make_node("Conv", ["x", "w1"], ["y"], pads=[1] * 4, **name("Conv_y")), helper.make_node("Relu", ["y"], ["r"], **name("Relu_r")),
+             helper.make_node("Conv", ["r", "w2"], ["z"], pads=[1] * 4, **name("Conv_z"))], "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 10, 10])], [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)],
+            [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+    cal = {"x": rng.standard_normal((64, 16, 10, 10)).astype(np.float32)}
+    unnamed = model(False)
+    (new, report), (_, named_report) = (compress(m, target_macs=0.5, calibration=cal) for m in (unnamed, model(True)))
+    assert [(c.layer, c.ranks) for c in report.chains] == [(c.layer, c.ranks) for c in named_report.chains] and report.chains
+    assert all(not n.name for n in unnamed.graph.node)  # the caller's model is left as it was
