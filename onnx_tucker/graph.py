@@ -251,9 +251,12 @@ def probe_model(model: onnx.ModelProto, sites: list) -> tuple[onnx.ModelProto, d
     by_name = {n.name: n for n in probe.graph.node}
     graph_outputs = {o.name for o in probe.graph.output}
     graph_inputs = {i.name for i in model.graph.input}
+    taken = {t for n in probe.graph.node for t in list(n.input) + list(n.output)}
+    taken |= {i.name for i in probe.graph.initializer} | graph_inputs | graph_outputs
     for i, site in enumerate(sites):
         node = by_name[site.node.name]
-        w_name, b_name = f"{PROBE}_W{i}", (f"{PROBE}_B{i}" if node.op_type != "MatMul" else None)  # a MatMul has no bias
+        w_name = unique_name(f"{PROBE}_W{i}", taken)
+        b_name = unique_name(f"{PROBE}_B{i}", taken) if node.op_type != "MatMul" else None  # a MatMul has no bias
         node.input[1] = w_name
         dtype = onnx.helper.np_dtype_to_tensor_dtype(site.weight.dtype)
         probe.graph.input.append(onnx.helper.make_tensor_value_info(w_name, dtype, list(site.weight.shape)))

@@ -659,3 +659,22 @@ def test_unnamed_nodes_go_through_the_measured_budget_like_named_ones():
     (new, report), (_, named_report) = (compress(m, target_macs=0.5, calibration=cal) for m in (unnamed, model(True)))
     assert [(c.layer, c.ranks) for c in report.chains] == [(c.layer, c.ranks) for c in named_report.chains] and report.chains
     assert all(not n.name for n in unnamed.graph.node)  # the caller's model is left as it was
+
+
+def test_a_tensor_named_like_a_probe_input_does_not_break_the_measured_budget():
+    """The probe model fed each weight as the input `onnx_tucker_probe_W<i>`, unchecked: a model tensor of that name
+    made onnxruntime refuse the probe ("Duplicate definition")."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32) * 0.1, n)
+             for n, s in (("w", (32, 16, 3, 3)), ("b", (32,)), ("w2", (32, 32, 3, 3)))]
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w", "b"], ["y"], name="c0", pads=[1] * 4),
+         helper.make_node("Relu", ["y"], ["onnx_tucker_probe_W1"], name="r"),
+         helper.make_node("Conv", ["onnx_tucker_probe_W1", "w2"], ["z"], name="c1", pads=[1] * 4)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 10, 10])], [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    cal = {"x": rng.standard_normal((64, 16, 10, 10)).astype(np.float32)}
+    new, report = compress(model, target_macs=0.5, calibration=cal)
+    assert report.chains and np.isfinite(run_model(new, {"x": cal["x"][:1]})[0]).all()
