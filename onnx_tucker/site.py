@@ -13,6 +13,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
+from onnx_tucker.graph import unique_name
 from onnx_tucker.ranks import ConvShape
 
 SUPPORTED_DTYPES = (np.float32, np.float16, np.float64)
@@ -161,6 +162,19 @@ def constant_values(tensor: gs.Constant) -> np.ndarray:
     """
     lazy = tensor._values
     return lazy.load() if isinstance(lazy, LazyValues) else np.asarray(tensor.values)
+
+
+def chain_bias(node: gs.Node, taken: set[str]) -> gs.Tensor | None:
+    """The bias input a chain's last node takes over from ``node`` (None without one). A constant produced by a
+    node (``Constant``, through ``Identity``) becomes an initializer of its own, as the refit and the affine folding
+    change a chain's bias in place; a bias computed at run time stays the tensor it was."""
+    bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].name else None
+    if bias is None or isinstance(bias, gs.Constant):
+        return bias
+    value, _ = resolve_constant(bias)
+    if value is None:
+        return bias
+    return gs.Constant(unique_name(f"{node.name or 'node'}_bias", taken), np.array(value))
 
 
 def resolve_constant(tensor: gs.Tensor, depth: int = 0) -> tuple[np.ndarray | None, str]:

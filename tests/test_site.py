@@ -128,3 +128,41 @@ def test_dense_macs_are_per_sample_whatever_batch_the_input_shape_gives():
 
     one, eight = macs(1), macs(8)
     assert any("MatMul" in k for k in one) and one == eight
+
+
+@pytest.mark.parametrize("producer", ["Identity", "Constant"])
+@pytest.mark.parametrize("options", [{"ratio": 0.5}, {"ratio": 1.0, "force": True}, {"ratio": 0.5, "calibrate": True},
+                                     {"ratio": 0.5, "layers": ("kxk", "1x1"), "calibrate": True}],
+                         ids=["plain", "full", "calibrated", "1x1"])
+def test_a_bias_made_by_a_node_is_folded_and_refitted_like_an_initializer(producer, options):
+    """A conv bias from an Identity (torch's shared parameters) or a Constant node crashed the affine folding
+    (KeyError) and the refit ("bias ... is not a constant"): the chain now owns it as an initializer."""
+    rng = np.random.default_rng(0)
+    init = lambda name, *shape: numpy_helper.from_array((rng.standard_normal(shape) * 0.3).astype(np.float32), name)  # noqa: E731
+    bias_node = (helper.make_node("Identity", ["b0"], ["b"], name="ib") if producer == "Identity" else
+                 helper.make_node("Constant", [], ["b"], name="cb", value=init("v", 32)))
+    nodes = [bias_node, helper.make_node("Conv", ["x", "w", "b"], ["y"], name="c0", pads=[1] * 4),
+             helper.make_node("Add", ["y", "a"], ["y2"], name="add"), helper.make_node("Relu", ["y2"], ["r"], name="relu"),
+             helper.make_node("Identity", ["b1"], ["pb"], name="ipb"), helper.make_node("Conv", ["r", "p", "pb"], ["z"], name="pw")]
+    inits = [init("w", 32, 16, 3, 3), init("b0", 32), init("a", 32, 1, 1), init("p", 32, 32, 1, 1), init("b1", 32)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16, 10, 10])],
+                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    options = dict(options)
+    x = rng.standard_normal((64, 16, 10, 10)).astype(np.float32)
+    if options.pop("calibrate", False):
+        options["calibration"] = {"x": x}  # what the refit lowers the error on
+    from onnx_tucker import compress
+
+    new, report = compress(model, **options)
+    assert report.chains
+    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]  # noqa: E731
+    error = lambda m: np.linalg.norm(run(m) - run(model)) / np.linalg.norm(run(model))  # noqa: E731
+    if options.get("force"):
+        assert error(new) < 1e-5
+    elif "calibration" in options:  # the refit changed the chains' biases and lowered the error
+        plain = {k: v for k, v in options.items() if k != "calibration"}
+        assert error(new) < error(compress(model, **plain)[0])
+    else:  # the folded Add lives in the chain's bias now: the same model as without folding
+        unfolded, _ = compress(model, fold_affine=False, **options)
+        assert np.abs(run(new) - run(unfolded)).max() < 1e-4 * np.abs(run(unfolded)).max()

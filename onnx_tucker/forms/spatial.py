@@ -25,6 +25,7 @@ from onnx_tucker.errors import UsageError
 from onnx_tucker.forms.tucker2 import Tucker2Form, kxk_conv_reason
 from onnx_tucker.graph import unique_name
 from onnx_tucker.ranks import Cost, ratio_ranks, round_to_multiple
+from onnx_tucker.site import chain_bias
 from onnx_tucker.vbmf import energy_rank
 
 # Shares of the layer's MACs the measured budget tries (K from each): the knapsack's options.
@@ -195,7 +196,7 @@ class SpatialSVDForm:
         top, left, bottom, right = geometry.pads
         first, last = constants["first"], constants["last"]
         x = node.inputs[0]
-        bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].name else None
+        bias = chain_bias(node, taken)
         mid = gs.Variable(unique_name(f"{site.name}_spatial_mid", taken), dtype=first.values.dtype)
         # SAME_* pads each axis from its own kernel, stride and input size, so each conv of the chain keeps the mode
         # and pads its axis as the original did at ANY input size (explicit pads hold for the size they came from)

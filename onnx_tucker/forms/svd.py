@@ -21,6 +21,7 @@ from onnx_tucker.chain import Chain
 from onnx_tucker.errors import UsageError
 from onnx_tucker.graph import unique_name
 from onnx_tucker.ranks import Cost, round_to_multiple
+from onnx_tucker.site import chain_bias
 
 FRACTIONS = (1 / 16, 1 / 8, 3 / 16, 1 / 4, 5 / 16, 3 / 8, 1 / 2, 5 / 8, 3 / 4)
 
@@ -140,7 +141,7 @@ class SVDForm:
         nd = len(site.shape.kernel)
         first, last = constants["first"], constants["last"]
         x = node.inputs[0]
-        bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].name else None
+        bias = chain_bias(node, taken)
         mid = gs.Variable(unique_name(f"{site.name}_svd_mid", taken), dtype=first.values.dtype)
         first_attrs = {"kernel_shape": [1] * nd}
         for attr in ("auto_pad", "pads", "strides", "dilations"):
@@ -167,7 +168,7 @@ class SVDForm:
         bias = None
         if node.op == "Gemm":
             trans_b = int(node.attrs.get("transB", 0))
-            bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].name else None
+            bias = chain_bias(node, taken)
             first_attrs = {"transB": trans_b, "alpha": float(node.attrs.get("alpha", 1.0))}
             last_attrs = {"transB": trans_b, "beta": float(node.attrs.get("beta", 1.0))}
             n1 = gs.Node("Gemm", unique_name(f"{site.name}_svd_in", taken), attrs=first_attrs, inputs=[x, first], outputs=[mid])

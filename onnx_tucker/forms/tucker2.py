@@ -23,6 +23,7 @@ from onnx_tucker.decompose import max_ranks, tucker2
 from onnx_tucker.errors import UsageError
 from onnx_tucker.graph import unique_name
 from onnx_tucker.ranks import Cost, energy_ranks, ratio_ranks, round_to_multiple, vbmf_ranks
+from onnx_tucker.site import chain_bias
 
 # Rank fractions the measured budget tries for each channel mode.
 FRACTIONS = (1 / 16, 1 / 8, 3 / 16, 1 / 4, 5 / 16, 3 / 8, 1 / 2, 5 / 8, 3 / 4)
@@ -176,7 +177,7 @@ class Tucker2Form:
         dtype = core.values.dtype
         ones = [1] * nd
         x = node.inputs[0]
-        bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].name else None
+        bias = chain_bias(node, taken)
         core_attrs = {"kernel_shape": list(site.shape.kernel)}
         for attr in ("auto_pad", "pads", "strides", "dilations"):
             if attr in node.attrs:
