@@ -15,6 +15,8 @@ from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter, check_duplic
 from onnx_graphsurgeon.ir.tensor import SparseValues
 from onnx_graphsurgeon.logger import G_LOGGER
 
+from onnx_tucker.errors import ModelError
+
 PROTOBUF_LIMIT = 2**31 - 1  # protobuf cannot serialise a message over 2 GiB
 PROBE = "onnx_tucker_probe"
 
@@ -485,6 +487,23 @@ def export(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     model.opset_import.extend(template.opset_import)
     copy_template_fields(model, template)
     return model
+
+
+def check_chain_nodes(model: onnx.ModelProto, chains: list) -> None:
+    """Each node the chains wrote against its operator's schema at the model's opsets (cheap, where the whole
+    model's checker is not: size, and inputs some exporters write that the checker refuses). A failure is the
+    tool's bug, said before anything is written, even under ``--no-check``."""
+    ctx = onnx.checker.C.CheckerContext()
+    ctx.ir_version = model.ir_version
+    ctx.opset_imports = {o.domain: o.version for o in model.opset_import}
+    written = {name for chain in chains for name in chain.nodes.values()}
+    for node in model.graph.node:
+        if node.name in written:
+            try:
+                onnx.checker.check_node(node, ctx)
+            except onnx.checker.ValidationError as exc:
+                raise ModelError(f"the chain node {node.name!r} is not valid ONNX at this model's opsets "
+                                 f"({str(exc).splitlines()[0].rstrip('.')}): an onnx-tucker bug, please report it") from None
 
 
 def copy_template_fields(model: onnx.ModelProto, template: onnx.ModelProto) -> None:

@@ -16,7 +16,7 @@ from onnx_tucker import __version__
 from onnx_tucker.chain import METADATA_KEY as CHAINS_KEY, dumps as dump_chains
 from onnx_tucker.errors import ModelError, UsageError, first_line
 from onnx_tucker.factorization import chooser, get_form, layer_plan, not_worth_it, rounded_ranks
-from onnx_tucker.graph import export, infer_shapes, set_metadata, taken_names, with_node_names
+from onnx_tucker.graph import check_chain_nodes, export, infer_shapes, set_metadata, taken_names, with_node_names
 from onnx_tucker.io import load_model
 from onnx_tucker.options import CompressOptions, check_ratio, settings_of
 from onnx_tucker.report import LayerRecord, Report
@@ -257,6 +257,7 @@ def _compress(model: onnx.ModelProto, opts: CompressOptions, memo: dict | None =
     if report.decomposed:
         with report.phase("export"):
             new_model = export(graph, model)
+            check_chain_nodes(new_model, report.chains)
         if opts.calibration is not None and opts.refit:
             from onnx_tucker.calibrate import refit_chains
 

@@ -326,3 +326,33 @@ def test_the_image_stem_rule_looks_at_the_tucker_input_rank_not_the_smallest():
         _, report = compress(model, ranks={"conv": ranks})
         layer = report.layers[0]
         assert layer.decomposed is not whole and ("image stem" in layer.reason) is whole, (ranks, layer.reason)
+
+
+@pytest.mark.parametrize("opset", [7, 9, 10, 11])
+def test_a_gemm_svd_chain_is_valid_at_the_models_opset(opset):
+    """Before opset 11 Gemm's C is required: the chain's first Gemm had none, so `--layers dense` wrote a model the
+    checker refuses (and onnxruntime cannot load). Its first Gemm adds a zero C there; the ranks are real."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array((rng.standard_normal(s) * 0.1).astype(np.float32), n)
+             for n, s in (("cw", (8, 4, 3, 3)), ("gw", (64, 512)), ("gb", (64,)))]
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "cw"], ["c"], name="conv", pads=[1] * 4),
+                               helper.make_node("Flatten", ["c"], ["f"], name="flat"),
+                               helper.make_node("Gemm", ["f", "gw", "gb"], ["out"], name="fc", transB=1)], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 64])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 3 if opset < 8 else 4
+    if opset < 8:  # IR 3 lists every initializer among the graph inputs
+        model.graph.input.extend(helper.make_tensor_value_info(i.name, TensorProto.FLOAT, list(i.dims)) for i in inits)
+    onnx.checker.check_model(model, full_check=True)
+    new, report = compress(model, ranks={"fc": (16,)}, layers=("dense",))
+    onnx.checker.check_model(new, full_check=True)
+    (chain,) = chains_of(new)
+    inits_new = {i.name: numpy_helper.to_array(i) for i in new.graph.initializer}
+    composed = inits_new[chain.weights["last"]] @ inits_new[chain.weights["first"]]  # transB: (out, in) = (out, r)(r, in)
+    reference = onnx.ModelProto()
+    reference.CopyFrom(model)
+    next(i for i in reference.graph.initializer if i.name == "gw").CopyFrom(numpy_helper.from_array(composed.astype(np.float32), "gw"))
+    x = rng.standard_normal((1, 4, 8, 8)).astype(np.float32)
+    run = lambda m: make_session(m).run(None, {"x": x})[0]  # noqa: E731
+    assert np.abs(run(new) - run(reference)).max() < 1e-5 and np.abs(run(new) - run(model)).max() > 1e-3

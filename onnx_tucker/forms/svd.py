@@ -171,7 +171,10 @@ class SVDForm:
             bias = chain_bias(node, taken)
             first_attrs = {"transB": trans_b, "alpha": float(node.attrs.get("alpha", 1.0))}
             last_attrs = {"transB": trans_b, "beta": float(node.attrs.get("beta", 1.0))}
-            n1 = gs.Node("Gemm", unique_name(f"{site.name}_svd_in", taken), attrs=first_attrs, inputs=[x, first], outputs=[mid])
+            # before opset 11 Gemm's C is required: the first Gemm adds a zero (broadcast from one value)
+            no_c = [] if (graph.opset or 11) >= 11 else [gs.Constant(unique_name(f"{site.name}_svd_in_C", taken),
+                                                                      np.zeros(1, dtype=first.values.dtype))]
+            n1 = gs.Node("Gemm", unique_name(f"{site.name}_svd_in", taken), attrs=first_attrs, inputs=[x, first] + no_c, outputs=[mid])
             n2 = gs.Node("Gemm", unique_name(f"{site.name}_svd_out", taken), attrs=last_attrs,
                          inputs=[mid, last] + ([bias] if bias is not None else []), outputs=list(node.outputs))
         else:
