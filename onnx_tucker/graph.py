@@ -110,13 +110,15 @@ def infer_shapes(model: onnx.ModelProto, input_shapes: dict | None = None) -> di
     if inferred is None:
         return {}
     shapes = _shapes_of(inferred)
-    if any(None in dims[1:] for dims in shapes.values()):
-        # Sizes computed at run time from constants (torch's ZeroPad2d writes its pads as a Concat/Slice/Cast chain)
-        # stop inference: fold those subgraphs (onnx-graphsurgeon, on onnxruntime) and infer again.
+    produced = [t for node in model.graph.node for t in node.output if t]
+    if any(None in dims[1:] for dims in shapes.values()) or any(t not in shapes for t in produced):
+        # Sizes computed at run time from constants (torch's ZeroPad2d writes its pads as a Concat/Slice/Cast chain,
+        # its flatten(2) a Reshape to a Concat of Shape slices) stop inference, with unknown dims or no shape at
+        # all: fold those subgraphs (onnx-graphsurgeon, on onnxruntime) and infer again.
         folded = _folded(model, input_shapes)
         if folded is not None:
             for name, dims in _shapes_of(folded).items():
-                if name in shapes and dims.count(None) < shapes[name].count(None):
+                if name not in shapes or dims.count(None) < shapes[name].count(None):
                     shapes[name] = dims
     return shapes
 

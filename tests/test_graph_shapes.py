@@ -462,3 +462,30 @@ def test_a_dynamic_batch_channel_shuffle_keeps_the_sizes_known():
     assert None not in infer_shapes(model)[next(n.input[0] for n in model.graph.node if n.name.startswith("/c/"))][1:]
     _, report = onnx_tucker.compress(model, ratio=0.5)
     assert report.totals()["macs_known"]
+
+
+@pytest.mark.parametrize("opset", [9, 13])
+def test_a_static_torch_export_with_a_computed_flatten_counts_its_dense_macs(opset):
+    """torch writes flatten(2) as a Reshape to a Concat of Shape slices; inference then gives the Reshape's output
+    (and everything after it) no shape at all, so folding never ran (it ran only for dims that were None), and
+    the dense layers' MACs were "unknown" although the input is static."""
+    torch = pytest.importorskip("torch")
+    import io
+
+    from onnx_tucker.pipeline import factorable_sites
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc1, self.fc2 = torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.Linear(16, 64), torch.nn.Linear(64, 10)
+
+        def forward(self, x):
+            tokens = torch.relu(self.conv(x)).flatten(2).transpose(1, 2)
+            return self.fc2(torch.relu(self.fc1(tokens)).mean(1))
+
+    buffer = io.BytesIO()
+    torch.onnx.export(Net().eval(), (torch.zeros(1, 3, 16, 16),), buffer, opset_version=opset, dynamo=False,
+                      input_names=["x"], output_names=["y"])
+    _, sites = factorable_sites(onnx.load_from_string(buffer.getvalue()), layers=("kxk", "dense"))
+    macs = {s.name: (s.shape.macs() if s.shape.known else None) for s in sites}
+    assert macs["/fc1/MatMul"] == 256 * 16 * 64 and macs["/fc2/Gemm"] == 64 * 10, macs
