@@ -476,6 +476,12 @@ COMMANDS = {"compress": cmd_compress, "inspect": cmd_inspect, "convert": cmd_con
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # A descriptor closed at start (`>&-`) leaves sys.stdout / sys.stderr None: what is said goes nowhere, as the
+    # caller asked, instead of an AttributeError after the model was written. A JSON asked on stdout is refused.
+    stdout_closed = sys.stdout is None
+    for name in ("stdout", "stderr"):
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(os.devnull, "w"))
     # 'onnx-tucker IN OUT ...' means 'onnx-tucker compress IN OUT ...'.
     if argv and argv[0] not in SUBCOMMANDS and not argv[0].startswith("-"):
         argv.insert(0, "compress")
@@ -489,6 +495,8 @@ def main(argv: list[str] | None = None) -> int:
                 build_parser().print_help()
                 return 2
             args.outputs = outputs
+            if stdout_closed and "-" in (getattr(args, "report", None), getattr(args, "json", None)):
+                raise UsageError("standard output is closed: the JSON asked for on it ('-') has nowhere to go")
             if "-" not in (getattr(args, "report", None), getattr(args, "json", None)):
                 code = COMMANDS[args.command](args)
                 sys.stdout.flush()  # a full device fails here, reported as such, not at interpreter exit

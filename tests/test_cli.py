@@ -501,3 +501,19 @@ def test_standard_stream_failures_are_not_internal_errors(tmp_path):
     dash = subprocess.run(f"{sys.executable} -m onnx_tucker m.onnx o3.onnx --report - > /dev/full", shell=True, cwd=tmp_path,
                           capture_output=True, text=True, env=env, timeout=300)
     assert dash.returncode == 1 and "cannot write to standard output" in dash.stderr and not (tmp_path / "o3.onnx").exists()
+
+
+def test_a_closed_stdout_writes_the_model_quietly_or_refuses_a_json_asked_on_it(saved_residual, tmp_path):
+    """`onnx-tucker IN OUT >&-` wrote the model, then failed with an internal AttributeError (sys.stdout is None):
+    exit 1 with the output in place. Now the run is quiet and succeeds; `--report -` there is refused before work."""
+    import shlex
+
+    def closed(*args):
+        command = " ".join(shlex.quote(str(a)) for a in (sys.executable, "-m", "onnx_tucker", *args))
+        return subprocess.run(["bash", "-c", command + " >&-"], capture_output=True, text=True,
+                              env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=300)
+
+    quiet = closed(saved_residual, tmp_path / "a.onnx", "--no-check")
+    assert quiet.returncode == 0 and quiet.stderr == "" and (tmp_path / "a.onnx").is_file()
+    refused = closed(saved_residual, tmp_path / "b.onnx", "--report", "-")
+    assert refused.returncode == 2 and "standard output is closed" in refused.stderr and not (tmp_path / "b.onnx").exists()
