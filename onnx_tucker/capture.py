@@ -102,6 +102,11 @@ def run_all(session, feeds: dict, names: list[str] | None = None, extra: dict | 
     images on a torch export fixed to batch 1). ``extra``: feeds given whole to every batch (weights).
     ``fixed``: that batch, for a session whose other inputs hide it (a probe fed weights); default: read from
     the session. Scalar outputs are kept per batch (stacked): they have no sample axis to concatenate on."""
+    if not feeds and not extra:  # a model without inputs (its values are constants): one run is all there is
+        try:
+            return session.run(names, {})
+        except Exception as exc:
+            raise ModelError(f"onnxruntime cannot run the model: {first_line(exc)}") from None
     fixed = fixed or fixed_batch(session)
     n = len(next(iter(feeds.values()))) if feeds else 0
     size = fixed or batch_size or max(n, 1)
