@@ -258,10 +258,12 @@ def cmd_convert(args) -> int:
                 samples = data[key][:32].astype(np.float32)
         except Exception as exc:
             raise DataError(f"cannot read inputs file {args.inputs}: {first_line(exc, 200)}") from None
+        if not np.isfinite(samples).all():
+            raise DataError(f"inputs file {args.inputs} ('{key}') contains NaN or Inf: the agreement check needs finite inputs")
     result = convert(args.input, opset=args.opset, samples=samples)
     print(f"converted with {result.route}, opset {args.opset}")
     print(f"Keras vs onnxruntime: max abs difference {result.max_abs_diff:.3g} on {'given' if args.inputs else 'seeded random'} inputs")
-    if result.max_abs_diff > args.tolerance:
+    if not result.max_abs_diff <= args.tolerance:  # NaN (non-finite outputs) fails too
         raise ModelError(f"Keras and onnxruntime disagree (max abs difference {result.max_abs_diff:.3g} > {args.tolerance}): not written")
     args.outputs.save_model(result.model, out)
     args.outputs.commit()

@@ -150,3 +150,16 @@ def test_an_opset_tf2onnx_cannot_write_is_one_model_error_line():
     with pytest.raises(ModelError) as err:
         keras_to_onnx(model, opset=99)
     assert "Opset 99" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_convert_refuses_non_finite_inputs_for_its_agreement_check(tmp_path):
+    """`convert --inputs` with a NaN printed 'max abs difference nan' and then PASSED and wrote the model: NaN is
+    not greater than any tolerance. Non-finite inputs are refused before the conversion, and a NaN difference fails."""
+    x = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype(np.float32)
+    x[1, 2, 3, 0] = np.nan
+    np.savez(tmp_path / "nan.npz", x=x)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="3")
+    r = subprocess.run([sys.executable, "-m", "onnx_tucker", "convert", ROOT / "models/cifar10_cnn.keras", tmp_path / "o.onnx",
+                        "--inputs", tmp_path / "nan.npz"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert r.returncode == 1 and "contains NaN or Inf" in r.stderr and not (tmp_path / "o.onnx").exists()
+    assert r.stderr.strip().count("\n") == 0
