@@ -128,7 +128,7 @@ def cmd_compress(args) -> int:
     for flag, batch in (("--check-batch", args.check_batch), ("--latency-batch", getattr(args, "latency_batch", None))):
         if batch:
             check_batch_memory(model, [batch], flag=flag)
-    input_shapes = parse_input_shapes(args.input_shape, [i.name for i in graph_inputs(model)])
+    input_shapes = parse_input_shapes(args.input_shape, graph_inputs(model))
     if input_shapes:
         options["input_shapes"] = input_shapes
     options.update(CalibrationArgs.parse(args, model, args.data, say=note, input_shapes=input_shapes))
@@ -296,7 +296,7 @@ def cmd_inspect(args) -> int:
     from onnx_tucker.factorization import not_worth_it
     from onnx_tucker.runtime import graph_inputs
 
-    input_shapes = parse_input_shapes(args.input_shape, [i.name for i in graph_inputs(model)])
+    input_shapes = parse_input_shapes(args.input_shape, graph_inputs(model))
     _, sites = factorable_sites(model, forms, input_shapes, layers=layers)
     if not sites:
         print("no Conv layers")
@@ -395,7 +395,7 @@ def cmd_bench(args) -> int:
         from onnx_tucker.io import load_model
         from onnx_tucker.runtime import graph_inputs
 
-        input_shapes = parse_input_shapes(args.input_shape, [i.name for i in graph_inputs(load_model(paths[0]))])
+        input_shapes = parse_input_shapes(args.input_shape, graph_inputs(load_model(paths[0])))
     config = bench.BenchConfig(
         models=paths,
         providers=runtime["providers"],

@@ -773,10 +773,13 @@ def add_input_shape_argument(parser) -> None:
                         "or --inputs arrays); a written model keeps its dynamic dims")
 
 
-def parse_input_shapes(items: list[str] | None, input_names: list[str]) -> dict | None:
-    """``--input-shape [NAME:]1x3x224x224`` (repeatable) -> {name: [dims]}; the name may be left out for a single-input model."""
+def parse_input_shapes(items: list[str] | None, inputs) -> dict | None:
+    """``--input-shape [NAME:]1x3x224x224`` (repeatable) -> {name: [dims]}; the name may be left out for a single-input
+    model. ``inputs``: the model's graph inputs (``runtime.graph_inputs``), whose known dims the given ones must match
+    (a 3-channel NHWC model given 1x3x224x224 is refused here, not computed at the wrong size); or just their names."""
     if not items:
         return None
+    input_names = [item if isinstance(item, str) else item.name for item in inputs]
     shapes = {}
     for item in items:
         name, _, dims = item.rpartition(":")
@@ -794,7 +797,31 @@ def parse_input_shapes(items: list[str] | None, input_names: list[str]) -> dict 
         if not values or min(values) < 1:
             raise UsageError(f"--input-shape {item!r}: expected positive dims like 1x3x224x224")
         shapes[name] = values
+    check_input_shapes(shapes, inputs, "--input-shape")
     return shapes
+
+
+def check_input_shapes(shapes: dict | None, inputs, what: str = "input_shapes") -> None:
+    """Each of ``shapes`` ({input: dims}) names a graph input of ``inputs`` (``runtime.graph_inputs``) and fits
+    its known dims: else a UsageError, before any work."""
+    if not shapes:
+        return
+    known = {}
+    for item in inputs:
+        if isinstance(item, str):
+            known[item] = None
+        else:
+            dims = item.type.tensor_type.shape.dim
+            known[item.name] = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in dims]
+    for name, values in shapes.items():
+        if name not in known:
+            raise UsageError(f"{what}: the model has no input {name!r} (inputs: {', '.join(known)})")
+        model_dims = known[name]
+        values = list(values)
+        if model_dims is not None and (len(values) != len(model_dims) or any(d and d != v for d, v in zip(model_dims, values))):
+            shown = "x".join("?" if d is None else str(d) for d in model_dims)
+            given = "x".join(map(str, values))
+            raise UsageError(f"{what} {given} does not fit input {name!r} ({shown})")
 
 
 class CheckArgs:

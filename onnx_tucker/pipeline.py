@@ -18,8 +18,9 @@ from onnx_tucker.errors import ModelError, UsageError, first_line
 from onnx_tucker.factorization import chooser, get_form, layer_plan, not_worth_it, rounded_ranks
 from onnx_tucker.graph import check_chain_nodes, export, infer_shapes, set_metadata, taken_names, with_node_names
 from onnx_tucker.io import load_model
-from onnx_tucker.options import CompressOptions, check_ratio, settings_of
+from onnx_tucker.options import CompressOptions, check_input_shapes, check_ratio, settings_of
 from onnx_tucker.report import LayerRecord, Report
+from onnx_tucker.runtime import graph_inputs
 from onnx_tucker.site import find_sites
 
 __all__ = ["compress", "check_ratio", "factorable_sites", "CompressOptions"]
@@ -62,6 +63,7 @@ def compress(model, ratio: float = 0.5, **options) -> tuple[onnx.ModelProto, Rep
     """
     opts = CompressOptions.from_kwargs(ratio=ratio, **options)
     model = _as_model(model)
+    check_input_shapes(opts.input_shapes, graph_inputs(model))
     if opts.distill is not None:  # an op the torch executor cannot run is said now, not after the compression
         from onnx_tucker.distill import check_runnable
 

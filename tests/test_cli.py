@@ -517,3 +517,25 @@ def test_a_closed_stdout_writes_the_model_quietly_or_refuses_a_json_asked_on_it(
     assert quiet.returncode == 0 and quiet.stderr == "" and (tmp_path / "a.onnx").is_file()
     refused = closed(saved_residual, tmp_path / "b.onnx", "--report", "-")
     assert refused.returncode == 2 and "standard output is closed" in refused.stderr and not (tmp_path / "b.onnx").exists()
+
+
+@pytest.mark.parametrize("command", ["inspect", "compress"])
+@pytest.mark.parametrize("shape", ["1x3x224x224", "1x32x32", "pixels:1x32x32x4"])
+def test_an_input_shape_that_does_not_fit_the_model_is_refused_before_work(tmp_path, command, shape):
+    """`inspect` (and `compress --no-check`) took `--input-shape 1x3x224x224` for a 32x32x3 NHWC model and counted
+    MACs at that size (or called them unknown); only the self-check refused it, with exit 1."""
+    model = ROOT / "models/cifar10_cnn.onnx"
+    args = ["inspect", model] if command == "inspect" else [model, tmp_path / "o.onnx", "--no-check"]
+    r = cli(*args, "--input-shape", shape)
+    assert r.returncode == 2 and "does not fit input 'pixels' (?x32x32x3)" in r.stderr, r.stderr
+    assert r.stderr.strip().count("\n") == 0 and not (tmp_path / "o.onnx").exists()
+
+
+def test_the_api_refuses_input_shapes_for_inputs_the_model_lacks_or_that_do_not_fit():
+    from onnx_tucker import UsageError, compress
+
+    model = onnx.load(str(ROOT / "models/cifar10_cnn.onnx"))
+    with pytest.raises(UsageError, match="no input 'nope'"):
+        compress(model, input_shapes={"nope": [1, 32, 32, 3]})
+    with pytest.raises(UsageError, match="does not fit input 'pixels'"):
+        compress(model, input_shapes={"pixels": [1, 3, 224, 224]})
