@@ -20,6 +20,7 @@ import scipy.linalg
 from threadpoolctl import threadpool_limits
 
 from onnx_tucker.capture import batch_for_bytes, batch_size_for, capture_named, fixed_batch, iterate
+from onnx_tucker.errors import DataError
 from onnx_tucker.graph import Initializers, constant_outputs, consumers, feeds_only_relu, nodes_by_name, prefix_model, with_outputs
 from onnx_tucker.providers import fastest_available, probe_options
 from onnx_tucker.runtime import make_session
@@ -70,7 +71,8 @@ def input_covariances(model: onnx.ModelProto, feeds: dict, tensor_names: list[st
         if pending[key]:
             x = np.concatenate(pending[key], axis=1) if len(pending[key]) > 1 else pending[key][0]
             pending[key] = []
-            gram = (x @ x.T).astype(np.float64)  # float32 products, float64 sums across batches
+            with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused below, in one line
+                gram = (x @ x.T).astype(np.float64)  # float32 products, float64 sums across batches
             sums[key] = gram if sums[key] is None else sums[key] + gram
 
     def add(key, x):
@@ -95,6 +97,10 @@ def input_covariances(model: onnx.ModelProto, feeds: dict, tensor_names: list[st
             add(key, _vertical_patches(by_name[name], *geometry, rng=rng))
     for key in sums:
         flush(key)
+        if sums[key] is not None and not np.isfinite(sums[key]).all():
+            tensor = vertical[key][0] if key in vertical else key
+            raise DataError(f"the calibration data overflows the statistics at tensor '{tensor}' (float32 products): "
+                            "the inputs are far larger than the model expects; check their scale (--image-scale, --image-std)")
     return {n: sums[n] / max(counts[n], 1) for n in sums if sums[n] is not None}
 
 

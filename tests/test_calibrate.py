@@ -678,3 +678,20 @@ def test_a_tensor_named_like_a_probe_input_does_not_break_the_measured_budget():
     cal = {"x": rng.standard_normal((64, 16, 10, 10)).astype(np.float32)}
     new, report = compress(model, target_macs=0.5, calibration=cal)
     assert report.chains and np.isfinite(run_model(new, {"x": cal["x"][:1]})[0]).all()
+
+
+def test_calibration_data_that_overflows_the_statistics_is_one_data_error():
+    """Finite but huge inputs (1e20) overflowed the float32 moments: numpy warnings, then 'weight contains NaN or Inf'
+    blamed the weights. Now one DataError naming the tensor and the inputs' scale, and no warning."""
+    import warnings
+
+    from onnx_tucker.errors import DataError
+
+    model = residual_model(channels=16)
+    name = model.graph.input[0].name
+    dims = [d.dim_value or 40 for d in model.graph.input[0].type.tensor_type.shape.dim]
+    huge = {name: np.full(dims, 1e20, dtype=np.float32) * np.random.default_rng(0).standard_normal(dims).astype(np.float32)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(DataError, match="overflows the statistics"):
+            compress(model, ratio=0.5, calibration=huge)
