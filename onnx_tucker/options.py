@@ -245,11 +245,15 @@ class CompressOptions:
         if self.layers is not None:
             from onnx_tucker.factorization import layer_plan
 
-            self.layers = tuple(self.layers.split(",")) if isinstance(self.layers, str) else tuple(self.layers)
+            layers = self.layers.split(",") if isinstance(self.layers, str) else self.layers
+            self.layers = _names(layers, "layers", "layer kinds such as 'kxk'")
             layer_plan(self.layers, self.forms)  # refuses unknown kinds
-        measured = (self.target_macs is not None or self.target_latency is not None) and self.calibration is not None
+        measured = ((self.target_macs is not None and self.budget_rule != "uniform") or self.target_latency is not None) \
+            and self.calibration is not None
         if self.curves is not None and not measured:
-            raise UsageError("curves only applies with target_macs (or target_latency) and calibration (the measured budget)")
+            raise UsageError("curves only applies with target_macs (or target_latency) and calibration (the measured budget), "
+                             "not with budget_rule='uniform'" if self.budget_rule == "uniform" else
+                             "curves only applies with target_macs (or target_latency) and calibration (the measured budget)")
         if self.ray is not None and (self.target_macs is None or self.calibration is None or self.budget_rule == "uniform"):
             raise UsageError("ray only applies with target_macs and calibration (the measured budget's curves)")
         # the API's cache files get the CLI's checks, before any work (a folder failed only after the measurements)
@@ -464,13 +468,12 @@ class BudgetArgs:
         if args.budget_rule is not None and args.target_macs is None:
             raise UsageError("--budget-rule only applies with --target-macs")
         budget = args.target_macs is not None or getattr(args, "target_latency", None) is not None
-        if args.curves is not None and (not budget or not getattr(args, "calibrate", None)):
-            raise UsageError("--curves only applies with --target-macs and --calibrate (the measured budget)")
-        budget = args.target_macs is not None or getattr(args, "target_latency", None) is not None
-        if args.probes is not None and (not budget or not getattr(args, "calibrate", None)):
-            raise UsageError("--probes only applies with --target-macs and --calibrate (the measured budget)")
-        if getattr(args, "probe_images", None) is not None and (not budget or not getattr(args, "calibrate", None)):
-            raise UsageError("--probe-images only applies with --target-macs and --calibrate (the measured budget)")
+        # the measured budget's own flags: a uniform budget measures nothing (it bisects one ratio)
+        measured = budget and getattr(args, "calibrate", None) and args.budget_rule != "uniform"
+        for flag, value in (("--curves", args.curves), ("--probes", args.probes), ("--probe-images", getattr(args, "probe_images", None))):
+            if value is not None and not measured:
+                raise UsageError(f"{flag} only applies with --target-macs and --calibrate (the measured budget)"
+                                 + (", not with --budget-rule uniform" if args.budget_rule == "uniform" else ""))
         if not budget:
             return {}
         options = {"target_macs": args.target_macs, "budget_rule": args.budget_rule or "auto"} if args.target_macs is not None else {}

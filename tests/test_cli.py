@@ -539,3 +539,13 @@ def test_the_api_refuses_input_shapes_for_inputs_the_model_lacks_or_that_do_not_
         compress(model, input_shapes={"nope": [1, 32, 32, 3]})
     with pytest.raises(UsageError, match="does not fit input 'pixels'"):
         compress(model, input_shapes={"pixels": [1, 3, 224, 224]})
+
+
+@pytest.mark.parametrize("flag", [["--curves", "c.json"], ["--probes", "all"], ["--probe-images", "64"]])
+def test_the_measured_budgets_flags_are_refused_with_a_uniform_budget(tmp_path, flag):
+    """`--budget-rule uniform` measures nothing: --curves wrote no file and --probes / --probe-images did nothing, exit 0."""
+    np.savez(tmp_path / "cal.npz", x_train=np.random.default_rng(0).uniform(0, 255, (64, 32, 32, 3)).astype(np.float32))
+    r = cli(ROOT / "models/cifar10_cnn.onnx", tmp_path / "o.onnx", "--target-macs", "0.5", "--budget-rule", "uniform",
+            "--calibrate", tmp_path / "cal.npz", *flag, cwd=tmp_path)
+    assert r.returncode == 2 and "not with --budget-rule uniform" in r.stderr and r.stderr.strip().count("\n") == 0
+    assert not (tmp_path / "o.onnx").exists() and not (tmp_path / "c.json").exists()

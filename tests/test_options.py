@@ -118,9 +118,14 @@ def test_list_parsers_refuse_empty_items():
     ({"input_shapes": {"x": [1, 3, 0, 10]}}, "input_shapes['x']: expected positive whole dims"),
     ({"curves": "c.json"}, "curves only applies with target_macs"),
     ({"ray": "auto"}, "ray only applies with target_macs and calibration"),
+    ({"layers": 5}, "layers: expected a list of layer kinds"),
+    ({"input_shapes": {"nope": [1, 3, 8, 8]}}, "input_shapes: the model has no input 'nope'"),
+    ({"ratio": None, "target_macs": 0.5, "budget_rule": "uniform", "curves": "c.json",
+      "calibration": {"x": np.zeros((64, 3, 10, 10), np.float32)}}, "not with budget_rule='uniform'"),
 ])
 def test_api_options_of_the_wrong_shape_are_usage_errors(kwargs, needle):
     """What the CLI cannot send but a script can: one UsageError saying what was expected, not a TypeError deep inside."""
+    kwargs = {"ratio": 0.5, **kwargs}
     with pytest.raises(UsageError) as info:
-        compress(residual_model(), ratio=0.5, **kwargs)
+        compress(residual_model(), **{k: v for k, v in kwargs.items() if v is not None or k != "ratio"})
     assert needle in str(info.value) and "\n" not in str(info.value)
