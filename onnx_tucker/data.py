@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
 import onnx
 
-from onnx_tucker.errors import DataError, first_line
+from onnx_tucker.errors import DataError, UsageError, first_line
 from onnx_tucker.runtime import graph_inputs, input_spec
 
 # Accepted (images, labels) key pairs, in order of preference: keras layout first.
@@ -38,7 +39,9 @@ def _open_npz(path: Path, what: str = "data file") -> dict[str, np.ndarray]:
 
 
 def _check_feedable(value: np.ndarray, dims: list, dtype, name: str, where: str) -> None:
-    """One line for an array the model cannot be fed: wrong shape, no samples, a kind that cannot be cast."""
+    """One line for an array the model cannot be fed: wrong shape, no samples, a kind that cannot be cast, NaN or Inf
+    (as calibration inputs are refused: fed on, they made the self-check blame the compressed model, and bench
+    printed max|diff| nan and passed)."""
     want = ["N" if d is None else d for d in dims]
     if value.ndim != len(dims) or any(d and d != s for d, s in zip(dims[1:], value.shape[1:])):
         raise DataError(f"{where} for '{name}' have shape {list(value.shape)}, the model expects {want}")
@@ -46,6 +49,17 @@ def _check_feedable(value: np.ndarray, dims: list, dtype, name: str, where: str)
         raise DataError(f"{where} for '{name}' hold no samples (shape {list(value.shape)})")
     if value.dtype.kind not in "biufc":  # strings, bytes, dates: astype would fail or make nonsense
         raise DataError(f"{where} for '{name}' have dtype {value.dtype}, which cannot be cast to the model's {np.dtype(dtype)}")
+    if value.dtype.kind in "fc" and not np.all(np.isfinite(value)):
+        raise DataError(f"{where} for '{name}' contain NaN or Inf")
+
+
+def _cast(value: np.ndarray, dtype, name: str, where: str) -> np.ndarray:
+    """``value`` as the model's dtype; one line where finite values overflow it (float64 1e300 to float32: Inf)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = value.astype(dtype)
+    if out.dtype.kind in "fc" and not np.all(np.isfinite(out)):
+        raise DataError(f"{where} for '{name}' overflow {np.dtype(dtype)}")
+    return out
 
 
 def load_inputs(path: str | os.PathLike, model: onnx.ModelProto) -> dict[str, np.ndarray]:
@@ -73,8 +87,7 @@ def load_inputs(path: str | os.PathLike, model: onnx.ModelProto) -> dict[str, np
     for vi in inputs:
         dims, dtype = input_spec(vi)
         _check_feedable(chosen[vi.name], dims, dtype, vi.name, f"inputs in {path}")
-        with np.errstate(over="ignore", invalid="ignore"):
-            feeds[vi.name] = chosen[vi.name].astype(dtype)
+        feeds[vi.name] = _cast(chosen[vi.name], dtype, vi.name, f"inputs in {path}")
     counts = {len(v) for v in feeds.values()}
     if len(counts) > 1:
         raise DataError(f"arrays in {path} have different sample counts: {sorted(counts)}")
@@ -116,17 +129,14 @@ def load_labelled(path: str | os.PathLike, model: onnx.ModelProto, limit: int | 
     if len(inputs) != 1:
         raise DataError("accuracy on labelled data needs a single-input model")
     check_classifier(model)
-    labels = np.asarray(labels)
-    if labels.ndim == 2 and labels.shape[1] > 1:
-        labels = labels.argmax(1)  # one-hot
-    labels = labels.reshape(-1)
+    classes = num_classes(model)
+    labels = _class_indices(np.asarray(labels), path, classes)
     if not np.issubdtype(labels.dtype, np.integer):
         raise DataError(f"labels in {path} must be integers, got {labels.dtype}")
     if len(labels) != len(images):
         raise DataError(f"{path} has {len(images)} images but {len(labels)} labels")
     if len(labels) == 0:
         raise DataError(f"{path} holds no samples")
-    classes = num_classes(model)
     if classes is not None and (labels.min() < 0 or labels.max() >= classes):
         raise DataError(f"labels in {path} span {labels.min()}..{labels.max()}, but the model has {classes} outputs")
     dims, dtype = input_spec(inputs[0])
@@ -137,7 +147,33 @@ def load_labelled(path: str | os.PathLike, model: onnx.ModelProto, limit: int | 
     if limit and limit < len(labels):
         pick = np.sort(np.random.default_rng(seed).choice(len(labels), limit, replace=False))
         images, labels = images[pick], labels[pick]
-    return {inputs[0].name: images.astype(dtype)}, labels.astype(np.int64)
+    return {inputs[0].name: _cast(images, dtype, inputs[0].name, f"images in {path}")}, labels.astype(np.int64)
+
+
+def _class_indices(labels: np.ndarray, path, classes: int | None) -> np.ndarray:
+    """Labels as one class index per sample: (N,) or (N, 1) as they are; (N, C) rows only if they are one-hot
+    (one 1, the rest 0) or class probabilities (>= 0, summing to 1), with C the model's class count where that is
+    known. Any other 2-D array was argmaxed before: (N, 3) copies of the index gave a top-1 of chance."""
+    if labels.ndim >= 2 and all(d == 1 for d in labels.shape[1:]):
+        return labels.reshape(len(labels))
+    if labels.ndim <= 1:
+        return labels.reshape(-1)
+    shape = list(labels.shape)
+    want = f"[N, {classes}]" if classes is not None else "[N, classes]"
+    if labels.ndim > 2 or labels.dtype.kind not in "biuf":
+        raise DataError(f"labels in {path} have shape {shape} and dtype {labels.dtype}: expected one class index per "
+                        f"sample (shape [N] or [N, 1]) or one-hot/probability rows {want}")
+    if classes is not None and labels.shape[1] != classes:
+        raise DataError(f"labels in {path} have shape {shape}, but the model has {classes} outputs: expected one class "
+                        f"index per sample (shape [N] or [N, 1]) or one-hot/probability rows {want}")
+    rows = labels.astype(np.float64)
+    one_hot = bool(np.all((rows == 0) | (rows == 1)) and np.all(rows.sum(1) == 1))
+    probabilities = labels.dtype.kind == "f" and bool(
+        np.all(np.isfinite(rows)) and np.all(rows >= 0) and np.allclose(rows.sum(1), 1.0, rtol=0, atol=1e-3))
+    if not (one_hot or probabilities):
+        raise DataError(f"labels in {path} have shape {shape} but their rows are neither one-hot nor class probabilities "
+                        f"(>= 0, summing to 1): give one class index per sample (shape [N] or [N, 1]) or rows {want}")
+    return rows.argmax(1)
 
 
 def predict(model, feeds: dict, batch_size: int = 100, provider: str = "cpu", progress: str | None = None) -> np.ndarray:
@@ -167,8 +203,11 @@ MIN_CALIB_SAMPLES = 32
 
 
 def load_calibration(path: str | os.PathLike, model: onnx.ModelProto, size: int | None = DEFAULT_CALIB_SIZE,
-                     seed: int = 0, strict_size: bool = True, min_samples: int | None = None) -> dict[str, np.ndarray]:
-    """Calibration inputs ``{input name: array}`` from an .npz of *training* samples.
+                     seed: int = 0, strict_size: bool = True, min_samples: int | None = None, *,
+                     image_scale: float | None = None, image_mean=None, image_std=None,
+                     input_shapes: dict | None = None, stream: bool = False) -> dict[str, np.ndarray]:
+    """Calibration inputs ``{input name: array}`` from an .npz of *training* samples, or from a folder of
+    JPEG/PNG images (what ``--calibrate DIR`` reads: :func:`onnx_tucker.images.stream_image_folder`).
 
     Accepted: one array per model input, by input name; for a single-input model also ``x_train``
     (keras layout), ``x`` or a file holding a single array. A file that only offers ``x_test`` is
@@ -178,8 +217,21 @@ def load_calibration(path: str | os.PathLike, model: onnx.ModelProto, size: int 
     (same kind: integers to floats yes, strings or complex to floats no) and be finite. With
     ``min_samples`` (the CLI passes :data:`MIN_CALIB_SAMPLES`), the samples used must hold at least
     that many distinct ones (:func:`check_calibration_support`).
+
+    A folder: a seeded subset of ``size`` images, preprocessed as ``--calibrate DIR`` does them:
+    ``(pixel * image_scale - image_mean) / image_std`` (defaults 1, 0, 1: raw 0..255; mean and std one number or
+    one per channel), ``input_shapes`` for a model with a dynamic height/width. They are decoded into arrays, or
+    with ``stream=True`` given as :class:`onnx_tucker.images.ImageStream` s (decoded batch by batch, as the CLI
+    does; :func:`onnx_tucker.compress` takes them). The image options are refused for an .npz.
     """
+    _check_calibration_options(size, seed, min_samples)
     path = Path(path)
+    if path.is_dir():
+        return _load_calibration_folder(path, model, size, seed, strict_size, min_samples, image_scale, image_mean,
+                                        image_std, input_shapes, stream)
+    given = [k for k, v in (("image_scale", image_scale), ("image_mean", image_mean), ("image_std", image_std)) if v is not None]
+    if given:
+        raise UsageError(f"{', '.join(given)}: only for calibration from an image folder, not from the .npz file {path}")
     arrays = _open_npz(path)
     inputs = graph_inputs(model)
     names = [i.name for i in inputs]
@@ -220,8 +272,6 @@ def load_calibration(path: str | os.PathLike, model: onnx.ModelProto, size: int 
     if n == 0:
         raise DataError(f"{path} holds no calibration samples")
     if size is not None:
-        if size < 1:
-            raise DataError(f"calibration size must be positive, got {size}")
         if n < size and strict_size:
             raise DataError(f"{path} holds {n} calibration samples, fewer than the {size} asked for")
         if size < n:
@@ -238,6 +288,54 @@ def load_calibration(path: str | os.PathLike, model: onnx.ModelProto, size: int 
     if min_samples:
         check_calibration_support(out, path, min_samples)
     return out
+
+
+def _whole(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _check_calibration_options(size, seed, min_samples) -> None:
+    """The API's numbers, checked before anything is read: ``size=2.5`` failed inside numpy's sampler."""
+    if size is not None and not (_whole(size) and size >= 1):
+        raise UsageError(f"calibration size: expected a positive whole number of samples (or None: all of them), got {size!r}")
+    if not (_whole(seed) and seed >= 0):
+        raise UsageError(f"seed: expected a whole number >= 0, got {seed!r}")
+    if min_samples is not None and not (_whole(min_samples) and min_samples >= 0):
+        raise UsageError(f"min_samples: expected a whole number >= 0 (or None), got {min_samples!r}")
+
+
+def _image_numbers(value, default: tuple, what: str) -> tuple:
+    if value is None:
+        return default
+    try:
+        values = tuple(float(v) for v in np.atleast_1d(np.asarray(value, dtype=object)).ravel())
+    except (TypeError, ValueError):
+        values = ()
+    if not values or not all(np.isfinite(values)):
+        raise UsageError(f"{what}: expected a finite number or one per channel, got {value!r}")
+    return values
+
+
+def _load_calibration_folder(path: Path, model, size, seed, strict_size, min_samples, image_scale, image_mean,
+                             image_std, input_shapes, stream) -> dict:
+    """:func:`load_calibration` of an image folder: the CLI's ``--calibrate DIR`` reader, with the .npz file's checks
+    (fewer images than ``size`` with ``strict_size``, fewer distinct ones than ``min_samples``)."""
+    from onnx_tucker.images import stream_image_folder
+
+    scale = _image_numbers(image_scale, (1.0,), "image_scale")
+    if len(scale) != 1 or scale[0] <= 0:
+        raise UsageError(f"image_scale: expected a positive finite number like 1/255, got {image_scale!r}")
+    streams = stream_image_folder(path, model, size if size is not None else sys.maxsize, seed=seed,
+                                  scale=scale[0], mean=_image_numbers(image_mean, (0.0,), "image_mean"),
+                                  std=_image_numbers(image_std, (1.0,), "image_std"), input_shapes=input_shapes)
+    images = next(iter(streams.values()))
+    n = len(images)
+    if size is not None and n < size and strict_size:
+        raise DataError(f"{path} holds {n} images, fewer than the {size} asked for")
+    if min_samples and images.distinct < min_samples:
+        held = f"{n} image{'s' if n != 1 else ''}" + (f" ({images.distinct} distinct files)" if images.distinct != n else "")
+        raise DataError(f"{path} gives {held}: a data-aware fit needs at least {min_samples} distinct samples")
+    return streams if stream else {name: np.asarray(s) for name, s in streams.items()}
 
 
 def distinct_samples(feeds: dict[str, np.ndarray]) -> int:

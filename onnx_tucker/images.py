@@ -8,13 +8,16 @@ Preprocessing, stated and taken from the model's input where possible:
   what the project's models take (they normalise inside). Give ``--image-scale 1/255 --image-mean ...``
   for a model that expects normalised input.
 Streamed (issue 15): the seeded subset is chosen from the sorted recursive listing and each chosen file's
-header is checked first (format, channels: the one-line errors come before any work); the pixels are then
+header is checked first (format, channels, and a PNG's chunks or a JPEG's end marker, so a file cut short is
+refused too: the one-line errors come before any work); the pixels are then
 decoded batch by batch as the loops consume them (:class:`ImageStream`), so a big folder need not fit in memory.
 """
 from __future__ import annotations
 
 import hashlib
+import io
 import os
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -80,13 +83,20 @@ def stream_image_folder(folder, model, size: int, seed: int = 0, scale: float = 
     std = np.broadcast_to(np.asarray(std, np.float32), (channels,))
     if np.any(std == 0):
         raise UsageError("--image-std must not be 0")
-    for path in files:  # headers only: a bad file is refused before any work, as when everything was decoded first
+    digests = set()
+    for path in files:  # before any work: headers, and whether the data is all there (no pixels decoded)
         try:
-            with Image.open(path) as image:
+            data = Path(path).read_bytes()
+            digests.add(hashlib.sha1(data).digest())
+            with Image.open(io.BytesIO(data)) as image:
                 _check_mode(path, image.mode, channels)
+                _check_complete(image, data)
         except DataError:
             raise
-        except (UnidentifiedImageError, OSError, ValueError) as exc:
+        except UnidentifiedImageError:  # PIL's own text names the in-memory copy, not the file
+            raise DataError(f"cannot read image {path}: cannot identify image file (not a JPEG or PNG PIL can read)") from None
+        except (OSError, ValueError, SyntaxError, EOFError, struct.error,
+                Image.DecompressionBombError) as exc:  # what PIL raises for a broken file
             raise DataError(_unreadable(path, exc)) from None
 
     def decode(path) -> np.ndarray:
@@ -104,11 +114,12 @@ def stream_image_folder(folder, model, size: int, seed: int = 0, scale: float = 
             raise
         except (UnidentifiedImageError, OSError, ValueError) as exc:  # a file truncated after its header
             raise DataError(_unreadable(path, exc)) from None
-        out = (array.reshape(height, width, channels) * scale - mean) / std
+        with np.errstate(over="ignore"):  # a scale too large for float32: Inf, refused by the statistics in one line
+            out = (array.reshape(height, width, channels) * scale - mean) / std
         return np.ascontiguousarray(out.transpose(2, 0, 1)) if layout == "NCHW" else out
     shape = (channels, height, width) if layout == "NCHW" else (height, width, channels)
     stream = ImageStream(files, decode, shape)
-    stream.distinct = len({hashlib.sha1(Path(f).read_bytes()).digest() for f in files})  # copies of one image count once
+    stream.distinct = len(digests)  # copies of one image count once
     return {name: stream}
 
 
@@ -161,6 +172,44 @@ def _check_mode(path, mode: str, channels: int) -> None:
 GREY_MODES = ("L", "1", "I", "I;16", "I;16B", "I;16L", "F", "LA", "P")  # a palette image may be grey: converted to L
 
 
+def _check_complete(image, data: bytes) -> None:
+    """Refuse a file cut short after its header without decoding it (issue: a truncated image was caught only
+    when a loop decoded it, after work had started). A PNG: PIL's ``verify`` reads every chunk to IEND and checks
+    its CRC (no decompression). A JPEG: the end-of-image marker must follow the start of the
+    first scan (entropy-coded data stuffs its 0xFF bytes, so it cannot hold one; an EXIF thumbnail's own marker comes
+    before): a truncated scan lacks it, and PIL refuses to decode such a file. Both cost a pass over bytes already
+    read for the copies check; neither decodes pixels, so a scan corrupted in the middle is still caught when decoded."""
+    if image.format == "PNG":
+        try:
+            image.verify()
+        except (OSError, SyntaxError, EOFError, struct.error) as exc:  # PIL's "Truncated File Read", "broken PNG file"...
+            why = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+            raise OSError(f"the PNG data is cut short or corrupt ({why})") from None
+    elif image.format in ("JPEG", "MPO"):
+        scan = _jpeg_scan_start(data)
+        if scan is not None and data.find(b"\xff\xd9", scan) < 0:
+            raise OSError("image file is truncated (no end-of-image marker after the scan data)")
+
+
+def _jpeg_scan_start(data: bytes) -> int | None:
+    """Offset of the first scan's entropy-coded data: the marker segments from SOI walked by their lengths (an
+    EXIF thumbnail inside APP1 is skipped whole). None where the walk does not find it: nothing is refused then."""
+    i = 2  # after SOI
+    while i + 4 <= len(data):
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+        elif marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:  # markers without a length
+            i += 2
+        elif marker == 0xDA:  # start of scan: its header, then the data
+            return i + 2 + int.from_bytes(data[i + 2:i + 4], "big")
+        else:
+            i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    return None
+
+
 def _unreadable(path, exc) -> str:
     return f"cannot read image {path}: {str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}"
 
@@ -184,6 +233,8 @@ def parse_floats(text: str, what: str) -> tuple[float, ...]:
         values = tuple(float(eval_fraction(t)) for t in str(text).split(","))
     except ValueError:
         raise UsageError(f"{what}: expected comma-separated numbers, got {text!r}") from None
+    except ZeroDivisionError:  # '1/0': a usage error, as --image-scale 1/0 is, not an internal error
+        raise UsageError(f"{what}: division by zero in {text!r}: expected comma-separated numbers like 0.5 or 1/255") from None
     if not values or not all(np.isfinite(values)):
         raise UsageError(f"{what}: expected finite numbers, got {text!r}")
     return values

@@ -117,6 +117,9 @@ def test_16_bit_grey_pngs_are_scaled_to_0_255_not_clipped(tmp_path):
     (["--image-std", "1,2,3,4"], "--image-std: 4 values for a 3-channel input: give 1 or 3"),
     (["--image-scale", "inf"], "--image-scale: expected a positive finite number"),
     (["--image-scale", "0"], "--image-scale: expected a positive finite number"),
+    (["--image-mean", "1/0"], "--image-mean: division by zero in '1/0'"),  # was an internal ZeroDivisionError
+    (["--image-std", "1/0"], "--image-std: division by zero in '1/0'"),
+    (["--image-std", "1,2/0,3"], "--image-std: division by zero in '1,2/0,3'"),
 ])
 def test_preprocessing_flags_that_do_not_fit_are_usage_errors(tmp_path, capsys, args, needle):
     src = tmp_path / "in.onnx"
@@ -178,3 +181,83 @@ def test_a_core_conv_reading_the_image_refits_from_a_streamed_folder(tmp_path):
     a = {i.name: numpy_helper.to_array(i) for i in new_a.graph.initializer}
     for init in new_s.graph.initializer:
         np.testing.assert_allclose(numpy_helper.to_array(init), a[init.name], rtol=1e-4, atol=1e-6)
+
+
+def _cut(path, keep: float = 0.5) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[:int(len(data) * keep)])
+
+
+@pytest.mark.parametrize("victim, keep", [("a/img001.png", 0.5), ("a/b/img000.jpg", 0.5), ("a/b/img000.jpg", 0.98)])
+def test_an_image_cut_short_after_its_header_is_refused_before_any_decoding(tmp_path, victim, keep):
+    """The README: an unreadable image is refused before any work. The check read headers only, so a file truncated
+    after its header was caught only when a loop decoded it, with the work under way."""
+    from onnx_tucker.images import stream_image_folder
+
+    folder = make_folder(tmp_path / "imgs", n=40)
+    model = residual_model()
+    assert stream_image_folder(folder, model, size=40)["x"].decoded == 0  # the whole files pass the check
+    _cut(folder / victim, keep)
+    with pytest.raises(DataError) as info:
+        stream_image_folder(folder, model, size=40)
+    assert f"cannot read image {folder / victim}" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_the_completeness_check_refuses_no_valid_jpeg(tmp_path):
+    """The JPEG check looks for the end-of-image marker after the first scan: trailing bytes, a thumbnail's own
+    marker in APP1 and progressive scans are all fine; a cut primary image with a whole thumbnail before it is not."""
+    from onnx_tucker.images import stream_image_folder
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    import io
+
+    thumb = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(thumb, "JPEG")
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(
+            folder / f"{i}.jpg", "JPEG", progressive=bool(i % 2), exif=b"Exif\x00\x00" + thumb.getvalue())
+    (folder / "0.jpg").write_bytes((folder / "0.jpg").read_bytes() + b"\x00" * 64 + b"trailing bytes")
+    x = load_image_folder(folder, residual_model(), size=4)["x"]
+    assert x.shape == (4, 3, 10, 10)
+    _cut(folder / "1.jpg", 0.9)
+    with pytest.raises(DataError, match="cannot read image .*1.jpg: image file is truncated"):
+        stream_image_folder(folder, residual_model(), size=4)
+
+
+def test_load_calibration_reads_an_image_folder_as_compress_calibrate_dir_does(tmp_path):
+    """options' message says load_calibration reads a .npz file or an image folder; a folder was refused as
+    'a folder, not a file'."""
+    from onnx_tucker.data import load_calibration
+    from onnx_tucker.errors import UsageError
+    from onnx_tucker.images import ImageStream
+
+    folder = make_folder(tmp_path / "imgs", n=40)
+    model = residual_model()
+    got = load_calibration(folder, model, size=16, image_scale=1 / 255, image_mean=0.5, image_std=[0.25])
+    assert isinstance(got["x"], np.ndarray)
+    decoded = load_image_folder(folder, model, size=16, scale=1 / 255, mean=(0.5,), std=(0.25,))["x"]
+    np.testing.assert_array_equal(got["x"], decoded)
+    streamed = load_calibration(folder, model, size=16, image_scale=1 / 255, image_mean=0.5, image_std=[0.25], stream=True)
+    assert isinstance(streamed["x"], ImageStream) and streamed["x"].decoded == 0
+    np.testing.assert_array_equal(np.asarray(streamed["x"]), got["x"])
+    assert len(load_calibration(folder, model, size=None)["x"]) == 40
+    with pytest.raises(DataError, match="holds 40 images, fewer than the 64 asked for"):
+        load_calibration(folder, model, size=64)
+    assert len(load_calibration(folder, model, size=64, strict_size=False)["x"]) == 40
+    with pytest.raises(DataError, match="gives 40 images: a data-aware fit needs at least 48 distinct samples"):
+        load_calibration(folder, model, size=None, min_samples=48)
+    for bad in ({"image_scale": 0}, {"image_std": "x"}, {"image_mean": float("nan")}, {"size": 2.5}):
+        with pytest.raises(UsageError):
+            load_calibration(folder, model, **({"size": 16} | bad))
+
+
+def test_a_file_that_is_no_image_is_named_in_the_message(tmp_path):
+    """The check reads each file once (for the copies count too) and opens it from memory: PIL's message named the
+    in-memory copy ('<_io.BytesIO object at ...>'), not the file."""
+    folder = make_folder(tmp_path / "imgs", n=4)
+    (folder / "zz.png").write_bytes(b"\x89PNG\r\n\x1a\nGARBAGE")
+    with pytest.raises(DataError) as info:
+        load_image_folder(folder, residual_model(), size=8)
+    assert str(info.value) == f"cannot read image {folder / 'zz.png'}: cannot identify image file (not a JPEG or PNG PIL can read)"
