@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import os
+import secrets
 import shutil
 import signal
 import stat
@@ -138,11 +139,23 @@ def replace_cache_file(path, text: str, what: str) -> None:
     """Write a cache file the run updates as it goes (``--curves``, ``--latency-table``): a new temporary beside it
     (its own name, created exclusively: two runs sharing the file, or a leftover link at a fixed temporary name,
     cannot write through each other's), renamed over it with SIGINT/SIGTERM held back, removed on any failure.
-    A target that is not a regular file (a link, a device, a folder) is refused (:func:`check_target`)."""
+    A target that is not a regular file (a link, a device, a folder) is refused (:func:`check_target`).
+
+    The file keeps its mode when it is replaced; a new one gets the mode any file the run creates gets (0666 less
+    the umask, like the model output): ``tempfile.mkstemp``'s 0600 used to stick to it."""
     target = check_target(path, what)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent or ".")
     try:
-        with os.fdopen(fd, "w") as f:
+        mode = stat.S_IMODE(os.stat(target).st_mode)
+    except FileNotFoundError:
+        mode = None
+    fd, tmp = _create_exclusive(target.parent if str(target.parent) else Path("."), f".{target.name}.", ".tmp")
+    try:
+        if mode is not None:
+            try:
+                os.fchmod(fd, mode)
+            except OSError:  # a file system without modes (or a setgid bit we may not set): the default mode stays
+                pass
+        with os.fdopen(fd, "w", encoding="utf-8", errors="backslashreplace") as f:
             f.write(text)
         with _signals_blocked():
             os.replace(tmp, target)
@@ -151,6 +164,19 @@ def replace_cache_file(path, text: str, what: str) -> None:
             if os.path.lexists(tmp):
                 os.unlink(tmp)
         raise
+
+
+def _create_exclusive(folder: Path, prefix: str, suffix: str) -> tuple[int, str]:
+    """A new file in ``folder`` under a fresh random name, created exclusively (O_EXCL: never through an existing
+    name or link), with mode 0666 for the umask (and a default ACL) to narrow, as an ordinary new file gets."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        name = os.path.join(folder, f"{prefix}{secrets.token_hex(6)}{suffix}")
+        try:
+            return os.open(name, flags, 0o666), name
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, f"no free temporary file name in {folder}")
 
 
 # --- SIGINT / SIGTERM --------------------------------------------------------------------------------
@@ -268,7 +294,9 @@ class Outputs:
         return staged
 
     def write_text(self, target, text: str, what: str = "output") -> Path:
-        return self.write_bytes(target, text.encode("utf-8"), what)
+        """UTF-8; a character UTF-8 cannot hold (a lone surrogate: the undecodable byte of a path that is not UTF-8,
+        as Python names it) is written as a backslash escape, so the file stays valid UTF-8 and is still written."""
+        return self.write_bytes(target, text.encode("utf-8", errors="backslashreplace"), what)
 
     def write_bytes(self, target, data: bytes, what: str = "output") -> Path:
         staged = self.path_for(target, what)

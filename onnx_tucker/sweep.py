@@ -105,6 +105,18 @@ def prepare_out_dir(out_dir: Path, outputs=None) -> Path:
     return out_dir
 
 
+def check_fixed_batch(model: onnx.ModelProto, path, batches) -> None:
+    """Refuse, before any work, a ``--batch`` that a model exported for one batch size cannot run (as ``bench`` does,
+    :func:`onnx_tucker.bench.check_models`): the timing used to fail in onnxruntime after every setting was compressed."""
+    from onnx_tucker.capture import fixed_batch
+
+    fixed = fixed_batch(model)
+    wrong = [b for b in batches if fixed and b != fixed]
+    if wrong:
+        raise UsageError(f"{Path(path).name} is exported for batch {fixed} only: --batch {wrong[0]} cannot run it "
+                         f"(use --batch {fixed}, or export it with a dynamic batch axis)")
+
+
 def _bar(total: int, desc: str, enabled: bool):
     from tqdm import tqdm
 
@@ -131,6 +143,7 @@ def run_sweep(config: SweepConfig, outputs=None) -> dict:
     model = load_model(config.model)
     from onnx_tucker.bench import check_batch_memory
 
+    check_fixed_batch(model, config.model, config.batches)
     check_batch_memory(model, list(config.batches))
     out_dir = prepare_out_dir(config.out_dir, outputs)
     model_files = {(kind, value): out_dir / f"{config.model.stem}_{kind}{value:g}.onnx" for _, kind, value in settings}
@@ -149,7 +162,8 @@ def run_sweep(config: SweepConfig, outputs=None) -> dict:
         calibration = load_calibration(config.calibrate, model, size=size, strict_size=False, min_samples=MIN_CALIB_SAMPLES)
         got = len(next(iter(calibration.values())))
         if got < size:
-            print(f"note: {config.calibrate} holds {got} calibration samples, fewer than the {size} asked for: using all {got}", file=sys.stderr)
+            print(f"onnx-tucker: notice: {config.calibrate} holds {got} calibration samples, fewer than the {size} asked for: "
+                  f"using all {got}", file=sys.stderr)  # as compress says it (CalibrationArgs.parse)
     rank_multiple, auto = config.rank_multiple, None
     if rank_multiple == "auto":  # once, here: every setting (and every Ray worker) uses the same measured multiple
         from onnx_tucker.latency_table import resolve_multiple
@@ -301,6 +315,15 @@ def time_models(paths: list[Path], model: onnx.ModelProto, feeds: dict, config: 
 
 # --- outputs ----------------------------------------------------------------------------------------
 
+def printable(text: str) -> str:
+    """``text`` with the undecodable bytes of a non-UTF-8 path (lone surrogates in Python) shown as ``\\xff``:
+    valid UTF-8 for sweep.md, the terminal and the plot, and the byte the file name really holds."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate no file name decodes to
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _m(value) -> str:
     return "-" if value is None else f"{value / 1e6:.2f}M"
 
@@ -333,7 +356,7 @@ def markdown_table(result: dict) -> str:
         + f"latency: onnxruntime {result['onnxruntime_version']} CPU EP, {result['settings']['threads']} threads, "
         f"median of {result['settings']['runs']} interleaved runs; MACs of the convs at batch 1"
     )
-    return "\n".join(lines)
+    return printable("\n".join(lines))
 
 
 def plot(result: dict, path: Path) -> None:
@@ -359,7 +382,7 @@ def plot(result: dict, path: Path) -> None:
         ax.set_ylabel("top-1 (%)")
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right", fontsize=8)
-    fig.suptitle(f"{Path(result['model']).name}: top-1 on {result['samples']} test samples"
+    fig.suptitle(f"{printable(Path(result['model']).name)}: top-1 on {result['samples']} test samples"
                  + (" (calibrated)" if result["calibration"] else ""), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -342,6 +342,42 @@ def test_outputs_commit_failing_halfway_restores_the_previous_files(tmp_path, mo
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"] and (tmp_path / "a.txt").read_text() == "old a"
 
 
+def test_outputs_write_text_survives_a_path_that_is_not_utf8(tmp_path):
+    """A lone surrogate (how Python spells the byte 0xff of a file name like b"t\\xff.npz") in a text output: the
+    write failed with UnicodeEncodeError (sweep.md naming such a --data file); it is a backslash escape now and
+    the file is valid UTF-8."""
+    from onnx_tucker.outputs import Outputs
+
+    name = os.fsdecode(b"t\xff.npz")
+    with Outputs() as outputs:
+        outputs.write_text(tmp_path / "table.md", f"measured on {name}\n")
+    assert (tmp_path / "table.md").read_bytes().decode("utf-8") == "measured on t\\udcff.npz\n"
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o002], ids=["umask-022", "umask-027", "umask-002"])
+def test_cache_file_mode_new_and_kept(tmp_path, umask):
+    """--curves and --latency-table (outputs.replace_cache_file) were written through tempfile.mkstemp: 0600 whatever
+    the umask, and a file the user had made readable to others was made private on every rewrite."""
+    from onnx_tucker.outputs import replace_cache_file
+
+    path = tmp_path / "curves.json"
+    old = os.umask(umask)
+    try:
+        replace_cache_file(path, "{}", "--curves")
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask  # as a model output, or any new file, gets
+        (tmp_path / "plain").write_text("x")
+        assert stat.S_IMODE(path.stat().st_mode) == stat.S_IMODE((tmp_path / "plain").stat().st_mode)
+        for mode in (0o644, 0o600, 0o660, 0o604):
+            path.chmod(mode)
+            inode = path.stat().st_ino
+            replace_cache_file(path, '{"a": 1}', "--curves")
+            assert path.stat().st_ino != inode and stat.S_IMODE(path.stat().st_mode) == mode
+            assert path.read_text() == '{"a": 1}'
+    finally:
+        os.umask(old)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["curves.json", "plain"]  # no temporary left
+
+
 # --- 4. SIGTERM / SIGINT ---------------------------------------------------------------------------------
 
 SLOW_SAVE = textwrap.dedent("""

@@ -254,3 +254,93 @@ def test_an_interrupted_sweep_leaves_no_model_and_no_folder(setup, capsys, monke
     (kept / "notes.txt").write_text("mine")
     assert sweep(root, "--ratios", "0.5", "--out-dir", str(kept)) == 130
     assert sorted(p.name for p in kept.iterdir()) == ["notes.txt"]  # a folder the user made stays, with what it held
+
+
+# --- found by the hostile-input hunt -------------------------------------------------------------------
+
+def test_sweep_refuses_a_batch_a_fixed_batch_model_cannot_run_before_any_work(setup, capsys, monkeypatch, tmp_path):
+    """A model exported for batch 1 and the default --batch 1,32: onnxruntime failed on batch 32 after every setting
+    was compressed (an internal error). Refused up front, in bench's words."""
+    import onnx_tucker.sweep as sweep_module
+
+    root, model = setup
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    for vi in list(fixed.graph.input) + list(fixed.graph.output):
+        vi.type.tensor_type.shape.dim[0].dim_value = 1
+    onnx.save(fixed, str(tmp_path / "fixed1.onnx"))
+
+    def never(*args, **kwargs):
+        raise AssertionError("compressed before the batch was checked")
+
+    monkeypatch.setattr(sweep_module, "compress_setting", never)
+    out = tmp_path / "out"
+    assert main(["sweep", str(tmp_path / "fixed1.onnx"), "--data", str(root / "test.npz"), "--ratios", "0.5",
+                 "--runs", "2", "--no-progress", "--out-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("onnx-tucker: error: fixed1.onnx is exported for batch 1 only: --batch 32 cannot run it")
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not out.exists()
+    monkeypatch.undo()
+    assert main(["sweep", str(tmp_path / "fixed1.onnx"), "--data", str(root / "test.npz"), "--ratios", "0.5",
+                 "--runs", "2", "--batch", "1", "--no-progress", "--out-dir", str(out)]) == 0  # the batch it takes runs
+    assert list(json.loads((out / "sweep.json").read_text())["original"]["latency"]) == ["1"]
+
+
+def test_sweep_with_a_data_path_that_is_not_utf8_writes_its_tables(setup, capsys, tmp_path):
+    """A --data file named b"t\\xff.npz": writing sweep.md failed at the very end with UnicodeEncodeError. The table
+    shows the byte as \\xff (sweep.md stays valid UTF-8); sweep.json keeps the path (os.fsencode gives the bytes back)."""
+    import os
+
+    root, _ = setup
+    data = tmp_path / os.fsdecode(b"t\xff.npz")
+    try:
+        data.write_bytes((root / "test.npz").read_bytes())
+    except (OSError, UnicodeEncodeError):
+        pytest.skip("this file system refuses a file name that is not UTF-8")
+    out = tmp_path / "out"
+    assert main(["sweep", str(root / "residual.onnx"), "--data", str(data), "--ratios", "0.5", "--runs", "2",
+                 "--batch", "1", "--no-progress", "--out-dir", str(out)]) == 0
+    printed = capsys.readouterr().out
+    md = (out / "sweep.md").read_bytes().decode("utf-8")  # strict: valid UTF-8
+    assert "samples of " + str(tmp_path / "t\\xff.npz") in md and "t\\xff.npz" in printed
+    result = json.loads((out / "sweep.json").read_text())
+    assert os.fsencode(result["data"]) == os.fsencode(data)
+    assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_sweep_uses_all_of_a_smaller_calibration_file_with_a_note_as_compress_does(setup, capsys, tmp_path):
+    """--calib-size above what the file holds (64 samples): compress notes it and uses all of them, and so does
+    sweep, in the same one line (it said it as "note: ...", and the README said sweep refused it)."""
+    root, _ = setup
+    out = tmp_path / "out"
+    assert sweep(root, "--ratios", "0.5", "--calibrate", str(root / "train.npz"), "--calib-size", "100",
+                 "--batch", "1", "--out-dir", str(out)) == 0
+    sweep_notes = [line for line in capsys.readouterr().err.splitlines() if "fewer than the 100" in line]
+    assert json.loads((out / "sweep.json").read_text())["calibration"]["samples"] == 64
+    assert main([str(root / "residual.onnx"), str(tmp_path / "c.onnx"), "--ratio", "0.5", "--calibrate", str(root / "train.npz"),
+                 "--calib-size", "100", "--no-check"]) == 0
+    compress_notes = [line for line in capsys.readouterr().err.splitlines() if "fewer than the 100" in line]
+    assert sweep_notes == compress_notes == [f"onnx-tucker: notice: {root / 'train.npz'} holds 64 calibration samples, fewer than the 100 "
+                                             "asked for: using all 64"]
+
+
+def test_sweep_latency_table_gets_the_mode_of_a_new_file_and_keeps_a_changed_one(setup, tmp_path):
+    """--latency-table (the same code as --curves: outputs.replace_cache_file) went through tempfile.mkstemp and was
+    left 0600: new, it gets 0666 less the umask as any new file; rewritten, it keeps the mode it had."""
+    import os
+    import stat
+
+    root, _ = setup
+    table = tmp_path / "latency.json"
+    args = ["--ratios", "0.5", "--batch", "1", "--rank-multiple", "auto", "--latency-table", str(table)]
+    umask = os.umask(0o027)
+    try:
+        assert sweep(root, *args, "--out-dir", str(tmp_path / "a")) == 0
+        assert stat.S_IMODE(table.stat().st_mode) == 0o640
+        table.chmod(0o604)
+        inode = table.stat().st_ino
+        assert sweep(root, *args, "--out-dir", str(tmp_path / "b")) == 0  # every timing cached: the file is rewritten
+    finally:
+        os.umask(umask)
+    assert table.stat().st_ino != inode and stat.S_IMODE(table.stat().st_mode) == 0o604
