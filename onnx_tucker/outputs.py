@@ -132,6 +132,8 @@ def check_paths(reads: dict | None = None, writes: dict | None = None, may_write
             read_real, read_inode = _identity(read)
             if real == read_real or (inode is not None and inode == read_inode):
                 raise UsageError(f"{label} {path} is {read_label} ({read}): refusing to overwrite a file this command reads")
+            if os.path.isdir(read_real) and os.path.commonpath([real, read_real]) == read_real:  # an image folder, read whole
+                raise UsageError(f"{label} {path} is inside {read_label} ({read}), a folder this command reads: write it elsewhere")
         seen.append((label, path, (real, inode)))
 
 

@@ -717,3 +717,20 @@ def test_convert_of_a_missing_or_folder_input_is_a_usage_error_like_compress(tmp
         r = cli("convert", source, tmp_path / "o.onnx")
         refused(r, 2, said)
     assert not (tmp_path / "o.onnx").exists()
+
+
+@pytest.mark.parametrize("target", ["img000.png", "sub/new.onnx"])
+def test_an_output_inside_the_image_folder_it_calibrates_on_is_refused(tmp_path, capsys, target):
+    """The paths check compared the output with the --calibrate folder itself, not the images inside: `onnx-tucker m.onnx
+    imgs/img000.png --calibrate imgs` wrote the model over a calibration image, exit 0."""
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    (folder / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"img{i:03d}.png")
+    before = {p: p.read_bytes() for p in folder.rglob("*.png")}
+    code, _, err = run(capsys, CNN, folder / target, "--calibrate", folder, "--calib-size", "32")
+    assert_one_line_error(code, err, 2, "a folder this command reads")
+    assert {p: p.read_bytes() for p in folder.rglob("*.png")} == before and not (folder / "sub/new.onnx").exists()
