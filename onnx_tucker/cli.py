@@ -473,6 +473,19 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+PATH_ARGUMENTS = ("input", "output", "report", "json", "data", "inputs", "calibrate", "curves", "latency_table", "out_dir")
+
+
+def _refuse_empty_paths(args) -> None:
+    """A path given as '' (an unset shell variable) was taken as not given: `--report ""` wrote no report, exit 0."""
+    for name in PATH_ARGUMENTS:
+        if getattr(args, name, None) == "":
+            flag = name if name in ("input", "output") else "--" + name.replace("_", "-")
+            raise UsageError(f"{flag}: the path is empty")
+    if any(m == "" for m in getattr(args, "models", None) or []):
+        raise UsageError("a model path is empty")
+
+
 COMMANDS = {"compress": cmd_compress, "inspect": cmd_inspect, "convert": cmd_convert, "bench": cmd_bench, "sweep": cmd_sweep}
 
 
@@ -497,6 +510,7 @@ def main(argv: list[str] | None = None) -> int:
                 build_parser().print_help()
                 return 2
             args.outputs = outputs
+            _refuse_empty_paths(args)
             if stdout_closed and "-" in (getattr(args, "report", None), getattr(args, "json", None)):
                 raise UsageError("standard output is closed: the JSON asked for on it ('-') has nowhere to go")
             if "-" not in (getattr(args, "report", None), getattr(args, "json", None)):

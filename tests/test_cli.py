@@ -549,3 +549,15 @@ def test_the_measured_budgets_flags_are_refused_with_a_uniform_budget(tmp_path, 
             "--calibrate", tmp_path / "cal.npz", *flag, cwd=tmp_path)
     assert r.returncode == 2 and "not with --budget-rule uniform" in r.stderr and r.stderr.strip().count("\n") == 0
     assert not (tmp_path / "o.onnx").exists() and not (tmp_path / "c.json").exists()
+
+
+@pytest.mark.parametrize("args", [["--report", ""], ["--data", ""], ["--inputs", ""], ["--calibrate", "", "--calib-size", "64"]])
+def test_an_empty_path_is_refused_not_taken_as_not_given(tmp_path, args):
+    """`--report ""` (an unset shell variable) wrote no report and exited 0; `--calibrate ""` blamed --calib-size."""
+    r = cli(ROOT / "models/cifar10_cnn.onnx", tmp_path / "o.onnx", *args)
+    assert r.returncode == 2 and f"{args[0]}: the path is empty" in r.stderr and not (tmp_path / "o.onnx").exists()
+
+
+def test_inspect_refuses_an_empty_json_path():
+    r = cli("inspect", ROOT / "models/cifar10_cnn.onnx", "--json", "")
+    assert r.returncode == 2 and "--json: the path is empty" in r.stderr
