@@ -100,13 +100,16 @@ TINY_INPUT = 4
 TINY_RANK = 2
 
 
-def not_worth_it(site, ranks: tuple, cost, total_macs: int, total_params: int = 0) -> str:
+def not_worth_it(site, ranks: tuple, cost, total_macs: int, total_params: int = 0, by_hand: bool = False) -> str:
     """Why a chain at ``ranks`` is not worth building by default ('' when it is): it saves no MACs,
     a negligible share of the model's (and, when ``total_params`` is given, of its parameters), or
-    squeezes a tiny input to one or two channels."""
+    squeezes a tiny input to one or two channels. Ranks given ``by_hand`` (``--ranks``) are only held to the first:
+    the others are the defaults' judgement, and the user asked for these."""
     before = site.shape.macs()
     if cost.macs >= before:
         return f"chain would not reduce MACs ({before:,} -> {cost.macs:,})"
+    if by_hand:
+        return ""
     if site.shape.c_in <= TINY_INPUT and _input_rank(site, ranks) <= TINY_RANK:
         return f"would cut a {site.shape.c_in}-channel input to rank {_input_rank(site, ranks)} (an image stem): left whole"
     # a dense layer can hold a large share of the parameters for almost no MACs (VGG16's fc2: 12% and 0.08%)

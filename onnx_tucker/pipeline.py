@@ -229,7 +229,7 @@ def _compress(model: onnx.ModelProto, opts: CompressOptions, memo: dict | None =
             ranks = rounded_ranks(form, site, planned[site.name], opts.rank_multiple)
         cost = form.cost(site, ranks)
         record.ranks, record.params_after, record.macs_after = ranks, cost.params, cost.macs
-        why = "" if opts.force else not_worth_it(site, ranks, cost, total_macs, total_params)
+        why = "" if opts.force else not_worth_it(site, ranks, cost, total_macs, total_params, by_hand=site.name in opts.ranks)
         if not why and table is not None and (opts.latency_aware or opts.target_latency is not None):
             with report.phase("latency"):
                 why = _latency_verdict(table, site, ranks, record, report, left_whole, strict=opts.latency_aware)
