@@ -279,6 +279,11 @@ class CompressOptions:
             for name, value in self.calibration.items():
                 if not hasattr(value, "shape") or len(value.shape) < 1:
                     raise UsageError(f"calibration[{name!r}]: expected an array with one sample per row, got {type(value).__name__}")
+                if value.shape[0] == 0:
+                    raise UsageError(f"calibration[{name!r}]: holds no samples (shape {list(value.shape)})")
+                # an array in memory (a streamed image folder is checked as it decodes): NaN made 'weight contains NaN'
+                if isinstance(value, np.ndarray) and value.dtype.kind in "fc" and not np.isfinite(value).all():
+                    raise UsageError(f"calibration[{name!r}]: contains NaN or Inf")
         if self.input_shapes is not None:
             if not isinstance(self.input_shapes, dict):
                 raise UsageError("input_shapes: expected {input name: [dims]}")

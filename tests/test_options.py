@@ -119,6 +119,8 @@ def test_list_parsers_refuse_empty_items():
     ({"curves": "c.json"}, "curves only applies with target_macs"),
     ({"ray": "auto"}, "ray only applies with target_macs and calibration"),
     ({"layers": 5}, "layers: expected a list of layer kinds"),
+    ({"calibration": {"x": np.zeros((0, 3, 10, 10), np.float32)}}, "calibration['x']: holds no samples"),
+    ({"calibration": {"x": np.full((64, 3, 10, 10), np.nan, np.float32)}}, "calibration['x']: contains NaN or Inf"),
     ({"input_shapes": {"nope": [1, 3, 8, 8]}}, "input_shapes: the model has no input 'nope'"),
     ({"ratio": None, "target_macs": 0.5, "budget_rule": "uniform", "curves": "c.json",
       "calibration": {"x": np.zeros((64, 3, 10, 10), np.float32)}}, "not with budget_rule='uniform'"),
