@@ -69,7 +69,7 @@ def check_measured_target(candidates: list, options: dict, opts, fixed: int = 0)
         raise unreachable_macs(target, smallest / total)
 
 
-BINS = 4000  # resolution of the knapsack over the saving a budget needs (savings round down, so the target always holds)
+BINS = 4000  # resolution of the knapsack (costs round up, or savings down: the target always holds)
 
 
 def allocate_measured(candidates: list, curves: dict, opts, fixed: int = 0) -> dict:
@@ -137,13 +137,52 @@ def _knapsack(options: list[list[tuple]], budget: float, bins: int = BINS) -> li
     """Multiple-choice knapsack: one option (cost, distortion, ...) per group, summed cost within ``budget``,
     least summed distortion, solved exactly by dynamic programming over bins. Indices, or None.
 
-    The bins count what each option *saves* against its group's dearest option, rounded down, against the saving
-    the budget needs, rounded up: the budget always holds, and a budget every group's dearest option fits (a
-    target of 1.0: every layer whole) needs no saving at all, whatever the costs' rounding."""
+    Rounding to bins must never break the budget, and it costs resolution where the bins are coarse. Two equivalent
+    forms, the finer one used: the options' costs rounded up against the budget (fine for a small budget), or what
+    each option saves against its group's dearest one, rounded down, against the saving the budget needs (fine near
+    a budget every dearest option fits: at 1.0, where it needs no saving at all, every layer stays whole)."""
     dearest = [max(entry[0] for entry in group) for group in options]
     needed = sum(dearest) - budget
     if needed <= 0:  # no constraint: each group's least distortion
         return [min(range(len(group)), key=lambda i: group[i][1]) for group in options]
+    if budget <= needed:
+        return _knapsack_costs(options, budget, bins)
+    return _knapsack_savings(options, dearest, needed, bins)
+
+
+def _knapsack_costs(options: list[list[tuple]], budget: float, bins: int) -> list[int] | None:
+    """:func:`_knapsack` with costs rounded up to ``budget / bins``."""
+    if budget <= 0:
+        return None
+    unit = budget / bins
+    best = np.zeros(bins + 1)
+    choices = []
+    for group in options:
+        new = np.full(bins + 1, np.inf)
+        pick = np.full(bins + 1, -1)
+        for index, (cost, distortion) in enumerate(entry[:2] for entry in group):
+            steps = int(np.ceil(cost / unit - 1e-9))
+            if steps > bins:
+                continue
+            shifted = np.full(bins + 1, np.inf)
+            shifted[steps:] = best[: bins + 1 - steps] + distortion
+            better = shifted < new
+            new[better], pick[better] = shifted[better], index
+        best = new
+        choices.append((group, pick))
+    if not np.isfinite(best[bins]):
+        return None
+    picks, b = [], bins
+    for group, pick in reversed(choices):
+        index = int(pick[b])
+        picks.append(index)
+        b -= int(np.ceil(group[index][0] / unit - 1e-9))
+    return picks[::-1]
+
+
+def _knapsack_savings(options: list[list[tuple]], dearest: list[float], needed: float, bins: int) -> list[int] | None:
+    """:func:`_knapsack` with each option's saving against its group's dearest option rounded down to
+    ``needed / bins``, against the saving the budget needs (``needed``, > 0)."""
     unit = needed / bins
     best = np.full(bins + 1, np.inf)  # best[b]: least distortion saving at least b bins (b = bins: all it needs)
     best[0] = 0.0
