@@ -18,6 +18,7 @@ import hashlib
 import io
 import os
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -180,15 +181,32 @@ def _check_complete(image, data: bytes) -> None:
     before): a truncated scan lacks it, and PIL refuses to decode such a file. Both cost a pass over bytes already
     read for the copies check; neither decodes pixels, so a scan corrupted in the middle is still caught when decoded."""
     if image.format == "PNG":
-        try:
-            image.verify()
-        except (OSError, SyntaxError, EOFError, struct.error) as exc:  # PIL's "Truncated File Read", "broken PNG file"...
-            why = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
-            raise OSError(f"the PNG data is cut short or corrupt ({why})") from None
+        why = _png_problem(data)
+        if why:
+            raise OSError(f"the PNG data is cut short or corrupt ({why})")
     elif image.format in ("JPEG", "MPO"):
         scan = _jpeg_scan_start(data)
         if scan is not None and data.find(b"\xff\xd9", scan) < 0:
             raise OSError("image file is truncated (no end-of-image marker after the scan data)")
+
+
+def _png_problem(data: bytes) -> str:
+    """Why a PNG is cut short or its image data corrupt ('' when it is whole): the chunks walked to IEND, the CRC checked
+    on the critical ones (IHDR, PLTE, IDAT: what decoding needs). A bad CRC on a metadata chunk (tEXt after the image)
+    is not refused: PIL decodes such a file (its own ``verify`` refused it)."""
+    i = 8  # after the signature
+    while i + 8 <= len(data):
+        length = int.from_bytes(data[i:i + 4], "big")
+        kind = data[i + 4:i + 8]
+        end = i + 8 + length + 4
+        if end > len(data):
+            return f"chunk {kind.decode('latin-1')!r} runs past the end of the file"
+        if kind[:1].isupper() and zlib.crc32(data[i + 4:end - 4]) != int.from_bytes(data[end - 4:end], "big"):
+            return f"bad checksum in chunk {kind.decode('latin-1')!r}"
+        if kind == b"IEND":
+            return ""
+        i = end
+    return "no IEND chunk"
 
 
 def _jpeg_scan_start(data: bytes) -> int | None:

@@ -261,3 +261,30 @@ def test_a_file_that_is_no_image_is_named_in_the_message(tmp_path):
     with pytest.raises(DataError) as info:
         load_image_folder(folder, residual_model(), size=8)
     assert str(info.value) == f"cannot read image {folder / 'zz.png'}: cannot identify image file (not a JPEG or PNG PIL can read)"
+
+
+def test_a_png_with_a_bad_checksum_on_a_metadata_chunk_is_read_as_pil_reads_it(tmp_path):
+    """The completeness check used PIL's verify, which checks every chunk's CRC: a tEXt chunk with a bad one after the
+    image data (PIL decodes the file) refused the whole folder. Only what decoding needs is checked: the critical
+    chunks, and that the chunks reach IEND; a bad CRC on the image data is still refused."""
+    import io
+    import struct
+    import zlib
+
+    from onnx_tucker.images import stream_image_folder
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(buffer, "PNG")
+    good = buffer.getvalue()
+    end = good.rindex(b"IEND") - 4
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(good[:end] + struct.pack(">I", 5) + b"tEXt" + b"a\x00bcd" + b"\x00" * 4 + good[end:])
+    assert np.asarray(stream_image_folder(folder, residual_model(), size=1)["x"]).shape == (1, 3, 10, 10)
+    idat = good.index(b"IDAT")
+    length = int.from_bytes(good[idat - 4:idat], "big")
+    crc = idat + 4 + length
+    bad = good[:crc] + struct.pack(">I", zlib.crc32(b"nonsense")) + good[crc + 4:]
+    (folder / "a.png").write_bytes(bad)
+    with pytest.raises(DataError, match="bad checksum in chunk 'IDAT'"):
+        stream_image_folder(folder, residual_model(), size=1)
