@@ -106,6 +106,13 @@ def _entries(paths: dict) -> list[tuple[str, Path]]:
     return out
 
 
+def _read_in_folder(path: str) -> bool:
+    """Whether a folder read whole (``--calibrate DIR``) reads the file at ``path``: an image, by its suffix."""
+    from onnx_tucker.images import EXTENSIONS
+
+    return path.lower().endswith(EXTENSIONS)
+
+
 def check_paths(reads: dict | None = None, writes: dict | None = None, may_write: dict | None = None) -> None:
     """Refuse, in one line and before any work, a command whose outputs would destroy something.
 
@@ -132,8 +139,9 @@ def check_paths(reads: dict | None = None, writes: dict | None = None, may_write
             read_real, read_inode = _identity(read)
             if real == read_real or (inode is not None and inode == read_inode):
                 raise UsageError(f"{label} {path} is {read_label} ({read}): refusing to overwrite a file this command reads")
-            if os.path.isdir(read_real) and os.path.commonpath([real, read_real]) == read_real:  # an image folder, read whole
-                raise UsageError(f"{label} {path} is inside {read_label} ({read}), a folder this command reads: write it elsewhere")
+            if os.path.isdir(read_real) and os.path.commonpath([real, read_real]) == read_real and _read_in_folder(real):
+                raise UsageError(f"{label} {path} is an image inside {read_label} ({read}), a folder this command reads "
+                                 "(and a later run would read it too): write it elsewhere")
         seen.append((label, path, (real, inode)))
 
 
