@@ -68,7 +68,7 @@ def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
 
 
 def shapes_of_arrays(model: onnx.ModelProto, feeds: dict | None) -> dict | None:
-    """{input: [1, *sizes]} for each graph input with a dynamic size after the batch that ``feeds`` (real arrays:
+    """{input: [batch, *sizes]} (batch 1 where it is free) for each graph input with a dynamic size after the batch that ``feeds`` (real arrays:
     ``--calibrate``, ``--data``, ``--inputs``) gives a value of: the size the model will be used at, for the cost
     model where no ``--input-shape`` says it. None when no input needs it."""
     shapes = {}
@@ -76,7 +76,8 @@ def shapes_of_arrays(model: onnx.ModelProto, feeds: dict | None) -> dict | None:
         dims = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
         array = (feeds or {}).get(vi.name)
         if any(d is None or d <= 0 for d in dims[1:]) and array is not None and np.ndim(array) == len(dims):
-            shapes[vi.name] = [1, *(int(n) for n in np.shape(array)[1:])]
+            batch = dims[0] if dims and dims[0] and dims[0] > 0 else 1  # a fixed batch stays what the model says
+            shapes[vi.name] = [batch, *(int(n) for n in np.shape(array)[1:])]
     return shapes or None
 
 

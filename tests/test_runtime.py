@@ -37,3 +37,23 @@ def test_load_inputs_checks_the_shape(tmp_path):
     np.savez(path, x=np.zeros((2, 3, 9, 10), np.float32))
     with pytest.raises(DataError, match="have shape"):
         sessions.load_inputs(path, residual_model())
+
+
+def test_a_fixed_batch_model_with_free_sizes_is_sized_from_its_data_at_its_own_batch():
+    """A model fixed to batch 2 with dynamic H, W: the sizes read off the calibration arrays were given batch 1, and the
+    input-shape check then refused them ('does not fit input x [2, 16, ?, ?]') though the user gave no --input-shape."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnx_tucker import compress
+    from onnx_tucker.runtime import shapes_of_arrays
+
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array(rng.standard_normal((32, 16, 3, 3)).astype(np.float32), "w")
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], name="c", pads=[1] * 4)], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 16, "H", "W"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    cal = {"x": rng.standard_normal((64, 16, 12, 12)).astype(np.float32)}
+    assert shapes_of_arrays(model, cal) == {"x": [2, 16, 12, 12]}
+    _, report = compress(model, ratio=0.5, calibration=cal, input_shapes=shapes_of_arrays(model, cal))
+    assert report.chains
