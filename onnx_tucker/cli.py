@@ -449,10 +449,18 @@ def cmd_sweep(args) -> int:
         raise UsageError("sweep always uses the default refit; --refit applies to compress")
     if args.calib_size is not None and not args.calibrate:
         raise UsageError("--calib-size only applies with --calibrate")
-    if args.calibrate and Path(args.calibrate).is_dir():
-        raise UsageError("sweep --calibrate takes an .npz file; calibration from an image folder is compress's (--calibrate DIR)")
+    images = {}
     if any(v is not None for v in (args.image_scale, args.image_mean, args.image_std)):
-        raise UsageError("--image-scale/--image-mean/--image-std apply to compress --calibrate DIR")
+        if not (args.calibrate and Path(args.calibrate).is_dir()):
+            raise UsageError("--image-scale/--image-mean/--image-std only apply with --calibrate DIR (a folder of images)")
+        from onnx_tucker.images import eval_fraction, parse_floats
+
+        try:
+            images["image_scale"] = eval_fraction(args.image_scale) if args.image_scale is not None else None
+        except (ValueError, ZeroDivisionError):
+            raise UsageError(f"--image-scale: expected a number like 1/255, got {args.image_scale!r}") from None
+        images["image_mean"] = parse_floats(args.image_mean, "--image-mean") if args.image_mean is not None else None
+        images["image_std"] = parse_floats(args.image_std, "--image-std") if args.image_std is not None else None
     config = sweep.SweepConfig(
         model=Path(args.input), data=Path(args.data),
         ratios=check_fraction_list(args.ratios, "--ratios") if args.ratios else [],
@@ -461,7 +469,7 @@ def cmd_sweep(args) -> int:
         out_dir=Path(args.out_dir), data_limit=args.data_limit, threads=args.threads,
         batches=tuple(check_int_list(args.batch, "--batch")), runs=args.runs, rank_multiple=args.rank_multiple,
         multiple_at=MultipleArgs.parse(args), progress=not args.no_progress, ray=RayArgs.parse(args, needs_measured=False).get("ray"),
-        layers=parse_layers(args.layers) if args.layers is not None else None,
+        layers=parse_layers(args.layers) if args.layers is not None else None, images=images,
     )
     result = sweep.run_sweep(config, args.outputs)  # models and tables land together at the end, or not at all
     paths = sweep.write_outputs(result, config.out_dir, args.outputs)

@@ -56,6 +56,7 @@ class SweepConfig:
     progress: bool = True
     ray: str | None = None  # "auto" or a cluster address: each setting's compress is a Ray task (onnx_tucker.fanout)
     layers: tuple | None = None  # --layers kinds (kxk, 1x1, dense); None: compress's default
+    images: dict = field(default_factory=dict)  # --calibrate DIR: image_scale, image_mean, image_std (data.load_calibration)
 
 
 def parse_fractions(text: str, what: str) -> list[float]:
@@ -159,7 +160,8 @@ def run_sweep(config: SweepConfig, outputs=None) -> dict:
         if Path(config.calibrate).resolve() == Path(config.data).resolve():
             raise UsageError("--calibrate and --data are the same file: calibrate on training data, measure on test data")
         size = config.calib_size or DEFAULT_CALIB_SIZE
-        calibration = load_calibration(config.calibrate, model, size=size, strict_size=False, min_samples=MIN_CALIB_SAMPLES)
+        calibration = load_calibration(config.calibrate, model, size=size, strict_size=False, min_samples=MIN_CALIB_SAMPLES,
+                                       input_shapes=input_shapes, **config.images)  # a folder: decoded once, for every setting
         got = len(next(iter(calibration.values())))
         if got < size:
             print(f"onnx-tucker: notice: {config.calibrate} holds {got} calibration samples, fewer than the {size} asked for: "

@@ -344,3 +344,24 @@ def test_sweep_latency_table_gets_the_mode_of_a_new_file_and_keeps_a_changed_one
     finally:
         os.umask(umask)
     assert table.stat().st_ino != inode and stat.S_IMODE(table.stat().st_mode) == 0o604
+
+
+def test_sweep_calibrates_on_an_image_folder_as_compress_does(setup, tmp_path, capsys):
+    """`sweep --help` offered `--calibrate TRAIN.npz|DIR` and the --image-* flags (they are compress's), and sweep then
+    refused both: a folder now calibrates every setting, decoded once, with the same preprocessing."""
+    from PIL import Image
+
+    root, _ = setup
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(40):
+        Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(folder / f"{i:02d}.png")
+    out = tmp_path / "out"
+    assert sweep(root, "--ratios", "0.5", "--calibrate", str(folder), "--calib-size", "32", "--image-scale", "1/255",
+                 "--batch", "1", "--out-dir", str(out)) == 0
+    result = json.loads((out / "sweep.json").read_text())
+    assert result["calibration"] == {"file": str(folder), "samples": 32} and result["results"][0]["error"] is None
+    capsys.readouterr()
+    assert sweep(root, "--ratios", "0.5", "--image-scale", "1/255", "--out-dir", str(tmp_path / "o2")) == 2
+    assert "only apply with --calibrate DIR" in capsys.readouterr().err
