@@ -55,6 +55,11 @@ def make_session(
     if chosen.device != "cpu":
         preload_gpu_libraries()
     source = str(model) if isinstance(model, (str, os.PathLike)) else model.SerializeToString()
+    if isinstance(source, str):
+        try:
+            source.encode("utf-8")
+        except UnicodeEncodeError:  # a file name that is not UTF-8: onnxruntime takes no such path, only the model
+            source = onnx.load(source).SerializeToString()
     try:
         return ort.InferenceSession(source, options, providers=chosen.session_providers(provider_options))
     except Exception as exc:

@@ -57,3 +57,20 @@ def test_a_fixed_batch_model_with_free_sizes_is_sized_from_its_data_at_its_own_b
     assert shapes_of_arrays(model, cal) == {"x": [2, 16, 12, 12]}
     _, report = compress(model, ratio=0.5, calibration=cal, input_shapes=shapes_of_arrays(model, cal))
     assert report.chains
+
+
+def test_a_model_file_whose_name_is_not_utf8_opens():
+    """onnxruntime takes a path as UTF-8 text: a file named with a byte that is not UTF-8 (`m\\xfe.onnx`, common on
+    older Linux file systems) failed as 'incompatible constructor arguments'. Such a model is loaded and handed over."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from onnx_tucker.runtime import make_session
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(os.fsdecode(tmp.encode()), os.fsdecode(b"m\xfe.onnx"))
+        shutil.copy(Path(__file__).resolve().parents[1] / "models/cifar10_cnn.onnx", path)
+        session = make_session(path)
+        x = np.zeros((1, 32, 32, 3), np.float32)
+        assert session.run(None, {session.get_inputs()[0].name: x})[0].shape == (1, 10)
