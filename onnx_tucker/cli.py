@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from onnx_tucker import __version__
+from onnx_tucker.capture import check_layer_batch_memory
 from onnx_tucker.errors import ModelError, OnnxTuckerError, UsageError, first_line
 from onnx_tucker.options import (BudgetArgs, CalibrationArgs, CheckArgs, DataArgs, DistillArgs, LatencyArgs, MultipleArgs, RankArgs, RayArgs,
                                  RuntimeArgs,
@@ -129,6 +130,8 @@ def cmd_compress(args) -> int:
         if batch:
             check_batch_memory(model, [batch], flag=flag)
     input_shapes = parse_input_shapes(args.input_shape, graph_inputs(model))
+    if getattr(args, "latency_batch", None):
+        check_layer_batch_memory(model, args.latency_batch, input_shapes=input_shapes)
     if input_shapes:
         options["input_shapes"] = input_shapes
     options.update(CalibrationArgs.parse(args, model, args.data, say=note, input_shapes=input_shapes))
@@ -291,12 +294,21 @@ def cmd_inspect(args) -> int:
         check_output_path(args.input, args.json, "--json")
     layers = parse_layers(args.layers) if args.layers is not None else None
     auto = MultipleArgs.parse(args)
+    if args.json and args.json != "-" and auto.get("table"):  # the listing must not replace the timings cache
+        from onnx_tucker.outputs import check_paths
+
+        check_paths(reads={"the input model": args.input}, writes={"--json": args.json, "--latency-table": auto["table"]})
     forms = parse_forms(args.forms) if args.forms is not None else None  # unknown names: refused before the model loads
     model = load_model(args.input)
     from onnx_tucker.factorization import not_worth_it
     from onnx_tucker.runtime import graph_inputs
 
     input_shapes = parse_input_shapes(args.input_shape, graph_inputs(model))
+    if auto:
+        from onnx_tucker.bench import check_batch_memory
+
+        check_batch_memory(model, [auto["batch"]], flag="--latency-batch")
+        check_layer_batch_memory(model, auto["batch"], input_shapes=input_shapes)
     _, sites = factorable_sites(model, forms, input_shapes, layers=layers)
     if not sites:
         print("no Conv layers")

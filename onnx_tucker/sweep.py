@@ -146,10 +146,16 @@ def run_sweep(config: SweepConfig, outputs=None) -> dict:
 
     check_fixed_batch(model, config.model, config.batches)
     check_batch_memory(model, list(config.batches))
+    if config.rank_multiple == "auto" and config.multiple_at.get("batch"):
+        from onnx_tucker.capture import check_layer_batch_memory
+
+        check_batch_memory(model, [config.multiple_at["batch"]], flag="--latency-batch")
+        check_layer_batch_memory(model, config.multiple_at["batch"])
     out_dir = prepare_out_dir(config.out_dir, outputs)
     model_files = {(kind, value): out_dir / f"{config.model.stem}_{kind}{value:g}.onnx" for _, kind, value in settings}
     check_paths(reads={"the input model": config.model, "--data": config.data, "--calibrate": config.calibrate},
-                writes={"--out-dir file": [out_dir / n for n in ("sweep.md", "sweep.json", "sweep.png")] + list(model_files.values())},
+                writes={"--out-dir file": [out_dir / n for n in ("sweep.md", "sweep.json", "sweep.png")] + list(model_files.values()),
+                        "--latency-table": config.multiple_at.get("table")},
                 may_write={"--out-dir data file": [p.parent / (p.name + ".data") for p in model_files.values()]})
     feeds, labels = load_labelled(config.data, model, limit=config.data_limit)
     from onnx_tucker.runtime import shapes_of_arrays

@@ -561,3 +561,26 @@ def test_an_empty_path_is_refused_not_taken_as_not_given(tmp_path, args):
 def test_inspect_refuses_an_empty_json_path():
     r = cli("inspect", ROOT / "models/cifar10_cnn.onnx", "--json", "")
     assert r.returncode == 2 and "--json: the path is empty" in r.stderr
+
+
+def test_inspect_json_must_not_replace_the_latency_table(tmp_path):
+    """`inspect --rank-multiple auto --latency-table t.json --json t.json` replaced the timings cache with the listing."""
+    table = tmp_path / "t.json"
+    r = cli("inspect", ROOT / "models/cifar10_cnn.onnx", "--rank-multiple", "auto", "--latency-table", table, "--json", table)
+    assert r.returncode == 2 and "are the same file" in r.stderr and not table.exists()
+
+
+@pytest.mark.parametrize("command", ["compress", "inspect"])
+def test_a_latency_batch_too_big_for_one_layers_input_is_refused_before_work(tmp_path, command):
+    """The memory check sized the model's inputs only: a --latency-batch whose 3x32x32 images fit but whose 64x32x32
+    layer inputs (drawn in float64) do not ended in an internal MemoryError after the per-layer timing had started."""
+    from onnx_tucker.bench import available_memory
+
+    memory = available_memory()
+    if not memory:
+        pytest.skip("no MemAvailable here")
+    batch = int(memory / 2 / (3 * 32 * 32 * 4) / 4)  # the images: an eighth of the memory; a 64-channel layer's: 5x it
+    model = ROOT / "models/cifar10_cnn.onnx"
+    args = ([model, tmp_path / "o.onnx", "--latency-aware"] if command == "compress" else ["inspect", model, "--rank-multiple", "auto"])
+    r = cli(*args, "--latency-batch", batch)
+    assert r.returncode == 2 and "one layer's input alone would take" in r.stderr and r.stderr.strip().count("\n") == 0
