@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from onnx_tucker import __version__
-from onnx_tucker.capture import check_layer_batch_memory
+from onnx_tucker.capture import check_layer_batch_memory, fixed_batch
 from onnx_tucker.errors import ModelError, OnnxTuckerError, UsageError, first_line
 from onnx_tucker.options import (BudgetArgs, CalibrationArgs, CheckArgs, DataArgs, DistillArgs, LatencyArgs, MultipleArgs, RankArgs, RayArgs,
                                  RuntimeArgs,
@@ -132,6 +132,8 @@ def cmd_compress(args) -> int:
     input_shapes = parse_input_shapes(args.input_shape, graph_inputs(model))
     if getattr(args, "latency_batch", None):
         check_layer_batch_memory(model, args.latency_batch, input_shapes=input_shapes)
+    elif "latency_batch" in options and fixed_batch(model):  # a fixed-batch export runs no other batch: time it at its own
+        options["latency_batch"] = fixed_batch(model)
     if input_shapes:
         options["input_shapes"] = input_shapes
     options.update(CalibrationArgs.parse(args, model, args.data, say=note, input_shapes=input_shapes))
@@ -306,6 +308,8 @@ def cmd_inspect(args) -> int:
     input_shapes = parse_input_shapes(args.input_shape, graph_inputs(model))
     if auto:
         from onnx_tucker.bench import check_batch_memory
+
+        auto["batch"] = auto["batch"] or fixed_batch(model) or 1
 
         check_batch_memory(model, [auto["batch"]], flag="--latency-batch")
         check_layer_batch_memory(model, auto["batch"], input_shapes=input_shapes)

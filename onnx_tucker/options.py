@@ -695,7 +695,7 @@ RANK_MULTIPLE_HELP = ("round ranks to multiples of N, or auto: the largest of 1,
                       "--provider (measured on the two largest layers, cached)")
 PROVIDER_HELP = ("execution provider the latencies are measured on: cpu (default), cuda, tensorrt; also what "
                  "'--rank-multiple auto' measures on")
-LATENCY_BATCH_HELP = "batch size of the latency measurements (default 1)"
+LATENCY_BATCH_HELP = "batch size of the latency measurements (default 1, or the batch a fixed-batch model is exported for)"
 LATENCY_TABLE_HELP = ("per-layer latency cache (default ~/.cache/onnx-tucker/latency.json): a rerun on the same "
                       "provider, device, onnxruntime, batch and shapes measures nothing")
 
@@ -723,7 +723,8 @@ class MultipleArgs:
         from onnx_tucker.providers import require
 
         table = check_cache_file(args.latency_table, "--latency-table") if args.latency_table is not None else None
-        return {"provider": require(args.provider or "cpu").key, "batch": args.latency_batch or 1, "table": table}
+        # batch None: the model's own (a fixed-batch export runs no other), else 1; the command fills it in once it loads the model
+        return {"provider": require(args.provider or "cpu").key, "batch": args.latency_batch, "table": table}
 
 
 class LatencyArgs:

@@ -146,6 +146,10 @@ def run_sweep(config: SweepConfig, outputs=None) -> dict:
 
     check_fixed_batch(model, config.model, config.batches)
     check_batch_memory(model, list(config.batches))
+    if config.rank_multiple == "auto":
+        from onnx_tucker.capture import fixed_batch
+
+        config.multiple_at = {**config.multiple_at, "batch": config.multiple_at.get("batch") or fixed_batch(model) or 1}
     if config.rank_multiple == "auto" and config.multiple_at.get("batch"):
         from onnx_tucker.capture import check_layer_batch_memory
 

@@ -584,3 +584,23 @@ def test_a_latency_batch_too_big_for_one_layers_input_is_refused_before_work(tmp
     args = ([model, tmp_path / "o.onnx", "--latency-aware"] if command == "compress" else ["inspect", model, "--rank-multiple", "auto"])
     r = cli(*args, "--latency-batch", batch)
     assert r.returncode == 2 and "one layer's input alone would take" in r.stderr and r.stderr.strip().count("\n") == 0
+
+
+def test_latency_timing_defaults_to_a_fixed_batch_models_own_batch(tmp_path):
+    """A model exported for batch 2: `--latency-aware` (and `inspect --rank-multiple auto`) failed with '--latency-batch 1
+    cannot run it', a flag the user never gave, after the per-layer timing had run. They time at the model's batch."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32) * 0.1, n) for n, s in (("a", (32, 16, 3, 3)), ("b", (32, 32, 3, 3)))]
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "a"], ["y"], name="c1", pads=[1] * 4),
+                               helper.make_node("Conv", ["y", "b"], ["z"], name="c2", pads=[1] * 4)], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 16, 16, 16])],
+                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, [2, 32, 16, 16])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), tmp_path / "b2.onnx")
+    table = tmp_path / "t.json"
+    r = cli(tmp_path / "b2.onnx", tmp_path / "o.onnx", "--ratio", "0.5", "--force", "--latency-aware", "--latency-table", table)
+    assert r.returncode == 0, r.stderr
+    assert all("|batch 2|" in key for key in json.loads(table.read_text())["entries"])
+    r = cli("inspect", tmp_path / "b2.onnx", "--rank-multiple", "auto", "--latency-table", table)
+    assert r.returncode == 0 and "batch 2" in r.stdout, r.stdout + r.stderr
