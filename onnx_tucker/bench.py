@@ -24,18 +24,38 @@ JSON written by ``--json`` (``schema: "onnx-tucker.bench/1"``)::
                   "median_ms", "p90_ms", "p99_ms", "mean_ms", "min_ms", "max_ms", "throughput_ips",
                   "speedup": null for the first model, else {"median", "p10", "p90", "q1", "q3", "pairs"}}],
      "accuracy": null or [{"provider", "model", "model_index", "samples", "labelled", "top1",
-                           "top1_agreement", "max_abs_diff", "cosine"}],
-     "per_layer": null or [{"provider", "batch", "runs", "layers": [{"layer", "original_us", "in_us",
+                           "top1_agreement", "max_abs_diff", "cosine", "outputs_matched_by",
+                           "unmatched_outputs", "shape_mismatch", "finite"}],
+     "per_layer": null or [{"provider", "batch", "runs", "precision", "layers": [{"layer", "original_us", "in_us",
                            "core_us", "out_us", "chain_us", "speedup", "pays_off"}],
                            "totals": [{"model", "conv_us", "other_us", "total_us"}]}]}
+
+The JSON is strict (no ``Infinity``/``NaN`` tokens): every non-finite number is written as ``null``
+(:func:`json_ready`; ``run_bench`` already returns it that way).
+
+``settings.batches``: the batches timed; without ``--batch`` (``BenchConfig.batches=None``) the batch
+the models are exported for when they are fixed to one (all that are fixed agree), else 1.
+
+Accuracy rows compare each output of a model with the first model's output **of the same name**
+(``outputs_matched_by: "name"``); only when the two models share no output name at all are they paired
+by position (``"position"``, and the table says so). ``unmatched_outputs``: output names of either model
+left out of the comparison; ``shape_mismatch``: outputs (the first model's names) whose shapes differ, in
+which case ``max_abs_diff`` and ``cosine`` are null; ``finite``: every compared output of the model is
+finite (a null ``max_abs_diff`` with ``finite: false`` is a NaN/Inf output). ``top1_agreement`` is taken
+from the first model's class-score output and its counterpart.
+
+``per_layer`` profiles the models that were timed: with ``--fp16`` the float16 copies
+(``precision: "float16"``; on the CPU EP onnxruntime runs their convs as float32 kernels between
+inserted casts, whose names are traced back like the others).
 """
 from __future__ import annotations
 
+import math
 import os
 import platform
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -198,27 +218,61 @@ def class_scores(outputs: list[np.ndarray]) -> np.ndarray | None:
     return next((o for o in outputs if o.ndim == 2 and o.shape[1] > 1), None)
 
 
-def accuracy_rows(outputs: list[list[np.ndarray]], labels: np.ndarray | None, provider: str) -> list[dict]:
-    """Top-1 (with labels), top-1 agreement and output agreement of each model with the first (pure)."""
+def match_outputs(first_names: Sequence[str], names: Sequence[str]) -> tuple[list[tuple[int, int]], str]:
+    """Pairs ``(index in the first model, index in this one)`` of the outputs to compare: by name for every
+    name both models have, in the first model's order; by position only when they share no name at all."""
+    index = {name: i for i, name in enumerate(names)}
+    shared = [(i, index[name]) for i, name in enumerate(first_names) if name in index]
+    if shared or not first_names or not names:
+        return shared, "name"
+    return [(i, i) for i in range(min(len(first_names), len(names)))], "position"
+
+
+def accuracy_rows(outputs: list[list[np.ndarray]], labels: np.ndarray | None, provider: str,
+                  names: list[list[str]] | None = None) -> list[dict]:
+    """Top-1 (with labels), top-1 agreement and output agreement of each model with the first (pure).
+
+    ``names``: each model's output names, in the order of its ``outputs``; outputs are matched by name
+    (:func:`match_outputs`). Without names they are matched by position (as if named by their index).
+    """
     from onnx_tucker.validate import compare_outputs
 
-    first = outputs[0]
+    names = names or [[str(i) for i in range(len(outs))] for outs in outputs]
+    first, first_names = outputs[0], names[0]
     first_scores = class_scores(first)
+    scores_index = next((i for i, o in enumerate(first) if o is first_scores), None)
     rows = []
-    for index, outs in enumerate(outputs):
-        scores = class_scores(outs)
-        agreements = [compare_outputs(str(i), a, b) for i, (a, b) in enumerate(zip(first, outs))]
+    for index, (outs, own) in enumerate(zip(outputs, names)):
+        pairs, matched_by = match_outputs(first_names, own)
+        agreements = [compare_outputs(first_names[i], first[i], outs[j]) for i, j in pairs]
+        paired = dict(pairs)
+        scores = outs[paired[scores_index]] if scores_index in paired else class_scores(outs) if matched_by == "position" else None
+        if scores is not None and not (scores.ndim == 2 and scores.shape[1] > 1):
+            scores = None
+        comparable = scores is not None and first_scores is not None and scores.shape == first_scores.shape
+        mismatch = [g.name for g in agreements if not g.same_shape]
+        exact = [g for g in agreements if g.same_shape]
         rows.append({
             "provider": provider,
             "model_index": index,
-            "samples": int(len(outs[0])),
+            "samples": int(len(outs[0])) if outs and np.ndim(outs[0]) else 0,
             "labelled": labels is not None,
-            "top1": float(np.mean(scores.argmax(1) == labels)) if labels is not None and scores is not None else None,
-            "top1_agreement": float(np.mean(scores.argmax(1) == first_scores.argmax(1))) if scores is not None else None,
-            "max_abs_diff": max(g.max_abs_diff for g in agreements),
-            "cosine": min(g.cosine for g in agreements),
+            "top1": float(np.mean(scores.argmax(1) == labels)) if labels is not None and scores is not None and len(scores) == len(labels) else None,
+            "top1_agreement": float(np.mean(scores.argmax(1) == first_scores.argmax(1))) if comparable else None,
+            "max_abs_diff": max(g.max_abs_diff for g in exact) if exact and not mismatch else None,
+            "cosine": min(g.cosine for g in exact) if exact and not mismatch else None,
+            "outputs_matched_by": matched_by,
+            "unmatched_outputs": [first_names[i] for i in range(len(first_names)) if i not in paired]
+                                 + [own[j] for j in range(len(own)) if j not in paired.values()],
+            "shape_mismatch": mismatch,
+            "finite": all(g.finite for g in agreements),
         })
     return rows
+
+
+def output_names(model) -> list[str]:
+    """The graph outputs' names, in the order onnxruntime returns them (a float16 copy keeps them)."""
+    return [o.name for o in model.graph.output]
 
 
 def run_outputs(path: Path, feeds: dict, provider: str, threads: int, options: dict, batch_size: int = 64, model=None) -> list[np.ndarray]:
@@ -230,6 +284,9 @@ def run_outputs(path: Path, feeds: dict, provider: str, threads: int, options: d
 
 # --- per-layer profile -----------------------------------------------------------------------------
 
+# onnxruntime's InsertCastTransformer: a float16 node the EP has no float16 kernel for (the CPU EP's Conv) runs as
+# float32 between inserted casts, and the tensors and nodes it renames get this prefix
+CAST_PREFIX = "InsertedPrecisionFreeCast_"
 ACTIVATIONS = {"Relu", "LeakyRelu", "Clip", "Sigmoid", "HardSigmoid", "Tanh", "Elu", "Selu", "HardSwish", "Swish"}
 
 
@@ -246,13 +303,16 @@ def node_index(model) -> tuple[dict[str, object], dict[str, object]]:
 def original_node(profiled: str, model, order: dict[str, int] | None = None) -> str | None:
     """The model node a profiler entry belongs to, through onnxruntime's renamings.
 
-    Kept names ("conv"), fusions keeping the conv's name (FusedConv), NCHWc nodes named after their
+    Kept names ("conv"), fusions keeping the conv's name (FusedConv), casts inserted around a float16 node
+    (``InsertedPrecisionFreeCast_<tensor>``), NCHWc nodes named after their
     output tensor ("<tensor>_nchwc"), where the tensor may be a fused activation's or BatchNormalization's
     output (Conv+BN+Relu: we walk back to the conv) or a fused Add's (Conv+Sum: the conv computed last of its inputs).
     """
     by_name, by_output = node_index(model)
     order = order or {n.name: i for i, n in enumerate(model.graph.node)}
     name = profiled.removeprefix("fused ").removesuffix("_kernel_time")
+    while name.startswith(CAST_PREFIX) and name not in by_name:  # a float16 node run as float32 between inserted casts
+        name = name.removeprefix(CAST_PREFIX)
     if name in by_name:
         return name
     for suffix in ("_nchwc",):
@@ -352,7 +412,7 @@ def profile_model(path: Path, feeds: dict, threads: int, runs: int, warmup: int,
 class BenchConfig:
     models: list[Path]
     providers: list[str] | None = None  # None: every one available
-    batches: list[int] = field(default_factory=lambda: [1])
+    batches: list[int] | None = None  # None: the batch the models are exported for if fixed (default_batches), else [1]
     threads: int = 2
     spinning: bool = False
     warmup: int = 10
@@ -424,6 +484,23 @@ def check_batch_memory(model, batches: list[int], limit: int | None = None, flag
                              f"{limit / 2**30:.1f} GiB available: choose a smaller batch")
 
 
+def default_batches(paths: list[Path], models: list) -> list[int]:
+    """The batches to time when none is asked for: the one batch the fixed-batch models are exported for (a model
+    exported for batch 2 cannot run batch 1), else 1; models fixed to different batches cannot run one batch."""
+    from onnx_tucker.capture import fixed_batch
+
+    fixed = {}
+    for path, model in zip(paths, models):
+        batch = fixed_batch(model)
+        if batch:
+            fixed.setdefault(batch, path)
+    if len(fixed) > 1:
+        (a, path_a), (b, path_b) = list(fixed.items())[:2]
+        raise UsageError(f"{path_a.name} is exported for batch {a} only and {path_b.name} for batch {b} only: no batch runs "
+                         "them all (export them with a dynamic batch axis)")
+    return list(fixed) or [1]
+
+
 def check_models(paths: list[Path], batches: list[int] | None = None) -> list:
     """Load the models; they must take the same inputs, and every batch asked for must be one each can run."""
     from onnx_tucker.capture import fixed_batch
@@ -470,7 +547,8 @@ def warmup_for(provider: str, warmup: int) -> int:
 
 
 def run_bench(config: BenchConfig) -> dict:
-    """Time every model on every provider and batch; returns the JSON-ready result (see module docstring)."""
+    """Time every model on every provider and batch; returns the JSON-ready result (see module docstring:
+    non-finite numbers are None). ``config.batches`` None: :func:`default_batches`."""
     import tempfile
 
     from onnx_tucker.providers import onnxruntime
@@ -486,6 +564,8 @@ def run_bench(config: BenchConfig) -> dict:
         for provider in providers:
             get_provider(provider).options(cuda_graph=True)  # a provider without graph capture: one-line error
     models = check_models(config.models, config.batches)
+    if config.batches is None:
+        config = replace(config, batches=default_batches(config.models, models))
     check_batch_memory(models[0], config.batches)
     given = load_inputs(config.inputs, models[0]) if config.inputs else None
     n = len(models)
@@ -514,8 +594,8 @@ def run_bench(config: BenchConfig) -> dict:
         if bar is not None:
             bar.close()
         accuracy = measure_accuracy(config, models, providers, paths) if config.data or config.inputs or n > 1 else None
-        per_layer = profile_layers(config, models, given, scratch) if config.per_layer else None
-    return {
+        per_layer = profile_layers(config, models, given, scratch, paths) if config.per_layer else None
+    return json_ready({
         "schema": SCHEMA,
         "tool_version": __version__,
         "onnxruntime_version": ort.__version__,
@@ -531,7 +611,7 @@ def run_bench(config: BenchConfig) -> dict:
         "results": results,
         "accuracy": accuracy,
         "per_layer": per_layer,
-    }
+    })
 
 
 def float16_copies(paths: list[Path], models: list, folder: str) -> list[Path]:
@@ -564,25 +644,53 @@ def measure_accuracy(config: BenchConfig, models: list, providers: list[str], pa
     for provider in providers:
         options = get_provider(provider).options(config.cudnn_algo)
         outputs = [run_outputs(p, feeds, provider, config.threads, options, model=m) for p, m in zip(paths or config.models, models)]
-        for row in accuracy_rows(outputs, labels, provider):
+        for row in accuracy_rows(outputs, labels, provider, names=[output_names(m) for m in models]):
             rows.append({"provider": row["provider"], "model": config.models[row["model_index"]].name} | row)
     return rows
 
 
-def profile_layers(config: BenchConfig, models: list, given, scratch: str) -> list[dict]:
-    """Per decomposed layer: the chain's kernel time against the original conv's, on the CPU EP."""
+def profile_layers(config: BenchConfig, models: list, given, scratch: str, paths: list[Path] | None = None) -> list[dict]:
+    """Per decomposed layer: the chain's kernel time against the original conv's, on the CPU EP, of the models
+    timed (``paths``: e.g. their float16 copies; their own graphs name what the profiler reports)."""
+    import onnx
+
+    paths = list(paths or config.models)
+    profiled = models if paths == list(config.models) else [onnx.load(str(p), load_external_data=False) for p in paths]
+    precision = "float16" if config.fp16 else "as stored"
     profiles = []
     for batch in config.batches:
         feeds = timing_feeds(models[0], batch, given, shapes=config.input_shapes)
-        times = [profile_model(p, feeds, config.threads, config.per_layer_runs, 2, scratch, config.spinning) for p in config.models]
-        attributed = [attribute(t, m) for t, m in zip(times, models)]
+        times = [profile_model(p, feeds, config.threads, config.per_layer_runs, 2, scratch, config.spinning) for p in paths]
+        attributed = [attribute(t, m) for t, m in zip(times, profiled)]
         layers = []
-        for index in range(1, len(models)):
-            for row in layer_rows(models[0], models[index], attributed[0], attributed[index]):
+        for index in range(1, len(profiled)):
+            for row in layer_rows(profiled[0], profiled[index], attributed[0], attributed[index]):
                 layers.append({"model": config.models[index].name, "model_index": index} | row)
-        totals = [model_totals(m, a, i) | {"model": config.models[i].name} for i, (m, a) in enumerate(zip(models, attributed))]
-        profiles.append({"provider": "cpu", "batch": batch, "runs": config.per_layer_runs, "layers": layers, "totals": totals})
+        totals = [model_totals(m, a, i) | {"model": config.models[i].name} for i, (m, a) in enumerate(zip(profiled, attributed))]
+        profiles.append({"provider": "cpu", "batch": batch, "runs": config.per_layer_runs, "precision": precision,
+                         "layers": layers, "totals": totals})
     return profiles
+
+
+def json_ready(value):
+    """``value`` with every non-finite float (inf, NaN) as None, numpy scalars as Python numbers: strict JSON
+    has no ``Infinity``/``NaN`` (``json.dumps`` writes them, and JSON parsers reject the file)."""
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def to_json(result: dict) -> str:
+    """The ``--json`` text of a :func:`run_bench` result: strict JSON (non-finite numbers as null)."""
+    import json
+
+    return json.dumps(json_ready(result), indent=2, allow_nan=False)
 
 
 # --- terminal tables -------------------------------------------------------------------------------
@@ -594,23 +702,42 @@ def format_rows(headers: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+def _number(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
 def format_speedup(s: dict | None) -> str:
-    return "1 (base)" if s is None else f"{s['median']:.2f}x [{s['p10']:.2f}-{s['p90']:.2f}]"
+    return "1 (base)" if s is None else f"{_number(s['median'], '.2f')}x [{_number(s['p10'], '.2f')}-{_number(s['p90'], '.2f')}]"
 
 
 def latency_table(result: dict) -> str:
     headers = ["provider", "batch", "model", "median ms", "p90 ms", "p99 ms", "images/s", "speedup [p10-p90]"]
     rows = [[r["provider"], r["batch"], r["model"], f"{r['median_ms']:.3f}", f"{r['p90_ms']:.3f}", f"{r['p99_ms']:.3f}",
-             f"{r['throughput_ips']:.1f}", format_speedup(r["speedup"])] for r in result["results"]]
+             _number(r["throughput_ips"], ".1f"), format_speedup(r["speedup"])] for r in result["results"]]
     return format_rows(headers, rows)
 
 
 def accuracy_table(result: dict) -> str:
     headers = ["provider", "model", "samples", "top-1", "top-1 agreement", "max|diff|", "cosine"]
     pct = lambda v: "-" if v is None else f"{100 * v:.2f}%"  # noqa: E731
+
+    def missing(r):  # why there is no number
+        return "shape differs" if r.get("shape_mismatch") else "non-finite" if r.get("finite") is False else "-"
+
     rows = [[r["provider"], r["model"], r["samples"], pct(r["top1"]), pct(r["top1_agreement"]),
-             f"{r['max_abs_diff']:.3g}", f"{r['cosine']:.6f}"] for r in result["accuracy"]]
-    return format_rows(headers, rows)
+             missing(r) if r["max_abs_diff"] is None else f"{r['max_abs_diff']:.3g}",
+             missing(r) if r["cosine"] is None else f"{r['cosine']:.6f}"] for r in result["accuracy"]]
+    lines = [format_rows(headers, rows)]
+    first = result["accuracy"][0]["model"] if result["accuracy"] else ""
+    notes = {}
+    for r in result["accuracy"]:
+        if r.get("outputs_matched_by") == "position":
+            notes[r["model"]] = f"note: {r['model']} has no output named as in {first}: outputs compared by position"
+        elif r.get("unmatched_outputs"):
+            notes[r["model"]] = f"note: {r['model']}: output(s) {', '.join(r['unmatched_outputs'])} not in both models, not compared"
+        if r.get("shape_mismatch"):
+            notes[r["model"] + " shape"] = f"note: {r['model']}: output(s) {', '.join(r['shape_mismatch'])} of another shape than in {first}"
+    return "\n".join(lines + list(notes.values()))
 
 
 def per_layer_table(profile: dict) -> str:
@@ -619,7 +746,8 @@ def per_layer_table(profile: dict) -> str:
     rows = [[r["layer"] if len(profile["layers"]) == len({x["layer"] for x in profile["layers"]}) else f"{r['layer']} ({r['model']})",
              us(r["original_us"]), us(r["in_us"]), us(r["core_us"]), us(r["out_us"]), us(r["chain_us"]),
              "?" if r["speedup"] is None else f"{r['speedup']:.2f}x", "yes" if r["pays_off"] else "NO"] for r in profile["layers"]]
-    lines = [f"per-layer kernel time, CPU EP, batch {profile['batch']} (median of {profile['runs']} profiled runs):",
+    copies = ", float16 copies" if profile.get("precision") == "float16" else ""
+    lines = [f"per-layer kernel time, CPU EP{copies}, batch {profile['batch']} (median of {profile['runs']} profiled runs):",
              format_rows(headers, rows)]
     for t in profile["totals"]:
         lines.append(f"  {t['model']}: convs {t['conv_us'] / 1e3:.3f} ms + other nodes {t['other_us'] / 1e3:.3f} ms "

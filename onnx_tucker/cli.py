@@ -82,7 +82,8 @@ def add_bench_parser(sub) -> None:
 
     b = sub.add_parser("bench", help="time models on onnxruntime's execution providers, interleaved; speedup vs the first")
     b.add_argument("models", nargs="+", help="models to time; the first is the baseline for speedups and agreement")
-    RuntimeArgs.add(b, batch_default="1", runs_default=100)
+    RuntimeArgs.add(b, batch_default="1, or the batch the models are exported for", runs_default=100)
+    b.set_defaults(batch=None)  # not given: bench.default_batches picks
     b.add_argument("--spin", action="store_true", help="let idle intra-op threads spin (onnxruntime's default; off here: it skews interleaved runs)")
     b.add_argument("--warmup", type=int, default=10, metavar="N", help="warm-up runs per model (default 10; at least 20 on GPU providers)")
     b.add_argument("--cudnn-algo", choices=CUDNN_ALGOS, default="EXHAUSTIVE", help="CUDA EP cudnn_conv_algo_search (default EXHAUSTIVE)")
@@ -403,7 +404,8 @@ def cmd_bench(args) -> int:
         from onnx_tucker.outputs import check_paths
 
         check_paths(reads={"a model": paths, "--data": args.data, "--inputs": args.inputs}, writes={"--json": args.json})
-    runtime = RuntimeArgs.parse(args)
+    batch_given = args.batch is not None
+    runtime = RuntimeArgs.parse(args if batch_given else argparse.Namespace(**{**vars(args), "batch": "1"}))
     input_shapes = None
     if args.input_shape:
         if args.inputs:
@@ -415,7 +417,7 @@ def cmd_bench(args) -> int:
     config = bench.BenchConfig(
         models=paths,
         providers=runtime["providers"],
-        batches=runtime["batches"],
+        batches=runtime["batches"] if batch_given else None,
         threads=args.threads, spinning=args.spin, warmup=args.warmup, runs=args.runs, cudnn_algo=args.cudnn_algo,
         data=args.data, inputs=args.inputs, per_layer=args.per_layer, progress=not args.no_progress,
         fp16=args.fp16, cuda_graph=args.cuda_graph, input_shapes=input_shapes,
@@ -429,7 +431,7 @@ def cmd_bench(args) -> int:
     for profile in result["per_layer"] or []:
         print(bench.per_layer_table(profile))
     if args.json:
-        _write_json(args, args.json, json.dumps(result, indent=2), "--json")
+        _write_json(args, args.json, bench.to_json(result), "--json")
         args.outputs.commit()
         if args.json != "-":
             print(f"wrote {args.json}")

@@ -406,3 +406,130 @@ def test_models_with_other_input_shapes_are_one_line_errors(tmp_path):
     for other, said in ((paths[1], "x [N, 4, 16] against x [N, 16]"), (paths[2], "x [N, 17] against x [N, 16]")):
         with pytest.raises(ModelError, match=r"has other inputs than .*" + re.escape(said)):
             bench.check_models([paths[0], other])
+
+
+# --- outputs matched by name, strict JSON ----------------------------------------------------------
+
+def outputs_model(outputs: list[tuple[str, str, list]], batch="N") -> onnx.ModelProto:
+    """x [batch, 4] -> one node per output: (name, op, shape); the graph lists the outputs in the given order."""
+    nodes = [helper.make_node(op, ["x"], [name], name=f"{op}_{name}", **({"axes": [1]} if op == "ReduceMax" else {}))
+             for name, op, _ in outputs]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 4])],
+                              [helper.make_tensor_value_info(name, TensorProto.FLOAT, shape) for name, _, shape in outputs])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def strict_json(text: str):
+    """JSON as a strict parser reads it (Python's json accepts Infinity and NaN; JSON.parse and jq do not)."""
+    def refuse(token):
+        raise ValueError(f"not JSON: {token}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_bench_matches_outputs_by_name_not_by_their_order(tmp_path):
+    """The same model with its two outputs listed in reverse order: max|diff| inf and cosine 0 (and a JSON
+    Infinity) next to 100% top-1 agreement, because outputs were paired by position."""
+    outs = [("scores", "Relu", ["N", 4]), ("total", "ReduceMax", ["N", 1])]
+    onnx.save(outputs_model(outs), str(tmp_path / "a.onnx"))
+    onnx.save(outputs_model(outs[::-1]), str(tmp_path / "a_reversed.onnx"))
+    r = cli("bench", tmp_path / "a.onnx", tmp_path / "a_reversed.onnx", "--providers", "cpu", "--threads", "1", "--warmup", "0",
+            "--runs", "2", "--no-progress", "--json", tmp_path / "bench.json")
+    assert r.returncode == 0, r.stderr
+    data = strict_json((tmp_path / "bench.json").read_text())
+    row = data["accuracy"][1]
+    assert row["max_abs_diff"] == 0 and row["cosine"] == pytest.approx(1.0) and row["top1_agreement"] == 1.0
+    assert row["outputs_matched_by"] == "name" and row["unmatched_outputs"] == [] and row["shape_mismatch"] == []
+    assert "inf" not in r.stdout and "by position" not in r.stdout
+
+
+def test_outputs_sharing_no_name_are_compared_by_position_and_the_table_says_so():
+    a = np.arange(8, dtype=np.float32).reshape(2, 4)
+    rows = bench.accuracy_rows([[a, a[:, :1]], [a.copy(), a[:, :1].copy()]], None, "cpu",
+                               names=[["scores", "total"], ["output_0", "output_1"]])
+    assert rows[1]["outputs_matched_by"] == "position" and rows[1]["max_abs_diff"] == 0 and rows[1]["top1_agreement"] == 1.0
+    # names shared in part: only the shared ones are compared, the others are listed
+    rows = bench.accuracy_rows([[a, a[:, :1]], [a[:, :1] + 1, a.copy()]], None, "cpu", names=[["scores", "total"], ["extra", "scores"]])
+    assert rows[1]["outputs_matched_by"] == "name" and rows[1]["max_abs_diff"] == 0
+    assert rows[1]["unmatched_outputs"] == ["total", "extra"]
+    result = {"accuracy": [{"model": f"m{r['model_index']}.onnx", **r} for r in
+                           bench.accuracy_rows([[a], [a]], None, "cpu", names=[["scores"], ["logits"]])]}
+    assert "note: m1.onnx has no output named as in m0.onnx: outputs compared by position" in bench.accuracy_table(result)
+
+
+def test_an_output_of_another_shape_is_null_in_strict_json_not_infinity(tmp_path):
+    onnx.save(outputs_model([("y", "Relu", ["N", 4])]), str(tmp_path / "a.onnx"))
+    onnx.save(outputs_model([("y", "ReduceMax", ["N", 1])]), str(tmp_path / "b.onnx"))
+    config = bench.BenchConfig(models=[tmp_path / "a.onnx", tmp_path / "b.onnx"], providers=["cpu"], batches=[1], threads=1,
+                               warmup=0, runs=2, progress=False)
+    result = bench.run_bench(config)
+    row = result["accuracy"][1]
+    assert row["max_abs_diff"] is None and row["cosine"] is None and row["shape_mismatch"] == ["y"]
+    strict_json(json.dumps(result))  # what cli.cmd_bench writes
+    assert strict_json(bench.to_json(result)) == strict_json(json.dumps(result))
+    table = bench.accuracy_table(result)
+    assert "shape differs" in table and "inf" not in table
+
+
+def test_non_finite_numbers_become_null():
+    value = {"a": float("inf"), "b": [np.float64("nan"), 1.5, np.float32(2.0)], "c": {"d": -float("inf"), "e": None, "f": "x"}}
+    assert bench.json_ready(value) == {"a": None, "b": [None, 1.5, 2.0], "c": {"d": None, "e": None, "f": "x"}}
+    with pytest.raises(ValueError):
+        json.dumps(value, allow_nan=False)
+    strict_json(bench.to_json(value))
+
+
+# --- --fp16 --per-layer profiles the float16 copies ------------------------------------------------
+
+def test_profile_names_of_a_float16_node_run_as_float32_are_traced_back():
+    """onnxruntime's CPU EP runs a float16 Conv as float32 between inserted casts, renaming its tensors
+    ``InsertedPrecisionFreeCast_<tensor>``: every layer of a float16 copy read 0 us."""
+    original, chain = tiny_chain_model(False), tiny_chain_model(True)
+    assert bench.original_node("InsertedPrecisionFreeCast_y_nchwc_kernel_time", original) == "conv"
+    assert bench.original_node("InsertedPrecisionFreeCast_conv_tucker_core_out_nchwc_kernel_time", chain) == "conv_tucker_core"
+    assert bench.original_node("InsertedPrecisionFreeCast_conv_tucker_in_out_kernel_time", chain) == "conv_tucker_in"
+
+
+def test_fp16_per_layer_profiles_the_float16_copies_that_are_timed(residual_pair, monkeypatch):
+    profiled = []
+    real = bench.profile_model
+    monkeypatch.setattr(bench, "profile_model", lambda path, *a, **k: profiled.append(Path(path).name) or real(path, *a, **k))
+    result = bench.run_bench(bench.BenchConfig(models=list(residual_pair), providers=["cpu"], batches=[2], threads=1, warmup=0,
+                                               runs=1, progress=False, fp16=True, per_layer=True))
+    assert profiled and all(name.startswith("fp16_") for name in profiled), profiled
+    [profile] = result["per_layer"]
+    assert profile["precision"] == "float16"
+    assert {row["layer"] for row in profile["layers"]} == {"block_conv", "down"}
+    assert all(row["original_us"] > 0 and row["chain_us"] > 0 for row in profile["layers"]), profile["layers"]
+    assert "float16 copies" in bench.per_layer_table(profile)
+
+
+# --- without --batch: the batch the models are exported for ----------------------------------------
+
+def test_without_a_batch_a_model_fixed_to_one_is_timed_at_it(tmp_path):
+    onnx.save(outputs_model([("y", "Relu", [2, 4])], batch=2), str(tmp_path / "b2.onnx"))
+    onnx.save(outputs_model([("y", "Relu", ["N", 4])]), str(tmp_path / "dynamic.onnx"))
+    config = bench.BenchConfig(models=[tmp_path / "b2.onnx", tmp_path / "dynamic.onnx"], providers=["cpu"], threads=1, warmup=0,
+                               runs=2, progress=False)
+    assert config.batches is None
+    result = bench.run_bench(config)
+    assert result["settings"]["batches"] == [2] and {r["batch"] for r in result["results"]} == {2}
+    assert bench.default_batches([tmp_path / "dynamic.onnx"], [onnx.load(str(tmp_path / "dynamic.onnx"))]) == [1]
+    with pytest.raises(bench.UsageError, match="--batch 1 cannot run it"):  # asked for: still refused
+        bench.run_bench(bench.BenchConfig(models=[tmp_path / "b2.onnx"], providers=["cpu"], batches=[1], runs=1, progress=False))
+
+
+def test_models_fixed_to_different_batches_are_one_line_error(tmp_path):
+    for batch in (2, 3):
+        onnx.save(outputs_model([("y", "Relu", [batch, 4])], batch=batch), str(tmp_path / f"b{batch}.onnx"))
+    config = bench.BenchConfig(models=[tmp_path / "b2.onnx", tmp_path / "b3.onnx"], providers=["cpu"], runs=1, progress=False)
+    with pytest.raises(bench.UsageError, match=r"^b2.onnx is exported for batch 2 only and b3.onnx for batch 3 only: no batch runs them all"):
+        bench.run_bench(config)
+
+
+def test_bench_cli_without_batch_times_a_fixed_batch_model_at_its_batch(tmp_path):
+    onnx.save(outputs_model([("y", "Relu", [2, 4])], batch=2), str(tmp_path / "b2.onnx"))
+    r = cli("bench", tmp_path / "b2.onnx", "--providers", "cpu", "--threads", "1", "--runs", "2", "--no-progress", "--json", "-")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["settings"]["batches"] == [2]
+    r = cli("bench", tmp_path / "b2.onnx", "--providers", "cpu", "--batch", "1", "--runs", "1", "--no-progress")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "--batch 1 cannot run it" in r.stderr
