@@ -327,6 +327,11 @@ def settings_of(opts: CompressOptions, report_decomposed: bool = True) -> dict:
         "refit": (opts.refit or "none") if opts.calibration else None,
         "rank_multiple": opts.rank_multiple,
         "force": opts.force,
+        # what else shaped the model: a distilled and an undistilled output recorded the same settings
+        "forms": list(opts.forms) if opts.forms else None,
+        "layers": list(opts.layers) if opts.layers else None,
+        "fold_affine": opts.fold_affine,
+        "distill": None if opts.distill is None else {k: v for k, v in opts.distill.items() if isinstance(v, (int, float, str, bool))},
     }
 
 

@@ -131,3 +131,14 @@ def test_api_options_of_the_wrong_shape_are_usage_errors(kwargs, needle):
     with pytest.raises(UsageError) as info:
         compress(residual_model(), **{k: v for k, v in kwargs.items() if v is not None or k != "ratio"})
     assert needle in str(info.value) and "\n" not in str(info.value)
+
+
+def test_the_recorded_settings_say_forms_layers_folding_and_distillation():
+    """The output's `onnx_tucker.settings` left out --forms, --layers, the folding and --distill: a distilled and an
+    undistilled model recorded the same settings."""
+    import json as _json
+
+    new, report = compress(residual_model(), ratio=0.5, forms=("spatial",), layers=("kxk",), fold_affine=False)
+    settings = _json.loads({p.key: p.value for p in new.metadata_props}["onnx_tucker.settings"])
+    assert (settings["forms"], settings["layers"], settings["fold_affine"], settings["distill"]) == (["spatial"], ["kxk"], False, None)
+    assert report.settings["forms"] == ["spatial"]
