@@ -216,6 +216,39 @@ def affine_model(dims: list, scale: np.ndarray, shift: np.ndarray, dtype: str):
     return model
 
 
+def dynamic_sizes(model, input_shapes: dict | None) -> dict:
+    """{input: its dims after the batch, as ``input_shapes`` gives them (None where it does not)} for each graph input
+    with a dynamic size after the batch: what a whole-model timing of a dynamic model depends on besides its bytes."""
+    from onnx_tucker.runtime import graph_inputs
+
+    sizes = {}
+    for vi in graph_inputs(model):
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+        if any(d is None or d <= 0 for d in dims[1:]):
+            given = (input_shapes or {}).get(vi.name)
+            sizes[vi.name] = [int(d) for d in given[1:]] if given else None
+    return sizes
+
+
+def _positive(value) -> bool:
+    import math
+
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+ENTRY_FIELDS = {"original": ("us",), "option": ("us", "ratio", "q3"),
+                "whole": ("runs", "original_ms", "compressed_ms", "speedup")}
+
+
+def valid_entry(key, entry) -> bool:
+    """Whether a cached entry holds the positive, finite numbers its kind is read for (:data:`ENTRY_FIELDS`): a
+    layer's original time, an option's time and ratios, a whole-model timing."""
+    if not isinstance(key, str) or not isinstance(entry, dict):
+        return False
+    kind = "whole" if "|whole|" in key else "original" if key.endswith("|original") else "option"
+    return all(_positive(entry.get(name)) for name in ENTRY_FIELDS[kind])
+
+
 # --- the table ---------------------------------------------------------------------------------------
 
 class LatencyTable:
@@ -237,6 +270,7 @@ class LatencyTable:
         self.warmup = int(WARMUP if warmup is None else warmup)
         self.min_seconds = MIN_SECONDS if min_seconds is None else float(min_seconds)
         self.path = Path(path) if path is not None else None
+        self.dropped = 0  # damaged entries the file held when this table loaded it (measured again)
         self.entries: dict[str, dict] = self._load()
         self.measured = 0
         self.unsaved: str | None = None  # why the file could not be written, once it could not
@@ -254,13 +288,26 @@ class LatencyTable:
         return f"{self._prefix()}|{layer_signature(site, self.batch)}|{what}"
 
     def _load(self) -> dict:
+        """The file's entries, or {} when there is no file. A damaged cache is measured again, not an error: a file
+        that cannot be read or parsed, or of another schema, gives {}; under this schema, entries that are not an
+        object give {}, and each entry without the numbers its kind needs (:func:`valid_entry`) is dropped, counted
+        in ``dropped`` (the report's note), and measured again when wanted."""
+        self.dropped = 0
         if self.path is None or not self.path.is_file():
             return {}
         try:
             data = json.loads(self.path.read_text())
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             return {}  # a damaged cache is measured again, not an error
-        return data.get("entries", {}) if isinstance(data, dict) and data.get("schema") == SCHEMA else {}
+        if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+            return {}
+        entries = data.get("entries")
+        if not isinstance(entries, dict):
+            self.dropped = len(entries) if isinstance(entries, list) else int(entries is not None)
+            return {}
+        kept = {k: v for k, v in entries.items() if valid_entry(k, v)}
+        self.dropped = len(entries) - len(kept)
+        return kept
 
     def save(self) -> None:
         """Merge into the file (another run may have added entries since this one loaded). A file that cannot be
@@ -271,7 +318,9 @@ class LatencyTable:
 
         if self.path is None or self.unsaved:
             return
+        dropped = self.dropped
         entries = self._load()
+        self.dropped = dropped  # what this table found when it loaded, not what the merge found
         entries.update(self.entries)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -294,16 +343,21 @@ class LatencyTable:
             return None
         return entry | {"original_us": original, "cost_us": entry["ratio"] * original}
 
-    def whole_models(self, original, compressed) -> dict:
+    def whole_models(self, original, compressed, input_shapes: dict | None = None) -> dict:
         """:func:`time_models` of the two whole models on this table's provider and batch, cached by both models'
-        bytes (a rerun that writes the same model times nothing; ``cached`` says which it was)."""
+        bytes and, for a model with dynamic sizes, the sizes it is fed at (``input_shapes``: {input: dims}, from
+        ``--input-shape`` or the calibration arrays); a rerun that writes the same model times nothing (``cached``
+        says which it was)."""
         import hashlib
 
         digest = "|".join(hashlib.sha256(m.SerializeToString()).hexdigest()[:24] for m in (original, compressed))
         key = f"{self._prefix()}|whole|{digest}"
+        sizes = dynamic_sizes(original, input_shapes)
+        if sizes:
+            key += "|input " + json.dumps(sizes, sort_keys=True)
         if key in self.entries:
             return self.entries[key] | {"cached": True}
-        measured = time_models(original, compressed, self.provider, self.batch, self.threads)
+        measured = time_models(original, compressed, self.provider, self.batch, self.threads, input_shapes=input_shapes)
         self.entries[key] = measured
         self.save()
         return measured | {"cached": False}
@@ -361,9 +415,11 @@ class LatencyTable:
 
 # --- uses of the table -------------------------------------------------------------------------------
 
-def snapshot(table: LatencyTable, model, sites: list, shapes: dict | None = None, runs: int = 20) -> dict:
-    """The whole model, each site's original layer and its foldable Mul/Add (:func:`foldable_affine`, with
-    ``shapes``), timed together, interleaved, at the table's batch: {"whole_us", "layers": {name: (layer us,
+def snapshot(table: LatencyTable, model, sites: list, shapes: dict | None = None, runs: int = 20,
+             input_shapes: dict | None = None) -> dict:
+    """The whole model (fed at ``input_shapes``, {input: dims}, where its sizes are dynamic), each site's original
+    layer and its foldable Mul/Add (:func:`foldable_affine`, with ``shapes``: the inferred tensor shapes), timed
+    together, interleaved, at the table's batch: {"whole_us", "layers": {name: (layer us,
     affine us)}, "fixed_us"}. Absolute times drift with the load of a shared machine; times taken in the same
     iterations do not drift apart, so the part of the model outside the sites (``fixed_us`` = whole minus the
     layers and affines) is measured, not a difference of two moments."""
@@ -375,7 +431,7 @@ def snapshot(table: LatencyTable, model, sites: list, shapes: dict | None = None
     fixed = fixed_batch(model)
     if fixed and fixed != table.batch:
         raise UsageError(f"the model is exported for batch {fixed} only: --latency-batch {table.batch} cannot run it")
-    models, feeds, slots = [model], [timing_feeds(model, table.batch)], []
+    models, feeds, slots = [model], [timing_feeds(model, table.batch, shapes=input_shapes)], []
     for site in sites:
         models.append(layer_model(site, table.batch))
         feeds.append(None)
@@ -464,8 +520,9 @@ def resolve_multiple(sites: list, provider: str = "cpu", batch: int = 1, path=No
 
 
 def time_models(original, compressed, provider: str = "cpu", batch: int = 1, threads: int | None = None, runs: int = 40,
-                warmup: int = 5) -> dict:
-    """Whole-model latency of the two models, interleaved: medians (ms) and the paired median speedup."""
+                warmup: int = 5, input_shapes: dict | None = None) -> dict:
+    """Whole-model latency of the two models, interleaved: medians (ms) and the paired median speedup. ``input_shapes``
+    ({input: dims}, the batch there replaced by ``batch``) gives the sizes a model with dynamic sizes is fed at."""
     from onnx_tucker.bench import bind, open_session, paired_speedup, time_interleaved, timing_feeds
     from onnx_tucker.capture import fixed_batch
     from onnx_tucker.errors import UsageError
@@ -476,7 +533,7 @@ def time_models(original, compressed, provider: str = "cpu", batch: int = 1, thr
         raise UsageError(f"the model is exported for batch {fixed} only: --latency-batch {batch} cannot run it")
     threads = threads or min(2, os.cpu_count() or 1)
     chosen = get(provider)
-    feeds = timing_feeds(original, batch)
+    feeds = timing_feeds(original, batch, shapes=input_shapes)
     with tempfile.TemporaryDirectory(prefix="onnx-tucker-latency-") as folder:
         runners = []
         for index, model in enumerate((original, compressed)):

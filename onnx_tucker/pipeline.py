@@ -109,7 +109,8 @@ def _feedback(model: onnx.ModelProto, opts: CompressOptions) -> tuple[onnx.Model
     # repeat it, with more pairs, before replanning on it.
     from onnx_tucker.latency_table import time_models
 
-    confirm = time_models(model, first[0], latency["provider"], latency["batch"], runs=CONFIRM_RUNS)
+    confirm = time_models(model, first[0], latency["provider"], latency["batch"], runs=CONFIRM_RUNS,
+                          input_shapes=opts.input_shapes)
     confirmed = confirm | {"first_measured": measured}
     repeat_note = (f"latency feedback: the first plan measured {measured:.3f} x the original, outside "
                    f"[{(1 - FEEDBACK_SLACK) * target:.3f}, {target:.3f}]; a repeat of {CONFIRM_RUNS} interleaved pairs "
@@ -124,14 +125,23 @@ def _feedback(model: onnx.ModelProto, opts: CompressOptions) -> tuple[onnx.Model
     memo["planned_target"] = min(1.0, FEEDBACK_AIM * target / correction)
     memo["correction"] = correction
     try:
-        second = _compress(model, opts, memo)
+        second = _compress(model, opts, memo)  # on the first plan's table (memo["table"]): its count goes on
     except UsageError as exc:  # the corrected target cannot be planned: keep the first
         latency["confirmed"] = confirmed
+        latency["timed_layer_models"] = memo["table"].measured
         first[1].notes += [repeat_note, f"no second plan with the measured correction ({first_line(exc)})"]
         _set_metadata(first[0], first[1])
         return first
     again = 1 / second[1].latency["measured"]["speedup"]
     keep = second if again <= target or (measured > target and again < measured) else first
+    # the kept report speaks for the whole run: every one-layer model timed (both plans share one table), and,
+    # when it is the second, the first plan's phases too (its curves, statistics and snapshot are the second's)
+    keep[1].latency["timed_layer_models"] = memo["table"].measured
+    if keep is second:
+        merged = dict(first[1].timings)
+        for name, seconds in second[1].timings.items():
+            merged[name] = merged.get(name, 0.0) + seconds
+        second[1].timings = merged
     keep[1].notes.append(repeat_note)
     keep[1].latency["confirmed"] = confirmed
     keep[1].notes.append(
@@ -171,7 +181,11 @@ def _compress(model: onnx.ModelProto, opts: CompressOptions, memo: dict | None =
     if (opts.latency_aware or opts.target_latency is not None or opts.rank_multiple == "auto") and eligible:
         from onnx_tucker.latency_table import LatencyTable, default_path
 
-        table = LatencyTable(opts.latency_table or default_path(), opts.provider, opts.latency_batch)
+        table = memo.get("table") if memo is not None else None  # a second plan (--target-latency) reuses the first's
+        if table is None:
+            table = LatencyTable(opts.latency_table or default_path(), opts.provider, opts.latency_batch)
+        if memo is not None:
+            memo["table"] = table
         report.latency = {"provider": table.provider, "device": table.device, "onnxruntime": table.ort_version,
                           "batch": table.batch, "table": str(table.path), "layers": {}}
     if opts.rank_multiple == "auto":
@@ -303,8 +317,11 @@ def _compress(model: onnx.ModelProto, opts: CompressOptions, memo: dict | None =
                                                 "left_whole": {k: list(v) for k, v in left_whole.items()}}
         if opts.target_latency is not None or opts.latency_aware:
             with report.phase("latency"):
-                _measure_whole(model, new_model, table, report)
+                _measure_whole(model, new_model, table, report, opts.input_shapes)
         report.latency["timed_layer_models"] = table.measured  # 0: every per-layer time came from the cache
+        if table.dropped:
+            report.notes.append(f"the latency table {table.path} held {table.dropped} damaged entr"
+                                f"{'y' if table.dropped == 1 else 'ies'}: measured again where needed")
         if table.unsaved:
             report.notes.append(f"the latency table was not saved ({table.unsaved}): its timings served this run only")
     _set_metadata(new_model, report)
@@ -338,9 +355,10 @@ def _latency_verdict(table, site, ranks, record, report, left_whole: dict, stric
             "inside the noise, left whole")
 
 
-def _measure_whole(model, new_model, table, report) -> None:
-    """Predicted (table) and measured (interleaved medians) whole-model latency, side by side in the report."""
-    measured = table.whole_models(model, new_model)
+def _measure_whole(model, new_model, table, report, input_shapes: dict | None = None) -> None:
+    """Predicted (table) and measured (interleaved medians) whole-model latency, side by side in the report
+    (``input_shapes``: the sizes a model with dynamic sizes is fed at, as its layers were timed)."""
+    measured = table.whole_models(model, new_model, input_shapes)
     latency = report.latency
     latency["measured"] = measured
     prediction = latency.get("prediction")
@@ -537,7 +555,7 @@ def _plan_latency(sites, opts, fixed_macs, model, covariances, report, table, me
         except Unsupported as exc:
             raise ModelError(f"a target latency needs the measured distortion curves, unavailable here: {exc}") from None
         shapes = infer_shapes(model, opts.input_shapes) if opts.fold_affine else None  # the folded Mul/Add count with their layer
-        memo["snap"] = snapshot(table, model, sites, shapes)
+        memo["snap"] = snapshot(table, model, sites, shapes, input_shapes=opts.input_shapes)
         memo["costs"] = option_costs(table, sites, memo["curves"]["curves"], memo["snap"])
     measured, snap, costs = memo["curves"], memo["snap"], memo["costs"]
     target = memo.get("planned_target", opts.target_latency)

@@ -257,3 +257,122 @@ def test_the_latency_table_flag_is_checked_like_every_output(tmp_path, capsys):
         assert main([str(model), str(tmp_path / "out.onnx"), "--rank-multiple", "auto", *extra]) == 2
         assert "onnx-tucker: error:" in capsys.readouterr().err
     assert link.is_symlink() and real.read_text() == "" and not (tmp_path / "out.onnx").exists()
+
+
+def _quick_timing(monkeypatch):
+    import onnx_tucker.latency_table as latency_table
+
+    monkeypatch.setattr(latency_table, "RUNS", 3)
+    monkeypatch.setattr(latency_table, "MIN_SECONDS", 0.0)
+
+
+def test_latency_checks_time_a_model_with_dynamic_sizes_at_its_given_shape(tmp_path, monkeypatch, capsys):
+    """--latency-aware and --target-latency on a model with a dynamic height and width always failed, even with
+    --input-shape or a calibration set that sizes it ("input 'x' has an unknown dimension 2"): the whole-model
+    timings (the check, the snapshot, the confirming repeat) fed the model without those sizes. They are fed at
+    them, the per-layer entries are keyed at them, and the whole-model cache key holds them: another size is timed
+    again, not served a timing made at another size."""
+    _quick_timing(monkeypatch)
+    model = conv_model(c_in=32, c_out=64, spatial=("H", "W"))  # big enough for chains to pay
+    src, table = tmp_path / "dyn.onnx", tmp_path / "t.json"
+    onnx.save(model, str(src))
+    code = main([str(src), str(tmp_path / "out.onnx"), "--ratio", "0.5", "--force", "--input-shape", "1x32x24x24",
+                 "--latency-aware", "--latency-table", str(table), "--report", str(tmp_path / "r.json")])
+    assert code == 0, capsys.readouterr().err
+    first = json.loads((tmp_path / "r.json").read_text())["latency"]
+    assert first["measured"]["cached"] is False and first["measured"]["speedup"] > 0
+    entries = json.loads(table.read_text())["entries"]
+    layer_keys = [k for k in entries if k.endswith("|original")]
+    assert layer_keys and all('"input": [1, 32, 24, 24]' in k for k in layer_keys)
+    whole_keys = [k for k in entries if "|whole|" in k]
+    assert len(whole_keys) == 1 and '"x": [32, 24, 24]' in whole_keys[0]
+    path = str(table)
+    _, same = compress(model, ratio=0.5, force=True, latency_aware=True, latency_table=path, input_shapes={"x": [1, 32, 24, 24]})
+    assert same.latency["measured"]["cached"] is True and same.latency["timed_layer_models"] == 0
+    _, bigger = compress(model, ratio=0.5, force=True, latency_aware=True, latency_table=path, input_shapes={"x": [1, 32, 32, 32]})
+    assert bigger.latency["measured"]["cached"] is False  # not the 24x24 timing
+    assert bigger.latency["timed_layer_models"] > 0  # nor the 24x24 layers
+    # --target-latency: the snapshot, and a first measurement's repeat (scripted as a miss), at the given size too
+    import onnx_tucker.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "CONFIRM_RUNS", 5)
+    calls = _scripted_whole_timing(monkeypatch, 0.9, [1.3, 1.3, 0.9])
+    cal = {"x": np.random.default_rng(0).standard_normal((32, 32, 24, 24)).astype(np.float32)}
+    new, report = compress(model, target_latency=0.9, calibration=cal, input_shapes={"x": [1, 32, 24, 24]},
+                           latency_table=path)
+    assert report.latency["prediction"]["target"] == 0.9 and report.latency["confirmed"] and calls[1] == 5
+
+
+@pytest.mark.parametrize("damage, dropped", [
+    (lambda e: [], 0),
+    (lambda e: "entries", 1),
+    (lambda e: {k: ({"runs": 3} if k.endswith("|original") else v) for k, v in e.items()}, "original"),
+    (lambda e: {k: ({"us": float("nan"), "runs": 3} if k.endswith("|original") else v) for k, v in e.items()}, "original"),
+    (lambda e: {k: (v | {"ratio": "fast"} if "ratio" in v else v) for k, v in e.items()}, "option"),
+    (lambda e: {k: ([1, 2] if "ratio" in v else v) for k, v in e.items()}, "option"),
+    (lambda e: {k: (v | {"speedup": 0} if "|whole|" in k else v) for k, v in e.items()}, "whole"),
+    (lambda e: {k: None for k in e}, "all"),
+], ids=["entries-a-list", "entries-a-string", "no-us", "nan-us", "ratio-a-string", "option-a-list", "speedup-0", "all-null"])
+def test_a_damaged_table_of_this_schema_is_measured_again(tmp_path, monkeypatch, damage, dropped):
+    """A table that carries the tool's schema but damaged entries (not an object; an entry without its numbers, of
+    the wrong type, or not positive and finite) was an internal AttributeError, KeyError, TypeError or
+    ZeroDivisionError. It is a cache: the damaged entries are dropped and measured again, a note says so, and the
+    file is written back whole."""
+    from onnx_tucker.latency_table import SCHEMA, valid_entry
+
+    _quick_timing(monkeypatch)
+    model = residual_model(channels=16, spatial=(8, 8))
+    path = tmp_path / "t.json"
+    compress(model, ratio=0.5, latency_aware=True, latency_table=str(path))
+    entries = json.loads(path.read_text())["entries"]
+    assert entries and all(valid_entry(k, v) for k, v in entries.items())
+    damaged = damage(entries)
+    path.write_text(json.dumps({"schema": SCHEMA, "entries": damaged}))
+    if isinstance(dropped, str):
+        dropped = sum(damaged[k] != v for k, v in entries.items())
+        assert dropped > 0
+    table = LatencyTable(path)
+    assert table.dropped == dropped and all(valid_entry(k, v) for k, v in table.entries.items())
+    new, report = compress(model, ratio=0.5, latency_aware=True, latency_table=str(path))
+    onnx.checker.check_model(new)
+    assert report.latency["measured"]["speedup"] > 0
+    assert all(r.original_us > 0 and r.chain_us > 0 for r in report.layers if r.layer in report.latency["layers"])
+    notes = [n for n in report.notes if "damaged" in n]
+    assert len(notes) == (1 if dropped else 0) and all(f"held {dropped} damaged" in n for n in notes)
+    again = LatencyTable(path)
+    assert again.dropped == 0 and len(again.entries) >= len(entries)  # written back whole
+
+
+def test_a_kept_second_plan_reports_every_layer_model_timed_in_the_run(tmp_path, monkeypatch):
+    """--target-latency whose feedback keeps the second plan reported latency.timed_layer_models 0 on a fresh table:
+    the second plan ran on a new table that counted only its own timings (none: the first had cached them all), and
+    its time line lacked the first plan's phases. Both plans share one table, the kept report counts every one-layer
+    model timed in the run, and its phases hold the first plan's time too."""
+    import onnx_tucker.pipeline as pipeline
+
+    _quick_timing(monkeypatch)
+    monkeypatch.setattr(pipeline, "CONFIRM_RUNS", 5)
+    monkeypatch.setattr(pipeline, "FEEDBACK_AIM", 1.0)  # the corrected plan aims barely under the first: reachable
+    target = 0.97
+    _scripted_whole_timing(monkeypatch, target, [1.02, 1.02, 0.95])  # a confirmed miss, then a second plan that meets it
+    timed, real_time = [], LatencyTable._time
+
+    def counting(self, models, *args, **kwargs):
+        timed.append(len(models))
+        return real_time(self, models, *args, **kwargs)
+
+    monkeypatch.setattr(LatencyTable, "_time", counting)
+    plans, real_compress = [], pipeline._compress
+
+    def spy(*args, **kwargs):
+        result = real_compress(*args, **kwargs)
+        plans.append(dict(result[1].timings))
+        return result
+
+    monkeypatch.setattr(pipeline, "_compress", spy)
+    model = residual_model(channels=64, spatial=(16, 16))
+    cal = {"x": np.random.default_rng(0).standard_normal((48, 3, 16, 16)).astype(np.float32)}
+    new, report = compress(model, target_latency=target, calibration=cal, latency_table=str(tmp_path / "t.json"))
+    assert len(plans) == 2 and report.latency["feedback"]["kept"] == "second"
+    assert sum(timed) > 0 and report.latency["timed_layer_models"] == sum(timed)
+    assert all(report.timings[phase] >= seconds for phase, seconds in plans[0].items())
