@@ -560,7 +560,8 @@ def _distill(torch, TorchGraph, original, compressed, feeds, trainable, n, *, st
         "train_fit": {"samples": len(fit_idx), "before": fit_before, "after": fit_after} if n_hold else None,
         "check_curve": check_curve, "returned": best[2], "outputs": kinds, "feature_weight": feature_weight, "features": len(features),
         "reconstruct": local, "reconstructed": reconstructed,
-        "distilled_from": "reconstructed" if start is rebuilt else "compressed",
+        # reconstruct() returns the compressed model itself when it kept no unit: then the start was that one
+        "distilled_from": "reconstructed" if rebuilt is not None and start is rebuilt and start is not compressed else "compressed",
         "loss": _curve(losses), "train_seconds": round(train_seconds, 2),
         "seconds": round(time.perf_counter() - started, 2),
     }

@@ -10,6 +10,11 @@ After: ``a * (W x + c) + b`` is ``(diag(a) W) x + (a c + b)``, exact for any con
 padding to respect): a Mul, Add, Sub (constant second input) or inference BatchNormalization reading only the
 chain's output, as an exporter leaves an unfolded BatchNorm. The ops vanish from the written model instead of
 depending on the runtime's optimizer to fuse them.
+
+Only true constants fold: an initializer also listed in ``graph.input`` (IR >= 4, as
+``torch.onnx.export(..., keep_initializers_as_inputs=True)`` writes every weight) is a default the user may
+override at run time, so an op reading one is left as it is, and a conv whose weight or bias is one is not
+changed. Folding never changes the model's inputs.
 """
 from __future__ import annotations
 
@@ -48,6 +53,21 @@ def fold_affine_into_chains(model: onnx.ModelProto, chains: list) -> list[str]:
     if folded:
         _drop_unused(model)
     return folded
+
+
+def _constants(model: onnx.ModelProto) -> Initializers:
+    """The initializers folding may treat as constants: not those also listed as graph inputs (overridable)."""
+    inits = Initializers(model)
+    overridable = {i.name for i in model.graph.input}
+    inits.by_name = {name: init for name, init in inits.by_name.items() if name not in overridable}
+    return inits
+
+
+def _taken(model: onnx.ModelProto) -> set[str]:
+    """Every name a new initializer must not take: initializers (overridable ones too), graph inputs, node outputs."""
+    graph = model.graph
+    return ({i.name for i in graph.initializer} | {i.name for i in graph.input} | {o.name for o in graph.output}
+            | {o for n in graph.node for o in n.output})
 
 
 def _through_identity(model, inits, name: str) -> str:
@@ -94,9 +114,12 @@ def _fold_after(model, chain) -> bool:
     last = nodes.get(chain.nodes[chain.last_role])
     if last is None or last.op_type != "Conv":
         return False
-    inits = Initializers(model)
-    if len(consumers(model, last.input[1])) != 1:
-        return False  # a weight two chains share (identical layers) would be scaled for both
+    inits = _constants(model)
+    if last.input[1] not in inits or len(consumers(model, last.input[1])) != 1:
+        return False  # an overridable weight, or one two chains share (identical layers): it would be scaled for both
+    has_bias = len(last.input) > 2 and bool(last.input[2])
+    if has_bias and last.input[2] not in inits:
+        return False  # an overridable (or computed) bias: not ours to change
     w = inits.array(last.input[1])
     channels = w.shape[0]
     graph_outputs = {o.name for o in model.graph.output}
@@ -113,14 +136,14 @@ def _fold_after(model, chain) -> bool:
         tensor = readers[0].output[0]
     if not ops:
         return False
-    bias = inits.array(last.input[2]).astype(np.float64) if len(last.input) > 2 and last.input[2] else np.zeros(channels)
+    bias = inits.array(last.input[2]).astype(np.float64) if has_bias else np.zeros(channels)
     inits.set(last.input[1], (w.astype(np.float64) * scale.reshape(-1, *([1] * (w.ndim - 1)))).astype(w.dtype))
     new_bias = (bias * scale + shift).astype(w.dtype)
-    if len(last.input) > 2 and last.input[2] and len(consumers(model, last.input[2])) == 1:
+    if has_bias and len(consumers(model, last.input[2])) == 1:
         inits.set(last.input[2], new_bias)
         bias_name = last.input[2]
     else:
-        bias_name = unique_name(f"{chain.nodes[chain.last_role]}_B", set(inits.by_name))
+        bias_name = unique_name(f"{chain.nodes[chain.last_role]}_B", _taken(model))
         model.graph.initializer.add().CopyFrom(onnx.numpy_helper.from_array(new_bias, bias_name))
     while len(last.input) < 3:
         last.input.append("")
@@ -145,7 +168,9 @@ def _fold_one(model, chain) -> bool:
         return False
     producers = {o: n for n in model.graph.node for o in n.output}
     graph_outputs = {o.name for o in model.graph.output}
-    inits = Initializers(model)
+    inits = _constants(model)
+    if first.input[1] not in inits:
+        return False  # an overridable weight: not ours to change
     w = inits.array(first.input[1])
     channels = w.shape[1]
     pool, tensor = None, first.input[0]
@@ -181,7 +206,7 @@ def _fold_one(model, chain) -> bool:
     new_w = w64 * scale.reshape(1, -1, *([1] * (w.ndim - 2)))
     new_b = w64.reshape(w.shape[0], w.shape[1]) @ shift
     inits.set(first.input[1], new_w.astype(w.dtype))
-    bias_name = unique_name(f"{chain.nodes['first']}_B", set(inits.by_name))
+    bias_name = unique_name(f"{chain.nodes['first']}_B", _taken(model))
     model.graph.initializer.add().CopyFrom(onnx.numpy_helper.from_array(new_b.astype(w.dtype), bias_name))
     if pool is not None:
         pool.input[0] = x  # the max now runs on the raw activations
@@ -199,7 +224,8 @@ def _fold_one(model, chain) -> bool:
 
 
 def _drop_unused(model: onnx.ModelProto) -> None:
-    """Drop Identity nodes nobody reads any more (they fed a folded BatchNorm its statistics), then initializers."""
+    """Drop Identity nodes nobody reads any more (they fed a folded BatchNorm its statistics), then initializers.
+    An initializer listed as a graph input stays: dropping it alone would leave an input the user must feed."""
     outputs = {o.name for o in model.graph.output}
     while True:
         read = {i for n in model.graph.node for i in n.input} | outputs
@@ -209,7 +235,7 @@ def _drop_unused(model: onnx.ModelProto) -> None:
         keep = [n for n in model.graph.node if all(n is not d for d in dead)]
         del model.graph.node[:]
         model.graph.node.extend(keep)
-    used = {i for n in model.graph.node for i in n.input} | outputs
+    used = {i for n in model.graph.node for i in n.input} | outputs | {i.name for i in model.graph.input}
     keep = [i for i in model.graph.initializer if i.name in used]
     del model.graph.initializer[:]
     model.graph.initializer.extend(keep)

@@ -213,6 +213,13 @@ def prefix_model(model: onnx.ModelProto, names: list[str], types: dict[str, int]
     keep = [init for init in graph.initializer if init.name in used]
     del prefix.graph.initializer[:]
     prefix.graph.initializer.extend(keep)
+    # An initializer also listed as a graph input (overridable, IR >= 4) goes with its input entry: left alone,
+    # the entry would be an input the prefix needs fed. The real inputs all stay (the callers feed them all).
+    dropped = {init.name for init in graph.initializer} - {init.name for init in keep}
+    if dropped & {i.name for i in graph.input}:
+        inputs = [i for i in graph.input if i.name not in dropped]
+        del prefix.graph.input[:]
+        prefix.graph.input.extend(inputs)
     del prefix.graph.output[:]
     known = {o.name: o for o in graph.output}
     types = _types_for(model, [n for n in names if n not in known], types)

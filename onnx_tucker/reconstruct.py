@@ -283,7 +283,7 @@ def reconstruct(original: onnx.ModelProto, compressed: onnx.ModelProto, chains: 
         for _ in range(steps):
             idx = torch.randint(0, m, (b,), generator=generator).to(dev)
             out = block(*[x[idx] for x in x_train])[0]
-            loss = ((out - y_train[idx]) ** 2).mean() / max(scale, 1e-30)
+            loss = ((out.float() - y_train[idx].float()) ** 2).mean() / max(scale, 1e-30)  # float32 for a float16 model too
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if not math.isfinite(float(loss.detach())):

@@ -170,10 +170,30 @@ def _resize(ins, a, opset):
     if mode == "nearest" and coords == "asymmetric" and a.get("nearest_mode", "round_prefer_floor" if opset >= 11 else "floor") == "floor":
         return F.interpolate(x, mode="nearest", **target)
     if mode == "linear" and nd in _RESIZE_LINEAR and coords in ("half_pixel", "pytorch_half_pixel", "align_corners"):
+        if coords == "pytorch_half_pixel":  # an output axis of length 1 reads input coordinate 0 (the spec), not the centre
+            x, target = _resize_to_first(x, target)
         return F.interpolate(x, mode=_RESIZE_LINEAR[nd], align_corners=coords == "align_corners", **target)
     raise ModelError(f"torch executor: Resize mode '{mode}' with coordinate_transformation_mode '{coords}'"
                      + (f" and nearest_mode '{a.get('nearest_mode', 'round_prefer_floor')}'" if mode == "nearest" else "")
                      + " is not supported")
+
+
+def _resize_to_first(x, target: dict):
+    """For ``pytorch_half_pixel``: each spatial axis whose output has length 1 is cut to the input's first slice
+    (coordinate 0, as the spec maps it; the half-pixel centre otherwise) and resized 1 -> 1 there."""
+    if "size" in target:
+        outs = list(target["size"])
+    else:
+        outs = [int(math.floor(n * f)) for n, f in zip(x.shape[2:], target["scale_factor"])]
+    ones = [i for i, n in enumerate(outs) if n == 1]
+    if not ones:
+        return x, target
+    for i in ones:
+        x = x.narrow(2 + i, 0, 1)
+    if "size" in target:
+        return x, target
+    factors = [1.0 if i in ones else f for i, f in enumerate(target["scale_factor"])]
+    return x, {**target, "scale_factor": factors}
 
 
 def _pool_geometry(x, a):
@@ -580,6 +600,11 @@ class TorchGraph(torch.nn.Module):
     ``inputs``: tensor names to feed instead of the graph inputs (the graph is cut there: nothing
     that produces them runs; default: the graph inputs). ``forward`` takes the inputs positionally
     (in that order) or by name and returns a tuple of tensors in ``outputs`` order.
+
+    A trainable float16 initializer is a float32 master parameter, cast to its own type where
+    the graph reads it: an optimizer stepping float16 values directly breaks down (Adam's epsilon 1e-8 is 0 in
+    float16 and its squared gradients underflow, so the first step writes NaN). :meth:`trained_arrays` and
+    :meth:`write_back` give the values in the initializer's own type.
     """
 
     def __init__(self, model: onnx.ModelProto, trainable: Iterable[str] = (), outputs: Sequence[str] | None = None,
@@ -620,6 +645,7 @@ class TorchGraph(torch.nn.Module):
         self.fixed_batch = fixed_batch(model)
         self._keys: dict[str, str] = {}  # ONNX tensor name -> attribute name on this module
         self._trainable = trainable
+        self._cast: dict[str, torch.dtype] = {}  # trainable name -> its own type, where its master is float32
         for init in graph.initializer:
             value = _to_tensor(numpy_helper.to_array(init))
             key = f"t{len(self._keys)}"
@@ -627,6 +653,9 @@ class TorchGraph(torch.nn.Module):
             if init.name in trainable:
                 if not value.is_floating_point():
                     raise UsageError(f"trainable initializer '{init.name}' is not a float tensor")
+                if value.dtype == torch.float16:
+                    self._cast[init.name] = value.dtype
+                    value = value.float()
                 self.register_parameter(key, torch.nn.Parameter(value))
             else:
                 self.register_buffer(key, value)
@@ -699,6 +728,8 @@ class TorchGraph(torch.nn.Module):
     def _run(self, env: dict) -> tuple[torch.Tensor, ...]:
         for name, key in self._keys.items():
             env[name] = getattr(self, key)
+        for name, dtype in self._cast.items():  # float32 masters, read in their own type
+            env[name] = env[name].to(dtype)
         for (fn, attrs, ins, outs, op_type, name), release in zip(self._steps, self._release):
             values = [env[n] if n else None for n in ins]
             result = fn(values, attrs, self.opset)
@@ -713,12 +744,13 @@ class TorchGraph(torch.nn.Module):
     # -- parameters back to ONNX -----------------------------------------------------------------
 
     def onnx_parameters(self) -> dict[str, torch.nn.Parameter]:
-        """The trainable initializers, by ONNX name."""
+        """The trainable initializers (what an optimizer steps: float32 masters of float16 ones), by ONNX name."""
         return {name: getattr(self, self._keys[name]) for name in self._trainable}
 
     def trained_arrays(self) -> dict[str, np.ndarray]:
-        """Current values of the trainable initializers as numpy arrays, by ONNX name."""
-        return {name: p.detach().cpu().numpy().copy() for name, p in self.onnx_parameters().items()}
+        """Current values of the trainable initializers as numpy arrays in their own type (a float16 one's float32
+        master rounded to float16: a value past float16's range is inf here, as it would be in the model), by ONNX name."""
+        return {name: p.detach().to(self._cast.get(name, p.dtype)).cpu().numpy().copy() for name, p in self.onnx_parameters().items()}
 
     def write_back(self, model: onnx.ModelProto) -> onnx.ModelProto:
         """A copy of ``model`` with the trainable initializers' current values (nothing else changes)."""

@@ -293,6 +293,67 @@ def test_keep_worse_returns_the_trained_weights_anyway():
     assert init_arrays(model)["conv2_tucker_core_W"].tolist() != init_arrays(compressed)["conv2_tucker_core_W"].tolist()
 
 
+# --- float16 models and overridable initializers -----------------------------------------------------------
+
+
+def _float16(model):
+    from onnx_tucker.precision import to_float16
+
+    model = to_float16(model)  # float16 weights and activations, float32 inputs and outputs (a Cast at each end)
+    # the converter appends its Casts after the nodes that read them: put them in graph order again
+    known = {i.name for i in model.graph.input} | {i.name for i in model.graph.initializer}
+    todo, order = list(model.graph.node), []
+    while todo:
+        node = next(n for n in todo if all(not t or t in known for t in n.input))
+        todo.remove(node)
+        order.append(node)
+        known.update(node.output)
+    del model.graph.node[:]
+    model.graph.node.extend(order)
+    return model
+
+
+@needs_torch
+def test_a_float16_model_distils_in_float32_masters_and_stays_float16():
+    """Adam stepping float16 values directly wrote NaN on its first step (epsilon 1e-8 is 0 in float16): the
+    global phase always diverged and the model came back unchanged. Both phases train float32 masters."""
+    original, compressed = (_float16(m) for m in tiny_pair())
+    assert {i.data_type for i in compressed.graph.initializer} == {TensorProto.FLOAT16}
+    feeds = feeds_for(original)
+    model, stats = _distill(original, compressed, feeds, reconstruct_steps=150)
+    assert not stats["diverged"] and stats["steps"] == stats["steps_asked"] == STEPS, stats
+    (row,) = stats["reconstruct"]["chains"]
+    assert row["kept"] and row["after"] < 0.9 * row["before"], row  # the local phase's held-out error falls
+    assert stats["kept"] and stats["returned"] in ("distilled", "reconstructed")
+    best = stats["after"] if stats["returned"] == "distilled" else stats["reconstructed"]
+    assert best["kl"] < stats["before"]["kl"]
+    assert strip_values(model) == strip_values(compressed)  # every initializer keeps its float16 type
+    arrays = init_arrays(model)
+    assert all(a.dtype == np.float16 and np.all(np.isfinite(a)) for a in arrays.values())
+    assert not np.array_equal(arrays["conv2_tucker_core_W"], init_arrays(compressed)["conv2_tucker_core_W"])
+    assert np.all(np.isfinite(run_model(model, feeds_for(original, n=64, seed=5))[0]))
+
+
+def _overridable(model):
+    """``model`` with every initializer also a graph input (IR >= 4), as torch.onnx.export writes it with
+    keep_initializers_as_inputs=True."""
+    model.graph.input.extend(helper.make_tensor_value_info(i.name, i.data_type, list(i.dims)) for i in model.graph.initializer)
+    return model
+
+
+@needs_torch
+def test_initializers_that_are_also_graph_inputs_distil_with_the_reconstruction_on():
+    """The reconstruction's prefix models kept every graph input while dropping initializers: the sessions it
+    built wanted the weights of the rest of the model fed ("Required inputs ... are missing")."""
+    original, compressed = (_overridable(m) for m in tiny_pair())
+    model, stats = _distill(original, compressed, feeds_for(original), reconstruct_steps=60)
+    assert stats["reconstruct"]["chains"] and stats["reconstruct"]["kept"] == 1, stats["reconstruct"]
+    assert stats["kept"]
+    assert strip_values(model) == strip_values(compressed)  # the inputs stay as they were
+    fresh = feeds_for(original, n=64, seed=5)
+    assert run_model(model, fresh)[0].shape == (64, 6)
+
+
 # --- helpers ---------------------------------------------------------------------------------------------
 
 

@@ -153,3 +153,34 @@ def test_unfolded_batchnorm_of_a_torch_export_is_folded_after_the_chain(tmp_path
     assert sum(n.op_type == "BatchNormalization" for n in folded.graph.node) == 1  # the stem's stays: it is left whole
     read = {i for n in folded.graph.node for i in n.input} | {o.name for o in folded.graph.output}
     assert all(o in read for n in folded.graph.node for o in n.output)  # no Identity left feeding the removed BatchNorm
+
+
+# --- overridable initializers (also graph inputs) ----------------------------------------------------
+
+def overridable(model):
+    """``model`` with every initializer also listed as a graph input (IR >= 4), as torch.onnx.export writes it
+    with keep_initializers_as_inputs=True: each is a default the user may override at run time."""
+    model.ir_version = 8
+    model.graph.input.extend(helper.make_tensor_value_info(i.name, i.data_type, list(i.dims)) for i in model.graph.initializer)
+    return model
+
+
+@pytest.mark.parametrize("build, shape", [(lambda: affine_model(), (4, 8, 12, 12)),
+                                          (lambda: affine_model(pool=True), (4, 8, 12, 12)),
+                                          (lambda: after_model(("BatchNormalization", "Mul")), (4, 16, 10, 10)),
+                                          (lambda: after_model(("Mul", "Add"), bias=False), (4, 16, 10, 10))],
+                         ids=["before", "before-maxpool", "after-batchnorm", "after-mul-add"])
+def test_overridable_initializers_are_not_folded_and_the_inputs_stay_as_they_were(build, shape):
+    from onnx_tucker.validate import compare_models, verdict
+
+    model = overridable(build())
+    x = np.random.default_rng(6).standard_normal(shape).astype(np.float32)
+    folded, report = compress(model, ratio=0.5)
+    kept, _ = compress(model, ratio=0.5, fold_affine=False)
+    assert report.chains and not any({"folded_affine", "folded_after"} & set(c.extra) for c in report.chains)
+    assert [o.op_type for o in folded.graph.node] == [o.op_type for o in kept.graph.node]
+    inits = {i.name for i in folded.graph.initializer}
+    assert all(i.name in inits for i in folded.graph.input if i.name != "x")  # no input left without its default
+    result = verdict(compare_models(model, folded, {"x": x}))  # the CLI's self-check: feeds only "x"
+    assert result.passed, result.reason
+    np.testing.assert_allclose(outputs(folded, x)[0], outputs(kept, x)[0], rtol=1e-6, atol=1e-6)

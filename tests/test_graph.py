@@ -68,3 +68,23 @@ def test_prefix_model_computes_the_named_tensor_with_only_the_nodes_it_needs():
     x = {"x": np.random.default_rng(0).standard_normal((2, 3, 10, 10)).astype(np.float32)}
     full = make_session(with_outputs(model, [tensor])).run([tensor], x)[0]
     np.testing.assert_array_equal(make_session(prefix).run([tensor], x)[0], full)
+
+
+def test_a_prefix_drops_the_input_entries_of_the_initializers_it_no_longer_holds():
+    """An initializer also listed as a graph input (IR >= 4: torch.onnx.export(..., keep_initializers_as_inputs=True))
+    that the prefix does not need goes with its input entry, else onnxruntime wants it fed; the real inputs stay."""
+    from onnx_tucker.graph import prefix_model
+
+    model = residual_model()
+    model.ir_version = 8
+    model.graph.input.extend(helper.make_tensor_value_info(i.name, i.data_type, list(i.dims)) for i in model.graph.initializer)
+    model.graph.input.append(helper.make_tensor_value_info("unused", TensorProto.FLOAT, [1]))  # a real input, not read
+    tensor = next(n for n in model.graph.node if n.op_type == "Conv").output[0]
+    prefix = prefix_model(model, [tensor])
+    held = {i.name for i in prefix.graph.initializer}
+    assert held and len(held) < len(model.graph.initializer)
+    assert [i.name for i in prefix.graph.input] == [i.name for i in model.graph.input
+                                                    if i.name in held or i.name in ("x", "unused")]
+    x = {"x": np.random.default_rng(0).standard_normal((2, 3, 10, 10)).astype(np.float32), "unused": np.zeros(1, np.float32)}
+    full = make_session(with_outputs(model, [tensor])).run([tensor], x)[0]
+    np.testing.assert_array_equal(make_session(prefix).run([tensor], x)[0], full)

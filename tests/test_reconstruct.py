@@ -208,6 +208,22 @@ def test_distillation_starts_from_the_compressed_model_when_the_reconstruction_a
 
 
 @needs_torch
+def test_distillation_from_the_compressed_model_is_reported_so_when_no_unit_was_kept(monkeypatch):
+    """A reconstruction that keeps no unit returns the compressed model itself: the global phase started from
+    that one, and the report says "compressed", not "reconstructed"."""
+    import onnx_tucker.reconstruct as rec
+    from onnx_tucker.distill import distill, tucker_trainable
+
+    original, compressed = tiny_pair()
+    real = rec.reconstruct
+    monkeypatch.setattr(rec, "reconstruct", lambda *a, **k: real(*a, **{**k, "lr": 1e3}))  # every unit gets worse
+    model, stats = distill(original, compressed, feeds_for(original), tucker_trainable(compressed), steps=40, lr=3e-3,
+                           batch_size=32, progress=False, threads=1, reconstruct_steps=20)
+    assert stats["reconstruct"]["chains"] and stats["reconstruct"]["kept"] == 0
+    assert stats["distilled_from"] == "compressed"
+
+
+@needs_torch
 @pytest.mark.parametrize("terminal", [True, False])
 def test_reconstruction_shows_progress_on_a_terminal_when_asked(monkeypatch, terminal):
     import io

@@ -127,6 +127,17 @@ RESIZE_CASES = {  # (x shape, attrs, scales, sizes, opset): what torch.onnx writ
     "bilinear_align_corners": ((1, 2, 4, 4), {"mode": "linear", "coordinate_transformation_mode": "align_corners"},
                                [1, 1, 2.5, 2], None, 17),
     "linear_1d": ((2, 3, 6), {"mode": "linear", "coordinate_transformation_mode": "half_pixel"}, [1, 1, 2], None, 17),
+    # pytorch_half_pixel maps an output axis of length 1 to input coordinate 0 (onnxruntime: the first row), not the centre
+    "bilinear_pytorch_half_pixel_to_one_row": ((1, 1, 5, 7), {"mode": "linear", "coordinate_transformation_mode": "pytorch_half_pixel"},
+                                               None, [1, 1, 1, 7], 13),
+    "bilinear_pytorch_half_pixel_to_one_pixel": ((2, 3, 5, 6), {"mode": "linear", "coordinate_transformation_mode": "pytorch_half_pixel"},
+                                                 None, [2, 3, 1, 1], 17),
+    "bilinear_pytorch_half_pixel_one_column_scales": ((1, 2, 4, 5), {"mode": "linear", "coordinate_transformation_mode": "pytorch_half_pixel"},
+                                                      [1, 1, 2, 0.2], None, 17),
+    "linear_1d_pytorch_half_pixel_to_one": ((2, 3, 6), {"mode": "linear", "coordinate_transformation_mode": "pytorch_half_pixel"},
+                                            None, [2, 3, 1], 17),
+    "bilinear_half_pixel_to_one_row": ((1, 2, 5, 7), {"mode": "linear", "coordinate_transformation_mode": "half_pixel"},
+                                       None, [1, 2, 1, 14], 17),  # half_pixel keeps the centre
 }
 
 
@@ -506,6 +517,35 @@ def test_torch_exported_small_resnet(folding):
 
 
 # --- parameters, outputs, errors ------------------------------------------------------------------------
+
+
+def test_float16_trainables_are_float32_masters_read_as_float16():
+    """Adam on float16 values writes NaN on its first step (its epsilon is 0 in float16): a float16 initializer
+    trains as a float32 master; the graph still computes in float16, and it goes back as float16."""
+    from conftest import conv_model
+
+    model = conv_model(dtype=np.float16)
+    module = TorchGraph(model, trainable=["W"])
+    (param,) = module.onnx_parameters().values()
+    assert param.dtype == torch.float32
+    x = np.random.default_rng(0).standard_normal((4, 8, 12, 12)).astype(np.float16)
+    _assert_matches(model, {"x": x}, rtol=1e-2)  # float16 out, as onnxruntime computes it
+    optimizer = torch.optim.Adam([param], lr=1e-3)
+    for _ in range(3):
+        (y,) = module(torch.from_numpy(x))
+        assert y.dtype == torch.float16
+        loss = (y.float() - 1).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert torch.isfinite(param).all()
+    trained = module.trained_arrays()["W"]
+    assert trained.dtype == np.float16 and np.all(np.isfinite(trained))
+    out = module.write_back(model)
+    w = {i.name: i for i in out.graph.initializer}["W"]
+    assert w.data_type == TensorProto.FLOAT16
+    np.testing.assert_array_equal(numpy_helper.to_array(w), trained)
+    assert not np.array_equal(trained, numpy_helper.to_array({i.name: i for i in model.graph.initializer}["W"]))
 
 
 def test_trainable_parameters_get_gradients_and_write_back():
