@@ -591,6 +591,22 @@ def _to_tensor(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(array)
 
 
+def _in_topological_order(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model``, or a copy with its nodes sorted where they are not (onnxruntime's float16 converter appends its
+    input Casts after the nodes that read them; a CUDA teacher built from such an original failed with a KeyError)."""
+    from onnx_tucker.io import sort_nodes
+
+    known = {i.name for i in model.graph.input} | {i.name for i in model.graph.initializer} | {""}
+    for node in model.graph.node:
+        if not all(name in known for name in node.input):
+            copy = onnx.ModelProto()
+            copy.CopyFrom(model)
+            sort_nodes(copy.graph)
+            return copy
+        known.update(node.output)
+    return model
+
+
 class TorchGraph(torch.nn.Module):
     """An ONNX graph as a torch module.
 
@@ -610,6 +626,7 @@ class TorchGraph(torch.nn.Module):
     def __init__(self, model: onnx.ModelProto, trainable: Iterable[str] = (), outputs: Sequence[str] | None = None,
                  inputs: Sequence[str] | None = None):
         super().__init__()
+        model = _in_topological_order(model)
         graph = model.graph
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
         init_names = [i.name for i in graph.initializer]

@@ -39,6 +39,13 @@ def test_distill_summary_names_the_kept_model_and_its_check(returned, shown, met
     assert "3/3 reconstruction units kept" in line and "205 held-out inputs" in line and "93.2% ->" in line and "(316 s on cpu)" in line
 
 
+def test_distill_summary_says_when_the_global_phase_diverged():
+    """A diverged run (float16 Adam wrote NaN on its first step) said only 'kept the compressed model unchanged'."""
+    line = distill_summary(CHECK | {"returned": "compressed", "diverged": True, "steps": 1, "steps_asked": 500})
+    assert line.endswith("; the global phase diverged (loss not finite) after 1 of 500 steps"), line
+    assert "diverged" not in distill_summary(CHECK | {"returned": "compressed", "diverged": False})
+
+
 def test_distill_summary_without_reconstruction_or_holdout():
     stats = {"before": {"agreement": 0.9, "kl": 0.2}, "after": {"agreement": 0.92, "kl": 0.1}, "returned": "distilled",
              "reconstructed": None, "check_on": "train", "holdout_samples": 0, "reconstruct": None, "seconds": 3.2, "device": "cuda"}
