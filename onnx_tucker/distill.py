@@ -118,12 +118,15 @@ def softmax_inputs(model: onnx.ModelProto) -> list[bool]:
 
 
 def logit_names(model: onnx.ModelProto) -> list[str]:
-    """Per graph output, the tensor to distil: the input of a final Softmax over the last axis, else the output."""
+    """Per graph output, the tensor to distil: the input of a final Softmax over the last axis (through the Casts a
+    float16 conversion puts after it), else the output."""
     producer = {o: n for n in model.graph.node for o in n.output}
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
     names = []
     for out in model.graph.output:
         node = producer.get(out.name)
+        while node is not None and node.op_type in ("Cast", "Identity") and node.input:  # a float16 model's output Cast
+            node = producer.get(node.input[0])
         if node is not None and node.op_type == "Softmax":
             axis = next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), -1 if opset >= 13 else 1)
             rank = len(out.type.tensor_type.shape.dim)
@@ -139,12 +142,17 @@ def _with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelPro
     out = onnx.ModelProto()
     out.CopyFrom(model)
     existing = {o.name: o for o in model.graph.output}
+    types = None
     del out.graph.output[:]
     for name in names:
         if name in existing:
             out.graph.output.append(existing[name])
-        else:
-            out.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+        else:  # an inner tensor, in its own type (a float16 model's logits are float16)
+            if types is None:
+                from onnx_tucker.graph import tensor_types
+
+                types = tensor_types(model)
+            out.graph.output.append(onnx.helper.make_tensor_value_info(name, types.get(name) or onnx.TensorProto.FLOAT, None))
     return out
 
 

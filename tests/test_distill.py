@@ -532,3 +532,19 @@ def test_an_op_the_executor_cannot_run_is_refused_before_any_work(monkeypatch):
     with pytest.raises(ModelError, match=r"^--distill: the torch executor cannot run op 'Celu' \(node 'relu2'\); compress without --distill$"):
         compress(original, ratio=0.5, calibration=feeds_for(original), distill={})
     assert not called
+
+
+@needs_torch
+def test_a_float16_models_logits_are_found_behind_its_output_cast():
+    """The float16 converter puts a Cast after the final Softmax: the Softmax was not seen, and a float16 model was
+    distilled on probabilities (KL near 1e-9, nothing to learn from). The logits are found through the Cast and
+    exposed in their own type."""
+    from onnx_tucker.distill import _with_outputs, logit_names
+
+    original, _ = tiny_pair()
+    half = _float16(original)
+    softmax = next(n for n in half.graph.node if n.op_type == "Softmax")
+    assert logit_names(half) == [softmax.input[0]] == logit_names(original)
+    exposed = _with_outputs(half, logit_names(half))
+    (logits,) = run_model(exposed, feeds_for(original, n=8))
+    assert logits.dtype == np.float16 and logits.shape == (8, 6) and not np.allclose(logits.astype(np.float32).sum(1), 1.0)
