@@ -68,6 +68,7 @@ class Conversion:
     max_abs_diff: float | None
     input_name: str
     output_name: str
+    max_abs_output: float | None = None  # the Keras output's largest magnitude: what the tolerance scales with
 
 
 def load_keras(path: str | os.PathLike):
@@ -151,6 +152,9 @@ def convert(path: str | os.PathLike, opset: int = DEFAULT_OPSET, samples: np.nda
             raise DataError(f"inputs hold no samples (shape {list(samples.shape)})")
         if samples.dtype.kind not in "biuf":
             raise DataError(f"inputs have dtype {samples.dtype}, which cannot be fed to the Keras model")
+    elif any(w is None for w in want):  # random inputs need every size: one line now, not a TypeError after tf2onnx
+        raise UsageError(f"the Keras model's input has open sizes {['N', *want]}: give real samples for the agreement "
+                         "check with --inputs FILE.npz")
     name = keras_model.layers[-1].name if keras_model.layers else "output"
     with quiet_native_stderr():
         try:
@@ -158,7 +162,7 @@ def convert(path: str | os.PathLike, opset: int = DEFAULT_OPSET, samples: np.nda
         except ModelError:
             raise
         except Exception as exc:
-            raise ModelError(f"tf2onnx cannot convert {path} at opset {opset}: {first_line(exc, 200)}") from None
+            raise ModelError(f"tf2onnx cannot convert {path} at opset {opset}: {_reason(exc)}") from None
         input_name = onnx_model.graph.input[0].name
         if samples is None:
             rng = np.random.default_rng(seed)
@@ -174,4 +178,22 @@ def convert(path: str | os.PathLike, opset: int = DEFAULT_OPSET, samples: np.nda
         except Exception as exc:
             raise ModelError(f"onnxruntime cannot run the converted model: {first_line(exc, 200)}") from None
     diff = float(np.max(np.abs(expected - got)))
-    return Conversion(model=onnx_model, route=ROUTE, max_abs_diff=diff, input_name=input_name, output_name=name)
+    return Conversion(model=onnx_model, route=ROUTE, max_abs_diff=diff, input_name=input_name, output_name=name,
+                      max_abs_output=float(np.max(np.abs(expected))))
+
+
+def _reason(exc: Exception) -> str:
+    """The line of a TensorFlow error that says what is wrong. Its first line says only where in the traced code it
+    happened ('in user code:'); the cause is the 'XError: ...' line inside, or, where Keras wraps it ('Exception
+    encountered when calling ...'), the line after (a layer named 'my conv': "'my conv' is not a valid scope name")."""
+    import re
+
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(exc).splitlines()]
+    lines = [line for line in lines if line]
+    for i, line in enumerate(lines):
+        found = re.match(r"^\w+(?:Error|Exception): (.*)$", line)
+        if found:
+            if found.group(1).startswith("Exception encountered") and i + 1 < len(lines):
+                return lines[i + 1][:200]
+            return line[:200]
+    return first_line(exc, 200)

@@ -163,3 +163,44 @@ def test_convert_refuses_non_finite_inputs_for_its_agreement_check(tmp_path):
                         "--inputs", tmp_path / "nan.npz"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert r.returncode == 1 and "contains NaN or Inf" in r.stderr and not (tmp_path / "o.onnx").exists()
     assert r.stderr.strip().count("\n") == 0
+
+
+def _keras_file(tmp_path, name, build):
+    path = tmp_path / f"{name}.keras"
+    build().save(path)
+    return path
+
+
+def _convert(*args):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="3")
+    return subprocess.run([sys.executable, "-m", "onnx_tucker", "convert", *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT, env=env, timeout=300)
+
+
+def test_convert_asks_for_inputs_when_the_keras_input_has_open_sizes(tmp_path):
+    """keras.Input((None, None, 3)): random inputs were drawn at shape (8, None, None, 3), an internal TypeError."""
+    def build():
+        inputs = keras.Input((None, None, 3))
+        return keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(4, 3)(inputs)))
+
+    r = _convert(_keras_file(tmp_path, "open", build), tmp_path / "o.onnx")
+    assert r.returncode == 2 and "open sizes" in r.stderr and "--inputs" in r.stderr and not (tmp_path / "o.onnx").exists()
+
+
+def test_convert_tolerance_scales_with_large_outputs_and_errors_name_their_cause(tmp_path):
+    """Logits of ~400 on 0..255 inputs differ by ~1e-4 in float32: the absolute 1e-4 refused a correct conversion.
+    And a layer name TensorFlow refuses was reported as 'in user code: File ..., in serve', not the cause."""
+    def logits():
+        inputs = keras.Input((8, 8, 3))
+        x = keras.layers.Conv2D(16, 3, padding="same", activation="relu", kernel_initializer="ones")(inputs)
+        return keras.Model(inputs, keras.layers.Dense(5, kernel_initializer="ones")(keras.layers.Flatten()(x)))
+
+    r = _convert(_keras_file(tmp_path, "logits", logits), tmp_path / "l.onnx")
+    assert r.returncode == 0 and "PASSED" in r.stdout, r.stderr[-800:]
+
+    def spaced():
+        inputs = keras.Input((8, 8, 3))
+        return keras.Model(inputs, keras.layers.Flatten()(keras.layers.Conv2D(4, 3, name="my conv")(inputs)))
+
+    r = _convert(_keras_file(tmp_path, "spaced", spaced), tmp_path / "s.onnx")
+    assert r.returncode == 1 and "'my conv' is not a valid scope name" in r.stderr and r.stderr.strip().count("\n") == 0
