@@ -159,7 +159,10 @@ def test_target_latency_end_to_end_on_the_seed_cnn(tmp_path, monkeypatch):
     new, report = compress(model, target_latency=0.95, calibration={"pixels": x}, latency_table=str(tmp_path / "t.json"),
                            latency_batch=1, exclude=(1, 2, 3))
     prediction, measured = report.latency["prediction"], report.latency["measured"]
-    assert prediction["target"] == 0.95 and prediction["predicted_ratio"] <= prediction.get("planned_target", 0.95) + 1e-9
+    # a kept second plan (the first measured over the target) predicts in the corrected scale: its raw prediction
+    # is what met the planned (corrected) target
+    raw = prediction.get("raw_predicted_ratio", prediction["predicted_ratio"])
+    assert prediction["target"] == 0.95 and raw <= prediction.get("planned_target", 0.95) + 1e-9
     assert measured["original_ms"] > 0 and measured["compressed_ms"] > 0
     assert report.settings["rank_method"] == "target_latency" and report.decomposed
     assert any("predicted" in n and "measured" in n for n in report.notes)
