@@ -128,7 +128,15 @@ def _folded(model: onnx.ModelProto, input_shapes: dict | None) -> onnx.ModelProt
     import onnx_graphsurgeon as gs
 
     skeleton = shape_skeleton(model)
-    set_input_shapes(skeleton, input_shapes)
+    # a free batch taken as 1 (the cost model counts at batch 1): Keras's Flatten at opset <= 13 reshapes to a
+    # Concat of the input's Shape, batch included, which folds only when the batch is known
+    inits = {i.name for i in model.graph.initializer}
+    at_batch_1 = {}
+    for vi in model.graph.input:
+        dims = vi.type.tensor_type.shape.dim
+        if vi.name not in inits and dims and not dims[0].dim_value and all(d.dim_value > 0 for d in dims[1:]):
+            at_batch_1[vi.name] = [1] + [d.dim_value for d in dims[1:]]
+    set_input_shapes(skeleton, {**at_batch_1, **(input_shapes or {})})
     if skeleton.ByteSize() > PROTOBUF_LIMIT:
         return None
     try:

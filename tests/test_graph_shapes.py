@@ -489,3 +489,30 @@ def test_a_static_torch_export_with_a_computed_flatten_counts_its_dense_macs(ops
     _, sites = factorable_sites(onnx.load_from_string(buffer.getvalue()), layers=("kxk", "dense"))
     macs = {s.name: (s.shape.macs() if s.shape.known else None) for s in sites}
     assert macs["/fc1/MatMul"] == 256 * 16 * 64 and macs["/fc2/Gemm"] == 64 * 10, macs
+
+
+def test_a_flatten_that_reads_a_free_batch_counts_its_dense_macs():
+    """Keras's Flatten at opset <= 13 reshapes to Concat(Slice(Shape(x), batch), -1) through a Cast: with the batch
+    free nothing folds, and the dense layer's MACs were "unknown" although every other size is fixed. The folding
+    takes a free batch as 1, where the cost model counts."""
+    from onnx_tucker.pipeline import factorable_sites
+
+    rng = np.random.default_rng(0)
+    ints = lambda name, values: numpy_helper.from_array(np.array(values, np.int64), name)  # noqa: E731
+    nodes = [helper.make_node("Conv", ["x", "w"], ["y"], name="conv", pads=[1] * 4),
+             helper.make_node("Shape", ["y"], ["s"], name="shape"),
+             helper.make_node("Cast", ["s"], ["sf"], name="cast_f", to=TensorProto.FLOAT),
+             helper.make_node("Cast", ["sf"], ["si"], name="cast_i", to=TensorProto.INT64),
+             helper.make_node("Slice", ["si", "zero", "one"], ["batch"], name="slice"),
+             helper.make_node("Concat", ["batch", "minus_one"], ["target"], name="concat", axis=0),
+             helper.make_node("Reshape", ["y", "target"], ["flat"], name="flatten"),
+             helper.make_node("MatMul", ["flat", "fc"], ["out"], name="fc")]
+    inits = [numpy_helper.from_array(rng.standard_normal((8, 4, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.standard_normal((288, 10)).astype(np.float32), "fc"),
+             ints("zero", [0]), ints("one", [1]), ints("minus_one", [-1])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 6, 6])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    _, sites = factorable_sites(model, layers=("kxk", "dense"))
+    fc = next(s for s in sites if s.name == "fc")
+    assert fc.shape.known and fc.shape.macs() == 288 * 10
