@@ -57,6 +57,13 @@ def cluster(address: str):
     owned = not ray.is_initialized()
     if owned and address != "auto":
         _reachable(address)
+    elif owned and os.environ.get("RAY_ADDRESS") and os.environ["RAY_ADDRESS"] != "auto":
+        try:  # auto joins RAY_ADDRESS's cluster: Ray waits minutes, printing its own warnings, if nothing is there
+            _reachable(os.environ["RAY_ADDRESS"])
+        except OnnxTuckerError as exc:
+            raise OnnxTuckerError(f"{exc} (from RAY_ADDRESS, which --ray auto joins)") from None
+        except ValueError:  # not HOST:PORT: Ray's own parsing says what it makes of it
+            pass
     if owned:
         import logging
 

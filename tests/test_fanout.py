@@ -69,6 +69,15 @@ def test_an_unreachable_cluster_is_one_line_at_once():
         compress(residual_model(), target_macs=0.6, calibration=feeds(), ray="127.0.0.1:1")
 
 
+@needs_ray
+def test_auto_with_a_ray_address_that_nothing_listens_at_is_one_line_at_once(monkeypatch):
+    """`--ray auto` joins RAY_ADDRESS's cluster: with nothing there Ray waited minutes, printing its own warnings."""
+    assert not ray.is_initialized()
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    with pytest.raises(OnnxTuckerError, match=r"^--ray: cannot connect to the Ray cluster at 127.0.0.1:1: .*from RAY_ADDRESS"):
+        compress(residual_model(), target_macs=0.6, calibration=feeds(), ray="auto")
+
+
 @pytest.fixture(scope="module")
 def two_nodes():
     """A Ray cluster of two nodes with one CPU each, on this machine (as two machines would be)."""
