@@ -59,7 +59,9 @@ def render(path: str) -> str:
         s = r["stats"]
         trained = "-" if r["top1_trained"] is None else (
             f"{100 * r['top1_trained']:.2f}% ({100 * (r['top1_trained'] - r['top1_original']):+.2f})")
-        best = {"distilled": s["after"], "reconstructed": s.get("reconstructed")}.get(s.get("returned", "distilled")) or s["after"]
+        # the model returned: a run without a global phase (steps 0) has no "after", and "compressed" is the start
+        best = ({"distilled": s["after"], "reconstructed": s.get("reconstructed")}.get(s.get("returned", "distilled"))
+                or s["after"] or s.get("reconstructed") or s["before"])
         out.append(
             f"| {r['label']} | {r.get('reconstruct_steps', 0)} | {r['steps']} | {r['lr']:g} | {r['batch']} | {r['temperature']:g} | {'yes' if r['augment'] else 'no'} "
             f"| {s['train_samples']}+{s['holdout_samples']} | {r['distill_seconds']:.0f} | {100 * r['top1_original']:.2f}% "
