@@ -82,11 +82,40 @@ def cluster(address: str):
             raise OnnxTuckerError(f"--ray: cannot connect to {where}: {first_line(exc)}{hint}") from None
         finally:  # ray.init installs its own SIGTERM handler (a crash dump, exit 15): the command's unwinding comes back
             _restore(handlers)
+    quiet = _quiet_task_errors() if owned else None
     try:
         yield int(ray.cluster_resources().get("CPU", 0))
     finally:
+        if quiet is not None:
+            quiet()
         if owned:
             ray.shutdown()
+
+
+def _quiet_task_errors():
+    """Keep Ray's own task-error lines ('(raylet) Task _task failed. There are 3 retries remaining...', tracebacks
+    and all, printed on stdout by its driver thread) off the command's output: every failure that matters comes back
+    as the command's one line. Ray's private printer is wrapped while the block runs; returns the undo (None where
+    this Ray has no such printer)."""
+    try:
+        from ray._private import worker
+    except ImportError:
+        return None
+    original = getattr(worker, "print_to_stdstream", None)
+    if original is None:
+        return None
+
+    def printer(data, *args, **kwargs):
+        if isinstance(data, dict) and data.get("pid") == "raylet":
+            return None
+        return original(data, *args, **kwargs)
+
+    worker.print_to_stdstream = printer
+
+    def undo():
+        worker.print_to_stdstream = original
+
+    return undo
 
 
 

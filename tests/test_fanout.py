@@ -78,6 +78,23 @@ def test_auto_with_a_ray_address_that_nothing_listens_at_is_one_line_at_once(mon
         compress(residual_model(), target_macs=0.6, calibration=feeds(), ray="auto")
 
 
+@needs_ray
+def test_rays_own_task_error_lines_stay_off_the_commands_output(capsys):
+    """A task failing inside Ray printed ~20 lines of '(raylet) Task _task failed. There are 3 retries remaining ...'
+    tracebacks on stdout, beside the command's one error line. While a connection the command made is open, Ray's
+    driver printer drops them; it is restored after."""
+    from ray._private import worker
+
+    from onnx_tucker.fanout import _quiet_task_errors
+
+    original = worker.print_to_stdstream
+    undo = _quiet_task_errors()
+    worker.print_to_stdstream({"lines": ["Task _task failed. There are 3 retries remaining"], "pid": "raylet", "is_err": False},
+                              ignore_prefix=False)
+    undo()
+    assert capsys.readouterr().out == "" and worker.print_to_stdstream is original
+
+
 @pytest.fixture(scope="module")
 def two_nodes():
     """A Ray cluster of two nodes with one CPU each, on this machine (as two machines would be)."""
