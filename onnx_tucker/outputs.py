@@ -24,6 +24,7 @@ import secrets
 import shutil
 import signal
 import stat
+import sys
 import tempfile
 import threading
 from contextlib import contextmanager
@@ -346,6 +347,10 @@ class Outputs:
         if external_data and not staged_data.is_file():  # no tensor large enough: the model holds them all
             self._staged = [(s, t) for s, t in self._staged if s != staged_data]
             external_data = False
+        if not external_data and data_path.is_file() and not data_path.is_symlink():
+            # an earlier output's weights: not ours to delete, and the new model does not read them
+            print(f"onnx-tucker: notice: {data_path} (an earlier output's weights) is left as it was: {out} holds its "
+                  "weights itself and does not read it", file=sys.stderr)
         return staged, (data_path if external_data else None)
 
     def commit(self) -> None:

@@ -737,3 +737,15 @@ def test_an_output_inside_the_image_folder_it_calibrates_on_is_refused(tmp_path,
     assert {p: p.read_bytes() for p in folder.rglob("*.png")} == before and not (folder / "sub/new.JPG").exists()
     code, _, _ = run(capsys, CNN, folder / "model.onnx", "--calibrate", folder, "--calib-size", "32", "--no-check")
     assert code == 0 and (folder / "model.onnx").is_file()
+
+
+def test_an_earlier_outputs_data_file_left_beside_a_new_inline_model_is_said(tmp_path, capsys):
+    """Rewriting OUT.onnx with its weights inline left the earlier run's OUT.onnx.data beside it without a word: a
+    file nothing reads. It is not ours to delete; a notice says so."""
+    out = tmp_path / "o.onnx"
+    code, _, _ = run(capsys, CNN, out, "--ratio", "0.5", "--external-data", "--no-check")
+    assert code == 0 and (tmp_path / "o.onnx.data").is_file()
+    before = (tmp_path / "o.onnx.data").read_bytes()
+    code, _, err = run(capsys, CNN, out, "--ratio", "0.5", "--no-check")
+    assert code == 0 and "o.onnx.data (an earlier output's weights) is left as it was" in err
+    assert (tmp_path / "o.onnx.data").read_bytes() == before and onnx.load(str(out)).graph.initializer
