@@ -246,9 +246,14 @@ def accuracy_rows(outputs: list[list[np.ndarray]], labels: np.ndarray | None, pr
         pairs, matched_by = match_outputs(first_names, own)
         agreements = [compare_outputs(first_names[i], first[i], outs[j]) for i, j in pairs]
         paired = dict(pairs)
+        # agreement needs the first model's class scores paired with this model's; top-1 on the labels needs only
+        # this model's own (a model whose scores output has another name still has a top-1)
         scores = outs[paired[scores_index]] if scores_index in paired else class_scores(outs) if matched_by == "position" else None
         if scores is not None and not (scores.ndim == 2 and scores.shape[1] > 1):
             scores = None
+        own_scores = scores if scores is not None else class_scores(outs)
+        if own_scores is not None and not (own_scores.ndim == 2 and own_scores.shape[1] > 1):
+            own_scores = None
         comparable = scores is not None and first_scores is not None and scores.shape == first_scores.shape
         mismatch = [g.name for g in agreements if not g.same_shape]
         exact = [g for g in agreements if g.same_shape]
@@ -257,7 +262,8 @@ def accuracy_rows(outputs: list[list[np.ndarray]], labels: np.ndarray | None, pr
             "model_index": index,
             "samples": int(len(outs[0])) if outs and np.ndim(outs[0]) else 0,
             "labelled": labels is not None,
-            "top1": float(np.mean(scores.argmax(1) == labels)) if labels is not None and scores is not None and len(scores) == len(labels) else None,
+            "top1": (float(np.mean(own_scores.argmax(1) == labels))
+                     if labels is not None and own_scores is not None and len(own_scores) == len(labels) else None),
             "top1_agreement": float(np.mean(scores.argmax(1) == first_scores.argmax(1))) if comparable else None,
             "max_abs_diff": max(g.max_abs_diff for g in exact) if exact and not mismatch else None,
             "cosine": min(g.cosine for g in exact) if exact and not mismatch else None,

@@ -533,3 +533,17 @@ def test_bench_cli_without_batch_times_a_fixed_batch_model_at_its_batch(tmp_path
     assert json.loads(r.stdout)["settings"]["batches"] == [2]
     r = cli("bench", tmp_path / "b2.onnx", "--providers", "cpu", "--batch", "1", "--runs", "1", "--no-progress")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "--batch 1 cannot run it" in r.stderr
+
+
+def test_top1_on_the_labels_needs_only_the_models_own_class_scores():
+    """With outputs matched by name, a model whose scores output has another name (probs / scores) beside a shared
+    one lost its top-1 on the labels, not only the agreement that needs the pairing."""
+    from onnx_tucker.bench import accuracy_rows
+
+    rng = np.random.default_rng(0)
+    probs, feat = rng.random((20, 10)), rng.random((20, 4))
+    labels = probs.argmax(1).copy()
+    labels[:5] = (labels[:5] + 1) % 10  # 15 of 20 right
+    rows = accuracy_rows([[probs, feat], [probs, feat]], labels, "cpu", names=[["probs", "feat"], ["scores", "feat"]])
+    assert [r["top1"] for r in rows] == [0.75, 0.75]
+    assert rows[1]["top1_agreement"] is None and rows[1]["unmatched_outputs"] == ["probs", "scores"]
