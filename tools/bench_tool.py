@@ -145,6 +145,8 @@ def bench(name: str, size: int, ratio: float, cache: Path, repeats: int, top: bo
     tool = min(tool_runs, key=lambda r: r["compress_s"])
     plain = run_child("--child", "plain", str(path), json.dumps({k: {"ranks": v["ranks"]} for k, v in tool["layers"].items()}))
     sq_norm = sum(v["sq_norm"] for v in plain["layers"].values())
+    if not sq_norm:  # no layer decomposed (MobileNet at 32 px): nothing to compare the two routes on
+        sys.exit(f"{name}: no layer was decomposed at ratio {ratio}: nothing to compare (choose another model or size)")
     tool_sq = sum(tool["layers"][k]["relative_error"] ** 2 * plain["layers"][k]["sq_norm"] for k in plain["layers"])
     plain_sq = sum(v["sq_error"] for v in plain["layers"].values())
     file_mb = path.stat().st_size / 2**20
