@@ -507,6 +507,40 @@ def default_batches(paths: list[Path], models: list) -> list[int]:
     return list(fixed) or [1]
 
 
+def check_latency_batch_memory(model, batch: int, input_shapes: dict | None = None, limit: int | None = None) -> None:
+    """:func:`check_batch_memory` for ``--latency-batch``, and the same for the largest tensor inside the model (one
+    layer's input, timed alone with random values drawn in float64): the inputs' check alone let `--latency-batch
+    100000` through to an internal MemoryError (a 64 x 30 x 30 layer input is 20x the 3 x 32 x 32 image)."""
+    from onnx_tucker.graph import infer_shapes
+
+    limit = limit if limit is not None else available_memory()
+    if not limit:
+        return
+    check_batch_memory(model, [batch], limit, flag="--latency-batch")
+    largest = 0
+    for dims in infer_shapes(model, input_shapes).values():
+        if dims and all(isinstance(d, int) and d > 0 for d in dims[1:]):
+            size = 8  # float64, as the random values are drawn
+            for d in dims[1:]:
+                size *= d
+            largest = max(largest, size)
+    if batch * largest > limit // 2:
+        raise UsageError(f"--latency-batch {batch}: one layer's input alone would take {batch * largest / 2**30:.1f} GiB, over half of the "
+                         f"{limit / 2**30:.1f} GiB available: choose a smaller batch")
+
+
+def check_fixed_batch(model, path, batches) -> None:
+    """Refuse a ``--batch`` that a model exported for one batch size cannot run (timing batch 1 and calling it batch 32
+    would report 32x the throughput; sweep's timing failed in onnxruntime after every setting was compressed)."""
+    from onnx_tucker.capture import fixed_batch
+
+    fixed = fixed_batch(model)
+    wrong = [b for b in batches if fixed and b != fixed]
+    if wrong:
+        raise UsageError(f"{Path(path).name} is exported for batch {fixed} only: --batch {wrong[0]} cannot run it "
+                         f"(use --batch {fixed}, or export it with a dynamic batch axis)")
+
+
 def check_models(paths: list[Path], batches: list[int] | None = None) -> list:
     """Load the models; they must take the same inputs, and every batch asked for must be one each can run."""
     from onnx_tucker.capture import fixed_batch
@@ -515,11 +549,7 @@ def check_models(paths: list[Path], batches: list[int] | None = None) -> list:
 
     models = [load_model(p) for p in paths]
     for path, model in zip(paths, models):
-        fixed = fixed_batch(model)
-        wrong = [b for b in batches or () if fixed and b != fixed]
-        if wrong:  # timing batch 1 and calling it batch 32 would report 32x the throughput
-            raise UsageError(f"{path.name} is exported for batch {fixed} only: --batch {wrong[0]} cannot run it "
-                             f"(use --batch {fixed}, or export it with a dynamic batch axis)")
+        check_fixed_batch(model, path, batches or ())
     def signature(model):  # name, element type, rank, and the sizes after the batch where both are fixed
         return [(i.name, i.type.tensor_type.elem_type, [d.dim_value or None for d in i.type.tensor_type.shape.dim][1:])
                 for i in graph_inputs(model)]

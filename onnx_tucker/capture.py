@@ -38,6 +38,12 @@ def fixed_batch(model_or_session) -> int | None:
     return size if isinstance(size, int) and size > 0 else None
 
 
+def timing_batch(given: int | None, model) -> int:
+    """The latency measurements' batch: the one given (``--latency-batch``), else the batch a fixed-batch export is
+    made for (it runs no other), else 1."""
+    return given or fixed_batch(model) or 1
+
+
 def batch_size_for(model, wanted: int = DEFAULT_BATCH) -> int:
     """``wanted``, or the batch the model (or session) is fixed to."""
     return fixed_batch(model) or wanted
@@ -57,30 +63,6 @@ def activation_bytes(shape, side: str = "in", itemsize: int = 4) -> int:
     if spatial is None:
         return 0
     return itemsize * (shape.c_in if side == "in" else shape.c_out) * math.prod(spatial)
-
-
-def check_layer_batch_memory(model, batch: int, flag: str = "--latency-batch", input_shapes: dict | None = None,
-                             limit: int | None = None) -> None:
-    """Refuse a batch at which the largest tensor inside the model (one layer's input, timed alone with random values
-    drawn in float64) would take over half the memory available: the inputs' check let `--latency-batch 100000` through
-    to an internal MemoryError (a 64 x 30 x 30 layer input is 20x the 3 x 32 x 32 image)."""
-    from onnx_tucker.bench import available_memory
-    from onnx_tucker.errors import UsageError
-    from onnx_tucker.graph import infer_shapes
-
-    limit = limit if limit is not None else available_memory()
-    if not limit:
-        return
-    largest = 0
-    for dims in infer_shapes(model, input_shapes).values():
-        if dims and all(isinstance(d, int) and d > 0 for d in dims[1:]):
-            size = 8  # float64, as the random values are drawn
-            for d in dims[1:]:
-                size *= d
-            largest = max(largest, size)
-    if batch * largest > limit // 2:
-        raise UsageError(f"{flag} {batch}: one layer's input alone would take {batch * largest / 2**30:.1f} GiB, over half of the "
-                         f"{limit / 2**30:.1f} GiB available: choose a smaller batch")
 
 
 def batches(feeds: dict, size: int, fixed: bool = False) -> Iterator[tuple[dict, int]]:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from onnx_tucker import __version__
-from onnx_tucker.capture import check_layer_batch_memory, fixed_batch
+from onnx_tucker.capture import timing_batch
 from onnx_tucker.errors import ModelError, OnnxTuckerError, UsageError, first_line
 from onnx_tucker.options import (BudgetArgs, CalibrationArgs, CheckArgs, DataArgs, DistillArgs, LatencyArgs, MultipleArgs, RankArgs, RayArgs,
                                  RuntimeArgs,
@@ -124,17 +124,15 @@ def cmd_compress(args) -> int:
                **RayArgs.parse(args)}
     started = time.perf_counter()
     model = load_model(args.input)
-    from onnx_tucker.bench import check_batch_memory
+    from onnx_tucker.bench import check_batch_memory, check_latency_batch_memory
     from onnx_tucker.runtime import graph_inputs
 
-    for flag, batch in (("--check-batch", args.check_batch), ("--latency-batch", getattr(args, "latency_batch", None))):
-        if batch:
-            check_batch_memory(model, [batch], flag=flag)
+    if args.check_batch:
+        check_batch_memory(model, [args.check_batch], flag="--check-batch")
     input_shapes = parse_input_shapes(args.input_shape, graph_inputs(model))
-    if getattr(args, "latency_batch", None):
-        check_layer_batch_memory(model, args.latency_batch, input_shapes=input_shapes)
-    elif "latency_batch" in options and fixed_batch(model):  # a fixed-batch export runs no other batch: time it at its own
-        options["latency_batch"] = fixed_batch(model)
+    if "latency_batch" in options:
+        options["latency_batch"] = timing_batch(getattr(args, "latency_batch", None), model)
+        check_latency_batch_memory(model, options["latency_batch"], input_shapes=input_shapes)
     if input_shapes:
         options["input_shapes"] = input_shapes
     options.update(CalibrationArgs.parse(args, model, args.data, say=note, input_shapes=input_shapes))
@@ -310,12 +308,10 @@ def cmd_inspect(args) -> int:
 
     input_shapes = parse_input_shapes(args.input_shape, graph_inputs(model))
     if auto:
-        from onnx_tucker.bench import check_batch_memory
+        from onnx_tucker.bench import check_latency_batch_memory
 
-        auto["batch"] = auto["batch"] or fixed_batch(model) or 1
-
-        check_batch_memory(model, [auto["batch"]], flag="--latency-batch")
-        check_layer_batch_memory(model, auto["batch"], input_shapes=input_shapes)
+        auto["batch"] = timing_batch(auto["batch"], model)
+        check_latency_batch_memory(model, auto["batch"], input_shapes=input_shapes)
     _, sites = factorable_sites(model, forms, input_shapes, layers=layers)
     if not sites:
         print("no Conv layers")
@@ -473,14 +469,10 @@ def cmd_sweep(args) -> int:
     if any(v is not None for v in (args.image_scale, args.image_mean, args.image_std)):
         if not (args.calibrate and Path(args.calibrate).is_dir()):
             raise UsageError("--image-scale/--image-mean/--image-std only apply with --calibrate DIR (a folder of images)")
-        from onnx_tucker.images import eval_fraction, parse_floats
+        from onnx_tucker.images import parse_image_flags
 
-        try:
-            images["image_scale"] = eval_fraction(args.image_scale) if args.image_scale is not None else None
-        except (ValueError, ZeroDivisionError):
-            raise UsageError(f"--image-scale: expected a number like 1/255, got {args.image_scale!r}") from None
-        images["image_mean"] = parse_floats(args.image_mean, "--image-mean") if args.image_mean is not None else None
-        images["image_std"] = parse_floats(args.image_std, "--image-std") if args.image_std is not None else None
+        flags = parse_image_flags(args.image_scale, args.image_mean, args.image_std)
+        images = {f"image_{name}": value for name, value in flags.items()}  # data.load_calibration's keywords
     config = sweep.SweepConfig(
         model=Path(args.input), data=Path(args.data),
         ratios=check_fraction_list(args.ratios, "--ratios") if args.ratios else [],

@@ -246,6 +246,20 @@ def _with_shapes(model, input_shapes):
     return light
 
 
+def parse_image_flags(scale: str | None, mean: str | None, std: str | None) -> dict:
+    """``--image-scale``, ``--image-mean`` and ``--image-std`` as given on the command line -> {"scale", "mean", "std"}
+    (defaults 1, 0, 1), or a one-line usage error (compress's and sweep's --calibrate DIR read them alike)."""
+    try:
+        value = eval_fraction(scale) if scale is not None else 1.0
+    except (ValueError, ZeroDivisionError):
+        raise UsageError(f"--image-scale: expected a number like 1/255, got {scale!r}") from None
+    if not (np.isfinite(value) and value > 0):
+        raise UsageError(f"--image-scale: expected a positive finite number like 1/255, got {scale!r}")
+    return {"scale": value,
+            "mean": parse_floats(mean, "--image-mean") if mean is not None else (0.0,),
+            "std": parse_floats(std, "--image-std") if std is not None else (1.0,)}
+
+
 def parse_floats(text: str, what: str) -> tuple[float, ...]:
     try:
         values = tuple(float(eval_fraction(t)) for t in str(text).split(","))

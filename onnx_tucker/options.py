@@ -557,20 +557,11 @@ class CalibrationArgs:
             raise UsageError("--calibrate and --data are the same file: calibrate on training data, measure on test data")
         size = args.calib_size or DEFAULT_CALIB_SIZE
         if Path(args.calibrate).is_dir():
-            from onnx_tucker.images import eval_fraction, parse_floats, stream_image_folder
+            from onnx_tucker.images import parse_image_flags, stream_image_folder
 
-            try:
-                scale = eval_fraction(args.image_scale) if args.image_scale is not None else 1.0
-            except (ValueError, ZeroDivisionError):
-                raise UsageError(f"--image-scale: expected a number like 1/255, got {args.image_scale!r}") from None
-            if not (math.isfinite(scale) and scale > 0):
-                raise UsageError(f"--image-scale: expected a positive finite number like 1/255, got {args.image_scale!r}")
             calibration = stream_image_folder(  # decoded batch by batch as the loops take them
-                args.calibrate, model, size, scale=scale,
-                mean=parse_floats(args.image_mean, "--image-mean") if args.image_mean is not None else (0.0,),
-                std=parse_floats(args.image_std, "--image-std") if args.image_std is not None else (1.0,),
-                input_shapes=input_shapes,
-            )
+                args.calibrate, model, size, input_shapes=input_shapes,
+                **parse_image_flags(args.image_scale, args.image_mean, args.image_std))
             stream = next(iter(calibration.values()))
             count = len(stream)
             if count < MIN_CALIB_SAMPLES:

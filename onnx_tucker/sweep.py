@@ -106,18 +106,6 @@ def prepare_out_dir(out_dir: Path, outputs=None) -> Path:
     return out_dir
 
 
-def check_fixed_batch(model: onnx.ModelProto, path, batches) -> None:
-    """Refuse, before any work, a ``--batch`` that a model exported for one batch size cannot run (as ``bench`` does,
-    :func:`onnx_tucker.bench.check_models`): the timing used to fail in onnxruntime after every setting was compressed."""
-    from onnx_tucker.capture import fixed_batch
-
-    fixed = fixed_batch(model)
-    wrong = [b for b in batches if fixed and b != fixed]
-    if wrong:
-        raise UsageError(f"{Path(path).name} is exported for batch {fixed} only: --batch {wrong[0]} cannot run it "
-                         f"(use --batch {fixed}, or export it with a dynamic batch axis)")
-
-
 def _bar(total: int, desc: str, enabled: bool):
     from tqdm import tqdm
 
@@ -142,19 +130,15 @@ def run_sweep(config: SweepConfig, outputs=None) -> dict:
     if config.threads < 1 or config.runs < 1 or config.warmup < 0:
         raise UsageError("--threads and --runs must be positive, --warmup >= 0")
     model = load_model(config.model)
-    from onnx_tucker.bench import check_batch_memory
+    from onnx_tucker.bench import check_batch_memory, check_fixed_batch, check_latency_batch_memory
 
     check_fixed_batch(model, config.model, config.batches)
     check_batch_memory(model, list(config.batches))
     if config.rank_multiple == "auto":
-        from onnx_tucker.capture import fixed_batch
+        from onnx_tucker.capture import timing_batch
 
-        config.multiple_at = {**config.multiple_at, "batch": config.multiple_at.get("batch") or fixed_batch(model) or 1}
-    if config.rank_multiple == "auto" and config.multiple_at.get("batch"):
-        from onnx_tucker.capture import check_layer_batch_memory
-
-        check_batch_memory(model, [config.multiple_at["batch"]], flag="--latency-batch")
-        check_layer_batch_memory(model, config.multiple_at["batch"])
+        config.multiple_at = {**config.multiple_at, "batch": timing_batch(config.multiple_at.get("batch"), model)}
+        check_latency_batch_memory(model, config.multiple_at["batch"])
     out_dir = prepare_out_dir(config.out_dir, outputs)
     model_files = {(kind, value): out_dir / f"{config.model.stem}_{kind}{value:g}.onnx" for _, kind, value in settings}
     check_paths(reads={"the input model": config.model, "--data": config.data, "--calibrate": config.calibrate},
