@@ -21,6 +21,7 @@ def main() -> int:
     previous = {s: signal.signal(s, _early) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         from onnx_tucker.cli import main as run
+        import onnx_tucker.outputs  # noqa: F401  (cli.main imports it before its own handling starts: load it here)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
