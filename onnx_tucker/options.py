@@ -332,6 +332,15 @@ def settings_of(opts: CompressOptions, report_decomposed: bool = True) -> dict:
         "layers": list(opts.layers) if opts.layers else None,
         "fold_affine": opts.fold_affine,
         "distill": None if opts.distill is None else {k: v for k, v in opts.distill.items() if isinstance(v, (int, float, str, bool))},
+        # and the rest of what changes the written model: two different models recorded the same settings without them
+        "budget_rule": opts.budget_rule if opts.target_macs is not None else None,
+        "probes": ("all" if opts.target_latency is not None else opts.probes)  # the latency knapsack probes every option
+                  if opts.calibration and (opts.target_macs is not None or opts.target_latency is not None) else None,
+        "probe_images": opts.probe_images if opts.calibration and (opts.target_macs is not None or opts.target_latency is not None) else None,
+        "exclude": [str(e) for e in opts.exclude] or None,
+        "ranks": {str(k): list(v) for k, v in opts.ranks.items()} or None,
+        "iterations": opts.n_iter_max,
+        "method": opts.method,
     }
 
 
@@ -353,8 +362,9 @@ class RankArgs:
             parser.add_argument("--ratio", type=_type(check_ratio), default=None,
                                 help="rank ratio R in (0, 1]: R_in=int(R*C_in), R_out=int(R*C_out) (default 0.5)")
         parser.add_argument("--force", action="store_true", help="decompose every eligible conv, even where MACs would not fall")
-        parser.add_argument("--exclude", default="", metavar="LAYERS",
-                            help="comma-separated conv names or 0-based indices to leave alone (e.g. 0 for the first conv)")
+        parser.add_argument("--exclude", action="append", default=None, metavar="LAYERS",
+                            help="comma-separated conv names or 0-based indices to leave alone (e.g. 0 for the first conv; "
+                            "may be repeated)")
         parser.add_argument("--ranks", action="append", type=_type(parse_rank_spec), default=None, metavar="NAME=R[,R]",
                             help="this layer's ranks, used as given (repeat for more layers; NAME or a 0-based index as in "
                             "inspect): R_out,R_in for Tucker-2, K for spatial SVD, R for an SVD; the rule picks the rest")
@@ -390,8 +400,8 @@ class RankArgs:
             if args.rank_method != "ratio":
                 raise UsageError(f"--ratio has no effect with --rank-method {args.rank_method}")
             options["ratio"] = args.ratio
-        if args.exclude:
-            options["exclude"] = tuple(e.strip() for e in args.exclude.split(",") if e.strip())
+        if args.exclude:  # every --exclude counts (a repeated flag kept only the last one)
+            options["exclude"] = tuple(dict.fromkeys(e.strip() for given in args.exclude for e in given.split(",") if e.strip()))
         if args.ranks:
             names = [name for name, _ in args.ranks]
             twice = sorted({n for n in names if names.count(n) > 1})
@@ -470,8 +480,9 @@ class BudgetArgs:
                             help="measured budget: 'auto' probes a few ranks per layer, predicts the rest from the layer's "
                             "output error and refines where the budget chooses (default); 'all' probes every rank (slower)")
         parser.add_argument("--probe-images", type=_type(_check_int, "--probe-images", 1, "a whole number >= 1"), default=None, metavar="N",
-                            help="measured budget: held-out calibration images each probe runs on (default 128); more take "
-                            "longer in proportion and make the allocation steadier across calibration subsets")
+                            help="measured budget: held-out calibration images each probe runs on (default 128; at most a quarter "
+                            "of the calibration set, fewer for inputs bigger than CIFAR's); more take longer in proportion "
+                            "and make the allocation steadier across calibration subsets")
 
     @staticmethod
     def parse(args) -> dict:
@@ -524,7 +535,7 @@ class CalibrationArgs:
     """Data-aware compression from TRAINING samples."""
 
     @staticmethod
-    def add(parser) -> None:
+    def add(parser, refit: bool = True) -> None:
         parser.add_argument("--calibrate", metavar="TRAIN.npz|DIR",
                             help="data-aware decomposition from calibration inputs: an .npz of TRAINING data (x_train, by input name, "
                             "or one array) or a folder of JPEG/PNG images (recursive; resized to the model's input)")
@@ -536,16 +547,17 @@ class CalibrationArgs:
                             help="with --calibrate DIR: per-channel std divided by after the mean (default 1)")
         parser.add_argument("--calib-size", type=_type(check_positive_int, "--calib-size"), default=None, metavar="N",
                             help=f"calibration samples, a seeded random subset (default {DEFAULT_CALIB_SIZE}; all of a smaller file, with a note)")
-        parser.add_argument("--refit", choices=REFITS, default=None,
-                            help="with --calibrate: refit the core by reduced-rank regression and then the last 1x1 conv (default), "
-                            "only the last 1x1 conv, or none")
+        if refit:  # sweep always refits as compress does by default: it has no --refit
+            parser.add_argument("--refit", choices=REFITS, default=None,
+                                help="with --calibrate: refit the core by reduced-rank regression and then the last 1x1 conv "
+                                "(default), only the last 1x1 conv, or none")
 
     @staticmethod
     def parse(args, model, data_path: str | None = None, say=None, input_shapes: dict | None = None) -> dict:
         """Loads the calibration samples (one line on stderr when the file holds fewer than asked)."""
         image_flags = (("--image-scale", args.image_scale), ("--image-mean", args.image_mean), ("--image-std", args.image_std))
         if not args.calibrate:
-            for flag, value in (("--refit", args.refit), ("--calib-size", args.calib_size)) + image_flags:
+            for flag, value in (("--refit", getattr(args, "refit", None)), ("--calib-size", args.calib_size)) + image_flags:
                 if value is not None:
                     raise UsageError(f"{flag} only applies with --calibrate")
             return {}
@@ -581,7 +593,7 @@ class CalibrationArgs:
         got = len(next(iter(calibration.values())))
         if got < size and say is not None:
             say(f"note: {args.calibrate} holds {got} calibration samples, fewer than the {size} asked for: using all {got}")
-        refit = args.refit or "core"
+        refit = getattr(args, "refit", None) or "core"
         return {"calibration": calibration, "refit": False if refit == "none" else refit}
 
 
@@ -852,6 +864,10 @@ class CheckArgs:
                                 ("--check-batch", args.check_batch), ("--inputs", args.inputs)):
                 if value is not None:
                     raise UsageError(f"{flag} has no effect with --no-check")
+        if args.check_batch is not None:  # the batch of the random inputs, which --inputs and --data replace
+            given = next((flag for flag, value in (("--inputs", args.inputs), ("--data", getattr(args, "data", None))) if value), None)
+            if given:
+                raise UsageError(f"--check-batch has no effect with {given}: the self-check runs on its samples")
         return {"min_agreement": args.min_agreement, "max_rel_error": args.max_rel_error,
                 "check_batch": args.check_batch or 8, "keep_failed": args.keep_failed}
 

@@ -159,7 +159,8 @@ def _compress(model: onnx.ModelProto, opts: CompressOptions, memo: dict | None =
     graph, sites = factorable_sites(model, opts.forms, opts.input_shapes, opts.layers)
     if not sites:
         raise ModelError("the model has no Conv node: nothing to compress")
-    report = Report(ratio=opts.ratio, force=opts.force, tool_version=__version__)
+    # the ratio only where a ratio chose the ranks (a budget or another rank rule left the default in opts.ratio)
+    report = Report(ratio=settings_of(opts)["ratio"], force=opts.force, tool_version=__version__)
     taken = taken_names(graph)
     excluded = {str(e) for e in opts.exclude}
     unknown = excluded - {s.name for s in sites} - {str(i) for i in range(len(sites))}
@@ -418,6 +419,11 @@ def plan_ranks(sites: list, opts: CompressOptions, fixed_macs: int = 0, model=No
                 report.notes.append(f"--curves {opts.curves} held curves of another model, calibration set or setting: "
                                     "measured again and replaced")
             if report is not None:
+                if measured["eval_samples"] < opts.probe_images:  # the flag asked for more than the probes could take
+                    n = len(next(iter(opts.calibration.values())))
+                    report.notes.append(f"the probes ran on {measured['eval_samples']} held-out calibration images, not the "
+                                        f"{opts.probe_images} asked: at most a quarter of the {n} calibration images"
+                                        " (and fewer for inputs bigger than CIFAR's)")
                 curves = measured["curves"]
                 report.sensitivity = {
                     "seconds": measured["seconds"], "eval_samples": measured["eval_samples"],

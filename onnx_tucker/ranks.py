@@ -37,6 +37,8 @@ def vbmf_ranks(weight) -> tuple[int, int]:
 
 
 def check_energy(energy) -> float:
+    if isinstance(energy, bool):  # True is 1.0 to float(): refused, as ratio=True and target_macs=True are
+        raise UsageError(f"energy must be a number in (0, 1], got {energy!r}")
     try:
         value = float(energy)
     except (TypeError, ValueError):

@@ -32,7 +32,8 @@ class LayerRecord:
         kernel = list(site.weight.shape) if site.weight is not None else []
         rec = cls(layer=site.name, kernel=kernel, reason=site.reason, op=site.op)
         if site.shape is not None:
-            rec.kernel = kernel or [site.shape.c_out, site.shape.c_in // site.shape.group, *site.shape.kernel]
+            # (out, in, k...) for every op, as inspect shows it: a MatMul's raw weight is (in, out)
+            rec.kernel = [site.shape.c_out, site.shape.c_in // site.shape.group, *site.shape.kernel]
             rec.params_before = rec.params_after = site.shape.params()
             rec.macs_before = rec.macs_after = site.shape.macs()
             rec.macs_known = site.shape.known

@@ -98,6 +98,21 @@ def test_inspect_with_two_forms_predicts_the_form_and_macs_compress_writes(tmp_p
         assert (predicted[e["layer"]]["form"], predicted[e["layer"]]["macs"]) == (e["form"], e["macs_after"]), e["layer"]
 
 
+def test_inspect_with_two_forms_chooses_with_the_fits_compress_makes(tmp_path):
+    """inspect chose each layer's form from Tucker-2 fits without HOOI iterations, compress with its 10: at ratio 0.3
+    on the seed CNN inspect predicted spatial SVD for conv4 (29, 2,449,920 MACs) where compress writes Tucker-2 (38, 38)."""
+    model = Path(__file__).resolve().parents[1] / "models/cifar10_cnn.onnx"
+    assert cli("inspect", model, "--ratios", "0.3", "--forms", "tucker2,spatial", "--json", tmp_path / "i.json").returncode == 0
+    assert cli(model, tmp_path / "o.onnx", "--ratio", "0.3", "--forms", "tucker2,spatial", "--no-check",
+               "--report", tmp_path / "r.json").returncode == 0
+    predicted = {e["layer"]: e["ratios"]["0.3"] for e in json.loads((tmp_path / "i.json").read_text())["layers"] if e["ratios"]}
+    written = [e for e in json.loads((tmp_path / "r.json").read_text())["layers"] if e["decomposed"]]
+    assert len({e["form"] for e in written}) == 2  # both forms written: the choice matters here
+    for e in written:
+        p = predicted[e["layer"]]
+        assert (p["form"], p["ranks"], p["macs"]) == (e["form"], e["ranks"], e["macs_after"]), e["layer"]
+
+
 @pytest.mark.parametrize(
     "make_input, args, code, needle",
     [
@@ -604,3 +619,65 @@ def test_latency_timing_defaults_to_a_fixed_batch_models_own_batch(tmp_path):
     assert all("|batch 2|" in key for key in json.loads(table.read_text())["entries"])
     r = cli("inspect", tmp_path / "b2.onnx", "--rank-multiple", "auto", "--latency-table", table)
     assert r.returncode == 0 and "batch 2" in r.stdout, r.stdout + r.stderr
+
+
+def test_report_ratio_is_none_unless_a_ratio_chose_the_ranks(saved_residual, tmp_path):
+    """The report's top-level ratio said 0.5 (the option's default) under --target-macs, --rank-method energy ..."""
+    for args, ratio in ((["--target-macs", "0.6"], None), (["--rank-method", "energy"], None), (["--ratio", "0.25"], 0.25)):
+        assert cli(saved_residual, tmp_path / "o.onnx", *args, "--no-check", "--report", tmp_path / "r.json").returncode == 0
+        data = json.loads((tmp_path / "r.json").read_text())
+        assert data["ratio"] == data["settings"]["ratio"] == ratio, args
+
+
+def test_settings_record_every_flag_that_changes_the_model(saved_residual, tmp_path):
+    """--exclude, --ranks, --iterations and --method changed the model but not its recorded settings."""
+    recorded = []
+    for args in ([], ["--exclude", "block_conv"], ["--iterations", "2"], ["--method", "tensorly"], ["--ranks", "down=4,4"]):
+        assert cli(saved_residual, tmp_path / "o.onnx", *args, "--no-check").returncode == 0
+        meta = {p.key: p.value for p in onnx.load(str(tmp_path / "o.onnx")).metadata_props}
+        recorded.append(meta["onnx_tucker.settings"])
+    assert len(set(recorded)) == len(recorded)
+    last = json.loads(recorded[-1])
+    assert last["ranks"] == {"down": [4, 4]} and last["iterations"] == 10 and last["method"] == "eig" and last["exclude"] is None
+
+
+def test_repeated_exclude_flags_all_count(saved_residual, tmp_path):
+    """--exclude 1 --exclude 2 excluded only layer 2."""
+    assert cli(saved_residual, tmp_path / "o.onnx", "--exclude", "block_conv", "--exclude", "down", "--force", "--no-check",
+               "--report", tmp_path / "r.json").returncode == 0
+    reasons = {e["layer"]: e["reason"] for e in json.loads((tmp_path / "r.json").read_text())["layers"]}
+    assert reasons["block_conv"] == reasons["down"] == "excluded by the user"
+
+
+def test_check_batch_with_samples_to_check_on_is_refused(saved_residual, tmp_path):
+    """--check-batch sizes the random self-check inputs; with --inputs or --data it did nothing, exit 0."""
+    np.savez(tmp_path / "in.npz", x=np.zeros((2, 3, 10, 10), np.float32))
+    before = set(tmp_path.iterdir())
+    r = cli(saved_residual, tmp_path / "o.onnx", "--check-batch", "3", "--inputs", tmp_path / "in.npz")
+    assert_clean_failure(r, 2, "--check-batch has no effect with --inputs", tmp_path, before)
+
+
+def test_sweep_has_no_refit_flag():
+    """sweep's help listed --refit {core,last,none} (default core) and refused every value."""
+    assert "--refit" not in cli("sweep", "--help").stdout
+
+
+def test_report_shows_a_matmul_weight_as_out_by_in_as_inspect_does(tmp_path):
+    """compress showed a MatMul's raw (in, out) weight; inspect, Conv and Gemm show (out, in)."""
+    model = Path(__file__).resolve().parents[1] / "models/cifar10_cnn.onnx"
+    assert cli(model, tmp_path / "o.onnx", "--layers", "kxk,dense", "--ratio", "0.25", "--no-check", "--report", tmp_path / "r.json").returncode == 0
+    assert cli("inspect", model, "--layers", "kxk,dense", "--json", tmp_path / "i.json").returncode == 0
+    shown = {e["layer"]: e["kernel"] for e in json.loads((tmp_path / "r.json").read_text())["layers"]}
+    listed = {e["layer"]: e["op_shape"] for e in json.loads((tmp_path / "i.json").read_text())["layers"]}
+    assert shown == listed and any(name.endswith("MatMul") and k == [10, 512] for name, k in shown.items())
+
+
+def test_probe_images_capped_by_the_calibration_set_says_so(saved_residual, tmp_path):
+    """--probe-images 40 with 64 calibration samples ran on 16 (a quarter of the set) without a word."""
+    np.savez(tmp_path / "cal.npz", x_train=np.random.default_rng(0).standard_normal((64, 3, 10, 10)).astype(np.float32))
+    r = cli(saved_residual, tmp_path / "o.onnx", "--target-macs", "0.6", "--calibrate", tmp_path / "cal.npz",
+            "--probe-images", "40", "--no-check", "--report", tmp_path / "r.json")
+    assert r.returncode == 0, r.stderr
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["sensitivity"]["eval_samples"] == 16 and data["settings"]["probe_images"] == 40
+    assert any("the probes ran on 16 held-out calibration images, not the 40 asked" in n for n in data["notes"])

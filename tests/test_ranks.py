@@ -147,3 +147,13 @@ def test_a_conv_with_only_its_output_size_known_is_costed_in_parameters_like_its
     shape = ConvShape(c_out=32, c_in=16, kernel=(3, 3), in_spatial=None, out_spatial=(12, 12))
     assert not shape.known and shape.macs() == shape.params() == 32 * 16 * 9
     assert shape.chain_macs(32, 16) == shape.chain_params(32, 16) > shape.macs()  # full rank adds: never profitable
+
+
+def test_energy_refuses_a_bool():
+    """compress(energy=True) ran as energy 1.0 where ratio=True and target_macs=True are refused."""
+    from onnx_tucker.errors import UsageError
+    from onnx_tucker.ranks import check_energy
+
+    with pytest.raises(UsageError, match="energy must be a number"):
+        check_energy(True)
+    assert check_energy(1) == 1.0
