@@ -63,7 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("output", help="output .onnx model")
     k.add_argument("--opset", type=lambda t: check_positive_int(t, "--opset"), default=17, help="ONNX opset (default 17)")
     k.add_argument("--inputs", metavar="FILE.npz", help="inputs for the agreement check (default: seeded random 0..255)")
-    k.add_argument("--tolerance", type=lambda t: check_tolerance(t, "--tolerance"), default=1e-4, help="largest max-abs difference accepted, times the largest output magnitude where that is above 1 (default 1e-4)")
+    k.add_argument("--tolerance", type=lambda t: check_tolerance(t, "--tolerance"), default=None,
+                   help="largest max-abs difference accepted, times the largest output magnitude where that is above 1 "
+                   "(default 1e-4; 1e-2 for a model with float16 layers, 5e-2 with bfloat16 ones)")
 
     i = sub.add_parser("inspect", help="list the Conv layers, their MACs and what each ratio would save")
     i.add_argument("input", help="input .onnx model")
@@ -244,6 +246,11 @@ def accuracy_of(original, compressed, feeds, labels, source: str) -> dict:
     }
 
 
+# convert's default tolerance by the narrowest float the Keras model computes in (mixed precision): a float16 model's
+# own Keras and onnxruntime outputs differ by ~3e-4 of the output's size (both round to float16), 0.03 absolute at 114
+CONVERT_TOLERANCE = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 5e-2}
+
+
 def cmd_convert(args) -> int:
     from onnx_tucker.convert import check_opset, convert
     from onnx_tucker.io import check_output_path
@@ -259,19 +266,33 @@ def cmd_convert(args) -> int:
 
         try:
             with np.load(args.inputs, allow_pickle=False) as data:
+                if not hasattr(data, "files"):  # a bare .npy array, or a pickle np.load refused above
+                    raise DataError(f"inputs file {args.inputs} is not a numpy .npz archive")
+                if not data.files:
+                    raise DataError(f"inputs file {args.inputs} holds no arrays")
                 key = next((k for k in ("x_test", "x", "x_train") if k in data.files), data.files[0])
                 samples = data[key][:32].astype(np.float32)
+        except DataError:
+            raise
         except Exception as exc:
-            raise DataError(f"cannot read inputs file {args.inputs}: {first_line(exc, 200)}") from None
+            why = "not a numpy .npz archive" if "pickled" in str(exc) else first_line(exc, 200)
+            raise DataError(f"cannot read inputs file {args.inputs}: {why}") from None
         if not np.isfinite(samples).all():
             raise DataError(f"inputs file {args.inputs} ('{key}') contains NaN or Inf: the agreement check needs finite inputs")
     result = convert(args.input, opset=args.opset, samples=samples)
     print(f"converted with {result.route}, opset {args.opset}")
     print(f"Keras vs onnxruntime: max abs difference {result.max_abs_diff:.3g} on {'given' if args.inputs else 'seeded random'} inputs")
-    # relative to the outputs' size where that is above 1: logits of ~400 on 0..255 inputs differ by ~1e-4 in float32
-    allowed = args.tolerance * max(1.0, result.max_abs_output or 0.0)
-    if not result.max_abs_diff <= allowed:  # NaN (non-finite outputs) fails too
-        raise ModelError(f"Keras and onnxruntime disagree (max abs difference {result.max_abs_diff:.3g} > {allowed:.3g}): not written")
+    if not result.keras_finite:  # nothing to compare against: "they disagree by nan" blamed the conversion
+        raise ModelError("the Keras model's own outputs are not finite (NaN or Inf) on these inputs: nothing to check the "
+                         "conversion against, not written")
+    # relative to the outputs' size where that is above 1: logits of ~400 on 0..255 inputs differ by ~1e-4 in float32;
+    # a mixed-precision model rounds to its float16/bfloat16 layers' precision in both runtimes
+    tolerance = args.tolerance if args.tolerance is not None else CONVERT_TOLERANCE[result.compute_dtype]
+    allowed = tolerance * max(1.0, result.max_abs_output or 0.0)
+    if not result.max_abs_diff <= allowed:  # NaN (onnxruntime's outputs not finite) fails too
+        raise ModelError(f"Keras and onnxruntime disagree (max abs difference {result.max_abs_diff:.3g} > {allowed:.3g}"
+                         f"{', layers in ' + result.compute_dtype if result.compute_dtype != 'float32' else ''}; "
+                         "--tolerance sets the limit): not written")
     args.outputs.save_model(result.model, out)
     args.outputs.commit()
     print(f"PASSED: wrote {out} (input '{result.input_name}', output '{result.output_name}')")

@@ -69,6 +69,8 @@ class Conversion:
     input_name: str
     output_name: str
     max_abs_output: float | None = None  # the Keras output's largest magnitude: what the tolerance scales with
+    compute_dtype: str = "float32"  # the narrowest float a layer computes in (mixed precision: float16 or bfloat16)
+    keras_finite: bool = True  # whether the Keras model's own outputs were finite on the check inputs
 
 
 def load_keras(path: str | os.PathLike):
@@ -177,9 +179,23 @@ def convert(path: str | os.PathLike, opset: int = DEFAULT_OPSET, samples: np.nda
             got = session.run(None, {input_name: samples})[0]
         except Exception as exc:
             raise ModelError(f"onnxruntime cannot run the converted model: {first_line(exc, 200)}") from None
-    diff = float(np.max(np.abs(expected - got)))
+    diff = float(np.max(np.abs(expected.astype(np.float64) - got)))
+    finite = bool(np.isfinite(expected).all())
     return Conversion(model=onnx_model, route=ROUTE, max_abs_diff=diff, input_name=input_name, output_name=name,
-                      max_abs_output=float(np.max(np.abs(expected))))
+                      max_abs_output=float(np.max(np.abs(expected[np.isfinite(expected)]), initial=0.0)),
+                      compute_dtype=compute_dtype(keras_model), keras_finite=finite)
+
+
+def compute_dtype(keras_model) -> str:
+    """'float16' or 'bfloat16' where any layer computes in it (a mixed-precision policy), else 'float32'."""
+    found = {str(getattr(layer, "compute_dtype", "float32")) for layer in _all_layers(keras_model)}
+    return next((d for d in ("bfloat16", "float16") if d in found), "float32")
+
+
+def _all_layers(model):
+    for layer in getattr(model, "layers", []):
+        yield layer
+        yield from _all_layers(layer)
 
 
 def _reason(exc: Exception) -> str:

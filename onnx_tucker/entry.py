@@ -25,4 +25,9 @@ def main() -> int:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-    return run()
+    code = run()
+    # The command is over (outputs committed or removed, its line printed); the interpreter's teardown (0.3 s, 3 s
+    # after TensorFlow) must not turn a finished run into a silent 143 with its output in place: ignore them now.
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)
+    return code

@@ -203,14 +203,19 @@ def check_output_path(input_path: str | os.PathLike | None, output_path: str | o
     if input_path is not None:
         inp = Path(input_path)
         if inp.exists() and (out.resolve() == inp.resolve() or (out.exists() and os.path.samefile(out, inp))):
-            raise UsageError("output path is the input path: refusing to overwrite the input model")
-        # The output writes OUT and possibly OUT.data: neither may be one of the input's data files.
-        existing = [p for p in (out, out.parent / (out.name + ".data")) if os.path.isfile(p)]  # False for too long names
+            if what == "output":
+                raise UsageError("output path is the input path: refusing to overwrite the input model")
+            raise UsageError(f"{what} {output_path} is the input model: refusing to overwrite it")
+        # A model output writes OUT and possibly OUT.data, a side file (--report, --json) only itself: none of them may
+        # be one of the input's data files.
+        written = (out, out.parent / (out.name + ".data")) if what == "output" else (out,)
+        existing = [p for p in written if os.path.isfile(p)]  # False for too long names
         if existing and inp.is_file():
             for data in input_data_files(inp):
                 for p in existing:
                     if os.path.samefile(p, data):
-                        raise UsageError(f"output would write over the input's external data file {data.name}: choose another output name")
+                        who = "output" if what == "output" else f"{what} {output_path}"
+                        raise UsageError(f"{who} would write over the input's external data file {data.name}: choose another name")
     return out
 
 

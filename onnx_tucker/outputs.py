@@ -228,6 +228,36 @@ def _signals_blocked():
 
 
 @contextmanager
+def _folders_locked(folders):
+    """An exclusive flock on each target folder while the renames run: two runs committing into one folder take
+    turns, so a model and its external-data file always come from the same run (between one run's two renames
+    another's could land, leaving a model that points past the end of the other run's data). No lock file is made;
+    folders that cannot be locked (no fcntl, another file system's rules) are renamed into unlocked, as before."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    held = []
+    try:
+        for folder in sorted(str(f) for f in folders):  # one order for every run: no deadlock
+            try:
+                fd = os.open(folder, os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError:
+                os.close(fd)
+                continue
+            held.append(fd)
+        yield
+    finally:
+        for fd in held:
+            os.close(fd)  # closing releases the lock
+
+
+@contextmanager
 def interrupts_unwind():
     """SIGINT and SIGTERM raise :class:`Interrupted` inside the block (Python's default for SIGTERM
     is to die on the spot, leaving temporaries behind). Once a final :class:`Outputs` has committed,
@@ -358,7 +388,7 @@ class Outputs:
         the ones already done are undone (the previous files restored) and nothing is left staged."""
         if self.committed:
             return
-        with _signals_blocked():
+        with _signals_blocked(), _folders_locked({target.parent for _, target in self._staged}):
             try:
                 for _, target in self._staged:  # the targets may have changed since they were checked
                     check_target(target)

@@ -66,6 +66,15 @@ def parse_fractions(text: str, what: str) -> list[float]:
     return check_fraction_list(text, what)
 
 
+def _short(value: float, values: list) -> str:
+    """``value`` with the fewest significant digits (at least {:g}'s six) that no other of ``values`` shares."""
+    for digits in range(6, 18):
+        text = f"{value:.{digits}g}"
+        if all(f"{other:.{digits}g}" != text for other in values if other != value):
+            return text
+    return repr(value)
+
+
 def settings_of(config: SweepConfig) -> list[tuple[str, str, float]]:
     """(label, kind, value) for each setting."""
     if config.ratios and config.targets:
@@ -140,7 +149,9 @@ def run_sweep(config: SweepConfig, outputs=None) -> dict:
         config.multiple_at = {**config.multiple_at, "batch": timing_batch(config.multiple_at.get("batch"), model)}
         check_latency_batch_memory(model, config.multiple_at["batch"])
     out_dir = prepare_out_dir(config.out_dir, outputs)
-    model_files = {(kind, value): out_dir / f"{config.model.stem}_{kind}{value:g}.onnx" for _, kind, value in settings}
+    # the shortest name that tells the values apart ({:g} gave 0.1234567 and 0.1234568 one file and a confusing refusal)
+    model_files = {(kind, value): out_dir / f"{config.model.stem}_{kind}{_short(value, [v for _, k, v in settings if k == kind])}.onnx"
+                   for _, kind, value in settings}
     check_paths(reads={"the input model": config.model, "--data": config.data, "--calibrate": config.calibrate},
                 writes={"--out-dir file": [out_dir / n for n in ("sweep.md", "sweep.json", "sweep.png")] + list(model_files.values()),
                         "--latency-table": config.multiple_at.get("table")},

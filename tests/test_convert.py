@@ -204,3 +204,44 @@ def test_convert_tolerance_scales_with_large_outputs_and_errors_name_their_cause
 
     r = _convert(_keras_file(tmp_path, "spaced", spaced), tmp_path / "s.onnx")
     assert r.returncode == 1 and "'my conv' is not a valid scope name" in r.stderr and r.stderr.strip().count("\n") == 0
+
+
+def test_convert_judges_a_mixed_precision_model_at_float16_precision(tmp_path):
+    """A mixed_float16 CNN was refused as 'Keras and onnxruntime disagree' at the default 1e-4 (both round to float16:
+    0.03 apart at outputs of ~100); its default tolerance is now float16's, and a refusal names the layers' dtype."""
+    def build():
+        keras.mixed_precision.set_global_policy("mixed_float16")
+        try:
+            inputs = keras.Input((32, 32, 3))
+            x = keras.layers.Conv2D(32, 3, padding="same")(inputs)
+            x = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(64, 3, padding="same")(x))
+            return keras.Model(inputs, keras.layers.Dense(10, dtype="float32")(x))
+        finally:
+            keras.mixed_precision.set_global_policy("float32")
+
+    path = _keras_file(tmp_path, "mixed", build)
+    r = _convert(path, tmp_path / "m.onnx")
+    assert r.returncode == 0 and "PASSED" in r.stdout, r.stderr[-800:]
+    r = _convert(path, tmp_path / "n.onnx", "--tolerance", "1e-7")
+    assert r.returncode == 1 and "layers in float16" in r.stderr and "--tolerance" in r.stderr and not (tmp_path / "n.onnx").exists()
+
+
+def test_convert_says_when_keras_itself_gives_nan_and_when_inputs_are_not_an_archive(tmp_path):
+    """Keras's own NaN output was reported as the two runtimes disagreeing by nan; an .npz without arrays as 'list index
+    out of range' and a text file as numpy's advice about pickles."""
+    def build():
+        inputs = keras.Input((8, 8, 3))
+        norm = keras.layers.BatchNormalization()
+        model = keras.Model(inputs, keras.layers.Dense(4)(keras.layers.GlobalAveragePooling2D()(norm(keras.layers.Conv2D(4, 3)(inputs)))))
+        gamma, beta, mean, variance = norm.get_weights()
+        norm.set_weights([gamma, beta, mean, -np.ones_like(variance)])  # sqrt of a negative variance: NaN in Keras too
+        return model
+
+    r = _convert(_keras_file(tmp_path, "nan", build), tmp_path / "o.onnx")
+    assert r.returncode == 1 and "the Keras model's own outputs are not finite" in r.stderr and r.stderr.strip().count("\n") == 0
+    np.savez(tmp_path / "empty.npz")
+    (tmp_path / "text.npz").write_text("not an archive\n")
+    for name, needle in (("empty.npz", "holds no arrays"), ("text.npz", "not a numpy .npz archive")):
+        r = _convert(ROOT / "models/cifar10_cnn.keras", tmp_path / "o.onnx", "--inputs", tmp_path / name)
+        assert r.returncode == 1 and needle in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
+    assert not (tmp_path / "o.onnx").exists()

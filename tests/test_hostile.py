@@ -749,3 +749,60 @@ def test_an_earlier_outputs_data_file_left_beside_a_new_inline_model_is_said(tmp
     code, _, err = run(capsys, CNN, out, "--ratio", "0.5", "--no-check")
     assert code == 0 and "o.onnx.data (an earlier output's weights) is left as it was" in err
     assert (tmp_path / "o.onnx.data").read_bytes() == before and onnx.load(str(out)).graph.initializer
+
+
+def test_two_runs_committing_into_one_folder_take_turns(tmp_path, monkeypatch):
+    """Two runs writing the same model with external data: between one run's two renames (the data file, then the
+    model) the other's whole commit could land, leaving run A's model beside run B's data (both exit 0, the model
+    unloadable). Commits into one folder now hold an flock on it: the pair always comes from one run."""
+    import threading
+
+    from onnx_tucker.outputs import Outputs
+
+    real, a_paused, release = os.replace, threading.Event(), threading.Event()
+
+    def replace(src, dst, *args, **kwargs):
+        result = real(src, dst, *args, **kwargs)
+        if threading.current_thread().name == "A" and str(dst).endswith(".data"):
+            a_paused.set()  # A has renamed its data file, not yet its model
+            release.wait(10)
+        return result
+
+    monkeypatch.setattr(os, "replace", replace)
+
+    def run(tag):
+        with Outputs() as outputs:
+            outputs.write_text(tmp_path / "m.onnx.data", tag)
+            outputs.write_text(tmp_path / "m.onnx", tag)
+
+    a = threading.Thread(target=run, args=("A",), name="A")
+    a.start()
+    assert a_paused.wait(10)
+    b = threading.Thread(target=run, args=("B",), name="B")
+    b.start()
+    b.join(0.5)
+    assert b.is_alive()  # B waits for A's commit
+    release.set()
+    a.join(10)
+    b.join(10)
+    assert (tmp_path / "m.onnx").read_text() == (tmp_path / "m.onnx.data").read_text() == "B"
+
+
+def test_side_files_are_held_to_their_own_path_not_to_a_models_data_file(tmp_path, capsys):
+    """`--report b.onnx` (or `inspect --json b.onnx`) was refused because a *model* named b.onnx would write b.onnx.data,
+    the input's data file; a JSON file writes only itself. Its own path is still checked, and named in the error."""
+    import onnx
+
+    onnx.save(onnx.load(str(CNN)), str(tmp_path / "a.onnx"), save_as_external_data=True, location="b.onnx.data")
+    a = tmp_path / "a.onnx"
+    code, _, err = run(capsys, a, tmp_path / "new.onnx", "--no-check", "--report", tmp_path / "b.onnx")
+    assert code == 0, err
+    code, _, err = run(capsys, "inspect", a, "--json", tmp_path / "b2.onnx")
+    assert code == 0, err
+    before = tree(tmp_path)
+    code, _, err = run(capsys, a, tmp_path / "new2.onnx", "--no-check", "--report", tmp_path / "b.onnx.data")
+    assert_one_line_error(code, err, 2, "--report")
+    assert "external data file b.onnx.data" in err
+    code, _, err = run(capsys, a, tmp_path / "new2.onnx", "--no-check", "--report", a)
+    assert_one_line_error(code, err, 2, "--report")
+    assert "is the input model" in err and tree(tmp_path) == before

@@ -365,3 +365,12 @@ def test_sweep_calibrates_on_an_image_folder_as_compress_does(setup, tmp_path, c
     capsys.readouterr()
     assert sweep(root, "--ratios", "0.5", "--image-scale", "1/255", "--out-dir", str(tmp_path / "o2")) == 2
     assert "only apply with --calibrate DIR" in capsys.readouterr().err
+
+
+def test_file_names_tell_close_values_apart():
+    """--ratios 0.1234567,0.1234568 gave both models one {:g} file name and a refusal naming the same file twice."""
+    from onnx_tucker.sweep import _short
+
+    values = [0.1234567, 0.1234568, 0.5]
+    assert [_short(v, values) for v in values] == ["0.1234567", "0.1234568", "0.5"]
+    assert _short(0.25, [0.25, 0.75]) == "0.25"
