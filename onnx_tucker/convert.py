@@ -104,7 +104,8 @@ def keras_to_onnx(model, opset: int = DEFAULT_OPSET, input_name: str | None = No
         raise ModelError("only single-input, single-output Keras models are converted")
     input_name = input_name or (model.inputs[0].name.split(":")[0] or "input")
     shape = [None] + list(model.inputs[0].shape[1:])
-    signature = (tf.TensorSpec(shape, tf.float32, name=input_name),)
+    # the input's own dtype (a uint8 image model became a float32 one that its uint8 pixels could not feed)
+    signature = (tf.TensorSpec(shape, tf.as_dtype(input_dtype(model)), name=input_name),)
 
     @tf.function(input_signature=signature)
     def serve(x):
@@ -169,7 +170,7 @@ def convert(path: str | os.PathLike, opset: int = DEFAULT_OPSET, samples: np.nda
         if samples is None:
             rng = np.random.default_rng(seed)
             samples = rng.uniform(0, 255, size=(8,) + want).astype(np.float32)
-        samples = samples.astype(np.float32)
+        samples = samples.astype(input_dtype(keras_model))
         try:
             expected = np.asarray(keras_model(samples, training=False))
         except Exception as exc:
@@ -184,6 +185,12 @@ def convert(path: str | os.PathLike, opset: int = DEFAULT_OPSET, samples: np.nda
     return Conversion(model=onnx_model, route=ROUTE, max_abs_diff=diff, input_name=input_name, output_name=name,
                       max_abs_output=float(np.max(np.abs(expected[np.isfinite(expected)]), initial=0.0)),
                       compute_dtype=compute_dtype(keras_model), keras_finite=finite)
+
+
+def input_dtype(keras_model) -> str:
+    """The numpy name of the Keras input's dtype (float32 where Keras does not say)."""
+    dtype = getattr(keras_model.inputs[0], "dtype", None) or "float32"
+    return str(getattr(dtype, "name", dtype))
 
 
 def compute_dtype(keras_model) -> str:

@@ -245,3 +245,16 @@ def test_convert_says_when_keras_itself_gives_nan_and_when_inputs_are_not_an_arc
         r = _convert(ROOT / "models/cifar10_cnn.keras", tmp_path / "o.onnx", "--inputs", tmp_path / name)
         assert r.returncode == 1 and needle in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_convert_keeps_the_keras_inputs_dtype(tmp_path):
+    """A Keras model taking uint8 pixels became an ONNX model with a float32 input that those pixels could not feed."""
+    def build():
+        inputs = keras.Input((8, 8, 3), dtype="uint8")
+        x = keras.layers.Conv2D(4, 3)(keras.layers.Rescaling(1 / 255)(inputs))
+        return keras.Model(inputs, keras.layers.Dense(2)(keras.layers.Flatten()(x)))
+
+    r = _convert(_keras_file(tmp_path, "u8", build), tmp_path / "u8.onnx")
+    assert r.returncode == 0, r.stderr[-800:]
+    model = onnx.load(str(tmp_path / "u8.onnx"))
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
