@@ -65,14 +65,21 @@ def activation_bytes(shape, side: str = "in", itemsize: int = 4) -> int:
     return itemsize * (shape.c_in if side == "in" else shape.c_out) * math.prod(spatial)
 
 
+def samples_in(feeds: dict) -> int:
+    """The samples in ``feeds``: the length of the first batched (not 0-d) array; 1 when every input is a scalar."""
+    return next((len(v) for v in feeds.values() if np.ndim(v) > 0), 1)
+
+
 def batches(feeds: dict, size: int, fixed: bool = False) -> Iterator[tuple[dict, int]]:
-    """``(batch feeds, real rows)`` along axis 0; with ``fixed`` the last batch is padded to ``size``."""
-    n = len(next(iter(feeds.values())))
+    """``(batch feeds, real rows)`` along axis 0; with ``fixed`` the last batch is padded to ``size``. A 0-d input (a
+    scalar the graph takes, an If's condition) has no batch axis: every batch gets it whole."""
+    n = samples_in(feeds)
     for start in range(0, n, size):
-        batch = {k: np.asarray(v[start : start + size]) for k, v in feeds.items()}  # a streamed image folder decodes here
-        rows = len(next(iter(batch.values())))
+        # a streamed image folder decodes here
+        batch = {k: np.asarray(v) if np.ndim(v) == 0 else np.asarray(v[start : start + size]) for k, v in feeds.items()}
+        rows = min(size, n - start)
         if fixed and rows < size:
-            batch = {k: np.concatenate([v, np.repeat(v[-1:], size - rows, axis=0)]) for k, v in batch.items()}
+            batch = {k: v if v.ndim == 0 else np.concatenate([v, np.repeat(v[-1:], size - rows, axis=0)]) for k, v in batch.items()}
         yield batch, rows
 
 
@@ -84,7 +91,7 @@ def iterate(session, feeds: dict, names: list[str] | None, batch_size: int = DEF
     """
     from tqdm import tqdm
 
-    n = len(next(iter(feeds.values())))
+    n = samples_in(feeds)
     bar = tqdm(total=-(-n // batch_size), desc=progress, unit="batch", leave=False, disable=True if progress is None else None)
     try:
         for batch, rows in batches(feeds, batch_size, fixed):

@@ -221,7 +221,8 @@ def cmd_compress(args) -> int:
         print(f"PASSED: 0/{t['convs']} convs decomposed, nothing pays: wrote the input model unchanged")
         return 0
     check_note = "; self-check skipped (--no-check)" if result is None else "; self-check " + result.reason
-    macs = f"MACs {t['macs_reduction']:.2f}x fewer" if t["macs_known"] else "MACs unknown (give --input-shape)"
+    macs = (f"MACs {t['macs_reduction']:.2f}x fewer" if t["macs_known"] else
+            "MACs unknown (shape inference stops before some layers)" if report.sizes_static else "MACs unknown (give --input-shape)")
     print(f"PASSED: {t['decomposed']}/{t['convs']} convs decomposed, {macs}, params {t['params_reduction']:.2f}x fewer{check_note}")
     return 0
 
@@ -401,8 +402,9 @@ def cmd_inspect(args) -> int:
     print("#: the index --exclude and --ranks accept for the layer; "
           "xR: MAC reduction of that layer (and of the model) at ratio R, layers that compress would leave whole counted whole")
     if unknown:
-        print("* spatial sizes unknown (dynamic input sizes): MACs unknown, the xR columns are parameter reductions; "
-              "give --input-shape NAME:DIMS to count MACs")
+        from onnx_tucker.runtime import sizes_static, unknown_sizes_note
+
+        print(unknown_sizes_note(sizes_static(model, input_shapes), "the xR columns are parameter reductions"))
     if args.json:
         _write_json(args, args.json, json.dumps({"layers": listing, "macs_total": None if unknown else total_before,
                                                  "macs_known": not unknown, "rank_multiple": multiple,

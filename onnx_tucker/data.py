@@ -45,7 +45,7 @@ def _check_feedable(value: np.ndarray, dims: list, dtype, name: str, where: str)
     want = ["N" if d is None else d for d in dims]
     if value.ndim != len(dims) or any(d and d != s for d, s in zip(dims[1:], value.shape[1:])):
         raise DataError(f"{where} for '{name}' have shape {list(value.shape)}, the model expects {want}")
-    if len(value) == 0:
+    if value.ndim and len(value) == 0:  # a scalar input (shape []) is one value, fed whole to every batch
         raise DataError(f"{where} for '{name}' hold no samples (shape {list(value.shape)})")
     if value.dtype.kind not in "biufc":  # strings, bytes, dates: astype would fail or make nonsense
         raise DataError(f"{where} for '{name}' have dtype {value.dtype}, which cannot be cast to the model's {np.dtype(dtype)}")
@@ -88,7 +88,7 @@ def load_inputs(path: str | os.PathLike, model: onnx.ModelProto) -> dict[str, np
         dims, dtype = input_spec(vi)
         _check_feedable(chosen[vi.name], dims, dtype, vi.name, f"inputs in {path}")
         feeds[vi.name] = _cast(chosen[vi.name], dtype, vi.name, f"inputs in {path}")
-    counts = {len(v) for v in feeds.values()}
+    counts = {len(v) for v in feeds.values() if v.ndim}  # a scalar input has no samples to count
     if len(counts) > 1:
         raise DataError(f"arrays in {path} have different sample counts: {sorted(counts)}")
     return feeds
@@ -256,6 +256,9 @@ def load_calibration(path: str | os.PathLike, model: onnx.ModelProto, size: int 
         dims, dtype = input_spec(vi)
         value = chosen[vi.name]
         want = ["N" if d is None else d for d in dims]
+        if not dims:  # the measured budget, the refits and distillation draw samples along a batch axis
+            raise DataError(f"calibration needs a batch axis on every input: '{vi.name}' is a scalar (shape []); "
+                            "compress without --calibrate")
         if value.ndim != len(dims) or any(d and d != s for d, s in zip(dims[1:], value.shape[1:])):
             raise DataError(f"calibration inputs for '{vi.name}' in {path} have shape {list(value.shape)}, the model expects {want}")
         if not np.can_cast(value.dtype, dtype, casting="same_kind"):

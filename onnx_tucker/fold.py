@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from onnx_tucker.graph import Initializers, consumers, nodes_by_name, unique_name
+from onnx_tucker.graph import Initializers, add_initializer, consumers, nodes_by_name, unique_name
 
 
 def _per_channel_of(inits, node, const_index: int, channels: int, rank: int) -> np.ndarray | None:
@@ -144,7 +144,7 @@ def _fold_after(model, chain) -> bool:
         bias_name = last.input[2]
     else:
         bias_name = unique_name(f"{chain.nodes[chain.last_role]}_B", _taken(model))
-        model.graph.initializer.add().CopyFrom(onnx.numpy_helper.from_array(new_bias, bias_name))
+        add_initializer(model, new_bias, bias_name)
     while len(last.input) < 3:
         last.input.append("")
     last.input[2] = bias_name
@@ -207,7 +207,7 @@ def _fold_one(model, chain) -> bool:
     new_b = w64.reshape(w.shape[0], w.shape[1]) @ shift
     inits.set(first.input[1], new_w.astype(w.dtype))
     bias_name = unique_name(f"{chain.nodes['first']}_B", _taken(model))
-    model.graph.initializer.add().CopyFrom(onnx.numpy_helper.from_array(new_b.astype(w.dtype), bias_name))
+    add_initializer(model, new_b.astype(w.dtype), bias_name)
     if pool is not None:
         pool.input[0] = x  # the max now runs on the raw activations
     else:

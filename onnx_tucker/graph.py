@@ -404,6 +404,15 @@ def feeds_only_relu(model: onnx.ModelProto, name: str) -> bool:
     return bool(users) and all(n.op_type == "Relu" for n in users)
 
 
+def add_initializer(model: onnx.ModelProto, value: np.ndarray, name: str) -> onnx.TensorProto:
+    """A new initializer, also listed among the graph inputs where IR < 4 requires every initializer to be."""
+    init = model.graph.initializer.add()
+    init.CopyFrom(numpy_helper.from_array(value, name))
+    if model.ir_version < 4:
+        model.graph.input.append(onnx.helper.make_tensor_value_info(name, init.data_type, list(init.dims)))
+    return init
+
+
 class Initializers:
     """Name -> initializer of one model, with ownership: a node about to change a shared initializer gets a copy."""
 
@@ -431,9 +440,15 @@ class Initializers:
             copy.CopyFrom(init)
             copy.name = unique_name(fresh_name, set(self.by_name))
             self.by_name[copy.name] = copy
+            self._listed(copy)
             node.input[index] = copy.name
             return copy
         return init
+
+    def _listed(self, init: onnx.TensorProto) -> None:
+        """IR < 4 lists every initializer among the graph inputs (the checker refuses one that is not): a new one too."""
+        if self.model.ir_version < 4:
+            self.model.graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
 
     def bias(self, node: onnx.NodeProto, channels: int, dtype, fresh_name: str) -> onnx.TensorProto:
         """``node``'s bias initializer (input 2), created as zeros when it has none, copied when shared."""
@@ -444,6 +459,7 @@ class Initializers:
         bias = self.model.graph.initializer.add()
         bias.CopyFrom(numpy_helper.from_array(np.zeros(channels, dtype=dtype), unique_name(fresh_name, set(self.by_name))))
         self.by_name[bias.name] = bias
+        self._listed(bias)
         while len(node.input) < 2:
             node.input.append("")
         if len(node.input) == 2:

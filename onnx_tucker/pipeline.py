@@ -20,7 +20,7 @@ from onnx_tucker.graph import check_chain_nodes, export, infer_shapes, set_metad
 from onnx_tucker.io import load_model
 from onnx_tucker.options import CompressOptions, check_input_shapes, check_ratio, settings_of
 from onnx_tucker.report import LayerRecord, Report
-from onnx_tucker.runtime import graph_inputs
+from onnx_tucker.runtime import graph_inputs, sizes_static
 from onnx_tucker.site import find_sites
 
 __all__ = ["compress", "check_ratio", "factorable_sites", "CompressOptions"]
@@ -161,6 +161,7 @@ def _compress(model: onnx.ModelProto, opts: CompressOptions, memo: dict | None =
         raise ModelError("the model has no Conv node: nothing to compress")
     # the ratio only where a ratio chose the ranks (a budget or another rank rule left the default in opts.ratio)
     report = Report(ratio=settings_of(opts)["ratio"], force=opts.force, tool_version=__version__)
+    report.sizes_static = sizes_static(model, opts.input_shapes)
     taken = taken_names(graph)
     excluded = {str(e) for e in opts.exclude}
     unknown = excluded - {s.name for s in sites} - {str(i) for i in range(len(sites))}
@@ -252,7 +253,9 @@ def _compress(model: onnx.ModelProto, opts: CompressOptions, memo: dict | None =
             record.reason = why
             record.params_after, record.macs_after = record.params_before, record.macs_before
             continue
-        key = (form.name, site.weight_key, ranks)
+        # one fit per weight, form, layout and ranks: a weight a MatMul reads as (in, out) and a Gemm with transB as
+        # (out, in) needs factors of each layout (the Gemm took the MatMul's, transposed: wrong output, PASSED)
+        key = (form.name, site.weight_key, site.extra.get("layout"), ranks)
         if key not in shared:
             cov = input_stats.get(site.input_name) if input_stats else None
             # One BLAS thread: the fits are many small eigendecompositions, which threaded OpenBLAS

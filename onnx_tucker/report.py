@@ -58,6 +58,7 @@ class Report:
     latency: dict | None = None  # per-layer table times, predicted and measured whole-model latency (latency_table)
     timings: dict = field(default_factory=dict)  # wall seconds per phase, in the order they ran (``phase``)
     form_choice: dict | None = None  # a rule with several forms: {"rule", "metric", "layers": {layer: {"form", "errors", "written"}}}
+    sizes_static: bool = False  # every input's size known: unknown MACs then come from shape inference, not the input
 
     @property
     def decomposed(self) -> list:
@@ -162,8 +163,9 @@ def format_table(report: Report) -> str:
     for row in rows:
         lines.append("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
     if not t["macs_known"]:
-        lines.append("* spatial sizes unknown (dynamic input sizes): MACs unknown, profitability judged on parameters; "
-                     "give --input-shape NAME:DIMS to count MACs")
+        from onnx_tucker.runtime import unknown_sizes_note
+
+        lines.append(unknown_sizes_note(report.sizes_static))
     lines.extend(f"note: {note}" for note in report.notes)
     if report.distill:
         lines.append(distill_summary(report.distill))

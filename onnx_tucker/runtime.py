@@ -95,6 +95,25 @@ def input_spec(value_info: onnx.ValueInfoProto) -> tuple[list, type]:
     return dims, dtype
 
 
+def sizes_static(model: onnx.ModelProto, shapes: dict | None = None) -> bool:
+    """Every graph input's dims past the batch are known (in the model or ``--input-shape``): where a layer's sizes are
+    still unknown, shape inference stopped before it (a Loop, an If, a custom-domain op) and --input-shape cannot help."""
+    for vi in graph_inputs(model):
+        dims, _ = input_spec(vi)
+        given = (shapes or {}).get(vi.name)
+        if any((d is None or d <= 0) and not (given and i < len(given) and given[i]) for i, d in enumerate(dims) if i):
+            return False
+    return True
+
+
+def unknown_sizes_note(static: bool, columns: str = "profitability judged on parameters") -> str:
+    """The footnote of a table where some layer's MACs are unknown: what to do about it, if anything."""
+    if static:
+        return (f"* spatial sizes unknown: shape inference stops before these layers (an op it cannot see through: Loop, If "
+                f"or a custom-domain op), so --input-shape cannot help: MACs unknown, {columns}")
+    return f"* spatial sizes unknown (dynamic input sizes): MACs unknown, {columns}; give --input-shape NAME:DIMS to count MACs"
+
+
 def random_inputs(model: onnx.ModelProto, batch: int = 1, seed: int = 0, shapes: dict | None = None) -> dict[str, np.ndarray]:
     """Seeded random inputs for every graph input; unknown batch dims become ``batch``; ``shapes`` ({input: dims},
     from ``--input-shape``) fill unknown dims (a batch fixed there wins over ``batch``)."""

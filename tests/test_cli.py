@@ -681,3 +681,48 @@ def test_probe_images_capped_by_the_calibration_set_says_so(saved_residual, tmp_
     data = json.loads((tmp_path / "r.json").read_text())
     assert data["sensitivity"]["eval_samples"] == 16 and data["settings"]["probe_images"] == 40
     assert any("the probes ran on 16 held-out calibration images, not the 40 asked" in n for n in data["notes"])
+
+
+def test_a_scalar_graph_input_is_fed_whole(tmp_path):
+    """A 0-d input (a scale, an If's condition) crashed the self-check's batching (IndexError) and --inputs (len() of an
+    unsized object); calibration, which draws samples along a batch axis, refuses it in one line."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(0).standard_normal((32, 32, 3, 3)).astype(np.float32) * 0.1
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "W"], ["h"], pads=[1, 1, 1, 1], name="conv"), helper.make_node("Mul", ["h", "s"], ["y"], name="scale")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 32, 8, 8]), helper.make_tensor_value_info("s", TensorProto.FLOAT, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 32, 8, 8])], [numpy_helper.from_array(w, "W")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "s.onnx"))
+    r = cli(tmp_path / "s.onnx", tmp_path / "o.onnx", "--ratio", "1.0", "--force", "--report", tmp_path / "r.json")
+    assert r.returncode == 0 and "PASSED" in r.stdout, r.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["check"]["outputs"][0]["relative_error"] < 1e-4
+    np.savez(tmp_path / "in.npz", x=np.ones((3, 32, 8, 8), np.float32), s=np.float32(2.0))
+    r = cli(tmp_path / "s.onnx", tmp_path / "o2.onnx", "--ratio", "0.5", "--inputs", tmp_path / "in.npz")
+    assert r.returncode == 0, r.stderr
+    np.savez(tmp_path / "cal.npz", x=np.ones((64, 32, 8, 8), np.float32), s=np.float32(2.0))
+    r = cli(tmp_path / "s.onnx", tmp_path / "o3.onnx", "--calibrate", tmp_path / "cal.npz", "--calib-size", "64")
+    assert r.returncode == 1 and "'s' is a scalar (shape [])" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_unknown_sizes_behind_a_loop_do_not_ask_for_input_shape(tmp_path):
+    """A static 1x32x8x8 input with a Loop before a conv: shape inference stops at the Loop, and the table asked for
+    --input-shape, which changes nothing there. It now says where the sizes were lost."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    body = helper.make_graph(
+        [helper.make_node("Relu", ["st_in"], ["st_out"]), helper.make_node("Identity", ["cond_in"], ["cond_out"])], "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []), helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("st_in", TensorProto.FLOAT, [1, 32, 8, 8])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), helper.make_tensor_value_info("st_out", TensorProto.FLOAT, [1, 32, 8, 8])])
+    graph = helper.make_graph(
+        [helper.make_node("Loop", ["M", "T", "x"], ["l"], body=body, name="loop"), helper.make_node("Conv", ["l", "W"], ["y"], pads=[1, 1, 1, 1], name="conv")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 32, 8, 8])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32, 8, 8])],
+        [numpy_helper.from_array(rng.standard_normal((32, 32, 3, 3)).astype(np.float32), "W"),
+         numpy_helper.from_array(np.array(2, np.int64), "M"), numpy_helper.from_array(np.array(True), "T")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "loop.onnx"))
+    for args in (["inspect", tmp_path / "loop.onnx"], [tmp_path / "loop.onnx", tmp_path / "o.onnx"]):
+        r = cli(*args)
+        assert r.returncode == 0, r.stderr
+        assert "shape inference stops before" in r.stdout and "give --input-shape" not in r.stdout, r.stdout

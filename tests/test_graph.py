@@ -88,3 +88,26 @@ def test_a_prefix_drops_the_input_entries_of_the_initializers_it_no_longer_holds
     x = {"x": np.random.default_rng(0).standard_normal((2, 3, 10, 10)).astype(np.float32), "unused": np.zeros(1, np.float32)}
     full = make_session(with_outputs(model, [tensor])).run([tensor], x)[0]
     np.testing.assert_array_equal(make_session(prefix).run([tensor], x)[0], full)
+
+
+def test_initializers_made_after_export_are_listed_as_inputs_under_ir_3(tmp_path):
+    """IR 3 lists every initializer among the graph inputs: the refit's new bias (a conv without one) was not, and the
+    written model failed onnx.checker although the tool said PASSED."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnx_tucker import compress
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((32, 32, 3, 3)).astype(np.float32) * 0.1, n) for n in ("W1", "W2")]
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "W1"], ["h"], pads=[1, 1, 1, 1], name="conv1"), helper.make_node("Relu", ["h"], ["r"], name="relu"),
+         helper.make_node("Conv", ["r", "W2"], ["y"], pads=[1, 1, 1, 1], name="conv2")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 32, 8, 8])]
+        + [helper.make_tensor_value_info(i.name, i.data_type, list(i.dims)) for i in inits],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 32, 8, 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 8)])
+    model.ir_version = 3
+    onnx.checker.check_model(model)
+    out, _ = compress(model, calibration={"x": rng.standard_normal((64, 32, 8, 8)).astype(np.float32)})
+    onnx.checker.check_model(out)
+    assert {i.name for i in out.graph.initializer} <= {i.name for i in out.graph.input}

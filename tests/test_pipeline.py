@@ -343,3 +343,29 @@ def test_full_rank_exact_on_random_configurations(nd, c_in, c_out, data, bias):
         if mode != "VALID":  # onnxruntime: no dilation with SAME_* padding
             attrs["dilations"] = [1] * nd
     assert_exact(conv_model(c_in=c_in, c_out=c_out, kernel=kernel, spatial=spatial, attrs=attrs, bias=bias), batch=1)
+
+
+def test_a_weight_read_by_a_matmul_and_a_transposing_gemm_gets_factors_of_each_layout():
+    """One 64x64 weight read by x @ W and by Gemm(transB=1) (h @ W^T): the Gemm got the MatMul's factors (and SVD),
+    transposed; at full rank the output was 0.5 off and the self-check on random inputs said PASSED."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnx_tucker import compress
+
+    rng = np.random.default_rng(0)
+    w, b = rng.standard_normal((64, 64)).astype(np.float32) * 0.1, rng.standard_normal(64).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["h"], name="mm"), helper.make_node("Relu", ["h"], ["r"], name="relu"),
+         helper.make_node("Gemm", ["r", "W", "b"], ["y"], transB=1, name="gemm")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 64])],
+        [numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = rng.standard_normal((16, 64)).astype(np.float32)
+    full, _ = compress(model, ratio=1.0, force=True, layers=("dense",))
+    assert relative_error(run_model(model, {"x": x})[0], run_model(full, {"x": x})[0]) < 1e-5
+    half, report = compress(model, ratio=0.5, force=True, layers=("dense",))
+    assert report.totals()["decomposed"] == 2
+    u, s, vt = np.linalg.svd(w.astype(np.float64))
+    low = (u[:, :32] * s[:32]) @ vt[:32]  # rank 32 of the (in, out) matrix: the same matrix either way round
+    expected = np.maximum(x @ low, 0) @ low.T + b
+    assert relative_error(expected, run_model(half, {"x": x})[0]) < 1e-4

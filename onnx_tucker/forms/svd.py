@@ -107,7 +107,10 @@ class SVDForm:
         else:
             w_fit = w
         # one SVD per layer and covariance, whatever the rank (the measured budget asks for dozens)
-        u, s, vt = memo(("svd", site.weight, input_covariance), lambda: np.linalg.svd(w_fit, full_matrices=False))
+        # the layout is part of the key (a bool: memo compares by identity): one weight read by a MatMul as (in, out)
+        # and by a Gemm with transB as (out, in) took the other's SVD, transposed
+        u, s, vt = memo(("svd", site.weight, input_covariance, site.extra.get("layout") == "NK"),
+                        lambda: np.linalg.svd(w_fit, full_matrices=False))
         first = s[:r, None] * vt[:r]  # (R, C_in)
         if inverse_root is not None:
             first = first @ inverse_root
