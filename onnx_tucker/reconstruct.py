@@ -141,7 +141,15 @@ def _fed_by(model: onnx.ModelProto, unit: Sequence[Chain], before: Sequence[Chai
     made = {o for n in model.graph.node if n.name in names for o in n.output}
     made |= {o for c in before for n in target_of(model, c)[1] for o in n.output}
     inputs = set(_cut_inputs(model, unit, [n for c in unit for n in target_of(model, c)[1]]))
-    return bool(inputs) and inputs <= made
+    if not (inputs and inputs <= made):
+        return False
+    # The joined unit is fitted to the last target only: nothing ``before`` computes may be read outside the two (a
+    # conv feeding two chains joined one of them, whose sibling's output then fell out of the loss and got worse).
+    inside = names | {m for c in unit for m in c.node_names()}
+    inside |= {n.name for c in list(before) + list(unit) for n in target_of(model, c)[1]}
+    outputs = {o.name for o in model.graph.output}
+    return not any(t in outputs for t in made) and all(
+        n.name in inside for n in model.graph.node if any(i in made for i in n.input))
 
 
 def _cut_inputs(model: onnx.ModelProto, chain: Chain | Sequence[Chain], path: Sequence[onnx.NodeProto]) -> list[str]:

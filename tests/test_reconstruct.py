@@ -370,6 +370,26 @@ def test_blocks_in_a_row_join_where_each_reads_only_what_the_one_before_computes
     assert layers(blocks=2) == [["A", "B"], ["C", "D"]]
 
 
+def test_a_conv_feeding_two_chains_is_not_joined_to_either():
+    """x -> M -> Relu, read by L and by R (two branches, concatenated): M, L and R were joined into one unit fitted to R's
+    output alone, so L's output fell out of the loss (its held-out error rose 25 % while the unit was 'kept')."""
+    import onnx_tucker.reconstruct as rec
+    from onnx_tucker import compress
+    from onnx_tucker.chain import chains_of
+
+    rng = np.random.default_rng(4)
+    inits = [numpy_helper.from_array((rng.standard_normal((8, 8, 3, 3)) / 8).astype(np.float32), f"W{n}") for n in "MLR"]
+    nodes = [helper.make_node("Conv", ["x", "WM"], ["m"], name="M", pads=[1, 1, 1, 1]), helper.make_node("Relu", ["m"], ["rm"], name="relu_m"),
+             helper.make_node("Conv", ["rm", "WL"], ["l"], name="L", pads=[1, 1, 1, 1]), helper.make_node("Relu", ["l"], ["rl"], name="relu_l"),
+             helper.make_node("Conv", ["rm", "WR"], ["r"], name="R", pads=[1, 1, 1, 1]), helper.make_node("Relu", ["r"], ["rr"], name="relu_r"),
+             helper.make_node("Concat", ["rl", "rr"], ["cat"], name="cat", axis=1), helper.make_node("GlobalAveragePool", ["cat"], ["y"], name="gap")]
+    graph = helper.make_graph(nodes, "fan", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 8, 10, 10])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], inits)
+    compressed, _ = compress(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), ratio=0.5, force=True)
+    units = rec.units(compressed, chains_of(compressed), blocks=3)
+    assert [[c.layer for c in unit] for unit in units] == [["M"], ["L"], ["R"]]
+
+
 @needs_torch
 def test_blocks_reconstructed_as_one_are_fitted_to_the_last_ones_output():
     from onnx_tucker import compress
