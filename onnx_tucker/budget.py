@@ -19,8 +19,11 @@ from onnx_tucker.errors import UsageError
 from onnx_tucker.factorization import get_form, not_worth_it, rounded_ranks
 
 
-def unreachable_macs(target: float, share: float) -> UsageError:
-    return UsageError(f"target MACs {target:g} cannot be met: the smallest ranks give {share:.3f} of the original conv MACs")
+def unreachable_macs(target: float, share: float, rank_multiple: int = 1) -> UsageError:
+    # --rank-multiple N makes N the smallest rank: full rank (nothing to save) on layers of N channels or fewer
+    hint = (f" (--rank-multiple {rank_multiple} makes {rank_multiple} the smallest rank, full rank for layers of "
+            f"{rank_multiple} channels or fewer: try a smaller multiple)") if isinstance(rank_multiple, int) and rank_multiple > 1 else ""
+    return UsageError(f"target MACs {target:g} cannot be met: the smallest ranks give {share:.3f} of the original conv MACs{hint}")
 
 
 def _ratio_ranks(site, ratio: float) -> tuple:
@@ -42,7 +45,7 @@ def uniform_ratio(sites: list, opts, target: float, fixed: int = 0) -> float:
 
     lo, hi = 1e-3, 1.0
     if macs_at(lo) > target * total:
-        raise unreachable_macs(target, macs_at(lo) / total)
+        raise unreachable_macs(target, macs_at(lo) / total, opts.rank_multiple)
     for _ in range(40):
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if macs_at(mid) <= target * total else (lo, mid)
@@ -66,7 +69,7 @@ def check_measured_target(candidates: list, options: dict, opts, fixed: int = 0)
     smallest = fixed + sum(min([c.shape.macs()] + [get_form(c.form).cost(c, r).macs for r in options.get(c.name, [])])
                            for c in candidates)
     if smallest > target * total:
-        raise unreachable_macs(target, smallest / total)
+        raise unreachable_macs(target, smallest / total, opts.rank_multiple)
 
 
 BINS = 4000  # resolution of the knapsack (costs round up, or savings down: the target always holds)
@@ -86,7 +89,7 @@ def allocate_measured(candidates: list, curves: dict, opts, fixed: int = 0) -> d
     budget = target * total - fixed
     smallest = fixed + sum(min([c.shape.macs()] + [entry[0] for entry in curves.get(c.name, [])]) for c in candidates)
     if smallest > target * total:
-        raise unreachable_macs(target, smallest / total)
+        raise unreachable_macs(target, smallest / total, opts.rank_multiple)
     options_of = [[(cand.shape.macs(), 0.0, None)] + list(curves.get(cand.name, [])) for cand in candidates]
     picks = _knapsack(options_of, budget)
     if picks is None:

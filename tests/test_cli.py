@@ -726,3 +726,10 @@ def test_unknown_sizes_behind_a_loop_do_not_ask_for_input_shape(tmp_path):
         r = cli(*args)
         assert r.returncode == 0, r.stderr
         assert "shape inference stops before" in r.stdout and "give --input-shape" not in r.stdout, r.stdout
+
+
+def test_an_unreachable_target_names_the_rank_multiple_that_made_it_so(saved_residual, tmp_path):
+    """--rank-multiple 8 on 8-channel layers makes the smallest rank full: "cannot be met" gave no cause."""
+    r = cli(saved_residual, tmp_path / "o.onnx", "--target-macs", "0.3", "--rank-multiple", "16")
+    assert r.returncode == 2 and "cannot be met" in r.stderr and "--rank-multiple 16 makes 16 the smallest rank" in r.stderr
+    assert r.stderr.count("\n") == 1 and not (tmp_path / "o.onnx").exists()
