@@ -238,18 +238,28 @@ def _folders_locked(folders):
     except ImportError:  # not POSIX
         yield
         return
-    held = []
+    held, seen = [], set()
     try:
-        for folder in sorted(str(f) for f in folders):  # one order for every run: no deadlock
+        # each real folder once (".", "$PWD" and a link to it are one folder: a second flock on it waited for the first
+        # forever), in one order for every run (by real path: no two runs wait for each other)
+        for folder in sorted({os.path.realpath(f) for f in folders}):
             try:
                 fd = os.open(folder, os.O_RDONLY)
             except OSError:
+                continue
+            identity = os.fstat(fd)
+            if (identity.st_dev, identity.st_ino) in seen:
+                os.close(fd)
                 continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
             except OSError:
                 os.close(fd)
                 continue
+            except BaseException:  # interrupted while waiting for another run's commit
+                os.close(fd)
+                raise
+            seen.add((identity.st_dev, identity.st_ino))
             held.append(fd)
         yield
     finally:
@@ -388,7 +398,8 @@ class Outputs:
         the ones already done are undone (the previous files restored) and nothing is left staged."""
         if self.committed:
             return
-        with _signals_blocked(), _folders_locked({target.parent for _, target in self._staged}):
+        # the locks are taken before the signals are held back: a run waiting for another's commit stays interruptible
+        with _folders_locked({target.parent for _, target in self._staged}), _signals_blocked():
             try:
                 for _, target in self._staged:  # the targets may have changed since they were checked
                     check_target(target)

@@ -806,3 +806,37 @@ def test_side_files_are_held_to_their_own_path_not_to_a_models_data_file(tmp_pat
     code, _, err = run(capsys, a, tmp_path / "new2.onnx", "--no-check", "--report", a)
     assert_one_line_error(code, err, 2, "--report")
     assert "is the input model" in err and tree(tmp_path) == before
+
+
+def test_outputs_naming_one_folder_two_ways_commit_without_waiting_on_themselves(tmp_path):
+    """`out.onnx` and `--report $PWD/r.json`: the commit's folder lock grouped folders by the path as typed, so the run
+    locked its own folder twice and waited on itself forever, signals held back (only kill -9 ended it)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "-m", "onnx_tucker", str(CNN), "m.onnx", "--no-check", "--report", str(tmp_path / "r.json")],
+                       capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert {p.name for p in tmp_path.iterdir()} == {"m.onnx", "r.json"}
+
+
+def test_a_run_waiting_for_anothers_commit_stays_interruptible(tmp_path):
+    """While another run holds the output folder's lock, SIGTERM ended the waiting run only after the lock was
+    released: it waited with the signals held back. Now it stops at once, leaving nothing."""
+    import fcntl
+
+    holder = os.open(tmp_path, os.O_RDONLY)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    try:
+        p = subprocess.Popen([sys.executable, "-m", "onnx_tucker", str(CNN), str(tmp_path / "m.onnx"), "--no-check"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        for _ in range(600):  # until it waits for the lock: its staging folder is there and it has not finished
+            staged = [f for f in tmp_path.iterdir() if f.name.startswith(".onnx-tucker-")]
+            if staged and p.poll() is None and any(f.iterdir() for f in staged):
+                time.sleep(0.5)
+                break
+            time.sleep(0.1)
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=20)
+    finally:
+        os.close(holder)
+    assert p.returncode == 143 and "Traceback" not in err, (p.returncode, err)
+    assert list(tmp_path.iterdir()) == []
