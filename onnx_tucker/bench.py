@@ -206,6 +206,9 @@ def timing_feeds(model, batch: int, given: dict[str, np.ndarray] | None = None, 
         return random_inputs(model, batch=batch, seed=seed, shapes=shapes)
     feeds = {}
     for name, array in given.items():
+        if np.ndim(array) == 0:  # a scalar input (shape []): the same value for every batch
+            feeds[name] = array
+            continue
         reps = -(-batch // len(array))
         feeds[name] = np.concatenate([array] * reps)[:batch] if reps > 1 else array[:batch]
     return feeds

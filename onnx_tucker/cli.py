@@ -426,7 +426,11 @@ def cmd_bench(args) -> int:
     if args.json and args.json != "-":
         from onnx_tucker.outputs import check_paths
 
-        check_paths(reads={"a model": paths, "--data": args.data, "--inputs": args.inputs}, writes={"--json": args.json})
+        from onnx_tucker.io import input_data_files
+
+        data_files = [f for path in paths for f in input_data_files(path)]  # --json over one destroyed that model
+        check_paths(reads={"a model": paths, "a model's external data": data_files, "--data": args.data, "--inputs": args.inputs},
+                    writes={"--json": args.json})
     batch_given = args.batch is not None
     runtime = RuntimeArgs.parse(args if batch_given else argparse.Namespace(**{**vars(args), "batch": "1"}))
     input_shapes = None

@@ -119,7 +119,9 @@ def stream_image_folder(folder, model, size: int, seed: int = 0, scale: float = 
             out = (array.reshape(height, width, channels) * scale - mean) / std
         return np.ascontiguousarray(out.transpose(2, 0, 1)) if layout == "NCHW" else out
     shape = (channels, height, width) if layout == "NCHW" else (height, width, channels)
-    stream = ImageStream(files, decode, shape)
+    from onnx_tucker.runtime import graph_inputs, input_spec
+
+    stream = ImageStream(files, decode, shape, dtype=input_spec(graph_inputs(model)[0])[1])
     stream.distinct = len(digests)  # copies of one image count once
     return {name: stream}
 
@@ -133,8 +135,10 @@ class ImageStream:
     dtype = np.dtype(np.float32)
     distinct = None  # files with different bytes among the folder's chosen ones (set by stream_image_folder)
 
-    def __init__(self, files: list, decode, sample_shape: tuple, index: np.ndarray | None = None, counter: list | None = None):
+    def __init__(self, files: list, decode, sample_shape: tuple, index: np.ndarray | None = None, counter: list | None = None,
+                 dtype=np.float32):
         self.files, self.decode, self.sample_shape = files, decode, tuple(sample_shape)
+        self.dtype = np.dtype(dtype)  # the model input's: a uint8 image model is fed rounded pixels, not float32
         self.index = np.arange(len(files)) if index is None else index
         self.counter = counter if counter is not None else [0]
 
@@ -152,15 +156,24 @@ class ImageStream:
     def __getitem__(self, key):
         if isinstance(key, (int, np.integer)):
             self.counter[0] += 1
-            return self.decode(self.files[self.index[key]])
-        return ImageStream(self.files, self.decode, self.sample_shape, self.index[key], self.counter)
+            return _as_input(self.decode(self.files[self.index[key]]), self.dtype)
+        return ImageStream(self.files, self.decode, self.sample_shape, self.index[key], self.counter, self.dtype)
 
     def __array__(self, dtype=None, copy=None):
         out = np.empty(self.shape, np.float32)
         for i, j in enumerate(self.index):
             out[i] = self.decode(self.files[j])
         self.counter[0] += len(self.index)
+        out = _as_input(out, self.dtype)
         return out if dtype is None else out.astype(dtype)
+
+
+def _as_input(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Decoded (float32) pixels as the input's dtype: integers rounded and clipped to its range."""
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        return np.clip(np.rint(values), info.min, info.max).astype(dtype)
+    return values.astype(dtype, copy=False)
 
 
 def _check_mode(path, mode: str, channels: int) -> None:

@@ -422,7 +422,8 @@ def plan_ranks(sites: list, opts: CompressOptions, fixed_macs: int = 0, model=No
                 report.notes.append(f"--curves {opts.curves} held curves of another model, calibration set or setting: "
                                     "measured again and replaced")
             if report is not None:
-                if measured["eval_samples"] < opts.probe_images:  # the flag asked for more than the probes could take
+                # a --probe-images the probes could not take (the default, 128, is capped silently, as documented)
+                if opts.probe_images != 128 and measured["eval_samples"] < opts.probe_images:
                     n = len(next(iter(opts.calibration.values())))
                     report.notes.append(f"the probes ran on {measured['eval_samples']} held-out calibration images, not the "
                                         f"{opts.probe_images} asked: at most a quarter of the {n} calibration images"

@@ -82,8 +82,9 @@ def settings_of(config: SweepConfig) -> list[tuple[str, str, float]]:
     if config.targets:
         if importlib.util.find_spec("onnx_tucker.budget") is None:
             raise UsageError("--targets needs the MAC budget (onnx_tucker.budget), which this version does not have yet; use --ratios")
-        return [(f"target {t:g}", "target", t) for t in config.targets]
-    return [(f"ratio {r:g}", "ratio", r) for r in (config.ratios or DEFAULT_RATIOS)]
+        return [(f"target {_short(t, config.targets)}", "target", t) for t in config.targets]
+    ratios = config.ratios or DEFAULT_RATIOS
+    return [(f"ratio {_short(r, ratios)}", "ratio", r) for r in ratios]  # labels as distinct as the values
 
 
 def count_params(model: onnx.ModelProto) -> int:

@@ -547,3 +547,14 @@ def test_top1_on_the_labels_needs_only_the_models_own_class_scores():
     rows = accuracy_rows([[probs, feat], [probs, feat]], labels, "cpu", names=[["probs", "feat"], ["scores", "feat"]])
     assert [r["top1"] for r in rows] == [0.75, 0.75]
     assert rows[1]["top1_agreement"] is None and rows[1]["unmatched_outputs"] == ["probs", "scores"]
+
+
+def test_json_over_a_models_external_data_file_is_refused(tmp_path, capsys):
+    """`bench A.onnx B.onnx --json B.onnx.data` wrote the JSON over B's weights: B no longer loaded."""
+    from onnx_tucker.cli import main
+
+    cnn = Path(__file__).resolve().parents[1] / "models" / "cifar10_cnn.onnx"
+    onnx.save(onnx.load(str(cnn)), str(tmp_path / "ext.onnx"), save_as_external_data=True, location="ext.onnx.data")
+    before = (tmp_path / "ext.onnx.data").read_bytes()
+    assert main(["bench", str(cnn), str(tmp_path / "ext.onnx"), "--runs", "2", "--json", str(tmp_path / "ext.onnx.data")]) == 2
+    assert "external data" in capsys.readouterr().err and (tmp_path / "ext.onnx.data").read_bytes() == before

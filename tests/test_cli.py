@@ -681,6 +681,10 @@ def test_probe_images_capped_by_the_calibration_set_says_so(saved_residual, tmp_
     data = json.loads((tmp_path / "r.json").read_text())
     assert data["sensitivity"]["eval_samples"] == 16 and data["settings"]["probe_images"] == 40
     assert any("the probes ran on 16 held-out calibration images, not the 40 asked" in n for n in data["notes"])
+    r = cli(saved_residual, tmp_path / "o.onnx", "--target-macs", "0.6", "--calibrate", tmp_path / "cal.npz",
+            "--no-check", "--report", tmp_path / "r.json")
+    notes = json.loads((tmp_path / "r.json").read_text())["notes"]
+    assert r.returncode == 0 and not any("the probes ran on" in n for n in notes)  # the default is capped without a word
 
 
 def test_a_scalar_graph_input_is_fed_whole(tmp_path):
@@ -700,6 +704,8 @@ def test_a_scalar_graph_input_is_fed_whole(tmp_path):
     np.savez(tmp_path / "in.npz", x=np.ones((3, 32, 8, 8), np.float32), s=np.float32(2.0))
     r = cli(tmp_path / "s.onnx", tmp_path / "o2.onnx", "--ratio", "0.5", "--inputs", tmp_path / "in.npz")
     assert r.returncode == 0, r.stderr
+    r = cli("bench", tmp_path / "s.onnx", tmp_path / "o2.onnx", "--runs", "2", "--inputs", tmp_path / "in.npz")
+    assert r.returncode == 0, r.stderr  # bench's timing inputs took len() of the scalar
     np.savez(tmp_path / "cal.npz", x=np.ones((64, 32, 8, 8), np.float32), s=np.float32(2.0))
     r = cli(tmp_path / "s.onnx", tmp_path / "o3.onnx", "--calibrate", tmp_path / "cal.npz", "--calib-size", "64")
     assert r.returncode == 1 and "'s' is a scalar (shape [])" in r.stderr and r.stderr.count("\n") == 1

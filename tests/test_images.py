@@ -288,3 +288,23 @@ def test_a_png_with_a_bad_checksum_on_a_metadata_chunk_is_read_as_pil_reads_it(t
     (folder / "a.png").write_bytes(bad)
     with pytest.raises(DataError, match="bad checksum in chunk 'IDAT'"):
         stream_image_folder(folder, residual_model(), size=1)
+
+
+def test_a_uint8_image_model_is_fed_rounded_pixels_from_a_folder(tmp_path, capsys):
+    """A model taking uint8 pixels (convert keeps a Keras uint8 input) was fed float32 from --calibrate DIR: onnxruntime
+    refused the type. The stream now gives the input's dtype, rounded and clipped."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(0).standard_normal((16, 3, 3, 3)).astype(np.float32)
+    w2 = np.random.default_rng(1).standard_normal((16, 16, 3, 3)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["x"], ["f"], to=TensorProto.FLOAT), helper.make_node("Conv", ["f", "W"], ["h"], pads=[1, 1, 1, 1], name="c1"),
+         helper.make_node("Relu", ["h"], ["r"]), helper.make_node("Conv", ["r", "W2"], ["y"], pads=[1, 1, 1, 1], name="c2")],
+        "u8", [helper.make_tensor_value_info("x", TensorProto.UINT8, ["N", 3, 12, 12])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16, 12, 12])],
+        [numpy_helper.from_array(w, "W"), numpy_helper.from_array(w2, "W2")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "u8.onnx"))
+    folder = make_folder(tmp_path / "imgs")
+    x = load_image_folder(folder, onnx.load(str(tmp_path / "u8.onnx")), size=8, scale=1.7)["x"]
+    assert x.dtype == np.uint8 and x.max() == 255  # 255 * 1.7 clipped
+    assert main([str(tmp_path / "u8.onnx"), str(tmp_path / "o.onnx"), "--ratio", "0.5", "--force", "--calibrate", str(folder)]) == 0
+    assert "PASSED" in capsys.readouterr().out

@@ -374,3 +374,9 @@ def test_file_names_tell_close_values_apart():
     values = [0.1234567, 0.1234568, 0.5]
     assert [_short(v, values) for v in values] == ["0.1234567", "0.1234568", "0.5"]
     assert _short(0.25, [0.25, 0.75]) == "0.25"
+    from pathlib import Path
+
+    from onnx_tucker.sweep import SweepConfig, settings_of
+
+    labels = [label for label, _, _ in settings_of(SweepConfig(model=Path("m.onnx"), data=Path("d.npz"), ratios=values))]
+    assert labels == ["ratio 0.1234567", "ratio 0.1234568", "ratio 0.5"]  # the table's rows too
