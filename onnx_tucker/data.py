@@ -355,6 +355,38 @@ def distinct_samples(feeds: dict[str, np.ndarray]) -> int:
     return len(seen)
 
 
+def calibration_arrays(model: onnx.ModelProto, feeds: dict) -> dict:
+    """The API's ``calibration`` checked against the model and cast to its inputs' dtypes, as the CLI's files are: an
+    input without an array, an array of the wrong shape or kind, NaN or Inf, or a set of one repeated sample is a
+    one-line DataError (uint8 pixels and float64 arrays used to reach onnxruntime, whose type error blamed the model).
+    Streamed image folders (:class:`onnx_tucker.images.ImageStream`) were checked when they were opened."""
+    inputs = graph_inputs(model)
+    names = [vi.name for vi in inputs]
+    missing = [n for n in names if n not in feeds]
+    if missing:
+        raise DataError(f"calibration has no array for the model input '{missing[0]}' (it has: {', '.join(map(str, feeds)) or 'none'})")
+    unknown = [k for k in feeds if k not in names]
+    if unknown:
+        raise DataError(f"calibration names no model input: '{unknown[0]}' (the inputs: {', '.join(names)})")
+    out = {}
+    for vi in inputs:
+        value = feeds[vi.name]
+        if not isinstance(value, np.ndarray):
+            out[vi.name] = value  # a stream of our own loader
+            continue
+        dims, dtype = input_spec(vi)
+        if not dims:
+            raise DataError(f"calibration needs a batch axis on every input: '{vi.name}' is a scalar (shape [])")
+        _check_feedable(value, dims, dtype, vi.name, "calibration inputs")
+        out[vi.name] = value if value.dtype == np.dtype(dtype) else _cast(value, dtype, vi.name, "calibration inputs")
+    counts = {len(v) for v in out.values() if np.ndim(v)}
+    if len(counts) > 1:
+        raise DataError(f"calibration arrays have different sample counts: {sorted(counts)}")
+    if all(isinstance(v, np.ndarray) for v in out.values()) and len(next(iter(out.values()))) > 1 and distinct_samples(out) == 1:
+        check_calibration_support(out, "the calibration arrays")  # all identical: one line, as the CLI says it
+    return out
+
+
 def check_calibration_support(feeds: dict[str, np.ndarray], path, min_samples: int = MIN_CALIB_SAMPLES) -> None:
     """Refuse a calibration set that cannot support a data-aware fit: fewer than ``min_samples``
     distinct samples. An all-zero, constant or one-image-repeated set holds one."""

@@ -271,7 +271,30 @@ def _augment(torch, batch: dict, layouts: dict, generator):
 # --- the step --------------------------------------------------------------------------------------
 
 
-def _check_args(steps, lr, batch_size, holdout, temperature, reconstruct_steps=0, reconstruct_blocks=None):
+def _whole_number(value):
+    """``value`` as an int where it is a whole number (numpy integers included, bools not), else unchanged."""
+    return int(value) if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)) else value
+
+
+def _real(value):
+    """``value`` as a float where it is a real number (numpy floats included, bools not), else None."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        return None
+    return float(value)
+
+
+def _check_args(steps, lr, batch_size, holdout, temperature, reconstruct_steps=0, reconstruct_blocks=None, seed=0, threads=None,
+                feature_weight=0.0):
+    """Every option checked (one-line UsageError) and normalised: numpy scalars become Python numbers."""
+    steps, batch_size, reconstruct_steps, seed = map(_whole_number, (steps, batch_size, reconstruct_steps, seed))
+    reconstruct_blocks, threads = _whole_number(reconstruct_blocks), _whole_number(threads)
+    if not isinstance(seed, int) or seed < 0:
+        raise UsageError(f"distillation seed must be a whole number >= 0, got {seed!r}")
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise UsageError(f"distillation threads must be a whole number >= 1 (or None), got {threads!r}")
+    weight = _real(feature_weight)
+    if weight is None or not math.isfinite(weight) or weight < 0:
+        raise UsageError(f"distillation feature weight must be a number >= 0, got {feature_weight!r}")
     if not isinstance(reconstruct_steps, int) or reconstruct_steps < 0:
         raise UsageError(f"reconstruction steps must be a whole number >= 0, got {reconstruct_steps}")
     if reconstruct_blocks is not None and (not isinstance(reconstruct_blocks, int) or isinstance(reconstruct_blocks, bool)
@@ -279,14 +302,18 @@ def _check_args(steps, lr, batch_size, holdout, temperature, reconstruct_steps=0
         raise UsageError(f"reconstruction blocks must be a whole number >= 1, got {reconstruct_blocks}")
     if not isinstance(steps, int) or steps < (0 if reconstruct_steps else 1):  # 0: reconstruction alone
         raise UsageError(f"distillation steps must be a positive integer (0 only with reconstruction), got {steps}")
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-        raise UsageError(f"distillation learning rate must be positive, got {lr}")
+    rate = _real(lr)
+    if rate is None or not (math.isfinite(rate) and rate > 0):
+        raise UsageError(f"distillation learning rate must be positive, got {lr!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
-        raise UsageError(f"distillation batch size must be a positive integer, got {batch_size}")
-    if not (0 <= holdout < 1):
-        raise UsageError(f"distillation holdout must be a fraction in [0, 1), got {holdout}")
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise UsageError(f"distillation temperature must be positive, got {temperature}")
+        raise UsageError(f"distillation batch size must be a positive integer, got {batch_size!r}")
+    fraction = _real(holdout)
+    if fraction is None or not (0 <= fraction < 1):
+        raise UsageError(f"distillation holdout must be a fraction in [0, 1), got {holdout!r}")
+    temp = _real(temperature)
+    if temp is None or not (math.isfinite(temp) and temp > 0):
+        raise UsageError(f"distillation temperature must be positive, got {temperature!r}")
+    return steps, rate, batch_size, fraction, temp, reconstruct_steps, reconstruct_blocks, seed, threads, weight
 
 
 def _device(torch, device: str):
@@ -379,7 +406,8 @@ def distill(
     torch = _import_torch()
     from onnx_tucker.torch_exec import TorchGraph
 
-    _check_args(steps, lr, batch_size, holdout, temperature, reconstruct_steps, reconstruct_blocks)
+    steps, lr, batch_size, holdout, temperature, reconstruct_steps, reconstruct_blocks, seed, threads, feature_weight = _check_args(
+        steps, lr, batch_size, holdout, temperature, reconstruct_steps, reconstruct_blocks, seed, threads, feature_weight)
     dev = _device(torch, device)
     trainable = list(dict.fromkeys(trainable))
     if not trainable:
@@ -401,11 +429,15 @@ def distill(
     old_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(int(threads))
+    # the seeded run draws from torch's global generator too: the caller's stream is restored afterwards
+    cuda = [dev.index or 0] if dev.type == "cuda" else []
     try:
-        return _distill(torch, TorchGraph, original, compressed, {k: np.asarray(feeds[k]) for k in names}, trainable, n,
-                        steps=steps, lr=float(lr), batch_size=batch_size, augment=augment, holdout=holdout,
-                        temperature=float(temperature), seed=seed, dev=dev, progress=progress, keep_worse=keep_worse,
-                        started=started, reconstruct_steps=reconstruct_steps, reconstruct_blocks=reconstruct_blocks, threads=threads, feature_weight=float(feature_weight))
+        with torch.random.fork_rng(devices=cuda):
+            return _distill(torch, TorchGraph, original, compressed, {k: np.asarray(feeds[k]) for k in names}, trainable, n,
+                            steps=steps, lr=float(lr), batch_size=batch_size, augment=augment, holdout=holdout,
+                            temperature=float(temperature), seed=seed, dev=dev, progress=progress, keep_worse=keep_worse,
+                            started=started, reconstruct_steps=reconstruct_steps, reconstruct_blocks=reconstruct_blocks,
+                            threads=threads, feature_weight=float(feature_weight))
     finally:
         if threads:
             torch.set_num_threads(old_threads)
@@ -449,7 +481,7 @@ def _distill(torch, TorchGraph, original, compressed, feeds, trainable, n, *, st
     n_logits = len(s_logits)
     # Intermediate targets: each chain's (or residual block's) activated output, same name in both models.
     features = _feature_names(original, compressed) if feature_weight else []
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # inside distill's fork_rng: the caller's generator is restored afterwards
     generator = torch.Generator().manual_seed(seed)
     student = TorchGraph(start, trainable, outputs=s_logits + features).to(dev)
     params = list(student.onnx_parameters().values())

@@ -27,7 +27,8 @@ def check_ratio(ratio, what: str = "ratio") -> float:
     if isinstance(ratio, bool):  # float(True) is 1.0: a slip, not a ratio
         raise UsageError(f"{what} must be a number in (0, 1], got {ratio!r}")
     try:
-        value = float(ratio)
+        # a float32/float16 as the decimal it prints as: float(np.float32(0.7)) is 0.69999999, one rank less on 8 layers
+        value = float(str(ratio)) if isinstance(ratio, np.floating) and ratio.dtype.itemsize < 8 else float(ratio)
     except (TypeError, ValueError):
         raise UsageError(f"{what} must be a number in (0, 1], got {ratio!r}") from None
     if not (0.0 < value <= 1.0) or not math.isfinite(value):
@@ -247,6 +248,8 @@ class CompressOptions:
 
             layers = self.layers.split(",") if isinstance(self.layers, str) else self.layers
             self.layers = _names(layers, "layers", "layer kinds such as 'kxk'")
+            if not self.layers:  # () factored nothing and recorded the default; None is the default
+                raise UsageError("layers: name at least one kind (kxk, 1x1, dense), or None for the default")
             layer_plan(self.layers, self.forms)  # refuses unknown kinds
         measured = ((self.target_macs is not None and self.budget_rule != "uniform") or self.target_latency is not None) \
             and self.calibration is not None
@@ -300,6 +303,13 @@ class CompressOptions:
             unknown = sorted(set(self.distill) - allowed)
             if unknown:
                 raise UsageError(f"distill: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(allowed))}")
+            # their values too, before the compression runs (a bad seed used to surface as a ValueError after the refit)
+            from onnx_tucker.distill import _check_args
+
+            defaults = {k: p.default for k, p in inspect.signature(distill).parameters.items() if k in allowed}
+            given = defaults | self.distill
+            _check_args(*(given[k] for k in ("steps", "lr", "batch_size", "holdout", "temperature", "reconstruct_steps",
+                                             "reconstruct_blocks", "seed", "threads", "feature_weight")))
 
 
 def _names(values, what: str, expected: str) -> tuple:

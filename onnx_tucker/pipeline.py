@@ -31,6 +31,12 @@ def _as_model(model) -> onnx.ModelProto:
         model = load_model(Path(model))
     if not isinstance(model, onnx.ModelProto):
         raise UsageError(f"expected an onnx.ModelProto or a path, got {type(model).__name__}")
+    # weights left in external files (onnx.load(..., load_external_data=False)) would be read relative to the working
+    # directory, if at all: say so instead of a checker's ValidationError from deep inside
+    unloaded = next((t.name for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL), None)
+    if unloaded is not None:
+        raise ModelError(f"initializer {unloaded!r} is in an external data file that is not loaded: pass the model's path, "
+                         "or load it with onnx.load(path) (load_external_data=True)")
     return with_node_names(model)
 
 
@@ -54,7 +60,7 @@ def compress(model, ratio: float = 0.5, **options) -> tuple[onnx.ModelProto, Rep
     arguments, are the fields of :class:`onnx_tucker.options.CompressOptions` (its docstring
     describes each): ``force``, ``rank_multiple``, ``n_iter_max``, ``method``, ``ranks``, ``exclude``,
     ``rank_method``, ``energy``, ``target_macs``, ``budget_rule``, ``calibration``, ``refit``,
-    ``whiten``, ``latency_aware``, ``latency_batch``, ``target_latency``, ``provider``, ``latency_table``, ``forms``, ``layers``, ``input_shapes``, ``fold_affine``, ``curves``, ``probes``, ``distill``, ``ray``. An unknown option or a bad value
+    ``whiten``, ``latency_aware``, ``latency_batch``, ``target_latency``, ``provider``, ``latency_table``, ``forms``, ``layers``, ``input_shapes``, ``fold_affine``, ``curves``, ``probes``, ``probe_images``, ``distill``, ``ray``. An unknown option or a bad value
     raises :class:`UsageError`.
 
     Returns ``(new_model, report)``; ``report.chains`` lists what each rewrite produced. When no layer
@@ -64,6 +70,10 @@ def compress(model, ratio: float = 0.5, **options) -> tuple[onnx.ModelProto, Rep
     opts = CompressOptions.from_kwargs(ratio=ratio, **options)
     model = _as_model(model)
     check_input_shapes(opts.input_shapes, graph_inputs(model))
+    if opts.calibration is not None:
+        from onnx_tucker.data import calibration_arrays
+
+        opts.calibration = calibration_arrays(model, opts.calibration)
     if opts.distill is not None:  # an op the torch executor cannot run is said now, not after the compression
         from onnx_tucker.distill import check_runnable
 

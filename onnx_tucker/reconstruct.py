@@ -200,10 +200,22 @@ def _rel_error(student, target) -> float:
 
 
 def reconstruct(original: onnx.ModelProto, compressed: onnx.ModelProto, chains: Sequence[Chain],
-                train: dict[str, np.ndarray], check: dict[str, np.ndarray], trainable: Sequence[str], *,
-                steps: int = DEFAULT_STEPS, lr: float = DEFAULT_LR, batch_size: int = DEFAULT_BATCH,
-                seed: int = 0, threads: int | None = None, joint: bool = DEFAULT_JOINT, blocks: int = DEFAULT_BLOCKS,
-                progress: bool = False, device=None) -> tuple[onnx.ModelProto, dict]:
+                train: dict[str, np.ndarray], check: dict[str, np.ndarray], trainable: Sequence[str], **options) -> tuple[onnx.ModelProto, dict]:
+    """:func:`_reconstruct` with torch's global generator restored afterwards (the seeded run reseeds it; a caller's
+    own random stream must carry on as it was)."""
+    import torch
+
+    device = options.get("device")
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    with torch.random.fork_rng(devices=[dev.index or 0] if dev.type == "cuda" else []):
+        return _reconstruct(original, compressed, chains, train, check, trainable, **options)
+
+
+def _reconstruct(original: onnx.ModelProto, compressed: onnx.ModelProto, chains: Sequence[Chain],
+                 train: dict[str, np.ndarray], check: dict[str, np.ndarray], trainable: Sequence[str], *,
+                 steps: int = DEFAULT_STEPS, lr: float = DEFAULT_LR, batch_size: int = DEFAULT_BATCH,
+                 seed: int = 0, threads: int | None = None, joint: bool = DEFAULT_JOINT, blocks: int = DEFAULT_BLOCKS,
+                 progress: bool = False, device=None) -> tuple[onnx.ModelProto, dict]:
     """Reconstruct ``chains`` of ``compressed`` one after the other (see the module docstring).
 
     ``train`` / ``check``: graph inputs to fit on and to judge on (held out). Only names in

@@ -548,3 +548,33 @@ def test_a_float16_models_logits_are_found_behind_its_output_cast():
     exposed = _with_outputs(half, logit_names(half))
     (logits,) = run_model(exposed, feeds_for(original, n=8))
     assert logits.dtype == np.float16 and logits.shape == (8, 6) and not np.allclose(logits.astype(np.float32).sum(1), 1.0)
+
+
+def test_distill_options_are_checked_before_the_compression_and_take_numpy_numbers():
+    """A bad seed, threads, holdout, temperature or feature weight raised ValueError/TypeError/RuntimeError after the fit
+    and refit had run; numpy integers and floats were refused as 'must be a positive integer, got 2'."""
+    from onnx_tucker.distill import _check_args
+    from onnx_tucker.options import CompressOptions
+
+    for bad in ({"seed": -1}, {"threads": -1}, {"holdout": None}, {"temperature": "2"}, {"feature_weight": "x"}):
+        with pytest.raises(UsageError):
+            CompressOptions.from_kwargs(calibration={"x": np.zeros((2, 1))}, distill=bad)
+    checked = _check_args(np.int64(2), np.float32(1e-3), np.int64(16), 0.1, 4.0, 0, None, np.int64(3), None, 0.0)
+    assert checked[0] == 2 and type(checked[0]) is int and type(checked[1]) is float and checked[7] == 3
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="torch not installed")
+def test_distill_leaves_the_callers_torch_random_stream_alone():
+    """distill reseeded torch's global generator (torch.manual_seed(0)): the caller's stream restarted."""
+    import torch
+
+    from onnx_tucker.distill import distill, tucker_trainable
+
+    original, compressed = tiny_pair()
+    torch.manual_seed(123)
+    torch.rand(3)
+    expected = torch.rand(5)
+    torch.manual_seed(123)
+    torch.rand(3)
+    distill(original, compressed, feeds_for(original, 40), tucker_trainable(compressed), steps=2, reconstruct_steps=2, progress=False)
+    assert torch.equal(torch.rand(5), expected)

@@ -369,3 +369,38 @@ def test_a_weight_read_by_a_matmul_and_a_transposing_gemm_gets_factors_of_each_l
     low = (u[:, :32] * s[:32]) @ vt[:32]  # rank 32 of the (in, out) matrix: the same matrix either way round
     expected = np.maximum(x @ low, 0) @ low.T + b
     assert relative_error(expected, run_model(half, {"x": x})[0]) < 1e-4
+
+
+def test_api_calibration_is_checked_and_cast_like_the_clis_files():
+    """uint8 pixels, float64 arrays, a wrong input name or layout all reached onnxruntime, whose type error came back as
+    ModelError('onnxruntime cannot run the model'); an all-zero set silently ruined the model (top-1 0.11)."""
+    from onnx_tucker import compress
+    from onnx_tucker.errors import DataError
+
+    model = residual_model()
+    x = np.random.default_rng(0).uniform(0, 255, (48, 3, 10, 10))
+    cast, _ = compress(model, calibration={"x": x.astype(np.uint8)})
+    same, _ = compress(model, calibration={"x": x.astype(np.uint8).astype(np.float32)})
+    assert cast.SerializeToString() == same.SerializeToString()
+    assert compress(model, calibration={"x": x})[0].SerializeToString() == compress(model, calibration={"x": x.astype(np.float32)})[0].SerializeToString()
+    for calibration, needle in (({"input": x}, "no array for the model input 'x'"), ({"x": x.transpose(0, 2, 3, 1)}, "have shape"),
+                                ({"x": np.zeros((48, 3, 10, 10), np.float32)}, "all identical"), ({"x": x, "y": x}, "names no model input")):
+        with pytest.raises(DataError, match=needle):
+            compress(model, calibration=calibration)
+
+
+def test_api_refuses_unloaded_external_data_and_empty_layers_and_reads_float32_ratios_as_printed(tmp_path):
+    """A model loaded without its external data failed with onnx's ValidationError (or read the weights relative to the
+    working directory); layers=() factored nothing and recorded the default; np.float32(0.7) gave ranks of 0.6999999."""
+    from onnx_tucker import compress
+    from onnx_tucker.errors import ModelError, UsageError
+
+    model = residual_model()
+    onnx.save(residual_model(), str(tmp_path / "m.onnx"), save_as_external_data=True, location="m.data", size_threshold=0)
+    with pytest.raises(ModelError, match="external data file that is not loaded"):
+        compress(onnx.load(str(tmp_path / "m.onnx"), load_external_data=False))
+    with pytest.raises(UsageError, match="name at least one kind"):
+        compress(model, layers=())
+    _, report = compress(model, ratio=np.float32(0.7), force=True)
+    _, plain = compress(model, ratio=0.7, force=True)
+    assert report.ratio == 0.7 and [c.ranks for c in report.chains] == [c.ranks for c in plain.chains]
