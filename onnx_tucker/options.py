@@ -318,7 +318,9 @@ def _names(values, what: str, expected: str) -> tuple:
         items = tuple(values)
     except TypeError:
         raise UsageError(f"{what}: expected a list of {expected}, got {type(values).__name__}") from None
-    bad = [v for v in items if not isinstance(v, (str, int)) or isinstance(v, bool)]
+    # numpy integers are indices too (exclude=np.array([1, 2]) was refused where ranks={np.int64(1): ...} was taken)
+    items = tuple(int(v) if isinstance(v, np.integer) else v for v in items)
+    bad = [v for v in items if not isinstance(v, (str, int)) or isinstance(v, (bool, np.bool_))]
     if bad:
         raise UsageError(f"{what}: expected a list of {expected}, got {bad[0]!r}")
     return items

@@ -404,3 +404,12 @@ def test_api_refuses_unloaded_external_data_and_empty_layers_and_reads_float32_r
     _, report = compress(model, ratio=np.float32(0.7), force=True)
     _, plain = compress(model, ratio=0.7, force=True)
     assert report.ratio == 0.7 and [c.ranks for c in report.chains] == [c.ranks for c in plain.chains]
+
+
+def test_api_exclude_takes_numpy_indices_as_ranks_does():
+    """exclude=np.array([1]) was refused ('got np.int64(1)') while ranks={np.int64(1): ...} was accepted."""
+    from onnx_tucker import compress
+
+    _, by_numpy = compress(residual_model(), exclude=np.array([1]), force=True)
+    _, by_int = compress(residual_model(), exclude=[1], force=True)
+    assert [c.layer for c in by_numpy.chains] == [c.layer for c in by_int.chains] and len(by_int.chains) >= 1
