@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 import scipy.linalg
 
-from onnx_tucker.blas import one_blas_thread
+from threadpoolctl import threadpool_limits
 
 from onnx_tucker.capture import batch_for_bytes, batch_size_for, capture_named, fixed_batch, iterate
 from onnx_tucker.errors import DataError
@@ -187,7 +187,7 @@ def refit_chains(original: onnx.ModelProto, compressed: onnx.ModelProto, feeds: 
     # swap places, so every chain still sees the same earlier refits.
     order = sorted(chains, key=first_change)
     merged_into = {}
-    with one_blas_thread(), closing(target_rows):
+    with threadpool_limits(limits=1, user_api="blas"), closing(target_rows):
         for chain in order:
             last = nodes[chain.nodes[chain.last_role]]
             core_node = nodes.get(chain.nodes.get("core", ""))

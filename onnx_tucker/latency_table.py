@@ -142,9 +142,9 @@ def layer_model(site, batch: int, form=None, ranks: tuple | None = None):
     """The one-layer model of ``site`` (``ranks`` None: the original layer; else its form's chain at ``ranks``)."""
     graph, copy = _one_node(site, batch)
     if ranks is not None:
-        from onnx_tucker.blas import one_blas_thread
+        from threadpoolctl import threadpool_limits
 
-        with one_blas_thread():
+        with threadpool_limits(limits=1, user_api="blas"):
             factors = form.fit(copy, tuple(ranks), n_iter_max=0, method="eig")
         taken = {t for t in graph.tensors()} | {n.name for n in graph.nodes}
         constants = form.constants(copy, factors, taken)

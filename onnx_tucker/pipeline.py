@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx_tucker.blas import one_blas_thread
+from threadpoolctl import ThreadpoolController
 
 from onnx_tucker import __version__
 from onnx_tucker.chain import METADATA_KEY as CHAINS_KEY, dumps as dump_chains
@@ -239,6 +239,7 @@ def _compress(model: onnx.ModelProto, opts: CompressOptions, memo: dict | None =
     with report.phase("plan"):  # with a measured budget: the distortion curves
         planned = plan_ranks(eligible, opts, fixed_macs, model=model, covariances=input_stats, report=report, table=table, memo=memo)
     left_whole = {}
+    blas = ThreadpoolController()  # finds the BLAS libraries once (threadpool_limits searches again per fit: ~4 ms each)
     shared: dict[tuple, tuple[dict, float]] = {}
     for site in eligible:
         form = get_form(site.form)
@@ -269,7 +270,7 @@ def _compress(model: onnx.ModelProto, opts: CompressOptions, memo: dict | None =
             cov = input_stats.get(site.input_name) if input_stats else None
             # One BLAS thread: the fits are many small eigendecompositions, which threaded OpenBLAS
             # runs ~3x slower on 2 cores (ResNet50: 6.1 s single-threaded vs 17 s, docs/tool_speed.md).
-            with one_blas_thread(), report.phase("fit"):
+            with blas.limit(limits=1, user_api="blas"), report.phase("fit"):
                 factors = form.fit(site, ranks, n_iter_max=opts.n_iter_max, method=opts.method, input_covariance=cov)
             shared[key] = (form.constants(site, factors, taken), factors.relative_error)
         constants, record.relative_error = shared[key]
@@ -456,13 +457,13 @@ def _choose_forms(sites: list, planned: dict, opts: CompressOptions, covariances
     """Where several forms take a layer (``--forms tucker2,spatial``) and a rule without measurements planned the
     first form's ranks: the form with the least error at those MACs (:meth:`FormChoice.choose`), recorded in
     ``report.form_choice`` (the note names what was written: :func:`_form_choice_note`)."""
-    layers = {}
+    blas, layers = ThreadpoolController(), {}
     for site in sites:
         form = get_form(site.form)
         if not hasattr(form, "choose") or site.name in opts.ranks or planned.get(site.name) is None:
             continue
         cov = covariances.get(site.input_name) if covariances else None
-        with one_blas_thread():  # small SVDs: one BLAS thread (as the fits)
+        with blas.limit(limits=1, user_api="blas"):  # small SVDs: one BLAS thread (as the fits)
             planned[site.name], errors = form.choose(site, planned[site.name], covariance=cov, rank_multiple=opts.rank_multiple,
                                                      n_iter_max=opts.n_iter_max, method=opts.method)
         if errors:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx_tucker.blas import one_blas_thread
+from threadpoolctl import threadpool_limits
 
 from onnx_tucker.calibrate import patches_at
 from onnx_tucker.capture import activation_bytes, batch_for_bytes, fixed_batch, iterate, run_all
@@ -370,7 +370,7 @@ def distortion_curves(model: onnx.ModelProto, candidates: list, feeds: dict, cov
         for name, missing in todo_refine:
             job = job_of(by_name[name])
             errors = {tuple(e[2]): e[4] for e in curves[name]}
-            with one_blas_thread():
+            with threadpool_limits(limits=1, user_api="blas"):
                 measured = _measure(job, missing, _suffix(job, **shared, session=session), reference, bar.update)
             job.known.update(measured)
             runs += len(missing)
@@ -449,7 +449,7 @@ def layer_curve(job: LayerJob, probe, reference: dict, at_cut: dict, provider: s
     small products are faster so). ``errors``: the options' layer-output errors when already computed
     (:func:`option_errors`).
     """
-    with one_blas_thread():
+    with threadpool_limits(limits=1, user_api="blas"):
         errors = errors if errors is not None else option_errors(job)
         chosen = list(errors) if job.probes == "all" else _spread(errors, PROBES)
         chosen = [r for r in chosen if r not in job.known]
@@ -483,7 +483,7 @@ def all_option_errors(jobs: list, workers: int | None = None, progress: bool = F
     bar = tqdm(total=len(jobs), desc="fitting ranks", unit="layer", file=sys.stderr, leave=False,
                disable=None if progress else True)
     try:
-        with one_blas_thread():
+        with threadpool_limits(limits=1, user_api="blas"):
             if workers == 1:
                 return [_tick(bar, option_errors(job)) for job in jobs]
             pool = ThreadPoolExecutor(max_workers=workers)
