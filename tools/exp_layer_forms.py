@@ -23,16 +23,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import onnx
-from onnx import helper, numpy_helper
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-from form_layer_errors import _attr, _lstsq, _rows, _whiten, layer_errors  # noqa: E402
-from onnx_tucker.capture import capture_named  # noqa: E402
-from onnx_tucker.data import load_calibration  # noqa: E402
+from form_layer_errors import _lstsq, _rows, _whiten, layer_errors, layers_3x3  # noqa: E402
 
 
 def _reduced_rank(p, y, rank):
@@ -124,23 +120,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
     fractions = [float(f) for f in args.fractions.split(",")]
-    model = onnx.load(args.model)
-    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    convs = [n for n in model.graph.node if n.op_type == "Conv" and n.input[1] in inits and inits[n.input[1]].shape[2:] == (3, 3)
-             and not any(a.name == "group" and a.i != 1 for a in n.attribute) and inits[n.input[1]].shape[1] > 4]
-    exposed = onnx.ModelProto()
-    exposed.CopyFrom(model)
-    for n in convs:
-        exposed.graph.output.append(helper.make_tensor_value_info(n.input[0], onnx.TensorProto.FLOAT, None))
-    feeds = load_calibration(Path(args.data) / "cifar10_train.npz", model, size=256)
-    acts = capture_named(exposed, feeds, [n.input[0] for n in convs])
     totals = {f: np.zeros(4) for f in fractions}
     print("layer | C_out x C_in | per fraction: Tucker-2 (r,r) / Tucker-2 best (R_in,R_out) / spatial (K) / separable core (R_in,K,R_out)")
-    for n in convs:
-        w = inits[n.input[1]].astype(np.float64)
-        b = inits[n.input[2]].astype(np.float64) if len(n.input) > 2 else np.zeros(w.shape[0])
-        x = torch.from_numpy(acts[n.input[0]][: args.images].astype(np.float64))
-        stride, pad = _attr(n, "strides", [1, 1]), _attr(n, "pads", [1, 1, 1, 1])[:2]
+    for n, w, b, x, stride, pad in layers_3x3(args.model, args.data, args.images):
         y = F.conv2d(x, torch.from_numpy(w), torch.from_numpy(b), stride, pad).permute(0, 2, 3, 1).reshape(-1, w.shape[0]).numpy()
         cells = []
         for f in fractions:

@@ -86,6 +86,29 @@ def layer_errors(w, b, x, stride, pad, fraction):
     return r, float(np.sum((tucker - y) ** 2) / norm), k, float(np.sum((spatial - y) ** 2) / norm)
 
 
+def layers_3x3(model_path, data_dir, images: int):
+    """(node, weight, bias, inputs, strides, pads) of every ungrouped 3x3 conv with more than 4 input channels, its
+    inputs captured on 256 seeded training images (the first ``images`` kept), float64: what these tools compare on."""
+    import torch
+
+    model = onnx.load(model_path)
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    convs = [n for n in model.graph.node if n.op_type == "Conv" and n.input[1] in inits and inits[n.input[1]].shape[2:] == (3, 3)
+             and not any(a.name == "group" and a.i != 1 for a in n.attribute)
+             and inits[n.input[1]].shape[1] > 4]
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    for n in convs:
+        exposed.graph.output.append(helper.make_tensor_value_info(n.input[0], onnx.TensorProto.FLOAT, None))
+    feeds = load_calibration(Path(data_dir) / "cifar10_train.npz", model, size=256)
+    acts = capture_named(exposed, feeds, [n.input[0] for n in convs])
+    for n in convs:
+        w = inits[n.input[1]].astype(np.float64)
+        b = inits[n.input[2]].astype(np.float64) if len(n.input) > 2 else np.zeros(w.shape[0])
+        x = torch.from_numpy(acts[n.input[0]][:images].astype(np.float64))
+        yield n, w, b, x, _attr(n, "strides", [1, 1]), _attr(n, "pads", [1, 1, 1, 1])[:2]
+
+
 def main(argv=None) -> int:
     import torch
 
@@ -98,23 +121,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
     fractions = [float(f) for f in args.fractions.split(",")]
-    model = onnx.load(args.model)
-    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    convs = [n for n in model.graph.node if n.op_type == "Conv" and n.input[1] in inits and inits[n.input[1]].shape[2:] == (3, 3)
-             and not any(a.name == "group" and a.i != 1 for a in n.attribute)
-             and inits[n.input[1]].shape[1] > 4]
-    exposed = onnx.ModelProto()
-    exposed.CopyFrom(model)
-    for n in convs:
-        exposed.graph.output.append(helper.make_tensor_value_info(n.input[0], onnx.TensorProto.FLOAT, None))
-    feeds = load_calibration(Path(args.data) / "cifar10_train.npz", model, size=256)
-    acts = capture_named(exposed, feeds, [n.input[0] for n in convs])
     print("layer | C_out x C_in | " + " | ".join(f"F={f}: Tucker-2 (r) / spatial (K)" for f in fractions))
-    for n in convs:
-        w = inits[n.input[1]].astype(np.float64)
-        b = inits[n.input[2]].astype(np.float64) if len(n.input) > 2 else np.zeros(w.shape[0])
-        x = torch.from_numpy(acts[n.input[0]][:128].astype(np.float64))
-        stride, pad = _attr(n, "strides", [1, 1]), _attr(n, "pads", [1, 1, 1, 1])[:2]
+    for n, w, b, x, stride, pad in layers_3x3(args.model, args.data, 128):
         cells = []
         for f in fractions:
             r, et, k, es = layer_errors(w, b, x, stride, pad, f)
