@@ -84,30 +84,22 @@ def test_inspect_forms_lists_each_layers_form_and_refuses_unknown_names(saved_re
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "unknown factorization 'nope'" in bad.stderr
 
 
-def test_inspect_with_two_forms_predicts_the_form_and_macs_compress_writes(tmp_path):
-    """`inspect --forms tucker2,spatial` printed Tucker-2's ranks and MACs for every layer while compress, at the same
-    ratio, writes the form with the least error (spatial SVD on every layer of the small ResNet)."""
-    model = Path(__file__).resolve().parents[1] / "models/cifar10_resnet.onnx"
-    assert cli("inspect", model, "--ratios", "0.5", "--forms", "tucker2,spatial", "--json", tmp_path / "i.json").returncode == 0
-    assert cli(model, tmp_path / "o.onnx", "--ratio", "0.5", "--forms", "tucker2,spatial", "--no-check",
+@pytest.mark.parametrize("model, ratio, forms_written", [
+    # inspect printed Tucker-2's ranks and MACs for every layer while compress writes the form with the least error
+    # (spatial SVD on every layer of the small ResNet at 0.5)
+    ("cifar10_resnet", "0.5", {"spatial"}),
+    # inspect chose from Tucker-2 fits without HOOI iterations, compress with its 10: on the seed CNN at 0.3 inspect
+    # predicted spatial SVD for conv4 (29, 2,449,920 MACs) where compress writes Tucker-2 (38, 38)
+    ("cifar10_cnn", "0.3", {"spatial", "tucker2"}),
+])
+def test_inspect_with_two_forms_predicts_the_form_ranks_and_macs_compress_writes(tmp_path, model, ratio, forms_written):
+    path = Path(__file__).resolve().parents[1] / f"models/{model}.onnx"
+    assert cli("inspect", path, "--ratios", ratio, "--forms", "tucker2,spatial", "--json", tmp_path / "i.json").returncode == 0
+    assert cli(path, tmp_path / "o.onnx", "--ratio", ratio, "--forms", "tucker2,spatial", "--no-check",
                "--report", tmp_path / "r.json").returncode == 0
-    predicted = {e["layer"]: e["ratios"]["0.5"] for e in json.loads((tmp_path / "i.json").read_text())["layers"] if e["ratios"]}
+    predicted = {e["layer"]: e["ratios"][ratio] for e in json.loads((tmp_path / "i.json").read_text())["layers"] if e["ratios"]}
     written = [e for e in json.loads((tmp_path / "r.json").read_text())["layers"] if e["decomposed"]]
-    assert written and {e["form"] for e in written} == {"spatial"}  # inspect used to predict Tucker-2 for all
-    for e in written:
-        assert (predicted[e["layer"]]["form"], predicted[e["layer"]]["macs"]) == (e["form"], e["macs_after"]), e["layer"]
-
-
-def test_inspect_with_two_forms_chooses_with_the_fits_compress_makes(tmp_path):
-    """inspect chose each layer's form from Tucker-2 fits without HOOI iterations, compress with its 10: at ratio 0.3
-    on the seed CNN inspect predicted spatial SVD for conv4 (29, 2,449,920 MACs) where compress writes Tucker-2 (38, 38)."""
-    model = Path(__file__).resolve().parents[1] / "models/cifar10_cnn.onnx"
-    assert cli("inspect", model, "--ratios", "0.3", "--forms", "tucker2,spatial", "--json", tmp_path / "i.json").returncode == 0
-    assert cli(model, tmp_path / "o.onnx", "--ratio", "0.3", "--forms", "tucker2,spatial", "--no-check",
-               "--report", tmp_path / "r.json").returncode == 0
-    predicted = {e["layer"]: e["ratios"]["0.3"] for e in json.loads((tmp_path / "i.json").read_text())["layers"] if e["ratios"]}
-    written = [e for e in json.loads((tmp_path / "r.json").read_text())["layers"] if e["decomposed"]]
-    assert len({e["form"] for e in written}) == 2  # both forms written: the choice matters here
+    assert {e["form"] for e in written} == forms_written
     for e in written:
         p = predicted[e["layer"]]
         assert (p["form"], p["ranks"], p["macs"]) == (e["form"], e["ranks"], e["macs_after"]), e["layer"]
