@@ -23,7 +23,7 @@ from onnx_tucker.capture import batch_for_bytes, batch_size_for, capture_named, 
 from onnx_tucker.errors import DataError
 from onnx_tucker.graph import Initializers, constant_outputs, consumers, feeds_only_relu, nodes_by_name, prefix_model, with_outputs
 from onnx_tucker.providers import fastest_available, probe_options
-from onnx_tucker.runtime import make_session
+from onnx_tucker.runtime import make_session, worker_threads
 from onnx_tucker.site import GeometryError, conv_geometry
 
 MAX_ROWS = 30_000
@@ -169,8 +169,8 @@ def refit_chains(original: onnx.ModelProto, compressed: onnx.ModelProto, feeds: 
     chosen = np.unique(np.concatenate([images[c.output] for c in chains])) if chains else np.arange(0)
     forward = _Forward(compressed, feeds if len(chosen) == n else {k: v[chosen] for k, v in feeds.items()}, chosen)
     result = {"layers": {}, "samples": int(n)}
-    # One BLAS thread: many small solves (relu_solve: one per output channel), which threaded OpenBLAS
-    # runs 2-3x slower on a loaded 2-core machine (0.97 s against 2.35 s for a ResNet-20 layer).
+    # Threads: a big layer's products use every BLAS thread (_blas_for), and relu_solve's many small
+    # per-channel solves go side by side on threads of one BLAS thread each (_each_channel).
     position = {nd.name: i for i, nd in enumerate(compressed.graph.node)}
 
     def refits_core(chain) -> bool:
@@ -187,7 +187,7 @@ def refit_chains(original: onnx.ModelProto, compressed: onnx.ModelProto, feeds: 
     # swap places, so every chain still sees the same earlier refits.
     order = sorted(chains, key=first_change)
     merged_into = {}
-    with threadpool_limits(limits=1, user_api="blas"), closing(target_rows):
+    with threadpool_limits(limits=1, user_api="blas"), closing(target_rows):  # small refits: one BLAS thread (_blas_for)
         for chain in order:
             last = nodes[chain.nodes[chain.last_role]]
             core_node = nodes.get(chain.nodes.get("core", ""))
@@ -211,18 +211,21 @@ def refit_chains(original: onnx.ModelProto, compressed: onnx.ModelProto, feeds: 
                         if relu_aware and feeds_only_relu(compressed, merges[chain.output][0]):
                             relu, offset = True, rows.astype(np.float64)
             if (core_node is not None and core_node.name == last.name) or _spatial_last(last):  # the output comes from a kxk (or 1xk) conv
-                result["layers"][chain.layer] = _refit_kxk_last(compressed, chain, last, inits, collect, pick, target, ridge, relu, offset)
+                with _blas_for(len(pick), _core_unknowns(last, inits) + 1, target.shape[1]):
+                    result["layers"][chain.layer] = _refit_kxk_last(compressed, chain, last, inits, collect, pick, target, ridge, relu, offset)
                 continue
             if core_path:
                 f, f_pick = collect(core_node.input[0], core_node)
                 geometry = _core_geometry(core_node, inits, f.shape[2:])
                 if geometry is not None:
-                    result["layers"][chain.layer] = _refit_core_and_last(compressed, chain, core_node, last, inits, f, f_pick(pick), target, geometry,
-                                                                         ridge, relu, offset)
+                    with _blas_for(len(pick), _core_unknowns(core_node, inits), target.shape[1]):
+                        result["layers"][chain.layer] = _refit_core_and_last(compressed, chain, core_node, last, inits, f, f_pick(pick), target,
+                                                                             geometry, ridge, relu, offset)
                     continue
             z, z_pick = collect(last.input[0], last)
             z = _picked_rows(z, z_pick(pick), chain.channel_axis).astype(np.float64)
-            result["layers"][chain.layer] = _refit_last(chain, last, inits, z, target, ridge, relu=relu, offset=offset)
+            with _blas_for(len(z), z.shape[1] + 1, target.shape[1]):
+                result["layers"][chain.layer] = _refit_last(chain, last, inits, z, target, ridge, relu=relu, offset=offset)
     for chain in order:  # say which refits aimed at a residual Add's output
         if chain.layer in result["layers"] and chain.output in merged_into:
             result["layers"][chain.layer]["target"] = f"residual Add '{merged_into[chain.output]}' less its other input"
@@ -469,18 +472,45 @@ def relu_solve(design: np.ndarray, target: np.ndarray, solution: np.ndarray, rid
     relu_target = np.maximum(target + offset, 0) - offset
     for _ in range(iterations):
         active = (target + offset > 0) | ((design @ solution + offset) > 0)
-        new = np.empty_like(solution)
-        for c in range(target.shape[1]):
+
+        def channel(c: int) -> np.ndarray:
             mask = active[:, c]
             if mask.sum() < MIN_ROWS_PER_UNKNOWN * len(eye):  # (nearly) dead channel: too few rows to refit
-                new[:, c] = solution[:, c]
-                continue
+                return solution[:, c]
             rows = d32[mask]
             gram = (rows.T @ rows).astype(np.float64)
             lam = RELU_RIDGE * np.trace(gram) / len(gram) + 1e-12  # shrink towards the linear fit
-            new[:, c] = np.linalg.solve(gram + lam * eye, design[mask].T @ relu_target[mask, c] + lam * solution[:, c])
-        solution = new
+            return np.linalg.solve(gram + lam * eye, design[mask].T @ relu_target[mask, c] + lam * solution[:, c])
+        solution = np.stack(_each_channel(channel, target.shape[1]), axis=1)
     return solution
+
+
+# Multiply-adds of a refit's products (rows x unknowns x (unknowns + outputs)) above which they run on every
+# BLAS thread. Below it one thread is faster: threaded BLAS made ResNet-20's refit (at most 1.1e10)
+# 15 % slower on 2 cores; a ResNet50's 2048-channel 1x1 convs need 4e10 each.
+BLAS_WORK = 2e10
+
+
+def _blas_for(rows: int, unknowns: int, outputs: int):
+    """The BLAS threads for one layer's refit: one for a small layer, every CPU (``runtime.worker_threads``) for a big one."""
+    big = rows * unknowns * (unknowns + outputs) > BLAS_WORK
+    return threadpool_limits(limits=worker_threads() if big else 1, user_api="blas")
+
+
+def _each_channel(work, count: int) -> list:
+    """``work(c)`` for every channel, side by side on the CPUs (``runtime.worker_threads``), one BLAS
+    thread each: many small Gram products and solves, which threaded BLAS runs 2-3x slower (0.97 s against
+    2.35 s for a ResNet-20 layer on a loaded 2-core machine), and which a 16-core GPU machine should not do
+    on one core (issue 15: a ResNet50's refit was half its 2-minute budget there). Each channel is computed
+    alone, so the numbers are the same in any order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    workers = min(worker_threads(), count)
+    with threadpool_limits(limits=1, user_api="blas"):
+        if workers <= 1:
+            return [work(c) for c in range(count)]
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            return list(pool.map(work, range(count)))
 
 
 def relu_too_costly(design: np.ndarray, target: np.ndarray, max_rows: int = RELU_ROWS, offset=None) -> bool:

@@ -20,6 +20,15 @@ _ONNX_TO_NUMPY = {
     onnx.TensorProto.BOOL: np.bool_,
 }
 
+WORKERS = 16  # threads that fit layers or solve channels side by side (each holds a layer's or channel's arrays)
+
+
+def worker_threads() -> int:
+    """Threads for numpy work that releases the GIL: the CPUs this process may use, at most ``WORKERS``."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cpus, WORKERS))
+
+
 def make_session(
     model,
     provider: str = "cpu",

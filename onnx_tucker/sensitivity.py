@@ -38,7 +38,7 @@ from onnx_tucker.errors import UsageError, first_line
 from onnx_tucker.factorization import get_form, not_worth_it
 from onnx_tucker.graph import cut, expose, from_bytes, probe_model, suffix_model, tensor_types
 from onnx_tucker.providers import fastest_available, probe_options
-from onnx_tucker.runtime import make_session
+from onnx_tucker.runtime import make_session, worker_threads
 
 FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE)
 
@@ -51,7 +51,6 @@ BATCH = 64
 FIT_ITERATIONS = 1  # HOOI sweeps per option: the curves rank options, the final fit iterates fully
 PROBES = 5  # whole-model probes per layer before the budget's refinement (probes="auto")
 PROBE_MODES = ("auto", "all")
-FIT_WORKERS = 16  # threads fitting layers' rank options side by side (each keeps its layer's covariance root)
 
 
 class Unsupported(Exception):
@@ -467,18 +466,16 @@ def option_errors(job: LayerJob) -> dict:
 
 def all_option_errors(jobs: list, workers: int | None = None, progress: bool = False) -> list[dict]:
     """:func:`option_errors` of every job, layers side by side on ``workers`` threads (default: the CPUs,
-    at most ``FIT_WORKERS``).
+    at most ``runtime.WORKERS``).
 
     The fits are numpy/LAPACK work that releases the GIL, one BLAS thread each (as in :func:`layer_curve`):
     the same numbers in any order, the cores all busy (a ResNet50 spent 135 s here on one core)."""
-    import os
     from concurrent.futures import ThreadPoolExecutor
 
     from tqdm import tqdm
 
-    if workers is None:  # the CPUs this process may use, at most FIT_WORKERS (each holds a layer's fit in memory)
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        workers = min(cpus, FIT_WORKERS)
+    if workers is None:  # each thread holds a layer's fit in memory
+        workers = worker_threads()
     workers = max(1, min(workers, len(jobs)))
     bar = tqdm(total=len(jobs), desc="fitting ranks", unit="layer", file=sys.stderr, leave=False,
                disable=None if progress else True)

@@ -720,3 +720,35 @@ def test_calibration_data_that_overflows_the_statistics_is_one_data_error():
         warnings.simplefilter("error")
         with pytest.raises(DataError, match="overflows the statistics"):
             compress(model, ratio=0.5, calibration=huge)
+
+
+def test_relu_solve_gives_the_same_numbers_on_one_thread_or_many(monkeypatch):
+    """The per-channel solves go side by side on threads (issue 15: a 16-core GPU machine); each channel is
+    computed alone, so the solution is the same bytes whatever the thread count."""
+    from onnx_tucker import calibrate
+
+    rng = np.random.default_rng(3)
+    design = np.hstack([rng.standard_normal((4000, 12)), np.ones((4000, 1))])
+    target = design @ rng.standard_normal((13, 9)) + 0.3 * rng.standard_normal((4000, 9))
+    linear = np.linalg.lstsq(design, target, rcond=None)[0]
+    results = {}
+    for threads in (1, 4):
+        monkeypatch.setattr(calibrate, "worker_threads", lambda threads=threads: threads)
+        results[threads] = calibrate.relu_solve(design, target, linear, 1e-6)
+    assert not np.allclose(results[1], linear)  # the solve did move the fit
+    assert np.array_equal(results[1], results[4])
+
+
+def test_refit_uses_every_blas_thread_only_for_big_layers(monkeypatch):
+    from threadpoolctl import threadpool_info
+
+    from onnx_tucker import calibrate
+
+    monkeypatch.setattr(calibrate, "worker_threads", lambda: 2)
+
+    def blas_threads():
+        return {i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
+    with calibrate._blas_for(30_000, 577, 64):  # ResNet-20's largest refit: one thread
+        assert blas_threads() == {1}
+    with calibrate._blas_for(30_000, 513, 2048):  # a ResNet50 conv5 1x1: every thread
+        assert blas_threads() == {2}
