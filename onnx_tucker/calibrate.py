@@ -24,6 +24,7 @@ from onnx_tucker.errors import DataError
 from onnx_tucker.graph import Initializers, constant_outputs, consumers, feeds_only_relu, nodes_by_name, prefix_model, with_outputs
 from onnx_tucker.providers import fastest_available, probe_options
 from onnx_tucker.runtime import make_session, worker_threads
+from onnx_tucker.trace import log, timed
 from onnx_tucker.site import GeometryError, conv_geometry
 
 MAX_ROWS = 30_000
@@ -163,7 +164,8 @@ def refit_chains(original: onnx.ModelProto, compressed: onnx.ModelProto, feeds: 
     residual = RESIDUAL_TARGET if residual is None else residual
     outputs = {c.output for c in chains}
     merges = {c.output: m for c in chains if residual and (m := residual_merge(compressed, c.output)) is not None and m[0] not in outputs}
-    picks, images, per_image, target_rows = _reference_rows(original, feeds, chains, seed, {k: m[0] for k, m in merges.items()})
+    with timed(f"refit: the original's rows at {len(chains)} layers"):
+        picks, images, per_image, target_rows = _reference_rows(original, feeds, chains, seed, {k: m[0] for k, m in merges.items()})
     # The compressed model runs forward once over the images any layer's rows come from, a segment per
     # chain (issue 15: one prefix pass per chain cost a ResNet50 ~26 whole passes).
     chosen = np.unique(np.concatenate([images[c.output] for c in chains])) if chains else np.arange(0)
@@ -187,6 +189,7 @@ def refit_chains(original: onnx.ModelProto, compressed: onnx.ModelProto, feeds: 
     # swap places, so every chain still sees the same earlier refits.
     order = sorted(chains, key=first_change)
     merged_into = {}
+    forward_seconds, solves_start = [0.0], time.perf_counter()
     with threadpool_limits(limits=1, user_api="blas"), closing(target_rows):  # small refits: one BLAS thread (_blas_for)
         for chain in order:
             last = nodes[chain.nodes[chain.last_role]]
@@ -195,7 +198,11 @@ def refit_chains(original: onnx.ModelProto, compressed: onnx.ModelProto, feeds: 
             pick = picks[chain.output]  # flat positions within the chain's chosen images
 
             def collect(tensor, node):  # the tensor, computed with every earlier refit in place
-                return forward.value(tensor, node, images[chain.output], per_image[chain.output])
+                begun = time.perf_counter()
+                try:
+                    return forward.value(tensor, node, images[chain.output], per_image[chain.output])
+                finally:
+                    forward_seconds[0] += time.perf_counter() - begun
             relu = relu_aware and feeds_only_relu(compressed, chain.output)
             offset = None
             core_path = refits_core(chain)
@@ -226,6 +233,7 @@ def refit_chains(original: onnx.ModelProto, compressed: onnx.ModelProto, feeds: 
             z = _picked_rows(z, z_pick(pick), chain.channel_axis).astype(np.float64)
             with _blas_for(len(z), z.shape[1] + 1, target.shape[1]):
                 result["layers"][chain.layer] = _refit_last(chain, last, inits, z, target, ridge, relu=relu, offset=offset)
+    log.info("refit: forward passes %.1f s, solves %.1f s", forward_seconds[0], time.perf_counter() - solves_start - forward_seconds[0])
     for chain in order:  # say which refits aimed at a residual Add's output
         if chain.layer in result["layers"] and chain.output in merged_into:
             result["layers"][chain.layer]["target"] = f"residual Add '{merged_into[chain.output]}' less its other input"

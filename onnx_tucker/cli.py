@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--report", metavar="PATH", help="write the per-layer report as JSON (- : to stdout, the table then to stderr)")
     c.add_argument("--external-data", action="store_true", help="store the output's weights in OUT.data (automatic above 1.8 GB)")
     c.add_argument("-q", "--quiet", action="store_true", help="print only the final PASSED/FAILED line")
+    c.add_argument("-v", "--verbose", action="store_true",
+                   help="print each phase and step's wall time on stderr as it ends (where a run's time goes; logger 'onnx_tucker')")
 
     k = sub.add_parser("convert", help="convert a Keras model (.keras) to ONNX with tf2onnx and check the two agree")
     k.add_argument("input", help="Keras model (.keras)")
@@ -120,6 +122,11 @@ def cmd_compress(args) -> int:
                         **(data_out if args.external_data else {})},
                 may_write={} if args.external_data else data_out)
     say = (lambda *a: None) if args.quiet else print
+    if args.verbose:
+        from onnx_tucker import trace
+
+        trace.verbose_to_stderr()
+        trace.restart()
     note = lambda text: print(f"onnx-tucker: notice: {text.removeprefix('note: ')}", file=sys.stderr)  # noqa: E731
     check = CheckArgs.parse(args)
     DataArgs.parse(args)
@@ -213,6 +220,10 @@ def cmd_compress(args) -> int:
             f"compressed {100 * a['compressed']:.2f}% ({100 * a['change']:+.2f} points), agreement {100 * a['agreement']:.2f}%"
         )
     say(report.timing_line())
+    if args.verbose:
+        from onnx_tucker import trace
+
+        trace.log.info(trace.sessions_line())
     if result is not None and not result.passed:  # --keep-failed: written, still a failure
         print(f"FAILED: {result.reason} (written anyway: --keep-failed)")
         print(f"onnx-tucker: error: self-check FAILED: {result.reason} (written anyway: --keep-failed)", file=sys.stderr)
@@ -548,7 +559,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] not in SUBCOMMANDS and not argv[0].startswith("-"):
         argv.insert(0, "compress")
     from onnx_tucker.outputs import command_outputs, interrupted_by
+    from onnx_tucker import providers
 
+    providers.QUIET_DEFAULT_LOGGER = True  # the command's own sessions log at errors only (see providers.onnxruntime)
     try:
         # SIGTERM unwinds like Ctrl-C; the command's staged outputs are committed at its end or removed
         with command_outputs() as outputs:

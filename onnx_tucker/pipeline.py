@@ -19,6 +19,7 @@ from onnx_tucker.factorization import chooser, get_form, layer_plan, not_worth_i
 from onnx_tucker.graph import check_chain_nodes, export, infer_shapes, set_metadata, taken_names, with_node_names
 from onnx_tucker.io import load_model
 from onnx_tucker.options import CompressOptions, check_input_shapes, check_ratio, settings_of
+from onnx_tucker.trace import log
 from onnx_tucker.report import LayerRecord, Report
 from onnx_tucker.runtime import graph_inputs, sizes_static
 from onnx_tucker.site import find_sites
@@ -257,7 +258,7 @@ def _compress(model: onnx.ModelProto, opts: CompressOptions, memo: dict | None =
         record.ranks, record.params_after, record.macs_after = ranks, cost.params, cost.macs
         why = "" if opts.force else not_worth_it(site, ranks, cost, total_macs, total_params, by_hand=site.name in opts.ranks)
         if not why and table is not None and (opts.latency_aware or opts.target_latency is not None):
-            with report.phase("latency"):
+            with report.phase("latency", traced=False):
                 why = _latency_verdict(table, site, ranks, record, report, left_whole, strict=opts.latency_aware)
         if why:
             record.reason = why
@@ -270,13 +271,14 @@ def _compress(model: onnx.ModelProto, opts: CompressOptions, memo: dict | None =
             cov = input_stats.get(site.input_name) if input_stats else None
             # One BLAS thread: the fits are many small eigendecompositions, which threaded OpenBLAS
             # runs ~3x slower on 2 cores (ResNet50: 6.1 s single-threaded vs 17 s, docs/tool_speed.md).
-            with blas.limit(limits=1, user_api="blas"), report.phase("fit"):
+            with blas.limit(limits=1, user_api="blas"), report.phase("fit", traced=False):
                 factors = form.fit(site, ranks, n_iter_max=opts.n_iter_max, method=opts.method, input_covariance=cov)
             shared[key] = (form.constants(site, factors, taken), factors.relative_error)
         constants, record.relative_error = shared[key]
         chain = form.emit(graph, site, constants, taken)
         report.chains.append(chain)
         record.decomposed, record.form, record.layout = True, form.name, _layout(site, chain)
+    log.info("fit: %.1f s for %d chains", report.timings.get("fit", 0.0), len(report.chains))
     if report.form_choice:
         for name, entry in report.form_choice["layers"].items():  # what became of each choice
             record = records[name]

@@ -20,12 +20,23 @@ GPU_INSTALL = "pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxr
 CUDNN_ALGOS = ("EXHAUSTIVE", "HEURISTIC", "DEFAULT")
 
 
+# The CLI sets this: onnxruntime-gpu 1.31 logs a warning on its default logger for every CUDA session
+# ("No registered plugin EP device found for 'CUDAExecutionProvider'"), about 80 lines in a ResNet50 budget,
+# which the session's own log level does not silence. A library caller's logger is left as it is.
+QUIET_DEFAULT_LOGGER = False
+_quieted = False
+
+
 def onnxruntime():
     """The onnxruntime module (from ``onnxruntime`` or ``onnxruntime-gpu``), or a one-line error saying what to install."""
+    global _quieted
     try:
         import onnxruntime as ort
     except ImportError:
         raise UsageError("onnxruntime is not installed: pip install 'onnx-tucker[cpu]' (or 'onnx-tucker[gpu]' for onnxruntime-gpu)") from None
+    if QUIET_DEFAULT_LOGGER and not _quieted:
+        ort.set_default_logger_severity(3)  # errors only
+        _quieted = True
     return ort
 
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 import json
 import math
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
+
+from onnx_tucker.trace import timed
 
 
 @dataclass
@@ -102,12 +104,13 @@ class Report:
         }
 
     @contextmanager
-    def phase(self, name: str):
+    def phase(self, name: str, traced: bool = True):
         """Adds the wall time of the block to ``timings[name]`` (where a run's time goes: people size
         budgets and machines by it, and a GPU run shows which phases the GPU sped up)."""
         start = time.perf_counter()
         try:
-            yield
+            with timed(name) if traced else nullcontext():  # a phase run per layer is traced once, as a total
+                yield
         finally:
             self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
 

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import numpy as np
 import onnx
 
 from onnx_tucker.errors import DataError, ModelError, first_line
+from onnx_tucker.trace import session_made
 
 _ONNX_TO_NUMPY = {
     onnx.TensorProto.FLOAT: np.float32,
@@ -69,10 +71,13 @@ def make_session(
             source.encode("utf-8")
         except UnicodeEncodeError:  # a file name that is not UTF-8: onnxruntime takes no such path, only the model
             source = onnx.load(source).SerializeToString()
+    start = time.perf_counter()
     try:
-        return ort.InferenceSession(source, options, providers=chosen.session_providers(provider_options))
+        session = ort.InferenceSession(source, options, providers=chosen.session_providers(provider_options))
     except Exception as exc:
         raise ModelError(f"onnxruntime cannot load the model: {first_line(exc)}") from None
+    session_made(time.perf_counter() - start)
+    return session
 
 
 def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:

@@ -38,7 +38,9 @@ from onnx_tucker.errors import UsageError, first_line
 from onnx_tucker.factorization import get_form, not_worth_it
 from onnx_tucker.graph import cut, expose, from_bytes, probe_model, suffix_model, tensor_types
 from onnx_tucker.providers import fastest_available, probe_options
+from onnx_tucker.providers import get as get_provider
 from onnx_tucker.runtime import make_session, worker_threads
+from onnx_tucker.trace import timed
 
 FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE)
 
@@ -50,6 +52,7 @@ FIT_SAMPLES = 512  # calibration images the per-option refits use
 BATCH = 64
 FIT_ITERATIONS = 1  # HOOI sweeps per option: the curves rank options, the final fit iterates fully
 PROBES = 5  # whole-model probes per layer before the budget's refinement (probes="auto")
+WHOLE_PROBES = None  # every probe in one session on the whole model: None = on a GPU provider (distortion_curves)
 PROBE_MODES = ("auto", "all")
 
 
@@ -232,6 +235,10 @@ def distortion_curves(model: onnx.ModelProto, candidates: list, feeds: dict, cov
         expose(probe, cut_tensors, types)  # shape tensors are int64: typed by inference
     provider = fastest_available()  # probes run where they run fastest (CUDA when present)
     session = make_session(probe, provider, provider_options=probe_options(provider))
+    # On a GPU every probe runs the whole model in this one session: a probe's few images cost the GPU next
+    # to nothing, while a suffix model per layer cost a CUDA session each (0.5 s; a ResNet50 needs ~80 of them).
+    # The CPU runs the suffix from the layer on: there the computing is what costs. (Ray tasks: their own sessions.)
+    whole_probes = (get_provider(provider).device != "cpu" if WHOLE_PROBES is None else WHOLE_PROBES) and ray is None
     output_names = [o.name for o in model.graph.output]  # every output counts: a head's convs move only theirs
     fixed = fixed_batch(model)  # a torch export's batch of 1: every run below goes in batches of it
     weights = {}
@@ -292,14 +299,16 @@ def distortion_curves(model: onnx.ModelProto, candidates: list, feeds: dict, cov
             stats[cand.name]._flush()  # a job sent to a Ray worker carries the Gram matrices, not rows
 
     graph_inputs = {i.name for i in model.graph.input}
-    collect(todo)
+    with timed(f"plan: moments of {len(todo)} layers"):
+        collect(todo)
     # Each option only changes one layer: run the model from that layer on, fed at the cut with
     # the original activations (computed once), not the whole model.
     # A cut tensor computed from shapes (a size read off the input for a later Resize or Reshape) has no row per
     # image: it is fed whole to every batch, like the weights, with the value the eval batch gives it.
     sizes = _shape_computed(session, eval_feeds, cut_tensors, weights, fixed, types)
     rows = [t for t in cut_tensors if t not in sizes]
-    values = run_all(session, eval_feeds, output_names + rows, extra=weights, fixed=fixed)
+    with timed(f"plan: reference outputs on {n_eval} held-out images"):
+        values = run_all(session, eval_feeds, output_names + rows, extra=weights, fixed=fixed)
     reference, at_cut = dict(zip(output_names, values)), dict(zip(rows, values[len(output_names):]))
     if sizes:
         _, first = next(iterate(session, eval_feeds, sizes, fixed or n_eval, extra=weights, fixed=fixed is not None))
@@ -316,7 +325,8 @@ def distortion_curves(model: onnx.ModelProto, candidates: list, feeds: dict, cov
         known = {tuple(e[2]): e[1] for e in curves.get(cand.name, []) if e[3]}
         return LayerJob(
             site=detached(cand), options=options[cand.name], weight_name=w_name, bias_name=b_name,
-            whole=cuts[cand.name] is None, feed_names=list(eval_feeds) + list(weights) if cuts[cand.name] is None else cuts[cand.name],
+            whole=whole_probes or cuts[cand.name] is None,
+            feed_names=list(eval_feeds) + list(weights) if whole_probes or cuts[cand.name] is None else cuts[cand.name],
             covariance=covariances.get(cand.input_name) if covariances else None,
             moments=stats[cand.name], probes=probes, known=known)
 
@@ -345,11 +355,13 @@ def distortion_curves(model: onnx.ModelProto, candidates: list, feeds: dict, cov
     else:
         # A bar on a terminal only (disable=None): measuring takes (layers x probes) forward passes.
         jobs = [job_of(cand) for cand in todo]
-        errors = all_option_errors(jobs, progress=progress)  # every option's fit, layers in parallel
+        with timed(f"plan: rank options fitted ({sum(len(j.options) for j in jobs)} options, {len(jobs)} layers)"):
+            errors = all_option_errors(jobs, progress=progress)  # every option's fit, layers in parallel
         bar = tqdm(total=count, desc="measuring ranks", unit="probe", file=sys.stderr, leave=False,
                    disable=None if progress else True)
-        for cand, job, layer_errors in zip(todo, jobs, errors):
-            done(cand.name, layer_curve(job, **shared, session=session, on_option=bar.update, errors=layer_errors))
+        with timed(f"plan: {count} probes on {provider}"):
+            for cand, job, layer_errors in zip(todo, jobs, errors):
+                done(cand.name, layer_curve(job, **shared, session=session, on_option=bar.update, errors=layer_errors))
         bar.close()
 
     def refine(wanted: dict) -> int:
@@ -366,14 +378,15 @@ def distortion_curves(model: onnx.ModelProto, candidates: list, feeds: dict, cov
                 todo_refine.append((name, missing))
         bar = tqdm(total=sum(len(m) for _, m in todo_refine), desc="refining ranks", unit="probe", file=sys.stderr,
                    leave=False, disable=None if progress else True)
-        for name, missing in todo_refine:
-            job = job_of(by_name[name])
-            errors = {tuple(e[2]): e[4] for e in curves[name]}
-            with threadpool_limits(limits=1, user_api="blas"):
-                measured = _measure(job, missing, _suffix(job, **shared, session=session), reference, bar.update)
-            job.known.update(measured)
-            runs += len(missing)
-            done(name, _predicted_curve(job.site, job.options, errors, job.known))
+        with timed(f"plan: {sum(len(m) for _, m in todo_refine)} refining probes in {len(todo_refine)} layers"):
+            for name, missing in todo_refine:
+                job = job_of(by_name[name])
+                errors = {tuple(e[2]): e[4] for e in curves[name]}
+                with threadpool_limits(limits=1, user_api="blas"):
+                    measured = _measure(job, missing, _suffix(job, **shared, session=session), reference, bar.update)
+                job.known.update(measured)
+                runs += len(missing)
+                done(name, _predicted_curve(job.site, job.options, errors, job.known))
         bar.close()
         return runs
 
@@ -483,13 +496,22 @@ def all_option_errors(jobs: list, workers: int | None = None, progress: bool = F
         with threadpool_limits(limits=1, user_api="blas"):
             if workers == 1:
                 return [_tick(bar, option_errors(job)) for job in jobs]
+            # The biggest layers first: in graph order a ResNet50's conv5 layers (the longest fits) started last
+            # and the other threads waited for them. The results keep the jobs' order.
+            order = sorted(range(len(jobs)), key=lambda i: -_fit_work(jobs[i]))
             pool = ThreadPoolExecutor(max_workers=workers)
             try:
-                return [_tick(bar, errors) for errors in pool.map(option_errors, jobs)]
+                futures = {i: pool.submit(option_errors, jobs[i]) for i in order}
+                return [_tick(bar, futures[i].result()) for i in range(len(jobs))]
             finally:  # an error or Ctrl-C surfaces now: the queued layers are dropped, the running ones not awaited
                 pool.shutdown(wait=False, cancel_futures=True)
     finally:
         bar.close()
+
+
+def _fit_work(job: LayerJob) -> int:
+    """A layer's fitting work, for ordering only: its weight's size times its options."""
+    return int(np.prod(job.site.weight.shape)) * len(job.options)
 
 
 def _tick(bar, value):

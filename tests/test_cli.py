@@ -731,3 +731,19 @@ def test_an_unreachable_target_names_the_rank_multiple_that_made_it_so(saved_res
     r = cli(saved_residual, tmp_path / "o.onnx", "--target-macs", "0.3", "--rank-multiple", "16")
     assert r.returncode == 2 and "cannot be met" in r.stderr and "--rank-multiple 16 makes 16 the smallest rank" in r.stderr
     assert r.stderr.count("\n") == 1 and not (tmp_path / "o.onnx").exists()
+
+
+def test_verbose_says_each_phase_and_step_as_it_ends(saved_residual, tmp_path):
+    """-v: where the time goes, on stderr as the run goes (a run killed at a time limit still shows how far it got);
+    stdout keeps its lines, and the same run without -v says none of it."""
+    np.savez(tmp_path / "cal.npz", x_train=np.random.default_rng(0).standard_normal((64, 3, 10, 10)).astype(np.float32))
+    args = (saved_residual, tmp_path / "o.onnx", "--target-macs", "0.6", "--calibrate", tmp_path / "cal.npz")
+    r = cli(*args, "-v")
+    assert r.returncode == 0, r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.startswith("onnx-tucker: ")]
+    for step in ("statistics:", "plan: moments of", "plan: rank options fitted", "probes on cpu:", "plan:", "refit:",
+                 "refit: forward passes", "onnxruntime sessions:"):
+        assert any(line.removeprefix("onnx-tucker: ").startswith(step) or step in line for line in lines), (step, r.stderr)
+    assert "PASSED" in r.stdout and "time:" in r.stdout
+    quiet = cli(*args)
+    assert quiet.returncode == 0 and "plan: moments" not in quiet.stderr

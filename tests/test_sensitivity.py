@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from onnx_tucker import compress
+from onnx_tucker.runtime import make_session
 
 from conftest import residual_model
 
@@ -112,9 +113,10 @@ def test_big_inputs_are_measured_on_fewer_held_out_images():
 
 
 def test_probes_on_cuda_ask_cudnn_for_a_heuristic_algorithm(monkeypatch):
-    """Probes measure outputs, not speed: on CUDA their sessions (the probe model and every suffix model)
-    skip cuDNN's exhaustive algorithm timing, which each new session would pay again. Run here on the CPU
-    EP with the provider choice and session factory observed; the curves must equal a plain CPU run's."""
+    """Probes measure outputs, not speed: on CUDA their session (one, the whole probe model: see
+    test_whole_model_probes_measure_what_the_suffix_probes_measure) skips cuDNN's exhaustive algorithm timing.
+    Run here on the CPU EP with the provider choice and session factory observed; the curves must equal a
+    plain CPU run's (suffix models) to float rounding."""
     from onnx_tucker import sensitivity
     from onnx_tucker.runtime import make_session
 
@@ -129,9 +131,13 @@ def test_probes_on_cuda_ask_cudnn_for_a_heuristic_algorithm(monkeypatch):
     monkeypatch.setattr(sensitivity, "fastest_available", lambda: "cuda")
     monkeypatch.setattr(sensitivity, "make_session", observed)
     _, probed = compress(model, target_macs=0.6, calibration=cal, probes="all")
-    assert len(asked) >= 2 and all(p == "cuda" for p, _ in asked)  # the probe model and at least one suffix model
+    assert len(asked) == 1 and asked[0][0] == "cuda"  # the whole probe model, for every layer
     assert all(o["cudnn_conv_algo_search"] == "HEURISTIC" for _, o in asked)
-    assert probed.sensitivity["curves"] == plain.sensitivity["curves"]
+    assert probed.sensitivity["curves"].keys() == plain.sensitivity["curves"].keys()
+    for name, curve in plain.sensitivity["curves"].items():
+        other = probed.sensitivity["curves"][name]
+        assert [e[2] for e in other] == [e[2] for e in curve]
+        np.testing.assert_allclose([e[1] for e in other], [e[1] for e in curve], rtol=1e-4, atol=1e-9)
 
 
 def test_probe_images_sets_the_held_out_images_of_every_probe_and_the_cache_key(tmp_path):
@@ -200,6 +206,7 @@ def test_a_failing_layer_fit_stops_the_layers_still_queued(monkeypatch):
         return {}
 
     monkeypatch.setattr(sensitivity, "option_errors", fits)
+    monkeypatch.setattr(sensitivity, "_fit_work", lambda job: -job)  # biggest first: here layer 0, then 1, ...
     start = time.perf_counter()
     try:
         with pytest.raises(RuntimeError, match="layer 0 failed"):
@@ -413,3 +420,45 @@ def test_a_layer_on_a_dead_branch_measures_nothing_and_the_budget_runs():
     new, report = compress(model, target_macs=0.6, calibration={"x": np.random.default_rng(2).standard_normal((64, 3, 16, 16)).astype(np.float32)})
     curves = report.sensitivity["curves"]
     assert all(d == 0 for _, d, _, measured in curves["dead"] if measured) and any(d > 0 for _, d, _, _ in curves["c2"])
+
+
+@pytest.mark.parametrize("probes", ["all", "auto"])
+def test_whole_model_probes_measure_what_the_suffix_probes_measure(monkeypatch, probes):
+    """On a GPU every probe runs the whole model in one session (a CUDA session per layer's suffix cost 0.5 s, ~80 of
+    them for a ResNet50). Forced here on the CPU: two heads, so a layer moves one output and not the other, and
+    the curves agree with the suffix probes' to float rounding."""
+    torch = pytest.importorskip("torch")
+    from torch import nn
+
+    from onnx_tucker import sensitivity
+    from onnx_tucker.pipeline import factorable_sites
+
+    class Heads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.seg = nn.Conv2d(3, 16, 3, 1, 1), nn.Conv2d(16, 32, 3, 1, 1)
+            self.down, self.top, self.fc = nn.Conv2d(16, 32, 3, 2, 1), nn.Conv2d(32, 32, 3, 1, 1), nn.Linear(32, 10)
+
+        def forward(self, x):
+            f = torch.relu(self.stem(x))
+            return self.fc(torch.relu(self.top(torch.relu(self.down(f)))).mean((2, 3))), self.seg(f)
+
+    torch.manual_seed(0)
+    model = _torch_export(Heads(), ["cls", "seg"])
+    data = {"x": np.random.default_rng(0).standard_normal((96, 3, 16, 16)).astype(np.float32)}
+    _, sites = factorable_sites(model)
+    sites = [s for s in sites if s.eligible]
+    curves = {}
+    for whole in (False, True):
+        monkeypatch.setattr(sensitivity, "WHOLE_PROBES", whole)
+        sessions = []
+        monkeypatch.setattr(sensitivity, "make_session", lambda *a, **k: sessions.append(1) or make_session(*a, **k))
+        curves[whole] = sensitivity.distortion_curves(model, sites, data, None, probes=probes, progress=False)["curves"]
+        assert len(sessions) == (1 if whole else 1 + len(sites))  # the probe's own, plus a suffix per layer
+    assert curves[True].keys() == curves[False].keys()
+    for name in curves[False]:
+        suffix, whole = curves[False][name], curves[True][name]
+        assert [e[2] for e in suffix] == [e[2] for e in whole] and [e[3] for e in suffix] == [e[3] for e in whole]
+        np.testing.assert_allclose([e[1] for e in whole], [e[1] for e in suffix], rtol=1e-4, atol=1e-9, err_msg=name)
+        assert any(e[1] > 0 for e in whole if e[3])  # real distortions, not zeros on both sides
+    assert sum(e[1] > 1e-3 for c in curves[True].values() for e in c if e[3]) >= 4
