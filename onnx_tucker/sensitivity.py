@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -276,27 +278,38 @@ def distortion_curves(model: onnx.ModelProto, candidates: list, feeds: dict, cov
         fetch = [t for t in dict.fromkeys(t for c in cands for t in names[c.name][2:4]) if t not in graph_inputs]
         # every layer's input and output of a batch are fetched at once: fewer images a batch for big models
         batch_size = batch_for_bytes(sum(activation_bytes(c.shape, "in") + activation_bytes(c.shape, "out") for c in cands), BATCH)
-        for batch, outputs in (iterate(session, fit_feeds, fetch, fixed or batch_size, extra=weights, fixed=fixed is not None)
-                               if cands else ()):
-            values = dict(zip(fetch, outputs))
-            values.update(batch)
-            for cand in cands:
-                x, y = values[names[cand.name][2]], values[names[cand.name][3]]
-                if geometries[cand.name] is None:  # dense: rows of (features) per sample
-                    x2, y2 = x.reshape(len(x), -1, x.shape[-1]), y.reshape(len(y), -1, y.shape[-1])
-                    count = min(per_image[cand.name], x2.shape[1])
-                    pick = np.stack([rngs[cand.name].choice(x2.shape[1], count, replace=False) for _ in range(len(x2))])
-                    n_idx = np.repeat(np.arange(len(x2)), count)
-                    stats[cand.name].add(x2[n_idx, pick.ravel()], y2[n_idx, pick.ravel()])
-                    continue
-                oh_total, ow_total = y.shape[2], y.shape[3]
-                count = min(per_image[cand.name], oh_total * ow_total)
-                n_idx = np.repeat(np.arange(len(x)), count)
-                flat = np.concatenate([rngs[cand.name].choice(oh_total * ow_total, count, replace=False) for _ in range(len(x))])
-                oh, ow = np.divmod(flat, ow_total)
-                stats[cand.name].add(patches_at(x, n_idx, oh, ow, geometries[cand.name]), y[n_idx, :, oh, ow])
-        for cand in cands:
-            stats[cand.name]._flush()  # a job sent to a Ray worker carries the Gram matrices, not rows
+        def rows_of(cand, values) -> None:  # a layer's sampled rows of a batch: its own generator and moments
+            x, y = values[names[cand.name][2]], values[names[cand.name][3]]
+            if geometries[cand.name] is None:  # dense: rows of (features) per sample
+                x2, y2 = x.reshape(len(x), -1, x.shape[-1]), y.reshape(len(y), -1, y.shape[-1])
+                count = min(per_image[cand.name], x2.shape[1])
+                pick = np.stack([rngs[cand.name].choice(x2.shape[1], count, replace=False) for _ in range(len(x2))])
+                n_idx = np.repeat(np.arange(len(x2)), count)
+                stats[cand.name].add(x2[n_idx, pick.ravel()], y2[n_idx, pick.ravel()])
+                return
+            oh_total, ow_total = y.shape[2], y.shape[3]
+            count = min(per_image[cand.name], oh_total * ow_total)
+            n_idx = np.repeat(np.arange(len(x)), count)
+            flat = np.concatenate([rngs[cand.name].choice(oh_total * ow_total, count, replace=False) for _ in range(len(x))])
+            oh, ow = np.divmod(flat, ow_total)
+            stats[cand.name].add(patches_at(x, n_idx, oh, ow, geometries[cand.name]), y[n_idx, :, oh, ow])
+
+        # The layers of a batch side by side on threads of one BLAS thread each (gathering patches holds one
+        # core per layer; a 16-core GPU machine did a ResNet50's 53 layers one after another). Each layer keeps
+        # its generator and its batches' order, so the moments are the same in any thread order.
+        workers = min(worker_threads(), len(cands))
+        with ThreadPoolExecutor(max_workers=max(workers, 1)) as pool, \
+                (threadpool_limits(limits=1, user_api="blas") if workers > 1 else nullcontext()):
+            for batch, outputs in (iterate(session, fit_feeds, fetch, fixed or batch_size, extra=weights, fixed=fixed is not None)
+                                   if cands else ()):
+                values = dict(zip(fetch, outputs))
+                values.update(batch)
+                if workers > 1:
+                    list(pool.map(lambda cand: rows_of(cand, values), cands))
+                else:
+                    for cand in cands:
+                        rows_of(cand, values)
+            list(pool.map(lambda cand: stats[cand.name]._flush(), cands))  # a Ray job carries the Gram matrices, not rows
 
     graph_inputs = {i.name for i in model.graph.input}
     with timed(f"plan: moments of {len(todo)} layers"):

@@ -120,9 +120,10 @@ if [ "$HAVE_CUDA" = 1 ] && [ "$SCALE" != 0 ]; then
     # SCALE_PROFILE=DIR: once more under cProfile, the profile saved as DIR/resnet50_t05.prof (where the time goes)
     T0=$(date +%s)
     step "${SCALE_LIMIT:-300}" "$PY" -m onnx_tucker "$TMP/resnet50.onnx" "$TMP/resnet50_t05.onnx" --target-macs 0.5 --layers kxk,1x1 \
-        --calibrate "$TMP/imgs" --calib-size 512 --report "$TMP/json/compress_resnet50_t05_folder.json"
+        --calibrate "$TMP/imgs" --calib-size 512 -v --report "$TMP/json/compress_resnet50_t05_folder.json"
     say "ResNet50 image-folder budget: $(( $(date +%s) - T0 )) s wall"
-    [ -n "${SCALE_PROFILE:-}" ] && cp "$TMP/json/compress_resnet50_t05_folder.json" "$SCALE_PROFILE/" 2>/dev/null  # back even if a later step is killed
+    # next to the text report at once: back even if a later step is killed at the call's limit
+    [ "$SCALE" = only ] && cp "$TMP/json/compress_resnet50_t05_folder.json" "$(dirname "$OUT")/" 2>/dev/null
     if [ -n "${SCALE_PROFILE:-}" ]; then
         T0=$(date +%s)
         step "${SCALE_LIMIT:-300}" "$PY" -m cProfile -o "$SCALE_PROFILE/resnet50_t05.prof" -m onnx_tucker "$TMP/resnet50.onnx" "$TMP/resnet50_t05b.onnx" \
