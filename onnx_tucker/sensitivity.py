@@ -481,7 +481,8 @@ def layer_curve(job: LayerJob, probe, reference: dict, at_cut: dict, provider: s
         known = dict(job.known)
         if chosen:
             suffix = _suffix(job, probe, reference, at_cut, provider, constants, fixed, session, threads)
-            known.update(_measure(job, chosen, suffix, reference, on_option))
+            # a Ray task (threads=1) holds one of the cluster's CPUs: its solves stay on it
+            known.update(_measure(job, chosen, suffix, reference, on_option, workers=1 if threads == 1 else None))
         return _predicted_curve(job.site, job.options, errors, known)
 
 
@@ -567,17 +568,37 @@ def _suffix(job: LayerJob, probe, reference, at_cut, provider, constants=(), fix
     return run
 
 
-def _measure(job: LayerJob, ranks_list: list, suffix, reference: dict, on_option=None) -> dict:
+def _measure(job: LayerJob, ranks_list: list, suffix, reference: dict, on_option=None, workers: int | None = None) -> dict:
     """Ranks -> measured distortion of each option (one forward pass each): the mean over the model's outputs
-    of each one's distortion (:func:`_distortion`; 0 for an output the layer cannot move)."""
+    of each one's distortion (:func:`_distortion`; 0 for an output the layer cannot move). ``workers``: threads
+    solving the options' weights (:func:`_option_feeds`; default the CPUs)."""
     out = {}
-    for ranks in ranks_list:
-        feed, _ = _solve(job, ranks)
+    for ranks, feed in _option_feeds(job, ranks_list, workers):
         result = suffix(feed)
         out[tuple(ranks)] = sum(_distortion(reference[name], value) for name, value in result.items()) / len(reference)
         if on_option is not None:
             on_option()
     return out
+
+
+FEED_BYTES = 1 << 30  # option weights solved ahead of their probes, at most (a VGG's fc option holds ~400 MB)
+
+
+def _option_feeds(job: LayerJob, ranks_list: list, workers: int | None = None):
+    """(ranks, probe feed) of each option in order, solved a few at a time side by side on threads (numpy that
+    releases the GIL; BLAS as the caller limits it): on an H100 machine the probes' own solves, one after
+    another on one core, were most of a ResNet50's probe time (264 probes: 37 s, the GPU idle). Each option's
+    solve is its own, so the feeds are the same bytes as solved one by one."""
+    workers = worker_threads() if workers is None else workers
+    per_chunk = max(1, min(workers, len(ranks_list), FEED_BYTES // max(job.site.weight.nbytes, 1)))
+    if per_chunk == 1:
+        for ranks in ranks_list:
+            yield ranks, _solve(job, ranks)[0]
+        return
+    with ThreadPoolExecutor(max_workers=per_chunk) as pool:
+        for start in range(0, len(ranks_list), per_chunk):
+            chunk = ranks_list[start : start + per_chunk]
+            yield from zip(chunk, pool.map(lambda ranks: _solve(job, ranks)[0], chunk))
 
 
 class _Moments:
