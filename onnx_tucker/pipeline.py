@@ -19,7 +19,6 @@ from onnx_tucker.factorization import chooser, get_form, layer_plan, not_worth_i
 from onnx_tucker.graph import check_chain_nodes, export, infer_shapes, set_metadata, taken_names, with_node_names
 from onnx_tucker.io import load_model
 from onnx_tucker.options import CompressOptions, check_input_shapes, check_ratio, settings_of
-from onnx_tucker.trace import log
 from onnx_tucker.report import LayerRecord, Report
 from onnx_tucker.runtime import graph_inputs, sizes_static
 from onnx_tucker.site import find_sites
@@ -242,6 +241,7 @@ def _compress(model: onnx.ModelProto, opts: CompressOptions, memo: dict | None =
     left_whole = {}
     blas = ThreadpoolController()  # finds the BLAS libraries once (threadpool_limits searches again per fit: ~4 ms each)
     shared: dict[tuple, tuple[dict, float]] = {}
+    decided = []  # (site, form, ranks, fit key) of every layer that gets a chain, in order
     for site in eligible:
         form = get_form(site.form)
         record = records[site.name]
@@ -266,19 +266,21 @@ def _compress(model: onnx.ModelProto, opts: CompressOptions, memo: dict | None =
             continue
         # one fit per weight, form, layout and ranks: a weight a MatMul reads as (in, out) and a Gemm with transB as
         # (out, in) needs factors of each layout (the Gemm took the MatMul's, transposed: wrong output, PASSED)
-        key = (form.name, site.weight_key, site.extra.get("layout"), ranks)
+        decided.append((site, form, ranks, (form.name, site.weight_key, site.extra.get("layout"), ranks)))
+    # One BLAS thread per fit: they are many small eigendecompositions, which threaded OpenBLAS runs ~3x slower on
+    # 2 cores (ResNet50: 6.1 s single-threaded vs 17 s, docs/tool_speed.md); the fits go side by side on threads
+    # instead (an H100 machine's 16 cores did a ResNet50's 45 one after another: 12.9 s). Each fit is its own:
+    # the same factors in any order. Names and nodes are then made in the layers' order, as before.
+    with blas.limit(limits=1, user_api="blas"), report.phase("fit"):
+        fitted = _fit_all(decided, input_stats, opts)
+    for site, form, ranks, key in decided:
+        record = records[site.name]
         if key not in shared:
-            cov = input_stats.get(site.input_name) if input_stats else None
-            # One BLAS thread: the fits are many small eigendecompositions, which threaded OpenBLAS
-            # runs ~3x slower on 2 cores (ResNet50: 6.1 s single-threaded vs 17 s, docs/tool_speed.md).
-            with blas.limit(limits=1, user_api="blas"), report.phase("fit", traced=False):
-                factors = form.fit(site, ranks, n_iter_max=opts.n_iter_max, method=opts.method, input_covariance=cov)
-            shared[key] = (form.constants(site, factors, taken), factors.relative_error)
+            shared[key] = (form.constants(site, fitted[key], taken), fitted[key].relative_error)
         constants, record.relative_error = shared[key]
         chain = form.emit(graph, site, constants, taken)
         report.chains.append(chain)
         record.decomposed, record.form, record.layout = True, form.name, _layout(site, chain)
-    log.info("fit: %.1f s for %d chains", report.timings.get("fit", 0.0), len(report.chains))
     if report.form_choice:
         for name, entry in report.form_choice["layers"].items():  # what became of each choice
             record = records[name]
@@ -544,6 +546,27 @@ def _refine(sites, measured, opts, fixed_macs, allocate_measured) -> tuple[dict,
         runs += measured["refine"](wanted)
         planned = allocate_measured(sites, curves, opts, fixed_macs)
     return planned, runs
+
+
+def _fit_all(decided: list, input_stats: dict | None, opts) -> dict:
+    """Fit key -> factors, one fit per key, side by side on threads (``runtime.worker_threads``)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from onnx_tucker.runtime import worker_threads
+
+    jobs = {}
+    for site, form, ranks, key in decided:
+        jobs.setdefault(key, (site, form, ranks))
+
+    def fit(item):
+        site, form, ranks = item
+        cov = input_stats.get(site.input_name) if input_stats else None
+        return form.fit(site, ranks, n_iter_max=opts.n_iter_max, method=opts.method, input_covariance=cov)
+    workers = min(worker_threads(), len(jobs))
+    if workers <= 1:
+        return {key: fit(item) for key, item in jobs.items()}
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return dict(zip(jobs, pool.map(fit, jobs.values())))
 
 
 def _layout(site, chain) -> str:

@@ -203,13 +203,22 @@ def require(name: str) -> Provider:
     return provider
 
 
+_preloaded = False
+
+
 def preload_gpu_libraries() -> None:
-    """Let onnxruntime-gpu (>= 1.21) load CUDA/cuDNN from pip's nvidia-* packages (e.g. torch's), if it can."""
+    """Let onnxruntime-gpu (>= 1.21) load CUDA/cuDNN from pip's nvidia-* packages (e.g. torch's), if it can.
+    Once per process: each call looks for every library again and, in 1.31, registers its CUDA plugin again;
+    it ran before every GPU session (a ResNet50 budget made ~80 of them, 0.5 s each)."""
+    global _preloaded
+    if _preloaded:
+        return
     ort = onnxruntime()
 
     preload = getattr(ort, "preload_dlls", None)
     if preload is None or os.environ.get("ONNX_TUCKER_NO_PRELOAD"):
         return
+    _preloaded = True
     try:
         preload()
     except Exception:  # best effort: without it onnxruntime searches the default library paths

@@ -413,3 +413,18 @@ def test_api_exclude_takes_numpy_indices_as_ranks_does():
     _, by_numpy = compress(residual_model(), exclude=np.array([1]), force=True)
     _, by_int = compress(residual_model(), exclude=[1], force=True)
     assert [c.layer for c in by_numpy.chains] == [c.layer for c in by_int.chains] and len(by_int.chains) >= 1
+
+
+def test_the_chains_fits_on_many_threads_give_the_same_bytes(monkeypatch):
+    """The chains' fits go side by side on threads (a 16-core GPU machine fitted a ResNet50's 45 one after another);
+    each fit is its own and names are made in the layers' order after, so the model is the same bytes."""
+    import onnx_tucker.runtime as runtime
+
+    model = residual_model()
+    outputs = []
+    for threads in (1, 4):
+        monkeypatch.setattr(runtime, "worker_threads", lambda threads=threads: threads)
+        new, report = compress(model, ratio=0.5)
+        assert len(report.chains) >= 2
+        outputs.append(new.SerializeToString())
+    assert outputs[0] == outputs[1]

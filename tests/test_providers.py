@@ -147,3 +147,18 @@ def test_probe_options_pick_cudnn_heuristics_on_cuda_and_nothing_on_the_cpu():
     assert probe_options("cuda")["cudnn_conv_algo_search"] == "HEURISTIC"
     assert probe_options("gpu") == probe_options("cuda")
     assert probe_options("cpu") == {}
+
+
+def test_gpu_libraries_are_preloaded_once_per_process(monkeypatch):
+    """onnxruntime's preload_dlls looks for every CUDA library again (and 1.31 registers its CUDA plugin again) on each
+    call; it ran before every GPU session, ~80 in a ResNet50 budget."""
+    from onnx_tucker import providers
+
+    calls = []
+    ort = providers.onnxruntime()
+    monkeypatch.setattr(ort, "preload_dlls", lambda *a, **k: calls.append(1), raising=False)
+    monkeypatch.setattr(providers, "_preloaded", False)
+    monkeypatch.delenv("ONNX_TUCKER_NO_PRELOAD", raising=False)
+    for _ in range(3):
+        providers.preload_gpu_libraries()
+    assert calls == [1]

@@ -62,7 +62,7 @@ fi
 export XDG_CACHE_HOME="$TMP/cache"  # a fresh per-layer latency table: every figure measured in this run
 
 section "environment"
-say "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)  host: $(uname -srm)  commit: $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+say "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)  host: $(uname -srm)  commit: $(cat COMMIT 2>/dev/null || git rev-parse --short HEAD 2>/dev/null || echo '?')"
 if command -v nvidia-smi >/dev/null 2>&1; then
     step 30 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
 else

@@ -56,6 +56,7 @@ EOF
     mv "$work"/whl/onnx_graphsurgeon-*.whl "$work"/whl/tensorly-*.whl ".gpu$n/whl/"
     sha256sum "$work/blob.tar" | cut -c1-64 > ".gpu$n/blob.sha256"
     git archive HEAD onnx_tucker tools tests pyproject.toml models/cifar10_cnn.onnx models/cifar10_test_sample.npz | tar -x -C ".gpu$n/repo"
+    git rev-parse --short HEAD > ".gpu$n/repo/COMMIT"  # the code's commit: the device's copy has another git HEAD
     rm -rf "$work"
     grep -qx '/.gpu\*/' .git/info/exclude 2>/dev/null || echo '/.gpu*/' >> .git/info/exclude
     du -sh .gpu[0-9]*
