@@ -171,8 +171,7 @@ def refit_chains(original: onnx.ModelProto, compressed: onnx.ModelProto, feeds: 
     chosen = np.unique(np.concatenate([images[c.output] for c in chains])) if chains else np.arange(0)
     forward = _Forward(compressed, feeds if len(chosen) == n else {k: v[chosen] for k, v in feeds.items()}, chosen)
     result = {"layers": {}, "samples": int(n)}
-    # Threads: a big layer's products use every BLAS thread (_blas_for), and relu_solve's many small
-    # per-channel solves go side by side on threads of one BLAS thread each (_each_channel).
+    # relu_solve's many small per-channel solves go side by side on threads (_each_channel).
     position = {nd.name: i for i, nd in enumerate(compressed.graph.node)}
 
     def refits_core(chain) -> bool:
@@ -190,7 +189,9 @@ def refit_chains(original: onnx.ModelProto, compressed: onnx.ModelProto, feeds: 
     order = sorted(chains, key=first_change)
     merged_into = {}
     forward_seconds, solves_start = [0.0], time.perf_counter()
-    with threadpool_limits(limits=1, user_api="blas"), closing(target_rows):  # small refits: one BLAS thread (_blas_for)
+    # One BLAS thread throughout: threaded BLAS (solve, eigh, X.T @ X) rounds differently on each thread count, and
+    # a model must be the same bytes on every machine; it also made ResNet-20's refit 15 % slower on 2 cores.
+    with threadpool_limits(limits=1, user_api="blas"), closing(target_rows):
         for chain in order:
             last = nodes[chain.nodes[chain.last_role]]
             core_node = nodes.get(chain.nodes.get("core", ""))
@@ -218,21 +219,18 @@ def refit_chains(original: onnx.ModelProto, compressed: onnx.ModelProto, feeds: 
                         if relu_aware and feeds_only_relu(compressed, merges[chain.output][0]):
                             relu, offset = True, rows.astype(np.float64)
             if (core_node is not None and core_node.name == last.name) or _spatial_last(last):  # the output comes from a kxk (or 1xk) conv
-                with _blas_for(len(pick), _core_unknowns(last, inits) + 1, target.shape[1]):
-                    result["layers"][chain.layer] = _refit_kxk_last(compressed, chain, last, inits, collect, pick, target, ridge, relu, offset)
+                result["layers"][chain.layer] = _refit_kxk_last(compressed, chain, last, inits, collect, pick, target, ridge, relu, offset)
                 continue
             if core_path:
                 f, f_pick = collect(core_node.input[0], core_node)
                 geometry = _core_geometry(core_node, inits, f.shape[2:])
                 if geometry is not None:
-                    with _blas_for(len(pick), _core_unknowns(core_node, inits), target.shape[1]):
-                        result["layers"][chain.layer] = _refit_core_and_last(compressed, chain, core_node, last, inits, f, f_pick(pick), target,
-                                                                             geometry, ridge, relu, offset)
+                    result["layers"][chain.layer] = _refit_core_and_last(compressed, chain, core_node, last, inits, f, f_pick(pick), target,
+                                                                         geometry, ridge, relu, offset)
                     continue
             z, z_pick = collect(last.input[0], last)
             z = _picked_rows(z, z_pick(pick), chain.channel_axis).astype(np.float64)
-            with _blas_for(len(z), z.shape[1] + 1, target.shape[1]):
-                result["layers"][chain.layer] = _refit_last(chain, last, inits, z, target, ridge, relu=relu, offset=offset)
+            result["layers"][chain.layer] = _refit_last(chain, last, inits, z, target, ridge, relu=relu, offset=offset)
     log.info("refit: forward passes %.1f s, solves %.1f s", forward_seconds[0], time.perf_counter() - solves_start - forward_seconds[0])
     for chain in order:  # say which refits aimed at a residual Add's output
         if chain.layer in result["layers"] and chain.output in merged_into:
@@ -491,18 +489,6 @@ def relu_solve(design: np.ndarray, target: np.ndarray, solution: np.ndarray, rid
             return np.linalg.solve(gram + lam * eye, design[mask].T @ relu_target[mask, c] + lam * solution[:, c])
         solution = np.stack(_each_channel(channel, target.shape[1]), axis=1)
     return solution
-
-
-# Multiply-adds of a refit's products (rows x unknowns x (unknowns + outputs)) above which they run on every
-# BLAS thread. Below it one thread is faster: threaded BLAS made ResNet-20's refit (at most 1.1e10)
-# 15 % slower on 2 cores; a ResNet50's 2048-channel 1x1 convs need 4e10 each.
-BLAS_WORK = 2e10
-
-
-def _blas_for(rows: int, unknowns: int, outputs: int):
-    """The BLAS threads for one layer's refit: one for a small layer, every CPU (``runtime.worker_threads``) for a big one."""
-    big = rows * unknowns * (unknowns + outputs) > BLAS_WORK
-    return threadpool_limits(limits=worker_threads() if big else 1, user_api="blas")
 
 
 def _each_channel(work, count: int) -> list:

@@ -122,11 +122,10 @@ def cmd_compress(args) -> int:
                         **(data_out if args.external_data else {})},
                 may_write={} if args.external_data else data_out)
     say = (lambda *a: None) if args.quiet else print
-    if args.verbose:
-        from onnx_tucker import trace
+    from onnx_tucker import trace
 
-        trace.verbose_to_stderr()
-        trace.restart()
+    trace.verbose(args.verbose)
+    trace.restart()
     note = lambda text: print(f"onnx-tucker: notice: {text.removeprefix('note: ')}", file=sys.stderr)  # noqa: E731
     check = CheckArgs.parse(args)
     DataArgs.parse(args)
@@ -221,8 +220,6 @@ def cmd_compress(args) -> int:
         )
     say(report.timing_line())
     if args.verbose:
-        from onnx_tucker import trace
-
         trace.log.info(trace.sessions_line())
     if result is not None and not result.passed:  # --keep-failed: written, still a failure
         print(f"FAILED: {result.reason} (written anyway: --keep-failed)")

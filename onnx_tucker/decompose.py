@@ -287,6 +287,17 @@ def memo(inputs: tuple, compute):
     return result
 
 
+def memo_entries() -> list:
+    """This thread's memo, to hand to helper threads working on the same layer (:func:`adopt_memo`)."""
+    return list(getattr(_MEMO, "entries", None) or [])
+
+
+def adopt_memo(entries: list) -> None:
+    """Start this thread's memo from another thread's (its results are read, never changed): threads solving
+    one layer's options then share its covariance root and SVD instead of each computing them again."""
+    _MEMO.entries = list(entries)
+
+
 def _symmetric_sqrt(cov: np.ndarray, damping: float = 1e-3) -> tuple[np.ndarray, np.ndarray]:
     """S^(1/2) and S^(-1/2) of a damped PSD matrix (damping relative to its mean eigenvalue)."""
     if isinstance(cov, np.ndarray) and damping == 1e-3:

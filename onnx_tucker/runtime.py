@@ -26,8 +26,13 @@ WORKERS = 16  # threads that fit layers or solve channels side by side (each hol
 
 
 def worker_threads() -> int:
-    """Threads for numpy work that releases the GIL: the CPUs this process may use, at most ``WORKERS``."""
+    """Threads for numpy work that releases the GIL: the CPUs this process may use, at most ``WORKERS``, and at
+    most ``OMP_NUM_THREADS`` where that is set (a Ray task holding one CPU has it set to 1)."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        cpus = min(cpus, int(os.environ.get("OMP_NUM_THREADS", "")))
+    except ValueError:  # unset or not a number: the CPUs
+        pass
     return max(1, min(cpus, WORKERS))
 
 

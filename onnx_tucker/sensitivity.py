@@ -589,16 +589,29 @@ def _option_feeds(job: LayerJob, ranks_list: list, workers: int | None = None):
     releases the GIL; BLAS as the caller limits it): on an H100 machine the probes' own solves, one after
     another on one core, were most of a ResNet50's probe time (264 probes: 37 s, the GPU idle). Each option's
     solve is its own, so the feeds are the same bytes as solved one by one."""
+    from onnx_tucker.decompose import adopt_memo, memo_entries
+
     workers = worker_threads() if workers is None else workers
-    per_chunk = max(1, min(workers, len(ranks_list), FEED_BYTES // max(job.site.weight.nbytes, 1)))
-    if per_chunk == 1:
-        for ranks in ranks_list:
+    per_chunk = max(1, min(workers, len(ranks_list) - 1, FEED_BYTES // max(job.site.weight.nbytes, 1)))
+    if not ranks_list:
+        return
+    # The first here: it leaves the layer's covariance root and SVD in this thread's memo, which the helper
+    # threads then start from (each computing them again cost time and a copy each of their memory).
+    yield ranks_list[0], _solve(job, ranks_list[0])[0]
+    rest = ranks_list[1:]
+    if per_chunk <= 1:
+        for ranks in rest:
             yield ranks, _solve(job, ranks)[0]
         return
+    shared = memo_entries()
+
+    def solve(ranks):
+        adopt_memo(shared)
+        return _solve(job, ranks)[0]
     with ThreadPoolExecutor(max_workers=per_chunk) as pool:
-        for start in range(0, len(ranks_list), per_chunk):
-            chunk = ranks_list[start : start + per_chunk]
-            yield from zip(chunk, pool.map(lambda ranks: _solve(job, ranks)[0], chunk))
+        for start in range(0, len(rest), per_chunk):
+            chunk = rest[start : start + per_chunk]
+            yield from zip(chunk, pool.map(solve, chunk))
 
 
 class _Moments:

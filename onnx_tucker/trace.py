@@ -24,14 +24,16 @@ def restart() -> None:
 
 @contextmanager
 def timed(what: str):
-    """Logs ``what``'s wall time (and the time since the command started) when the block ends, even by an error."""
-    start = time.perf_counter()
+    """Logs ``what``'s wall time (and the time since the command started) when the block ends; a block ended
+    by an error or a signal says it was cut short."""
+    start, finished = time.perf_counter(), False
     try:
         yield
+        finished = True
     finally:
         if log.isEnabledFor(logging.INFO):
             now = time.perf_counter()
-            log.info("%s: %.1f s (at %.1f s)", what, now - start, now - _start)
+            log.info("%s: %.1f s (at %.1f s)%s", what, now - start, now - _start, "" if finished else ", cut short")
 
 
 def session_made(seconds: float) -> None:
@@ -44,9 +46,19 @@ def sessions_line() -> str:
     return f"onnxruntime sessions: {_sessions['count']} created, {_sessions['seconds']:.1f} s"
 
 
-def verbose_to_stderr() -> None:
-    """``-v``: the trace on stderr, one line per step."""
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("onnx-tucker: %(message)s"))
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
+_handler = None
+
+
+def verbose(on: bool) -> None:
+    """``-v``: the trace on stderr (the stream at this call), one line per step; off again for a command without
+    it, so commands run one after another in one process (``cli.main``) each print only their own."""
+    global _handler
+    if _handler is not None:
+        log.removeHandler(_handler)
+        log.setLevel(logging.NOTSET)
+        _handler = None
+    if on:
+        _handler = logging.StreamHandler()
+        _handler.setFormatter(logging.Formatter("onnx-tucker: %(message)s"))
+        log.addHandler(_handler)
+        log.setLevel(logging.INFO)

@@ -738,17 +738,3 @@ def test_relu_solve_gives_the_same_numbers_on_one_thread_or_many(monkeypatch):
     assert not np.allclose(results[1], linear)  # the solve did move the fit
     assert np.array_equal(results[1], results[4])
 
-
-def test_refit_uses_every_blas_thread_only_for_big_layers(monkeypatch):
-    from threadpoolctl import threadpool_info
-
-    from onnx_tucker import calibrate
-
-    monkeypatch.setattr(calibrate, "worker_threads", lambda: 2)
-
-    def blas_threads():
-        return {i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
-    with calibrate._blas_for(30_000, 577, 64):  # ResNet-20's largest refit: one thread
-        assert blas_threads() == {1}
-    with calibrate._blas_for(30_000, 513, 2048):  # a ResNet50 conv5 1x1: every thread
-        assert blas_threads() == {2}

@@ -74,3 +74,15 @@ def test_a_model_file_whose_name_is_not_utf8_opens():
         session = make_session(path)
         x = np.zeros((1, 32, 32, 3), np.float32)
         assert session.run(None, {session.get_inputs()[0].name: x})[0].shape == (1, 10)
+
+
+def test_worker_threads_keep_to_omp_num_threads(monkeypatch):
+    """A Ray task holding one CPU has OMP_NUM_THREADS=1: its thread pools must not take the node's every CPU."""
+    from onnx_tucker.runtime import worker_threads
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert worker_threads() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "not a number")
+    assert worker_threads() >= 1
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert worker_threads() >= 1

@@ -462,3 +462,32 @@ def test_whole_model_probes_measure_what_the_suffix_probes_measure(monkeypatch, 
         np.testing.assert_allclose([e[1] for e in whole], [e[1] for e in suffix], rtol=1e-4, atol=1e-9, err_msg=name)
         assert any(e[1] > 0 for e in whole if e[3])  # real distortions, not zeros on both sides
     assert sum(e[1] > 1e-3 for c in curves[True].values() for e in c if e[3]) >= 4
+
+
+def test_options_solved_on_threads_share_the_layers_costly_work(monkeypatch):
+    """The threads solving a layer's options ahead of its probes each computed the layer's covariance root again
+    (per-thread memo): 25 -> 70 roots on 8 threads for the seed-like CNN, and a copy of each in memory. They now
+    start from the calling thread's memo: as many roots as on one thread, and the same curves."""
+    from onnx_tucker import decompose, sensitivity
+    from onnx_tucker.pipeline import factorable_sites
+    import onnx_tucker.runtime as runtime
+
+    model = residual_model()
+    data = feeds()
+    _, sites = factorable_sites(model)
+    sites = [s for s in sites if s.eligible]
+    original = decompose._symmetric_sqrt_of
+    from onnx_tucker.calibrate import input_covariances
+
+    monkeypatch.setattr(sensitivity, "worker_threads", lambda: 4)
+    monkeypatch.setattr(runtime, "worker_threads", lambda: 4)
+    results = {}
+    for feed_bytes in (1, sensitivity.FEED_BYTES):  # 1 byte: one option at a time, on the calling thread
+        covariances = input_covariances(model, data, [s.input_name for s in sites])  # new objects: no memo hits across runs
+        calls = []
+        monkeypatch.setattr(decompose, "_symmetric_sqrt_of", lambda *a: calls.append(1) or original(*a))
+        monkeypatch.setattr(sensitivity, "FEED_BYTES", feed_bytes)
+        curves = sensitivity.distortion_curves(model, sites, data, covariances, probes="all", progress=False)["curves"]
+        results[feed_bytes > 1] = (len(calls), curves)
+    assert results[False][0] > 0 and results[True][0] == results[False][0]
+    assert results[True][1] == results[False][1]

@@ -38,3 +38,28 @@ def test_sessions_are_counted_from_the_command_start():
     assert trace.sessions_line().startswith("onnxruntime sessions: 2 created, ")
     trace.restart()
     assert trace.sessions_line().startswith("onnxruntime sessions: 0 created")
+
+
+def test_a_step_cut_short_says_so(caplog):
+    with caplog.at_level(logging.INFO, logger="onnx_tucker"):
+        with pytest.raises(KeyboardInterrupt):
+            with trace.timed("plan: 264 probes on cuda"):
+                raise KeyboardInterrupt
+    assert caplog.records[-1].getMessage().endswith(", cut short")
+
+
+def test_verbose_prints_once_per_command_and_is_off_for_the_next(capsys):
+    """Commands run one after another in one process (cli.main): -v twice printed each line twice, and a later
+    command without -v still printed the trace."""
+    try:
+        trace.verbose(True)
+        trace.verbose(True)
+        with trace.timed("statistics"):
+            pass
+        assert capsys.readouterr().err.count("onnx-tucker: statistics: ") == 1
+        trace.verbose(False)
+        with trace.timed("statistics"):
+            pass
+        assert "statistics" not in capsys.readouterr().err
+    finally:
+        trace.verbose(False)
