@@ -408,9 +408,14 @@ def add_initializer(model: onnx.ModelProto, value: np.ndarray, name: str) -> onn
     """A new initializer, also listed among the graph inputs where IR < 4 requires every initializer to be."""
     init = model.graph.initializer.add()
     init.CopyFrom(numpy_helper.from_array(value, name))
-    if model.ir_version < 4:
-        model.graph.input.append(onnx.helper.make_tensor_value_info(name, init.data_type, list(init.dims)))
+    list_if_old_ir(model, init)
     return init
+
+
+def list_if_old_ir(model: onnx.ModelProto, init: onnx.TensorProto) -> None:
+    """IR < 4 lists every initializer among the graph inputs (the checker refuses one that is not): a new one too."""
+    if model.ir_version < 4:
+        model.graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
 
 
 class Initializers:
@@ -440,15 +445,10 @@ class Initializers:
             copy.CopyFrom(init)
             copy.name = unique_name(fresh_name, set(self.by_name))
             self.by_name[copy.name] = copy
-            self._listed(copy)
+            list_if_old_ir(self.model, copy)
             node.input[index] = copy.name
             return copy
         return init
-
-    def _listed(self, init: onnx.TensorProto) -> None:
-        """IR < 4 lists every initializer among the graph inputs (the checker refuses one that is not): a new one too."""
-        if self.model.ir_version < 4:
-            self.model.graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
 
     def bias(self, node: onnx.NodeProto, channels: int, dtype, fresh_name: str) -> onnx.TensorProto:
         """``node``'s bias initializer (input 2), created as zeros when it has none, copied when shared."""
@@ -459,7 +459,7 @@ class Initializers:
         bias = self.model.graph.initializer.add()
         bias.CopyFrom(numpy_helper.from_array(np.zeros(channels, dtype=dtype), unique_name(fresh_name, set(self.by_name))))
         self.by_name[bias.name] = bias
-        self._listed(bias)
+        list_if_old_ir(self.model, bias)
         while len(node.input) < 2:
             node.input.append("")
         if len(node.input) == 2:

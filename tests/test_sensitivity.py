@@ -232,16 +232,10 @@ def _torch_export(net, outputs: list, size: int = 16):
     return onnx.load_from_string(buffer.getvalue())
 
 
-def test_every_output_counts_in_the_measured_distortion():
-    """Two heads, the class scores written last: a conv that feeds only the map output moves only that output. Its
-    measured distortion was 0 at every rank (only output 0 was read), the knapsack cut it to the bone and the map was
-    ruined; and a suffix cut after the first output's node could not load. Now its distortion is that map's
-    relative error (halved: the mean over the two outputs), and the map keeps what the budget pays for."""
+def _two_heads_model():
+    """Two heads, the class scores written last: the stem feeds both, ``seg`` only the map output."""
     torch = pytest.importorskip("torch")
     from torch import nn
-
-    from onnx_tucker.pipeline import factorable_sites
-    from onnx_tucker.sensitivity import distortion_curves
 
     class Heads(nn.Module):
         def __init__(self):
@@ -254,7 +248,18 @@ def test_every_output_counts_in_the_measured_distortion():
             return self.fc(torch.relu(self.top(torch.relu(self.down(f)))).mean((2, 3))), self.seg(f)
 
     torch.manual_seed(0)
-    model = _torch_export(Heads(), ["cls", "seg"])
+    return _torch_export(Heads(), ["cls", "seg"])
+
+
+def test_every_output_counts_in_the_measured_distortion():
+    """Two heads, the class scores written last: a conv that feeds only the map output moves only that output. Its
+    measured distortion was 0 at every rank (only output 0 was read), the knapsack cut it to the bone and the map was
+    ruined; and a suffix cut after the first output's node could not load. Now its distortion is that map's
+    relative error (halved: the mean over the two outputs), and the map keeps what the budget pays for."""
+    from onnx_tucker.pipeline import factorable_sites
+    from onnx_tucker.sensitivity import distortion_curves
+
+    model = _two_heads_model()
     data = {"x": np.random.default_rng(0).standard_normal((96, 3, 16, 16)).astype(np.float32)}
     _, sites = factorable_sites(model)
     sites = [s for s in sites if s.eligible]
@@ -427,24 +432,10 @@ def test_whole_model_probes_measure_what_the_suffix_probes_measure(monkeypatch, 
     """On a GPU every probe runs the whole model in one session (a CUDA session per layer's suffix cost 0.5 s, ~80 of
     them for a ResNet50). Forced here on the CPU: two heads, so a layer moves one output and not the other, and
     the curves agree with the suffix probes' to float rounding."""
-    torch = pytest.importorskip("torch")
-    from torch import nn
-
     from onnx_tucker import sensitivity
     from onnx_tucker.pipeline import factorable_sites
 
-    class Heads(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.stem, self.seg = nn.Conv2d(3, 16, 3, 1, 1), nn.Conv2d(16, 32, 3, 1, 1)
-            self.down, self.top, self.fc = nn.Conv2d(16, 32, 3, 2, 1), nn.Conv2d(32, 32, 3, 1, 1), nn.Linear(32, 10)
-
-        def forward(self, x):
-            f = torch.relu(self.stem(x))
-            return self.fc(torch.relu(self.top(torch.relu(self.down(f)))).mean((2, 3))), self.seg(f)
-
-    torch.manual_seed(0)
-    model = _torch_export(Heads(), ["cls", "seg"])
+    model = _two_heads_model()
     data = {"x": np.random.default_rng(0).standard_normal((96, 3, 16, 16)).astype(np.float32)}
     _, sites = factorable_sites(model)
     sites = [s for s in sites if s.eligible]
