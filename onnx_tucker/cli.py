@@ -225,13 +225,14 @@ def cmd_compress(args) -> int:
         print(f"FAILED: {result.reason} (written anyway: --keep-failed)")
         print(f"onnx-tucker: error: self-check FAILED: {result.reason} (written anyway: --keep-failed)", file=sys.stderr)
         return 1
-    if not report.decomposed:
+    if not report.decomposed and not report.pruning:
         print(f"PASSED: 0/{t['convs']} convs decomposed, nothing pays: wrote the input model unchanged")
         return 0
     check_note = "; self-check skipped (--no-check)" if result is None else "; self-check " + result.reason
     macs = (f"MACs {t['macs_reduction']:.2f}x fewer" if t["macs_known"] else
             "MACs unknown (shape inference stops before some layers)" if report.sizes_static else "MACs unknown (give --input-shape)")
-    print(f"PASSED: {t['decomposed']}/{t['convs']} convs decomposed, {macs}, params {t['params_reduction']:.2f}x fewer{check_note}")
+    pruned = f", {t['pruned']} pruned" if t["pruned"] else ""
+    print(f"PASSED: {t['decomposed']}/{t['convs']} convs decomposed{pruned}, {macs}, params {t['params_reduction']:.2f}x fewer{check_note}")
     return 0
 
 

@@ -70,6 +70,7 @@ DEFAULT_FORMS: tuple[str, ...] = ("tucker2",)
 # ``--layers``: which kinds of layer to factor, and the form each kind gets.
 LAYER_KINDS = {"kxk": ("conv", "tucker2"), "1x1": ("conv1x1", "svd"), "dense": ("dense", "svd")}
 DEFAULT_LAYERS: tuple[str, ...] = ("kxk",)
+PRUNED_KIND = "hidden"  # --layers hidden: inverted residual blocks' hidden channels, pruned (onnx_tucker.prune)
 
 
 def layer_plan(layers: tuple[str, ...] | None, forms: tuple[str, ...] | None = None) -> tuple[tuple, set | None, set]:
@@ -78,9 +79,10 @@ def layer_plan(layers: tuple[str, ...] | None, forms: tuple[str, ...] | None = N
         forms = forms or DEFAULT_FORMS
         ops = {op for name in forms for op in get_form(name).ops}
         return forms, None, ops
-    unknown = [k for k in layers if k not in LAYER_KINDS]
+    unknown = [k for k in layers if k not in LAYER_KINDS and k != PRUNED_KIND]
     if unknown:
-        raise UsageError(f"unknown layer kind {unknown[0]!r}: choose from {', '.join(LAYER_KINDS)}")
+        raise UsageError(f"unknown layer kind {unknown[0]!r}: choose from {', '.join(LAYER_KINDS)}, {PRUNED_KIND}")
+    layers = tuple(k for k in layers if k != PRUNED_KIND)  # pruned before factoring (onnx_tucker.prune), by no form
     kinds = {LAYER_KINDS[k][0] for k in layers}
     # --forms names the forms of the kinds they take; a kind asked for that no named form takes keeps its default
     # (--layers kxk,1x1 --forms tucker2,spatial: the 1x1 convs by SVD, not left whole as "nothing to factor spatially")

@@ -251,6 +251,8 @@ class CompressOptions:
             if not self.layers:  # () factored nothing and recorded the default; None is the default
                 raise UsageError("layers: name at least one kind (kxk, 1x1, dense), or None for the default")
             layer_plan(self.layers, self.forms)  # refuses unknown kinds
+            if "hidden" in self.layers:
+                self._check_hidden()
         measured = ((self.target_macs is not None and self.budget_rule != "uniform") or self.target_latency is not None) \
             and self.calibration is not None
         if self.curves is not None and not measured:
@@ -270,6 +272,21 @@ class CompressOptions:
             self.ray = check_address(self.ray)
             require_ray()
         return self
+
+    def _check_hidden(self) -> None:
+        """``--layers hidden`` (``onnx_tucker.prune``) keeps channels by a ratio or a MAC budget, refitted on calibration data."""
+        if self.calibration is None:
+            raise UsageError("--layers hidden needs calibration data (--calibrate): the pruned blocks are refitted on it")
+        if self.rank_method != "ratio" or self.ranks:
+            raise UsageError("--layers hidden keeps a share of each block's channels: give --ratio or --target-macs, not "
+                             + ("--ranks" if self.ranks else f"--rank-method {self.rank_method}"))
+        if self.target_latency is not None or self.latency_aware:
+            raise UsageError("--layers hidden takes a MAC budget (--target-macs), not a latency one")
+        if self.budget_rule == "uniform":
+            raise UsageError("--layers hidden splits --target-macs by the blocks' measured errors: --budget-rule uniform does not apply")
+        if self.target_macs is not None and len(self.layers) > 1:
+            raise UsageError("--layers hidden with --target-macs prunes alone (the budget is not shared with factored layers "
+                             "yet): give --layers hidden, or --ratio for both")
 
     def _check_types(self) -> None:
         """The API's dict options have the shapes the CLI would build: one-line errors instead of a traceback deep inside."""
@@ -442,7 +459,9 @@ def add_layers_argument(parser) -> None:
     """``--layers``: shared by compress, inspect and sweep."""
     parser.add_argument("--layers", default=None, metavar="KINDS",
                         help="which layers to factor: kxk (kxk convs, Tucker-2; the default), 1x1 (1x1 convs, SVD), "
-                        "dense (Gemm/MatMul with a constant weight, SVD), e.g. kxk,1x1,dense")
+                        "dense (Gemm/MatMul with a constant weight, SVD), e.g. kxk,1x1,dense; hidden prunes the hidden "
+                        "channels of inverted residual blocks (1x1 -> depthwise -> 1x1, MobileNet) and of a pooled "
+                        "classifier's last conv instead, refitted on --calibrate data")
 
 
 def add_forms_argument(parser) -> None:
@@ -470,7 +489,7 @@ def parse_layers(text: str) -> tuple:
 
     items = [k.strip() for k in text.split(",")]
     if not all(items):
-        raise UsageError(f"--layers: expected comma-separated kinds (kxk, 1x1, dense), got {text!r}")
+        raise UsageError(f"--layers: expected comma-separated kinds (kxk, 1x1, dense, hidden), got {text!r}")
     layer_plan(tuple(items))  # an unknown kind is a usage error now, not after the data is loaded
     return tuple(items)
 

@@ -15,7 +15,7 @@ from threadpoolctl import ThreadpoolController
 from onnx_tucker import __version__
 from onnx_tucker.chain import METADATA_KEY as CHAINS_KEY, dumps as dump_chains
 from onnx_tucker.errors import ModelError, UsageError, first_line
-from onnx_tucker.factorization import chooser, get_form, layer_plan, not_worth_it, rounded_ranks
+from onnx_tucker.factorization import PRUNED_KIND, chooser, get_form, layer_plan, not_worth_it, rounded_ranks
 from onnx_tucker.graph import check_chain_nodes, export, infer_shapes, set_metadata, taken_names, with_node_names
 from onnx_tucker.io import load_model
 from onnx_tucker.options import CompressOptions, check_input_shapes, check_ratio, settings_of
@@ -80,7 +80,26 @@ def compress(model, ratio: float = 0.5, **options) -> tuple[onnx.ModelProto, Rep
         check_runnable(model)
     if opts.target_latency is not None:
         return _target_latency(model, opts)
+    if opts.layers and PRUNED_KIND in opts.layers:
+        return _prune_then_compress(model, opts)
     return _compress(model, opts)
+
+
+def _prune_then_compress(model: onnx.ModelProto, opts: CompressOptions) -> tuple[onnx.ModelProto, Report]:
+    """``--layers hidden``: prune the hidden channels first (to ``target_macs`` alone, or to ``ratio`` of each unit), then
+    factor the other kinds asked for at ``ratio``, the pruned units' convs left as they are."""
+    from onnx_tucker.prune import prune
+    from onnx_tucker.trace import timed
+
+    started = time.perf_counter()
+    with timed("prune"):
+        pruned_model, pruning = prune(model, opts.calibration, ratio=None if opts.target_macs is not None else opts.ratio,
+                                      target_macs=opts.target_macs, input_shapes=opts.input_shapes)
+    pruning.seconds = time.perf_counter() - started
+    rest = tuple(k for k in opts.layers if k != PRUNED_KIND)
+    convs = tuple(dict.fromkeys(n for u in pruning.pruned() for n in (u.producer, u.depthwise, u.consumer if u.kind == "block" else None) if n))
+    factored = replace(opts, layers=rest or (PRUNED_KIND,), target_macs=None, exclude=tuple(opts.exclude) + convs, distill=opts.distill)
+    return _compress(pruned_model, factored, pruning=pruning, original=model, shown=opts)
 
 
 FEEDBACK_AIM = 0.9  # the corrected plan aims this far under the target: the measurement that checks it is noisy
@@ -165,12 +184,17 @@ def _feedback(model: onnx.ModelProto, opts: CompressOptions) -> tuple[onnx.Model
     return keep
 
 
-def _compress(model: onnx.ModelProto, opts: CompressOptions, memo: dict | None = None) -> tuple[onnx.ModelProto, Report]:
+def _compress(model: onnx.ModelProto, opts: CompressOptions, memo: dict | None = None, pruning=None, original=None,
+              shown: CompressOptions | None = None) -> tuple[onnx.ModelProto, Report]:
+    """``pruning``: ``model`` is ``original`` with hidden channels pruned (``prune.Pruning``); ``shown``: the options the
+    report records (the user's, where ``opts`` are those left for the factoring)."""
     graph, sites = factorable_sites(model, opts.forms, opts.input_shapes, opts.layers)
     if not sites:
         raise ModelError("the model has no Conv node: nothing to compress")
     # the ratio only where a ratio chose the ranks (a budget or another rank rule left the default in opts.ratio)
-    report = Report(ratio=settings_of(opts)["ratio"], force=opts.force, tool_version=__version__)
+    report = Report(ratio=settings_of(shown or opts)["ratio"], force=opts.force, tool_version=__version__)
+    if pruning is not None:
+        report.timings["prune"] = pruning.seconds
     report.sizes_static = sizes_static(model, opts.input_shapes)
     taken = taken_names(graph)
     excluded = {str(e) for e in opts.exclude}
@@ -183,6 +207,8 @@ def _compress(model: onnx.ModelProto, opts: CompressOptions, memo: dict | None =
             site.reason, site.weight = "excluded by the user", None
         records[site.name] = record = LayerRecord.from_site(site)
         report.layers.append(record)
+    if pruning is not None:
+        _record_pruning(records, pruning, original, opts, report)
     if opts.ranks:
         opts = replace(opts, ranks=_explicit_ranks(sites, opts.ranks))
     eligible = [s for s in sites if s.eligible]
@@ -288,11 +314,11 @@ def _compress(model: onnx.ModelProto, opts: CompressOptions, memo: dict | None =
             if not record.decomposed:
                 entry["left_whole"] = record.reason
         report.notes.append(_form_choice_note(report))
-    if report.decomposed:
+    if report.decomposed or report.pruning:
         with report.phase("export"):
-            new_model = export(graph, model)
+            new_model = export(graph, model) if report.decomposed else _copy(model)
             check_chain_nodes(new_model, report.chains)
-        if opts.calibration is not None and opts.refit:
+        if opts.calibration is not None and opts.refit and report.chains:
             from onnx_tucker.calibrate import refit_chains
 
             with report.phase("refit"):
@@ -302,7 +328,8 @@ def _compress(model: onnx.ModelProto, opts: CompressOptions, memo: dict | None =
                 raise UsageError("distillation needs unlabelled inputs: give calibration data (--calibrate)")
             from onnx_tucker.distill import distill
 
-            trainable = list(dict.fromkeys(t for c in report.chains for t in c.trainable()))
+            trainable = list(dict.fromkeys([t for c in report.chains for t in c.trainable()]
+                                           + [t for u in (pruning.pruned() if pruning else ()) for t in u.trainable]))
             # The chain records go on the model now (not only when it is written): the reconstruction finds
             # its chains there; from node names alone it would see only the Tucker ones, not the SVD forms.
             set_metadata(new_model, {CHAINS_KEY: dump_chains(report.chains)})
@@ -324,9 +351,8 @@ def _compress(model: onnx.ModelProto, opts: CompressOptions, memo: dict | None =
         if all(site.extra.get("defect") for site in sites):  # not a choice: no layer of this model can be factored
             raise ModelError(f"no Conv was decomposed: {reasons}")
         report.notes.append(f"no layer was decomposed ({reasons}): the output is the input model unchanged")
-        new_model = onnx.ModelProto()
-        new_model.CopyFrom(model)
-    report.settings = settings_of(opts)
+        new_model = _copy(model)
+    report.settings = settings_of(shown or opts)
     if table is not None:
         report.settings["provider"] = table.provider
         report.settings["latency_batch"] = table.batch
@@ -344,6 +370,32 @@ def _compress(model: onnx.ModelProto, opts: CompressOptions, memo: dict | None =
             report.notes.append(f"the latency table was not saved ({table.unsaved}): its timings served this run only")
     _set_metadata(new_model, report)
     return new_model, report
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy
+
+
+def _record_pruning(records: dict, pruning, original: onnx.ModelProto, opts: CompressOptions, report: Report) -> None:
+    """The pruned units' convs in the table: their sizes before (the original's) and after, and what was kept."""
+    _, before = factorable_sites(original, opts.forms, opts.input_shapes, opts.layers)
+    before = {s.name: LayerRecord.from_site(s) for s in before}
+    for unit in pruning.pruned():
+        kept = f"{len(unit.keep)}/{unit.channels}"
+        for name, role in ((unit.producer, "its output"), (unit.depthwise, "its"), (unit.consumer, "its input")):
+            record = records.get(name)
+            if record is None:  # a head's classifier (a Gemm: a layer only under --layers dense)
+                continue
+            was = before[name]
+            record.params_before, record.macs_before, record.kernel = was.params_before, was.macs_before, was.kernel
+            record.pruned, record.kept = True, kept
+            record.relative_error = unit.relative_error if name == unit.consumer else None
+            record.reason = f"pruned: {role} {kept} hidden channels ({unit.kind})"
+    report.pruning = pruning.to_dict() | {"seconds": round(pruning.seconds, 3)}
+    report.notes.append(f"--layers hidden: pruned {len(pruning.pruned())} of {len(pruning.units)} units' hidden channels "
+                        f"({pruning.to_dict()['macs_saved'] / max(1, pruning.conv_macs):.1%} of the conv MACs), each consumer refitted on the calibration inputs")
 
 
 def _latency_verdict(table, site, ranks, record, report, left_whole: dict, strict: bool) -> str:

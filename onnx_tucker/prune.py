@@ -461,6 +461,7 @@ class Pruning:
     units: list  # every Unit found (kept channels set where planned)
     conv_macs: int  # the original model's conv MACs (batch 1)
     budget: int | None = None  # the units' MACs allowed (--target-macs)
+    seconds: float = 0.0
 
     def pruned(self) -> list[Unit]:
         return [u for u in self.units if u.keep is not None and len(u.keep) < u.channels]

@@ -28,6 +28,8 @@ class LayerRecord:
     layout: str = ""  # the chain's nodes, e.g. "1x1 -> 3x3 -> 1x1" or the two-conv "1x1 -> 3x3"
     original_us: float | None = None  # the layer alone, timed on the latency provider (latency_table)
     chain_us: float | None = None  # its chain at ``ranks``, timed interleaved with it
+    pruned: bool = False  # its hidden channels were pruned (--layers hidden): sizes before -> after
+    kept: str = ""  # "kept/channels" of the pruned unit it belongs to
 
     @classmethod
     def from_site(cls, site) -> "LayerRecord":
@@ -61,6 +63,7 @@ class Report:
     timings: dict = field(default_factory=dict)  # wall seconds per phase, in the order they ran (``phase``)
     form_choice: dict | None = None  # a rule with several forms: {"rule", "metric", "layers": {layer: {"form", "errors", "written"}}}
     sizes_static: bool = False  # every input's size known: unknown MACs then come from shape inference, not the input
+    pruning: dict | None = None  # --layers hidden: the units found, the channels each kept, its refit's error
 
     @property
     def decomposed(self) -> list:
@@ -70,6 +73,7 @@ class Report:
         t = {
             "convs": len(self.layers),
             "decomposed": len(self.decomposed),
+            "pruned": sum(r.pruned for r in self.layers),
             "params_before": sum(r.params_before for r in self.layers),
             "params_after": sum(r.params_after for r in self.layers),
             "macs_before": sum(r.macs_before for r in self.layers),
@@ -101,6 +105,7 @@ class Report:
             "latency": self.latency,
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
             "form_choice": self.form_choice,
+            "pruning": self.pruning,
         }
 
     @contextmanager
@@ -140,7 +145,13 @@ def format_table(report: Report) -> str:
     rows = []
     for r in report.layers:
         kernel = "x".join(str(k) for k in r.kernel) if r.kernel else "?"
-        if r.decomposed:
+        if r.pruned and not r.decomposed:
+            rows.append([
+                r.layer, kernel, "prune", r.kept, f"{_n(r.params_before)} -> {_n(r.params_after)}",
+                f"{_n(r.macs_before)} -> {_n(r.macs_after)}" if r.macs_known else "unknown*",
+                f"{r.relative_error:.4f}" if r.relative_error is not None else "-", r.reason,
+            ])
+        elif r.decomposed:
             rows.append([
                 r.layer, kernel, r.form, ",".join(str(x) for x in r.ranks),
                 f"{_n(r.params_before)} -> {_n(r.params_after)}",
