@@ -1,0 +1,278 @@
+"""Hidden-channel pruning (``--layers hidden``, onnx_tucker/prune.py) on a BatchNorm-folded torch export of an
+inverted-residual network: units found, the least squares proven, the sliced graph proven against the composed one."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import pytest
+
+from onnx_tucker import prune as P
+from onnx_tucker.graph import infer_shapes
+from tests.conftest import run_model
+
+torch = pytest.importorskip("torch")
+
+
+def _mobilenet_like(path, seed: int = 0):
+    """stem 3x3 -> inverted residual (residual Add) -> inverted residual (stride 2) -> 3x3 conv -> head conv ->
+    GAP -> Linear, every conv followed by a BatchNorm the export folds, ReLU6 activations (Clip)."""
+    nn = torch.nn
+
+    def cbr(c_in, c_out, k=1, stride=1, groups=1, act=True):
+        layers = [nn.Conv2d(c_in, c_out, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(c_out)]
+        return nn.Sequential(*layers, *( [nn.ReLU6()] if act else []))
+
+    class Inverted(nn.Module):
+        def __init__(self, c_in, c_out, stride, expand=3):
+            super().__init__()
+            hidden = c_in * expand
+            self.body = nn.Sequential(cbr(c_in, hidden), cbr(hidden, hidden, 3, stride, hidden), cbr(hidden, c_out, act=False))
+            self.residual = stride == 1 and c_in == c_out
+
+        def forward(self, x):
+            y = self.body(x)
+            return x + y if self.residual else y
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.features = nn.Sequential(cbr(3, 8, 3), Inverted(8, 8, 1), Inverted(8, 16, 2), cbr(16, 16, 3), cbr(16, 48))
+            self.fc = nn.Linear(48, 10)
+
+        def forward(self, x):
+            return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(self.features(x), 1), 1))
+
+    torch.manual_seed(seed)
+    net = Net()
+    for m in net.modules():  # BatchNorm statistics far from identity: the folding matters
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    torch.onnx.export(net.eval(), torch.zeros(1, 3, 16, 16), str(path), dynamo=False, input_names=["input"],
+                      output_names=["logits"], dynamic_axes={"input": {0: "n"}, "logits": {0: "n"}})
+    return onnx.load(str(path))
+
+
+@pytest.fixture(scope="module")
+def net(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prune") / "mbnet.onnx"
+    model = _mobilenet_like(path)
+    x = np.random.default_rng(0).normal(size=(96, 3, 16, 16)).astype(np.float32)
+    return path, model, {"input": x}
+
+
+def _units(model):
+    graph = gs.import_onnx(model)
+    return graph, P.find_units(graph, infer_shapes(model))
+
+
+def test_units_are_the_blocks_and_the_head_of_a_folded_export(net):
+    _, model, _ = net
+    assert not [n for n in model.graph.node if n.op_type == "BatchNormalization"]  # folded by the exporter
+    _, units = _units(model)
+    assert [u.kind for u in units] == ["block", "block", "head"]
+    assert [u.channels for u in units] == [24, 24, 48]
+    assert units[0].skip is not None and units[1].skip is None  # the first block's output is a residual Add
+    # MACs per channel: expand (c_in), depthwise (9), project (c_out), at the block's output size
+    assert units[0].macs_per_channel == (8 + 9 + 8) * 16 * 16
+    assert units[1].macs_per_channel == 8 * 16 * 16 + (9 + 16) * 8 * 8
+
+
+def _lstsq_residual(moment, weight, keep):
+    """The least-squares residual on ``keep`` (+ the intercept), directly."""
+    c = moment.shape[0] - 1
+    idx = list(keep) + [c]
+    m = P._ridged(moment)
+    solution = np.linalg.solve(m[np.ix_(idx, idx)], (m @ weight.T)[idx]).T
+    full = np.zeros_like(weight)
+    full[:, idx] = solution
+    d = weight - full
+    return float(np.einsum("oi,ij,oj->", d, m, d))
+
+
+def test_elimination_order_is_the_exact_greedy_and_its_residuals_are_the_least_squares_ones():
+    rng = np.random.default_rng(1)
+    rows = np.maximum(rng.normal(size=(500, 7)) @ rng.normal(size=(7, 7)), 0)  # correlated, ReLU-like
+    z = np.concatenate([rows, np.ones((500, 1))], axis=1)
+    moment = z.T @ z / 500
+    weight = rng.normal(size=(4, 8))
+    order, residual = P.elimination_order(moment, weight)
+    assert sorted(order) == list(range(7))
+    kept = list(range(7))
+    for step, j in enumerate(order):
+        costs = {i: _lstsq_residual(moment, weight, [k for k in kept if k != i]) for i in kept}
+        assert costs[j] == pytest.approx(min(costs.values()), rel=1e-6)  # the cheapest drop at each step
+        kept.remove(j)
+        assert residual[step] == pytest.approx(_lstsq_residual(moment, weight, kept), rel=1e-6, abs=1e-9)
+
+
+def test_solve_with_every_channel_gives_back_the_original_weights(net):
+    """Full 'rank': the refit of a consumer on all its channels is the consumer itself."""
+    _, model, feeds = net
+    graph, units = _units(model)
+    moments = P.original_moments(model, feeds, units)
+    nodes = {n.name: n for n in graph.nodes}
+    for u in units:
+        w, b = P._consumer_matrix(nodes[u.consumer])
+        weight = np.concatenate([w, b[:, None]], axis=1)
+        moment = moments[u.consumer][0]
+        solution = P.solve(moment, P._ridged(moment) @ weight.T, list(range(u.channels)))
+        np.testing.assert_allclose(solution, weight, rtol=1e-6, atol=1e-8)
+
+
+def _composed_and_sliced(model, feeds, ratio):
+    graph, units = _units(model)
+    curves = P.error_curves(graph, units, P.original_moments(model, feeds, units))
+    keep = P.keep_by_ratio(units, ratio)
+    for u in units:
+        u.keep = P.kept_after(curves[u.consumer][0], u.channels, keep[u.consumer])
+    composed = P.refit_in_order(model, graph, units, keep, feeds)
+    return units, composed, P.sliced(composed, units)
+
+
+def test_the_sliced_graph_computes_the_composed_model_at_real_ranks(net):
+    """At half the channels, the pruned graph equals the original graph with each consumer's dropped columns zero and
+    its kept ones refitted: the slicing of producer, depthwise and consumer is exact."""
+    _, model, feeds = net
+    units, composed, pruned = _composed_and_sliced(model, feeds, 0.5)
+    onnx.checker.check_model(pruned, full_check=True)
+    x = {"input": np.random.default_rng(5).normal(size=(8, 3, 16, 16)).astype(np.float32)}
+    np.testing.assert_allclose(run_model(pruned, x)[0], run_model(composed, x)[0], rtol=1e-4, atol=1e-5)
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in composed.graph.initializer}
+    consumers = {n.name: n for n in composed.graph.node}
+    for u in units:
+        assert len(u.keep) == u.channels // 2
+        w = inits[consumers[u.consumer].input[1]]
+        dropped = sorted(set(range(u.channels)) - set(u.keep))
+        columns = w[:, dropped] if u.kind == "block" else w[:, dropped]  # Gemm with transB: (out, in)
+        assert np.all(columns == 0) and np.any(w[:, u.keep] != 0)
+    sizes = {i.name: i.dims for i in pruned.graph.initializer}
+    names = {n.name: n for n in pruned.graph.node}
+    assert list(sizes[names[units[0].producer].input[1]])[0] == 12
+    assert list(sizes[names[units[0].depthwise].input[1]])[0] == 12
+    assert [a.i for a in names[units[0].depthwise].attribute if a.name == "group"] == [12]
+    assert list(sizes[names[units[2].consumer].input[1]]) == [10, 24]
+
+
+def test_the_refit_beats_dropping_the_channels_alone(net):
+    """What the least squares buys: the pruned model is nearer the original than the same channels dropped with the
+    consumer's weights unchanged."""
+    _, model, feeds = net
+    units, composed, pruned = _composed_and_sliced(model, feeds, 0.5)
+    plain = onnx.ModelProto()
+    plain.CopyFrom(model)
+    inits = {i.name: i for i in plain.graph.initializer}
+    nodes = {n.name: n for n in plain.graph.node}
+    for u in units:
+        w = onnx.numpy_helper.to_array(inits[nodes[u.consumer].input[1]]).copy()
+        dropped = sorted(set(range(u.channels)) - set(u.keep))
+        w[:, dropped] = 0
+        inits[nodes[u.consumer].input[1]].CopyFrom(onnx.numpy_helper.from_array(w, nodes[u.consumer].input[1]))
+    x = {"input": np.random.default_rng(6).normal(size=(64, 3, 16, 16)).astype(np.float32)}
+    ref = run_model(model, x)[0]
+    err = lambda m: np.linalg.norm(run_model(m, x)[0] - ref) / np.linalg.norm(ref)  # noqa: E731
+    assert err(pruned) < 0.7 * err(plain)
+    assert all(0 <= u.relative_error < 1 for u in units)
+
+
+def test_a_mac_budget_is_met_with_the_fewest_errors(net):
+    from onnx_tucker import compress
+
+    path, model, feeds = net
+    new, report = compress(model, layers=("hidden",), target_macs=0.6, calibration=feeds)
+    t = report.totals()
+    assert t["macs_after"] <= 0.6 * t["macs_before"] and t["macs_after"] > 0.5 * t["macs_before"]
+    assert report.pruning["pruned"] >= 1 and t["pruned"] >= 3 and t["decomposed"] == 0
+    assert report.settings["target_macs"] == 0.6 and report.settings["layers"] == ["hidden"]
+    # the table's sizes are the model's: the MACs the report says are the written model's
+    graph, units = _units(new)
+    shapes = infer_shapes(new)
+    assert P.conv_macs(graph, shapes) == t["macs_after"]
+    onnx.checker.check_model(new, full_check=True)
+
+
+def test_with_a_ratio_the_other_kinds_are_factored_and_the_pruned_convs_left_as_pruned(net):
+    from onnx_tucker import compress
+
+    _, model, feeds = net
+    new, report = compress(model, layers=("hidden", "kxk"), ratio=0.5, calibration=feeds)
+    records = {r.layer: r for r in report.layers}
+    decomposed = [r for r in report.layers if r.decomposed]
+    assert len(decomposed) == 1 and decomposed[0].kernel == [16, 16, 3, 3]  # the plain 3x3 conv
+    pruned = [r for r in report.layers if r.pruned]
+    assert len(pruned) == 7 and not any(r.decomposed for r in pruned)  # 2 blocks x 3 convs + the head conv
+    assert all(r.macs_after < r.macs_before for r in pruned)
+    assert sum(r.macs_before for r in records.values()) == P.conv_macs(*_units(model)[0:1], infer_shapes(model))
+    np.testing.assert_array_equal(run_model(new, feeds)[0].shape, (96, 10))
+
+
+def _error_lines(result) -> int:
+    """stderr's lines other than notices (a small calibration set gets one)."""
+    return len([line for line in result.stderr.strip().splitlines() if not line.startswith("onnx-tucker: notice:")])
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "onnx_tucker", *map(str, args)], capture_output=True, text=True, cwd=cwd)
+
+
+def test_cli_prunes_to_a_budget_and_reports_it(net, tmp_path):
+    path, _, feeds = net
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, input=feeds["input"])
+    out, report = tmp_path / "out.onnx", tmp_path / "r.json"
+    r = _cli(path, out, "--target-macs", "0.6", "--layers", "hidden", "--calibrate", calib, "--report", report)
+    assert r.returncode == 0, r.stderr
+    assert "pruned" in r.stdout and "prune" in r.stdout
+    data = json.loads(report.read_text())
+    assert data["pruning"]["pruned"] >= 1 and data["totals"]["macs_after"] <= 0.6 * data["totals"]["macs_before"]
+    onnx.checker.check_model(onnx.load(str(out)), full_check=True)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--ratio", "0.5", "--layers", "hidden"], "--layers hidden needs calibration data (--calibrate)"),
+    (["--target-macs", "0.5", "--layers", "hidden,kxk", "--calibrate", "CALIB"], "prunes alone"),
+    (["--layers", "hidden", "--rank-method", "energy", "--calibrate", "CALIB"], "give --ratio or --target-macs"),
+    (["--target-macs", "0.01", "--layers", "hidden", "--calibrate", "CALIB"], "cannot be met by pruning"),
+    (["--layers", "hiden", "--calibrate", "CALIB"], "unknown layer kind 'hiden'"),
+])
+def test_cli_refuses_what_pruning_cannot_do_in_one_line(net, tmp_path, args, message):
+    path, _, feeds = net
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, input=feeds["input"])
+    out = tmp_path / "out.onnx"
+    r = _cli(path, out, *[str(calib) if a == "CALIB" else a for a in args])
+    assert r.returncode != 0 and message in r.stderr
+    assert _error_lines(r) == 1 and "Traceback" not in r.stderr
+    assert not out.exists()
+
+
+def test_a_model_without_hidden_units_is_a_one_line_error(tmp_path, residual):
+    path = tmp_path / "res.onnx"
+    onnx.save(residual, str(path))
+    calib = tmp_path / "calib.npz"
+    shape = [d.dim_value or 1 for d in residual.graph.input[0].type.tensor_type.shape.dim]
+    np.savez(calib, **{residual.graph.input[0].name: np.random.default_rng(0).normal(size=[64] + shape[1:]).astype(np.float32)})
+    out = tmp_path / "out.onnx"
+    r = _cli(path, out, "--ratio", "0.5", "--layers", "hidden", "--calibrate", calib)
+    assert r.returncode != 0 and "no prunable hidden channels" in r.stderr and not out.exists()
+    assert _error_lines(r) == 1 and "Traceback" not in r.stderr
+
+
+def test_distill_trains_the_pruned_tensors(net):
+    from onnx_tucker import compress
+
+    _, model, feeds = net
+    new, report = compress(model, layers=("hidden",), ratio=0.5, calibration=feeds,
+                           distill={"steps": 4, "reconstruct_steps": 0, "holdout": 0.25})
+    # a block: its producer's, depthwise's and consumer's weight and bias; a head: its conv's and the classifier's
+    expected = sum(6 if u["kind"] == "block" else 4 for u in report.pruning["units"] if u["kept"] < u["channels"])
+    assert report.distill["trainable_tensors"] == expected == 16
+    names = {i.name for i in new.graph.initializer}
+    assert any(n.endswith("_pruned") for n in names)
