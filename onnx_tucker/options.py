@@ -130,7 +130,9 @@ class CompressOptions:
     forms: factorization names to use, tried in order per layer (default ``factorization.DEFAULT_FORMS``:
         Tucker-2 on kxk convs); ``("tucker2", "svd")`` also factors 1x1 convs. See ``factorization.FORMS``.
     layers: which kinds of layer to factor: "kxk" (kxk convs, Tucker-2; the default), "1x1" (1x1 convs, SVD),
-        "dense" (Gemm, and MatMul with a constant 2-D weight, SVD), e.g. ("kxk", "1x1", "dense").
+        "dense" (Gemm, and MatMul with a constant 2-D weight, SVD), e.g. ("kxk", "1x1", "dense"); "hidden" prunes
+        the hidden channels of inverted residual blocks and of a pooled classifier's conv (``onnx_tucker.prune``; needs
+        ``calibration``; with ``target_macs`` alone, with ``ratio`` beside other kinds).
     fold_affine: fold a per-channel Mul/Add (a BatchNorm after a ReLU, also through a MaxPool when its
         scales are positive) into the first 1x1 conv of the chain it feeds: exact, and faster on the CPU (default True).
     curves: a file for the measured budget's distortion curves: reused by a later run on the same model and

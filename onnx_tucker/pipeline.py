@@ -335,7 +335,9 @@ def _compress(model: onnx.ModelProto, opts: CompressOptions, memo: dict | None =
             set_metadata(new_model, {CHAINS_KEY: dump_chains(report.chains)})
             feeds = {k: np.asarray(v) for k, v in opts.calibration.items()}  # a streamed image folder: decoded now
             with report.phase("distill"):
-                new_model, report.distill = distill(model, new_model, feeds, trainable, **opts.distill)
+                # the teacher is the user's model: after pruning, ``model`` is already the pruned one
+                teacher = original if original is not None else model
+                new_model, report.distill = distill(teacher, new_model, feeds, trainable, **opts.distill)
         if opts.fold_affine:
             from onnx_tucker.fold import fold_affine_into_chains
 

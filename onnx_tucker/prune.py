@@ -368,13 +368,14 @@ def refit_in_order(original: onnx.ModelProto, graph: gs.Graph, units: list[Unit]
     nodes = {n.name: n for n in graph.nodes}
     current = onnx.ModelProto()
     current.CopyFrom(original)
-    reference = _session(prefix_model(original, list(dict.fromkeys(u.target for u in units))))
     for u in units:
         if u.keep is None or len(u.keep) == u.channels:
             continue
         consumer = nodes[u.consumer]
         names = [u.hidden] + ([u.skip] if u.skip else [])
         session = _session(prefix_model(current, names))
+        # onnxruntime runs every node of a session whatever is fetched: the original only up to this unit's target
+        reference = _session(prefix_model(original, [u.target]))
         rng = np.random.default_rng(seed)
         c = u.channels
         moment, cross, energy, rows = np.zeros((c + 1, c + 1)), None, 0.0, 0

@@ -274,5 +274,6 @@ def test_distill_trains_the_pruned_tensors(net):
     # a block: its producer's, depthwise's and consumer's weight and bias; a head: its conv's and the classifier's
     expected = sum(6 if u["kind"] == "block" else 4 for u in report.pruning["units"] if u["kept"] < u["channels"])
     assert report.distill["trainable_tensors"] == expected == 16
+    assert report.distill["before"]["kl"] > 0  # measured against the original model, not against the pruned one
     names = {i.name for i in new.graph.initializer}
     assert any(n.endswith("_pruned") for n in names)
