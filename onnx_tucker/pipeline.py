@@ -92,9 +92,16 @@ def _prune_then_compress(model: onnx.ModelProto, opts: CompressOptions) -> tuple
     from onnx_tucker.trace import timed
 
     started = time.perf_counter()
+    _, sites = factorable_sites(model, opts.forms, opts.input_shapes, opts.layers)
+    names = {s.name for s in sites}
+    excluded = {str(e) for e in opts.exclude}  # --exclude: names, or indices in the table's order
+    excluded |= {sites[int(e)].name for e in excluded if e.isdigit() and int(e) < len(sites)}
+    unknown = {e for e in excluded if e not in names and not (e.isdigit() and int(e) < len(sites))}
+    if unknown:
+        raise UsageError(f"--exclude names no Conv of this model: {', '.join(sorted(unknown))}")
     with timed("prune"):
         pruned_model, pruning = prune(model, opts.calibration, ratio=None if opts.target_macs is not None else opts.ratio,
-                                      target_macs=opts.target_macs, input_shapes=opts.input_shapes)
+                                      target_macs=opts.target_macs, input_shapes=opts.input_shapes, exclude=excluded)
     pruning.seconds = time.perf_counter() - started
     rest = tuple(k for k in opts.layers if k != PRUNED_KIND)
     convs = tuple(dict.fromkeys(n for u in pruning.pruned() for n in (u.producer, u.depthwise, u.consumer if u.kind == "block" else None) if n))

@@ -481,12 +481,14 @@ def conv_macs(graph: gs.Graph, shapes: dict) -> int:
 
 
 def prune(model: onnx.ModelProto, feeds: dict, *, ratio: float | None = None, target_macs: float | None = None,
-          input_shapes: dict | None = None, seed: int = 0) -> tuple[onnx.ModelProto, Pruning]:
+          input_shapes: dict | None = None, seed: int = 0, exclude: set | None = None) -> tuple[onnx.ModelProto, Pruning]:
     """Prune every unit's hidden channels: to ``ratio`` of each, or the split of the units' MACs that makes the
-    whole model's conv MACs at most ``target_macs`` of the original's with the least summed output error."""
+    whole model's conv MACs at most ``target_macs`` of the original's with the least summed output error. A unit
+    with a node named in ``exclude`` is left whole."""
     shapes = infer_shapes(model, input_shapes)
     graph = gs.import_onnx(model)
-    units = find_units(graph, shapes)
+    units = [u for u in find_units(graph, shapes)
+             if not ({n.name for n in u.nodes} | {u.consumer}) & set(exclude or ())]
     total = conv_macs(graph, shapes)
     result = Pruning(units, total)
     if not units:

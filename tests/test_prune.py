@@ -277,3 +277,15 @@ def test_distill_trains_the_pruned_tensors(net):
     assert report.distill["before"]["kl"] > 0  # measured against the original model, not against the pruned one
     names = {i.name for i in new.graph.initializer}
     assert any(n.endswith("_pruned") for n in names)
+
+
+def test_an_excluded_conv_keeps_its_unit_whole(net):
+    from onnx_tucker import compress
+
+    _, model, feeds = net
+    _, units = _units(model)
+    _, report = compress(model, layers=("hidden",), ratio=0.5, calibration=feeds, exclude=(units[1].depthwise,))
+    kept = {u["consumer"]: u["kept"] for u in report.pruning["units"]}
+    assert units[1].consumer not in kept and kept[units[0].consumer] == 12
+    records = {r.layer: r for r in report.layers}
+    assert not records[units[1].depthwise].pruned and records[units[1].depthwise].macs_after == records[units[1].depthwise].macs_before
