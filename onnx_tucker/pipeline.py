@@ -691,4 +691,7 @@ def _set_metadata(model: onnx.ModelProto, report: Report) -> None:
         "onnx_tucker.settings": json.dumps(report.settings, sort_keys=True),
         "onnx_tucker.ranks": json.dumps({r.layer: list(r.ranks) for r in report.layers if r.decomposed}, sort_keys=True),
         CHAINS_KEY: dump_chains(report.chains) if report.chains else "",
+        # which hidden channels each pruned unit kept: a pruned model says what was done to it, as a factored one does
+        "onnx_tucker.pruning": json.dumps({u["consumer"]: {"kind": u["kind"], "kept": u["kept"], "channels": u["channels"]}
+                                           for u in report.pruning["units"]}, sort_keys=True) if report.pruning else "",
     })

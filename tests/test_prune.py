@@ -196,6 +196,8 @@ def test_a_mac_budget_is_met_with_the_fewest_errors(net):
     shapes = infer_shapes(new)
     assert P.conv_macs(graph, shapes) == t["macs_after"]
     onnx.checker.check_model(new, full_check=True)
+    recorded = json.loads({p.key: p.value for p in new.metadata_props}["onnx_tucker.pruning"])
+    assert {name: entry["kept"] for name, entry in recorded.items()} == {u["consumer"]: u["kept"] for u in report.pruning["units"]}
 
 
 def test_with_a_ratio_the_other_kinds_are_factored_and_the_pruned_convs_left_as_pruned(net):
