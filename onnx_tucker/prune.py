@@ -95,21 +95,46 @@ def _pointwise(node: gs.Node) -> bool:
             and not any(_attr(node, "pads", [0, 0, 0, 0])) and _attr(node, "auto_pad", "NOTSET") in ("NOTSET", b"NOTSET", "VALID", b"VALID"))
 
 
-def _elementwise(node: gs.Node) -> bool:
-    if node.op not in ELEMENTWISE or len(node.outputs) != 1:
+AFFINE = {"Mul", "Add", "Sub", "Div"}  # by a per-channel constant (an unfolded BatchNorm's scale, tf2onnx's depthwise BN)
+
+
+def per_channel_axis(value: np.ndarray, channels: int) -> int | None:
+    """The axis of a constant that broadcasts per channel against an NCHW tensor (its size there ``channels``,
+    1 elsewhere), -1 for a single value, None otherwise."""
+    if value.size == 1:
+        return -1
+    axis = value.ndim - 3  # aligned to the trailing dims of an N, C, H, W tensor
+    if axis >= 0 and value.shape[axis] == channels and value.size == channels:
+        return axis
+    return None
+
+
+def _elementwise(node: gs.Node, channels: int) -> bool:
+    """Each output channel depends only on the same input channel (through the first input)."""
+    if len(node.outputs) != 1:
         return False
-    # Clip's bounds: scalars (a per-channel bound would need slicing)
-    return all(t is None or not isinstance(t, gs.Constant) or np.asarray(t.values).size == 1 for t in node.inputs[1:])
+    if node.op in ELEMENTWISE:  # Clip's bounds: scalars (a per-channel bound would need slicing)
+        return all(t is None or not isinstance(t, gs.Constant) or np.asarray(t.values).size == 1 for t in node.inputs[1:])
+    if node.op in AFFINE and len(node.inputs) == 2 and isinstance(node.inputs[1], gs.Constant):
+        return per_channel_axis(np.asarray(node.inputs[1].values), channels) is not None
+    if node.op == "Pad":  # tf2onnx's ZeroPadding2D before a stride-2 depthwise conv: spatial zeros only
+        pads = _constant(node.inputs[1]) if len(node.inputs) > 1 else np.asarray(_attr(node, "pads", []))
+        value = node.inputs[2] if len(node.inputs) > 2 else None
+        mode = _attr(node, "mode", "constant")
+        return (pads is not None and pads.size == 8 and pads[1] == 0 and pads[5] == 0 and mode in ("constant", b"constant")
+                and (value is None or value.name == "" or (_constant(value) is not None and not np.any(_constant(value))))
+                and (len(node.inputs) < 4 or node.inputs[3].name == ""))
+    return False
 
 
-def _walk(tensor: gs.Tensor, outputs: set) -> tuple[list, gs.Node | None]:
-    """Follow single-consumer elementwise ops from ``tensor``: (those ops, the first other node), or (ops, None)."""
+def _walk(tensor: gs.Tensor, outputs: set, channels: int) -> tuple[list, gs.Node | None]:
+    """Follow single-consumer per-channel ops from ``tensor``: (those ops, the first other node), or (ops, None)."""
     ops = []
     while True:
         node = _only_consumer(tensor, outputs)
         if node is None:
             return ops, None
-        if not _elementwise(node) or node.inputs[0] is not tensor:
+        if not _elementwise(node, channels) or node.inputs[0] is not tensor:
             return ops, node
         ops.append(node)
         tensor = node.outputs[0]
@@ -141,12 +166,12 @@ def find_units(graph: gs.Graph, shapes: dict) -> list[Unit]:
         if not _plain_conv(producer) or producer.name in used:
             continue
         c = _constant(producer.inputs[1]).shape[0]
-        before, nxt = _walk(producer.outputs[0], outputs)
+        before, nxt = _walk(producer.outputs[0], outputs, c)
         if nxt is None:
             continue
         unit = None
         if _depthwise(nxt, c) and nxt.inputs[0] is (before[-1].outputs[0] if before else producer.outputs[0]):
-            after, consumer = _walk(nxt.outputs[0], outputs)
+            after, consumer = _walk(nxt.outputs[0], outputs, c)
             if consumer is not None and _pointwise(consumer) and consumer.inputs[0].name == (after[-1].outputs[0] if after else nxt.outputs[0]).name \
                     and _owned(consumer):
                 macs = [_macs(n, shapes) for n in (producer, nxt, consumer)]
@@ -168,25 +193,57 @@ def find_units(graph: gs.Graph, shapes: dict) -> list[Unit]:
 
 
 def _head(producer, before, pool, c, shapes, outputs) -> Unit | None:
-    """conv -> activations -> GlobalAveragePool -> Flatten -> Gemm (the classifier): its pooled features."""
+    """conv -> per-channel ops -> GlobalAveragePool -> Flatten (torch) or Squeeze (tf2onnx) -> Gemm or MatMul (the
+    classifier, its bias in the Gemm or in an Add after the MatMul): its pooled features."""
     flatten = _only_consumer(pool.outputs[0], outputs)
-    if flatten is None or flatten.op != "Flatten" or int(_attr(flatten, "axis", 1)) != 1:
+    if flatten is None or not _flattens(flatten):
         return None
-    gemm = _only_consumer(flatten.outputs[0], outputs)
-    if gemm is None or gemm.op != "Gemm" or _constant(gemm.inputs[1]) is None or int(_attr(gemm, "transA", 0)):
+    linear = _only_consumer(flatten.outputs[0], outputs)
+    if linear is None or linear.op not in ("Gemm", "MatMul") or _constant(linear.inputs[1]) is None or _constant(linear.inputs[1]).ndim != 2:
         return None
-    if float(_attr(gemm, "alpha", 1.0)) != 1.0 or float(_attr(gemm, "beta", 1.0)) != 1.0:
+    if linear.op == "Gemm" and (int(_attr(linear, "transA", 0)) or float(_attr(linear, "alpha", 1.0)) != 1.0
+                                or float(_attr(linear, "beta", 1.0)) != 1.0):
         return None
-    out = _constant(gemm.inputs[1]).shape[0 if int(_attr(gemm, "transB", 0)) else 1]
-    if len(gemm.inputs) > 2 and (_constant(gemm.inputs[2]) is None or _constant(gemm.inputs[2]).shape != (out,)):
+    if _constant(linear.inputs[1]).shape[1 if _transposed(linear) else 0] != c:
+        return None
+    bias = _bias(linear)
+    out = _constant(linear.inputs[1]).shape[0 if _transposed(linear) else 1]
+    if bias is not None and (_constant(bias) is None or _constant(bias).shape != (out,)):
         return None  # a broadcast bias cannot take the refit's per-score intercept
-    if not _owned(gemm):
+    if not _owned(linear):
         return None
     macs = _macs(producer, shapes)
     if macs is None:
         return None
-    return Unit("head", producer.name, None, gemm.name, c, flatten.outputs[0].name, gemm.outputs[0].name, None,
+    target = linear.outputs[0] if bias is None or linear.op == "Gemm" else linear.outputs[0].outputs[0].outputs[0]
+    return Unit("head", producer.name, None, linear.name, c, flatten.outputs[0].name, target.name, None,
                 macs // c, nodes=[producer, *before, pool, flatten])
+
+
+def _flattens(node: gs.Node) -> bool:
+    """(N, C, 1, 1) -> (N, C): Flatten at axis 1, or Squeeze of axes 2 and 3."""
+    if node.op == "Flatten":
+        return int(_attr(node, "axis", 1)) == 1
+    if node.op == "Squeeze":
+        axes = _constant(node.inputs[1]) if len(node.inputs) > 1 else _attr(node, "axes", None)
+        return axes is not None and sorted(int(a) % 4 for a in np.ravel(axes)) == [2, 3]
+    return False
+
+
+def _transposed(linear: gs.Node) -> bool:
+    """The weight is (out, in): a Gemm with transB."""
+    return linear.op == "Gemm" and bool(int(_attr(linear, "transB", 0)))
+
+
+def _bias(consumer: gs.Node):
+    """The consumer's bias tensor: a Conv's or Gemm's third input, or a constant (out,) Add after a MatMul; None."""
+    if consumer.op != "MatMul":
+        return consumer.inputs[2] if len(consumer.inputs) > 2 else None
+    readers = consumer.outputs[0].outputs
+    if len(readers) == 1 and readers[0].op == "Add" and len(readers[0].inputs) == 2 and readers[0].inputs[0] is consumer.outputs[0] \
+            and isinstance(readers[0].inputs[1], gs.Constant) and len(readers[0].inputs[1].outputs) == 1:
+        return readers[0].inputs[1]
+    return None
 
 
 # --- least squares -----------------------------------------------------------------------------------------------
@@ -195,11 +252,12 @@ def _head(producer, before, pool, c, shapes, outputs) -> Unit | None:
 def _consumer_matrix(consumer: gs.Node) -> tuple[np.ndarray, np.ndarray]:
     """(W as (out, channels), bias as (out,)) of the consumer."""
     w = _constant(consumer.inputs[1]).astype(np.float64)
-    if consumer.op == "Gemm":
-        w = w if int(_attr(consumer, "transB", 0)) else w.T
+    if consumer.op in ("Gemm", "MatMul"):
+        w = w if _transposed(consumer) else w.T
     else:
         w = w[:, :, 0, 0]
-    b = _constant(consumer.inputs[2]).astype(np.float64) if len(consumer.inputs) > 2 else np.zeros(w.shape[0])
+    bias = _bias(consumer)
+    b = _constant(bias).astype(np.float64) if bias is not None else np.zeros(w.shape[0])
     return w, np.broadcast_to(b, (w.shape[0],)).copy()
 
 
@@ -390,7 +448,8 @@ def refit_in_order(original: onnx.ModelProto, graph: gs.Graph, units: list[Unit]
             cross = h.T @ t if cross is None else cross + h.T @ t
             energy += float((t ** 2).sum())
             rows += h.shape[0]
-        solution = solve(moment, cross, u.keep, intercept=len(consumer.inputs) > 2)
+        bias_tensor = _bias(consumer)
+        solution = solve(moment, cross, u.keep, intercept=bias_tensor is not None)
         full = np.zeros((solution.shape[0], c))
         full[:, u.keep] = solution[:, :-1]
         bias = solution[:, -1]
@@ -399,13 +458,13 @@ def refit_in_order(original: onnx.ModelProto, graph: gs.Graph, units: list[Unit]
         explained = 2 * float(np.einsum("oi,io->", solution, cross[idx])) - float(np.einsum("oi,ij,oj->", solution, moment[np.ix_(idx, idx)], solution))
         u.relative_error = float(max(0.0, energy - explained) / max(energy, 1e-300))
         w = _constant(consumer.inputs[1])
-        if consumer.op == "Gemm":
-            new_w = full if int(_attr(consumer, "transB", 0)) else full.T
+        if consumer.op in ("Gemm", "MatMul"):
+            new_w = full if _transposed(consumer) else full.T
         else:
             new_w = full[:, :, None, None]
         _set(current, consumer.inputs[1].name, new_w.reshape(w.shape))
-        if len(consumer.inputs) > 2:
-            _set(current, consumer.inputs[2].name, bias)
+        if bias_tensor is not None:
+            _set(current, bias_tensor.name, bias)
     return current
 
 
@@ -435,14 +494,20 @@ def sliced(composed: onnx.ModelProto, units: list[Unit]) -> onnx.ModelProto:
             if len(dw.inputs) > 2:
                 replace(dw, 2, _constant(dw.inputs[2])[keep])
             dw.attrs["group"] = len(keep)
+        for node in (nodes[n.name] for n in u.nodes):
+            if node.op in AFFINE:  # a per-channel scale or shift: its kept channels (a tf2onnx constant may be shared)
+                value = np.asarray(node.inputs[1].values)
+                axis = per_channel_axis(value, u.channels)
+                if axis is not None and axis >= 0:
+                    replace(node, 1, np.take(value, keep, axis=axis))
         consumer = nodes[u.consumer]
         w = _constant(consumer.inputs[1])
-        if consumer.op == "Gemm":
-            replace(consumer, 1, w[:, keep] if int(_attr(consumer, "transB", 0)) else w[keep])
+        if consumer.op in ("Gemm", "MatMul"):
+            replace(consumer, 1, w[:, keep] if _transposed(consumer) else w[keep])
         else:
             replace(consumer, 1, w[:, keep])
-        if len(consumer.inputs) > 2:
-            u.trainable.append(consumer.inputs[2].name)  # refitted in place
+        if _bias(consumer) is not None:
+            u.trainable.append(_bias(consumer).name)  # refitted in place
         for node in [nodes[n.name] for n in u.nodes]:  # their outputs have fewer channels now: shapes inferred again
             for out in node.outputs:
                 out.shape = None

@@ -15,12 +15,11 @@ from onnx_tucker import prune as P
 from onnx_tucker.graph import infer_shapes
 from tests.conftest import run_model
 
-torch = pytest.importorskip("torch")
-
 
 def _mobilenet_like(path, seed: int = 0):
     """stem 3x3 -> inverted residual (residual Add) -> inverted residual (stride 2) -> 3x3 conv -> head conv ->
     GAP -> Linear, every conv followed by a BatchNorm the export folds, ReLU6 activations (Clip)."""
+    torch = pytest.importorskip("torch")
     nn = torch.nn
 
     def cbr(c_in, c_out, k=1, stride=1, groups=1, act=True):
@@ -291,3 +290,64 @@ def test_an_excluded_conv_keeps_its_unit_whole(net):
     assert units[1].consumer not in kept and kept[units[0].consumer] == 12
     records = {r.layer: r for r in report.layers}
     assert not records[units[1].depthwise].pruned and records[units[1].depthwise].macs_after == records[units[1].depthwise].macs_before
+
+
+def _keras_inverted_residuals():
+    """The same network in Keras, converted by the tool's tf2onnx path: the BatchNorm after each depthwise conv stays a
+    per-channel Mul and Add, a stride-2 block pads first (Pad), the head squeezes (Squeeze) into a MatMul + Add."""
+    pytest.importorskip("tensorflow")
+    keras = pytest.importorskip("keras")
+    from onnx_tucker.convert import keras_to_onnx
+
+    keras.utils.set_random_seed(0)
+    L = keras.layers
+
+    def bn_relu(x, act=True):
+        x = L.BatchNormalization()(x)
+        return L.ReLU(6.0)(x) if act else x
+
+    def block(x, c_out, stride, expand=3):
+        c_in = x.shape[-1]
+        h = bn_relu(L.Conv2D(c_in * expand, 1, use_bias=False, kernel_initializer="he_normal")(x))
+        if stride == 2:
+            h = L.ZeroPadding2D(((0, 1), (0, 1)))(h)
+        h = bn_relu(L.DepthwiseConv2D(3, stride, padding="valid" if stride == 2 else "same", use_bias=False,
+                                      depthwise_initializer="he_normal")(h))
+        y = bn_relu(L.Conv2D(c_out, 1, use_bias=False, kernel_initializer="he_normal")(h), act=False)
+        return L.Add()([x, y]) if stride == 1 and c_in == c_out else y
+
+    inp = keras.Input((16, 16, 3))
+    x = bn_relu(L.Conv2D(8, 3, padding="same", use_bias=False, kernel_initializer="he_normal")(inp))
+    x = block(block(x, 8, 1), 16, 2)
+    x = bn_relu(L.Conv2D(48, 1, use_bias=False, kernel_initializer="he_normal")(x))
+    model = keras.Model(inp, L.Dense(10)(L.GlobalAveragePooling2D()(x)))
+    rng = np.random.default_rng(0)
+    for layer in model.layers:  # trained-like statistics: the folded convs get biases, the depthwise BN real scales
+        if isinstance(layer, L.BatchNormalization):
+            c = layer.get_weights()[0].shape[0]
+            layer.set_weights([rng.uniform(0.5, 1.5, c), rng.uniform(-0.2, 0.2, c), rng.uniform(-0.3, 0.3, c), rng.uniform(0.5, 2, c)])
+        if isinstance(layer, L.Dense):
+            w, b = layer.get_weights()
+            layer.set_weights([w, rng.uniform(-0.1, 0.1, b.shape)])
+    return keras_to_onnx(model)
+
+
+def test_a_tf2onnx_keras_export_prunes_exactly_too():
+    """Keras MobileNetV2-style blocks as tf2onnx writes them (NHWC input, Pad, per-channel Mul/Add, Squeeze, MatMul +
+    Add): all three units found, and the sliced graph equals the composed model."""
+    model = _keras_inverted_residuals()
+    graph, units = _units(model)
+    assert [(u.kind, u.channels) for u in units] == [("block", 24), ("block", 24), ("head", 48)]
+    ops = [{n.op for n in u.nodes} for u in units]
+    assert {"Mul", "Add"} <= ops[0] and "Pad" in ops[1] and "Squeeze" in ops[2]
+    assert units[0].skip is not None
+    x = {model.graph.input[0].name: np.random.default_rng(1).normal(size=(64, 16, 16, 3)).astype(np.float32)}
+    units, composed, pruned = _composed_and_sliced(model, x, 0.5)
+    onnx.checker.check_model(pruned, full_check=True)
+    np.testing.assert_allclose(run_model(pruned, x)[0], run_model(composed, x)[0], rtol=1e-4, atol=1e-5)
+    reference = run_model(model, x)[0]
+    assert 0 < np.abs(run_model(pruned, x)[0] - reference).max() < 0.5 * np.abs(reference).max()
+    # the per-channel scales and the classifier were sliced too
+    inits = {i.name: list(i.dims) for i in pruned.graph.initializer}
+    matmul = [n for n in pruned.graph.node if n.op_type == "MatMul"][0]
+    assert inits[matmul.input[1]] == [24, 10]
