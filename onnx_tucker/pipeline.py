@@ -104,7 +104,7 @@ def _prune_then_compress(model: onnx.ModelProto, opts: CompressOptions) -> tuple
                                       target_macs=opts.target_macs, input_shapes=opts.input_shapes, exclude=excluded)
     pruning.seconds = time.perf_counter() - started
     rest = tuple(k for k in opts.layers if k != PRUNED_KIND)
-    convs = tuple(dict.fromkeys(n for u in pruning.pruned() for n in (u.producer, u.depthwise, u.consumer if u.kind == "block" else None) if n))
+    convs = tuple(dict.fromkeys(n for u in pruning.pruned() for n in (u.producer, u.depthwise, u.consumer if u.kind != "head" else None) if n))
     factored = replace(opts, layers=rest or (PRUNED_KIND,), target_macs=None, exclude=tuple(opts.exclude) + convs, distill=opts.distill)
     return _compress(pruned_model, factored, pruning=pruning, original=model, shown=opts)
 

@@ -34,7 +34,7 @@ KIND = "hidden"  # the --layers kind
 # Per-channel ops that may sit between the producer and the depthwise conv, or after it: each output channel
 # depends only on the same input channel, so a dropped channel drops through them.
 ELEMENTWISE = {"Relu", "Clip", "LeakyRelu", "HardSwish", "HardSigmoid", "Sigmoid", "Tanh", "Elu", "Selu", "Softplus",
-               "Identity", "Mish", "Gelu"}
+               "Identity", "Mish", "Gelu", "MaxPool", "AveragePool"}  # a pool mixes positions, never channels
 STEPS = 16  # keep-count options per unit for the budget: c * j / STEPS, j = 1 .. STEPS
 RIDGE = 1e-6  # relative ridge of every solve: dead channels (a ReLU6 that never fires) make the moment singular
 POSITIONS = 64  # sampled positions per image for a block's moments (each image gives thousands of rows)
@@ -54,11 +54,13 @@ class Unit:
     hidden: str  # the tensor the consumer reads: what is pruned, and the refit's design
     target: str  # what the refit aims at: the consumer's output, or the residual Add's
     skip: str | None  # the Add's other input (a residual block), else None
-    macs_per_channel: int  # conv MACs (batch 1) of the three convs that scale with the kept channels
+    macs_per_channel: int  # conv MACs (batch 1) of the convs that scale with the kept channels
     nodes: list = field(default_factory=list)  # every node whose channels shrink, in order (activations included)
     keep: list | None = None  # the kept channels, once planned
     relative_error: float | None = None  # the consumer's output error on the calibration inputs, once refitted
     trainable: list = field(default_factory=list)  # the initializers the pruned graph gave it (what --distill trains)
+    geometry: tuple | None = None  # the consumer conv's (kernel, strides, pads, dilations); None: a head's pooled features
+    taps: int = 1  # the consumer's kernel positions: each channel is that many columns of the least squares
 
     def to_dict(self) -> dict:
         kept = len(self.keep) if self.keep is not None else self.channels
@@ -183,13 +185,51 @@ def find_units(graph: gs.Graph, shapes: dict) -> list[Unit]:
                         if len(other) == 1 and not isinstance(other[0], gs.Constant):
                             target, skip = adds[0].outputs[0].name, other[0].name
                     unit = Unit("block", producer.name, nxt.name, consumer.name, c, consumer.inputs[0].name, target, skip,
-                                sum(macs) // c, nodes=[producer, *before, nxt, *after])
+                                sum(macs) // c, nodes=[producer, *before, nxt, *after], geometry=_geometry(consumer, shapes))
         elif nxt.op == "GlobalAveragePool":
             unit = _head(producer, before, nxt, c, shapes, outputs)
+        elif _plain_conv(nxt) and nxt.inputs[0].name == (before[-1].outputs[0] if before else producer.outputs[0]).name and _owned(nxt):
+            unit = _pair(producer, before, nxt, c, shapes, outputs)
         if unit is not None and not ({n.name for n in unit.nodes} | {unit.consumer}) & used:
             used |= {n.name for n in unit.nodes} | {unit.consumer}
             units.append(unit)
     return units
+
+
+def _geometry(conv: gs.Node, shapes: dict) -> tuple | None:
+    """(kernel, strides, pads [t, l, b, r], dilations) of a 2-D conv whose padding is known."""
+    from onnx_tucker.site import GeometryError, conv_geometry
+
+    w = _constant(conv.inputs[1])
+    in_shape = shapes.get(conv.inputs[0].name)
+    try:
+        geometry = conv_geometry(conv.attrs, w.shape, tuple(in_shape[2:]) if in_shape and len(in_shape) == 4 else None)
+    except GeometryError:
+        return None
+    return geometry.as_2d()
+
+
+def _residual(consumer: gs.Node, outputs: set) -> tuple[str, str | None]:
+    """(what the refit aims at, the residual Add's other input): the Add's output where the consumer feeds only an Add."""
+    adds = consumer.outputs[0].outputs
+    if len(adds) == 1 and adds[0].op == "Add" and consumer.outputs[0].name not in outputs:
+        other = [t for t in adds[0].inputs if t is not consumer.outputs[0]]
+        if len(other) == 1 and not isinstance(other[0], gs.Constant):
+            return adds[0].outputs[0].name, other[0].name
+    return consumer.outputs[0].name, None
+
+
+def _pair(producer, before, consumer, c, shapes, outputs) -> Unit | None:
+    """conv -> per-channel ops (activations, an unfolded BatchNorm, pools) -> conv: a ResNet basic block's or a VGG's
+    inner channels; the consumer may be any 2-D conv (its kernel taps are the least squares' columns)."""
+    geometry = _geometry(consumer, shapes)
+    macs = [_macs(n, shapes) for n in (producer, consumer)]
+    if geometry is None or None in macs or shapes.get(consumer.inputs[0].name) is None:
+        return None
+    target, skip = _residual(consumer, outputs)
+    kh, kw = geometry[0]
+    return Unit("conv", producer.name, None, consumer.name, c, consumer.inputs[0].name, target, skip, sum(macs) // c,
+                nodes=[producer, *before], geometry=geometry, taps=kh * kw)
 
 
 def _head(producer, before, pool, c, shapes, outputs) -> Unit | None:
@@ -255,7 +295,7 @@ def _consumer_matrix(consumer: gs.Node) -> tuple[np.ndarray, np.ndarray]:
     if consumer.op in ("Gemm", "MatMul"):
         w = w if _transposed(consumer) else w.T
     else:
-        w = w[:, :, 0, 0]
+        w = w.reshape(w.shape[0], -1)  # columns channel-major, then the kernel taps (OIHW)
     bias = _bias(consumer)
     b = _constant(bias).astype(np.float64) if bias is not None else np.zeros(w.shape[0])
     return w, np.broadcast_to(b, (w.shape[0],)).copy()
@@ -269,32 +309,40 @@ def _ridged(moment: np.ndarray) -> np.ndarray:
     return m
 
 
-def elimination_order(moment: np.ndarray, weight: np.ndarray) -> tuple[list[int], list[float]]:
+def elimination_order(moment: np.ndarray, weight: np.ndarray, taps: int = 1) -> tuple[list[int], list[float]]:
     """Greedy backward elimination: the channels in the order they are dropped, and the residual after each drop.
 
-    ``moment``: the (C+1) x (C+1) second moment of the consumer's input with a constant 1 appended (the intercept,
-    never dropped); ``weight``: (out, C+1), the consumer's weight and bias: the target is ``weight @ [h; 1]``. The
-    least-squares coefficients ``S`` on the kept set and the inverse moment ``P`` are downdated in closed form per drop
-    (removing regressor j raises the residual by ``|S_j|^2 / P_jj``), O(C^2) each."""
-    c = moment.shape[0] - 1
+    ``moment``: the (C*taps+1) square second moment of the consumer's input (a channel is ``taps`` adjacent columns:
+    its kernel positions) with a constant 1 appended (the intercept, never dropped); ``weight``: (out, C*taps+1), the
+    consumer's weight and bias: the target is ``weight @ [x; 1]``. The least-squares coefficients ``S`` on the kept
+    columns and the inverse moment ``P`` are downdated in closed form per drop: removing the columns G raises the
+    residual by ``tr(S_G P_GG^-1 S_G^T)`` (``|S_j|^2 / P_jj`` for one column)."""
+    c = (moment.shape[0] - 1) // taps
     p = np.linalg.inv(_ridged(moment))
     s = weight.astype(np.float64).copy()
-    alive = list(range(c + 1))
+    alive = list(range(c))  # channel ids; alive[a] owns columns a*taps .. a*taps+taps-1, the intercept is last
     order, residual, total = [], [], 0.0
     for _ in range(c):
-        cols = np.arange(len(alive) - 1)  # the intercept is last in ``alive``
-        diag = np.diag(p)[cols]
-        cost = (s[:, cols] ** 2).sum(0) / np.maximum(diag, 1e-300)
-        j = int(np.argmin(cost))
-        total += float(cost[j])
-        order.append(alive[j])
+        n = len(alive)
+        if taps == 1:
+            cost = (s[:, :n] ** 2).sum(0) / np.maximum(np.diag(p)[:n], 1e-300)
+        else:
+            idx = np.arange(n * taps).reshape(n, taps)
+            blocks = p[idx[:, :, None], idx[:, None, :]]  # (n, taps, taps)
+            s_blocks = s[:, : n * taps].reshape(s.shape[0], n, taps).transpose(1, 2, 0)  # (n, taps, out)
+            cost = np.einsum("nto,nto->n", np.linalg.solve(blocks, s_blocks), s_blocks)
+        a = int(np.argmin(cost))
+        total += float(max(cost[a], 0.0))
+        order.append(alive[a])
         residual.append(total)
-        pj = p[j].copy()
-        s = s - np.outer(s[:, j], pj / p[j, j])
-        p = p - np.outer(p[:, j], pj / p[j, j])
-        s = np.delete(s, j, axis=1)
-        p = np.delete(np.delete(p, j, axis=0), j, axis=1)
-        del alive[j]
+        g = np.arange(a * taps, (a + 1) * taps)
+        p_gg = p[np.ix_(g, g)]
+        p_g = p[g]  # (taps, columns)
+        s = s - s[:, g] @ np.linalg.solve(p_gg, p_g)
+        p = p - p[:, g] @ np.linalg.solve(p_gg, p_g)
+        s = np.delete(s, g, axis=1)
+        p = np.delete(np.delete(p, g, axis=0), g, axis=1)
+        del alive[a]
     return order, residual
 
 
@@ -303,11 +351,16 @@ def kept_after(order: list[int], channels: int, keep: int) -> list[int]:
     return [i for i in range(channels) if i not in dropped]
 
 
-def solve(moment: np.ndarray, cross: np.ndarray, keep: list[int], intercept: bool = True) -> np.ndarray:
-    """Least squares on the kept channels and the intercept: (out, len(keep) + 1) from the design's moment
-    ((C+1) square, intercept last) and its cross moment with the target ((C+1) x out). Without ``intercept`` (a
-    consumer with no bias) the last column is 0."""
-    idx = list(keep) + ([moment.shape[0] - 1] if intercept else [])
+def columns(keep: list[int], taps: int = 1) -> list[int]:
+    """The least squares' columns of the kept channels."""
+    return [j * taps + t for j in keep for t in range(taps)]
+
+
+def solve(moment: np.ndarray, cross: np.ndarray, keep: list[int], intercept: bool = True, taps: int = 1) -> np.ndarray:
+    """Least squares on the kept channels and the intercept: (out, len(keep) * taps + 1) from the design's moment
+    ((C*taps+1) square, intercept last) and its cross moment with the target ((C*taps+1) x out). Without
+    ``intercept`` (a consumer with no bias) the last column is 0."""
+    idx = columns(keep, taps) + ([moment.shape[0] - 1] if intercept else [])
     m = _ridged(moment)[np.ix_(idx, idx)]
     solution = np.linalg.solve(m, cross[idx]).T
     return solution if intercept else np.concatenate([solution, np.zeros((solution.shape[0], 1))], axis=1)
@@ -316,14 +369,35 @@ def solve(moment: np.ndarray, cross: np.ndarray, keep: list[int], intercept: boo
 # --- statistics ---------------------------------------------------------------------------------------------------
 
 
-def _rows(value: np.ndarray, pick: np.ndarray | None) -> np.ndarray:
-    """(rows, channels) of an NC... tensor, at the sampled flat positions ``pick`` (per image) when given."""
-    if value.ndim == 2:
-        return value.astype(np.float64)
-    flat = value.reshape(value.shape[0], value.shape[1], -1)
-    if pick is not None:
-        flat = np.take_along_axis(flat, pick[:, None, :], axis=2)
-    return flat.transpose(0, 2, 1).reshape(-1, value.shape[1]).astype(np.float64)
+def _sample(u: Unit, value: np.ndarray, rng) -> tuple | None:
+    """(image, row, column) of up to ``POSITIONS`` of the consumer's output positions per image; None for a head's
+    pooled features (one row per image)."""
+    if u.geometry is None or value.ndim == 2:
+        return None
+    (kh, kw), (sh, sw), (pt, pl, pb, pr), (dh, dw) = u.geometry
+    n, _, h, w = value.shape
+    out_w = (w + pl + pr - (kw - 1) * dw - 1) // sw + 1
+    hw = ((h + pt + pb - (kh - 1) * dh - 1) // sh + 1) * out_w
+    take = min(hw, POSITIONS)
+    flat = np.stack([rng.choice(hw, take, replace=False) for _ in range(n)]).ravel()
+    return np.repeat(np.arange(n), take), flat // out_w, flat % out_w
+
+
+def _design(u: Unit, value: np.ndarray, sample: tuple | None) -> np.ndarray:
+    """The consumer's input rows at the sampled positions: its kernel's patches (channel-major, like OIHW)."""
+    if sample is None:
+        return value.reshape(len(value), -1).astype(np.float64)
+    from onnx_tucker.calibrate import patches_at
+
+    return patches_at(value, *sample, u.geometry).astype(np.float64)
+
+
+def _at(value: np.ndarray, sample: tuple | None) -> np.ndarray:
+    """(rows, channels) of an output-sized tensor at the sampled positions."""
+    if sample is None:
+        return value.reshape(len(value), -1).astype(np.float64)
+    images, rows, cols = sample
+    return value[images, :, rows, cols].astype(np.float64)
 
 
 def _augmented(rows: np.ndarray) -> np.ndarray:
@@ -334,14 +408,6 @@ def _session(model: onnx.ModelProto):
     from onnx_tucker.runtime import make_session
 
     return make_session(model, "cpu")
-
-
-def _positions(value: np.ndarray, rng) -> np.ndarray | None:
-    if value.ndim == 2:
-        return None
-    n, hw = value.shape[0], int(np.prod(value.shape[2:]))
-    take = min(hw, POSITIONS)
-    return np.stack([rng.choice(hw, take, replace=False) for _ in range(n)])
 
 
 def original_moments(model: onnx.ModelProto, feeds: dict, units: list[Unit], seed: int = 0) -> dict:
@@ -358,10 +424,10 @@ def original_moments(model: onnx.ModelProto, feeds: dict, units: list[Unit], see
     for _, values in iterate(session, feeds, names, BATCH):
         got = dict(zip(names, values))
         for u in units:
-            pick = _positions(got[u.hidden], rng)
-            h = _augmented(_rows(got[u.hidden], pick))
+            sample = _sample(u, got[u.hidden], rng)
+            h = _augmented(_design(u, got[u.hidden], sample))
             moments[u.consumer] = moments[u.consumer] + h.T @ h
-            energy[u.consumer] += float((_rows(got[u.target], pick) ** 2).sum())
+            energy[u.consumer] += float((_at(got[u.target], sample) ** 2).sum())
             rows[u.consumer] += h.shape[0]
     return {u.consumer: (moments[u.consumer] / rows[u.consumer], energy[u.consumer] / rows[u.consumer]) for u in units}
 
@@ -376,7 +442,7 @@ def error_curves(graph: gs.Graph, units: list[Unit], moments: dict) -> dict:
     for u in units:
         moment, energy = moments[u.consumer]
         w, b = _consumer_matrix(nodes[u.consumer])
-        order, residual = elimination_order(moment, np.concatenate([w, b[:, None]], axis=1))
+        order, residual = elimination_order(moment, np.concatenate([w, b[:, None]], axis=1), u.taps)
         errors = {u.channels: 0.0}
         for keep in keep_options(u.channels):
             if keep < u.channels:
@@ -435,33 +501,31 @@ def refit_in_order(original: onnx.ModelProto, graph: gs.Graph, units: list[Unit]
         # onnxruntime runs every node of a session whatever is fetched: the original only up to this unit's target
         reference = _session(prefix_model(original, [u.target]))
         rng = np.random.default_rng(seed)
-        c = u.channels
-        moment, cross, energy, rows = np.zeros((c + 1, c + 1)), None, 0.0, 0
+        c, width = u.channels, u.channels * u.taps
+        moment, cross, energy, rows = np.zeros((width + 1, width + 1)), None, 0.0, 0
         for batch, values in iterate(session, feeds, names, BATCH):
             (target,) = reference.run([u.target], batch)
-            pick = _positions(values[0], rng)
-            h = _augmented(_rows(values[0], pick))
-            t = _rows(target, pick)
+            sample = _sample(u, values[0], rng)
+            h = _augmented(_design(u, values[0], sample))
+            t = _at(target, sample)
             if u.skip:  # what the Add must give: the original's sum less the pruned model's other branch
-                t = t - _rows(values[1], pick)
+                t = t - _at(values[1], sample)
             moment += h.T @ h
             cross = h.T @ t if cross is None else cross + h.T @ t
             energy += float((t ** 2).sum())
             rows += h.shape[0]
         bias_tensor = _bias(consumer)
-        solution = solve(moment, cross, u.keep, intercept=bias_tensor is not None)
-        full = np.zeros((solution.shape[0], c))
-        full[:, u.keep] = solution[:, :-1]
+        solution = solve(moment, cross, u.keep, intercept=bias_tensor is not None, taps=u.taps)
+        kept_columns = columns(u.keep, u.taps)
+        full = np.zeros((solution.shape[0], width))
+        full[:, kept_columns] = solution[:, :-1]
         bias = solution[:, -1]
         # the refit's error on its own rows: target energy less what the fit explains (normal equations)
-        idx = list(u.keep) + [c]
+        idx = kept_columns + [width]
         explained = 2 * float(np.einsum("oi,io->", solution, cross[idx])) - float(np.einsum("oi,ij,oj->", solution, moment[np.ix_(idx, idx)], solution))
         u.relative_error = float(max(0.0, energy - explained) / max(energy, 1e-300))
         w = _constant(consumer.inputs[1])
-        if consumer.op in ("Gemm", "MatMul"):
-            new_w = full if _transposed(consumer) else full.T
-        else:
-            new_w = full[:, :, None, None]
+        new_w = (full if _transposed(consumer) else full.T) if consumer.op in ("Gemm", "MatMul") else full
         _set(current, consumer.inputs[1].name, new_w.reshape(w.shape))
         if bias_tensor is not None:
             _set(current, bias_tensor.name, bias)

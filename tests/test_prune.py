@@ -17,8 +17,9 @@ from tests.conftest import run_model
 
 
 def _mobilenet_like(path, seed: int = 0):
-    """stem 3x3 -> inverted residual (residual Add) -> inverted residual (stride 2) -> 3x3 conv -> head conv ->
-    GAP -> Linear, every conv followed by a BatchNorm the export folds, ReLU6 activations (Clip)."""
+    """stem 3x3 -> inverted residual (residual Add) -> inverted residual (stride 2) -> a residual 3x3 conv -> 3x3 conv ->
+    3x3 conv -> head conv -> GAP -> Linear, every conv followed by a BatchNorm the export folds, ReLU6 activations
+    (Clip). Units: the two blocks, the pair of plain 3x3 convs, the head; the residual 3x3 conv is in none."""
     torch = pytest.importorskip("torch")
     nn = torch.nn
 
@@ -37,10 +38,19 @@ def _mobilenet_like(path, seed: int = 0):
             y = self.body(x)
             return x + y if self.residual else y
 
+    class Residual3x3(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.body = cbr(c, c, 3)
+
+        def forward(self, x):
+            return x + self.body(x)
+
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
-            self.features = nn.Sequential(cbr(3, 8, 3), Inverted(8, 8, 1), Inverted(8, 16, 2), cbr(16, 16, 3), cbr(16, 48))
+            self.features = nn.Sequential(cbr(3, 8, 3), Inverted(8, 8, 1), Inverted(8, 16, 2), Residual3x3(16),
+                                          cbr(16, 16, 3), cbr(16, 16, 3), cbr(16, 48))
             self.fc = nn.Linear(48, 10)
 
         def forward(self, x):
@@ -76,18 +86,20 @@ def test_units_are_the_blocks_and_the_head_of_a_folded_export(net):
     _, model, _ = net
     assert not [n for n in model.graph.node if n.op_type == "BatchNormalization"]  # folded by the exporter
     _, units = _units(model)
-    assert [u.kind for u in units] == ["block", "block", "head"]
-    assert [u.channels for u in units] == [24, 24, 48]
+    assert [u.kind for u in units] == ["block", "block", "conv", "head"]
+    assert [u.channels for u in units] == [24, 24, 16, 48]
+    assert units[2].taps == 9 and units[3].taps == 1 and units[3].geometry is None
     assert units[0].skip is not None and units[1].skip is None  # the first block's output is a residual Add
     # MACs per channel: expand (c_in), depthwise (9), project (c_out), at the block's output size
     assert units[0].macs_per_channel == (8 + 9 + 8) * 16 * 16
     assert units[1].macs_per_channel == 8 * 16 * 16 + (9 + 16) * 8 * 8
+    assert units[2].macs_per_channel == 2 * 16 * 9 * 8 * 8  # the producer's output and the consumer's input channels
 
 
-def _lstsq_residual(moment, weight, keep):
-    """The least-squares residual on ``keep`` (+ the intercept), directly."""
+def _lstsq_residual(moment, weight, keep, taps=1):
+    """The least-squares residual on the channels ``keep`` (+ the intercept), directly."""
     c = moment.shape[0] - 1
-    idx = list(keep) + [c]
+    idx = P.columns(keep, taps) + [c]
     m = P._ridged(moment)
     solution = np.linalg.solve(m[np.ix_(idx, idx)], (m @ weight.T)[idx]).T
     full = np.zeros_like(weight)
@@ -96,20 +108,23 @@ def _lstsq_residual(moment, weight, keep):
     return float(np.einsum("oi,ij,oj->", d, m, d))
 
 
-def test_elimination_order_is_the_exact_greedy_and_its_residuals_are_the_least_squares_ones():
+@pytest.mark.parametrize("taps", [1, 3])
+def test_elimination_order_is_the_exact_greedy_and_its_residuals_are_the_least_squares_ones(taps):
+    """One column per channel (a 1x1 consumer) or several (a kxk consumer's taps, dropped together)."""
     rng = np.random.default_rng(1)
-    rows = np.maximum(rng.normal(size=(500, 7)) @ rng.normal(size=(7, 7)), 0)  # correlated, ReLU-like
+    width = 7 * taps
+    rows = np.maximum(rng.normal(size=(500, width)) @ rng.normal(size=(width, width)), 0)  # correlated, ReLU-like
     z = np.concatenate([rows, np.ones((500, 1))], axis=1)
     moment = z.T @ z / 500
-    weight = rng.normal(size=(4, 8))
-    order, residual = P.elimination_order(moment, weight)
+    weight = rng.normal(size=(4, width + 1))
+    order, residual = P.elimination_order(moment, weight, taps)
     assert sorted(order) == list(range(7))
     kept = list(range(7))
     for step, j in enumerate(order):
-        costs = {i: _lstsq_residual(moment, weight, [k for k in kept if k != i]) for i in kept}
+        costs = {i: _lstsq_residual(moment, weight, [k for k in kept if k != i], taps) for i in kept}
         assert costs[j] == pytest.approx(min(costs.values()), rel=1e-6)  # the cheapest drop at each step
         kept.remove(j)
-        assert residual[step] == pytest.approx(_lstsq_residual(moment, weight, kept), rel=1e-6, abs=1e-9)
+        assert residual[step] == pytest.approx(_lstsq_residual(moment, weight, kept, taps), rel=1e-6, abs=1e-9)
 
 
 def test_solve_with_every_channel_gives_back_the_original_weights(net):
@@ -122,7 +137,7 @@ def test_solve_with_every_channel_gives_back_the_original_weights(net):
         w, b = P._consumer_matrix(nodes[u.consumer])
         weight = np.concatenate([w, b[:, None]], axis=1)
         moment = moments[u.consumer][0]
-        solution = P.solve(moment, P._ridged(moment) @ weight.T, list(range(u.channels)))
+        solution = P.solve(moment, P._ridged(moment) @ weight.T, list(range(u.channels)), taps=u.taps)
         np.testing.assert_allclose(solution, weight, rtol=1e-6, atol=1e-8)
 
 
@@ -157,7 +172,9 @@ def test_the_sliced_graph_computes_the_composed_model_at_real_ranks(net):
     assert list(sizes[names[units[0].producer].input[1]])[0] == 12
     assert list(sizes[names[units[0].depthwise].input[1]])[0] == 12
     assert [a.i for a in names[units[0].depthwise].attribute if a.name == "group"] == [12]
-    assert list(sizes[names[units[2].consumer].input[1]]) == [10, 24]
+    assert list(sizes[names[units[2].producer].input[1]]) == [8, 16, 3, 3]
+    assert list(sizes[names[units[2].consumer].input[1]]) == [16, 8, 3, 3]
+    assert list(sizes[names[units[3].consumer].input[1]]) == [10, 24]
 
 
 def test_the_refit_beats_dropping_the_channels_alone(net):
@@ -208,7 +225,7 @@ def test_with_a_ratio_the_other_kinds_are_factored_and_the_pruned_convs_left_as_
     decomposed = [r for r in report.layers if r.decomposed]
     assert len(decomposed) == 1 and decomposed[0].kernel == [16, 16, 3, 3]  # the plain 3x3 conv
     pruned = [r for r in report.layers if r.pruned]
-    assert len(pruned) == 7 and not any(r.decomposed for r in pruned)  # 2 blocks x 3 convs + the head conv
+    assert len(pruned) == 9 and not any(r.decomposed for r in pruned)  # 2 blocks x 3 convs, the pair, the head conv
     assert all(r.macs_after < r.macs_before for r in pruned)
     assert sum(r.macs_before for r in records.values()) == P.conv_macs(*_units(model)[0:1], infer_shapes(model))
     np.testing.assert_array_equal(run_model(new, feeds)[0].shape, (96, 10))
@@ -274,7 +291,7 @@ def test_distill_trains_the_pruned_tensors(net):
                            distill={"steps": 4, "reconstruct_steps": 0, "holdout": 0.25})
     # a block: its producer's, depthwise's and consumer's weight and bias; a head: its conv's and the classifier's
     expected = sum(6 if u["kind"] == "block" else 4 for u in report.pruning["units"] if u["kept"] < u["channels"])
-    assert report.distill["trainable_tensors"] == expected == 16
+    assert report.distill["trainable_tensors"] == expected == 20
     assert report.distill["before"]["kl"] > 0  # measured against the original model, not against the pruned one
     names = {i.name for i in new.graph.initializer}
     assert any(n.endswith("_pruned") for n in names)
