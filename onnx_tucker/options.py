@@ -131,7 +131,7 @@ class CompressOptions:
         Tucker-2 on kxk convs); ``("tucker2", "svd")`` also factors 1x1 convs. See ``factorization.FORMS``.
     layers: which kinds of layer to factor: "kxk" (kxk convs, Tucker-2; the default), "1x1" (1x1 convs, SVD),
         "dense" (Gemm, and MatMul with a constant 2-D weight, SVD), e.g. ("kxk", "1x1", "dense"); "hidden" prunes
-        the hidden channels of inverted residual blocks and of a pooled classifier's conv (``onnx_tucker.prune``; needs
+        hidden channels: of inverted residual blocks, between two convs, of a pooled classifier's conv (``onnx_tucker.prune``; needs
         ``calibration``; with ``target_macs`` alone, with ``ratio`` beside other kinds).
     fold_affine: fold a per-channel Mul/Add (a BatchNorm after a ReLU, also through a MaxPool when its
         scales are positive) into the first 1x1 conv of the chain it feeds: exact, and faster on the CPU (default True).
@@ -461,9 +461,10 @@ def add_layers_argument(parser) -> None:
     """``--layers``: shared by compress, inspect and sweep."""
     parser.add_argument("--layers", default=None, metavar="KINDS",
                         help="which layers to factor: kxk (kxk convs, Tucker-2; the default), 1x1 (1x1 convs, SVD), "
-                        "dense (Gemm/MatMul with a constant weight, SVD), e.g. kxk,1x1,dense; hidden prunes the hidden "
-                        "channels of inverted residual blocks (1x1 -> depthwise -> 1x1, MobileNet) and of a pooled "
-                        "classifier's last conv instead, refitted on --calibrate data")
+                        "dense (Gemm/MatMul with a constant weight, SVD), e.g. kxk,1x1,dense; hidden prunes hidden channels "
+                        "instead: of inverted residual blocks (1x1 -> depthwise -> 1x1, MobileNet), between two convs "
+                        "(conv -> ReLU -> conv: a ResNet block, a VGG) and of a pooled classifier's last conv, refitted on "
+                        "--calibrate data")
 
 
 def add_forms_argument(parser) -> None:

@@ -403,6 +403,10 @@ def _record_pruning(records: dict, pruning, original: onnx.ModelProto, opts: Com
             record.relative_error = unit.relative_error if name == unit.consumer else None
             record.reason = f"pruned: {role} {kept} hidden channels ({unit.kind})"
     report.pruning = pruning.to_dict() | {"seconds": round(pruning.seconds, 3)}
+    limited = [u for u in pruning.units if u.most_kept() < u.channels - 1]
+    if limited:
+        report.notes.append(f"--layers hidden: {len(limited)} unit(s) can keep at most a share of their channels that their "
+                            f"calibration rows can refit (20 rows per unknown): fewer options, or left whole")
     report.notes.append(f"--layers hidden: pruned {len(pruning.pruned())} of {len(pruning.units)} units' hidden channels "
                         f"({pruning.to_dict()['macs_saved'] / max(1, pruning.conv_macs):.1%} of the conv MACs), each consumer refitted on the calibration inputs")
 

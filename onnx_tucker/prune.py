@@ -38,6 +38,10 @@ ELEMENTWISE = {"Relu", "Clip", "LeakyRelu", "HardSwish", "HardSigmoid", "Sigmoid
 STEPS = 16  # keep-count options per unit for the budget: c * j / STEPS, j = 1 .. STEPS
 RIDGE = 1e-6  # relative ridge of every solve: dead channels (a ReLU6 that never fires) make the moment singular
 POSITIONS = 64  # sampled positions per image for a block's moments (each image gives thousands of rows)
+# Least-squares rows per unknown a refit needs (calibrate.MIN_ROWS_PER_UNKNOWN): a 3x3 consumer of 256 channels on a
+# 2x2 map has 2305 unknowns and 4 rows per image; below this the in-sample error says 0 while the refit overfits
+# (the seed CNN's output collapsed, cosine 0.47), so a unit keeps no more channels than its rows can fit, or stays whole.
+ROWS_PER_UNKNOWN = 20
 BATCH = 64
 
 
@@ -61,12 +65,18 @@ class Unit:
     trainable: list = field(default_factory=list)  # the initializers the pruned graph gave it (what --distill trains)
     geometry: tuple | None = None  # the consumer conv's (kernel, strides, pads, dilations); None: a head's pooled features
     taps: int = 1  # the consumer's kernel positions: each channel is that many columns of the least squares
+    rows: int = 0  # least-squares rows the calibration data gives it (images x sampled positions)
+
+    def most_kept(self) -> int:
+        """The most channels a refit can take from ``rows`` (``ROWS_PER_UNKNOWN`` each, its bias too)."""
+        return max(0, (self.rows // ROWS_PER_UNKNOWN - 1) // self.taps)
 
     def to_dict(self) -> dict:
         kept = len(self.keep) if self.keep is not None else self.channels
         return {"kind": self.kind, "producer": self.producer, "depthwise": self.depthwise, "consumer": self.consumer,
                 "channels": self.channels, "kept": kept, "macs_before": self.macs_per_channel * self.channels,
-                "macs_after": self.macs_per_channel * kept, "relative_error": self.relative_error}
+                "macs_after": self.macs_per_channel * kept, "relative_error": self.relative_error,
+                "rows": self.rows, "most_kept": min(self.most_kept(), self.channels)}
 
 
 def _attr(node: gs.Node, name: str, default=None):
@@ -429,6 +439,8 @@ def original_moments(model: onnx.ModelProto, feeds: dict, units: list[Unit], see
             moments[u.consumer] = moments[u.consumer] + h.T @ h
             energy[u.consumer] += float((_at(got[u.target], sample) ** 2).sum())
             rows[u.consumer] += h.shape[0]
+    for u in units:
+        u.rows = rows[u.consumer]
     return {u.consumer: (moments[u.consumer] / rows[u.consumer], energy[u.consumer] / rows[u.consumer]) for u in units}
 
 
@@ -445,7 +457,7 @@ def error_curves(graph: gs.Graph, units: list[Unit], moments: dict) -> dict:
         order, residual = elimination_order(moment, np.concatenate([w, b[:, None]], axis=1), u.taps)
         errors = {u.channels: 0.0}
         for keep in keep_options(u.channels):
-            if keep < u.channels:
+            if keep < u.channels and keep <= u.most_kept():  # more would be a fit to too few rows: not offered
                 errors[keep] = residual[u.channels - keep - 1] / max(energy, 1e-300)
         curves[u.consumer] = (order, errors)
     return curves
@@ -456,7 +468,12 @@ def keep_options(channels: int) -> list[int]:
 
 
 def keep_by_ratio(units: list[Unit], ratio: float) -> dict:
-    return {u.consumer: max(1, int(ratio * u.channels)) for u in units}
+    """``int(ratio * C)`` channels per unit; a unit whose rows cannot fit that many stays whole."""
+    keep = {}
+    for u in units:
+        k = max(1, int(ratio * u.channels))
+        keep[u.consumer] = k if k <= u.most_kept() else u.channels
+    return keep
 
 
 def keep_by_budget(units: list[Unit], curves: dict, budget: int) -> dict:
@@ -629,13 +646,17 @@ def prune(model: onnx.ModelProto, feeds: dict, *, ratio: float | None = None, ta
         if smallest > target_macs * total:
             raise UsageError(f"target MACs {target_macs:g} cannot be met by pruning: the fewest hidden channels give "
                              f"{smallest / total:.3f} of the original conv MACs")
+    moments = original_moments(model, feeds, units, seed)
+    curves = error_curves(graph, units, moments)
+    if target_macs is not None:
+        smallest = fixed + sum(u.macs_per_channel * min(curves[u.consumer][1]) for u in units)
+        if smallest > target_macs * total:
+            raise UsageError(f"target MACs {target_macs:g} cannot be met by pruning with {len(next(iter(feeds.values())))} "
+                             f"calibration samples: the fewest channels their refits can fit give {smallest / total:.3f} "
+                             "of the original conv MACs (more samples, --calib-size, let more of them be pruned)")
         result.budget = int(math.floor(target_macs * total)) - fixed
-        moments = original_moments(model, feeds, units, seed)
-        curves = error_curves(graph, units, moments)
         keep = keep_by_budget(units, curves, result.budget)
     else:
-        moments = original_moments(model, feeds, units, seed)
-        curves = error_curves(graph, units, moments)
         keep = keep_by_ratio(units, ratio)
     for u in units:
         u.keep = kept_after(curves[u.consumer][0], u.channels, keep[u.consumer])
