@@ -284,6 +284,8 @@ class CompressOptions:
                              + ("--ranks" if self.ranks else f"--rank-method {self.rank_method}"))
         if self.target_latency is not None or self.latency_aware:
             raise UsageError("--layers hidden takes a MAC budget (--target-macs), not a latency one")
+        if self.rank_multiple == "auto":
+            raise UsageError("--layers hidden keeps a multiple of --rank-multiple N channels: give a number (8 or 16 on the CPU EP), not auto")
         if self.budget_rule == "uniform":
             raise UsageError("--layers hidden splits --target-macs by the blocks' measured errors: --budget-rule uniform does not apply")
         if self.target_macs is not None and len(self.layers) > 1:

@@ -101,7 +101,8 @@ def _prune_then_compress(model: onnx.ModelProto, opts: CompressOptions) -> tuple
         raise UsageError(f"--exclude names no Conv of this model: {', '.join(sorted(unknown))}")
     with timed("prune"):
         pruned_model, pruning = prune(model, opts.calibration, ratio=None if opts.target_macs is not None else opts.ratio,
-                                      target_macs=opts.target_macs, input_shapes=opts.input_shapes, exclude=excluded)
+                                      target_macs=opts.target_macs, input_shapes=opts.input_shapes, exclude=excluded,
+                                      multiple=opts.rank_multiple)
     pruning.seconds = time.perf_counter() - started
     rest = tuple(k for k in opts.layers if k != PRUNED_KIND)
     convs = tuple(dict.fromkeys(n for u in pruning.pruned() for n in (u.producer, u.depthwise, u.consumer if u.kind != "head" else None) if n))
@@ -389,6 +390,8 @@ def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def _record_pruning(records: dict, pruning, original: onnx.ModelProto, opts: CompressOptions, report: Report) -> None:
     """The pruned units' convs in the table: their sizes before (the original's) and after, and what was kept."""
+    from onnx_tucker.prune import ROWS_PER_UNKNOWN
+
     _, before = factorable_sites(original, opts.forms, opts.input_shapes, opts.layers)
     before = {s.name: LayerRecord.from_site(s) for s in before}
     for unit in pruning.pruned():
@@ -405,8 +408,8 @@ def _record_pruning(records: dict, pruning, original: onnx.ModelProto, opts: Com
     report.pruning = pruning.to_dict() | {"seconds": round(pruning.seconds, 3)}
     limited = [u for u in pruning.units if u.most_kept() < u.channels - 1]
     if limited:
-        report.notes.append(f"--layers hidden: {len(limited)} unit(s) can keep at most a share of their channels that their "
-                            f"calibration rows can refit (20 rows per unknown): fewer options, or left whole")
+        report.notes.append(f"--layers hidden: {len(limited)} unit(s) limited by their calibration rows (a refit needs "
+                            f"{ROWS_PER_UNKNOWN} per unknown): fewer channels offered, or left whole")
     report.notes.append(f"--layers hidden: pruned {len(pruning.pruned())} of {len(pruning.units)} units' hidden channels "
                         f"({pruning.to_dict()['macs_saved'] / max(1, pruning.conv_macs):.1%} of the conv MACs), each consumer refitted on the calibration inputs")
 

@@ -388,3 +388,16 @@ def test_a_unit_keeps_no_more_channels_than_its_calibration_rows_can_refit(net):
     moments = P.original_moments(model, few, units_)
     curves = P.error_curves(graph, units_, moments)
     assert max(k for k in curves[units_[3].consumer][1] if k < 48) <= 3
+
+
+def test_rank_multiple_keeps_multiples_of_it(net):
+    """--rank-multiple N: every unit keeps a multiple of N channels or all of them (onnxruntime's CPU convs run blocks
+    of 8 or 16 channels), with a ratio and with a budget."""
+    from onnx_tucker import compress
+
+    _, model, feeds = net
+    for kwargs in ({"ratio": 0.4}, {"target_macs": 0.6}):
+        _, report = compress(model, layers=("hidden",), calibration=feeds, rank_multiple=8, **kwargs)
+        kept = [(u["kept"], u["channels"]) for u in report.pruning["units"]]
+        assert all(k % 8 == 0 or k == c for k, c in kept) and any(k < c for k, c in kept), kept
+    assert P.keep_options(24, 8) == [8, 16, 24] and P.keep_options(20, 8) == [8, 16, 20]
