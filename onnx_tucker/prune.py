@@ -42,6 +42,10 @@ POSITIONS = 64  # sampled positions per image for a block's moments (each image 
 # 2x2 map has 2305 unknowns and 4 rows per image; below this the in-sample error says 0 while the refit overfits
 # (the seed CNN's output collapsed, cosine 0.47), so a unit keeps no more channels than its rows can fit, or stays whole.
 ROWS_PER_UNKNOWN = 20
+# Kept channels come in multiples of this unless --rank-multiple says another: MobileNetV2 pruned to 2x with any counts
+# ran 0.87-0.92x the original's speed on onnxruntime's CPU EP (its convs work in blocks of 8 or 16 channels), with
+# multiples of 8 1.33-1.52x (docs/pruning.md); GPUs' tensor cores want multiples of 8 too.
+MULTIPLE = 8
 BATCH = 64
 
 
