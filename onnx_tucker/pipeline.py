@@ -88,7 +88,7 @@ def compress(model, ratio: float = 0.5, **options) -> tuple[onnx.ModelProto, Rep
 def _prune_then_compress(model: onnx.ModelProto, opts: CompressOptions) -> tuple[onnx.ModelProto, Report]:
     """``--layers hidden``: prune the hidden channels first (to ``target_macs`` alone, or to ``ratio`` of each unit), then
     factor the other kinds asked for at ``ratio``, the pruned units' convs left as they are."""
-    from onnx_tucker.prune import MULTIPLE as PRUNE_MULTIPLE, prune
+    from onnx_tucker.prune import prune
     from onnx_tucker.trace import timed
 
     started = time.perf_counter()
@@ -102,7 +102,7 @@ def _prune_then_compress(model: onnx.ModelProto, opts: CompressOptions) -> tuple
     with timed("prune"):
         pruned_model, pruning = prune(model, opts.calibration, ratio=None if opts.target_macs is not None else opts.ratio,
                                       target_macs=opts.target_macs, input_shapes=opts.input_shapes, exclude=excluded,
-                                      multiple=opts.rank_multiple if opts.rank_multiple > 1 else PRUNE_MULTIPLE)
+                                      multiple=opts.rank_multiple if opts.rank_multiple > 1 else None)
     pruning.seconds = time.perf_counter() - started
     rest = tuple(k for k in opts.layers if k != PRUNED_KIND)
     convs = tuple(dict.fromkeys(n for u in pruning.pruned() for n in (u.producer, u.depthwise, u.consumer if u.kind != "head" else None) if n))

@@ -42,10 +42,12 @@ POSITIONS = 64  # sampled positions per image for a block's moments (each image 
 # 2x2 map has 2305 unknowns and 4 rows per image; below this the in-sample error says 0 while the refit overfits
 # (the seed CNN's output collapsed, cosine 0.47), so a unit keeps no more channels than its rows can fit, or stays whole.
 ROWS_PER_UNKNOWN = 20
-# Kept channels come in multiples of this unless --rank-multiple says another: MobileNetV2 pruned to 2x with any counts
-# ran 0.87-0.92x the original's speed on onnxruntime's CPU EP (its convs work in blocks of 8 or 16 channels), with
-# multiples of 8 1.33-1.52x (docs/pruning.md); GPUs' tensor cores want multiples of 8 too.
+# A block (its depthwise conv) keeps a multiple of this many channels unless --rank-multiple says another: MobileNetV2
+# pruned to 2x with any counts ran 0.87-0.92x the original's speed on onnxruntime's CPU EP, with multiples of 8
+# 1.33-1.52x (docs/pruning.md). Pairs and heads keep any count: ResNet-20 pruned so ran 1.26-1.39x faster, and a
+# multiple of 8 leaves a 16-channel layer only 8 or 16 (-2.95 points at 2x against -2.19).
 MULTIPLE = 8
+RESELECT = False  # choose each unit's channels again in the refit pass (experiment switch)
 BATCH = 64
 
 
@@ -70,6 +72,7 @@ class Unit:
     geometry: tuple | None = None  # the consumer conv's (kernel, strides, pads, dilations); None: a head's pooled features
     taps: int = 1  # the consumer's kernel positions: each channel is that many columns of the least squares
     rows: int = 0  # least-squares rows the calibration data gives it (images x sampled positions)
+    multiple: int = 1  # it keeps a multiple of this many channels (or all)
 
     def most_kept(self) -> int:
         """The most channels a refit can take from ``rows`` (``ROWS_PER_UNKNOWN`` each, its bias too)."""
@@ -451,7 +454,7 @@ def original_moments(model: onnx.ModelProto, feeds: dict, units: list[Unit], see
 # --- plan --------------------------------------------------------------------------------------------------------
 
 
-def error_curves(graph: gs.Graph, units: list[Unit], moments: dict, multiple: int = 1) -> dict:
+def error_curves(graph: gs.Graph, units: list[Unit], moments: dict) -> dict:
     """Per unit: (elimination order, {kept channels: relative output error}) at the budget's keep counts."""
     nodes = {n.name: n for n in graph.nodes}
     curves = {}
@@ -460,7 +463,7 @@ def error_curves(graph: gs.Graph, units: list[Unit], moments: dict, multiple: in
         w, b = _consumer_matrix(nodes[u.consumer])
         order, residual = elimination_order(moment, np.concatenate([w, b[:, None]], axis=1), u.taps)
         errors = {u.channels: 0.0}
-        for keep in keep_options(u.channels, multiple):
+        for keep in keep_options(u.channels, u.multiple):
             if keep < u.channels and keep <= u.most_kept():  # more would be a fit to too few rows: not offered
                 errors[keep] = residual[u.channels - keep - 1] / max(energy, 1e-300)
         curves[u.consumer] = (order, errors)
@@ -475,13 +478,13 @@ def keep_options(channels: int, multiple: int = 1) -> list[int]:
     return sorted({max(1, int(round(channels * j / STEPS))) for j in range(1, STEPS + 1)})
 
 
-def keep_by_ratio(units: list[Unit], ratio: float, multiple: int = 1) -> dict:
-    """``int(ratio * C)`` channels per unit (rounded up to ``multiple``, at most C); a unit whose rows cannot fit that
+def keep_by_ratio(units: list[Unit], ratio: float) -> dict:
+    """``int(ratio * C)`` channels per unit (rounded up to its multiple, at most C); a unit whose rows cannot fit that
     many stays whole."""
     keep = {}
     for u in units:
         k = max(1, int(ratio * u.channels))
-        k = min(u.channels, -(-k // multiple) * multiple)
+        k = min(u.channels, -(-k // u.multiple) * u.multiple)
         keep[u.consumer] = k if k <= u.most_kept() else u.channels
     return keep
 
@@ -542,6 +545,10 @@ def refit_in_order(original: onnx.ModelProto, graph: gs.Graph, units: list[Unit]
             energy += float((t ** 2).sum())
             rows += h.shape[0]
         bias_tensor = _bias(consumer)
+        if RESELECT:  # the same count, chosen again on the inputs the pruned units before it give, for the original's target
+            full_fit = np.linalg.solve(_ridged(moment), cross).T
+            order, _ = elimination_order(moment, full_fit, u.taps)
+            u.keep = kept_after(order, c, len(u.keep))
         solution = solve(moment, cross, u.keep, intercept=bias_tensor is not None, taps=u.taps)
         kept_columns = columns(u.keep, u.taps)
         full = np.zeros((solution.shape[0], width))
@@ -638,14 +645,17 @@ def conv_macs(graph: gs.Graph, shapes: dict) -> int:
 
 def prune(model: onnx.ModelProto, feeds: dict, *, ratio: float | None = None, target_macs: float | None = None,
           input_shapes: dict | None = None, seed: int = 0, exclude: set | None = None,
-          multiple: int = 1) -> tuple[onnx.ModelProto, Pruning]:
+          multiple: int | None = None) -> tuple[onnx.ModelProto, Pruning]:
     """Prune every unit's hidden channels: to ``ratio`` of each, or the split of the units' MACs that makes the
     whole model's conv MACs at most ``target_macs`` of the original's with the least summed output error. A unit
-    with a node named in ``exclude`` is left whole; with ``multiple`` each unit keeps a multiple of it (or all)."""
+    with a node named in ``exclude`` is left whole. Each unit keeps a multiple of ``multiple`` channels (or all); None: of
+    ``MULTIPLE`` for a block, any count for a pair or a head."""
     shapes = infer_shapes(model, input_shapes)
     graph = gs.import_onnx(model)
     units = [u for u in find_units(graph, shapes)
              if not ({n.name for n in u.nodes} | {u.consumer}) & set(exclude or ())]
+    for u in units:
+        u.multiple = multiple if multiple else (MULTIPLE if u.kind == "block" else 1)
     total = conv_macs(graph, shapes)
     result = Pruning(units, total)
     if not units:
@@ -653,12 +663,12 @@ def prune(model: onnx.ModelProto, feeds: dict, *, ratio: float | None = None, ta
                          "conv -> activation -> depthwise conv -> activation -> 1x1 conv, or a conv -> GlobalAveragePool -> Flatten -> Gemm head)")
     if target_macs is not None:
         fixed = total - sum(u.macs_per_channel * u.channels for u in units)
-        smallest = fixed + sum(u.macs_per_channel * min(keep_options(u.channels, multiple)) for u in units)
+        smallest = fixed + sum(u.macs_per_channel * min(keep_options(u.channels, u.multiple)) for u in units)
         if smallest > target_macs * total:
             raise UsageError(f"target MACs {target_macs:g} cannot be met by pruning: the fewest hidden channels give "
                              f"{smallest / total:.3f} of the original conv MACs")
     moments = original_moments(model, feeds, units, seed)
-    curves = error_curves(graph, units, moments, multiple)
+    curves = error_curves(graph, units, moments)
     if target_macs is not None:
         smallest = fixed + sum(u.macs_per_channel * min(curves[u.consumer][1]) for u in units)
         if smallest > target_macs * total:
@@ -668,7 +678,7 @@ def prune(model: onnx.ModelProto, feeds: dict, *, ratio: float | None = None, ta
         result.budget = int(math.floor(target_macs * total)) - fixed
         keep = keep_by_budget(units, curves, result.budget)
     else:
-        keep = keep_by_ratio(units, ratio, multiple)
+        keep = keep_by_ratio(units, ratio)
     for u in units:
         u.keep = kept_after(curves[u.consumer][0], u.channels, keep[u.consumer])
     composed = refit_in_order(model, graph, units, keep, feeds, seed)
