@@ -30,6 +30,7 @@ TARGETS = [
     ("r20_t05_spatial", "cifar10_resnet20", "--target-macs 0.5 --forms spatial", 1.0, 30),
     ("mbv2_t05", "cifar10_mobilenetv2", "--target-macs 0.5 --layers kxk,1x1", 1.0, None),
     ("mbv2_t05_hidden", "cifar10_mobilenetv2", "--target-macs 0.5 --layers hidden", 1.0, None),
+    ("mbv2_t05_hidden_m16", "cifar10_mobilenetv2", "--target-macs 0.5 --layers hidden --rank-multiple 16", 1.0, None),
     ("resnet_r05", "cifar10_resnet", "--ratio 0.5", 2.0, None),
     ("resnet_r05_spatial", "cifar10_resnet", "--ratio 0.5 --forms spatial", 2.0, None),
     ("resnet_t033_distill", "cifar10_resnet", "--target-macs 0.333 --forms tucker2,spatial --distill", 1.0, None),
