@@ -43,7 +43,7 @@ POSITIONS = 64  # sampled positions per image for a block's moments (each image 
 # (the seed CNN's output collapsed, cosine 0.47), so a unit keeps no more channels than its rows can fit, or stays whole.
 ROWS_PER_UNKNOWN = 20
 # A block (its depthwise conv) keeps a multiple of this many channels unless --rank-multiple says another: MobileNetV2
-# pruned to 2x with any counts ran 0.87-0.92x the original's speed on onnxruntime's CPU EP, with multiples of 8
+# pruned to 2x with any counts ran 0.79-0.92x the original's speed on onnxruntime's CPU EP, with multiples of 8
 # 1.33-1.52x (docs/pruning.md). Pairs and heads keep any count: ResNet-20 pruned so ran 1.26-1.39x faster, and a
 # multiple of 8 leaves a 16-channel layer only 8 or 16 (-2.95 points at 2x against -2.19).
 MULTIPLE = 8
@@ -52,6 +52,7 @@ MULTIPLE = 8
 # the count): ResNet-20 at 2x -2.94 -> -2.06, VGG-11-BN -1.03 -> -0.84, MobileNetV2 -1.05 either way
 # (`tools/switch_ab.py prune.RESELECT MODEL:t0.5+hidden --flags 0,1`, rng 0, multiples of 8 for every unit).
 RESELECT = True
+PROBES = False  # the budget's curves in whole-model KL (``probe_curves``) instead of each unit's linear output error
 BATCH = 64
 
 
@@ -474,6 +475,62 @@ def error_curves(graph: gs.Graph, units: list[Unit], moments: dict) -> dict:
     return curves
 
 
+def probe_curves(model: onnx.ModelProto, feeds: dict, graph: gs.Graph, units: list[Unit], moments: dict, curves: dict,
+                 seed: int = 0) -> dict:
+    """The curves in the measured budget's metric: per unit, {keep: the whole model's output distortion (KL of class
+    scores, ``sensitivity._distortion``, summed over outputs) with that unit alone pruned to ``keep`` channels and its
+    consumer refitted on the original's statistics}, on ``sensitivity.eval_samples`` seeded calibration images. One
+    session: the consumers' weights and biases are its inputs."""
+    from onnx_tucker.sensitivity import _distortion, eval_samples
+
+    n = len(next(iter(feeds.values())))
+    pick = np.sort(np.random.default_rng(seed).choice(n, eval_samples(feeds), replace=False))
+    probe_feeds = {k: np.asarray(v[pick]) for k, v in feeds.items()}
+    nodes = {node.name: node for node in graph.nodes}
+    fed = {}  # consumer's weight and bias tensors -> their original values
+    for u in units:
+        consumer = nodes[u.consumer]
+        for tensor in (consumer.inputs[1], _bias(consumer)):
+            if tensor is not None:
+                fed[tensor.name] = np.asarray(tensor.values)
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    kept_inits = [i for i in probe.graph.initializer if i.name not in fed]
+    del probe.graph.initializer[:]
+    probe.graph.initializer.extend(kept_inits)
+    listed = {i.name for i in probe.graph.input}
+    for name, value in fed.items():
+        if name not in listed:
+            probe.graph.input.append(onnx.helper.make_tensor_value_info(name, onnx.helper.np_dtype_to_tensor_dtype(value.dtype), value.shape))
+    session = _session(probe)
+    names = [o.name for o in session.get_outputs()]
+    reference = session.run(names, {**probe_feeds, **fed})
+    measured = {}
+    for u in units:
+        consumer = nodes[u.consumer]
+        moment = moments[u.consumer][0]
+        w, b = _consumer_matrix(consumer)
+        cross = moment @ np.concatenate([w, b[:, None]], axis=1).T  # the original consumer's own output as the target
+        bias = _bias(consumer)
+        errors = {u.channels: 0.0}
+        for keep in curves[u.consumer][1]:
+            if keep == u.channels:
+                continue
+            kept = kept_after(curves[u.consumer][0], u.channels, keep)
+            solution = solve(moment, cross, kept, intercept=bias is not None, taps=u.taps)
+            full = np.zeros((solution.shape[0], u.channels * u.taps))
+            full[:, columns(kept, u.taps)] = solution[:, :-1]
+            weight = consumer.inputs[1]
+            value = (full if _transposed(consumer) else full.T) if consumer.op in ("Gemm", "MatMul") else full
+            given = {weight.name: value.reshape(fed[weight.name].shape).astype(fed[weight.name].dtype)}
+            if bias is not None:
+                given[bias.name] = solution[:, -1].astype(fed[bias.name].dtype)
+            outputs = session.run(names, {**probe_feeds, **fed, **given})
+            errors[keep] = sum(_distortion(r, o) for r, o in zip(reference, outputs))
+        measured[u.consumer] = (curves[u.consumer][0], errors)
+    return measured
+
+
 def keep_options(channels: int, multiple: int = 1) -> list[int]:
     """The keep counts offered: ``STEPS`` fractions of the channels, or with ``multiple`` > 1 its multiples (and all of
     them): onnxruntime's CPU convs run channel counts in blocks of 8 or 16, and odd counts were measured slower."""
@@ -680,6 +737,8 @@ def prune(model: onnx.ModelProto, feeds: dict, *, ratio: float | None = None, ta
                              f"calibration samples: the fewest channels their refits can fit give {smallest / total:.3f} "
                              "of the original conv MACs (more samples, --calib-size, let more of them be pruned)")
         result.budget = int(math.floor(target_macs * total)) - fixed
+        if PROBES:
+            curves = probe_curves(model, feeds, graph, units, moments, curves, seed)
         keep = keep_by_budget(units, curves, result.budget)
     else:
         keep = keep_by_ratio(units, ratio)
