@@ -406,3 +406,38 @@ def test_kept_channels_are_multiples_of_8_in_blocks_or_of_rank_multiple(net):
     _, report = compress(model, layers=("hidden",), calibration=feeds, ratio=0.4)
     assert {u["kind"]: u["kept"] for u in report.pruning["units"]} == {"block": 16, "conv": 6, "head": 19}
     assert P.keep_options(24, 8) == [8, 16, 24] and P.keep_options(20, 8) == [8, 16, 20]
+
+
+def test_probe_curves_measure_the_composed_model(net):
+    """The budget's KL probes (``prune.probe_curves``: the consumers' weights fed as inputs of one session) give the
+    distortion of the model with that unit alone pruned and refitted, written out and run on its own."""
+    from onnx_tucker.sensitivity import _distortion, eval_samples
+
+    _, model, feeds = net
+    graph, units = _units(model)
+    moments = P.original_moments(model, feeds, units)
+    curves = P.error_curves(graph, units, moments)
+    probed = P.probe_curves(model, feeds, graph, units, moments, curves)
+    assert set(probed) == set(curves)
+    u = units[2]  # the conv pair: 9 taps per channel
+    keep = sorted(k for k in probed[u.consumer][1] if k < u.channels)[0]
+    assert probed[u.consumer][1][u.channels] == 0 and probed[u.consumer][1][keep] > 0
+    # the same option built as a model
+    kept = P.kept_after(curves[u.consumer][0], u.channels, keep)
+    node = {n.name: n for n in graph.nodes}[u.consumer]
+    w, b = P._consumer_matrix(node)
+    moment = moments[u.consumer][0]
+    solution = P.solve(moment, moment @ np.concatenate([w, b[:, None]], axis=1).T, kept, taps=u.taps)
+    full = np.zeros((solution.shape[0], u.channels * u.taps))
+    full[:, P.columns(kept, u.taps)] = solution[:, :-1]
+    composed = onnx.ModelProto()
+    composed.CopyFrom(model)
+    for init in composed.graph.initializer:
+        if init.name == node.inputs[1].name:
+            init.CopyFrom(onnx.numpy_helper.from_array(full.reshape(node.inputs[1].values.shape).astype(np.float32), init.name))
+        if init.name == node.inputs[2].name:
+            init.CopyFrom(onnx.numpy_helper.from_array(solution[:, -1].astype(np.float32), init.name))
+    pick = np.sort(np.random.default_rng(0).choice(len(feeds["input"]), eval_samples(feeds), replace=False))
+    x = {"input": feeds["input"][pick]}
+    expected = _distortion(run_model(model, x)[0], run_model(composed, x)[0])
+    assert probed[u.consumer][1][keep] == pytest.approx(expected, rel=1e-4)
