@@ -52,7 +52,10 @@ MULTIPLE = 8
 # the count): ResNet-20 at 2x -2.94 -> -2.06, VGG-11-BN -1.03 -> -0.84, MobileNetV2 -1.05 either way
 # (`tools/switch_ab.py prune.RESELECT MODEL:t0.5+hidden --flags 0,1`, rng 0, multiples of 8 for every unit).
 RESELECT = True
-PROBES = False  # the budget's curves in whole-model KL (``probe_curves``) instead of each unit's linear output error
+# The budget's curves in whole-model KL (``probe_curves``, the measured budget's metric) instead of each unit's linear
+# output error: not kept. At 2x, rng 0: MobileNetV2 -1.10 -> -1.12, VGG-11-BN -0.82 -> -0.91, ResNet-20 -2.21 -> -2.07,
+# 15-20 s more (`tools/switch_ab.py prune.PROBES MODEL:t0.5+hidden --flags 0,1`, docs/prune_probes.jsonl).
+PROBES = False
 BATCH = 64
 
 
