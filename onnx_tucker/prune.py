@@ -4,7 +4,8 @@ An inverted residual block (MobileNetV2: 1x1 expand -> activation -> depthwise -
 MACs in 1x1 convs that are already bottlenecks: a low-rank 1x1 keeps a rank below the block's *input* width, and
 MobileNetV2 lost 4.4 points at 2x that way (docs/results_calibration.md, "Stop 27"). What such a block can spare is
 hidden channels: dropping hidden channel j removes row j of the producer conv, channel j of the depthwise conv and
-column j of the consumer conv, so the block's MACs fall in proportion to the channels kept. The same holds for a
+column j of the consumer conv, so the block's MACs fall in proportion to the channels kept. The same holds between
+two ordinary convs (a ResNet basic block's, a VGG's: the consumer's kernel taps of a channel go together) and for a
 conv whose activated output is globally pooled into a linear classifier (the "head" unit).
 
 Which channels go, and what the consumer does without them, is a least-squares question on calibration data:
@@ -16,7 +17,7 @@ Which channels go, and what the consumer does without them, is a least-squares q
 * with ``--target-macs`` a multiple-choice knapsack over the units' error curves splits the budget.
 
 A pruned unit computes exactly what the original unit computes with the consumer's dropped columns set to zero and
-its kept ones refitted (the "composed" model, :func:`composed`): tests prove the sliced graph against it.
+its kept ones refitted (the "composed" model :func:`refit_in_order` returns): tests prove the sliced graph against it.
 """
 from __future__ import annotations
 
@@ -30,7 +31,6 @@ import onnx_graphsurgeon as gs
 from onnx_tucker.errors import ModelError, UsageError
 from onnx_tucker.graph import export, infer_shapes, prefix_model, taken_names, unique_name
 
-KIND = "hidden"  # the --layers kind
 # Per-channel ops that may sit between the producer and the depthwise conv, or after it: each output channel
 # depends only on the same input channel, so a dropped channel drops through them.
 ELEMENTWISE = {"Relu", "Clip", "LeakyRelu", "HardSwish", "HardSigmoid", "Sigmoid", "Tanh", "Elu", "Selu", "Softplus",
@@ -723,8 +723,8 @@ def prune(model: onnx.ModelProto, feeds: dict, *, ratio: float | None = None, ta
     total = conv_macs(graph, shapes)
     result = Pruning(units, total)
     if not units:
-        raise ModelError("--layers hidden: the model has no prunable hidden channels (an inverted residual block "
-                         "conv -> activation -> depthwise conv -> activation -> 1x1 conv, or a conv -> GlobalAveragePool -> Flatten -> Gemm head)")
+        raise ModelError("--layers hidden: the model has no prunable hidden channels (conv -> per-channel ops -> depthwise "
+                         "conv -> 1x1 conv, conv -> per-channel ops -> conv, or conv -> GlobalAveragePool -> Flatten -> Gemm)")
     if target_macs is not None:
         fixed = total - sum(u.macs_per_channel * u.channels for u in units)
         smallest = fixed + sum(u.macs_per_channel * min(keep_options(u.channels, u.multiple)) for u in units)
