@@ -225,7 +225,7 @@ def cmd_compress(args) -> int:
         print(f"FAILED: {result.reason} (written anyway: --keep-failed)")
         print(f"onnx-tucker: error: self-check FAILED: {result.reason} (written anyway: --keep-failed)", file=sys.stderr)
         return 1
-    if not report.decomposed and not report.pruning:
+    if not report.decomposed and not (report.pruning or {}).get("pruned"):
         print(f"PASSED: 0/{t['convs']} convs decomposed, nothing pays: wrote the input model unchanged")
         return 0
     check_note = "; self-check skipped (--no-check)" if result is None else "; self-check " + result.reason
@@ -328,6 +328,9 @@ def cmd_inspect(args) -> int:
 
         check_output_path(args.input, args.json, "--json")
     layers = parse_layers(args.layers) if args.layers is not None else None
+    if layers and "hidden" in layers:
+        raise UsageError("inspect lists the layers a rank cut takes: --layers hidden (pruning) is planned on calibration "
+                         "data by compress, not listed here")
     auto = MultipleArgs.parse(args)
     if args.json and args.json != "-" and auto.get("table"):  # the listing must not replace the timings cache
         from onnx_tucker.outputs import check_paths

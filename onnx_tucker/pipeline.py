@@ -105,7 +105,10 @@ def _prune_then_compress(model: onnx.ModelProto, opts: CompressOptions) -> tuple
                                       multiple=opts.rank_multiple if opts.rank_multiple > 1 else None)
     pruning.seconds = time.perf_counter() - started
     rest = tuple(k for k in opts.layers if k != PRUNED_KIND)
-    convs = tuple(dict.fromkeys(n for u in pruning.pruned() for n in (u.producer, u.depthwise, u.consumer if u.kind != "head" else None) if n))
+    # a pruned head's classifier is a site only under --layers dense: left whole then too (it was refitted, and
+    # --distill trains its pruned weight)
+    convs = tuple(dict.fromkeys(n for u in pruning.pruned() for n in (u.producer, u.depthwise, u.consumer) if n
+                                and (n != u.consumer or u.kind != "head" or "dense" in rest)))
     factored = replace(opts, layers=rest or (PRUNED_KIND,), target_macs=None, exclude=tuple(opts.exclude) + convs, distill=opts.distill)
     return _compress(pruned_model, factored, pruning=pruning, original=model, shown=opts)
 
@@ -322,7 +325,7 @@ def _compress(model: onnx.ModelProto, opts: CompressOptions, memo: dict | None =
             if not record.decomposed:
                 entry["left_whole"] = record.reason
         report.notes.append(_form_choice_note(report))
-    if report.decomposed or report.pruning:
+    if report.decomposed or (report.pruning or {}).get("pruned"):
         with report.phase("export"):
             new_model = export(graph, model) if report.decomposed else _copy(model)
             check_chain_nodes(new_model, report.chains)

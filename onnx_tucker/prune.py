@@ -429,6 +429,22 @@ def _augmented(rows: np.ndarray) -> np.ndarray:
     return np.concatenate([rows, np.ones((rows.shape[0], 1))], axis=1)
 
 
+def _batched(model: onnx.ModelProto, feeds: dict, runs: list):
+    """Per batch of ``feeds``: (the batch, each ``(session, names)``'s outputs), padding removed. A model exported for a
+    fixed batch gets batches of that size, the last one padded (``capture.batches``)."""
+    from onnx_tucker.capture import batch_size_for, batches, fixed_batch
+
+    fixed = fixed_batch(model) is not None
+    for batch, rows in batches(feeds, batch_size_for(model, BATCH), fixed):
+        try:
+            outputs = [session.run(names, batch) for session, names in runs]
+        except Exception as exc:  # a model that passes the checker but cannot run
+            from onnx_tucker.errors import first_line
+
+            raise ModelError(f"onnxruntime cannot run the model: {first_line(exc)}") from None
+        yield {k: v[:rows] for k, v in batch.items()}, [[v[:rows] for v in out] for out in outputs]
+
+
 def _session(model: onnx.ModelProto):
     from onnx_tucker.runtime import make_session
 
@@ -438,15 +454,13 @@ def _session(model: onnx.ModelProto):
 def original_moments(model: onnx.ModelProto, feeds: dict, units: list[Unit], seed: int = 0) -> dict:
     """Per unit, from the original model: the consumer input's augmented second moment, and the energy of what the
     unit's output is measured against (the block's output, Add included; the head's scores), per row."""
-    from onnx_tucker.capture import iterate
-
     names = list(dict.fromkeys([u.hidden for u in units] + [u.target for u in units]))
     session = _session(prefix_model(model, names))
     rng = np.random.default_rng(seed)
     moments = {u.consumer: 0.0 for u in units}
     energy = {u.consumer: 0.0 for u in units}
     rows = {u.consumer: 0 for u in units}
-    for _, values in iterate(session, feeds, names, BATCH):
+    for _, (values,) in _batched(model, feeds, [(session, names)]):
         got = dict(zip(names, values))
         for u in units:
             sample = _sample(u, got[u.hidden], rng)
@@ -478,6 +492,16 @@ def error_curves(graph: gs.Graph, units: list[Unit], moments: dict) -> dict:
     return curves
 
 
+class _Fed:
+    """A session whose every run also gets ``extra`` (weights fed as inputs)."""
+
+    def __init__(self, session, extra: dict):
+        self.session, self.extra = session, extra
+
+    def run(self, names, feeds):
+        return self.session.run(names, {**feeds, **self.extra})
+
+
 def probe_curves(model: onnx.ModelProto, feeds: dict, graph: gs.Graph, units: list[Unit], moments: dict, curves: dict,
                  seed: int = 0) -> dict:
     """The curves in the measured budget's metric: per unit, {keep: the whole model's output distortion (KL of class
@@ -507,7 +531,12 @@ def probe_curves(model: onnx.ModelProto, feeds: dict, graph: gs.Graph, units: li
             probe.graph.input.append(onnx.helper.make_tensor_value_info(name, onnx.helper.np_dtype_to_tensor_dtype(value.dtype), value.shape))
     session = _session(probe)
     names = [o.name for o in session.get_outputs()]
-    reference = session.run(names, {**probe_feeds, **fed})
+
+    def run(given: dict) -> list:
+        parts = [out for _, (out,) in _batched(model, probe_feeds, [(_Fed(session, {**fed, **given}), names)])]
+        return [np.concatenate([p[i] for p in parts]) for i in range(len(names))]
+
+    reference = run({})
     measured = {}
     for u in units:
         consumer = nodes[u.consumer]
@@ -528,7 +557,7 @@ def probe_curves(model: onnx.ModelProto, feeds: dict, graph: gs.Graph, units: li
             given = {weight.name: value.reshape(fed[weight.name].shape).astype(fed[weight.name].dtype)}
             if bias is not None:
                 given[bias.name] = solution[:, -1].astype(fed[bias.name].dtype)
-            outputs = session.run(names, {**probe_feeds, **fed, **given})
+            outputs = run(given)
             errors[keep] = sum(_distortion(r, o) for r, o in zip(reference, outputs))
         measured[u.consumer] = (curves[u.consumer][0], errors)
     return measured
@@ -559,8 +588,8 @@ def keep_by_budget(units: list[Unit], curves: dict, budget: int) -> dict:
 
     options = [[(u.macs_per_channel * k, curves[u.consumer][1][k], k) for k in sorted(curves[u.consumer][1])] for u in units]
     chosen = _knapsack(options, float(budget))
-    if chosen is None:
-        return None
+    if chosen is None:  # its bins round costs up: a budget just above the least MACs fits only the fewest channels
+        return {u.consumer: min(curves[u.consumer][1]) for u in units}
     return {u.consumer: options[i][c][2] for i, (u, c) in enumerate(zip(units, chosen))}
 
 
@@ -581,8 +610,6 @@ def refit_in_order(original: onnx.ModelProto, graph: gs.Graph, units: list[Unit]
     """The composed model: each unit's consumer refitted on its kept channels (zeros in the dropped ones), in graph
     order, from the inputs the units before it give (already refitted) to the original's target. Sets
     ``unit.keep`` and ``unit.relative_error``."""
-    from onnx_tucker.capture import iterate
-
     nodes = {n.name: n for n in graph.nodes}
     current = onnx.ModelProto()
     current.CopyFrom(original)
@@ -597,8 +624,7 @@ def refit_in_order(original: onnx.ModelProto, graph: gs.Graph, units: list[Unit]
         rng = np.random.default_rng(seed)
         c, width = u.channels, u.channels * u.taps
         moment, cross, energy, rows = np.zeros((width + 1, width + 1)), None, 0.0, 0
-        for batch, values in iterate(session, feeds, names, BATCH):
-            (target,) = reference.run([u.target], batch)
+        for _, (values, (target,)) in _batched(original, feeds, [(session, names), (reference, [u.target])]):
             sample = _sample(u, values[0], rng)
             h = _augmented(_design(u, values[0], sample))
             t = _at(target, sample)

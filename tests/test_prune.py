@@ -441,3 +441,77 @@ def test_probe_curves_measure_the_composed_model(net):
     x = {"input": feeds["input"][pick]}
     expected = _distortion(run_model(model, x)[0], run_model(composed, x)[0])
     assert probed[u.consumer][1][keep] == pytest.approx(expected, rel=1e-4)
+
+
+# --- edge cases a regression hunt found (stop 29) ---------------------------------------------------------------------
+
+
+def test_a_model_fixed_to_batch_1_is_pruned_batch_by_batch(tmp_path):
+    """A torch export without dynamic axes takes batches of 1 only: the statistics and refits run at its batch."""
+    from onnx_tucker import compress
+    from tests.conftest import torch_fixed_batch_net
+
+    pytest.importorskip("torch")
+    model = onnx.load(str(torch_fixed_batch_net(tmp_path / "fixed.onnx")))
+    x = np.random.default_rng(0).normal(size=(40, 3, 16, 16)).astype(np.float32)
+    new, report = compress(model, layers=("hidden",), ratio=0.5, calibration={"input": x})
+    assert report.pruning["pruned"] == 1
+    composed_free = run_model(new, {"input": x[:1]})[0]
+    assert composed_free.shape == (1, 10) and np.all(np.isfinite(composed_free))
+
+
+def test_nothing_pruned_writes_the_model_unchanged_even_with_distill(net, tmp_path):
+    """--ratio 1.0 keeps every channel: like a factoring that pays nowhere, the input model is written unchanged and
+    --distill has nothing to train (it used to fail: 'needs at least one trainable initializer')."""
+    path, _, feeds = net
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, input=feeds["input"])
+    out = tmp_path / "out.onnx"
+    r = _cli(path, out, "--ratio", "1.0", "--layers", "hidden", "--calibrate", calib, "--distill", "--distill-steps", "2",
+             "--reconstruct-steps", "0")
+    assert r.returncode == 0, r.stderr
+    assert "nothing pays: wrote the input model unchanged" in r.stdout
+
+
+def test_a_budget_at_the_least_reachable_macs_keeps_the_fewest_channels(net):
+    """The knapsack's bins round costs up, so a budget the exact check allows could find no choice: then every unit
+    keeps its fewest channels (it crashed: 'NoneType' object is not subscriptable)."""
+    _, model, feeds = net
+    _, units = _units(model)
+    shapes = infer_shapes(model)
+    graph = gs.import_onnx(model)
+    total = P.conv_macs(graph, shapes)
+    fixed = total - sum(u.macs_per_channel * u.channels for u in units)
+    multiple = {u.consumer: P.MULTIPLE if u.kind == "block" else 1 for u in units}
+    least = (fixed + sum(u.macs_per_channel * min(P.keep_options(u.channels, multiple[u.consumer])) for u in units)) / total
+    new, pruning = P.prune(model, feeds, target_macs=least + 1e-9)
+    kept = {u.consumer: len(u.keep) for u in pruning.units}
+    assert all(kept[u.consumer] == min(P.keep_options(u.channels, u.multiple)) for u in pruning.units), kept
+
+
+def test_a_pruned_head_is_not_factored_again_with_dense_and_distill_trains_it(net):
+    """--layers hidden,dense: the pruned classifier stays as pruned (its refit weights are what --distill trains; it
+    used to be factored, and --distill then named a weight the model no longer had)."""
+    from onnx_tucker import compress
+
+    _, model, feeds = net
+    new, report = compress(model, layers=("hidden", "dense"), ratio=0.5, calibration=feeds,
+                           distill={"steps": 2, "reconstruct_steps": 0, "holdout": 0.25})
+    gemm = [r for r in report.layers if r.op == "Gemm"]
+    assert gemm and not gemm[0].decomposed and gemm[0].pruned
+    assert report.distill["trainable_tensors"] > 0
+
+
+def test_sweep_and_inspect_with_hidden(net, tmp_path):
+    """sweep: a setting that pruned is a row (it used to count as 'nothing decomposed'); inspect refuses hidden."""
+    path, _, feeds = net
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, input=feeds["input"])
+    labels = np.random.default_rng(0).integers(0, 10, size=(64, 1))
+    test = tmp_path / "test.npz"
+    np.savez(test, x=feeds["input"][:64], y=labels)
+    r = _cli("sweep", path, "--data", test, "--calibrate", calib, "--ratios", "0.5", "--layers", "hidden",
+             "--out-dir", tmp_path / "sweep", "--batch", "1", "--runs", "3")
+    assert r.returncode == 0, r.stderr
+    r = _cli("inspect", path, "--layers", "hidden")
+    assert r.returncode != 0 and "--layers hidden" in r.stderr and _error_lines(r) == 1
