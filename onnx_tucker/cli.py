@@ -225,7 +225,7 @@ def cmd_compress(args) -> int:
         print(f"FAILED: {result.reason} (written anyway: --keep-failed)")
         print(f"onnx-tucker: error: self-check FAILED: {result.reason} (written anyway: --keep-failed)", file=sys.stderr)
         return 1
-    if not report.decomposed and not (report.pruning or {}).get("pruned"):
+    if not report.decomposed and not report.pruned_units:
         print(f"PASSED: 0/{t['convs']} convs decomposed, nothing pays: wrote the input model unchanged")
         return 0
     check_note = "; self-check skipped (--no-check)" if result is None else "; self-check " + result.reason

@@ -93,12 +93,7 @@ def _prune_then_compress(model: onnx.ModelProto, opts: CompressOptions) -> tuple
 
     started = time.perf_counter()
     _, sites = factorable_sites(model, opts.forms, opts.input_shapes, opts.layers)
-    names = {s.name for s in sites}
-    excluded = {str(e) for e in opts.exclude}  # --exclude: names, or indices in the table's order
-    excluded |= {sites[int(e)].name for e in excluded if e.isdigit() and int(e) < len(sites)}
-    unknown = {e for e in excluded if e not in names and not (e.isdigit() and int(e) < len(sites))}
-    if unknown:
-        raise UsageError(f"--exclude names no Conv of this model: {', '.join(sorted(unknown))}")
+    excluded = excluded_names(sites, opts.exclude)  # before the pruning's passes: a typo costs nothing
     with timed("prune"):
         pruned_model, pruning = prune(model, opts.calibration, ratio=None if opts.target_macs is not None else opts.ratio,
                                       target_macs=opts.target_macs, input_shapes=opts.input_shapes, exclude=excluded,
@@ -110,7 +105,20 @@ def _prune_then_compress(model: onnx.ModelProto, opts: CompressOptions) -> tuple
     convs = tuple(dict.fromkeys(n for u in pruning.pruned() for n in (u.producer, u.depthwise, u.consumer) if n
                                 and (n != u.consumer or u.kind != "head" or "dense" in rest)))
     factored = replace(opts, layers=rest or (PRUNED_KIND,), target_macs=None, exclude=tuple(opts.exclude) + convs, distill=opts.distill)
-    return _compress(pruned_model, factored, pruning=pruning, original=model, shown=opts)
+    before = {site.name: LayerRecord.from_site(site) for site in sites}  # the table's sizes before pruning
+    return _compress(pruned_model, factored, pruning=(pruning, before), original=model, shown=opts)
+
+
+def excluded_names(sites: list, exclude) -> set[str]:
+    """``--exclude``'s layers as names: each a layer's name or its 0-based index in the table's order (both, where a
+    layer is named like an index); one that is neither is a one-line UsageError."""
+    given = {str(e) for e in exclude}
+    names = {site.name for site in sites}
+    by_index = {str(i): site.name for i, site in enumerate(sites)}
+    unknown = given - names - set(by_index)
+    if unknown:
+        raise UsageError(f"--exclude names no Conv of this model: {', '.join(sorted(unknown))}")
+    return (given & names) | {by_index[e] for e in given if e in by_index}
 
 
 FEEDBACK_AIM = 0.9  # the corrected plan aims this far under the target: the measurement that checks it is noisy
@@ -197,29 +205,28 @@ def _feedback(model: onnx.ModelProto, opts: CompressOptions) -> tuple[onnx.Model
 
 def _compress(model: onnx.ModelProto, opts: CompressOptions, memo: dict | None = None, pruning=None, original=None,
               shown: CompressOptions | None = None) -> tuple[onnx.ModelProto, Report]:
-    """``pruning``: ``model`` is ``original`` with hidden channels pruned (``prune.Pruning``); ``shown``: the options the
-    report records (the user's, where ``opts`` are those left for the factoring)."""
+    """``pruning``: ``model`` is ``original`` with hidden channels pruned: (``prune.Pruning``, the original's
+    ``LayerRecord`` by layer name); ``shown``: the options the report records (the user's, where ``opts`` are those
+    left for the factoring)."""
     graph, sites = factorable_sites(model, opts.forms, opts.input_shapes, opts.layers)
     if not sites:
         raise ModelError("the model has no Conv node: nothing to compress")
     # the ratio only where a ratio chose the ranks (a budget or another rank rule left the default in opts.ratio)
     report = Report(ratio=settings_of(shown or opts)["ratio"], force=opts.force, tool_version=__version__)
+    pruning, before = pruning if pruning is not None else (None, None)
     if pruning is not None:
         report.timings["prune"] = pruning.seconds
     report.sizes_static = sizes_static(model, opts.input_shapes)
     taken = taken_names(graph)
-    excluded = {str(e) for e in opts.exclude}
-    unknown = excluded - {s.name for s in sites} - {str(i) for i in range(len(sites))}
-    if unknown:
-        raise UsageError(f"--exclude names no Conv of this model: {', '.join(sorted(unknown))}")
+    excluded = excluded_names(sites, opts.exclude)
     records = {}
-    for index, site in enumerate(sites):
-        if site.eligible and (site.name in excluded or str(index) in excluded):
+    for site in sites:
+        if site.eligible and site.name in excluded:
             site.reason, site.weight = "excluded by the user", None
         records[site.name] = record = LayerRecord.from_site(site)
         report.layers.append(record)
     if pruning is not None:
-        _record_pruning(records, pruning, original, opts, report)
+        _record_pruning(records, pruning, before, report)
     if opts.ranks:
         opts = replace(opts, ranks=_explicit_ranks(sites, opts.ranks))
     eligible = [s for s in sites if s.eligible]
@@ -325,7 +332,7 @@ def _compress(model: onnx.ModelProto, opts: CompressOptions, memo: dict | None =
             if not record.decomposed:
                 entry["left_whole"] = record.reason
         report.notes.append(_form_choice_note(report))
-    if report.decomposed or (report.pruning or {}).get("pruned"):
+    if report.decomposed or report.pruned_units:
         with report.phase("export"):
             new_model = export(graph, model) if report.decomposed else _copy(model)
             check_chain_nodes(new_model, report.chains)
@@ -391,12 +398,10 @@ def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
     return copy
 
 
-def _record_pruning(records: dict, pruning, original: onnx.ModelProto, opts: CompressOptions, report: Report) -> None:
-    """The pruned units' convs in the table: their sizes before (the original's) and after, and what was kept."""
+def _record_pruning(records: dict, pruning, before: dict, report: Report) -> None:
+    """The pruned units' convs in the table: their sizes ``before`` (the original's records) and after, and what was kept."""
     from onnx_tucker.prune import ROWS_PER_UNKNOWN
 
-    _, before = factorable_sites(original, opts.forms, opts.input_shapes, opts.layers)
-    before = {s.name: LayerRecord.from_site(s) for s in before}
     for unit in pruning.pruned():
         kept = f"{len(unit.keep)}/{unit.channels}"
         for name, role in ((unit.producer, "its output"), (unit.depthwise, "its"), (unit.consumer, "its input")):

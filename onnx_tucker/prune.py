@@ -203,12 +203,7 @@ def find_units(graph: gs.Graph, shapes: dict) -> list[Unit]:
                     and _owned(consumer):
                 macs = [_macs(n, shapes) for n in (producer, nxt, consumer)]
                 if None not in macs:
-                    target, skip = consumer.outputs[0].name, None
-                    adds = consumer.outputs[0].outputs
-                    if len(adds) == 1 and adds[0].op == "Add" and consumer.outputs[0].name not in outputs:
-                        other = [t for t in adds[0].inputs if t is not consumer.outputs[0]]
-                        if len(other) == 1 and not isinstance(other[0], gs.Constant):
-                            target, skip = adds[0].outputs[0].name, other[0].name
+                    target, skip = _residual(consumer, outputs)
                     unit = Unit("block", producer.name, nxt.name, consumer.name, c, consumer.inputs[0].name, target, skip,
                                 sum(macs) // c, nodes=[producer, *before, nxt, *after], geometry=_geometry(consumer, shapes))
         elif nxt.op == "GlobalAveragePool":
@@ -235,7 +230,8 @@ def _geometry(conv: gs.Node, shapes: dict) -> tuple | None:
 
 
 def _residual(consumer: gs.Node, outputs: set) -> tuple[str, str | None]:
-    """(what the refit aims at, the residual Add's other input): the Add's output where the consumer feeds only an Add."""
+    """(what the refit aims at, the residual Add's other input): the Add's output where the consumer feeds only an Add
+    of two computed tensors (``calibrate.residual_merge``'s rule, on the graph-surgeon graph), else its own output."""
     adds = consumer.outputs[0].outputs
     if len(adds) == 1 and adds[0].op == "Add" and consumer.outputs[0].name not in outputs:
         other = [t for t in adds[0].inputs if t is not consumer.outputs[0]]

@@ -69,6 +69,11 @@ class Report:
     def decomposed(self) -> list:
         return [r for r in self.layers if r.decomposed]
 
+    @property
+    def pruned_units(self) -> int:
+        """How many units' hidden channels were pruned (--layers hidden); 0 without pruning."""
+        return (self.pruning or {}).get("pruned", 0)
+
     def totals(self) -> dict:
         t = {
             "convs": len(self.layers),

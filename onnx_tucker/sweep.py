@@ -276,7 +276,7 @@ def compress_setting(setting: tuple, model, calibration: dict | None, rank_multi
         new_model, report = compress(from_bytes(model), ratio=value if kind == "ratio" else 1.0, **options)
     except ModelError as exc:
         return str(exc), None, None
-    if not report.decomposed and not (report.pruning or {}).get("pruned"):  # nothing profitable here: a row that says why
+    if not report.decomposed and not report.pruned_units:  # nothing profitable here: a row that says why
         return (report.notes[-1] if report.notes else "no layer was decomposed"), None, None
     return None, new_model.SerializeToString() if as_bytes else new_model, report
 
