@@ -149,6 +149,8 @@ class CompressOptions:
         ``onnx_tucker.distill.distill`` keyword options ({} for its measured defaults), or None (off).
     input_shapes: {input name: dims} for inputs with dynamic spatial sizes: the cost model counts MACs at
         these sizes (without it such layers' MACs are unknown and profitability is judged on parameters).
+    prune_share: with ``layers`` "hidden" and another kind and ``target_macs`` T: pruning meets T ** prune_share of
+        the original's MACs and the factoring the rest (in (0, 1); None: ``pipeline.PRUNE_SHARE``, 0.5).
     ray: measure the measured budget's curves as Ray tasks, one per layer (``onnx_tucker.fanout``, needs
         ``pip install 'onnx-tucker[ray]'``): "auto" (this machine's cluster, or a new local one) or a cluster
         address like "HEAD:6379"; None (default) measures here. The curves and ranks are the same.
@@ -182,6 +184,7 @@ class CompressOptions:
     probe_images: int = 128  # sensitivity.EVAL_SAMPLES (not imported here: options stay light)
     distill: dict | None = None
     ray: str | None = None
+    prune_share: float | None = None
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "CompressOptions":
@@ -255,6 +258,11 @@ class CompressOptions:
             layer_plan(self.layers, self.forms)  # refuses unknown kinds
             if "hidden" in self.layers:
                 self._check_hidden()
+        if self.prune_share is not None:
+            self.prune_share = check_share(self.prune_share, "prune_share")
+            if not (self.layers and "hidden" in self.layers and len(self.layers) > 1 and self.target_macs is not None):
+                raise UsageError("--prune-share splits a --target-macs between pruning and factoring: it needs --layers "
+                                 "hidden with another kind (e.g. hidden,kxk) and --target-macs")
         measured = ((self.target_macs is not None and self.budget_rule != "uniform") or self.target_latency is not None) \
             and self.calibration is not None
         if self.curves is not None and not measured:
@@ -288,9 +296,6 @@ class CompressOptions:
             raise UsageError("--layers hidden keeps a multiple of --rank-multiple N channels: give a number (8 or 16 on the CPU EP), not auto")
         if self.budget_rule == "uniform":
             raise UsageError("--layers hidden splits --target-macs by the blocks' measured errors: --budget-rule uniform does not apply")
-        if self.target_macs is not None and len(self.layers) > 1:
-            raise UsageError("--layers hidden with --target-macs prunes alone (the budget is not shared with factored layers "
-                             "yet): give --layers hidden, or --ratio for both")
 
     def _check_types(self) -> None:
         """The API's dict options have the shapes the CLI would build: one-line errors instead of a traceback deep inside."""
@@ -371,6 +376,7 @@ def settings_of(opts: CompressOptions, report_decomposed: bool = True) -> dict:
                   if opts.calibration and (opts.target_macs is not None or opts.target_latency is not None) else None,
         "probe_images": opts.probe_images if opts.calibration and (opts.target_macs is not None or opts.target_latency is not None) else None,
         "exclude": [str(e) for e in opts.exclude] or None,
+        "prune_share": opts.prune_share,
         "ranks": {str(k): list(v) for k, v in opts.ranks.items()} or None,
         "iterations": opts.n_iter_max,
         "method": opts.method,
@@ -378,6 +384,19 @@ def settings_of(opts: CompressOptions, report_decomposed: bool = True) -> dict:
 
 
 # --- argument groups shared by the commands --------------------------------------------------------
+
+def check_share(value, what: str = "prune share") -> float:
+    """A number strictly between 0 and 1 (``--prune-share``: 0 would not prune, 1 would not factor)."""
+    if isinstance(value, bool):
+        raise UsageError(f"{what} must be a number in (0, 1), got {value!r}")
+    try:
+        share = float(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"{what} must be a number in (0, 1), got {value!r}") from None
+    if not 0.0 < share < 1.0:  # NaN fails this too
+        raise UsageError(f"{what} must be in (0, 1), got {value}")
+    return share
+
 
 def _type(check, *args):
     """An argparse ``type`` from a checker (its UsageError becomes the one-line usage error)."""
@@ -520,6 +539,11 @@ class BudgetArgs:
                             "of the calibration set, fewer for inputs bigger than CIFAR's); more take longer in proportion "
                             "and make the allocation steadier across calibration subsets")
 
+        parser.add_argument("--prune-share", type=_type(check_share, "--prune-share"), default=None, metavar="S",
+                            help="with --layers hidden and another kind (e.g. hidden,kxk) and --target-macs T: pruning "
+                            "takes the conv MACs to T**S of the original, rank cuts the rest (in (0, 1); default 0.5: "
+                            "each a square root of T)")
+
     @staticmethod
     def parse(args) -> dict:
         if args.budget_rule is not None and args.target_macs is None:
@@ -532,8 +556,10 @@ class BudgetArgs:
                 raise UsageError(f"{flag} only applies with --target-macs and --calibrate (the measured budget)"
                                  + (", not with --budget-rule uniform" if args.budget_rule == "uniform" else ""))
         if not budget:
-            return {}
+            return {} if args.prune_share is None else {"prune_share": args.prune_share}  # refused with its reason
         options = {"target_macs": args.target_macs, "budget_rule": args.budget_rule or "auto"} if args.target_macs is not None else {}
+        if args.prune_share is not None:
+            options["prune_share"] = args.prune_share
         if args.probes is not None:
             options["probes"] = args.probes
         if getattr(args, "probe_images", None) is not None:

@@ -85,28 +85,67 @@ def compress(model, ratio: float = 0.5, **options) -> tuple[onnx.ModelProto, Rep
     return _compress(model, opts)
 
 
+PRUNE_SHARE = 0.5  # --layers hidden,KIND --target-macs T: pruning to T ** share, the factoring the rest (docs/pruning.md)
+
+
 def _prune_then_compress(model: onnx.ModelProto, opts: CompressOptions) -> tuple[onnx.ModelProto, Report]:
-    """``--layers hidden``: prune the hidden channels first (to ``target_macs`` alone, or to ``ratio`` of each unit), then
-    factor the other kinds asked for at ``ratio``, the pruned units' convs left as they are."""
+    """``--layers hidden``: prune the hidden channels first, then factor the other kinds asked for.
+
+    With ``ratio``: each unit keeps ``ratio`` of its channels and the other kinds are factored at ``ratio``, the pruned
+    units' convs left as they are (a rank cut at R of a layer already cut to R would compound to R squared).
+    With ``target_macs`` T alone: pruning meets T. With ``target_macs`` and other kinds: pruning meets T ** share
+    (``prune_share``, default ``PRUNE_SHARE``), then the measured budget factors the pruned model, its pruned convs
+    included, down to T of the original's MACs."""
     from onnx_tucker.prune import prune
     from onnx_tucker.trace import timed
 
     started = time.perf_counter()
     _, sites = factorable_sites(model, opts.forms, opts.input_shapes, opts.layers)
     excluded = excluded_names(sites, opts.exclude)  # before the pruning's passes: a typo costs nothing
+    rest = tuple(k for k in opts.layers if k != PRUNED_KIND)
+    hybrid = opts.target_macs is not None and bool(rest)
+    share = PRUNE_SHARE if opts.prune_share is None else opts.prune_share
+    prune_target = opts.target_macs ** share if hybrid else opts.target_macs
     with timed("prune"):
         pruned_model, pruning = prune(model, opts.calibration, ratio=None if opts.target_macs is not None else opts.ratio,
-                                      target_macs=opts.target_macs, input_shapes=opts.input_shapes, exclude=excluded,
+                                      target_macs=prune_target, input_shapes=opts.input_shapes, exclude=excluded,
                                       multiple=opts.rank_multiple if opts.rank_multiple > 1 else None)
     pruning.seconds = time.perf_counter() - started
-    rest = tuple(k for k in opts.layers if k != PRUNED_KIND)
+    before = {site.name: LayerRecord.from_site(site) for site in sites}  # the table's sizes before pruning
+    if hybrid:
+        return _factor_pruned(model, pruned_model, pruning, before, replace(opts, prune_share=share), rest)
     # a pruned head's classifier is a site only under --layers dense: left whole then too (it was refitted, and
     # --distill trains its pruned weight)
     convs = tuple(dict.fromkeys(n for u in pruning.pruned() for n in (u.producer, u.depthwise, u.consumer) if n
                                 and (n != u.consumer or u.kind != "head" or "dense" in rest)))
     factored = replace(opts, layers=rest or (PRUNED_KIND,), target_macs=None, exclude=tuple(opts.exclude) + convs, distill=opts.distill)
-    before = {site.name: LayerRecord.from_site(site) for site in sites}  # the table's sizes before pruning
     return _compress(pruned_model, factored, pruning=(pruning, before), original=model, shown=opts)
+
+
+def _budget_macs(model: onnx.ModelProto, opts: CompressOptions, layers: tuple) -> int:
+    """The MACs a ``--target-macs`` of ``_compress`` is a fraction of: every layer it counts, eligible or not."""
+    _, sites = factorable_sites(model, opts.forms, opts.input_shapes, layers)
+    return sum(s.shape.macs() for s in sites if s.shape is not None)
+
+
+def _factor_pruned(model, pruned_model, pruning, before: dict, opts: CompressOptions, rest: tuple) -> tuple[onnx.ModelProto, Report]:
+    """The factoring stage of ``--layers hidden,KIND --target-macs T``: the measured budget on the pruned model, at
+    what is left of T in its own MAC count (the pruned convs are layers like any other now)."""
+    whole, left = _budget_macs(model, opts, rest), _budget_macs(pruned_model, opts, rest)
+    target = min(1.0, opts.target_macs * whole / max(left, 1))
+    factored = replace(opts, layers=rest, target_macs=target, prune_share=None)
+    try:
+        new_model, report = _compress(pruned_model, factored, pruning=(pruning, before), original=model, shown=opts)
+    except UsageError as exc:
+        if not str(exc).startswith("target MACs"):
+            raise
+        raise UsageError(f"--layers {','.join(opts.layers)}: pruning left {left / whole:.3f} of the MACs, and the factoring "
+                         f"cannot take the pruned model to {target:.3f} of its own ({exc}): a larger --prune-share prunes more") from None
+    report.pruning |= {"share": opts.prune_share, "pruned_to": round(left / whole, 6), "factored_to": round(target, 6)}
+    report.notes.append(f"--layers {','.join(opts.layers)} --target-macs {opts.target_macs:g}: pruning took the MACs to "
+                        f"{left / whole:.3f} (aim {opts.target_macs ** opts.prune_share:.3f}, --prune-share {opts.prune_share:g}), "
+                        f"the measured budget the pruned model to {target:.3f} of its own")
+    return new_model, report
 
 
 def excluded_names(sites: list, exclude) -> set[str]:
@@ -290,7 +329,8 @@ def _compress(model: onnx.ModelProto, opts: CompressOptions, memo: dict | None =
         form = get_form(site.form)
         record = records[site.name]
         if planned.get(site.name) is None:
-            record.reason = "left whole by the " + ("latency" if opts.target_latency is not None else "MAC") + " budget allocation"
+            if not record.pruned:  # a pruned conv's note says what was pruned
+                record.reason = "left whole by the " + ("latency" if opts.target_latency is not None else "MAC") + " budget allocation"
             continue
         if hasattr(form, "resolve"):  # a FormChoice: the planned ranks say which form writes the chain
             form = form.resolve(site, tuple(planned[site.name]))
@@ -305,8 +345,11 @@ def _compress(model: onnx.ModelProto, opts: CompressOptions, memo: dict | None =
             with report.phase("latency", traced=False):
                 why = _latency_verdict(table, site, ranks, record, report, left_whole, strict=opts.latency_aware)
         if why:
-            record.reason = why
-            record.params_after, record.macs_after = record.params_before, record.macs_before
+            if record.pruned:  # stays as pruned: the pruned model's sizes
+                record.params_after, record.macs_after = site.shape.params(), site.shape.macs()
+            else:
+                record.reason = why
+                record.params_after, record.macs_after = record.params_before, record.macs_before
             continue
         # one fit per weight, form, layout and ranks: a weight a MatMul reads as (in, out) and a Gemm with transB as
         # (out, in) needs factors of each layout (the Gemm took the MatMul's, transposed: wrong output, PASSED)
@@ -346,8 +389,10 @@ def _compress(model: onnx.ModelProto, opts: CompressOptions, memo: dict | None =
                 raise UsageError("distillation needs unlabelled inputs: give calibration data (--calibrate)")
             from onnx_tucker.distill import distill
 
+            # a pruned tensor a chain replaced (--layers hidden,KIND --target-macs) is trained as the chain's factors
+            present = {i.name for i in new_model.graph.initializer}
             trainable = list(dict.fromkeys([t for c in report.chains for t in c.trainable()]
-                                           + [t for u in (pruning.pruned() if pruning else ()) for t in u.trainable]))
+                                           + [t for u in (pruning.pruned() if pruning else ()) for t in u.trainable if t in present]))
             # The chain records go on the model now (not only when it is written): the reconstruction finds
             # its chains there; from node names alone it would see only the Tucker ones, not the SVD forms.
             set_metadata(new_model, {CHAINS_KEY: dump_chains(report.chains)})

@@ -162,7 +162,7 @@ def format_table(report: Report) -> str:
                 f"{_n(r.params_before)} -> {_n(r.params_after)}",
                 f"{_n(r.macs_before)} -> {_n(r.macs_after)}" if r.macs_known else "unknown*",
                 f"{r.relative_error:.4f}",
-                ("decomposed" + (f": {r.layout}" if r.layout else "")
+                ((f"pruned {r.kept}, then " if r.pruned else "") + "decomposed" + (f": {r.layout}" if r.layout else "")
                  + (f" ({r.original_us:.0f} -> {r.chain_us:.0f} us)" if r.original_us is not None and r.chain_us is not None else "")),
             ])
         else:
