@@ -85,35 +85,21 @@ def compress(model, ratio: float = 0.5, **options) -> tuple[onnx.ModelProto, Rep
     return _compress(model, opts)
 
 
-PRUNE_SHARE = 0.5  # --layers hidden,KIND --target-macs T: pruning to T ** share, the factoring the rest (docs/pruning.md)
-
-
 def _prune_then_compress(model: onnx.ModelProto, opts: CompressOptions) -> tuple[onnx.ModelProto, Report]:
     """``--layers hidden``: prune the hidden channels first, then factor the other kinds asked for.
 
     With ``ratio``: each unit keeps ``ratio`` of its channels and the other kinds are factored at ``ratio``, the pruned
     units' convs left as they are (a rank cut at R of a layer already cut to R would compound to R squared).
-    With ``target_macs`` T alone: pruning meets T. With ``target_macs`` and other kinds: pruning meets T ** share
-    (``prune_share``, default ``PRUNE_SHARE``), then the measured budget factors the pruned model, its pruned convs
-    included, down to T of the original's MACs."""
-    from onnx_tucker.prune import prune
-    from onnx_tucker.trace import timed
-
-    started = time.perf_counter()
+    With ``target_macs`` alone: pruning meets it. With ``target_macs`` and other kinds: ``onnx_tucker.hybrid``."""
     _, sites = factorable_sites(model, opts.forms, opts.input_shapes, opts.layers)
     excluded = excluded_names(sites, opts.exclude)  # before the pruning's passes: a typo costs nothing
-    rest = tuple(k for k in opts.layers if k != PRUNED_KIND)
-    hybrid = opts.target_macs is not None and bool(rest)
-    share = PRUNE_SHARE if opts.prune_share is None else opts.prune_share
-    prune_target = opts.target_macs ** share if hybrid else opts.target_macs
-    with timed("prune"):
-        pruned_model, pruning = prune(model, opts.calibration, ratio=None if opts.target_macs is not None else opts.ratio,
-                                      target_macs=prune_target, input_shapes=opts.input_shapes, exclude=excluded,
-                                      multiple=opts.rank_multiple if opts.rank_multiple > 1 else None)
-    pruning.seconds = time.perf_counter() - started
     before = {site.name: LayerRecord.from_site(site) for site in sites}  # the table's sizes before pruning
-    if hybrid:
-        return _factor_pruned(model, pruned_model, pruning, before, replace(opts, prune_share=share), rest)
+    rest = tuple(k for k in opts.layers if k != PRUNED_KIND)
+    if opts.target_macs is not None and rest:
+        from onnx_tucker.hybrid import prune_and_factor
+
+        return prune_and_factor(model, opts, rest, excluded, before)
+    pruned_model, pruning = pruned(model, opts, opts.target_macs, excluded)
     # a pruned head's classifier is a site only under --layers dense: left whole then too (it was refitted, and
     # --distill trains its pruned weight)
     convs = tuple(dict.fromkeys(n for u in pruning.pruned() for n in (u.producer, u.depthwise, u.consumer) if n
@@ -122,30 +108,24 @@ def _prune_then_compress(model: onnx.ModelProto, opts: CompressOptions) -> tuple
     return _compress(pruned_model, factored, pruning=(pruning, before), original=model, shown=opts)
 
 
-def _budget_macs(model: onnx.ModelProto, opts: CompressOptions, layers: tuple) -> int:
+def pruned(model: onnx.ModelProto, opts: CompressOptions, target_macs: float | None, excluded: set):
+    """``prune.prune`` with the options' ratio (where ``target_macs`` is None), exclusions and multiple, timed."""
+    from onnx_tucker.prune import prune
+    from onnx_tucker.trace import timed
+
+    started = time.perf_counter()
+    with timed("prune"):
+        model, pruning = prune(model, opts.calibration, ratio=None if target_macs is not None else opts.ratio,
+                               target_macs=target_macs, input_shapes=opts.input_shapes, exclude=excluded,
+                               multiple=opts.rank_multiple if opts.rank_multiple > 1 else None)
+    pruning.seconds = time.perf_counter() - started
+    return model, pruning
+
+
+def budget_macs(model: onnx.ModelProto, opts: CompressOptions, layers: tuple) -> int:
     """The MACs a ``--target-macs`` of ``_compress`` is a fraction of: every layer it counts, eligible or not."""
     _, sites = factorable_sites(model, opts.forms, opts.input_shapes, layers)
     return sum(s.shape.macs() for s in sites if s.shape is not None)
-
-
-def _factor_pruned(model, pruned_model, pruning, before: dict, opts: CompressOptions, rest: tuple) -> tuple[onnx.ModelProto, Report]:
-    """The factoring stage of ``--layers hidden,KIND --target-macs T``: the measured budget on the pruned model, at
-    what is left of T in its own MAC count (the pruned convs are layers like any other now)."""
-    whole, left = _budget_macs(model, opts, rest), _budget_macs(pruned_model, opts, rest)
-    target = min(1.0, opts.target_macs * whole / max(left, 1))
-    factored = replace(opts, layers=rest, target_macs=target, prune_share=None)
-    try:
-        new_model, report = _compress(pruned_model, factored, pruning=(pruning, before), original=model, shown=opts)
-    except UsageError as exc:
-        if not str(exc).startswith("target MACs"):
-            raise
-        raise UsageError(f"--layers {','.join(opts.layers)}: pruning left {left / whole:.3f} of the MACs, and the factoring "
-                         f"cannot take the pruned model to {target:.3f} of its own ({exc}): a larger --prune-share prunes more") from None
-    report.pruning |= {"share": opts.prune_share, "pruned_to": round(left / whole, 6), "factored_to": round(target, 6)}
-    report.notes.append(f"--layers {','.join(opts.layers)} --target-macs {opts.target_macs:g}: pruning took the MACs to "
-                        f"{left / whole:.3f} (aim {opts.target_macs ** opts.prune_share:.3f}, --prune-share {opts.prune_share:g}), "
-                        f"the measured budget the pruned model to {target:.3f} of its own")
-    return new_model, report
 
 
 def excluded_names(sites: list, exclude) -> set[str]:

@@ -258,7 +258,7 @@ def test_cli_prunes_to_a_budget_and_reports_it(net, tmp_path):
     (["--ratio", "0.5", "--layers", "hidden"], "--layers hidden needs calibration data (--calibrate)"),
     (["--target-macs", "0.5", "--layers", "hidden", "--prune-share", "0.3", "--calibrate", "CALIB"], "--prune-share splits"),
     (["--ratio", "0.5", "--layers", "hidden,kxk", "--prune-share", "0.3", "--calibrate", "CALIB"], "--prune-share splits"),
-    (["--target-macs", "0.5", "--layers", "hidden,kxk", "--prune-share", "1", "--calibrate", "CALIB"], "must be in (0, 1)"),
+    (["--target-macs", "0.5", "--layers", "hidden,kxk", "--prune-share", "1", "--calibrate", "CALIB"], "must be in (0, 1) or auto"),
     (["--target-macs", "0.1", "--layers", "hidden,kxk", "--prune-share", "0.1", "--calibrate", "CALIB"],
      "a larger --prune-share prunes more"),
     (["--layers", "hidden", "--rank-method", "energy", "--calibrate", "CALIB"], "give --ratio or --target-macs"),
@@ -526,7 +526,7 @@ def test_a_budget_shared_with_factoring_is_pruning_then_the_measured_budget(net)
     model, its pruned convs included, to T of the original's: the same model as the two public calls one after the
     other, T met, and the MACs the report gives are the written model's."""
     from onnx_tucker import compress
-    from onnx_tucker.pipeline import PRUNE_SHARE
+    from onnx_tucker.hybrid import PRUNE_SHARE
 
     _, model, feeds = net
     new, report = compress(model, layers=("hidden", "kxk"), target_macs=0.5, calibration=feeds)
@@ -559,7 +559,7 @@ def test_prune_share_moves_the_split_between_pruning_and_factoring(net):
     assert shares[0.75] < shares[0.25]
 
 
-@pytest.mark.parametrize("share", [0, 1, 1.5, "half", True])
+@pytest.mark.parametrize("share", [0, 1, 1.5, "half", True, float("nan")])
 def test_a_prune_share_outside_0_1_is_refused_by_the_api(net, share):
     from onnx_tucker import compress
     from onnx_tucker.errors import UsageError
@@ -579,3 +579,20 @@ def test_distill_after_pruning_and_factoring_trains_what_is_in_the_model(net):
     assert any(r.pruned and r.decomposed for r in report.layers)
     names = {i.name for i in new.graph.initializer}
     assert report.distill["trainable_tensors"] > 0 and any(n.endswith("_pruned") for n in names)
+
+
+def test_prune_share_auto_keeps_the_share_whose_outputs_move_least(net):
+    """--prune-share auto: each of hybrid.SHARES tried; the model kept is the one at the share with the least KL on
+    calibration images, and it is that share's model exactly."""
+    from onnx_tucker import compress
+    from onnx_tucker.hybrid import SHARES
+
+    _, model, feeds = net
+    new, report = compress(model, layers=("hidden", "kxk"), target_macs=0.5, calibration=feeds, prune_share="auto")
+    tried = {float(k): v for k, v in report.pruning["shares_tried"].items()}
+    assert sorted(tried) == sorted(SHARES) and all(v is not None and v >= 0 for v in tried.values())
+    chosen = min(tried, key=tried.get)
+    assert report.pruning["share"] == chosen and report.settings["prune_share"] == chosen
+    again, _ = compress(model, layers=("hidden", "kxk"), target_macs=0.5, calibration=feeds, prune_share=chosen)
+    np.testing.assert_array_equal(run_model(new, feeds)[0], run_model(again, feeds)[0])
+    assert any("--prune-share auto" in note for note in report.notes)

@@ -1,0 +1,96 @@
+"""One MAC budget for pruning and rank cuts (``--layers hidden,KIND --target-macs T``).
+
+Pruning first takes the conv MACs to T ** share of the original's (``prune.prune``'s own knapsack over its units),
+then the measured budget factors the pruned model, its pruned convs included, down to T of the original's MACs.
+Each stage is the tool's own, with its proofs; what is new is the split. ``--prune-share auto`` tries ``SHARES`` and
+keeps the model whose class scores move least (KL, as the measured budget's probes) on calibration images: the best
+share differs by model (ResNet-20 at 2x liked little pruning, MobileNetV2 much; docs/pruning.md).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+import numpy as np
+import onnx
+
+from onnx_tucker.errors import UsageError
+from onnx_tucker.options import CompressOptions
+from onnx_tucker.report import Report
+
+PRUNE_SHARE = 0.5  # the default: pruning and rank cuts each take the square root of T
+SHARES = (0.25, 0.5, 0.75)  # --prune-share auto's candidates
+AUTO_IMAGES = 512  # calibration images the candidates are compared on (fewer for big inputs: sensitivity.eval_samples)
+
+
+def prune_and_factor(model: onnx.ModelProto, opts: CompressOptions, rest: tuple, excluded: set, before: dict
+                     ) -> tuple[onnx.ModelProto, Report]:
+    """Prune to ``target_macs ** prune_share``, then factor the ``rest`` kinds to ``target_macs`` of ``model``'s MACs."""
+    if opts.prune_share == "auto":
+        return _best_share(model, opts, rest, excluded, before)
+    share = PRUNE_SHARE if opts.prune_share is None else opts.prune_share
+    return _at_share(model, replace(opts, prune_share=share), rest, excluded, before)
+
+
+def _at_share(model, opts: CompressOptions, rest: tuple, excluded: set, before: dict) -> tuple[onnx.ModelProto, Report]:
+    from onnx_tucker.pipeline import _compress, budget_macs, pruned
+
+    pruned_model, pruning = pruned(model, opts, opts.target_macs ** opts.prune_share, excluded)
+    whole, left = budget_macs(model, opts, rest), budget_macs(pruned_model, opts, rest)
+    target = min(1.0, opts.target_macs * whole / max(left, 1))  # what is left of T, in the pruned model's own MACs
+    factored = replace(opts, layers=rest, target_macs=target, prune_share=None)
+    try:
+        new_model, report = _compress(pruned_model, factored, pruning=(pruning, before), original=model, shown=opts)
+    except UsageError as exc:
+        if not str(exc).startswith("target MACs"):
+            raise
+        raise UsageError(f"--layers {','.join(opts.layers)}: pruning left {left / whole:.3f} of the MACs, and the factoring "
+                         f"cannot take the pruned model to {target:.3f} of its own ({exc}): a larger --prune-share prunes more") from None
+    report.pruning |= {"share": opts.prune_share, "pruned_to": round(left / whole, 6), "factored_to": round(target, 6)}
+    report.notes.append(f"--layers {','.join(opts.layers)} --target-macs {opts.target_macs:g}: pruning took the MACs to "
+                        f"{left / whole:.3f} (aim {opts.target_macs ** opts.prune_share:.3f}, share {opts.prune_share:g}), "
+                        f"the measured budget the pruned model to {target:.3f} of its own")
+    return new_model, report
+
+
+def _best_share(model, opts: CompressOptions, rest: tuple, excluded: set, before: dict) -> tuple[onnx.ModelProto, Report]:
+    """Each of ``SHARES`` without distillation, the least KL on calibration images kept (then distilled, if asked)."""
+    from onnx_tucker.sensitivity import _distortion, eval_samples
+
+    started = time.perf_counter()
+    feeds = opts.calibration
+    n = len(next(iter(feeds.values())))
+    pick = np.sort(np.random.default_rng(0).choice(n, eval_samples(feeds, AUTO_IMAGES), replace=False))
+    images = {k: np.asarray(v[pick]) for k, v in feeds.items()}
+    reference = _outputs(model, images)
+    tried, best, failure = {}, None, None
+    for share in SHARES:
+        try:
+            new_model, report = _at_share(model, replace(opts, prune_share=share, distill=None), rest, excluded, before)
+        except UsageError as exc:  # this share's factoring cannot reach T: a larger one may
+            tried[share], failure = None, exc
+            continue
+        tried[share] = sum(_distortion(r, o) for r, o in zip(reference, _outputs(new_model, images)))
+        if best is None or tried[share] < tried[best[0]]:
+            best = (share, new_model, report)
+    if best is None:
+        raise failure
+    share, new_model, report = best
+    if opts.distill is not None:  # the chosen share again (the same model: every stage is seeded), now distilled
+        new_model, report = _at_share(model, replace(opts, prune_share=share), rest, excluded, before)
+    report.pruning["shares_tried"] = {str(k): v for k, v in tried.items()}
+    report.timings["share_search"] = round(time.perf_counter() - started, 3)
+    report.notes.append(f"--prune-share auto: {share:g} (KL of the class scores on {len(pick)} calibration images: "
+                        + ", ".join(f"{k:g}: " + ("cannot reach the target" if v is None else f"{v:.4g}") for k, v in tried.items())
+                        + ")")
+    return new_model, report
+
+
+def _outputs(model: onnx.ModelProto, feeds: dict) -> list:
+    """Every output of ``model`` on ``feeds`` (batch by batch at a fixed batch size)."""
+    from onnx_tucker.prune import _batched, _session
+
+    session = _session(model)
+    names = [o.name for o in session.get_outputs()]
+    parts = [out for _, (out,) in _batched(model, feeds, [(session, names)])]
+    return [np.concatenate([p[i] for p in parts]) for i in range(len(names))]
