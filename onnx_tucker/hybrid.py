@@ -3,8 +3,9 @@
 Pruning first takes the conv MACs to T ** share of the original's (``prune.prune``'s own knapsack over its units),
 then the measured budget factors the pruned model, its pruned convs included, down to T of the original's MACs.
 Each stage is the tool's own, with its proofs; what is new is the split. ``--prune-share auto`` tries ``SHARES`` and
-keeps the model whose class scores move least (KL, as the measured budget's probes) on calibration images: the best
-share differs by model (ResNet-20 at 2x liked little pruning, MobileNetV2 much; docs/pruning.md).
+keeps the model whose class scores move least (KL, as the measured budget's probes) on calibration images, share 0
+(rank cuts alone) among them: the best share differs by model (ResNet-20 at 2x liked little pruning, MobileNetV2 much,
+the small ResNet none; docs/pruning.md).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from onnx_tucker.options import CompressOptions
 from onnx_tucker.report import Report
 
 PRUNE_SHARE = 0.5  # the default: pruning and rank cuts each take the square root of T
-SHARES = (0.25, 0.5, 0.75)  # --prune-share auto's candidates
+SHARES = (0.0, 0.25, 0.5, 0.75)  # --prune-share auto's candidates; 0: rank cuts alone (the small ResNet pruned badly)
 AUTO_IMAGES = 512  # calibration images the candidates are compared on (fewer for big inputs: sensitivity.eval_samples)
 
 
@@ -35,6 +36,11 @@ def prune_and_factor(model: onnx.ModelProto, opts: CompressOptions, rest: tuple,
 def _at_share(model, opts: CompressOptions, rest: tuple, excluded: set, before: dict) -> tuple[onnx.ModelProto, Report]:
     from onnx_tucker.pipeline import _compress, budget_macs, pruned
 
+    if opts.prune_share == 0:  # --prune-share auto's "rank cuts alone": no pruning pass at all
+        new_model, report = _compress(model, replace(opts, layers=rest, prune_share=None), shown=opts)
+        report.pruning = {"units": [], "pruned": 0, "macs_saved": 0, "share": 0.0, "pruned_to": 1.0,
+                          "factored_to": opts.target_macs}
+        return new_model, report
     pruned_model, pruning = pruned(model, opts, opts.target_macs ** opts.prune_share, excluded)
     whole, left = budget_macs(model, opts, rest), budget_macs(pruned_model, opts, rest)
     target = min(1.0, opts.target_macs * whole / max(left, 1))  # what is left of T, in the pruned model's own MACs

@@ -258,7 +258,7 @@ def test_cli_prunes_to_a_budget_and_reports_it(net, tmp_path):
     (["--ratio", "0.5", "--layers", "hidden"], "--layers hidden needs calibration data (--calibrate)"),
     (["--target-macs", "0.5", "--layers", "hidden", "--prune-share", "0.3", "--calibrate", "CALIB"], "--prune-share splits"),
     (["--ratio", "0.5", "--layers", "hidden,kxk", "--prune-share", "0.3", "--calibrate", "CALIB"], "--prune-share splits"),
-    (["--target-macs", "0.5", "--layers", "hidden,kxk", "--prune-share", "1", "--calibrate", "CALIB"], "must be in (0, 1) or auto"),
+    (["--target-macs", "0.5", "--layers", "hidden,kxk", "--prune-share", "1", "--calibrate", "CALIB"], "must be in [0, 1) or auto"),
     (["--target-macs", "0.1", "--layers", "hidden,kxk", "--prune-share", "0.1", "--calibrate", "CALIB"],
      "a larger --prune-share prunes more"),
     (["--layers", "hidden", "--rank-method", "energy", "--calibrate", "CALIB"], "give --ratio or --target-macs"),
@@ -559,7 +559,7 @@ def test_prune_share_moves_the_split_between_pruning_and_factoring(net):
     assert shares[0.75] < shares[0.25]
 
 
-@pytest.mark.parametrize("share", [0, 1, 1.5, "half", True, float("nan")])
+@pytest.mark.parametrize("share", [-0.1, 1, 1.5, "half", True, float("nan")])
 def test_a_prune_share_outside_0_1_is_refused_by_the_api(net, share):
     from onnx_tucker import compress
     from onnx_tucker.errors import UsageError
@@ -596,3 +596,14 @@ def test_prune_share_auto_keeps_the_share_whose_outputs_move_least(net):
     again, _ = compress(model, layers=("hidden", "kxk"), target_macs=0.5, calibration=feeds, prune_share=chosen)
     np.testing.assert_array_equal(run_model(new, feeds)[0], run_model(again, feeds)[0])
     assert any("--prune-share auto" in note for note in report.notes)
+
+
+def test_prune_share_0_is_the_rank_cuts_alone(net):
+    from onnx_tucker import compress
+
+    _, model, feeds = net
+    new, report = compress(model, layers=("hidden", "kxk"), target_macs=0.5, calibration=feeds, prune_share=0)
+    plain, alone = compress(model, layers=("kxk",), target_macs=0.5, calibration=feeds)
+    assert report.pruning["pruned"] == 0 and not any(r.pruned for r in report.layers)
+    assert report.totals()["macs_after"] == alone.totals()["macs_after"]
+    np.testing.assert_array_equal(run_model(new, feeds)[0], run_model(plain, feeds)[0])
