@@ -31,6 +31,11 @@ TARGETS = [
     ("mbv2_t05", "cifar10_mobilenetv2", "--target-macs 0.5 --layers kxk,1x1", 1.0, None),
     ("mbv2_t05_hidden", "cifar10_mobilenetv2", "--target-macs 0.5 --layers hidden", 1.0, None),
     ("mbv2_t05_hidden_m16", "cifar10_mobilenetv2", "--target-macs 0.5 --layers hidden --rank-multiple 16", 1.0, None),
+    # one budget for pruning and rank cuts (onnx_tucker/hybrid.py, stop 30)
+    ("r20_t05_hybrid", "cifar10_resnet20", "--target-macs 0.5 --layers hidden,kxk --forms tucker2,spatial", 1.0, 30),
+    ("r20_t05_hybrid_auto", "cifar10_resnet20", "--target-macs 0.5 --layers hidden,kxk --forms tucker2,spatial --prune-share auto", 1.0, None),
+    ("mbv2_t05_hybrid", "cifar10_mobilenetv2", "--target-macs 0.5 --layers hidden,kxk,1x1", 1.0, None),
+    ("mbv2_t05_hybrid_auto", "cifar10_mobilenetv2", "--target-macs 0.5 --layers hidden,kxk,1x1 --prune-share auto", 1.0, None),
     ("resnet_r05", "cifar10_resnet", "--ratio 0.5", 2.0, None),
     ("resnet_r05_spatial", "cifar10_resnet", "--ratio 0.5 --forms spatial", 2.0, None),
     ("resnet_t033_distill", "cifar10_resnet", "--target-macs 0.333 --forms tucker2,spatial --distill", 1.0, None),
@@ -42,7 +47,9 @@ TARGETS = [
 MOONSHOT = [(f"moon_{m}", m, "--target-macs 0.2" + extra, 1.0, None) for m, extra in [
     ("cifar10_vgg11_bn", ""), ("cifar10_resnet20", ""), ("cifar10_resnet", ""), ("cifar10_cnn", ""),
     ("cifar10_resnet56", ""), ("cifar10_mobilenetv2", " --layers kxk,1x1")]] + [
-    ("moon_cifar10_mobilenetv2_hidden", "cifar10_mobilenetv2", "--target-macs 0.2 --layers hidden", 1.0, None)]
+    ("moon_cifar10_mobilenetv2_hidden", "cifar10_mobilenetv2", "--target-macs 0.2 --layers hidden", 1.0, None),
+    ("moon_cifar10_mobilenetv2_hybrid", "cifar10_mobilenetv2", "--target-macs 0.2 --layers hidden,kxk,1x1 --prune-share auto", 1.0, None),
+    ("moon_cifar10_resnet20_hybrid", "cifar10_resnet20", "--target-macs 0.2 --layers hidden,kxk --forms tucker2,spatial --prune-share auto", 1.0, None)]
 
 
 def command(model: str, settings: str, out: Path, report: Path) -> list[str]:
