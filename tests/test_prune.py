@@ -256,11 +256,6 @@ def test_cli_prunes_to_a_budget_and_reports_it(net, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--ratio", "0.5", "--layers", "hidden"], "--layers hidden needs calibration data (--calibrate)"),
-    (["--target-macs", "0.5", "--layers", "hidden", "--prune-share", "0.3", "--calibrate", "CALIB"], "--prune-share splits"),
-    (["--ratio", "0.5", "--layers", "hidden,kxk", "--prune-share", "0.3", "--calibrate", "CALIB"], "--prune-share splits"),
-    (["--target-macs", "0.5", "--layers", "hidden,kxk", "--prune-share", "1", "--calibrate", "CALIB"], "must be in [0, 1) or auto"),
-    (["--target-macs", "0.1", "--layers", "hidden,kxk", "--prune-share", "0.1", "--calibrate", "CALIB"],
-     "a larger --prune-share prunes more"),
     (["--layers", "hidden", "--rank-method", "energy", "--calibrate", "CALIB"], "give --ratio or --target-macs"),
     (["--target-macs", "0.01", "--layers", "hidden", "--calibrate", "CALIB"], "cannot be met by pruning"),
     (["--layers", "hiden", "--calibrate", "CALIB"], "unknown layer kind 'hiden'"),
@@ -519,91 +514,3 @@ def test_sweep_and_inspect_with_hidden(net, tmp_path):
     assert r.returncode == 0, r.stderr
     r = _cli("inspect", path, "--layers", "hidden")
     assert r.returncode != 0 and "--layers hidden" in r.stderr and _error_lines(r) == 1
-
-
-def test_a_budget_shared_with_factoring_is_pruning_then_the_measured_budget(net):
-    """--layers hidden,kxk --target-macs T: pruning to T ** share of the MACs, then the measured budget on the pruned
-    model, its pruned convs included, to T of the original's: the same model as the two public calls one after the
-    other, T met, and the MACs the report gives are the written model's."""
-    from onnx_tucker import compress
-    from onnx_tucker.hybrid import PRUNE_SHARE
-
-    _, model, feeds = net
-    new, report = compress(model, layers=("hidden", "kxk"), target_macs=0.5, calibration=feeds)
-    t = report.totals()
-    assert 0.45 * t["macs_before"] < t["macs_after"] <= 0.5 * t["macs_before"]
-    assert report.pruning["pruned"] >= 1 and t["decomposed"] >= 1
-    assert any(r.pruned and r.decomposed for r in report.layers)  # a pruned conv factored too
-    assert P.conv_macs(gs.import_onnx(new), infer_shapes(new)) == t["macs_after"]
-    assert report.settings["prune_share"] == PRUNE_SHARE and report.pruning["share"] == PRUNE_SHARE
-    onnx.checker.check_model(new, full_check=True)
-
-    pruned, first = compress(model, layers=("hidden",), target_macs=0.5 ** PRUNE_SHARE, calibration=feeds)
-    f = first.totals()
-    assert report.pruning["pruned_to"] == pytest.approx(f["macs_after"] / f["macs_before"], abs=1e-6)
-    second, _ = compress(pruned, layers=("kxk",), target_macs=0.5 * f["macs_before"] / f["macs_after"], calibration=feeds)
-    np.testing.assert_array_equal(run_model(new, feeds)[0], run_model(second, feeds)[0])
-
-
-def test_prune_share_moves_the_split_between_pruning_and_factoring(net):
-    from onnx_tucker import compress
-
-    _, model, feeds = net
-    shares = {}
-    for share in (0.25, 0.75):
-        _, report = compress(model, layers=("hidden", "kxk"), target_macs=0.5, calibration=feeds, prune_share=share)
-        t = report.totals()
-        assert t["macs_after"] <= 0.5 * t["macs_before"]
-        assert report.pruning["pruned_to"] <= 0.5 ** share + 1e-9
-        shares[share] = report.pruning["pruned_to"]
-    assert shares[0.75] < shares[0.25]
-
-
-@pytest.mark.parametrize("share", [-0.1, 1, 1.5, "half", True, float("nan")])
-def test_a_prune_share_outside_0_1_is_refused_by_the_api(net, share):
-    from onnx_tucker import compress
-    from onnx_tucker.errors import UsageError
-
-    _, model, feeds = net
-    with pytest.raises(UsageError, match="prune_share must be"):
-        compress(model, layers=("hidden", "kxk"), target_macs=0.5, calibration=feeds, prune_share=share)
-
-
-def test_distill_after_pruning_and_factoring_trains_what_is_in_the_model(net):
-    """A pruned conv that a chain then replaced has no pruned tensor left to train: its chain's factors are trained."""
-    from onnx_tucker import compress
-
-    _, model, feeds = net
-    new, report = compress(model, layers=("hidden", "kxk"), target_macs=0.5, calibration=feeds,
-                           distill={"steps": 2, "reconstruct_steps": 0, "holdout": 0.25})
-    assert any(r.pruned and r.decomposed for r in report.layers)
-    names = {i.name for i in new.graph.initializer}
-    assert report.distill["trainable_tensors"] > 0 and any(n.endswith("_pruned") for n in names)
-
-
-def test_prune_share_auto_keeps_the_share_whose_outputs_move_least(net):
-    """--prune-share auto: each of hybrid.SHARES tried; the model kept is the one at the share with the least KL on
-    calibration images, and it is that share's model exactly."""
-    from onnx_tucker import compress
-    from onnx_tucker.hybrid import SHARES
-
-    _, model, feeds = net
-    new, report = compress(model, layers=("hidden", "kxk"), target_macs=0.5, calibration=feeds, prune_share="auto")
-    tried = {float(k): v for k, v in report.pruning["shares_tried"].items()}
-    assert sorted(tried) == sorted(SHARES) and all(v is not None and v >= 0 for v in tried.values())
-    chosen = min(tried, key=tried.get)
-    assert report.pruning["share"] == chosen and report.settings["prune_share"] == chosen
-    again, _ = compress(model, layers=("hidden", "kxk"), target_macs=0.5, calibration=feeds, prune_share=chosen)
-    np.testing.assert_array_equal(run_model(new, feeds)[0], run_model(again, feeds)[0])
-    assert any("--prune-share auto" in note for note in report.notes)
-
-
-def test_prune_share_0_is_the_rank_cuts_alone(net):
-    from onnx_tucker import compress
-
-    _, model, feeds = net
-    new, report = compress(model, layers=("hidden", "kxk"), target_macs=0.5, calibration=feeds, prune_share=0)
-    plain, alone = compress(model, layers=("kxk",), target_macs=0.5, calibration=feeds)
-    assert report.pruning["pruned"] == 0 and not any(r.pruned for r in report.layers)
-    assert report.totals()["macs_after"] == alone.totals()["macs_after"]
-    np.testing.assert_array_equal(run_model(new, feeds)[0], run_model(plain, feeds)[0])
