@@ -34,14 +34,23 @@ def prune_and_factor(model: onnx.ModelProto, opts: CompressOptions, rest: tuple,
 
 
 def _at_share(model, opts: CompressOptions, rest: tuple, excluded: set, before: dict) -> tuple[onnx.ModelProto, Report]:
-    from onnx_tucker.pipeline import _compress, budget_macs, pruned
+    from onnx_tucker.pipeline import _compress, _set_metadata, budget_macs, pruned
 
-    if opts.prune_share == 0:  # --prune-share auto's "rank cuts alone": no pruning pass at all
+    layers = ",".join(opts.layers)
+    if opts.prune_share == 0:  # rank cuts alone: no pruning pass at all
         new_model, report = _compress(model, replace(opts, layers=rest, prune_share=None), shown=opts)
         report.pruning = {"units": [], "pruned": 0, "macs_saved": 0, "share": 0.0, "pruned_to": 1.0,
                           "factored_to": opts.target_macs}
+        report.notes.append(f"--layers {layers} --target-macs {opts.target_macs:g} at share 0: rank cuts alone, nothing pruned")
         return new_model, report
-    pruned_model, pruning = pruned(model, opts, opts.target_macs ** opts.prune_share, excluded)
+    aim = opts.target_macs ** opts.prune_share
+    try:
+        pruned_model, pruning = pruned(model, opts, aim, excluded)
+    except UsageError as exc:
+        if not str(exc).startswith("target MACs"):
+            raise
+        raise UsageError(f"--layers {layers}: pruning cannot take the conv MACs to {aim:.3f} (--target-macs "
+                         f"{opts.target_macs:g} ** share {opts.prune_share:g}): {_reason(exc)}; a smaller --prune-share prunes less") from None
     whole, left = budget_macs(model, opts, rest), budget_macs(pruned_model, opts, rest)
     target = min(1.0, opts.target_macs * whole / max(left, 1))  # what is left of T, in the pruned model's own MACs
     factored = replace(opts, layers=rest, target_macs=target, prune_share=None)
@@ -50,17 +59,26 @@ def _at_share(model, opts: CompressOptions, rest: tuple, excluded: set, before: 
     except UsageError as exc:
         if not str(exc).startswith("target MACs"):
             raise
-        raise UsageError(f"--layers {','.join(opts.layers)}: pruning left {left / whole:.3f} of the MACs, and the factoring "
-                         f"cannot take the pruned model to {target:.3f} of its own ({exc}): a larger --prune-share prunes more") from None
-    report.pruning |= {"share": opts.prune_share, "pruned_to": round(left / whole, 6), "factored_to": round(target, 6)}
-    report.notes.append(f"--layers {','.join(opts.layers)} --target-macs {opts.target_macs:g}: pruning took the MACs to "
-                        f"{left / whole:.3f} (aim {opts.target_macs ** opts.prune_share:.3f}, share {opts.prune_share:g}), "
-                        f"the measured budget the pruned model to {target:.3f} of its own")
+        raise UsageError(f"--layers {layers}: pruning left {left / whole:.3f} of the MACs, and the factoring cannot take "
+                         f"the pruned model to {target:.3f} of its own ({exc}): a larger --prune-share prunes more") from None
+    pruned_to = 1 - pruning.to_dict()["macs_saved"] / max(1, pruning.conv_macs)  # in pruning's own count: conv MACs
+    report.pruning |= {"share": opts.prune_share, "pruned_to": round(pruned_to, 6), "factored_to": round(target, 6)}
+    report.notes.append(f"--layers {layers} --target-macs {opts.target_macs:g}: pruning took the conv MACs to "
+                        f"{pruned_to:.3f} (aim {aim:.3f}, share {opts.prune_share:g}), the measured budget the pruned "
+                        f"model to {target:.3f} of its own")
+    _set_metadata(new_model, report)
     return new_model, report
+
+
+def _reason(exc: Exception) -> str:
+    """An error's text after its 'target MACs X cannot be met' opening: what stood in the way."""
+    text = str(exc)
+    return text.split(": ", 1)[1] if ": " in text else text
 
 
 def _best_share(model, opts: CompressOptions, rest: tuple, excluded: set, before: dict) -> tuple[onnx.ModelProto, Report]:
     """Each of ``SHARES`` without distillation, the least KL on calibration images kept (then distilled, if asked)."""
+    from onnx_tucker.errors import ModelError
     from onnx_tucker.sensitivity import _distortion, eval_samples
 
     started = time.perf_counter()
@@ -69,23 +87,28 @@ def _best_share(model, opts: CompressOptions, rest: tuple, excluded: set, before
     pick = np.sort(np.random.default_rng(0).choice(n, eval_samples(feeds, AUTO_IMAGES), replace=False))
     images = {k: np.asarray(v[pick]) for k, v in feeds.items()}
     reference = _outputs(model, images)
-    tried, best, failure = {}, None, None
+    tried, best, failures = {}, None, {}
     for share in SHARES:
         try:
             new_model, report = _at_share(model, replace(opts, prune_share=share, distill=None), rest, excluded, before)
-        except UsageError as exc:  # this share's factoring cannot reach T: a larger one may
-            tried[share], failure = None, exc
+        except (UsageError, ModelError) as exc:  # this share cannot reach T (or finds nothing to prune): another may
+            tried[share], failures[share] = None, exc
             continue
         tried[share] = sum(_distortion(r, o) for r, o in zip(reference, _outputs(new_model, images)))
         if best is None or tried[share] < tried[best[0]]:
             best = (share, new_model, report)
     if best is None:
-        raise failure
+        if all(isinstance(exc, ModelError) for exc in failures.values()):
+            raise failures[SHARES[0]]  # the model itself: the same for every share
+        raise UsageError(f"--prune-share auto: none of the shares {', '.join(f'{s:g}' for s in SHARES)} reaches --target-macs "
+                         f"{opts.target_macs:g} (rank cuts alone: {_reason(failures[SHARES[0]])}; pruning at most: "
+                         f"{_reason(failures[SHARES[-1]])})")
     share, new_model, report = best
     if opts.distill is not None:  # the chosen share again (the same model: every stage is seeded), now distilled
         new_model, report = _at_share(model, replace(opts, prune_share=share), rest, excluded, before)
     report.pruning["shares_tried"] = {str(k): v for k, v in tried.items()}
-    report.timings["share_search"] = round(time.perf_counter() - started, 3)
+    # the other shares' runs and the comparison: the time line must add up to the run (as the latency feedback's)
+    report.timings["share_search"] = round(time.perf_counter() - started - sum(report.timings.values()), 3)
     report.notes.append(f"--prune-share auto: {share:g} (KL of the class scores on {len(pick)} calibration images: "
                         + ", ".join(f"{k:g}: " + ("cannot reach the target" if v is None else f"{v:.4g}") for k, v in tried.items())
                         + ")")

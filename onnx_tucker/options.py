@@ -253,7 +253,7 @@ class CompressOptions:
             from onnx_tucker.factorization import layer_plan
 
             layers = self.layers.split(",") if isinstance(self.layers, str) else self.layers
-            self.layers = _names(layers, "layers", "layer kinds such as 'kxk'")
+            self.layers = tuple(dict.fromkeys(_names(layers, "layers", "layer kinds such as 'kxk'")))  # hidden,hidden is hidden
             if not self.layers:  # () factored nothing and recorded the default; None is the default
                 raise UsageError("layers: name at least one kind (kxk, 1x1, dense), or None for the default")
             layer_plan(self.layers, self.forms)  # refuses unknown kinds
@@ -264,6 +264,9 @@ class CompressOptions:
             if not (self.layers and "hidden" in self.layers and len(self.layers) > 1 and self.target_macs is not None):
                 raise UsageError("--prune-share splits a --target-macs between pruning and factoring: it needs --layers "
                                  "hidden with another kind (e.g. hidden,kxk) and --target-macs")
+        if self.curves is not None and self.layers and "hidden" in self.layers:
+            raise UsageError("--curves does not apply with --layers hidden: the measured budget's curves would be those of "
+                             "a pruned model, which changes with the target and the share")
         measured = ((self.target_macs is not None and self.budget_rule != "uniform") or self.target_latency is not None) \
             and self.calibration is not None
         if self.curves is not None and not measured:

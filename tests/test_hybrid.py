@@ -139,9 +139,49 @@ def test_cli_prunes_and_factors_to_one_budget_and_reports_the_split(net, tmp_pat
     r = _cli(path, out, "--target-macs", "0.5", "--layers", "hidden,kxk", "--prune-share", "0.25", "--calibrate", calib,
              "--report", report)
     assert r.returncode == 0, r.stderr
-    assert "then decomposed" in r.stdout and "pruning took the MACs to" in r.stdout
+    assert "then decomposed" in r.stdout and "pruning took the conv MACs to" in r.stdout
     data = json.loads(report.read_text())
     assert data["pruning"]["share"] == 0.25 and data["settings"]["prune_share"] == 0.25
     assert data["totals"]["macs_after"] <= 0.5 * data["totals"]["macs_before"]
     assert 0.5 < data["pruning"]["pruned_to"] <= 0.5 ** 0.25
     onnx.checker.check_model(onnx.load(str(out)), full_check=True)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"layers": ("hidden", "hidden"), "target_macs": 0.5, "prune_share": 0.25}, "--prune-share splits"),
+    ({"layers": ("hidden", "kxk"), "target_macs": 0.05}, "a smaller --prune-share prunes less"),
+    ({"layers": ("hidden", "kxk"), "target_macs": 0.05, "prune_share": "auto"}, "none of the shares 0, 0.25, 0.5, 0.75"),
+    ({"layers": ("hidden", "kxk"), "target_macs": 0.5, "curves": "CURVES"}, "--curves does not apply with --layers hidden"),
+])
+def test_what_the_hybrid_cannot_do_is_one_usage_error_that_says_why(net, tmp_path, kwargs, message):
+    from onnx_tucker import compress
+    from onnx_tucker.errors import UsageError
+
+    _, model, feeds = net
+    kwargs = {k: str(tmp_path / "c.json") if v == "CURVES" else v for k, v in kwargs.items()}
+    with pytest.raises(UsageError, match=message.replace("(", r"\(")) as caught:
+        compress(model, calibration=feeds, **kwargs)
+    assert "\n" not in str(caught.value)
+
+
+def test_auto_on_a_model_without_hidden_units_keeps_the_rank_cuts_alone(residual):
+    from onnx_tucker import compress
+
+    shape = [d.dim_value or 1 for d in residual.graph.input[0].type.tensor_type.shape.dim]
+    feeds = {residual.graph.input[0].name: np.random.default_rng(0).normal(size=[256] + shape[1:]).astype(np.float32)}
+    plain, _ = compress(residual, layers=("kxk",), target_macs=0.6, calibration=feeds)
+    new, report = compress(residual, layers=("hidden", "kxk"), target_macs=0.6, calibration=feeds, prune_share="auto")
+    assert report.pruning["share"] == 0.0 and report.pruning["shares_tried"]["0.25"] is None
+    np.testing.assert_array_equal(run_model(new, feeds)[0], run_model(plain, feeds)[0])
+
+
+def test_auto_timings_add_up_to_the_run(net):
+    import time
+
+    from onnx_tucker import compress
+
+    _, model, feeds = net
+    started = time.perf_counter()
+    _, report = compress(model, layers=("hidden", "kxk"), target_macs=0.5, calibration=feeds, prune_share="auto")
+    wall = time.perf_counter() - started
+    assert report.timings["share_search"] > 0 and sum(report.timings.values()) <= wall
