@@ -150,7 +150,7 @@ class CompressOptions:
     input_shapes: {input name: dims} for inputs with dynamic spatial sizes: the cost model counts MACs at
         these sizes (without it such layers' MACs are unknown and profitability is judged on parameters).
     prune_share: with ``layers`` "hidden" and another kind and ``target_macs`` T: pruning meets T ** prune_share of
-        the original's MACs and the factoring the rest (in [0, 1), 0 prunes nothing; None: ``hybrid.PRUNE_SHARE``, 0.5; "auto": each of
+        the original's MACs and the factoring the rest (in [0, 1]: 0 prunes nothing, 1 factors nothing; None: ``hybrid.PRUNE_SHARE``, 0.5; "auto": each of
         ``hybrid.SHARES`` tried, the one whose output moves least on calibration images kept).
     ray: measure the measured budget's curves as Ray tasks, one per layer (``onnx_tucker.fanout``, needs
         ``pip install 'onnx-tucker[ray]'``): "auto" (this machine's cluster, or a new local one) or a cluster
@@ -390,17 +390,17 @@ def settings_of(opts: CompressOptions, report_decomposed: bool = True) -> dict:
 # --- argument groups shared by the commands --------------------------------------------------------
 
 def check_share(value, what: str = "prune share") -> float:
-    """A number in [0, 1) (``--prune-share``: 0 prunes nothing, 1 would factor nothing), or "auto"."""
+    """A number in [0, 1] (``--prune-share``: 0 prunes nothing, 1 factors nothing), or "auto"."""
     if isinstance(value, str) and value.strip() == "auto":
         return "auto"
     if isinstance(value, bool):
-        raise UsageError(f"{what} must be a number in [0, 1) or auto, got {value!r}")
+        raise UsageError(f"{what} must be a number in [0, 1] or auto, got {value!r}")
     try:
         share = float(value)
     except (TypeError, ValueError):
-        raise UsageError(f"{what} must be a number in [0, 1) or auto, got {value!r}") from None
-    if not 0.0 <= share < 1.0:  # NaN fails this too
-        raise UsageError(f"{what} must be in [0, 1) or auto, got {value}")
+        raise UsageError(f"{what} must be a number in [0, 1] or auto, got {value!r}") from None
+    if not 0.0 <= share <= 1.0:  # NaN fails this too
+        raise UsageError(f"{what} must be in [0, 1] or auto, got {value}")
     return share
 
 
@@ -547,9 +547,9 @@ class BudgetArgs:
 
         parser.add_argument("--prune-share", type=_type(check_share, "--prune-share"), default=None, metavar="S|auto",
                             help="with --layers hidden and another kind (e.g. hidden,kxk) and --target-macs T: pruning "
-                            "takes the conv MACs to T**S of the original, rank cuts the rest (in [0, 1); default 0.5: "
-                            "each a square root of T; auto: tries 0, 0.25, 0.5 and 0.75 and keeps the model whose outputs "
-                            "move least on the calibration images, about 3-4x the time)")
+                            "takes the conv MACs to T**S of the original, rank cuts the rest (in [0, 1]; default 0.5: "
+                            "each a square root of T; auto: tries 0, 0.25, 0.5, 0.75 and 1 and keeps the model whose "
+                            "outputs move least on the calibration images, about 4-5x the time)")
 
     @staticmethod
     def parse(args) -> dict:

@@ -25,7 +25,7 @@ def net(tmp_path_factory):
 @pytest.mark.parametrize("args, message", [
     (["--target-macs", "0.5", "--layers", "hidden", "--prune-share", "0.3", "--calibrate", "CALIB"], "--prune-share splits"),
     (["--ratio", "0.5", "--layers", "hidden,kxk", "--prune-share", "0.3", "--calibrate", "CALIB"], "--prune-share splits"),
-    (["--target-macs", "0.5", "--layers", "hidden,kxk", "--prune-share", "1", "--calibrate", "CALIB"], "must be in [0, 1) or auto"),
+    (["--target-macs", "0.5", "--layers", "hidden,kxk", "--prune-share", "1.5", "--calibrate", "CALIB"], "must be in [0, 1] or auto"),
     (["--target-macs", "0.1", "--layers", "hidden,kxk", "--prune-share", "0.1", "--calibrate", "CALIB"],
      "a larger --prune-share prunes more"),
 ])
@@ -79,7 +79,7 @@ def test_prune_share_moves_the_split_between_pruning_and_factoring(net):
     assert shares[0.75] < shares[0.25]
 
 
-@pytest.mark.parametrize("share", [-0.1, 1, 1.5, "half", True, float("nan")])
+@pytest.mark.parametrize("share", [-0.1, 1.01, 1.5, "half", True, float("nan")])
 def test_a_prune_share_outside_0_1_is_refused_by_the_api(net, share):
     from onnx_tucker import compress
     from onnx_tucker.errors import UsageError
@@ -185,3 +185,14 @@ def test_auto_timings_add_up_to_the_run(net):
     _, report = compress(model, layers=("hidden", "kxk"), target_macs=0.5, calibration=feeds, prune_share="auto")
     wall = time.perf_counter() - started
     assert report.timings["share_search"] > 0 and sum(report.timings.values()) <= wall
+
+
+def test_prune_share_1_is_the_pruning_alone(net):
+    from onnx_tucker import compress
+
+    _, model, feeds = net
+    new, report = compress(model, layers=("hidden", "kxk"), target_macs=0.6, calibration=feeds, prune_share=1)
+    alone, by_itself = compress(model, layers=("hidden",), target_macs=0.6, calibration=feeds)
+    assert report.totals()["decomposed"] == 0 and report.pruning["share"] == 1.0
+    assert report.totals()["macs_after"] == by_itself.totals()["macs_after"]
+    np.testing.assert_array_equal(run_model(new, feeds)[0], run_model(alone, feeds)[0])

@@ -31,6 +31,7 @@ TARGETS = [
     ("mbv2_t05", "cifar10_mobilenetv2", "--target-macs 0.5 --layers kxk,1x1", 1.0, None),
     ("mbv2_t05_hidden", "cifar10_mobilenetv2", "--target-macs 0.5 --layers hidden", 1.0, None),
     ("mbv2_t05_hidden_m16", "cifar10_mobilenetv2", "--target-macs 0.5 --layers hidden --rank-multiple 16", 1.0, None),
+    ("r20_t05_tucker2_spatial", "cifar10_resnet20", "--target-macs 0.5 --forms tucker2,spatial", 1.0, 30),
     # one budget for pruning and rank cuts (onnx_tucker/hybrid.py, stop 30)
     ("r20_t05_hybrid", "cifar10_resnet20", "--target-macs 0.5 --layers hidden,kxk --forms tucker2,spatial", 1.0, 30),
     ("r20_t05_hybrid_auto", "cifar10_resnet20", "--target-macs 0.5 --layers hidden,kxk --forms tucker2,spatial --prune-share auto", 1.0, None),
