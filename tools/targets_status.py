@@ -39,11 +39,13 @@ TARGETS = [
     ("mbv2_t05_hybrid_auto", "cifar10_mobilenetv2", "--target-macs 0.5 --layers hidden,kxk,1x1 --prune-share auto", 1.0, None),
     ("resnet_r05", "cifar10_resnet", "--ratio 0.5", 2.0, None),
     ("resnet_r05_spatial", "cifar10_resnet", "--ratio 0.5 --forms spatial", 2.0, None),
+    ("resnet_r05_tucker2_spatial", "cifar10_resnet", "--ratio 0.5 --forms tucker2,spatial", 2.0, None),
     ("resnet_t033_distill", "cifar10_resnet", "--target-macs 0.333 --forms tucker2,spatial --distill", 1.0, None),
     ("resnet_t02_distill", "cifar10_resnet", "--target-macs 0.2 --forms tucker2,spatial --distill", 2.0, None),
     ("cnn_t02_distill", "cifar10_cnn", "--target-macs 0.2 --distill", 1.0, 300),
     ("r56_r05", "cifar10_resnet56", "--ratio 0.5", 1.0, None),
     ("r56_r05_spatial", "cifar10_resnet56", "--ratio 0.5 --forms spatial", 1.0, None),
+    ("r56_r05_tucker2_spatial", "cifar10_resnet56", "--ratio 0.5 --forms tucker2,spatial", 1.0, None),
 ]
 MOONSHOT = [(f"moon_{m}", m, "--target-macs 0.2" + extra, 1.0, None) for m, extra in [
     ("cifar10_vgg11_bn", ""), ("cifar10_resnet20", ""), ("cifar10_resnet", ""), ("cifar10_cnn", ""),
