@@ -35,7 +35,8 @@ def prune_and_factor(model: onnx.ModelProto, opts: CompressOptions, rest: tuple,
     return _at_share(model, replace(opts, prune_share=share), rest, excluded, before)
 
 
-def _at_share(model, opts: CompressOptions, rest: tuple, excluded: set, before: dict) -> tuple[onnx.ModelProto, Report]:
+def _at_share(model, opts: CompressOptions, rest: tuple, excluded: set, before: dict, memo: dict | None = None
+              ) -> tuple[onnx.ModelProto, Report]:
     from onnx_tucker.pipeline import _compress, _set_metadata, budget_macs, pruned
 
     layers = ",".join(opts.layers)
@@ -47,7 +48,7 @@ def _at_share(model, opts: CompressOptions, rest: tuple, excluded: set, before: 
         return new_model, report
     aim = opts.target_macs ** opts.prune_share
     if opts.prune_share == 1:  # pruning alone: the other kinds left as they are
-        pruned_model, pruning = pruned(model, opts, aim, excluded)
+        pruned_model, pruning = pruned(model, opts, aim, excluded, memo)
         alone = replace(opts, layers=(PRUNED_KIND,), target_macs=None, prune_share=None)
         new_model, report = _compress(pruned_model, alone, pruning=(pruning, before), original=model, shown=opts)
         pruned_to = 1 - pruning.to_dict()["macs_saved"] / max(1, pruning.conv_macs)
@@ -56,7 +57,7 @@ def _at_share(model, opts: CompressOptions, rest: tuple, excluded: set, before: 
         _set_metadata(new_model, report)
         return new_model, report
     try:
-        pruned_model, pruning = pruned(model, opts, aim, excluded)
+        pruned_model, pruning = pruned(model, opts, aim, excluded, memo)
     except UsageError as exc:
         if not str(exc).startswith("target MACs"):
             raise
@@ -99,9 +100,10 @@ def _best_share(model, opts: CompressOptions, rest: tuple, excluded: set, before
     images = {k: np.asarray(v[pick]) for k, v in feeds.items()}
     reference = _outputs(model, images)
     tried, best, failures = {}, None, {}
+    memo = {}  # pruning's statistics and curves: the same for every share
     for share in SHARES:
         try:
-            new_model, report = _at_share(model, replace(opts, prune_share=share, distill=None), rest, excluded, before)
+            new_model, report = _at_share(model, replace(opts, prune_share=share, distill=None), rest, excluded, before, memo)
         except (UsageError, ModelError) as exc:  # this share cannot reach T (or finds nothing to prune): another may
             tried[share], failures[share] = None, exc
             continue
@@ -116,7 +118,7 @@ def _best_share(model, opts: CompressOptions, rest: tuple, excluded: set, before
                          f"{_reason(failures[SHARES[-1]])})")
     share, new_model, report = best
     if opts.distill is not None:  # the chosen share again (the same model: every stage is seeded), now distilled
-        new_model, report = _at_share(model, replace(opts, prune_share=share), rest, excluded, before)
+        new_model, report = _at_share(model, replace(opts, prune_share=share), rest, excluded, before, memo)
     report.pruning["shares_tried"] = {str(k): v for k, v in tried.items()}
     # the other shares' runs and the comparison: the time line must add up to the run (as the latency feedback's)
     report.timings["share_search"] = round(time.perf_counter() - started - sum(report.timings.values()), 3)

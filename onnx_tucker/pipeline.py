@@ -108,7 +108,7 @@ def _prune_then_compress(model: onnx.ModelProto, opts: CompressOptions) -> tuple
     return _compress(pruned_model, factored, pruning=(pruning, before), original=model, shown=opts)
 
 
-def pruned(model: onnx.ModelProto, opts: CompressOptions, target_macs: float | None, excluded: set):
+def pruned(model: onnx.ModelProto, opts: CompressOptions, target_macs: float | None, excluded: set, memo: dict | None = None):
     """``prune.prune`` with the options' ratio (where ``target_macs`` is None), exclusions and multiple, timed."""
     from onnx_tucker.prune import prune
     from onnx_tucker.trace import timed
@@ -117,7 +117,7 @@ def pruned(model: onnx.ModelProto, opts: CompressOptions, target_macs: float | N
     with timed("prune"):
         model, pruning = prune(model, opts.calibration, ratio=None if target_macs is not None else opts.ratio,
                                target_macs=target_macs, input_shapes=opts.input_shapes, exclude=excluded,
-                               multiple=opts.rank_multiple if opts.rank_multiple > 1 else None)
+                               multiple=opts.rank_multiple if opts.rank_multiple > 1 else None, memo=memo)
     pruning.seconds = time.perf_counter() - started
     return model, pruning
 

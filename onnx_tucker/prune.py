@@ -731,11 +731,12 @@ def conv_macs(graph: gs.Graph, shapes: dict) -> int:
 
 def prune(model: onnx.ModelProto, feeds: dict, *, ratio: float | None = None, target_macs: float | None = None,
           input_shapes: dict | None = None, seed: int = 0, exclude: set | None = None,
-          multiple: int | None = None) -> tuple[onnx.ModelProto, Pruning]:
+          multiple: int | None = None, memo: dict | None = None) -> tuple[onnx.ModelProto, Pruning]:
     """Prune every unit's hidden channels: to ``ratio`` of each, or the split of the units' MACs that makes the
     whole model's conv MACs at most ``target_macs`` of the original's with the least summed output error. A unit
     with a node named in ``exclude`` is left whole. Each unit keeps a multiple of ``multiple`` channels (or all); None: of
-    ``MULTIPLE`` for a block, any count for a pair or a head."""
+    ``MULTIPLE`` for a block, any count for a pair or a head. ``memo``: a dict kept between calls on the same model,
+    data, exclusions and multiple (``--prune-share auto``'s shares): the statistics and error curves, computed once."""
     shapes = infer_shapes(model, input_shapes)
     graph = gs.import_onnx(model)
     units = [u for u in find_units(graph, shapes)
@@ -753,8 +754,15 @@ def prune(model: onnx.ModelProto, feeds: dict, *, ratio: float | None = None, ta
         if smallest > target_macs * total:
             raise UsageError(f"target MACs {target_macs:g} cannot be met by pruning: the fewest hidden channels give "
                              f"{smallest / total:.3f} of the original conv MACs")
-    moments = original_moments(model, feeds, units, seed)
-    curves = error_curves(graph, units, moments)
+    if memo is not None and "moments" in memo:  # the same units: their statistics, rows and curves do not change
+        moments, curves = memo["moments"], memo["curves"]
+        for u in units:
+            u.rows = memo["rows"][u.consumer]
+    else:
+        moments = original_moments(model, feeds, units, seed)
+        curves = error_curves(graph, units, moments)
+        if memo is not None:
+            memo.update(moments=moments, curves=curves, rows={u.consumer: u.rows for u in units})
     if target_macs is not None:
         smallest = fixed + sum(u.macs_per_channel * min(curves[u.consumer][1]) for u in units)
         if smallest > target_macs * total:

@@ -196,3 +196,15 @@ def test_prune_share_1_is_the_pruning_alone(net):
     assert report.totals()["decomposed"] == 0 and report.pruning["share"] == 1.0
     assert report.totals()["macs_after"] == by_itself.totals()["macs_after"]
     np.testing.assert_array_equal(run_model(new, feeds)[0], run_model(alone, feeds)[0])
+
+
+def test_auto_measures_pruning_statistics_once_for_every_share(net, monkeypatch):
+    from onnx_tucker import compress
+    from onnx_tucker.hybrid import SHARES
+
+    _, model, feeds = net
+    calls = []
+    original = P.original_moments
+    monkeypatch.setattr(P, "original_moments", lambda *a, **k: calls.append(1) or original(*a, **k))
+    _, report = compress(model, layers=("hidden", "kxk"), target_macs=0.5, calibration=feeds, prune_share="auto")
+    assert len(calls) == 1 and len([s for s in SHARES if s > 0]) > 1
