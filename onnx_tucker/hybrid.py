@@ -4,8 +4,8 @@ Pruning first takes the conv MACs to T ** share of the original's (``prune.prune
 then the measured budget factors the pruned model, its pruned convs included, down to T of the original's MACs.
 Each stage is the tool's own, with its proofs; what is new is the split. ``--prune-share auto`` tries ``SHARES`` and
 keeps the model whose class scores move least (KL, as the measured budget's probes) on calibration images, share 0
-(rank cuts alone) and 1 (pruning alone) among them: the best share differs by model (ResNet-20 at 2x liked little pruning, MobileNetV2 much,
-the small ResNet none; docs/pruning.md).
+(rank cuts alone) and 1 (pruning alone) among them: the best share differs by model (ResNet-20 at 2x liked little
+pruning, MobileNetV2 much, the small ResNet none; docs/pruning.md).
 """
 from __future__ import annotations
 
@@ -51,8 +51,7 @@ def _at_share(model, opts: CompressOptions, rest: tuple, excluded: set, before: 
         pruned_model, pruning = pruned(model, opts, aim, excluded, memo)
         alone = replace(opts, layers=(PRUNED_KIND,), target_macs=None, prune_share=None)
         new_model, report = _compress(pruned_model, alone, pruning=(pruning, before), original=model, shown=opts)
-        pruned_to = 1 - pruning.to_dict()["macs_saved"] / max(1, pruning.conv_macs)
-        report.pruning |= {"share": 1.0, "pruned_to": round(pruned_to, 6), "factored_to": 1.0}
+        report.pruning |= {"share": 1.0, "pruned_to": round(_pruned_to(pruning), 6), "factored_to": 1.0}
         report.notes.append(f"--layers {layers} --target-macs {opts.target_macs:g} at share 1: pruning alone, nothing factored")
         _set_metadata(new_model, report)
         return new_model, report
@@ -73,13 +72,18 @@ def _at_share(model, opts: CompressOptions, rest: tuple, excluded: set, before: 
             raise
         raise UsageError(f"--layers {layers}: pruning left {left / whole:.3f} of the MACs, and the factoring cannot take "
                          f"the pruned model to {target:.3f} of its own ({exc}): a larger --prune-share prunes more") from None
-    pruned_to = 1 - pruning.to_dict()["macs_saved"] / max(1, pruning.conv_macs)  # in pruning's own count: conv MACs
+    pruned_to = _pruned_to(pruning)
     report.pruning |= {"share": opts.prune_share, "pruned_to": round(pruned_to, 6), "factored_to": round(target, 6)}
     report.notes.append(f"--layers {layers} --target-macs {opts.target_macs:g}: pruning took the conv MACs to "
                         f"{pruned_to:.3f} (aim {aim:.3f}, share {opts.prune_share:g}), the measured budget the pruned "
                         f"model to {target:.3f} of its own")
     _set_metadata(new_model, report)
     return new_model, report
+
+
+def _pruned_to(pruning) -> float:
+    """The share of the original's conv MACs pruning left (in pruning's own count: convs only, no Gemm)."""
+    return 1 - pruning.to_dict()["macs_saved"] / max(1, pruning.conv_macs)
 
 
 def _reason(exc: Exception) -> str:
