@@ -36,6 +36,21 @@ def check_ratio(ratio, what: str = "ratio") -> float:
     return value
 
 
+def check_share(value, what: str = "prune share") -> float | str:
+    """A number in [0, 1] (``--prune-share``: 0 prunes nothing, 1 factors nothing), or "auto"."""
+    if isinstance(value, str) and value.strip() == "auto":
+        return "auto"
+    if isinstance(value, bool):
+        raise UsageError(f"{what} must be a number in [0, 1] or auto, got {value!r}")
+    try:
+        share = float(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"{what} must be a number in [0, 1] or auto, got {value!r}") from None
+    if not 0.0 <= share <= 1.0:  # NaN fails this too
+        raise UsageError(f"{what} must be in [0, 1] or auto, got {value}")
+    return share
+
+
 def _check_int(value, what: str, minimum: int, expected: str) -> int:
     try:
         number = int(str(value).strip()) if not isinstance(value, int) else value
@@ -150,8 +165,9 @@ class CompressOptions:
     input_shapes: {input name: dims} for inputs with dynamic spatial sizes: the cost model counts MACs at
         these sizes (without it such layers' MACs are unknown and profitability is judged on parameters).
     prune_share: with ``layers`` "hidden" and another kind and ``target_macs`` T: pruning meets T ** prune_share of
-        the original's MACs and the factoring the rest (in [0, 1]: 0 prunes nothing, 1 factors nothing; None: ``hybrid.PRUNE_SHARE``, 0.5; "auto": each of
-        ``hybrid.SHARES`` tried, the one whose output moves least on calibration images kept).
+        the original's MACs and the factoring the rest (in [0, 1]: 0 prunes nothing, 1 factors nothing; None:
+        ``hybrid.PRUNE_SHARE``, 0.5; "auto": each of ``hybrid.SHARES`` tried, the one whose output moves least on
+        calibration images kept).
     ray: measure the measured budget's curves as Ray tasks, one per layer (``onnx_tucker.fanout``, needs
         ``pip install 'onnx-tucker[ray]'``): "auto" (this machine's cluster, or a new local one) or a cluster
         address like "HEAD:6379"; None (default) measures here. The curves and ranks are the same.
@@ -388,21 +404,6 @@ def settings_of(opts: CompressOptions, report_decomposed: bool = True) -> dict:
 
 
 # --- argument groups shared by the commands --------------------------------------------------------
-
-def check_share(value, what: str = "prune share") -> float:
-    """A number in [0, 1] (``--prune-share``: 0 prunes nothing, 1 factors nothing), or "auto"."""
-    if isinstance(value, str) and value.strip() == "auto":
-        return "auto"
-    if isinstance(value, bool):
-        raise UsageError(f"{what} must be a number in [0, 1] or auto, got {value!r}")
-    try:
-        share = float(value)
-    except (TypeError, ValueError):
-        raise UsageError(f"{what} must be a number in [0, 1] or auto, got {value!r}") from None
-    if not 0.0 <= share <= 1.0:  # NaN fails this too
-        raise UsageError(f"{what} must be in [0, 1] or auto, got {value}")
-    return share
-
 
 def _type(check, *args):
     """An argparse ``type`` from a checker (its UsageError becomes the one-line usage error)."""
