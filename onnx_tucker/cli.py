@@ -24,7 +24,7 @@ from onnx_tucker.errors import ModelError, OnnxTuckerError, UsageError, first_li
 from onnx_tucker.options import (BudgetArgs, CalibrationArgs, CheckArgs, DataArgs, DistillArgs, LatencyArgs, MultipleArgs, RankArgs, RayArgs,
                                  RuntimeArgs,
                                  add_forms_argument, add_input_shape_argument, add_layers_argument, parse_forms, parse_layers,
-                                 check_fraction_list, check_int_list, check_positive_int, check_tolerance, parse_input_shapes)
+                                 check_fraction_list, check_int_list, check_positive_int, check_share, check_tolerance, parse_input_shapes)
 
 SUBCOMMANDS = ("compress", "inspect", "convert", "bench", "sweep")
 
@@ -495,6 +495,9 @@ def add_sweep_parser(sub) -> None:
     MultipleArgs.add(s)
     RayArgs.add(s)
     add_layers_argument(s)
+    s.add_argument("--prune-share", type=lambda text: check_share(text, "--prune-share"), default=None, metavar="S|auto",
+                   help="with --targets and --layers hidden plus another kind: the part of each target pruning takes, as "
+                   "compress's --prune-share (default 0.5; auto measures it per target)")
 
 
 def cmd_sweep(args) -> int:
@@ -512,6 +515,10 @@ def cmd_sweep(args) -> int:
 
         flags = parse_image_flags(args.image_scale, args.image_mean, args.image_std)
         images = {f"image_{name}": value for name, value in flags.items()}  # data.load_calibration's keywords
+    layers = parse_layers(args.layers) if args.layers is not None else None
+    if args.prune_share is not None and not (args.targets and layers and "hidden" in layers and len(set(layers)) > 1):
+        raise UsageError("--prune-share splits each of --targets between pruning and factoring: it needs --targets and "
+                         "--layers hidden with another kind (e.g. hidden,kxk)")
     config = sweep.SweepConfig(
         model=Path(args.input), data=Path(args.data),
         ratios=check_fraction_list(args.ratios, "--ratios") if args.ratios else [],
@@ -520,7 +527,7 @@ def cmd_sweep(args) -> int:
         out_dir=Path(args.out_dir), data_limit=args.data_limit, threads=args.threads,
         batches=tuple(check_int_list(args.batch, "--batch")), runs=args.runs, rank_multiple=args.rank_multiple,
         multiple_at=MultipleArgs.parse(args), progress=not args.no_progress, ray=RayArgs.parse(args, needs_measured=False).get("ray"),
-        layers=parse_layers(args.layers) if args.layers is not None else None, images=images,
+        layers=layers, images=images, prune_share=args.prune_share,
     )
     result = sweep.run_sweep(config, args.outputs)  # models and tables land together at the end, or not at all
     paths = sweep.write_outputs(result, config.out_dir, args.outputs)

@@ -56,6 +56,7 @@ class SweepConfig:
     progress: bool = True
     ray: str | None = None  # "auto" or a cluster address: each setting's compress is a Ray task (onnx_tucker.fanout)
     layers: tuple | None = None  # --layers kinds (kxk, 1x1, dense); None: compress's default
+    prune_share: float | str | None = None  # --prune-share with --layers hidden,KIND and --targets (onnx_tucker.hybrid)
     images: dict = field(default_factory=dict)  # --calibrate DIR: image_scale, image_mean, image_std (data.load_calibration)
 
 
@@ -194,10 +195,12 @@ def run_sweep(config: SweepConfig, outputs=None) -> dict:
         with cluster(config.ray):
             outcomes = map_tasks(compress_setting, settings, labels=[f"setting {label}" for label, _, _ in settings],
                                  shared={"model": model.SerializeToString(), "calibration": calibration,
-                                         "rank_multiple": rank_multiple, "layers": config.layers, "input_shapes": input_shapes},
+                                         "rank_multiple": rank_multiple, "layers": config.layers, "input_shapes": input_shapes,
+                                         "prune_share": config.prune_share},
                                  progress=config.progress, desc="sweep (ray)", unit="setting")
     else:
-        outcomes = (compress_setting(setting, model, calibration, rank_multiple, config.layers, input_shapes) for setting in settings)
+        outcomes = (compress_setting(setting, model, calibration, rank_multiple, config.layers, input_shapes, config.prune_share)
+                    for setting in settings)
     bar = _bar(len(settings), "sweep", config.progress and config.ray is None)
     for (label, kind, value), (error, new_model, report) in zip(settings, outcomes):
         bar.set_description(f"sweep {label}")
@@ -257,7 +260,7 @@ def run_sweep(config: SweepConfig, outputs=None) -> dict:
 
 
 def compress_setting(setting: tuple, model, calibration: dict | None, rank_multiple: int, layers: tuple | None = None,
-                     input_shapes: dict | None = None) -> tuple:
+                     input_shapes: dict | None = None, prune_share=None) -> tuple:
     """One setting's compress: (error or None, new model, report); the model as bytes when given as bytes (a Ray task)."""
     from onnx_tucker.pipeline import compress
 
@@ -272,6 +275,8 @@ def compress_setting(setting: tuple, model, calibration: dict | None, rank_multi
         options["calibration"] = calibration
     if kind == "target":
         options["target_macs"] = value
+        if prune_share is not None:
+            options["prune_share"] = prune_share
     try:
         new_model, report = compress(from_bytes(model), ratio=value if kind == "ratio" else 1.0, **options)
     except ModelError as exc:

@@ -208,3 +208,26 @@ def test_auto_measures_pruning_statistics_once_for_every_share(net, monkeypatch)
     monkeypatch.setattr(P, "original_moments", lambda *a, **k: calls.append(1) or original(*a, **k))
     _, report = compress(model, layers=("hidden", "kxk"), target_macs=0.5, calibration=feeds, prune_share="auto")
     assert len(calls) == 1 and len([s for s in SHARES if s > 0]) > 1
+
+
+def test_sweep_takes_a_prune_share_for_its_targets(net, tmp_path):
+    import json
+
+    path, _, feeds = net
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, input=feeds["input"])
+    test = tmp_path / "test.npz"
+    np.savez(test, x=feeds["input"][:64], y=np.random.default_rng(0).integers(0, 10, size=(64, 1)))
+    common = ["--data", test, "--calibrate", calib, "--batch", "1", "--runs", "3"]
+    r = _cli("sweep", path, *common, "--targets", "0.5", "--layers", "hidden,kxk", "--prune-share", "0.25",
+             "--out-dir", tmp_path / "sweep")
+    assert r.returncode == 0, r.stderr
+    rows = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["results"]
+    assert len(rows) == 1 and not rows[0]["error"]
+    written = onnx.load(str(next((tmp_path / "sweep").glob("*.onnx"))))
+    settings = json.loads({p.key: p.value for p in written.metadata_props}["onnx_tucker.settings"])
+    assert settings["prune_share"] == 0.25
+    r = _cli("sweep", path, *common, "--ratios", "0.5", "--layers", "hidden,kxk", "--prune-share", "0.25",
+             "--out-dir", tmp_path / "refused")
+    assert r.returncode != 0 and "--prune-share splits each of --targets" in r.stderr and _error_lines(r) == 1
+    assert not (tmp_path / "refused").exists()
