@@ -23,8 +23,8 @@ from onnx_tucker.decompose import DEFAULT_ITERATIONS
 from onnx_tucker.errors import ModelError, OnnxTuckerError, UsageError, first_line
 from onnx_tucker.options import (BudgetArgs, CalibrationArgs, CheckArgs, DataArgs, DistillArgs, LatencyArgs, MultipleArgs, RankArgs, RayArgs,
                                  RuntimeArgs,
-                                 add_forms_argument, add_input_shape_argument, add_layers_argument, parse_forms, parse_layers,
-                                 check_fraction_list, check_int_list, check_positive_int, check_share, check_tolerance, parse_input_shapes)
+                                 add_forms_argument, add_input_shape_argument, add_layers_argument, add_prune_share_argument, parse_forms, parse_layers,
+                                 check_fraction_list, check_int_list, check_positive_int, check_tolerance, parse_input_shapes)
 
 SUBCOMMANDS = ("compress", "inspect", "convert", "bench", "sweep")
 
@@ -495,9 +495,7 @@ def add_sweep_parser(sub) -> None:
     MultipleArgs.add(s)
     RayArgs.add(s)
     add_layers_argument(s)
-    s.add_argument("--prune-share", type=lambda text: check_share(text, "--prune-share"), default=None, metavar="S|auto",
-                   help="with --targets and --layers hidden plus another kind: the part of each target pruning takes, as "
-                   "compress's --prune-share (default 0.5; auto measures it per target)")
+    add_prune_share_argument(s)
 
 
 def cmd_sweep(args) -> int:

@@ -495,6 +495,15 @@ def add_layers_argument(parser) -> None:
                         "--calibrate data")
 
 
+def add_prune_share_argument(parser) -> None:
+    """``--prune-share``: shared by compress and sweep (``onnx_tucker.hybrid``)."""
+    parser.add_argument("--prune-share", type=_type(check_share, "--prune-share"), default=None, metavar="S|auto",
+                        help="with --layers hidden and another kind (e.g. hidden,kxk): how a MAC target T (--target-macs, "
+                        "each of sweep's --targets) is split: pruning takes the conv MACs to T**S of the original, rank "
+                        "cuts the rest (S in [0, 1]; default 0.5; auto: tries 0, 0.25, 0.5, 0.75 and 1 and keeps the "
+                        "model whose outputs move least on the calibration images, about 4-5x the time)")
+
+
 def add_forms_argument(parser) -> None:
     """``--forms``: shared by compress and inspect."""
     parser.add_argument("--forms", default=None, metavar="LIST",
@@ -546,11 +555,7 @@ class BudgetArgs:
                             "of the calibration set, fewer for inputs bigger than CIFAR's); more take longer in proportion "
                             "and make the allocation steadier across calibration subsets")
 
-        parser.add_argument("--prune-share", type=_type(check_share, "--prune-share"), default=None, metavar="S|auto",
-                            help="with --layers hidden and another kind (e.g. hidden,kxk) and --target-macs T: pruning "
-                            "takes the conv MACs to T**S of the original, rank cuts the rest (in [0, 1]; default 0.5: "
-                            "each a square root of T; auto: tries 0, 0.25, 0.5, 0.75 and 1 and keeps the model whose "
-                            "outputs move least on the calibration images, about 4-5x the time)")
+        add_prune_share_argument(parser)
 
     @staticmethod
     def parse(args) -> dict:
