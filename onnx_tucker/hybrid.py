@@ -94,6 +94,7 @@ def _reason(exc: Exception) -> str:
 
 def _best_share(model, opts: CompressOptions, rest: tuple, excluded: set, before: dict) -> tuple[onnx.ModelProto, Report]:
     """Each of ``SHARES`` without distillation, the least KL on calibration images kept (then distilled, if asked)."""
+    from onnx_tucker.capture import capture
     from onnx_tucker.errors import ModelError
     from onnx_tucker.sensitivity import _distortion, eval_samples
 
@@ -102,7 +103,7 @@ def _best_share(model, opts: CompressOptions, rest: tuple, excluded: set, before
     n = len(next(iter(feeds.values())))
     pick = np.sort(np.random.default_rng(0).choice(n, eval_samples(feeds, AUTO_IMAGES), replace=False))
     images = {k: np.asarray(v[pick]) for k, v in feeds.items()}
-    reference = _outputs(model, images)
+    reference = capture(model, images)  # every output, batch by batch (padded for a fixed batch)
     tried, best, failures = {}, None, {}
     memo = {}  # pruning's statistics and curves: the same for every share
     for share in SHARES:
@@ -111,7 +112,7 @@ def _best_share(model, opts: CompressOptions, rest: tuple, excluded: set, before
         except (UsageError, ModelError) as exc:  # this share cannot reach T (or finds nothing to prune): another may
             tried[share], failures[share] = None, exc
             continue
-        tried[share] = sum(_distortion(r, o) for r, o in zip(reference, _outputs(new_model, images)))
+        tried[share] = sum(_distortion(r, o) for r, o in zip(reference, capture(new_model, images)))
         if best is None or tried[share] < tried[best[0]]:
             best = (share, new_model, report)
     if best is None:
@@ -130,13 +131,3 @@ def _best_share(model, opts: CompressOptions, rest: tuple, excluded: set, before
                         + ", ".join(f"{k:g}: " + ("cannot reach the target" if v is None else f"{v:.4g}") for k, v in tried.items())
                         + ")")
     return new_model, report
-
-
-def _outputs(model: onnx.ModelProto, feeds: dict) -> list:
-    """Every output of ``model`` on ``feeds`` (batch by batch at a fixed batch size)."""
-    from onnx_tucker.prune import _batched, _session
-
-    session = _session(model)
-    names = [o.name for o in session.get_outputs()]
-    parts = [out for _, (out,) in _batched(model, feeds, [(session, names)])]
-    return [np.concatenate([p[i] for p in parts]) for i in range(len(names))]

@@ -488,22 +488,13 @@ def error_curves(graph: gs.Graph, units: list[Unit], moments: dict) -> dict:
     return curves
 
 
-class _Fed:
-    """A session whose every run also gets ``extra`` (weights fed as inputs)."""
-
-    def __init__(self, session, extra: dict):
-        self.session, self.extra = session, extra
-
-    def run(self, names, feeds):
-        return self.session.run(names, {**feeds, **self.extra})
-
-
 def probe_curves(model: onnx.ModelProto, feeds: dict, graph: gs.Graph, units: list[Unit], moments: dict, curves: dict,
                  seed: int = 0) -> dict:
     """The curves in the measured budget's metric: per unit, {keep: the whole model's output distortion (KL of class
     scores, ``sensitivity._distortion``, summed over outputs) with that unit alone pruned to ``keep`` channels and its
     consumer refitted on the original's statistics}, on ``sensitivity.eval_samples`` seeded calibration images. One
     session: the consumers' weights and biases are its inputs."""
+    from onnx_tucker.capture import fixed_batch, run_all
     from onnx_tucker.sensitivity import _distortion, eval_samples
 
     n = len(next(iter(feeds.values())))
@@ -528,9 +519,8 @@ def probe_curves(model: onnx.ModelProto, feeds: dict, graph: gs.Graph, units: li
     session = _session(probe)
     names = [o.name for o in session.get_outputs()]
 
-    def run(given: dict) -> list:
-        parts = [out for _, (out,) in _batched(model, probe_feeds, [(_Fed(session, {**fed, **given}), names)])]
-        return [np.concatenate([p[i] for p in parts]) for i in range(len(names))]
+    def run(given: dict) -> list:  # the weights fed whole to every batch; a fixed batch read from the model
+        return run_all(session, probe_feeds, names, extra={**fed, **given}, batch_size=BATCH, fixed=fixed_batch(model))
 
     reference = run({})
     measured = {}
