@@ -226,7 +226,7 @@ def run_sweep(config: SweepConfig, outputs=None) -> dict:
             "layers": {r.layer: {"op": r.op, "form": r.form, "layout": r.layout, "ranks": list(r.ranks),
                                  "macs": [r.macs_before, r.macs_after], "params": [r.params_before, r.params_after]}
                        for r in report.decomposed},
-            "forms": forms_summary(report.decomposed),
+            "forms": forms_summary(report.decomposed, report.pruning),
             "top1": top1(predicted, labels), "agreement": agreement(reference, predicted),
             "latency": {},
         })
@@ -288,9 +288,13 @@ def compress_setting(setting: tuple, model, calibration: dict | None, rank_multi
 
 
 
-def forms_summary(records: list) -> str:
-    """"tucker2 1x1 -> 3x3 -> 1x1: 5, svd dense -> dense: 2": how many layers got each form and layout."""
+def forms_summary(records: list, pruning: dict | None = None) -> str:
+    """"hidden pruned: 3 units (share 0.5), tucker2 1x1 -> 3x3 -> 1x1: 5, svd dense -> dense: 2": the pruned units
+    (--layers hidden, with the hybrid's share) and how many layers got each form and layout."""
     counts = {}
+    if pruning and pruning.get("pruned"):
+        share = pruning.get("share")
+        counts["hidden pruned"] = f"{pruning['pruned']} units" + ("" if share is None else f" (share {share:g})")
     for r in records:
         key = f"{r.form} {r.layout}".strip()
         counts[key] = counts.get(key, 0) + 1

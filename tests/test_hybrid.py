@@ -224,6 +224,7 @@ def test_sweep_takes_a_prune_share_for_its_targets(net, tmp_path):
     assert r.returncode == 0, r.stderr
     rows = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["results"]
     assert len(rows) == 1 and not rows[0]["error"]
+    assert rows[0]["forms"].startswith("hidden pruned: ") and "(share 0.25)" in rows[0]["forms"]
     written = onnx.load(str(next((tmp_path / "sweep").glob("*.onnx"))))
     settings = json.loads({p.key: p.value for p in written.metadata_props}["onnx_tucker.settings"])
     assert settings["prune_share"] == 0.25

@@ -174,6 +174,10 @@ def test_forms_summary_counts_each_form_and_layout():
                LayerRecord(layer="c", kernel=[], form="tucker2", layout="1x1 -> 3x3 -> 1x1"),
                LayerRecord(layer="d", kernel=[], form="svd", layout="dense -> dense")]
     assert forms_summary(records) == "tucker2 1x1 -> 3x3 -> 1x1: 2, tucker2 1x1 -> 3x3: 1, svd dense -> dense: 1"
+    # pruned units (--layers hidden) come first, with the hybrid's share where there is one
+    assert forms_summary(records[3:], {"pruned": 3, "share": 0.75}) == "hidden pruned: 3 units (share 0.75), svd dense -> dense: 1"
+    assert forms_summary([], {"pruned": 2}) == "hidden pruned: 2 units"
+    assert forms_summary(records[3:], {"pruned": 0, "share": 0.0}) == "svd dense -> dense: 1"
 
 
 def test_sweep_rank_multiple_auto_is_measured_once_for_every_setting(setup, capsys, tmp_path):
