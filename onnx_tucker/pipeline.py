@@ -380,7 +380,8 @@ def _compress(model: onnx.ModelProto, opts: CompressOptions, memo: dict | None =
             with report.phase("distill"):
                 # the teacher is the user's model: after pruning, ``model`` is already the pruned one
                 teacher = original if original is not None else model
-                new_model, report.distill = distill(teacher, new_model, feeds, trainable, **opts.distill)
+                channels = pruning.kept_channels() if pruning else None  # a chain on pruned channels fits those
+                new_model, report.distill = distill(teacher, new_model, feeds, trainable, **opts.distill, channels=channels)
         if opts.fold_affine:
             from onnx_tucker.fold import fold_affine_into_chains
 

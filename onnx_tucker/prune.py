@@ -706,6 +706,11 @@ class Pruning:
     def pruned(self) -> list[Unit]:
         return [u for u in self.units if u.keep is not None and len(u.keep) < u.channels]
 
+    def kept_channels(self) -> dict[str, list[int]]:
+        """Every tensor whose channels (axis 1) pruning cut: its kept channels, as indices into the original's
+        (what ``--distill``'s reconstruction aims at there: the original's tensor at those channels)."""
+        return {out.name: [int(k) for k in u.keep] for u in self.pruned() for node in u.nodes for out in node.outputs}
+
     def to_dict(self) -> dict:
         return {"units": [u.to_dict() for u in self.units], "pruned": len(self.pruned()),
                 "macs_saved": sum(u.macs_per_channel * (u.channels - len(u.keep)) for u in self.pruned())}

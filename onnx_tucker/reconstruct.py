@@ -215,7 +215,7 @@ def _reconstruct(original: onnx.ModelProto, compressed: onnx.ModelProto, chains:
                  train: dict[str, np.ndarray], check: dict[str, np.ndarray], trainable: Sequence[str], *,
                  steps: int = DEFAULT_STEPS, lr: float = DEFAULT_LR, batch_size: int = DEFAULT_BATCH,
                  seed: int = 0, threads: int | None = None, joint: bool = DEFAULT_JOINT, blocks: int = DEFAULT_BLOCKS,
-                 progress: bool = False, device=None) -> tuple[onnx.ModelProto, dict]:
+                 progress: bool = False, device=None, channels: dict | None = None) -> tuple[onnx.ModelProto, dict]:
     """Reconstruct ``chains`` of ``compressed`` one after the other (see the module docstring).
 
     ``train`` / ``check``: graph inputs to fit on and to judge on (held out). Only names in
@@ -224,7 +224,10 @@ def _reconstruct(original: onnx.ModelProto, compressed: onnx.ModelProto, chains:
     the CPU); the inputs and targets still come from onnxruntime on the CPU, once per unit, and the
     minibatches are drawn by a CPU generator (the same indices on any device). Returns ``(model, stats)``;
     stats['chains'] has per unit the target tensor, the device, the held-out relative error before and
-    after and whether the new weights were kept.
+    after and whether the new weights were kept. ``channels``: ``{tensor: kept channel indices}`` where
+    ``compressed`` holds fewer channels (axis 1) than ``original`` (pruned hidden channels, ``Pruning.kept_channels``):
+    a unit aiming there fits the original's tensor at those channels. A unit whose target still differs in shape
+    from the original's is left as it is (``skipped`` in its row).
     """
     import torch
 
@@ -282,6 +285,8 @@ def _reconstruct(original: onnx.ModelProto, compressed: onnx.ModelProto, chains:
             fit, held = subset(train, cap), subset(check, cap)
             x_train, x_check = _run(student_in, fit), _run(student_in, held)
             y_train, y_check = _run(teacher, fit)[0], _run(teacher, held)[0]
+        if channels and target in channels:  # pruned: the original's tensor at the channels kept
+            y_train, y_check = (np.take(y, channels[target], axis=1) for y in (y_train, y_check))
         x_train = [torch.from_numpy(np.ascontiguousarray(a)).to(dev) for a in x_train]
         x_check = [torch.from_numpy(np.ascontiguousarray(a)).to(dev) for a in x_check]
         y_train = torch.from_numpy(np.ascontiguousarray(y_train)).to(dev)
@@ -294,6 +299,15 @@ def _reconstruct(original: onnx.ModelProto, compressed: onnx.ModelProto, chains:
                 out = torch.cat([block(*[x[s : s + EVAL_BATCH] for x in x_check])[0] for s in range(0, len(y_check), EVAL_BATCH)])
             return _rel_error(out.double(), y_check.double())
 
+        with torch.no_grad():
+            shape = tuple(block(*[x[:1] for x in x_check])[0].shape[1:])
+        if shape != tuple(y_check.shape[1:]):  # no counterpart of the same shape to fit to
+            rows.append({"layer": "+".join(c.layer for c in unit), "target": target, "inputs": len(cut), "images": len(y_train),
+                         "device": str(dev), "before": None, "after": None, "kept": False,
+                         "skipped": f"its output {list(shape)} differs from the original's {list(y_check.shape[1:])}",
+                         "seconds": round(time.perf_counter() - t0, 2)})
+            bar.update(steps)
+            continue
         before = check_error()
         optimizer = torch.optim.Adam(opt_params, lr=lr)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))

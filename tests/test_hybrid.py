@@ -232,3 +232,47 @@ def test_sweep_takes_a_prune_share_for_its_targets(net, tmp_path):
              "--out-dir", tmp_path / "refused")
     assert r.returncode != 0 and "--prune-share splits each of --targets" in r.stderr and _error_lines(r) == 1
     assert not (tmp_path / "refused").exists()
+
+
+def test_reconstruction_after_pruning_fits_the_original_at_the_kept_channels(net):
+    """A chain on pruned channels (a pruned pair's first 3x3 conv, then factored) writes fewer channels than the
+    original's tensor of the same name: its reconstruction target is the original's tensor at the kept channels,
+    proved by the held-out error the reconstruction starts from, computed here by hand."""
+    pytest.importorskip("torch")
+    from onnx_tucker import compress
+    from onnx_tucker.distill import _run, _session, _with_outputs
+    from onnx_tucker.reconstruct import chains_in, reconstruct
+
+    _, model, feeds = net
+    pruned_model, pruning = P.prune(model, feeds, target_macs=0.7)
+    channels = pruning.kept_channels()
+    factored, _ = compress(pruned_model, layers=("kxk", "1x1"), target_macs=0.6, calibration=feeds)
+    chains = chains_in(factored)
+    trainable = [t for c in chains for t in c.trainable()]
+    train, check = {"input": feeds["input"][:384]}, {"input": feeds["input"][384:]}
+    _, stats = reconstruct(model, factored, chains, train, check, trainable, steps=20, blocks=1, channels=channels)
+    rows = [r for r in stats["chains"] if r["target"] in channels]
+    assert rows, "no chain aims at a pruned tensor: the test net no longer exercises this"
+    for row in rows:
+        assert "skipped" not in row and row["after"] <= row["before"] or not row["kept"]
+        mine = _run(_session(_with_outputs(factored, [row["target"]])), check)[0]
+        theirs = np.take(_run(_session(_with_outputs(model, [row["target"]])), check)[0], channels[row["target"]], axis=1)
+        assert mine.shape == theirs.shape
+        expected = float(((mine.astype(np.float64) - theirs) ** 2).sum() / (theirs.astype(np.float64) ** 2).sum())
+        assert row["before"] == pytest.approx(expected, rel=1e-3, abs=1e-6)
+    # without the kept channels the same units are left alone, not a crash
+    _, blind = reconstruct(model, factored, chains, train, check, trainable, steps=2, blocks=1)
+    assert all("skipped" in r for r in blind["chains"] if r["target"] in channels)
+
+
+def test_distill_with_reconstruction_runs_after_pruning_and_factoring_the_pruned_convs(net):
+    """The CLI's path: --layers hidden,kxk,1x1 --target-macs T --distill with its reconstruction (a traceback before)."""
+    from onnx_tucker import compress
+
+    _, model, feeds = net
+    _, report = compress(model, layers=("hidden", "kxk", "1x1"), target_macs=0.5, calibration=feeds, prune_share=0.5,
+                         distill={"steps": 2, "reconstruct_steps": 10, "holdout": 0.25})
+    assert "/features/features.1/body/body.0/body.0.0/Conv" in [r.layer for r in report.layers if r.pruned and r.decomposed]
+    rows = report.distill["reconstruct"]["chains"]
+    assert any(r["target"] == "/features/features.1/body/body.0/body.0.2/Clip_output_0" for r in rows)  # pruned channels
+    assert rows and not any("skipped" in r for r in rows)

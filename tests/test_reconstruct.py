@@ -174,37 +174,62 @@ def test_distill_with_reconstruction_never_returns_worse_on_the_holdout():
     assert stats2["returned"] in ("distilled", "reconstructed")
     best = stats2["after"] if stats2["returned"] == "distilled" else stats2["reconstructed"]
     assert best["kl"] < stats2["before"]["kl"] and best["agreement"] >= stats2["before"]["agreement"]
-    passing = [m for m in (stats2["after"], stats2["reconstructed"])
-               if m and m["kl"] < stats2["before"]["kl"] and m["agreement"] >= stats2["before"]["agreement"]]
-    assert best["kl"] == min(m["kl"] for m in passing)
+    # the distilled model whenever it passes against the compressed one, whatever the reconstruction's KL
+    after = stats2["after"]
+    passes = after["kl"] < stats2["before"]["kl"] and after["agreement"] >= stats2["before"]["agreement"]
+    assert (stats2["returned"] == "distilled") == passes
+
+
+def _spoilt_reconstruction(monkeypatch, scale):
+    """The real reconstruction, then its core scaled: it now agrees worse with the original."""
+    import onnx_tucker.reconstruct as rec
+
+    real = rec.reconstruct
+
+    def worse(*args, **kwargs):
+        model, stats = real(*args, **kwargs)
+        inits = Initializers(model)
+        inits.set("conv2_tucker_core_W", scale * inits.array("conv2_tucker_core_W"))
+        return model, stats
+
+    monkeypatch.setattr(rec, "reconstruct", worse)
 
 
 @needs_torch
-def test_distillation_starts_from_the_compressed_model_when_the_reconstruction_agrees_worse(monkeypatch):
-    import onnx_tucker.reconstruct as rec
+def test_distillation_starts_from_the_reconstruction_even_where_the_reconstruction_agrees_worse(monkeypatch):
+    """Each kept unit lowered its own held-out error; the model-level check judges the distilled model, not the start
+    (the hybrid seed CNN at 5x: +0.57 test points, docs/distill.md, stop 31)."""
     from onnx_tucker.distill import distill, tucker_trainable
 
     original, compressed = tiny_pair()
     feeds = feeds_for(original)
-    real = rec.reconstruct
-
-    def worse(*args, **kwargs):  # the real reconstruction, then its core halved: it now agrees worse
-        model, stats = real(*args, **kwargs)
-        inits = Initializers(model)
-        inits.set("conv2_tucker_core_W", 0.5 * inits.array("conv2_tucker_core_W"))
-        return model, stats
-
-    monkeypatch.setattr(rec, "reconstruct", worse)
+    _spoilt_reconstruction(monkeypatch, 0.8)
     kwargs = dict(steps=40, lr=3e-3, batch_size=32, progress=False, threads=1)
     model, stats = distill(original, compressed, feeds, tucker_trainable(compressed), reconstruct_steps=50, **kwargs)
     assert stats["reconstructed"]["kl"] > stats["before"]["kl"]
-    assert stats["distilled_from"] == "compressed" and stats["returned"] == "distilled"
+    assert stats["distilled_from"] == "reconstructed" and stats["returned"] == "distilled"
+    assert stats["after"]["kl"] < stats["before"]["kl"] and stats["after"]["agreement"] >= stats["before"]["agreement"]
+    plain, _ = distill(original, compressed, feeds, tucker_trainable(compressed), reconstruct_steps=0, **kwargs)
+    assert model.SerializeToString() != plain.SerializeToString()
+
+
+@needs_torch
+def test_distillation_falls_back_to_the_compressed_model_when_neither_the_reconstruction_nor_its_distillation_passes(monkeypatch):
+    from onnx_tucker.distill import distill, tucker_trainable
+
+    original, compressed = tiny_pair()
+    feeds = feeds_for(original)
+    _spoilt_reconstruction(monkeypatch, 0.5)
+    kwargs = dict(steps=3, lr=1e-4, batch_size=32, progress=False, threads=1)  # too little to bring it back
+    model, stats = distill(original, compressed, feeds, tucker_trainable(compressed), reconstruct_steps=50, **kwargs)
+    assert stats["reconstructed"]["kl"] > stats["before"]["kl"]
+    assert stats["distilled_from"] == "compressed"
+    tried = stats["global_attempts"]
+    assert [a["from"] for a in tried] == ["reconstructed", "compressed"] and tried[1]["after"] == stats["after"]
+    assert not (tried[0]["after"]["kl"] < stats["before"]["kl"] and tried[0]["after"]["agreement"] >= stats["before"]["agreement"])
     plain, plain_stats = distill(original, compressed, feeds, tucker_trainable(compressed), reconstruct_steps=0, **kwargs)
-    assert plain_stats["distilled_from"] == "compressed"
+    assert plain_stats["distilled_from"] == "compressed" and stats["returned"] == plain_stats["returned"]
     assert model.SerializeToString() == plain.SerializeToString()  # the same global phase as without reconstruction
-    monkeypatch.setattr(rec, "reconstruct", real)
-    _, good = distill(original, compressed, feeds, tucker_trainable(compressed), reconstruct_steps=50, **kwargs)
-    assert good["distilled_from"] == "reconstructed"
 
 
 @needs_torch
