@@ -43,6 +43,8 @@ TARGETS = [
     ("resnet_t033_distill", "cifar10_resnet", "--target-macs 0.333 --forms tucker2,spatial --distill", 1.0, None),
     ("resnet_t02_distill", "cifar10_resnet", "--target-macs 0.2 --forms tucker2,spatial --distill", 2.0, None),
     ("cnn_t02_distill", "cifar10_cnn", "--target-macs 0.2 --distill", 1.0, 300),
+    # pruning and rank cuts, then distillation (stop 31: auto's share at 5x was 0.25)
+    ("cnn_t02_hybrid_distill", "cifar10_cnn", "--target-macs 0.2 --layers hidden,kxk --prune-share 0.25 --distill", 1.0, 300),
     ("r56_r05", "cifar10_resnet56", "--ratio 0.5", 1.0, None),
     ("r56_r05_spatial", "cifar10_resnet56", "--ratio 0.5 --forms spatial", 1.0, None),
     ("r56_r05_tucker2_spatial", "cifar10_resnet56", "--ratio 0.5 --forms tucker2,spatial", 1.0, None),
@@ -52,6 +54,9 @@ MOONSHOT = [(f"moon_{m}", m, "--target-macs 0.2" + extra, 1.0, None) for m, extr
     ("cifar10_resnet56", ""), ("cifar10_mobilenetv2", " --layers kxk,1x1")]] + [
     ("moon_cifar10_mobilenetv2_hidden", "cifar10_mobilenetv2", "--target-macs 0.2 --layers hidden", 1.0, None),
     ("moon_cifar10_mobilenetv2_hybrid", "cifar10_mobilenetv2", "--target-macs 0.2 --layers hidden,kxk,1x1 --prune-share auto", 1.0, None),
+    ("moon_cifar10_vgg11_bn_distill", "cifar10_vgg11_bn", "--target-macs 0.2 --distill", 1.0, None),
+    ("moon_cifar10_mobilenetv2_3x_hybrid_distill", "cifar10_mobilenetv2",
+     "--target-macs 0.333 --layers hidden,kxk,1x1 --prune-share 0.75 --distill", 1.0, None),
     ("moon_cifar10_resnet20_hybrid", "cifar10_resnet20", "--target-macs 0.2 --layers hidden,kxk --forms tucker2,spatial --prune-share auto", 1.0, None)]
 
 
