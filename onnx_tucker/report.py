@@ -206,7 +206,11 @@ def distill_summary(stats: dict) -> str:
     agreement = (f"agreement with the original {100 * before['agreement']:.1f}% -> {100 * chosen['agreement']:.1f}%, "
                  if before.get("agreement") is not None and chosen.get("agreement") is not None else "")
     measure = {"kl": "KL", "relative error": "relative squared error"}.get(before.get("measure", "kl"), "KL + relative squared error")
+    if returned == "distilled" and len(stats.get("global_attempts") or ()) > 1:
+        kept = "the model distilled from the compressed one (neither the reconstruction nor the distillation from it passed the check)"
+    else:
+        kept = _RETURNED[returned]
     diverged = (f"; the global phase diverged (loss not finite) after {stats.get('steps')} of {stats.get('steps_asked')} steps"
                 if stats.get("diverged") else "")
-    return (f"distill: kept {_RETURNED[returned]}; {units}on {where} {agreement}{measure} {before['kl']:.4g} -> {chosen['kl']:.4g}"
+    return (f"distill: kept {kept}; {units}on {where} {agreement}{measure} {before['kl']:.4g} -> {chosen['kl']:.4g}"
             f" ({stats['seconds']:.0f} s on {stats['device']}){diverged}")

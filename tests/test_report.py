@@ -39,6 +39,14 @@ def test_distill_summary_names_the_kept_model_and_its_check(returned, shown, met
     assert "3/3 reconstruction units kept" in line and "205 held-out inputs" in line and "93.2% ->" in line and "(316 s on cpu)" in line
 
 
+def test_distill_summary_says_when_the_global_phase_ran_again_from_the_compressed_model():
+    twice = [{"from": "reconstructed", "after": None}, {"from": "compressed", "after": CHECK["after"]}]
+    line = distill_summary(CHECK | {"returned": "distilled", "global_attempts": twice})
+    assert "kept the model distilled from the compressed one (neither the reconstruction" in line
+    once = distill_summary(CHECK | {"returned": "distilled", "global_attempts": twice[1:]})
+    assert "kept the distilled model;" in once
+
+
 def test_distill_summary_says_when_the_global_phase_diverged():
     """A diverged run (float16 Adam wrote NaN on its first step) said only 'kept the compressed model unchanged'."""
     line = distill_summary(CHECK | {"returned": "compressed", "diverged": True, "steps": 1, "steps_asked": 500})
