@@ -393,7 +393,7 @@ def distill(
     output at that point (``onnx_tucker.reconstruct``, on the same training inputs, judged on the same
     holdout; ``reconstruct_blocks``: residual blocks in a row fitted as one, default
     ``reconstruct.DEFAULT_BLOCKS``; ``channels``: the kept channels of tensors pruning cut,
-    ``Pruning.kept_channels()``), then distil from there (from the compressed model instead when neither the reconstruction nor the
+    ``Pruning.kept_channels()``, by default those ``compressed`` records), then distil from there (from the compressed model instead when neither the reconstruction nor the
     distillation from it passes the check); the model returned is the distilled one if it passes the check against
     the compressed model, else the reconstructed one if it passes, else the compressed one. Same seed, inputs and
     threads on CPU: the same result.
@@ -429,6 +429,10 @@ def distill(
     if n < 2:
         raise UsageError(f"distillation needs at least 2 input samples, got {n}")
 
+    if channels is None:
+        from onnx_tucker.prune import kept_channels_in
+
+        channels = kept_channels_in(compressed)
     started = time.perf_counter()
     old_threads = torch.get_num_threads()
     if threads:

@@ -359,6 +359,11 @@ def _compress(model: onnx.ModelProto, opts: CompressOptions, memo: dict | None =
         with report.phase("export"):
             new_model = export(graph, model) if report.decomposed else _copy(model)
             check_chain_nodes(new_model, report.chains)
+        # which channels pruning kept, as the chain records say what was factored (--distill's reconstruction reads
+        # it); cleared otherwise: an input pruned by an earlier run is this run's original, with nothing cut
+        from onnx_tucker.prune import KEPT_KEY
+
+        set_metadata(new_model, {KEPT_KEY: pruning.dumps_kept() if pruning is not None else ""})
         if opts.calibration is not None and opts.refit and report.chains:
             from onnx_tucker.calibrate import refit_chains
 
@@ -380,8 +385,7 @@ def _compress(model: onnx.ModelProto, opts: CompressOptions, memo: dict | None =
             with report.phase("distill"):
                 # the teacher is the user's model: after pruning, ``model`` is already the pruned one
                 teacher = original if original is not None else model
-                channels = pruning.kept_channels() if pruning else None  # a chain on pruned channels fits those
-                new_model, report.distill = distill(teacher, new_model, feeds, trainable, **opts.distill, channels=channels)
+                new_model, report.distill = distill(teacher, new_model, feeds, trainable, **opts.distill)
         if opts.fold_affine:
             from onnx_tucker.fold import fold_affine_into_chains
 

@@ -21,6 +21,7 @@ its kept ones refitted (the "composed" model :func:`refit_in_order` returns): te
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 
@@ -29,7 +30,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnx_tucker.errors import ModelError, UsageError
-from onnx_tucker.graph import export, infer_shapes, prefix_model, taken_names, unique_name
+from onnx_tucker.graph import export, infer_shapes, json_metadata, prefix_model, taken_names, unique_name
 
 # Per-channel ops that may sit between the producer and the depthwise conv, or after it: each output channel
 # depends only on the same input channel, so a dropped channel drops through them.
@@ -706,14 +707,30 @@ class Pruning:
     def pruned(self) -> list[Unit]:
         return [u for u in self.units if u.keep is not None and len(u.keep) < u.channels]
 
+    def kept_groups(self) -> list[tuple[list[str], list[int]]]:
+        """Per pruned unit: the tensors whose channels (axis 1) it cut, and its kept channels as indices into the
+        original's (what ``--distill``'s reconstruction aims at there: the original's tensor at those channels)."""
+        return [([o.name for n in u.nodes for o in n.outputs], [int(k) for k in u.keep]) for u in self.pruned()]
+
     def kept_channels(self) -> dict[str, list[int]]:
-        """Every tensor whose channels (axis 1) pruning cut: its kept channels, as indices into the original's
-        (what ``--distill``'s reconstruction aims at there: the original's tensor at those channels)."""
-        return {out.name: [int(k) for k in u.keep] for u in self.pruned() for node in u.nodes for out in node.outputs}
+        """{tensor: its kept channels} for every tensor pruning cut."""
+        return {name: keep for names, keep in self.kept_groups() for name in names}
+
+    def dumps_kept(self) -> str:
+        """:meth:`kept_groups` for the model's metadata (``KEPT_KEY``); "" when nothing was pruned."""
+        return json.dumps(self.kept_groups()) if self.pruned() else ""
 
     def to_dict(self) -> dict:
         return {"units": [u.to_dict() for u in self.units], "pruned": len(self.pruned()),
                 "macs_saved": sum(u.macs_per_channel * (u.channels - len(u.keep)) for u in self.pruned())}
+
+
+KEPT_KEY = "onnx_tucker.kept_channels"  # a pruned model's kept channels, read back by --distill's reconstruction
+
+
+def kept_channels_in(model: onnx.ModelProto) -> dict[str, list[int]]:
+    """The kept channels a model's pruning recorded (``Pruning.dumps_kept``), as ``Pruning.kept_channels``; {} if none."""
+    return {name: keep for names, keep in json_metadata(model, KEPT_KEY, []) for name in names}
 
 
 def conv_macs(graph: gs.Graph, shapes: dict) -> int:

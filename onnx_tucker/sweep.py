@@ -291,14 +291,15 @@ def compress_setting(setting: tuple, model, calibration: dict | None, rank_multi
 def forms_summary(records: list, pruning: dict | None = None) -> str:
     """"hidden pruned: 3 units (share 0.5), tucker2 1x1 -> 3x3 -> 1x1: 5, svd dense -> dense: 2": the pruned units
     (--layers hidden, with the hybrid's share) and how many layers got each form and layout."""
-    counts = {}
+    parts = []
     if pruning and pruning.get("pruned"):
         share = pruning.get("share")
-        counts["hidden pruned"] = f"{pruning['pruned']} units" + ("" if share is None else f" (share {share:g})")
+        parts.append(f"hidden pruned: {pruning['pruned']} units" + ("" if share is None else f" (share {share:g})"))
+    counts = {}
     for r in records:
         key = f"{r.form} {r.layout}".strip()
         counts[key] = counts.get(key, 0) + 1
-    return ", ".join(f"{k}: {v}" for k, v in counts.items())
+    return ", ".join(parts + [f"{k}: {v}" for k, v in counts.items()])
 
 
 def agreement(a: np.ndarray, b: np.ndarray) -> float:

@@ -276,3 +276,24 @@ def test_distill_with_reconstruction_runs_after_pruning_and_factoring_the_pruned
     rows = report.distill["reconstruct"]["chains"]
     assert any(r["target"] == "/features/features.1/body/body.0/body.0.2/Clip_output_0" for r in rows)  # pruned channels
     assert rows and not any("skipped" in r for r in rows)
+
+
+def test_a_pruned_model_records_its_kept_channels_for_distill_and_a_later_run_clears_them(net):
+    """The written model says which channels pruning kept (as its chain records say what was factored): the public
+    ``distill`` on that file fits those units without being told. Compressing that model again (it is then the
+    original) clears the record: its tensors are whole there."""
+    pytest.importorskip("torch")
+    from onnx_tucker import compress
+    from onnx_tucker.distill import distill, tucker_trainable
+    from onnx_tucker.prune import kept_channels_in
+
+    _, model, feeds = net
+    new, _ = compress(model, layers=("hidden", "kxk", "1x1"), target_macs=0.5, calibration=feeds, prune_share=0.5)
+    kept = kept_channels_in(new)
+    target = "/features/features.1/body/body.0/body.0.2/Clip_output_0"
+    assert target in kept and len(kept[target]) < 24
+    _, stats = distill(model, new, feeds, tucker_trainable(new), steps=0, reconstruct_steps=5, progress=False, threads=1)
+    rows = stats["reconstruct"]["chains"]
+    assert any(r["target"] == target for r in rows) and not any("skipped" in r for r in rows)
+    again, _ = compress(new, layers=("kxk",), target_macs=0.9, calibration=feeds)
+    assert kept_channels_in(again) == {}
