@@ -37,6 +37,7 @@ from onnx_tucker.graph import export, infer_shapes, json_metadata, prefix_model,
 ELEMENTWISE = {"Relu", "Clip", "LeakyRelu", "HardSwish", "HardSigmoid", "Sigmoid", "Tanh", "Elu", "Selu", "Softplus",
                "Identity", "Mish", "Gelu", "MaxPool", "AveragePool"}  # a pool mixes positions, never channels
 STEPS = 16  # keep-count options per unit for the budget: c * j / STEPS, j = 1 .. STEPS
+COMPACT_FRACTION = 0.25  # elimination_order shrinks its arrays once dropped channels are this share of them
 RIDGE = 1e-6  # relative ridge of every solve: dead channels (a ReLU6 that never fires) make the moment singular
 POSITIONS = 64  # sampled positions per image for a block's moments (each image gives thousands of rows)
 # Least-squares rows per unknown a refit needs (calibrate.MIN_ROWS_PER_UNKNOWN): a 3x3 consumer of 256 channels on a
@@ -338,33 +339,42 @@ def elimination_order(moment: np.ndarray, weight: np.ndarray, taps: int = 1) -> 
     its kernel positions) with a constant 1 appended (the intercept, never dropped); ``weight``: (out, C*taps+1), the
     consumer's weight and bias: the target is ``weight @ [x; 1]``. The least-squares coefficients ``S`` on the kept
     columns and the inverse moment ``P`` are downdated in closed form per drop: removing the columns G raises the
-    residual by ``tr(S_G P_GG^-1 S_G^T)`` (``|S_j|^2 / P_jj`` for one column)."""
+    residual by ``tr(S_G P_GG^-1 S_G^T)`` (``|S_j|^2 / P_jj`` for one column).
+
+    A dropped channel's columns stay in ``S`` and ``P`` (no live entry reads them again) until they are
+    ``COMPACT_FRACTION`` of the columns, then the arrays shrink: deleting them at every drop copied ``P`` (2305
+    square on a 256-channel 3x3 consumer) twice per channel."""
     c = (moment.shape[0] - 1) // taps
     p = np.linalg.inv(_ridged(moment))
     s = weight.astype(np.float64).copy()
-    alive = list(range(c))  # channel ids; alive[a] owns columns a*taps .. a*taps+taps-1, the intercept is last
+    slot_channel = np.arange(c)  # the channel in each slot (slot k owns columns k*taps .. k*taps+taps-1, in channel order)
+    live = np.ones(c, dtype=bool)
     order, residual, total = [], [], 0.0
     for _ in range(c):
-        n = len(alive)
+        slots = np.flatnonzero(live)
         if taps == 1:
-            cost = (s[:, :n] ** 2).sum(0) / np.maximum(np.diag(p)[:n], 1e-300)
+            cost = (s[:, slots] ** 2).sum(0) / np.maximum(np.diag(p)[slots], 1e-300)
         else:
-            idx = np.arange(n * taps).reshape(n, taps)
+            idx = slots[:, None] * taps + np.arange(taps)  # (n, taps) columns
             blocks = p[idx[:, :, None], idx[:, None, :]]  # (n, taps, taps)
-            s_blocks = s[:, : n * taps].reshape(s.shape[0], n, taps).transpose(1, 2, 0)  # (n, taps, out)
+            s_blocks = s[:, idx].transpose(1, 2, 0)  # (n, taps, out)
             cost = np.einsum("nto,nto->n", np.linalg.solve(blocks, s_blocks), s_blocks)
-        a = int(np.argmin(cost))
+        a = int(np.argmin(cost))  # the first of equal costs in channel order, as the live slots are
+        slot = int(slots[a])
         total += float(max(cost[a], 0.0))
-        order.append(alive[a])
+        order.append(int(slot_channel[slot]))
         residual.append(total)
-        g = np.arange(a * taps, (a + 1) * taps)
-        p_gg = p[np.ix_(g, g)]
-        p_g = p[g]  # (taps, columns)
-        s = s - s[:, g] @ np.linalg.solve(p_gg, p_g)
-        p = p - p[:, g] @ np.linalg.solve(p_gg, p_g)
-        s = np.delete(s, g, axis=1)
-        p = np.delete(np.delete(p, g, axis=0), g, axis=1)
-        del alive[a]
+        g = np.arange(slot * taps, (slot + 1) * taps)
+        step = np.linalg.solve(p[np.ix_(g, g)], p[g])  # (taps, columns): P_GG^-1 P_G, shared by both downdates
+        s -= s[:, g] @ step
+        p -= p[:, g] @ step
+        live[slot] = False
+        dead = len(live) - int(live.sum())
+        if dead and dead >= COMPACT_FRACTION * len(live):
+            keep_slots = np.flatnonzero(live)
+            cols = np.concatenate([(keep_slots[:, None] * taps + np.arange(taps)).ravel(), [p.shape[0] - 1]])
+            p, s = p[np.ix_(cols, cols)], s[:, cols]
+            slot_channel, live = slot_channel[keep_slots], np.ones(len(keep_slots), dtype=bool)
     return order, residual
 
 

@@ -108,23 +108,44 @@ def _lstsq_residual(moment, weight, keep, taps=1):
     return float(np.einsum("oi,ij,oj->", d, m, d))
 
 
-@pytest.mark.parametrize("taps", [1, 3])
-def test_elimination_order_is_the_exact_greedy_and_its_residuals_are_the_least_squares_ones(taps):
-    """One column per channel (a 1x1 consumer) or several (a kxk consumer's taps, dropped together)."""
-    rng = np.random.default_rng(1)
-    width = 7 * taps
+def _elimination_problem(channels: int, taps: int, seed: int = 1):
+    rng = np.random.default_rng(seed)
+    width = channels * taps
     rows = np.maximum(rng.normal(size=(500, width)) @ rng.normal(size=(width, width)), 0)  # correlated, ReLU-like
     z = np.concatenate([rows, np.ones((500, 1))], axis=1)
-    moment = z.T @ z / 500
-    weight = rng.normal(size=(4, width + 1))
+    return z.T @ z / 500, rng.normal(size=(4, width + 1))
+
+
+@pytest.mark.parametrize("taps", [1, 3])
+@pytest.mark.parametrize("channels", [7, 24])  # 24: the dropped channels' columns are compacted away three times
+def test_elimination_order_is_the_exact_greedy_and_its_residuals_are_the_least_squares_ones(taps, channels):
+    """One column per channel (a 1x1 consumer) or several (a kxk consumer's taps, dropped together)."""
+    moment, weight = _elimination_problem(channels, taps)
     order, residual = P.elimination_order(moment, weight, taps)
-    assert sorted(order) == list(range(7))
-    kept = list(range(7))
+    assert sorted(order) == list(range(channels))
+    kept = list(range(channels))
     for step, j in enumerate(order):
         costs = {i: _lstsq_residual(moment, weight, [k for k in kept if k != i], taps) for i in kept}
         assert costs[j] == pytest.approx(min(costs.values()), rel=1e-6)  # the cheapest drop at each step
         kept.remove(j)
         assert residual[step] == pytest.approx(_lstsq_residual(moment, weight, kept, taps), rel=1e-6, abs=1e-9)
+
+
+@pytest.mark.parametrize("taps", [1, 3])
+def test_elimination_order_is_the_same_whenever_its_arrays_are_compacted(taps, monkeypatch):
+    """Dropped channels' columns left in place (no live entry reads them) or cut out: the same order and residuals,
+    and equal costs (dead channels) still go in channel order."""
+    moment, weight = _elimination_problem(30, taps, seed=2)
+    weight[:, 5 * taps : 9 * taps] = 0.0  # four channels the consumer ignores: they cost 0, a tie
+    results = []
+    for fraction in (1.0, 0.5, 0.25, 0.05):  # 1.0: never before the last drop; 0.05: after almost every drop
+        monkeypatch.setattr(P, "COMPACT_FRACTION", fraction)
+        results.append(P.elimination_order(moment, weight, taps))
+    order, residual = results[0]
+    assert order[:4] == [5, 6, 7, 8]
+    for other_order, other_residual in results[1:]:
+        assert other_order == order
+        np.testing.assert_allclose(other_residual, residual, rtol=1e-9, atol=1e-12)
 
 
 def test_solve_with_every_channel_gives_back_the_original_weights(net):
