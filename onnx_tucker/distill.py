@@ -59,11 +59,13 @@ def _import_torch():
     return torch
 
 
-def check_runnable(model: onnx.ModelProto) -> None:
+def check_runnable(model: onnx.ModelProto, feeds: dict | None = None) -> None:
     """Before any work: torch is installed and its executor runs every op of ``model``, else the one-line error
-    (an op, a custom domain, a subgraph) that the distillation would raise after the whole compression."""
-    _import_torch()
-    from onnx_tucker.torch_exec import SUPPORTED_OPS
+    (an op, a custom domain, a subgraph) that the distillation would raise after the whole compression. With
+    ``feeds`` (the calibration inputs) the executor also runs ``model`` on their first sample, which finds the
+    refusals that depend on a node's attributes or inputs (a training-mode BatchNormalization, a Resize mode)."""
+    torch = _import_torch()
+    from onnx_tucker.torch_exec import SUPPORTED_OPS, TorchGraph
 
     for i, node in enumerate(model.graph.node):
         where = f"node '{node.name}'" if node.name else f"node {i}"
@@ -72,6 +74,13 @@ def check_runnable(model: onnx.ModelProto) -> None:
         if node.domain not in ("", "ai.onnx") or node.op_type not in SUPPORTED_OPS:
             op = f"{node.domain}.{node.op_type}" if node.domain not in ("", "ai.onnx") else node.op_type
             raise ModelError(f"--distill: the torch executor cannot run op '{op}' ({where}); compress without --distill")
+    if feeds:
+        try:
+            with torch.no_grad():
+                TorchGraph(model)(**{k: torch.from_numpy(np.ascontiguousarray(np.asarray(v[:1]))) for k, v in feeds.items()})
+        except ModelError as exc:
+            reason = str(exc).removeprefix("torch executor: ")
+            raise ModelError(f"--distill: the torch executor cannot run this model: {reason}; compress without --distill") from None
 
 
 def tucker_trainable(model: onnx.ModelProto) -> list[str]:

@@ -86,6 +86,14 @@ def _pruned_to(pruning) -> float:
     return 1 - pruning.to_dict()["macs_saved"] / max(1, pruning.conv_macs)
 
 
+def _failed(exc: Exception) -> str:
+    """A share's entry in --prune-share auto's note: out of reach of the target, or nothing to prune at all (a model
+    without prunable hidden channels, where only share 0 runs)."""
+    from onnx_tucker.errors import ModelError
+
+    return "nothing to prune" if isinstance(exc, ModelError) and "no prunable hidden channels" in str(exc) else "cannot reach the target"
+
+
 def _reason(exc: Exception) -> str:
     """An error's text after its 'target MACs X cannot be met' opening: what stood in the way."""
     text = str(exc)
@@ -128,6 +136,6 @@ def _best_share(model, opts: CompressOptions, rest: tuple, excluded: set, before
     # the other shares' runs and the comparison: the time line must add up to the run (as the latency feedback's)
     report.timings["share_search"] = round(time.perf_counter() - started - sum(report.timings.values()), 3)
     report.notes.append(f"--prune-share auto: {share:g} (KL of the class scores on {len(pick)} calibration images: "
-                        + ", ".join(f"{k:g}: " + ("cannot reach the target" if v is None else f"{v:.4g}") for k, v in tried.items())
+                        + ", ".join(f"{k:g}: " + (_failed(failures[k]) if v is None else f"{v:.4g}") for k, v in tried.items())
                         + ")")
     return new_model, report

@@ -273,6 +273,8 @@ class CompressOptions:
             if not self.layers:  # () factored nothing and recorded the default; None is the default
                 raise UsageError("layers: name at least one kind (kxk, 1x1, dense), or None for the default")
             layer_plan(self.layers, self.forms)  # refuses unknown kinds
+            if self.forms is not None:
+                self._check_forms_apply()
             if "hidden" in self.layers:
                 self._check_hidden()
         if self.prune_share is not None:
@@ -302,6 +304,24 @@ class CompressOptions:
             self.ray = check_address(self.ray)
             require_ray()
         return self
+
+    def _check_forms_apply(self) -> None:
+        """A form named in ``forms`` that factors none of the kinds in ``layers`` would be ignored: refused, as a flag
+        that has no effect is (``--layers hidden --forms spatial`` only pruned; ``--layers kxk --forms svd`` ran Tucker-2)."""
+        from onnx_tucker.factorization import LAYER_KINDS, PRUNED_KIND, get_form
+
+        asked = {LAYER_KINDS[k][0] for k in self.layers if k != PRUNED_KIND}
+        for name in self.forms:
+            kinds = getattr(get_form(name), "kinds", None)
+            if kinds is None or set(kinds) & asked:
+                continue
+            listed = ",".join(self.layers)
+            if not asked:
+                raise UsageError(f"--forms {name}: --layers {listed} factors nothing (it prunes hidden channels); add a kind "
+                                 f"to factor (e.g. --layers {listed},kxk) or drop --forms")
+            takes = [k for k, (kind, _) in LAYER_KINDS.items() if kind in kinds]
+            raise UsageError(f"--forms {name} factors {' and '.join(takes)} layers, none of --layers {listed}: add "
+                             f"{' or '.join(takes)} to --layers or drop it from --forms")
 
     def _check_hidden(self) -> None:
         """``--layers hidden`` (``onnx_tucker.prune``) keeps channels by a ratio or a MAC budget, refitted on calibration data."""

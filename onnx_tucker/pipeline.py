@@ -77,7 +77,7 @@ def compress(model, ratio: float = 0.5, **options) -> tuple[onnx.ModelProto, Rep
     if opts.distill is not None:  # an op the torch executor cannot run is said now, not after the compression
         from onnx_tucker.distill import check_runnable
 
-        check_runnable(model)
+        check_runnable(model, opts.calibration)
     if opts.target_latency is not None:
         return _target_latency(model, opts)
     if opts.layers and PRUNED_KIND in opts.layers:

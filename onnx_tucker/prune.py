@@ -146,6 +146,8 @@ def _elementwise(node: gs.Node, channels: int) -> bool:
         return all(t is None or not isinstance(t, gs.Constant) or np.asarray(t.values).size == 1 for t in node.inputs[1:])
     if node.op in AFFINE and len(node.inputs) == 2 and isinstance(node.inputs[1], gs.Constant):
         return per_channel_axis(np.asarray(node.inputs[1].values), channels) is not None
+    if node.op == "BatchNormalization":  # left unfolded (a torch export without constant folding): scale, B, mean, var
+        return _inference_batchnorm(node, channels)
     if node.op == "Pad":  # tf2onnx's ZeroPadding2D before a stride-2 depthwise conv: spatial zeros only
         pads = _constant(node.inputs[1]) if len(node.inputs) > 1 else np.asarray(_attr(node, "pads", []))
         value = node.inputs[2] if len(node.inputs) > 2 else None
@@ -154,6 +156,15 @@ def _elementwise(node: gs.Node, channels: int) -> bool:
                 and (value is None or value.name == "" or (_constant(value) is not None and not np.any(_constant(value))))
                 and (len(node.inputs) < 4 or node.inputs[3].name == ""))
     return False
+
+
+def _inference_batchnorm(node: gs.Node, channels: int) -> bool:
+    """A BatchNormalization in inference mode whose four per-channel parameters are constants of ``channels`` values
+    (pruning slices them with the channels)."""
+    params = node.inputs[1:5]
+    return (int(_attr(node, "training_mode", 0)) == 0 and len(params) == 4
+            and all(isinstance(t, gs.Constant) and np.asarray(t.values).shape == (channels,) for t in params)
+            and all(len(t.outputs) == 1 for t in params))  # its own: slicing a shared one would change its other reader
 
 
 def _walk(tensor: gs.Tensor, outputs: set, channels: int) -> tuple[list, gs.Node | None]:
@@ -685,6 +696,10 @@ def sliced(composed: onnx.ModelProto, units: list[Unit]) -> onnx.ModelProto:
                 axis = per_channel_axis(value, u.channels)
                 if axis is not None and axis >= 0:
                     replace(node, 1, np.take(value, keep, axis=axis))
+            elif node.op == "BatchNormalization":  # scale, B, mean and var at the kept channels
+                for index in range(1, 5):
+                    replace(node, index, np.asarray(node.inputs[index].values)[keep])
+                del u.trainable[-2:]  # --distill trains the scale and shift, not the statistics (a negative var is NaN)
         consumer = nodes[u.consumer]
         w = _constant(consumer.inputs[1])
         if consumer.op in ("Gemm", "MatMul"):

@@ -749,7 +749,10 @@ class TorchGraph(torch.nn.Module):
             env[name] = env[name].to(dtype)
         for (fn, attrs, ins, outs, op_type, name), release in zip(self._steps, self._release):
             values = [env[n] if n else None for n in ins]
-            result = fn(values, attrs, self.opset)
+            try:
+                result = fn(values, attrs, self.opset)
+            except ModelError as exc:  # an attribute or input the executor refuses: say which node
+                raise ModelError(f"{exc} (node '{name}')" if name else str(exc)) from None
             if isinstance(result, torch.Tensor):
                 result = (result,)
             for out, value in zip(outs, result):

@@ -173,6 +173,9 @@ def test_auto_on_a_model_without_hidden_units_keeps_the_rank_cuts_alone(residual
     new, report = compress(residual, layers=("hidden", "kxk"), target_macs=0.6, calibration=feeds, prune_share="auto")
     assert report.pruning["share"] == 0.0 and report.pruning["shares_tried"]["0.25"] is None
     np.testing.assert_array_equal(run_model(new, feeds)[0], run_model(plain, feeds)[0])
+    # the note says why the other shares did not run: nothing to prune, not a target out of reach
+    note = next(n for n in report.notes if n.startswith("--prune-share auto"))
+    assert "0.25: nothing to prune" in note and "1: nothing to prune" in note and "cannot reach" not in note
 
 
 def test_auto_timings_add_up_to_the_run(net):

@@ -142,3 +142,20 @@ def test_the_recorded_settings_say_forms_layers_folding_and_distillation():
     settings = _json.loads({p.key: p.value for p in new.metadata_props}["onnx_tucker.settings"])
     assert (settings["forms"], settings["layers"], settings["fold_affine"], settings["distill"]) == (["spatial"], ["kxk"], False, None)
     assert report.settings["forms"] == ["spatial"]
+
+
+@pytest.mark.parametrize("layers, forms, message", [
+    (("hidden",), ("spatial",), r"^--forms spatial: --layers hidden factors nothing \(it prunes hidden channels\)"),
+    (("kxk",), ("svd",), r"^--forms svd factors 1x1 and dense layers, none of --layers kxk: add 1x1 or dense"),
+    (("1x1", "dense"), ("tucker2", "svd"), r"^--forms tucker2 factors kxk layers, none of --layers 1x1,dense"),
+])
+def test_a_form_that_factors_none_of_the_layers_asked_for_is_refused(layers, forms, message):
+    """--layers hidden --forms spatial only pruned and --layers kxk --forms svd ran Tucker-2: a flag without effect."""
+    from onnx_tucker.errors import UsageError
+    from onnx_tucker.options import CompressOptions
+
+    calibration = {"input": np.zeros((4, 3, 8, 8), np.float32)}  # --layers hidden needs some
+    with pytest.raises(UsageError, match=message):
+        CompressOptions.from_kwargs(ratio=0.5, layers=layers, forms=forms, calibration=calibration)
+    # with a kind each form takes: fine
+    CompressOptions.from_kwargs(ratio=0.5, layers=layers + ("kxk", "1x1"), forms=forms, calibration=calibration)

@@ -535,3 +535,33 @@ def test_sweep_and_inspect_with_hidden(net, tmp_path):
     assert r.returncode == 0, r.stderr
     r = _cli("inspect", path, "--layers", "hidden")
     assert r.returncode != 0 and "--layers hidden" in r.stderr and _error_lines(r) == 1
+
+
+def test_an_unfolded_batchnorm_between_two_convs_is_pruned_with_them(tmp_path):
+    """A torch export without constant folding keeps each BatchNormalization node: `--layers hidden` found no unit
+    across it ('no prunable hidden channels'). Now it is a per-channel op of the unit, its scale, shift, mean and
+    variance sliced with the channels, and the sliced graph computes the composed model."""
+    torch = pytest.importorskip("torch")
+    nn = torch.nn
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 24, 3, padding=1),
+                        nn.BatchNorm2d(24), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(24, 10)).eval()
+    for bn in (net[1], net[4]):  # statistics far from the identity, so a slicing mistake shows
+        bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2), bn.weight.data.uniform_(0.5, 1.5), bn.bias.data.uniform_(-0.5, 0.5)
+    path = tmp_path / "bn.onnx"
+    torch.onnx.export(net, torch.randn(1, 3, 16, 16), str(path), input_names=["input"], output_names=["logits"],
+                      dynamic_axes={"input": {0: "n"}}, do_constant_folding=False, dynamo=False)
+    model = onnx.load(str(path))
+    assert [n.op_type for n in model.graph.node].count("BatchNormalization") == 2
+    feeds = {"input": np.random.default_rng(0).normal(size=(256, 3, 16, 16)).astype(np.float32)}
+    units, composed, pruned = _composed_and_sliced(model, feeds, 0.5)
+    assert len(units) == 1  # conv1 -> BN -> ReLU -> conv2 (conv2, its consumer, is in no other unit)
+    assert [n.op for n in units[0].nodes] == ["Conv", "BatchNormalization", "Relu"]
+    onnx.checker.check_model(pruned, full_check=True)
+    x = {"input": np.random.default_rng(5).normal(size=(8, 3, 16, 16)).astype(np.float32)}
+    np.testing.assert_allclose(run_model(pruned, x)[0], run_model(composed, x)[0], rtol=1e-4, atol=1e-5)
+    sizes = {i.name: list(i.dims) for i in pruned.graph.initializer}
+    bn = next(n for n in pruned.graph.node if n.op_type == "BatchNormalization")
+    assert [sizes[t][0] for t in bn.input[1:5]] == [8, 8, 8, 8]
+    # the scale and shift are trained by --distill, the statistics are not
+    assert set(units[0].trainable) & set(bn.input[1:3]) == set(bn.input[1:3]) and not set(units[0].trainable) & set(bn.input[3:5])
