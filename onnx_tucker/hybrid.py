@@ -90,8 +90,9 @@ def _failed(exc: Exception) -> str:
     """A share's entry in --prune-share auto's note: out of reach of the target, or nothing to prune at all (a model
     without prunable hidden channels, where only share 0 runs)."""
     from onnx_tucker.errors import ModelError
+    from onnx_tucker.prune import NO_UNITS
 
-    return "nothing to prune" if isinstance(exc, ModelError) and "no prunable hidden channels" in str(exc) else "cannot reach the target"
+    return "nothing to prune" if isinstance(exc, ModelError) and NO_UNITS in str(exc) else "cannot reach the target"
 
 
 def _reason(exc: Exception) -> str:

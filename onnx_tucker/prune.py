@@ -37,6 +37,7 @@ from onnx_tucker.graph import export, infer_shapes, json_metadata, prefix_model,
 ELEMENTWISE = {"Relu", "Clip", "LeakyRelu", "HardSwish", "HardSigmoid", "Sigmoid", "Tanh", "Elu", "Selu", "Softplus",
                "Identity", "Mish", "Gelu", "MaxPool", "AveragePool"}  # a pool mixes positions, never channels
 STEPS = 16  # keep-count options per unit for the budget: c * j / STEPS, j = 1 .. STEPS
+NO_UNITS = "the model has no prunable hidden channels"  # the error's words (--prune-share auto's note tells it apart)
 COMPACT_FRACTION = 0.25  # elimination_order shrinks its arrays once dropped channels are this share of them
 RIDGE = 1e-6  # relative ridge of every solve: dead channels (a ReLU6 that never fires) make the moment singular
 POSITIONS = 64  # sampled positions per image for a block's moments (each image gives thousands of rows)
@@ -671,10 +672,11 @@ def sliced(composed: onnx.ModelProto, units: list[Unit]) -> onnx.ModelProto:
     nodes = {n.name: n for n in graph.nodes}
     taken = taken_names(graph)
 
-    def replace(node: gs.Node, index: int, values: np.ndarray) -> None:
+    def replace(node: gs.Node, index: int, values: np.ndarray, trainable: bool = True) -> None:
         old = node.inputs[index]
         node.inputs[index] = gs.Constant(unique_name(f"{old.name}_pruned", taken), np.ascontiguousarray(values.astype(old.values.dtype)))
-        u.trainable.append(node.inputs[index].name)
+        if trainable:
+            u.trainable.append(node.inputs[index].name)
 
     for u in units:
         if u.keep is None or len(u.keep) == u.channels:
@@ -697,9 +699,8 @@ def sliced(composed: onnx.ModelProto, units: list[Unit]) -> onnx.ModelProto:
                 if axis is not None and axis >= 0:
                     replace(node, 1, np.take(value, keep, axis=axis))
             elif node.op == "BatchNormalization":  # scale, B, mean and var at the kept channels
-                for index in range(1, 5):
-                    replace(node, index, np.asarray(node.inputs[index].values)[keep])
-                del u.trainable[-2:]  # --distill trains the scale and shift, not the statistics (a negative var is NaN)
+                for index in range(1, 5):  # --distill trains the scale and shift, not the statistics (a negative var is NaN)
+                    replace(node, index, np.asarray(node.inputs[index].values)[keep], trainable=index < 3)
         consumer = nodes[u.consumer]
         w = _constant(consumer.inputs[1])
         if consumer.op in ("Gemm", "MatMul"):
@@ -783,7 +784,7 @@ def prune(model: onnx.ModelProto, feeds: dict, *, ratio: float | None = None, ta
     total = conv_macs(graph, shapes)
     result = Pruning(units, total)
     if not units:
-        raise ModelError("--layers hidden: the model has no prunable hidden channels (conv -> per-channel ops -> depthwise "
+        raise ModelError(f"--layers hidden: {NO_UNITS} (conv -> per-channel ops -> depthwise "
                          "conv -> 1x1 conv, conv -> per-channel ops -> conv, or conv -> GlobalAveragePool -> Flatten -> Gemm)")
     if target_macs is not None:
         fixed = total - sum(u.macs_per_channel * u.channels for u in units)
