@@ -28,6 +28,7 @@ import onnx
 
 from onnx_tucker.chain import Chain, chains_of
 from onnx_tucker.graph import constant_outputs
+from onnx_tucker.passes import Passes
 
 DEFAULT_STEPS = 200  # per chain (measured in docs/distill.md)
 DEFAULT_LR = 1e-3
@@ -163,38 +164,6 @@ def _cut_inputs(model: onnx.ModelProto, chain: Chain | Sequence[Chain], path: Se
     return list(dict.fromkeys(i for n in nodes for i in n.input if i and i not in made and i not in constant))
 
 
-class _Passes:
-    """Tensors of a model over fixed inputs, for one unit after the other: the model runs forward once, a
-    segment at a time (``calibrate._Forward``), instead of a session from the inputs per unit (ResNet-56:
-    two passes of about 5 s a unit, 27 units). A tensor the forward does not hold at the cut (a shortcut
-    conv placed after the unit's first node) comes from a pruned prefix model, as does everything after
-    the forward had to give up on the graph."""
-
-    def __init__(self, model: onnx.ModelProto, feeds: dict[str, np.ndarray]):
-        from onnx_tucker.calibrate import _Forward
-
-        self.feeds = feeds
-        self.forward = _Forward(model, feeds, np.arange(len(next(iter(feeds.values())))))
-
-    def at(self, model: onnx.ModelProto, tensors: Sequence[str], index: int) -> list[np.ndarray]:
-        """``tensors`` as ``model`` (the weights reconstructed so far, same graph) computes them, the forward
-        advanced to node ``index``."""
-        from onnx_tucker.calibrate import _collect
-
-        forward = self.forward
-        forward.model = model
-        values = []
-        for tensor in tensors:
-            value = None
-            if forward.usable:
-                behind = index < forward.index
-                value = forward._advance(index, tensor)
-                if value is None and not behind and forward.index != index:  # the segment itself failed
-                    forward.usable = False
-            values.append(np.asarray(value) if value is not None else _collect(model, self.feeds, tensor))
-        return values
-
-
 def _rel_error(student, target) -> float:
     return float(((student - target) ** 2).sum() / max(float((target**2).sum()), 1e-30))
 
@@ -255,7 +224,7 @@ def _reconstruct(original: onnx.ModelProto, compressed: onnx.ModelProto, chains:
     todo = units(model, chains, joint, blocks)
     both = {k: np.concatenate([train[k], check[k]]) for k in train}
     n_train, n_all = len(next(iter(train.values()))), len(next(iter(both.values())))
-    student_pass, teacher_pass = _Passes(model, both), _Passes(original, both)
+    student_pass, teacher_pass = Passes(model, both), Passes(original, both)
     position = {nd.name: i for i, nd in enumerate(model.graph.node)}
     producer = {o: i for i, nd in enumerate(original.graph.node) for o in nd.output}
     bar = tqdm(total=steps * len(todo), desc="reconstruct", unit="step", file=sys.stderr, disable=None if progress else True, leave=False)  # a terminal only (None), like the probes

@@ -108,6 +108,30 @@ def test_vertical_patch_moments_are_those_of_the_patches_the_conv_reads(kh, stri
     assert np.allclose(stats["x"], input_covariances(model, {"x": x}, ["x"])["x"])  # the channels' moment as before
 
 
+@pytest.mark.parametrize("kernel, strides, pads, dilations", [
+    ((3, 3), (1, 1), (1, 1, 1, 1), (1, 1)), ((3, 5), (2, 1), (0, 2, 1, 2), (1, 1)), ((3, 3), (1, 2), (2, 0, 2, 1), (2, 1)),
+    ((1, 1), (2, 2), (0, 0, 0, 0), (1, 1))])
+def test_patches_at_are_the_rows_an_onnxruntime_conv_multiplies(kernel, strides, pads, dilations):
+    """``patches_at``'s rows (channel-major like OIHW, zero where a tap reads padding) times the flattened weight are the
+    conv's outputs at those positions: asymmetric pads, strides, dilations, a non-square kernel, every position."""
+    from onnx import TensorProto, helper, numpy_helper
+    from onnx_tucker.calibrate import patches_at
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 5, 9, 8)).astype(np.float32)
+    w = rng.standard_normal((4, 5, *kernel)).astype(np.float32)
+    node = helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=list(kernel), strides=list(strides),
+                            pads=[pads[0], pads[1], pads[2], pads[3]], dilations=list(dilations))
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x.shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [numpy_helper.from_array(w, "w")])
+    y = run_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), {"x": x})[0]
+    n_idx, oh, ow = (a.ravel() for a in np.meshgrid(np.arange(2), np.arange(y.shape[2]), np.arange(y.shape[3]), indexing="ij"))
+    geometry = (kernel, strides, pads, dilations)  # pads (top, left, bottom, right)
+    rows = patches_at(x, n_idx, oh, ow, geometry)
+    assert rows.shape == (len(n_idx), 5 * kernel[0] * kernel[1]) and rows.dtype == np.float32
+    np.testing.assert_allclose(rows @ w.reshape(4, -1).T, y[n_idx, :, oh, ow], rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("target", [0.6, 0.4, 0.25])
 def test_budget_meets_the_mac_target_by_the_cost_model(target):
     model = residual_model(channels=32)

@@ -146,6 +146,9 @@ def test_elimination_order_is_the_same_whenever_its_arrays_are_compacted(taps, m
     for other_order, other_residual in results[1:]:
         assert other_order == order
         np.testing.assert_allclose(other_residual, residual, rtol=1e-9, atol=1e-12)
+    for drops in (0, 1, 11, 30, 40):  # the refit's reselection stops at the count it keeps: the same first drops
+        first, first_residual = P.elimination_order(moment, weight, taps, drops=drops)
+        assert first == order[:drops] and first_residual == results[-1][1][:drops]
 
 
 def test_solve_with_every_channel_gives_back_the_original_weights(net):
@@ -196,6 +199,36 @@ def test_the_sliced_graph_computes_the_composed_model_at_real_ranks(net):
     assert list(sizes[names[units[2].producer].input[1]]) == [8, 16, 3, 3]
     assert list(sizes[names[units[2].consumer].input[1]]) == [16, 8, 3, 3]
     assert list(sizes[names[units[3].consumer].input[1]]) == [10, 24]
+
+
+def test_the_refit_runs_each_model_forward_once_and_equals_prefix_models_per_unit(net, monkeypatch):
+    """The refit's inputs come from one forward pass of the pruned model (each unit refitted before the pass moves on)
+    and one of the original, never a prefix model per unit; they are the tensors prefix models give, so the composed
+    weights are the same."""
+    from onnx_tucker.calibrate import _collect
+    from onnx_tucker.passes import Passes
+
+    _, model, feeds = net
+    real_at, seen = Passes.at, []
+
+    def spy(self, at_model, tensors, index):
+        values = real_at(self, at_model, tensors, index)
+        seen.append((self.forward.usable, self.forward.index == index))
+        return values
+    monkeypatch.setattr(Passes, "at", spy)
+    units, one_pass, _ = _composed_and_sliced(model, feeds, 0.5)
+    assert len(seen) == 2 * len(units) and all(usable and there for usable, there in seen)
+    errors = [u.relative_error for u in units]
+
+    monkeypatch.setattr(Passes, "at", lambda self, at_model, tensors, index: [_collect(at_model, self.feeds, t) for t in tensors])
+    units, per_unit, _ = _composed_and_sliced(model, feeds, 0.5)
+    changed = 0
+    for got, want, original in zip(one_pass.graph.initializer, per_unit.graph.initializer, model.graph.initializer):
+        a, b, o = (onnx.numpy_helper.to_array(t) for t in (got, want, original))
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(b).max())  # float32 sums in other orders
+        changed += not np.array_equal(a, o)
+    assert changed >= 2 * len(units)  # every consumer's weight and bias refitted
+    np.testing.assert_allclose(errors, [u.relative_error for u in units], rtol=1e-4)
 
 
 def test_the_refit_beats_dropping_the_channels_alone(net):

@@ -9,6 +9,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 from onnx_tucker.graph import Initializers
+from onnx_tucker.passes import Passes
 
 from conftest import run_model
 from test_distill import feeds_for, init_arrays, strip_values, tiny_pair
@@ -469,20 +470,20 @@ def test_one_forward_pass_trains_what_prefix_models_per_unit_train(monkeypatch):
     x = np.random.default_rng(0).standard_normal((96, 8, 10, 10)).astype(np.float32)
     train, check = {"x": x[32:]}, {"x": x[:32]}
     trainable = tucker_trainable(compressed)
-    real_at, seen = rec._Passes.at, []
+    real_at, seen = Passes.at, []
 
     def spy(self, model, tensors, index):
         values = real_at(self, model, tensors, index)
         seen.append((list(tensors), self.forward.usable, self.forward.index))
         return values
-    monkeypatch.setattr(rec._Passes, "at", spy)
+    monkeypatch.setattr(Passes, "at", spy)
     one_pass, stats = rec.reconstruct(original, compressed, chains, train, check, trainable, steps=40, threads=1, blocks=1)
     assert all(row["kept"] and row["after"] < row["before"] for row in stats["chains"])
     student = [(tensors, usable, index) for tensors, usable, index in seen[::2]]
     assert student[0][0] == ["x", "s"] and "s" in student[0][0]  # the shortcut's output: an input of the first unit
     assert all(usable for _, usable, _ in seen) and student[1][2] > 0  # the forward moved on to the second block
 
-    monkeypatch.setattr(rec._Passes, "at", lambda self, model, tensors, index: [_collect(model, self.feeds, t) for t in tensors])
+    monkeypatch.setattr(Passes, "at", lambda self, model, tensors, index: [_collect(model, self.feeds, t) for t in tensors])
     prefix, prefix_stats = rec.reconstruct(original, compressed, chains, train, check, trainable, steps=40, threads=1, blocks=1)
     for got, want in zip(stats["chains"], prefix_stats["chains"]):
         assert abs(got["before"] - want["before"]) < 1e-6 and abs(got["after"] - want["after"]) < 1e-5
