@@ -50,6 +50,7 @@ TARGETS = [
     ("r56_r05_tucker2_spatial", "cifar10_resnet56", "--ratio 0.5 --forms tucker2,spatial", 1.0, None),
     # the spatial form with distillation (stop 33): on the small ResNet it recovered the most (-2.16 -> -1.39)
     ("r56_r05_spatial_distill", "cifar10_resnet56", "--ratio 0.5 --forms spatial --distill", 1.0, None),
+    ("r56_r05_spatial_distill1000", "cifar10_resnet56", "--ratio 0.5 --forms spatial --distill --distill-steps 1000", 1.0, None),
 ]
 MOONSHOT = [(f"moon_{m}", m, "--target-macs 0.2" + extra, 1.0, None) for m, extra in [
     ("cifar10_vgg11_bn", ""), ("cifar10_resnet20", ""), ("cifar10_resnet", ""), ("cifar10_cnn", ""),
