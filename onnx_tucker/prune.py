@@ -631,7 +631,7 @@ def refit_in_order(original: onnx.ModelProto, graph: gs.Graph, units: list[Unit]
     """The composed model: each unit's consumer refitted on its kept channels (zeros in the dropped ones), in graph
     order, from the inputs the units before it give (already refitted) to the original's target. Sets
     ``unit.keep`` and ``unit.relative_error``. Both models run forward once over ``feeds`` (``passes.Passes``), not
-    once a unit from the inputs (MobileNetV2: half the refit's time, and it grew with the square of the depth)."""
+    once a unit from the inputs, which grew with the square of the depth (ResNet-56 at 2x: 197 -> 55 s)."""
     from onnx_tucker.capture import batch_size_for
     from onnx_tucker.passes import Passes
 
