@@ -33,6 +33,10 @@ MIN_IMAGES = 512  # ... and are at least this many (128 calibration images in al
 MIN_ROWS_PER_UNKNOWN = 20
 CORE_RIDGE = 1e-2  # the core refit shrinks towards the Tucker solution: it has many unknowns
 CORE_RELU_ITERATIONS = 3  # majorize-minimize rounds of the core refit on the error a following ReLU lets through
+# Alternating rounds of the spatial SVD chain's joint refit (both convs on the real rows; 0: the last conv only)
+SPATIAL_JOINT_ROUNDS = 4
+SPATIAL_JOINT_WORK = 4e10  # multiply-adds of its conjugate-gradient solves per layer, above which it refits the last conv only
+SPATIAL_CG_ITERATIONS = 60
 BATCH = 64
 COV_POSITIONS = 64  # spatial positions per sample for the input covariances
 FLUSH_COLUMNS = 1024  # sampled positions buffered per tensor before their Gram product
@@ -181,7 +185,13 @@ def refit_chains(original: onnx.ModelProto, compressed: onnx.ModelProto, feeds: 
         return (mode == "core" and core is not None and core.name != last.name and _is_2d_conv(core)
                 and len(picks[chain.output]) >= MIN_ROWS_PER_UNKNOWN * _core_unknowns(core, inits))
 
-    def first_change(chain) -> int:  # where the chain's refit first changes a weight: its core, or its last node
+    def refits_spatial(chain) -> bool:  # both convs of a spatial SVD chain, fitted together (_refit_spatial)
+        return (mode == "core" and SPATIAL_JOINT_ROUNDS > 0 and chain.form == "spatial" and chain.nodes.get("first") in nodes
+                and _is_2d_conv(nodes[chain.nodes["first"]]) and _spatial_last(nodes[chain.nodes[chain.last_role]]))
+
+    def first_change(chain) -> int:  # where the chain's refit first changes a weight: its core or first node, or its last node
+        if refits_spatial(chain):
+            return position[chain.nodes["first"]]
         return position[chain.nodes["core"] if refits_core(chain) else chain.nodes[chain.last_role]]
     # In the compressed graph's order, so the forward pass never has to go back (a ResNet's shortcut conv
     # is a later site than its block's first conv but comes first in the graph). Only independent branches
@@ -207,8 +217,10 @@ def refit_chains(original: onnx.ModelProto, compressed: onnx.ModelProto, feeds: 
             relu = relu_aware and feeds_only_relu(compressed, chain.output)
             offset = None
             core_path = refits_core(chain)
+            spatial_path = refits_spatial(chain)
+            cut = nodes[chain.nodes["first"]] if spatial_path else core_node if core_path else last
             if chain.output in merges:  # the other branch, where it is already computed at the refit's cut
-                found = forward.peek(merges[chain.output][1], core_node if core_path else last, images[chain.output], per_image[chain.output])
+                found = forward.peek(merges[chain.output][1], cut, images[chain.output], per_image[chain.output])
                 if found is not None:
                     other, mapper = found
                     rows = _picked_rows(other, mapper(pick), chain.channel_axis)
@@ -218,6 +230,14 @@ def refit_chains(original: onnx.ModelProto, compressed: onnx.ModelProto, feeds: 
                         # the ReLU after the Add sees this chain's output plus the other branch
                         if relu_aware and feeds_only_relu(compressed, merges[chain.output][0]):
                             relu, offset = True, rows.astype(np.float64)
+            if spatial_path:
+                first = nodes[chain.nodes["first"]]
+                f, f_pick = collect(first.input[0], first)
+                layer = _refit_spatial(chain, first, last, inits, f, f_pick(pick), target, ridge, relu, offset)
+                if layer is not None:
+                    result["layers"][chain.layer] = layer
+                    continue
+                # too costly or an unsupported geometry: the last conv alone, on the first conv's real output
             if (core_node is not None and core_node.name == last.name) or _spatial_last(last):  # the output comes from a kxk (or 1xk) conv
                 result["layers"][chain.layer] = _refit_kxk_last(compressed, chain, last, inits, collect, pick, target, ridge, relu, offset)
                 continue
@@ -617,6 +637,137 @@ def _refit_kxk_last(model, chain, last, inits, collect, pick, target, ridge, rel
     if _kept(result):
         inits.set(weight_init.name, solution[:-1].T.reshape(w.shape).astype(w.dtype))
         inits.set(bias.name, solution[-1].astype(w.dtype))
+    return result
+
+
+def _spatial_h_step(v, gram, cross, mean_p, mean_t, prior, shrink):
+    """The spatial chain's last conv given its first, from the patches' moments: ridge least squares (towards
+    ``prior``) of the centred targets on the first conv's centred outputs at the ``kw`` columns. ``v`` (K, D),
+    ``gram`` (D, kw, D, kw) and ``cross`` (D*kw, C_out) of the centred patches (D = C_in*kh, (channel, tap)
+    rows), ``mean_p`` (D, kw). Returns H as (K*kw, C_out), rows (k, w), and the bias (C_out,)."""
+    k, (d, kw) = v.shape[0], mean_p.shape
+    gz = np.einsum("kd,dwev,le->kwlv", v, gram, v, optimize=True).reshape(k * kw, k * kw)
+    zt = np.einsum("kd,dwo->kwo", v, cross.reshape(d, kw, -1), optimize=True).reshape(k * kw, -1)
+    lam = shrink * np.trace(gz) / len(gz) + 1e-12
+    h = np.linalg.solve(gz + lam * np.eye(len(gz)), zt + lam * prior)
+    return h, mean_t - np.einsum("kd,dw->kw", v, mean_p).reshape(-1) @ h
+
+
+def _spatial_v_step(h, gram, cross, prior, shrink, iterations=None):
+    """The spatial chain's first conv V (K, D) given its last, ``h`` (K*kw, C_out): the ridge least squares
+    (towards ``prior``) of ``sum_{w,w'} H_w^T H_w' V G_w'w + lam V = sum_w H_w^T C_w + lam prior`` by conjugate
+    gradients from ``prior``, preconditioned by the Kronecker product of the block diagonal's two sides (the
+    equations' matrix is (K*D) square: 6528 for a 64-channel 3x3 layer at half its MACs, a dense solve per round
+    would cost more than the rest of the refit)."""
+    iterations = SPATIAL_CG_ITERATIONS if iterations is None else iterations
+    k, d = prior.shape
+    kw = gram.shape[1]
+    hm = h.reshape(k, kw, -1)  # [k, w, o]
+    q = np.einsum("awo,bvo->wvab", hm, hm)  # Q[w, v] = H_w^T H_v
+    flat = gram.reshape(d, kw * d * kw)
+    diag = sum(np.trace(q[w, w]) * np.trace(gram[:, w, :, w]) for w in range(kw)) / (k * d)
+    lam = shrink * diag + 1e-12
+
+    def operator(x):
+        y = (x @ flat).reshape(k, kw, d, kw)  # Y[b, v, e, w] = sum_d x[b, d] G[d, v, e, w]
+        return np.einsum("wvab,bvew->ae", q, y, optimize=True) + lam * x
+    a = sum(q[w, w] for w in range(kw))
+    scale = np.trace(a) / k + 1e-12
+    a_inv = np.linalg.inv(a + 1e-6 * scale * np.eye(k))
+    b_inv = np.linalg.inv(sum(gram[:, w, :, w] for w in range(kw)) + (lam / scale) * np.eye(d))
+    rhs = np.einsum("awo,dwo->ad", hm, cross.reshape(d, kw, -1)) + lam * prior
+    x = prior.astype(np.float64, copy=True)
+    r = rhs - operator(x)
+    z = a_inv @ r @ b_inv
+    direction, rz = z.copy(), float(np.vdot(r, z))
+    tol = 1e-16 * float(np.vdot(rhs, rhs))
+    for _ in range(iterations):
+        if float(np.vdot(r, r)) <= tol:
+            break
+        ad = operator(direction)
+        step = rz / float(np.vdot(direction, ad))
+        x += step * direction
+        r -= step * ad
+        z = a_inv @ r @ b_inv
+        rz, rz_old = float(np.vdot(r, z)), rz
+        direction = z + (rz / rz_old) * direction
+    return x
+
+
+def _refit_spatial(chain, first, last, inits, f, pick, target, ridge, relu=False, offset=None) -> dict | None:
+    """Both convs of a spatial SVD chain (``kh x 1`` V, then ``1 x kw`` H with the bias) fitted together to the
+    refit's target on the kxk patches of the chain's real input: alternating least squares, H given V, then V given H.
+
+    The whitened SVD fitted V to the original weight in the metric of the vertical patches alone (blind to the
+    correlation between the columns the last conv combines, to the drift of the compressed model's input and to
+    the ReLU); the last conv's refit then had to live with it. Here V follows the data too, as Tucker-2's core
+    does in its reduced-rank refit. V's normal equations, ``sum_{w,w'} H_w^T H_w' V G_w'w = sum_w H_w^T C_w``
+    (``G_w'w`` the patches' Gram block between columns w' and w, ``C_w`` the targets' cross moments), are solved
+    by conjugate gradients from the current V, preconditioned by their block diagonal's Kronecker approximation;
+    each round aims the rows a following ReLU cuts in both the original and the fit at the fit's own value (a
+    majorizer of the error after the ReLU, as in the core's refit). Returns None (the caller refits the last conv
+    alone) where the two convs do not compose into one kxk conv or the solves would cost more than
+    ``SPATIAL_JOINT_WORK``."""
+    g1 = _core_geometry(first, inits, f.shape[2:])
+    if g1 is None:
+        return None
+    mid_hw = _output_hw(f.shape[2:], g1)
+    g2 = _core_geometry(last, inits, mid_hw)
+    if g2 is None:
+        return None
+    (kh, one), (sh, s_one), (pt, _, pb, _), (dh, d_one) = g1
+    (h_one, kw), (sh_one, sw), (_, pl, _, pr), (dh_one, dw) = g2
+    if (one, s_one, d_one, h_one, sh_one, dh_one) != (1, 1, 1, 1, 1, 1):
+        return None
+    k, c_in = (int(x) for x in inits[first.input[1]].dims[:2])
+    d = c_in * kh
+    if SPATIAL_CG_ITERATIONS * SPATIAL_JOINT_ROUNDS * k * d * d * kw * kw > SPATIAL_JOINT_WORK:
+        return None
+    geometry = ((kh, kw), (sh, sw), (pt, pl, pb, pr), (dh, dw))
+    v_init = inits.owned(first, 1, chain.weights["first"])
+    chain.weights["first"] = v_init.name
+    v_shape = inits.array(v_init.name).shape
+    v = inits.array(v_init.name).astype(np.float64).reshape(k, d)  # rows (channel, tap), as the patches'
+    h_init, hw, bias = _owned_last(chain, last, inits)
+    dtype, c_out = hw.dtype, hw.shape[0]
+    h = hw.reshape(c_out, k, kw).astype(np.float64)  # H[o, k, w]
+    b = inits.array(bias.name).astype(np.float64)
+
+    p = _patches(f, pick, _output_hw(mid_hw, g2), geometry).astype(np.float32)  # (N, C*kh*kw): (channel, tap, column)
+    p3 = p.reshape(len(p), d, kw)
+    mean_p = p3.mean(0, dtype=np.float64)  # (d, kw)
+    pc = p - mean_p.reshape(1, -1).astype(np.float32)
+    gram = (pc.T @ pc).astype(np.float64).reshape(d, kw, d, kw)  # G[d, w, d', w']
+    off = 0.0 if offset is None else offset
+    shrink = max(ridge, CORE_RIDGE)
+
+    def features(vv):  # the first conv's output at the kw columns the last conv reads: (N, K*kw)
+        return np.einsum("ndw,kd->nkw", p3, vv.astype(np.float32), optimize=True).reshape(len(p), k * kw).astype(np.float64)
+
+    h_sol = h.transpose(1, 2, 0).reshape(k * kw, c_out)  # [(k, w), o]
+    before = features(v) @ h_sol + b
+    aimed = target
+    for _ in range(SPATIAL_JOINT_ROUNDS):
+        mean_t = aimed.mean(0)
+        cross = (pc.T @ (aimed - mean_t).astype(np.float32)).astype(np.float64)  # (C*kh*kw, C_out)
+        h_sol, b = _spatial_h_step(v, gram, cross, mean_p, mean_t, h_sol, shrink)
+        v = _spatial_v_step(h_sol, gram, cross, v, shrink)
+        h_sol, b = _spatial_h_step(v, gram, cross, mean_p, mean_t, h_sol, shrink)
+        if relu:
+            current = features(v) @ h_sol + b
+            aimed = np.where(target + off > 0, target, np.minimum(current + off, 0) - off)
+    design = np.hstack([features(v), np.ones((len(p), 1))])
+    solution = np.vstack([h_sol, b[None, :]])
+    if relu:  # the last conv and bias again, per channel on the rows the ReLU lets through
+        solution = relu_solve(design, target, solution, ridge, offset=offset)
+        clip = (lambda x: np.maximum(x + off, 0))  # noqa: E731
+        result = _errors(clip(before), clip(design @ solution), clip(target), "first + last conv, joint" + _relu_label(design, target, offset))
+    else:
+        result = _errors(before, design @ solution, target, "first + last conv, joint")
+    if _kept(result):
+        inits.set(v_init.name, v.reshape(v_shape).astype(dtype))
+        inits.set(h_init.name, solution[:-1].reshape(k, kw, c_out).transpose(2, 0, 1).reshape(hw.shape).astype(dtype))
+        inits.set(bias.name, solution[-1].astype(dtype))
     return result
 
 

@@ -165,6 +165,90 @@ def test_whitened_fit_and_the_last_conv_refit_lower_the_held_out_error():
     assert errors[0] > errors[1] > errors[2], errors
 
 
+def _moments(p3, target):
+    mean_p, mean_t = p3.mean(0), target.mean(0)
+    pc = (p3 - mean_p).reshape(len(p3), -1)
+    d, kw = mean_p.shape
+    return pc, mean_p, mean_t, (pc.T @ pc).reshape(d, kw, d, kw), pc.T @ (target - mean_t)
+
+
+def test_the_joint_refits_two_steps_are_the_least_squares_they_claim():
+    """From the patches' moments alone: H given V equals least squares with an intercept on the first conv's outputs
+    at the kw columns; V given H equals the dense ridge least squares over the (K*D) unknowns, built row by row."""
+    from onnx_tucker.calibrate import _spatial_h_step, _spatial_v_step
+
+    rng = np.random.default_rng(11)
+    n, d, kw, k, c_out = 400, 6, 3, 2, 5
+    p3 = rng.standard_normal((n, d, kw)) @ np.diag(np.linspace(0.5, 2, kw)) + 0.4
+    target = rng.standard_normal((n, c_out)) + 1.0
+    pc, mean_p, mean_t, gram, cross = _moments(p3, target)
+    v = rng.standard_normal((k, d))
+    h, bias = _spatial_h_step(v, gram, cross, mean_p, mean_t, np.zeros((k * kw, c_out)), 1e-12)
+    z = np.einsum("ndw,kd->nkw", p3, v).reshape(n, k * kw)
+    expected, *_ = np.linalg.lstsq(np.hstack([z, np.ones((n, 1))]), target, rcond=None)
+    assert np.allclose(h, expected[:-1], atol=1e-8) and np.allclose(bias, expected[-1], atol=1e-8)
+
+    prior = rng.standard_normal((k, d))
+    hm = rng.standard_normal((k, kw, c_out))
+    lam_scale = 1e-3
+    got = _spatial_v_step(hm.reshape(k * kw, c_out), gram, cross, prior, lam_scale, iterations=200)
+    # the output at each row is sum_w H_w V pc_w: linear in vec(V); one (c_out x K*D) block of rows per sample
+    jac = np.einsum("awo,ndw->noad", hm, pc.reshape(n, d, kw)).reshape(n * c_out, k * d)
+    q = np.einsum("awo,bvo->wvab", hm, hm)
+    diag = sum(np.trace(q[w, w]) * np.trace(gram[:, w, :, w]) for w in range(kw)) / (k * d)
+    lam = lam_scale * diag
+    normal = jac.T @ jac + lam * np.eye(k * d)
+    dense = np.linalg.solve(normal, jac.T @ (target - mean_t).reshape(-1) + lam * prior.reshape(-1)).reshape(k, d)
+    assert np.allclose(got, dense, rtol=1e-6, atol=1e-8), np.abs(got - dense).max()
+
+
+@pytest.mark.parametrize("attrs", [{"pads": [1, 1, 1, 1]}, {"strides": [2, 2], "pads": [1, 0, 1, 0]}, {"dilations": [2, 2], "pads": [2, 2, 2, 2]}])
+def test_the_joint_refit_lowers_the_held_out_error_and_the_chain_is_its_composed_conv(attrs):
+    """The default refit fits both convs of a spatial chain on the data: the held-out output (after the ReLU) is
+    closer to the original's than with the last conv refitted alone, the first conv did move, and the written chain
+    computes exactly one conv with its composed weight (the rewrite is still a rank-K spatial factorisation)."""
+    rng = np.random.default_rng(3)
+    model = conv_model(c_in=8, c_out=16, spatial=(10, 10), attrs=attrs)
+    # correlated down the rows and across the columns (feature maps are): the vertical whitening models only the first
+    noise = rng.standard_normal((320, 8, 13, 13))
+    smooth = sum(noise[:, :, i : i + 10, j : j + 10] for i in range(4) for j in range(4)) / 4
+    data = (np.einsum("ij,njhw->nihw", rng.standard_normal((8, 8)), smooth) + 0.2).astype(np.float32)
+    cal, held = {"x": data[:256]}, data[256:]
+    last_only, _ = compress(model, ranks={"conv": (5,)}, forms=("spatial",), force=True, calibration=cal, refit="last")
+    joint, report = compress(model, ranks={"conv": (5,)}, forms=("spatial",), force=True, calibration=cal)
+    [entry] = report.calibration["layers"].values()
+    assert "first + last conv, joint" in entry["refit"] and entry["output_error_after"] < entry["output_error_before"]
+    reference = run(model, held)
+    assert relative(reference, run(joint, held)) < 0.98 * relative(reference, run(last_only, held))
+    [chain] = chains_of(joint)
+    first_of = lambda m: numpy_helper.to_array(next(i for i in m.graph.initializer if i.name == chains_of(m)[0].weights["first"]))  # noqa: E731
+    assert not np.allclose(first_of(joint), first_of(last_only), atol=1e-4)
+    inits = {i.name: numpy_helper.to_array(i) for i in joint.graph.initializer}
+    composed = np.tensordot(inits[chain.weights["first"]][..., 0], inits[chain.weights["last"]][:, :, 0, :], axes=(0, 1)).transpose(2, 0, 1, 3)
+    single = with_weight(model, composed.astype(np.float32))
+    single.graph.initializer[[i.name for i in single.graph.initializer].index("B")].CopyFrom(numpy_helper.from_array(inits[chain.bias], "B"))
+    assert relative(run(single, held), run(joint, held)) < 1e-5
+
+
+def test_the_joint_refit_keeps_full_rank_exact_and_steps_aside_when_too_costly(monkeypatch):
+    """At full rank the jointly refitted chain still reproduces the layer; above ``SPATIAL_JOINT_WORK`` the refit is
+    the last conv's alone, as before."""
+    import onnx_tucker.calibrate as calibrate
+
+    rng = np.random.default_rng(4)
+    model = conv_model(c_in=6, c_out=8, spatial=(8, 8), attrs={"pads": [1, 1, 1, 1]})
+    data = {"x": rng.standard_normal((200, 6, 8, 8)).astype(np.float32)}
+    full, report = compress(model, ratio=1.0, forms=("spatial",), force=True, calibration=data)
+    [entry] = report.calibration["layers"].values()
+    assert "joint" in entry["refit"]
+    x = rng.standard_normal((4, 6, 8, 8)).astype(np.float32)
+    assert relative(run(model, x), run(full, x)) < 1e-4
+    monkeypatch.setattr(calibrate, "SPATIAL_JOINT_WORK", 1.0)
+    _, report = compress(model, ranks={"conv": (4,)}, forms=("spatial",), force=True, calibration=data)
+    [entry] = report.calibration["layers"].values()
+    assert entry["refit"].startswith("kxk last conv")
+
+
 def test_measured_budget_meets_the_target_with_the_spatial_form():
     model = residual_model(channels=16, spatial=(10, 10))
     data = np.random.default_rng(4).standard_normal((160, 3, 10, 10)).astype(np.float32)
@@ -425,7 +509,7 @@ def test_the_patch_statistic_whitens_the_fit_and_measures_its_output_error():
 
 def test_the_pipeline_fits_spatial_chains_on_the_patch_statistic(monkeypatch):
     """compress(--calibrate, spatial) measures the patch moments in the statistics pass and fits with them: the written
-    first conv (not refitted) is the patch-whitened fit's, not the channel-whitened one's."""
+    first conv (not refitted with ``refit="last"``) is the patch-whitened fit's, not the channel-whitened one's."""
     import onnx_tucker.calibrate as calibrate
 
     measured = []
@@ -434,7 +518,7 @@ def test_the_pipeline_fits_spatial_chains_on_the_patch_statistic(monkeypatch):
     rng = np.random.default_rng(5)
     model = conv_model(c_in=12, c_out=16, spatial=(16, 16), attrs={"strides": [2, 2], "pads": [1, 0, 1, 0]})
     x = _row_correlated(rng, 64, 12, 16, 16, rng.standard_normal((12, 12))).astype(np.float32)
-    new, _ = compress(model, ranks={"conv": (8,)}, forms=("spatial",), calibration={"x": x}, force=True)
+    new, _ = compress(model, ranks={"conv": (8,)}, forms=("spatial",), calibration={"x": x}, force=True, refit="last")
     [stats] = measured
     site = site_of(model)
     assert stats[("patch", "conv")].shape == (36, 36)
