@@ -733,19 +733,22 @@ def _refit_spatial(chain, first, last, inits, f, pick, target, ridge, relu=False
     h = hw.reshape(c_out, k, kw).astype(np.float64)  # H[o, k, w]
     b = inits.array(bias.name).astype(np.float64)
 
-    p = _patches(f, pick, _output_hw(mid_hw, g2), geometry).astype(np.float32)  # (N, C*kh*kw): (channel, tap, column)
-    p3 = p.reshape(len(p), d, kw)
-    mean_p = p3.mean(0, dtype=np.float64)  # (d, kw)
-    pc = p - mean_p.reshape(1, -1).astype(np.float32)
+    pc = _patches(f, pick, _output_hw(mid_hw, g2), geometry).astype(np.float32)  # (N, C*kh*kw): (channel, tap, column)
+    n = len(pc)
+    mean_p = pc.reshape(n, d, kw).mean(0, dtype=np.float64)  # (d, kw)
+    # the patches column by column, (N*kw, d): the first conv's outputs at the kw columns are one product
+    by_column = pc.reshape(n, d, kw).transpose(0, 2, 1).reshape(n * kw, d)
+    pc -= mean_p.reshape(1, -1).astype(np.float32)
     gram = (pc.T @ pc).astype(np.float64).reshape(d, kw, d, kw)  # G[d, w, d', w']
     off = 0.0 if offset is None else offset
     shrink = max(ridge, CORE_RIDGE)
 
-    def features(vv):  # the first conv's output at the kw columns the last conv reads: (N, K*kw)
-        return np.einsum("ndw,kd->nkw", p3, vv.astype(np.float32), optimize=True).reshape(len(p), k * kw).astype(np.float64)
+    def features(vv):  # the first conv's output at the kw columns the last conv reads: (N, K*kw), columns (k, w)
+        return (by_column @ vv.T.astype(np.float32)).reshape(n, kw, k).transpose(0, 2, 1).reshape(n, k * kw).astype(np.float64)
 
     h_sol = h.transpose(1, 2, 0).reshape(k * kw, c_out)  # [(k, w), o]
-    before = features(v) @ h_sol + b
+    z = features(v)
+    before = z @ h_sol + b
     aimed = target
     for _ in range(SPATIAL_JOINT_ROUNDS):
         mean_t = aimed.mean(0)
@@ -753,10 +756,10 @@ def _refit_spatial(chain, first, last, inits, f, pick, target, ridge, relu=False
         h_sol, b = _spatial_h_step(v, gram, cross, mean_p, mean_t, h_sol, shrink)
         v = _spatial_v_step(h_sol, gram, cross, v, shrink)
         h_sol, b = _spatial_h_step(v, gram, cross, mean_p, mean_t, h_sol, shrink)
+        z = features(v)
         if relu:
-            current = features(v) @ h_sol + b
-            aimed = np.where(target + off > 0, target, np.minimum(current + off, 0) - off)
-    design = np.hstack([features(v), np.ones((len(p), 1))])
+            aimed = np.where(target + off > 0, target, np.minimum(z @ h_sol + b + off, 0) - off)
+    design = np.hstack([z, np.ones((n, 1))])
     solution = np.vstack([h_sol, b[None, :]])
     if relu:  # the last conv and bias again, per channel on the rows the ReLU lets through
         solution = relu_solve(design, target, solution, ridge, offset=offset)
