@@ -35,7 +35,8 @@ CORE_RIDGE = 1e-2  # the core refit shrinks towards the Tucker solution: it has 
 CORE_RELU_ITERATIONS = 3  # majorize-minimize rounds of the core refit on the error a following ReLU lets through
 # Alternating rounds of the spatial SVD chain's joint refit (both convs on the real rows; 0: the last conv only)
 SPATIAL_JOINT_ROUNDS = 2  # ResNet-56 --ratio 0.5: 1 round -1.47, 2 -1.36, 4 -1.39 (0: -2.28), each ~4 s more
-SPATIAL_JOINT_WORK = 4e10  # multiply-adds of its conjugate-gradient solves per layer, above which it refits the last conv only
+SPATIAL_JOINT_WORK = 1e11  # multiply-adds of its patch Gram matrix and solves per layer, above which it refits the last conv
+# only: 128 channels x 3x3 on 30000 rows (4e10, a few seconds) pass, a ResNet50's 256-channel layers (1.6e11) do not
 SPATIAL_CG_ITERATIONS = 20  # the preconditioned solve is within 1e-5 of its limit by then (ResNet-56, small ResNet)
 BATCH = 64
 COV_POSITIONS = 64  # spatial positions per sample for the input covariances
@@ -706,8 +707,8 @@ def _refit_spatial(chain, first, last, inits, f, pick, target, ridge, relu=False
     by conjugate gradients from the current V, preconditioned by their block diagonal's Kronecker approximation;
     each round aims the rows a following ReLU cuts in both the original and the fit at the fit's own value (a
     majorizer of the error after the ReLU, as in the core's refit). Returns None (the caller refits the last conv
-    alone) where the two convs do not compose into one kxk conv or the solves would cost more than
-    ``SPATIAL_JOINT_WORK``."""
+    alone) where the two convs do not compose into one kxk conv or the Gram matrix and the solves would cost more
+    than ``SPATIAL_JOINT_WORK``."""
     g1 = _core_geometry(first, inits, f.shape[2:])
     if g1 is None:
         return None
@@ -721,7 +722,7 @@ def _refit_spatial(chain, first, last, inits, f, pick, target, ridge, relu=False
         return None
     k, c_in = (int(x) for x in inits[first.input[1]].dims[:2])
     d = c_in * kh
-    if SPATIAL_CG_ITERATIONS * SPATIAL_JOINT_ROUNDS * k * d * d * kw * kw > SPATIAL_JOINT_WORK:
+    if len(pick) * (d * kw) ** 2 + SPATIAL_CG_ITERATIONS * SPATIAL_JOINT_ROUNDS * k * d * d * kw * kw > SPATIAL_JOINT_WORK:
         return None
     geometry = ((kh, kw), (sh, sw), (pt, pl, pb, pr), (dh, dw))
     v_init = inits.owned(first, 1, chain.weights["first"])
