@@ -231,8 +231,8 @@ def test_the_joint_refit_lowers_the_held_out_error_and_the_chain_is_its_composed
 
 
 def test_the_joint_refit_keeps_full_rank_exact_and_steps_aside_when_too_costly(monkeypatch):
-    """At full rank the jointly refitted chain still reproduces the layer; above ``SPATIAL_JOINT_WORK`` the refit is
-    the last conv's alone, as before."""
+    """At full rank the jointly refitted chain still reproduces the layer; with too few rows for V's unknowns, or above
+    ``SPATIAL_JOINT_WORK``, the refit is the last conv's alone, as before."""
     import onnx_tucker.calibrate as calibrate
 
     rng = np.random.default_rng(4)
@@ -243,6 +243,13 @@ def test_the_joint_refit_keeps_full_rank_exact_and_steps_aside_when_too_costly(m
     assert "joint" in entry["refit"]
     x = rng.standard_normal((4, 6, 8, 8)).astype(np.float32)
     assert relative(run(model, x), run(full, x)) < 1e-4
+    # too few rows for V's unknowns (K*C_in*kh = 4*48 shared by 2 outputs: 20 rows each needs 1920; 8 images of 8x8
+    # give 512), though enough for the last conv's 13 per output channel: the last conv alone
+    narrow = conv_model(c_in=16, c_out=2, spatial=(8, 8), attrs={"pads": [1, 1, 1, 1]})
+    _, report = compress(narrow, ranks={"conv": (4,)}, forms=("spatial",), force=True,
+                         calibration={"x": rng.standard_normal((8, 16, 8, 8)).astype(np.float32)})
+    [entry] = report.calibration["layers"].values()
+    assert entry["refit"].startswith("kxk last conv"), entry["refit"]
     monkeypatch.setattr(calibrate, "SPATIAL_JOINT_WORK", 1.0)
     _, report = compress(model, ranks={"conv": (4,)}, forms=("spatial",), force=True, calibration=data)
     [entry] = report.calibration["layers"].values()
