@@ -35,8 +35,8 @@ CORE_RIDGE = 1e-2  # the core refit shrinks towards the Tucker solution: it has 
 CORE_RELU_ITERATIONS = 3  # majorize-minimize rounds of the core refit on the error a following ReLU lets through
 # Alternating rounds of the spatial SVD chain's joint refit (both convs on the real rows; 0: the last conv only)
 SPATIAL_JOINT_ROUNDS = 2  # ResNet-56 --ratio 0.5: 1 round -1.47, 2 -1.36, 4 -1.39 (0: -2.28), each ~4 s more
-SPATIAL_JOINT_WORK = 1e11  # multiply-adds of its patch Gram matrix and solves per layer, above which it refits the last conv
-# only: 128 channels x 3x3 on 30000 rows (4e10, a few seconds) pass, a ResNet50's 256-channel layers (1.6e11) do not
+SPATIAL_JOINT_WORK = 2e11  # multiply-adds of its patch Gram matrix and solves per layer, above which it refits the last conv
+# only: 256 channels x 3x3 on 30000 rows (1.6e11, ~10 s here) pass, 512 (6.4e11) do not
 SPATIAL_CG_ITERATIONS = 20  # the preconditioned solve is within 1e-5 of its limit by then (ResNet-56, small ResNet)
 BATCH = 64
 COV_POSITIONS = 64  # spatial positions per sample for the input covariances
