@@ -238,7 +238,7 @@ def refit_chains(original: onnx.ModelProto, compressed: onnx.ModelProto, feeds: 
                 if layer is not None:
                     result["layers"][chain.layer] = layer
                     continue
-                # too costly or an unsupported geometry: the last conv alone, on the first conv's real output
+                # too few rows, too costly or another geometry: the last conv alone, on the first conv's real output
             if (core_node is not None and core_node.name == last.name) or _spatial_last(last):  # the output comes from a kxk (or 1xk) conv
                 result["layers"][chain.layer] = _refit_kxk_last(compressed, chain, last, inits, collect, pick, target, ridge, relu, offset)
                 continue
