@@ -202,9 +202,10 @@ def test_the_joint_refits_two_steps_are_the_least_squares_they_claim():
     assert np.allclose(got, dense, rtol=1e-6, atol=1e-8), np.abs(got - dense).max()
 
 
-@pytest.mark.parametrize("attrs", [{"pads": [1, 1, 1, 1]}, {"strides": [2, 2], "pads": [1, 0, 1, 0]}, {"dilations": [2, 2], "pads": [2, 2, 2, 2]}])
+@pytest.mark.parametrize("attrs", ATTRS)
 def test_the_joint_refit_lowers_the_held_out_error_and_the_chain_is_its_composed_conv(attrs):
-    """The default refit fits both convs of a spatial chain on the data: the held-out output (after the ReLU) is
+    """The default refit fits both convs of a spatial chain on the data, for every padding, stride and dilation case
+    (asymmetric pads, SAME_UPPER): the held-out output (after the ReLU) is
     closer to the original's than with the last conv refitted alone, the first conv did move, and the written chain
     computes exactly one conv with its composed weight (the rewrite is still a rank-K spatial factorisation)."""
     rng = np.random.default_rng(3)
