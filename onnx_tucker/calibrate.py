@@ -570,7 +570,6 @@ def _beta(node) -> float:
 def _refit_last(chain, last, inits, z, target, ridge, relu: bool = False, offset=None) -> dict:
     """Least squares for the last node's weight (and bias, where it has one), given its input rows ``z``
     (``offset``: what a residual Add adds before the ReLU, see :func:`relu_solve`)."""
-    off = 0.0 if offset is None else offset
     weight_init, w, bias = _owned_last(chain, last, inits)
     matrix = w.reshape(w.shape[0], -1) if _out_first(last) else w.T  # (out, in)
     beta = _beta(last)
@@ -582,9 +581,7 @@ def _refit_last(chain, last, inits, z, target, ridge, relu: bool = False, offset
         solution = np.linalg.solve(gram, z.T @ target)
         if relu:
             solution = relu_solve(z, target, solution, ridge, offset=offset)
-        after = z @ solution
-        clip = (lambda v: np.maximum(v + off, 0)) if relu else (lambda v: v)  # noqa: E731
-        result = _errors(clip(before), clip(after), clip(target), "last factor" + (_relu_label(z, target, offset) if relu else ""))
+        result = _scored(before, z @ solution, target, "last factor", z, relu, offset)
         if _kept(result):
             inits.set(weight_init.name, solution.astype(w.dtype) if not _out_first(last) else solution.T.reshape(w.shape).astype(w.dtype))
         return result
@@ -599,11 +596,7 @@ def _refit_last(chain, last, inits, z, target, ridge, relu: bool = False, offset
     solution = np.linalg.solve(gram, design.T @ target)  # (R_out + 1, C_out)
     if relu:
         solution = relu_solve(design, target, solution, ridge, offset=offset)
-        after = design @ solution
-        relu_target = np.maximum(target + off, 0)
-        result = _errors(np.maximum(before + off, 0), np.maximum(after + off, 0), relu_target, "last conv" + _relu_label(design, target, offset))
-    else:
-        result = _errors(before, design @ solution, target, "last conv")
+    result = _scored(before, design @ solution, target, "last conv", design, relu, offset)
     if _kept(result):
         store(solution)
     return result
@@ -630,11 +623,7 @@ def _refit_kxk_last(model, chain, last, inits, collect, pick, target, ridge, rel
     solution = np.linalg.solve(gram + lam * np.eye(len(gram)), design.T @ target + lam * prior)
     if relu:
         solution = relu_solve(design, target, solution, ridge, offset=offset)
-        off = 0.0 if offset is None else offset
-        clip = (lambda v: np.maximum(v + off, 0))  # noqa: E731
-        result = _errors(clip(before), clip(design @ solution), clip(target), "kxk last conv" + _relu_label(design, target, offset))
-    else:
-        result = _errors(before, design @ solution, target, "kxk last conv")
+    result = _scored(before, design @ solution, target, "kxk last conv", design, relu, offset)
     if _kept(result):
         inits.set(weight_init.name, solution[:-1].T.reshape(w.shape).astype(w.dtype))
         inits.set(bias.name, solution[-1].astype(w.dtype))
@@ -716,9 +705,9 @@ def _refit_spatial(chain, first, last, inits, f, pick, target, ridge, relu=False
     g2 = _core_geometry(last, inits, mid_hw)
     if g2 is None:
         return None
-    (kh, one), (sh, s_one), (pt, _, pb, _), (dh, d_one) = g1
-    (h_one, kw), (sh_one, sw), (_, pl, _, pr), (dh_one, dw) = g2
-    if (one, s_one, d_one, h_one, sh_one, dh_one) != (1, 1, 1, 1, 1, 1):
+    (kh, one), (sh, s_one), (pt, pl_first, pb, pr_first), (dh, d_one) = g1
+    (h_one, kw), (sh_one, sw), (pt_last, pl, pb_last, pr), (dh_one, dw) = g2
+    if (one, s_one, d_one, h_one, sh_one, dh_one) != (1,) * 6 or (pl_first, pr_first, pt_last, pb_last) != (0,) * 4:
         return None
     k, c_in = (int(x) for x in inits[first.input[1]].dims[:2])
     d, c_out = c_in * kh, int(inits[last.input[1]].dims[0])
@@ -732,11 +721,11 @@ def _refit_spatial(chain, first, last, inits, f, pick, target, ridge, relu=False
     geometry = ((kh, kw), (sh, sw), (pt, pl, pb, pr), (dh, dw))
     v_init = inits.owned(first, 1, chain.weights["first"])
     chain.weights["first"] = v_init.name
-    v_shape = inits.array(v_init.name).shape
-    v = inits.array(v_init.name).astype(np.float64).reshape(k, d)  # rows (channel, tap), as the patches'
+    v_stored = inits.array(v_init.name)
+    v = v_stored.astype(np.float64).reshape(k, d)  # rows (channel, tap), as the patches'
     h_init, hw, bias = _owned_last(chain, last, inits)
     dtype = hw.dtype
-    h = hw.reshape(c_out, k, kw).astype(np.float64)  # H[o, k, w]
+    h_sol = hw.reshape(c_out, k, kw).transpose(1, 2, 0).reshape(k * kw, c_out).astype(np.float64)  # rows (k, w)
     b = inits.array(bias.name).astype(np.float64)
 
     pc = _patches(f, pick, _output_hw(mid_hw, g2), geometry).astype(np.float32)  # (N, C*kh*kw): (channel, tap, column)
@@ -752,7 +741,6 @@ def _refit_spatial(chain, first, last, inits, f, pick, target, ridge, relu=False
     def features(vv):  # the first conv's output at the kw columns the last conv reads: (N, K*kw), columns (k, w)
         return (by_column @ vv.T.astype(np.float32)).reshape(n, kw, k).transpose(0, 2, 1).reshape(n, k * kw).astype(np.float64)
 
-    h_sol = h.transpose(1, 2, 0).reshape(k * kw, c_out)  # [(k, w), o]
     z = features(v)
     before = z @ h_sol + b
     aimed = target
@@ -769,12 +757,9 @@ def _refit_spatial(chain, first, last, inits, f, pick, target, ridge, relu=False
     solution = np.vstack([h_sol, b[None, :]])
     if relu:  # the last conv and bias again, per channel on the rows the ReLU lets through
         solution = relu_solve(design, target, solution, ridge, offset=offset)
-        clip = (lambda x: np.maximum(x + off, 0))  # noqa: E731
-        result = _errors(clip(before), clip(design @ solution), clip(target), "first + last conv, joint" + _relu_label(design, target, offset))
-    else:
-        result = _errors(before, design @ solution, target, "first + last conv, joint")
+    result = _scored(before, design @ solution, target, "first + last conv, joint", design, relu, offset)
     if _kept(result):
-        inits.set(v_init.name, v.reshape(v_shape).astype(dtype))
+        inits.set(v_init.name, v.reshape(v_stored.shape).astype(dtype))
         inits.set(h_init.name, solution[:-1].reshape(k, kw, c_out).transpose(2, 0, 1).reshape(hw.shape).astype(dtype))
         inits.set(bias.name, solution[-1].astype(dtype))
     return result
@@ -787,6 +772,16 @@ def _kept(result: dict) -> bool:
     result["output_error_after"] = result["output_error_before"]
     result["refit"] += ": not kept (no better than the fit)"
     return False
+
+
+def _scored(before, after, target, what, design=None, relu=False, offset=None) -> dict:
+    """:func:`_errors`, after the ReLU where one follows (on what it lets through, a residual Add's ``offset`` added
+    first), the label saying how the ReLU was treated (``design``: the rows :func:`relu_solve` was given)."""
+    if not relu:
+        return _errors(before, after, target, what)
+    off = 0.0 if offset is None else offset
+    clip = (lambda v: np.maximum(v + off, 0))  # noqa: E731
+    return _errors(clip(before), clip(after), clip(target), what + _relu_label(design, target, offset))
 
 
 def _errors(before, after, target, what) -> dict:
@@ -896,11 +891,8 @@ def _refit_core_and_last(model, chain, core_node, last, inits, f, pick, target, 
     inits.set(core_init.name, new_core.astype(dtype))
     inits.set(last_init.name, v.reshape(lw.shape).astype(dtype))
     inits.set(bias.name, new_bias.astype(dtype))
-    if relu:
-        off = 0.0 if offset is None else offset
-        return _errors(np.maximum(before + off, 0), np.maximum(after + off, 0), np.maximum(target + off, 0),
-                       "core + last conv" + _relu_label(design, target, offset))
-    return _errors(before, after, target, "core + last conv (reduced-rank regression)")
+    return _scored(before, after, target, "core + last conv" if relu else "core + last conv (reduced-rank regression)",
+                   design if relu else None, relu, offset)
 
 
 def _reduced_rank(pc, mean_p, factor, tc, mean_t, shrink, rank):
