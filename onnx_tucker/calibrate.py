@@ -684,6 +684,36 @@ def _spatial_v_step(h, gram, cross, prior, shrink, iterations=None):
     return x
 
 
+def spatial_first_from_moments(first: np.ndarray, last: np.ndarray, gram: np.ndarray, cross: np.ndarray, bias: bool,
+                               rounds: int = SPATIAL_JOINT_ROUNDS, shrink: float = CORE_RIDGE,
+                               iterations: int | None = None) -> np.ndarray:
+    """A spatial chain's first conv V (K, C_in, kh) refitted with its last ``last`` (C_out, K, kw) by
+    :func:`_refit_spatial`'s alternating steps (no ReLU), from a layer's uncentred moments: ``gram`` of its kxk
+    patch rows ((channel, tap, column), a ones column last where ``bias``) and ``cross`` with its outputs. The
+    measured budget's probes use it, so that they rate a spatial option with the first conv the calibration will
+    fit (refitting the last conv alone under-rated them). The caller solves the last conv given the V returned."""
+    k, c_in, kh = first.shape
+    d = c_in * kh
+    width = gram.shape[0] - (1 if bias else 0)
+    kw = width // d
+    g, c = gram[:width, :width], cross[:width]
+    if bias:  # centre the moments: the bias absorbs the means, as in the calibration's refit
+        count = gram[-1, -1]
+        mean_p, mean_t = gram[:width, -1] / count, cross[-1] / count
+        g = g - count * np.outer(mean_p, mean_p)
+        c = c - count * np.outer(mean_p, mean_t)
+    else:
+        mean_p, mean_t = np.zeros(width), np.zeros(cross.shape[1])
+    g = g.reshape(d, kw, d, kw)
+    mean_p = mean_p.reshape(d, kw)
+    v = first.astype(np.float64).reshape(k, d)
+    h = last.astype(np.float64).transpose(1, 2, 0).reshape(k * kw, -1)  # rows (k, w)
+    for _ in range(rounds):
+        h, _b = _spatial_h_step(v, g, c, mean_p, mean_t, h, shrink)
+        v = _spatial_v_step(h, g, c, v, shrink, iterations)
+    return v.reshape(k, c_in, kh)
+
+
 def _refit_spatial(chain, first, last, inits, f, pick, target, ridge, relu=False, offset=None) -> dict | None:
     """Both convs of a spatial SVD chain (``kh x 1`` V, then ``1 x kw`` H with the bias) fitted together to the
     refit's target on the kxk patches of the chain's real input: alternating least squares, H given V, then V given H.

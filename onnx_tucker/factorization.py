@@ -216,6 +216,11 @@ class FormChoice:
         form = self.resolve(site, ranks)
         return _Chosen(form, form.fit(site, ranks, **kwargs))
 
+    def refit_from_moments(self, site, factors, moments):
+        refit = getattr(factors.form, "refit_from_moments", None)
+        refitted = factors.factors if refit is None else refit(site, factors.factors, moments)
+        return factors if refitted is factors.factors else _Chosen(factors.form, refitted)
+
     def compose(self, site, factors, *, upto_last: bool = False):
         return factors.form.compose(site, factors.factors, upto_last=upto_last)
 

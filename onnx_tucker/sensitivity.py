@@ -541,6 +541,13 @@ def _solve(job: LayerJob, ranks) -> tuple[dict, float]:
     # every factor before the last as one (R, C_in*k*k) map: its output at each sampled position
     inner = form.compose(cand, factors, upto_last=True)
     solution, error = job.moments.solve(inner)
+    refit = getattr(form, "refit_from_moments", None)  # a form whose calibration refits more than the last factor
+    refitted = refit(cand, factors, job.moments) if refit is not None else factors
+    if refitted is not factors:  # kept where it leaves less error, as the calibration keeps a refit
+        inner_r = form.compose(cand, refitted, upto_last=True)
+        solution_r, error_r = job.moments.solve(inner_r)
+        if error_r <= error:
+            inner, solution, error = inner_r, solution_r, error_r
     return _probe_weights(cand, solution, inner, job.weight_name, job.bias_name), error
 
 
@@ -628,11 +635,13 @@ class _Moments:
         self.bias = bias
         self.gram = self.cross = None
         self.norm = 0.0
+        self.count = 0  # rows summed
         self.pending, self.rows = [], 0
 
     def add(self, x: np.ndarray, y: np.ndarray) -> None:
         self.pending.append((x, y))
         self.rows += len(x)
+        self.count += len(x)
         if self.rows >= self.FLUSH_ROWS or self.rows * x.shape[1] * x.itemsize >= self.FLUSH_BYTES:
             self._flush()
 
@@ -651,6 +660,11 @@ class _Moments:
             self.gram += gram
             self.cross += cross
         self.norm += float(np.sum(y * y))
+
+    def totals(self) -> tuple[np.ndarray, np.ndarray]:
+        """(Gram matrix, cross products) of every row added."""
+        self._flush()
+        return self.gram, self.cross
 
     def solve(self, inner: np.ndarray) -> tuple[np.ndarray, float]:
         """Least squares of the outputs on ``[patches @ inner.T, 1]`` (a small ridge) from the moments;

@@ -257,6 +257,66 @@ def test_the_joint_refit_keeps_full_rank_exact_and_steps_aside_when_too_costly(m
     assert entry["refit"].startswith("kxk last conv")
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_the_probes_joint_refit_takes_the_calibrations_steps_from_uncentred_moments(bias):
+    """The measured budget has only the uncentred moments of the patches (with a ones column where the layer has a
+    bias); from them :func:`spatial_first_from_moments` takes the same steps as the calibration's joint refit does
+    on the centred patches: H given V, then V given H, each round."""
+    from onnx_tucker.calibrate import _spatial_h_step, _spatial_v_step, spatial_first_from_moments
+
+    rng = np.random.default_rng(12)
+    n, c_in, kh, kw, k, c_out = 500, 3, 3, 3, 4, 5
+    d = c_in * kh
+    p3 = rng.standard_normal((n, d, kw)) @ np.diag(np.linspace(0.5, 2, kw)) + 0.4
+    target = p3.reshape(n, -1) @ rng.standard_normal((d * kw, c_out)) + rng.standard_normal((n, c_out)) + 1.0
+    rows = np.hstack([p3.reshape(n, -1), np.ones((n, 1))]) if bias else p3.reshape(n, -1)
+    first, last = rng.standard_normal((k, c_in, kh)), rng.standard_normal((c_out, k, kw))
+    got = spatial_first_from_moments(first, last, rows.T @ rows, rows.T @ target, bias, rounds=2, shrink=1e-2)
+    if bias:
+        _, mean_p, mean_t, gram, cross = _moments(p3, target)
+    else:
+        mean_p, mean_t = np.zeros((d, kw)), np.zeros(c_out)
+        gram, cross = (p3.reshape(n, -1).T @ p3.reshape(n, -1)).reshape(d, kw, d, kw), p3.reshape(n, -1).T @ target
+    v, h = first.reshape(k, d), last.transpose(1, 2, 0).reshape(k * kw, c_out)
+    for _ in range(2):
+        h, _b = _spatial_h_step(v, gram, cross, mean_p, mean_t, h, 1e-2)
+        v = _spatial_v_step(h, gram, cross, v, 1e-2)
+    assert got.shape == first.shape and np.allclose(got.reshape(k, d), v, rtol=1e-7, atol=1e-9)
+    assert not np.allclose(got, first)
+
+
+@pytest.mark.parametrize("forms", [("spatial",), ("tucker2", "spatial")])
+def test_the_measured_budget_rates_spatial_options_with_the_first_conv_refitted(monkeypatch, forms):
+    """The probes fit a spatial option as the calibration will (both convs, from the layer's moments), not the last
+    conv alone: every option's layer-output error is no higher and most are lower, and so are the distortions the
+    knapsack reads; above ``PROBE_JOINT_WORK`` the probes refit the last conv alone, as before. Offered beside
+    Tucker-2, the spatial options gain the same and Tucker-2's stay as they were."""
+    import onnx_tucker.forms.spatial as spatial_module
+    from onnx_tucker.sensitivity import distortion_curves
+
+    rng = np.random.default_rng(5)
+    model = conv_model(c_in=8, c_out=16, spatial=(10, 10), attrs={"pads": [1, 1, 1, 1]})
+    noise = rng.standard_normal((320, 8, 13, 13))
+    smooth = sum(noise[:, :, i : i + 10, j : j + 10] for i in range(4) for j in range(4)) / 4
+    data = {"x": (np.einsum("ij,njhw->nihw", rng.standard_normal((8, 8)), smooth) + 0.2).astype(np.float32)}
+    _, sites = factorable_sites(model, forms)
+    sites = [s for s in sites if s.eligible]
+    curves = {}
+    for work in (0.0, spatial_module.PROBE_JOINT_WORK):
+        monkeypatch.setattr(spatial_module, "PROBE_JOINT_WORK", work)
+        [curve] = distortion_curves(model, sites, data, None, probes="all", progress=False)["curves"].values()
+        curves[work > 0] = {tuple(ranks): (distortion, error) for _, distortion, ranks, _, error in curve}
+    last_only, joint = curves[False], curves[True]
+    assert joint.keys() == last_only.keys()
+    tucker = [r for r in joint if len(r) == 2]
+    assert (len(tucker) > 0) == (forms[0] == "tucker2") and all(joint[r] == last_only[r] for r in tucker)
+    joint = {r: v for r, v in joint.items() if len(r) == 1}
+    assert len(joint) >= 5
+    assert all(joint[r][1] <= last_only[r][1] + 1e-9 for r in joint)
+    assert sum(joint[r][1] < 0.99 * last_only[r][1] for r in joint) >= len(joint) // 2
+    assert sum(joint[r][0] for r in joint) < sum(last_only[r][0] for r in joint)
+
+
 def test_measured_budget_meets_the_target_with_the_spatial_form():
     model = residual_model(channels=16, spatial=(10, 10))
     data = np.random.default_rng(4).standard_normal((160, 3, 10, 10)).astype(np.float32)

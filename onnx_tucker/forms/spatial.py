@@ -30,6 +30,11 @@ from onnx_tucker.vbmf import energy_rank
 
 # Shares of the layer's MACs the measured budget tries (K from each): the knapsack's options.
 MAC_FRACTIONS = (0.05, 0.08, 0.12, 0.16, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.6, 0.7, 0.8)
+# Multiply-adds of one option's joint refit in the measured budget's probes (its conjugate-gradient solves), above
+# which the probe refits the last conv alone: a probe runs for each of a layer's dozen options, the calibration once.
+PROBE_JOINT_WORK = 4e9
+PROBE_JOINT_ROUNDS = 1  # a probe rates an option: one round of the calibration's two ...
+PROBE_CG_ITERATIONS = 10  # ... and half its conjugate-gradient steps
 
 
 class SpatialFactors:
@@ -169,6 +174,24 @@ class SpatialSVDForm:
         composed = _composed(first, last)
         error = float(np.linalg.norm(w - composed) / norm) if norm > 0 else 0.0
         return SpatialFactors(first=first, last=last, relative_error=error)
+
+    def refit_from_moments(self, site, factors: SpatialFactors, moments) -> SpatialFactors:
+        """The first conv refitted with the last on the layer's patch moments (the measured budget's probes:
+        :func:`calibrate.spatial_first_from_moments`), where the calibration's joint refit would refit it too (its
+        rows guard) and the solves stay under ``PROBE_JOINT_WORK``; else the factors as fitted."""
+        from onnx_tucker import calibrate
+
+        k, c_in, kh = factors.first.shape
+        c_out, _, kw = factors.last.shape
+        d = c_in * kh
+        if moments.count < calibrate.MIN_ROWS_PER_UNKNOWN * max(k * kw + 1, -(-k * d // c_out)):
+            return factors
+        if PROBE_JOINT_ROUNDS * PROBE_CG_ITERATIONS * k * (d * kw) ** 2 > PROBE_JOINT_WORK:
+            return factors
+        gram, cross = moments.totals()
+        first = calibrate.spatial_first_from_moments(factors.first, factors.last, gram, cross, moments.bias,
+                                                     rounds=PROBE_JOINT_ROUNDS, iterations=PROBE_CG_ITERATIONS)
+        return SpatialFactors(first=first, last=factors.last, relative_error=factors.relative_error)
 
     def compose(self, site, factors, *, upto_last: bool = False) -> np.ndarray:
         first = factors.first.astype(np.float64)
