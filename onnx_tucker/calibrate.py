@@ -937,6 +937,37 @@ def _reduced_rank(pc, mean_p, factor, tc, mean_t, shrink, rank):
     return full, fitted, v, mean_t - mean_p @ (full @ v @ v.T)
 
 
+def core_from_moments(first: np.ndarray, core: np.ndarray, last: np.ndarray, gram: np.ndarray, cross: np.ndarray,
+                      bias: bool, shrink: float = CORE_RIDGE) -> np.ndarray:
+    """A Tucker-2 chain's core (R_out, R_in, kh, kw) refitted given its input factor ``first`` (R_in, C_in), as
+    :func:`_refit_core_and_last` does on the first conv's real output (the reduced-rank regression, shrunk towards
+    the Tucker solution; no ReLU), from a layer's uncentred moments: ``gram`` of its kxk patch rows ((channel,
+    tap) with a ones column last where ``bias``) and ``cross`` with its outputs. The measured budget's probes use
+    it, so that they rate a Tucker-2 option with the core the calibration will fit; the caller solves the last
+    factor given it."""
+    r_in, c_in = first.shape
+    r_out = core.shape[0]
+    width = gram.shape[0] - (1 if bias else 0)
+    taps = width // c_in
+    u = first.astype(np.float64)
+
+    def projected(rows):  # (C_in*taps, ...) -> (R_in*taps, ...): the patches of the input factor's output
+        return np.tensordot(u, rows.reshape(c_in, taps, -1), axes=(1, 0)).reshape(r_in * taps, -1)
+    g = projected(projected(gram[:width, :width]).T).T
+    c = projected(cross[:width])
+    if bias:  # centre the moments: the bias absorbs the means, as in the calibration's refit
+        count = gram[-1, -1]
+        mean_p, mean_t = projected(gram[:width, -1:])[:, 0] / count, cross[-1] / count
+        g = g - count * np.outer(mean_p, mean_p)
+        c = c - count * np.outer(mean_p, mean_t)
+    prior = (last.astype(np.float64) @ core.astype(np.float64).reshape(r_out, -1)).T  # (R_in*taps, C_out)
+    lam = shrink * np.trace(g) / len(g) + 1e-12
+    full = np.linalg.solve(g + lam * np.eye(len(g)), c + lam * prior)
+    _, vectors = np.linalg.eigh(full.T @ g @ full)  # the fitted outputs' second moment
+    v = vectors[:, ::-1][:, :r_out]
+    return (full @ v).T.reshape(core.shape)
+
+
 def _output_hw(in_hw, geometry) -> tuple[int, int]:
     (kh, kw), (sh, sw), (pt, pl, pb, pr), (dh, dw) = geometry
     h = (in_hw[0] + pt + pb - (kh - 1) * dh - 1) // sh + 1

@@ -762,3 +762,34 @@ def test_relu_solve_gives_the_same_numbers_on_one_thread_or_many(monkeypatch):
     assert not np.allclose(results[1], linear)  # the solve did move the fit
     assert np.array_equal(results[1], results[4])
 
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_the_probes_core_refit_is_the_calibrations_reduced_rank_regression_from_uncentred_moments(bias):
+    """From the uncentred moments of the raw kxk patches (a ones column where the layer has a bias), the core that
+    :func:`core_from_moments` gives spans the same fitted map as the calibration's reduced-rank regression on the
+    input factor's real output (the patches it projects), shrunk towards the same Tucker solution."""
+    import scipy.linalg
+
+    from onnx_tucker.calibrate import _reduced_rank, core_from_moments
+
+    rng = np.random.default_rng(21)
+    n, c_in, c_out, taps, r_in, r_out = 600, 5, 6, 4, 3, 2
+    p = rng.standard_normal((n, c_in * taps)) * np.linspace(0.5, 2, c_in * taps) + 0.3
+    target = p @ rng.standard_normal((c_in * taps, c_out)) + 0.5 * rng.standard_normal((n, c_out)) + (1.0 if bias else 0.0)
+    first, core, last = (rng.standard_normal((r_in, c_in)), rng.standard_normal((r_out, r_in, 2, 2)),
+                         rng.standard_normal((c_out, r_out)))
+    rows = np.hstack([p, np.ones((n, 1))]) if bias else p
+    got = core_from_moments(first, core, last, rows.T @ rows, rows.T @ target, bias, shrink=1e-2)
+    assert got.shape == core.shape
+    # the calibration's way: the patches of the input factor's output, (channel, tap) rows
+    projected = np.einsum("rc,nct->nrt", first, p.reshape(n, c_in, taps)).reshape(n, r_in * taps)
+    mean_p, mean_t = (projected.mean(0), target.mean(0)) if bias else (np.zeros(r_in * taps), np.zeros(c_out))
+    pc, tc = projected - mean_p, target - mean_t
+    gram = pc.T @ pc
+    lam = 1e-2 * np.trace(gram) / len(gram) + 1e-12
+    prior = (last @ core.reshape(r_out, -1)).T
+    full, _, v, _ = _reduced_rank(pc, mean_p, scipy.linalg.cho_factor(gram + lam * np.eye(len(gram))), tc, mean_t, lam * prior, r_out)
+    mine = got.reshape(r_out, -1).T  # (R_in*taps, R_out): the new core's map, up to each column's sign
+    assert np.allclose(mine @ mine.T, (full @ v) @ (full @ v).T, rtol=1e-7, atol=1e-9)
+    assert not np.allclose(got, core)

@@ -317,6 +317,34 @@ def test_the_measured_budget_rates_spatial_options_with_the_first_conv_refitted(
     assert sum(joint[r][0] for r in joint) < sum(last_only[r][0] for r in joint)
 
 
+def test_the_measured_budget_rates_tucker2_options_with_the_core_refitted(monkeypatch):
+    """Likewise for Tucker-2: the probes refit the core given the input factor (the calibration's reduced-rank
+    regression, from the layer's moments) before the last factor; no option's layer error is higher, most are
+    lower, and so are the distortions; the ``R_out = C_out`` shape (the core is the last node) is as before."""
+    import onnx_tucker.forms.tucker2 as tucker2_module
+    from onnx_tucker.sensitivity import distortion_curves
+
+    rng = np.random.default_rng(5)
+    model = conv_model(c_in=8, c_out=16, spatial=(10, 10), attrs={"pads": [1, 1, 1, 1]})
+    noise = rng.standard_normal((320, 8, 13, 13))
+    smooth = sum(noise[:, :, i : i + 10, j : j + 10] for i in range(4) for j in range(4)) / 4
+    data = {"x": (np.einsum("ij,njhw->nihw", rng.standard_normal((8, 8)), smooth) + 0.2).astype(np.float32)}
+    _, sites = factorable_sites(model)
+    sites = [s for s in sites if s.eligible]
+    curves = {}
+    for work in (0.0, tucker2_module.PROBE_CORE_WORK):
+        monkeypatch.setattr(tucker2_module, "PROBE_CORE_WORK", work)
+        [curve] = distortion_curves(model, sites, data, None, probes="all", progress=False)["curves"].values()
+        curves[work > 0] = {tuple(ranks): (distortion, error) for _, distortion, ranks, _, error in curve}
+    last_only, refitted = curves[False], curves[True]
+    assert refitted.keys() == last_only.keys() and len(refitted) >= 10
+    core_last = [r for r in refitted if r[0] == 16]
+    assert core_last and all(refitted[r] == last_only[r] for r in core_last)
+    assert all(refitted[r][1] <= last_only[r][1] + 1e-9 for r in refitted)
+    assert sum(refitted[r][1] < 0.99 * last_only[r][1] for r in refitted) >= len(refitted) // 2
+    assert sum(refitted[r][0] for r in refitted) < sum(last_only[r][0] for r in refitted)
+
+
 def test_measured_budget_meets_the_target_with_the_spatial_form():
     model = residual_model(channels=16, spatial=(10, 10))
     data = np.random.default_rng(4).standard_normal((160, 3, 10, 10)).astype(np.float32)

@@ -31,6 +31,9 @@ SKEW = 2.0  # largest ratio between the two modes' rank fractions
 # The other mode's fractions for the two-conv shapes (one mode whole): fewer, since each option is a
 # whole-model probe and, at equal MACs, a two-conv chain has a much smaller rank than a three-conv one.
 TWO_CONV_FRACTIONS = (1 / 8, 1 / 4, 3 / 8, 1 / 2)
+# Multiply-adds of one option's core refit in the measured budget's probes (projecting the patch moments), above
+# which the probe refits the last factor alone: a probe runs for each of a layer's options, the calibration once.
+PROBE_CORE_WORK = 4e9
 
 
 def kxk_conv_reason(site) -> str:
@@ -132,6 +135,27 @@ class Tucker2Form:
     def fit(self, site, ranks, *, n_iter_max: int, method: str = "eig", input_covariance=None):
         r_out, r_in = ranks
         return tucker2(site.weight, r_out, r_in, n_iter_max=n_iter_max, method=method, input_covariance=input_covariance)
+
+    def refit_from_moments(self, site, factors, moments):
+        """The core refitted on the layer's patch moments given the input factor (the measured budget's probes:
+        :func:`calibrate.core_from_moments`), where the calibration would refit the core too (a core before the
+        last node, enough rows for its R_in*k*k unknowns) and the projection stays under ``PROBE_CORE_WORK``;
+        else the factors as fitted."""
+        from dataclasses import replace
+
+        from onnx_tucker import calibrate
+
+        if site.geometry is None or site.geometry.spatial_rank != 2 or self.folded(site, factors.ranks) == "last":
+            return factors
+        r_out, r_in = factors.ranks
+        c_in, taps = site.shape.c_in, math.prod(site.shape.kernel)
+        if moments.count < calibrate.MIN_ROWS_PER_UNKNOWN * r_in * taps:
+            return factors
+        if r_in * (c_in * taps) ** 2 + (r_in * taps) ** 2 * c_in * taps > PROBE_CORE_WORK:
+            return factors
+        gram, cross = moments.totals()
+        core = calibrate.core_from_moments(factors.first, factors.core, factors.last, gram, cross, moments.bias)
+        return replace(factors, core=core)
 
     def compose(self, site, factors, *, upto_last: bool = False) -> np.ndarray:
         # first then core as one (R_out, C_in*k*k) map: the core's output at each position
