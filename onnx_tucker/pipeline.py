@@ -529,7 +529,7 @@ def plan_ranks(sites: list, opts: CompressOptions, fixed_macs: int = 0, model=No
             try:
                 measured = distortion_curves(model, sites, opts.calibration, covariances, opts.rank_multiple, fixed_macs=fixed_macs,
                                              cache_path=opts.curves, probes=opts.probes, ray=opts.ray,
-                                             probe_images=opts.probe_images)
+                                             probe_images=opts.probe_images, refit=opts.refit)
                 planned, refined = _refined_allocation(sites, measured, opts, fixed_macs)
             except Unsupported as exc:
                 if report is not None:
@@ -702,7 +702,8 @@ def _plan_latency(sites, opts, fixed_macs, model, covariances, report, table, me
     if "curves" not in memo:
         try:
             memo["curves"] = distortion_curves(model, sites, opts.calibration, covariances, opts.rank_multiple, fixed_macs=fixed_macs,
-                                               cache_path=opts.curves, probes="all", probe_images=opts.probe_images)  # the latency knapsack wants exact curves
+                                               cache_path=opts.curves, probes="all", probe_images=opts.probe_images,
+                                               refit=opts.refit)  # the latency knapsack wants exact curves
         except Unsupported as exc:
             raise ModelError(f"a target latency needs the measured distortion curves, unavailable here: {exc}") from None
         shapes = infer_shapes(model, opts.input_shapes) if opts.fold_affine else None  # the folded Mul/Add count with their layer

@@ -112,7 +112,8 @@ def _softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(1, keepdims=True)
 
 
-SCHEMA = "onnx-tucker.curves/3"  # /2: each point says whether it was measured or predicted; /3: every output counts
+SCHEMA = "onnx-tucker.curves/4"  # /2: each point says whether it was measured or predicted; /3: every output counts;
+# /4: the probes refit a Tucker-2 core and a spatial chain's first conv (refit "core"), as the calibration does
 
 
 class CurveCache:
@@ -123,7 +124,8 @@ class CurveCache:
     Written atomically after every layer.
     """
 
-    def __init__(self, path, model: onnx.ModelProto, feeds: dict, rank_multiple: int, seed: int, probe_images: int = EVAL_SAMPLES):
+    def __init__(self, path, model: onnx.ModelProto, feeds: dict, rank_multiple: int, seed: int, probe_images: int = EVAL_SAMPLES,
+                 refit: str = "core"):
         import hashlib
         import json
         from pathlib import Path
@@ -138,7 +140,8 @@ class CurveCache:
         for name in sorted(feeds):
             digest.update(name.encode() + str(feeds[name].shape).encode() + str(feeds[name].dtype).encode())
             digest.update(np.ascontiguousarray(feeds[name]).tobytes())
-        digest.update(json.dumps([SCHEMA, rank_multiple, seed, probe_images, EVAL_ELEMENTS, EVAL_MIN, FIT_SAMPLES, FIT_ROWS, FIT_ITERATIONS]).encode())
+        digest.update(json.dumps([SCHEMA, rank_multiple, seed, probe_images, EVAL_ELEMENTS, EVAL_MIN, FIT_SAMPLES, FIT_ROWS, FIT_ITERATIONS,
+                                  refit == "core"]).encode())
         self.key = digest.hexdigest()
         self.layers = {}
         self.replaced = False  # the file held curves of another model, calibration set or setting
@@ -193,7 +196,7 @@ def measured_options(candidates: list, rank_multiple: int, fixed_macs: int) -> d
 def distortion_curves(model: onnx.ModelProto, candidates: list, feeds: dict, covariances: dict | None,
                       rank_multiple: int = 1, seed: int = 0, progress: bool = True, fixed_macs: int = 0,
                       cache_path=None, probes: str = "auto", ray: str | None = None, probe_images: int = EVAL_SAMPLES,
-                      _setup: bool = False) -> dict:
+                      refit: str = "core", _setup: bool = False) -> dict:
     """Layer -> [(chain MACs, distortion, ranks, measured, layer-output error)], plus the seconds it took
     and ``refine(wanted)``, which measures chosen options (and their neighbours) that were only predicted.
 
@@ -203,7 +206,10 @@ def distortion_curves(model: onnx.ModelProto, candidates: list, feeds: dict, cov
     fitted on those; the budget then refines (``refine``) near its choice until every chosen option is
     measured (issue 15: the same allocations with far fewer probes).
 
-    ``probe_images``: held-out calibration images each probe runs on (:func:`eval_samples`).
+    ``probe_images``: held-out calibration images each probe runs on (:func:`eval_samples`). ``refit``: the
+    calibration's refit mode; with "core" (the default) each option's fit refits what that refit will (a Tucker-2
+    core, a spatial chain's first conv: the form's ``refit_from_moments``) before the last factor, else the last
+    factor alone.
     With ``cache_path`` the curves are read from and written to that file (:class:`CurveCache`).
     With ``ray`` (``"auto"`` or a cluster address) each layer's curve is a Ray task (``onnx_tucker.fanout``):
     the same curves, measured over the cluster's workers; the cache is still written here, layer by layer.
@@ -212,14 +218,14 @@ def distortion_curves(model: onnx.ModelProto, candidates: list, feeds: dict, cov
     """
     start = time.perf_counter()
     options = measured_options(candidates, rank_multiple, fixed_macs)
-    cache = CurveCache(cache_path, model, feeds, rank_multiple, seed, probe_images) if cache_path is not None else None
+    cache = CurveCache(cache_path, model, feeds, rank_multiple, seed, probe_images, refit) if cache_path is not None else None
     cached = {c.name: cache.get(c.name, options[c.name]) for c in candidates} if cache is not None else {}
     n = len(next(iter(feeds.values())))
     n_eval = eval_samples(feeds, probe_images)
     if not _setup and cache is not None and all(v is not None for v in cached.values()) and (probes != "all" or all(map(_all_measured, cached.values()))):
         def refine(wanted: dict) -> int:  # the measuring state is built only if the budget wants a probe
             full = distortion_curves(model, candidates, feeds, covariances, rank_multiple, seed, progress, fixed_macs,
-                                     cache_path, probes, probe_images=probe_images, _setup=True)
+                                     cache_path, probes, probe_images=probe_images, refit=refit, _setup=True)
             runs = full["refine"](wanted)
             cached.update(full["curves"])
             return runs
@@ -341,7 +347,7 @@ def distortion_curves(model: onnx.ModelProto, candidates: list, feeds: dict, cov
             whole=whole_probes or cuts[cand.name] is None,
             feed_names=list(eval_feeds) + list(weights) if whole_probes or cuts[cand.name] is None else cuts[cand.name],
             covariance=covariances.get(cand.input_name) if covariances else None,
-            moments=stats[cand.name], probes=probes, known=known)
+            moments=stats[cand.name], probes=probes, known=known, refit_inner=refit == "core")
 
     shared = dict(probe=probe, reference=reference, at_cut=at_cut, provider=provider,
                   constants=sorted(weights) + sizes, fixed=fixed)
@@ -456,6 +462,7 @@ class LayerJob:
     moments: "_Moments"  # the layer's sampled input/output moments on the fit images
     probes: str  # "auto" or "all"
     known: dict  # ranks -> distortion already measured (a cached curve)
+    refit_inner: bool = True  # refit what the calibration's "core" mode refits before the last factor (:func:`_solve`)
 
 
 def layer_curve(job: LayerJob, probe, reference: dict, at_cut: dict, provider: str,
@@ -541,7 +548,7 @@ def _solve(job: LayerJob, ranks) -> tuple[dict, float]:
     # every factor before the last as one (R, C_in*k*k) map: its output at each sampled position
     inner = form.compose(cand, factors, upto_last=True)
     solution, error = job.moments.solve(inner)
-    refit = getattr(form, "refit_from_moments", None)  # a form whose calibration refits more than the last factor
+    refit = getattr(form, "refit_from_moments", None) if job.refit_inner else None  # the calibration refits more than the last factor
     refitted = refit(cand, factors, job.moments) if refit is not None else factors
     if refitted is not factors:  # kept where it leaves less error, as the calibration keeps a refit
         inner_r = form.compose(cand, refitted, upto_last=True)

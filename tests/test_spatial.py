@@ -320,7 +320,8 @@ def test_the_measured_budget_rates_spatial_options_with_the_first_conv_refitted(
 def test_the_measured_budget_rates_tucker2_options_with_the_core_refitted(monkeypatch):
     """Likewise for Tucker-2: the probes refit the core given the input factor (the calibration's reduced-rank
     regression, from the layer's moments) before the last factor; no option's layer error is higher, most are
-    lower, and so are the distortions; the ``R_out = C_out`` shape (the core is the last node) is as before."""
+    lower, and so are the distortions; the ``R_out = C_out`` shape (the core is the last node) is as before, and so
+    is every option where the calibration will refit the last factor alone (``refit="last"``)."""
     import onnx_tucker.forms.tucker2 as tucker2_module
     from onnx_tucker.sensitivity import distortion_curves
 
@@ -337,6 +338,9 @@ def test_the_measured_budget_rates_tucker2_options_with_the_core_refitted(monkey
         [curve] = distortion_curves(model, sites, data, None, probes="all", progress=False)["curves"].values()
         curves[work > 0] = {tuple(ranks): (distortion, error) for _, distortion, ranks, _, error in curve}
     last_only, refitted = curves[False], curves[True]
+    # a calibration that refits the last factor alone (--refit last) is rated so
+    [curve] = distortion_curves(model, sites, data, None, probes="all", progress=False, refit="last")["curves"].values()
+    assert {tuple(ranks): (distortion, error) for _, distortion, ranks, _, error in curve} == last_only
     assert refitted.keys() == last_only.keys() and len(refitted) >= 10
     core_last = [r for r in refitted if r[0] == 16]
     assert core_last and all(refitted[r] == last_only[r] for r in core_last)
