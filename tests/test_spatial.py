@@ -285,13 +285,9 @@ def test_the_probes_joint_refit_takes_the_calibrations_steps_from_uncentred_mome
     assert not np.allclose(got, first)
 
 
-@pytest.mark.parametrize("forms", [("spatial",), ("tucker2", "spatial")])
-def test_the_measured_budget_rates_spatial_options_with_the_first_conv_refitted(monkeypatch, forms):
-    """The probes fit a spatial option as the calibration will (both convs, from the layer's moments), not the last
-    conv alone: every option's layer-output error is no higher and most are lower, and so are the distortions the
-    knapsack reads; above ``PROBE_JOINT_WORK`` the probes refit the last conv alone, as before. Offered beside
-    Tucker-2, the spatial options gain the same and Tucker-2's stay as they were."""
-    import onnx_tucker.forms.spatial as spatial_module
+def _probe_options(monkeypatch, module, constant: str, forms=("tucker2",), **kwargs) -> dict:
+    """{on: {ranks: (distortion, layer error)}} of one 3x3 layer's options, every one probed, on inputs correlated down
+    the rows and across the columns, with ``module.constant`` (a probe's refit work cap) at 0 (off) and as it is (on)."""
     from onnx_tucker.sensitivity import distortion_curves
 
     rng = np.random.default_rng(5)
@@ -302,19 +298,36 @@ def test_the_measured_budget_rates_spatial_options_with_the_first_conv_refitted(
     _, sites = factorable_sites(model, forms)
     sites = [s for s in sites if s.eligible]
     curves = {}
-    for work in (0.0, spatial_module.PROBE_JOINT_WORK):
-        monkeypatch.setattr(spatial_module, "PROBE_JOINT_WORK", work)
-        [curve] = distortion_curves(model, sites, data, None, probes="all", progress=False)["curves"].values()
+    for work in (0.0, getattr(module, constant)):
+        monkeypatch.setattr(module, constant, work)
+        [curve] = distortion_curves(model, sites, data, None, probes="all", progress=False, **kwargs)["curves"].values()
         curves[work > 0] = {tuple(ranks): (distortion, error) for _, distortion, ranks, _, error in curve}
+    return curves
+
+
+def _assert_rated_lower(refitted: dict, last_only: dict) -> None:
+    """No option's layer error higher, most lower by 1 % or more, and the distortions lower in sum."""
+    assert all(refitted[r][1] <= last_only[r][1] + 1e-9 for r in refitted)
+    assert sum(refitted[r][1] < 0.99 * last_only[r][1] for r in refitted) >= len(refitted) // 2
+    assert sum(refitted[r][0] for r in refitted) < sum(last_only[r][0] for r in refitted)
+
+
+@pytest.mark.parametrize("forms", [("spatial",), ("tucker2", "spatial")])
+def test_the_measured_budget_rates_spatial_options_with_the_first_conv_refitted(monkeypatch, forms):
+    """The probes fit a spatial option as the calibration will (both convs, from the layer's moments), not the last
+    conv alone: every option's layer-output error is no higher and most are lower, and so are the distortions the
+    knapsack reads; above ``PROBE_JOINT_WORK`` the probes refit the last conv alone, as before. Offered beside
+    Tucker-2, the spatial options gain the same and Tucker-2's stay as they were."""
+    import onnx_tucker.forms.spatial as spatial_module
+
+    curves = _probe_options(monkeypatch, spatial_module, "PROBE_JOINT_WORK", forms)
     last_only, joint = curves[False], curves[True]
     assert joint.keys() == last_only.keys()
     tucker = [r for r in joint if len(r) == 2]
     assert (len(tucker) > 0) == (forms[0] == "tucker2") and all(joint[r] == last_only[r] for r in tucker)
     joint = {r: v for r, v in joint.items() if len(r) == 1}
     assert len(joint) >= 5
-    assert all(joint[r][1] <= last_only[r][1] + 1e-9 for r in joint)
-    assert sum(joint[r][1] < 0.99 * last_only[r][1] for r in joint) >= len(joint) // 2
-    assert sum(joint[r][0] for r in joint) < sum(last_only[r][0] for r in joint)
+    _assert_rated_lower(joint, last_only)
 
 
 def test_the_measured_budget_rates_tucker2_options_with_the_core_refitted(monkeypatch):
@@ -323,30 +336,14 @@ def test_the_measured_budget_rates_tucker2_options_with_the_core_refitted(monkey
     lower, and so are the distortions; the ``R_out = C_out`` shape (the core is the last node) is as before, and so
     is every option where the calibration will refit the last factor alone (``refit="last"``)."""
     import onnx_tucker.forms.tucker2 as tucker2_module
-    from onnx_tucker.sensitivity import distortion_curves
 
-    rng = np.random.default_rng(5)
-    model = conv_model(c_in=8, c_out=16, spatial=(10, 10), attrs={"pads": [1, 1, 1, 1]})
-    noise = rng.standard_normal((320, 8, 13, 13))
-    smooth = sum(noise[:, :, i : i + 10, j : j + 10] for i in range(4) for j in range(4)) / 4
-    data = {"x": (np.einsum("ij,njhw->nihw", rng.standard_normal((8, 8)), smooth) + 0.2).astype(np.float32)}
-    _, sites = factorable_sites(model)
-    sites = [s for s in sites if s.eligible]
-    curves = {}
-    for work in (0.0, tucker2_module.PROBE_CORE_WORK):
-        monkeypatch.setattr(tucker2_module, "PROBE_CORE_WORK", work)
-        [curve] = distortion_curves(model, sites, data, None, probes="all", progress=False)["curves"].values()
-        curves[work > 0] = {tuple(ranks): (distortion, error) for _, distortion, ranks, _, error in curve}
+    curves = _probe_options(monkeypatch, tucker2_module, "PROBE_CORE_WORK")
     last_only, refitted = curves[False], curves[True]
-    # a calibration that refits the last factor alone (--refit last) is rated so
-    [curve] = distortion_curves(model, sites, data, None, probes="all", progress=False, refit="last")["curves"].values()
-    assert {tuple(ranks): (distortion, error) for _, distortion, ranks, _, error in curve} == last_only
+    assert _probe_options(monkeypatch, tucker2_module, "PROBE_CORE_WORK", refit="last")[True] == last_only
     assert refitted.keys() == last_only.keys() and len(refitted) >= 10
     core_last = [r for r in refitted if r[0] == 16]
     assert core_last and all(refitted[r] == last_only[r] for r in core_last)
-    assert all(refitted[r][1] <= last_only[r][1] + 1e-9 for r in refitted)
-    assert sum(refitted[r][1] < 0.99 * last_only[r][1] for r in refitted) >= len(refitted) // 2
-    assert sum(refitted[r][0] for r in refitted) < sum(last_only[r][0] for r in refitted)
+    _assert_rated_lower(refitted, last_only)
 
 
 def test_measured_budget_meets_the_target_with_the_spatial_form():
