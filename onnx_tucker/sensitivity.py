@@ -56,6 +56,7 @@ FIT_ITERATIONS = 1  # HOOI sweeps per option: the curves rank options, the final
 PROBES = 5  # whole-model probes per layer before the budget's refinement (probes="auto")
 WHOLE_PROBES = None  # every probe in one session on the whole model: None = on a GPU provider (distortion_curves)
 PROBE_MODES = ("auto", "all")
+INNER_REFIT = True  # with refit "core", the probes refit what the calibration refits before the last factor (_solve)
 
 
 class Unsupported(Exception):
@@ -141,7 +142,7 @@ class CurveCache:
             digest.update(name.encode() + str(feeds[name].shape).encode() + str(feeds[name].dtype).encode())
             digest.update(np.ascontiguousarray(feeds[name]).tobytes())
         digest.update(json.dumps([SCHEMA, rank_multiple, seed, probe_images, EVAL_ELEMENTS, EVAL_MIN, FIT_SAMPLES, FIT_ROWS, FIT_ITERATIONS,
-                                  refit == "core"]).encode())
+                                  INNER_REFIT and refit == "core"]).encode())
         self.key = digest.hexdigest()
         self.layers = {}
         self.replaced = False  # the file held curves of another model, calibration set or setting
@@ -347,7 +348,7 @@ def distortion_curves(model: onnx.ModelProto, candidates: list, feeds: dict, cov
             whole=whole_probes or cuts[cand.name] is None,
             feed_names=list(eval_feeds) + list(weights) if whole_probes or cuts[cand.name] is None else cuts[cand.name],
             covariance=covariances.get(cand.input_name) if covariances else None,
-            moments=stats[cand.name], probes=probes, known=known, refit_inner=refit == "core")
+            moments=stats[cand.name], probes=probes, known=known, refit_inner=INNER_REFIT and refit == "core")
 
     shared = dict(probe=probe, reference=reference, at_cut=at_cut, provider=provider,
                   constants=sorted(weights) + sizes, fixed=fixed)
