@@ -2,8 +2,9 @@
 
 For every eligible layer and every rank option of its form (Tucker-2: both modes' channel fractions
 from 1/16 to 3/4, at most 2x apart, and the two-conv shapes with one mode whole), the layer alone is
-decomposed the way ``compress`` would with calibration data (whitened fit, then the least-squares
-refit of the last factor and bias on the layer's real inputs), folded back into a full-size weight,
+decomposed the way ``compress`` would with calibration data (whitened fit; the inner refit the calibration
+does, a Tucker-2 core or a spatial chain's first conv, from the layer's moments; then the least-squares refit
+of the last factor and bias on the layer's real inputs), folded back into a full-size weight,
 and the model from that layer on is run on held-out calibration images with that weight in place.
 The distortion is the mean KL divergence between the original and the perturbed class distributions
 (relative squared error for outputs that are not class scores). ``budget.allocate_measured`` then
