@@ -654,13 +654,15 @@ def _spatial_v_step(h, gram, cross, prior, shrink, iterations=None):
     kw = gram.shape[1]
     hm = h.reshape(k, kw, -1)  # [k, w, o]
     q = np.einsum("awo,bvo->wvab", hm, hm)  # Q[w, v] = H_w^T H_v
-    flat = gram.reshape(d, kw * d * kw)
     diag = sum(np.trace(q[w, w]) * np.trace(gram[:, w, :, w]) for w in range(kw)) / (k * d)
     lam = shrink * diag + 1e-12
+    # The operator sum_{w,v} Q[w,v] X G[:, v, :, w] as two plain products (laid out once, not per iteration):
+    # rows (a, v, w) of Q against X, then against G with rows (v, w, d).
+    q_rows = q.transpose(2, 1, 0, 3).reshape(k * kw * kw, k)
+    g_rows = np.ascontiguousarray(gram.transpose(1, 3, 0, 2)).reshape(kw * kw * d, d)
 
     def operator(x):
-        y = (x @ flat).reshape(k, kw, d, kw)  # Y[b, v, e, w] = sum_d x[b, d] G[d, v, e, w]
-        return np.einsum("wvab,bvew->ae", q, y, optimize=True) + lam * x
+        return (q_rows @ x).reshape(k, kw * kw * d) @ g_rows + lam * x
     a = sum(q[w, w] for w in range(kw))
     scale = np.trace(a) / k + 1e-12
     a_inv = np.linalg.inv(a + 1e-6 * scale * np.eye(k))
@@ -962,7 +964,7 @@ def core_from_moments(first: np.ndarray, core: np.ndarray, last: np.ndarray, gra
         c = c - count * np.outer(mean_p, mean_t)
     prior = (last.astype(np.float64) @ core.astype(np.float64).reshape(r_out, -1)).T  # (R_in*taps, C_out)
     lam = shrink * np.trace(g) / len(g) + 1e-12
-    full = np.linalg.solve(g + lam * np.eye(len(g)), c + lam * prior)
+    full = scipy.linalg.cho_solve(scipy.linalg.cho_factor(g + lam * np.eye(len(g))), c + lam * prior)
     _, vectors = np.linalg.eigh(full.T @ g @ full)  # the fitted outputs' second moment
     v = vectors[:, ::-1][:, :r_out]
     return (full @ v).T.reshape(core.shape)
