@@ -45,6 +45,8 @@ TARGETS = [
     ("cnn_t02_distill", "cifar10_cnn", "--target-macs 0.2 --distill", 1.0, 300),
     # pruning and rank cuts, then distillation (stop 31: auto's share at 5x was 0.25)
     ("cnn_t02_hybrid_distill", "cifar10_cnn", "--target-macs 0.2 --layers hidden,kxk --prune-share 0.25 --distill", 1.0, 300),
+    ("cnn_t02_hybrid_distill1000", "cifar10_cnn",
+     "--target-macs 0.2 --layers hidden,kxk --prune-share 0.25 --distill --distill-steps 1000", 1.0, 300),
     ("r56_r05", "cifar10_resnet56", "--ratio 0.5", 1.0, None),
     ("r56_r05_spatial", "cifar10_resnet56", "--ratio 0.5 --forms spatial", 1.0, None),
     ("r56_r05_tucker2_spatial", "cifar10_resnet56", "--ratio 0.5 --forms tucker2,spatial", 1.0, None),
