@@ -497,17 +497,26 @@ def relu_solve(design: np.ndarray, target: np.ndarray, solution: np.ndarray, rid
     # Where the original is cut by the ReLU, reaching 0 is enough: aiming at the negative
     # value would spend the fit on error nobody downstream sees.
     relu_target = np.maximum(target + offset, 0) - offset
+    with threadpool_limits(limits=1, user_api="blas"):  # the same rounding on any machine
+        whole = (d32.T @ d32).astype(np.float64)
     for _ in range(iterations):
         active = (target + offset > 0) | ((design @ solution + offset) > 0)
+        with threadpool_limits(limits=1, user_api="blas"):
+            rhs = design.T @ np.where(active, relu_target, 0.0)  # every channel's right-hand side in one product
 
         def channel(c: int) -> np.ndarray:
             mask = active[:, c]
-            if mask.sum() < MIN_ROWS_PER_UNKNOWN * len(eye):  # (nearly) dead channel: too few rows to refit
+            count = int(mask.sum())
+            if count < MIN_ROWS_PER_UNKNOWN * len(eye):  # (nearly) dead channel: too few rows to refit
                 return solution[:, c]
-            rows = d32[mask]
-            gram = (rows.T @ rows).astype(np.float64)
+            if 2 * count > len(mask):  # most rows pass: the whole Gram matrix less the cut rows' (half the work or less)
+                cut = d32[~mask]
+                gram = whole - (cut.T @ cut).astype(np.float64)
+            else:
+                rows = d32[mask]
+                gram = (rows.T @ rows).astype(np.float64)
             lam = RELU_RIDGE * np.trace(gram) / len(gram) + 1e-12  # shrink towards the linear fit
-            return np.linalg.solve(gram + lam * eye, design[mask].T @ relu_target[mask, c] + lam * solution[:, c])
+            return np.linalg.solve(gram + lam * eye, rhs[:, c] + lam * solution[:, c])
         solution = np.stack(_each_channel(channel, target.shape[1]), axis=1)
     return solution
 

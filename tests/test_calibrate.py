@@ -793,3 +793,28 @@ def test_the_probes_core_refit_is_the_calibrations_reduced_rank_regression_from_
     mine = got.reshape(r_out, -1).T  # (R_in*taps, R_out): the new core's map, up to each column's sign
     assert np.allclose(mine @ mine.T, (full @ v) @ (full @ v).T, rtol=1e-7, atol=1e-9)
     assert not np.allclose(got, core)
+
+
+def test_relu_solve_is_the_least_squares_on_the_rows_each_channel_lets_through():
+    """Each channel's solve is ridge least squares on its rows that the ReLU lets through (original or fit positive),
+    aimed at the clipped target, whether its Gram matrix is summed over those rows or taken from the whole less the
+    cut rows (channels with most rows passing, and with few)."""
+    from onnx_tucker.calibrate import RELU_RIDGE, relu_solve
+
+    rng = np.random.default_rng(8)
+    n, p = 3000, 6
+    design = np.hstack([rng.standard_normal((n, p - 1)), np.ones((n, 1))])
+    truth = rng.standard_normal((p, 4))
+    truth[-1] = [2.0, 0.5, -0.5, -2.0]  # biases: most rows pass on the first channels, few on the last
+    target = design @ truth + 0.3 * rng.standard_normal((n, 4))
+    start = truth + 0.2 * rng.standard_normal(truth.shape)
+    got = relu_solve(design, target, start, 1e-6, iterations=1)
+    active = (target > 0) | (design @ start > 0)
+    fractions = active.mean(0)
+    assert fractions.max() > 0.6 and fractions.min() < 0.4
+    for c in range(4):
+        rows = design[active[:, c]]
+        gram = rows.T @ rows
+        lam = RELU_RIDGE * np.trace(gram) / p
+        expected = np.linalg.solve(gram + lam * np.eye(p), rows.T @ np.maximum(target[active[:, c], c], 0) + lam * start[:, c])
+        assert np.allclose(got[:, c], expected, rtol=1e-4, atol=1e-5), c

@@ -25,7 +25,8 @@ FORM_TOKENS = {"spatial": ("spatial",), "both": ("tucker2", "spatial")}
 def options(setting: str) -> dict:
     """``rX`` -> ``--ratio X``, ``tX`` -> ``--target-macs X``; ``+1x1`` adds ``--layers kxk,1x1``, ``+hidden`` gives
     ``--layers hidden``; ``+spatial``
-    gives ``--forms spatial`` and ``+both`` ``--forms tucker2,spatial`` (with ``+1x1`` the 1x1 convs keep SVD)."""
+    gives ``--forms spatial`` and ``+both`` ``--forms tucker2,spatial`` (with ``+1x1`` the 1x1 convs keep SVD);
+    ``+hybridS`` gives ``--layers hidden,kxk --prune-share S`` (pruning and rank cuts in one budget)."""
     base, *extras = setting.split("+")
     opt = {"ratio": float(base[1:])} if base[0] == "r" else {"target_macs": float(base[1:])}
     for extra in extras:
@@ -33,6 +34,8 @@ def options(setting: str) -> dict:
             opt["forms"] = FORM_TOKENS[extra]
         elif extra == "hidden":  # --layers hidden (pruning), alone: a budget is not shared with other kinds
             opt["layers"] = ("hidden",)
+        elif extra.startswith("hybrid"):
+            opt["layers"], opt["prune_share"] = ("hidden", "kxk"), float(extra[len("hybrid"):])
         else:
             opt["layers"] = ("kxk", extra)
     if "forms" in opt and "layers" in opt:
