@@ -695,6 +695,19 @@ def _spatial_v_step(h, gram, cross, prior, shrink, iterations=None):
     return x
 
 
+def _centred_moments(gram: np.ndarray, cross: np.ndarray, bias: bool):
+    """Uncentred moments of patch rows (a ones column last where ``bias``) and their products with the outputs ->
+    (Gram, cross products) of the centred rows, the rows' mean and the outputs' mean: with a bias the intercept
+    absorbs the means, as in the calibration's refits; without, the moments as they are and zero means."""
+    width = gram.shape[0] - (1 if bias else 0)
+    g, c = gram[:width, :width], cross[:width]
+    if not bias:
+        return g, c, np.zeros(width), np.zeros(cross.shape[1])
+    count = gram[-1, -1]
+    mean_p, mean_t = gram[:width, -1] / count, cross[-1] / count
+    return g - count * np.outer(mean_p, mean_p), c - count * np.outer(mean_p, mean_t), mean_p, mean_t
+
+
 def spatial_first_from_moments(first: np.ndarray, last: np.ndarray, gram: np.ndarray, cross: np.ndarray, bias: bool,
                                rounds: int = SPATIAL_JOINT_ROUNDS, shrink: float = CORE_RIDGE,
                                iterations: int | None = None) -> np.ndarray:
@@ -705,16 +718,8 @@ def spatial_first_from_moments(first: np.ndarray, last: np.ndarray, gram: np.nda
     fit (refitting the last conv alone under-rated them). The caller solves the last conv given the V returned."""
     k, c_in, kh = first.shape
     d = c_in * kh
-    width = gram.shape[0] - (1 if bias else 0)
-    kw = width // d
-    g, c = gram[:width, :width], cross[:width]
-    if bias:  # centre the moments: the bias absorbs the means, as in the calibration's refit
-        count = gram[-1, -1]
-        mean_p, mean_t = gram[:width, -1] / count, cross[-1] / count
-        g = g - count * np.outer(mean_p, mean_p)
-        c = c - count * np.outer(mean_p, mean_t)
-    else:
-        mean_p, mean_t = np.zeros(width), np.zeros(cross.shape[1])
+    g, c, mean_p, mean_t = _centred_moments(gram, cross, bias)
+    kw = len(g) // d
     g = g.reshape(d, kw, d, kw)
     mean_p = mean_p.reshape(d, kw)
     v = first.astype(np.float64).reshape(k, d)
@@ -958,19 +963,13 @@ def core_from_moments(first: np.ndarray, core: np.ndarray, last: np.ndarray, gra
     factor given it."""
     r_in, c_in = first.shape
     r_out = core.shape[0]
-    width = gram.shape[0] - (1 if bias else 0)
-    taps = width // c_in
+    g, c, _, _ = _centred_moments(gram, cross, bias)
+    taps = len(g) // c_in
     u = first.astype(np.float64)
 
     def projected(rows):  # (C_in*taps, ...) -> (R_in*taps, ...): the patches of the input factor's output
         return np.tensordot(u, rows.reshape(c_in, taps, -1), axes=(1, 0)).reshape(r_in * taps, -1)
-    g = projected(projected(gram[:width, :width]).T).T
-    c = projected(cross[:width])
-    if bias:  # centre the moments: the bias absorbs the means, as in the calibration's refit
-        count = gram[-1, -1]
-        mean_p, mean_t = projected(gram[:width, -1:])[:, 0] / count, cross[-1] / count
-        g = g - count * np.outer(mean_p, mean_p)
-        c = c - count * np.outer(mean_p, mean_t)
+    g, c = projected(projected(g).T).T, projected(c)  # centring commutes with the (linear) projection
     prior = (last.astype(np.float64) @ core.astype(np.float64).reshape(r_out, -1)).T  # (R_in*taps, C_out)
     lam = shrink * np.trace(g) / len(g) + 1e-12
     full = scipy.linalg.cho_solve(scipy.linalg.cho_factor(g + lam * np.eye(len(g))), c + lam * prior)

@@ -127,7 +127,7 @@ class CurveCache:
     """
 
     def __init__(self, path, model: onnx.ModelProto, feeds: dict, rank_multiple: int, seed: int, probe_images: int = EVAL_SAMPLES,
-                 refit: str = "core"):
+                 inner_refit: bool = True):
         import hashlib
         import json
         from pathlib import Path
@@ -143,7 +143,7 @@ class CurveCache:
             digest.update(name.encode() + str(feeds[name].shape).encode() + str(feeds[name].dtype).encode())
             digest.update(np.ascontiguousarray(feeds[name]).tobytes())
         digest.update(json.dumps([SCHEMA, rank_multiple, seed, probe_images, EVAL_ELEMENTS, EVAL_MIN, FIT_SAMPLES, FIT_ROWS, FIT_ITERATIONS,
-                                  INNER_REFIT and refit == "core"]).encode())
+                                  inner_refit]).encode())
         self.key = digest.hexdigest()
         self.layers = {}
         self.replaced = False  # the file held curves of another model, calibration set or setting
@@ -220,7 +220,8 @@ def distortion_curves(model: onnx.ModelProto, candidates: list, feeds: dict, cov
     """
     start = time.perf_counter()
     options = measured_options(candidates, rank_multiple, fixed_macs)
-    cache = CurveCache(cache_path, model, feeds, rank_multiple, seed, probe_images, refit) if cache_path is not None else None
+    inner_refit = INNER_REFIT and refit == "core"
+    cache = CurveCache(cache_path, model, feeds, rank_multiple, seed, probe_images, inner_refit) if cache_path is not None else None
     cached = {c.name: cache.get(c.name, options[c.name]) for c in candidates} if cache is not None else {}
     n = len(next(iter(feeds.values())))
     n_eval = eval_samples(feeds, probe_images)
@@ -349,7 +350,7 @@ def distortion_curves(model: onnx.ModelProto, candidates: list, feeds: dict, cov
             whole=whole_probes or cuts[cand.name] is None,
             feed_names=list(eval_feeds) + list(weights) if whole_probes or cuts[cand.name] is None else cuts[cand.name],
             covariance=covariances.get(cand.input_name) if covariances else None,
-            moments=stats[cand.name], probes=probes, known=known, refit_inner=INNER_REFIT and refit == "core")
+            moments=stats[cand.name], probes=probes, known=known, refit_inner=inner_refit)
 
     shared = dict(probe=probe, reference=reference, at_cut=at_cut, provider=provider,
                   constants=sorted(weights) + sizes, fixed=fixed)
